@@ -1,0 +1,450 @@
+//! The reconciler's own config file: where desired state comes from, the state directory,
+//! providers and their endpoints, route templates, the status listener and the safety policy.
+//!
+//! Secrets are references (`{env: NAME}` or `{file: PATH}`), never values: the config type has
+//! nowhere to put an inline secret, and `SecretRef`'s Debug never shows what it resolves to.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::model::Duration;
+
+/// The embedded default config: local processes, the built-in proxy, no DNS.
+pub const DEFAULT_CONFIG_YAML: &str = include_str!("default-config.yaml");
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "vessel config")]
+pub struct Config {
+    /// Where desired state comes from. Relative paths are relative to the config file.
+    #[serde(default)]
+    pub source: SourceConfig,
+    /// The state directory (last observed snapshot, events, lock, workspaces).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// The domain `{domain}` stands for in route templates.
+    #[serde(default = "default_domain")]
+    pub domain: String,
+    /// Routes every session gets from its plan's ports.
+    #[serde(default)]
+    pub routes: RoutesConfig,
+    /// Absolute directories a session's `source.path` may be inside. Empty: any absolute path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_roots: Vec<PathBuf>,
+    #[serde(default)]
+    pub providers: Providers,
+    #[serde(default)]
+    pub status: StatusConfig,
+    #[serde(default)]
+    pub policy: Policy,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("state")
+}
+
+fn default_domain() -> String {
+    "localhost".into()
+}
+
+/// Where the desired-state tree is read from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// A directory on this machine, watched for changes.
+    Dir(PathBuf),
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig::Dir(PathBuf::from("."))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RoutesConfig {
+    /// Host templates. `{session}`, `{domain}`, `{port}` (the port number) and `{port_name}`
+    /// are replaced; each template applies to one named port, or to every port with `"*"`.
+    #[serde(default = "default_templates")]
+    pub templates: Vec<RouteTemplate>,
+}
+
+impl Default for RoutesConfig {
+    fn default() -> Self {
+        RoutesConfig {
+            templates: default_templates(),
+        }
+    }
+}
+
+fn default_templates() -> Vec<RouteTemplate> {
+    vec![
+        RouteTemplate {
+            host: "{session}.{domain}".into(),
+            port: "ide".into(),
+            dns: false,
+        },
+        RouteTemplate {
+            host: "{port}-{session}.{domain}".into(),
+            port: "*".into(),
+            dns: false,
+        },
+    ]
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTemplate {
+    /// The host, such as `{port}-{session}.{domain}`.
+    pub host: String,
+    /// The port name this template applies to, or `"*"` for every port of the plan.
+    pub port: String,
+    /// Publish DNS records for these hosts.
+    #[serde(default)]
+    pub dns: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Providers {
+    #[serde(default)]
+    pub compute: ComputeProviders,
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    #[serde(default)]
+    pub dns: DnsConfig,
+}
+
+/// The compute providers sessions can use; a plan's `compute` names one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ComputeProviders {
+    /// Local child processes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessConfig>,
+    /// Docker Engine API hosts (Docker or Podman).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<DockerConfig>,
+}
+
+impl Default for ComputeProviders {
+    fn default() -> Self {
+        ComputeProviders {
+            process: Some(ProcessConfig::default()),
+            docker: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessConfig {
+    /// The first host port handed to sessions; ports are allocated upward from here.
+    #[serde(default = "default_port_base")]
+    pub port_base: u16,
+    /// Leave sessions running when vessel exits (a restarted vessel adopts them).
+    #[serde(default = "yes")]
+    pub keep_on_exit: bool,
+}
+
+impl Default for ProcessConfig {
+    fn default() -> Self {
+        ProcessConfig {
+            port_base: default_port_base(),
+            keep_on_exit: true,
+        }
+    }
+}
+
+fn default_port_base() -> u16 {
+    20000
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DockerConfig {
+    /// Engine hosts by name. A new session is placed on one deterministically.
+    pub hosts: Vec<DockerHost>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DockerHost {
+    pub name: String,
+    /// `unix:///run/podman/podman.sock`, `tcp://host:2375` or `https://host:2376`.
+    pub endpoint: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+}
+
+/// The reverse proxy that serves session routes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum ProxyConfig {
+    /// vessel's own reverse proxy.
+    Embedded {
+        /// The address it listens on.
+        #[serde(default = "default_proxy_listen")]
+        listen: SocketAddr,
+    },
+    /// Caddy, through its admin API.
+    Caddy {
+        /// The admin API, such as `http://127.0.0.1:2019`.
+        admin: String,
+        /// The HTTP server in Caddy's config that vessel's routes go into.
+        server: String,
+    },
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig::Embedded {
+            listen: default_proxy_listen(),
+        }
+    }
+}
+
+fn default_proxy_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+/// Where DNS records for routes with `dns: true` go.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum DnsConfig {
+    /// No DNS: `*.localhost` resolves to the loopback by itself.
+    #[default]
+    None,
+    /// A managed block in a hosts file.
+    Hosts {
+        file: PathBuf,
+        /// The address the names resolve to.
+        address: String,
+    },
+    /// An authoritative PowerDNS server through its HTTP API.
+    Powerdns {
+        /// The API base, such as `http://127.0.0.1:8081`.
+        api: String,
+        #[serde(default = "default_pdns_server")]
+        server_id: String,
+        api_key: SecretRef,
+        zones: Vec<String>,
+        /// The address A/AAAA records point at.
+        address: String,
+    },
+}
+
+fn default_pdns_server() -> String {
+    "localhost".into()
+}
+
+/// A secret, by reference: `{env: NAME}` or `{file: /path}`. Never the secret itself.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum SecretRef {
+    /// Read from this environment variable.
+    Env(String),
+    /// Read from this file (trailing newline trimmed).
+    File(PathBuf),
+}
+
+impl std::fmt::Debug for SecretRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretRef::Env(n) => write!(f, "SecretRef(env:{n})"),
+            SecretRef::File(p) => write!(f, "SecretRef(file:{})", p.display()),
+        }
+    }
+}
+
+/// Why a secret could not be read. Names where it was looked for, never what was found.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("secret environment variable `{0}` is not set")]
+    MissingEnv(String),
+    #[error("cannot read secret file {path}")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl SecretRef {
+    pub fn resolve(&self) -> Result<Secret, SecretError> {
+        match self {
+            SecretRef::Env(name) => std::env::var(name)
+                .map(Secret)
+                .map_err(|_| SecretError::MissingEnv(name.clone())),
+            SecretRef::File(path) => std::fs::read_to_string(path)
+                .map(|s| Secret(s.trim_end_matches(['\r', '\n']).to_string()))
+                .map_err(|source| SecretError::File {
+                    path: path.clone(),
+                    source,
+                }),
+        }
+    }
+}
+
+/// A resolved secret. Debug and Display print `<redacted>`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StatusConfig {
+    /// Where the read-only status endpoint listens.
+    #[serde(default = "default_status_listen")]
+    pub listen: SocketAddr,
+    /// A bearer token required for everything but `/healthz`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<SecretRef>,
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        StatusConfig {
+            listen: default_status_listen(),
+            token: None,
+        }
+    }
+}
+
+fn default_status_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+
+/// Safety and timing policy for the reconciler.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Hold a plan that destroys more sessions than this, unless allowed explicitly.
+    #[serde(default)]
+    pub destroy_budget: DestroyBudget,
+    /// Allow a source with no sessions at all to destroy every session.
+    #[serde(default)]
+    pub allow_empty_source: bool,
+    /// A full pass at least this often, to repair drift.
+    #[serde(default = "default_resync")]
+    pub resync_interval: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            destroy_budget: DestroyBudget::default(),
+            allow_empty_source: false,
+            resync_interval: default_resync(),
+        }
+    }
+}
+
+fn default_resync() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DestroyBudget {
+    /// At most this many session destroys in one plan.
+    #[serde(default = "default_max_count")]
+    pub max_count: u32,
+    /// At most this share (percent) of existing sessions destroyed in one plan.
+    #[serde(default = "default_max_percent")]
+    pub max_percent: u8,
+}
+
+impl Default for DestroyBudget {
+    fn default() -> Self {
+        DestroyBudget {
+            max_count: default_max_count(),
+            max_percent: default_max_percent(),
+        }
+    }
+}
+
+fn default_max_count() -> u32 {
+    10
+}
+
+fn default_max_percent() -> u8 {
+    50
+}
+
+impl Config {
+    /// The embedded default, with its source directory set to `dir`.
+    pub fn embedded_default(dir: &Path) -> Config {
+        let mut c: Config = serde_saphyr::from_str(DEFAULT_CONFIG_YAML)
+            .unwrap_or_else(|e| panic!("the embedded default config is invalid: {e}"));
+        c.source = SourceConfig::Dir(dir.to_path_buf());
+        c
+    }
+
+    /// Make relative paths relative to `base` (the config file's directory).
+    pub fn rebase(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        match &mut self.source {
+            SourceConfig::Dir(d) => fix(d),
+        }
+        fix(&mut self.state_dir);
+    }
+
+    pub fn source_dir(&self) -> &Path {
+        match &self.source {
+            SourceConfig::Dir(d) => d,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_parses_and_matches_the_built_in_defaults() {
+        let c = Config::embedded_default(Path::new("/tmp/x"));
+        assert_eq!(c.source_dir(), Path::new("/tmp/x"));
+        assert_eq!(c.routes, RoutesConfig::default());
+        assert_eq!(c.providers, Providers::default());
+        assert_eq!(c.policy, Policy::default());
+        assert_eq!(c.status, StatusConfig::default());
+    }
+
+    #[test]
+    fn secrets_are_references_and_never_print() {
+        let bad = serde_saphyr::from_str::<SecretRef>("value: hunter2\n");
+        assert!(bad.is_err());
+        // SAFETY of the test: a unique variable name, set before it is read.
+        let name = "VESSEL_TEST_SECRET_PRINT";
+        unsafe { std::env::set_var(name, "hunter2") };
+        let s = SecretRef::Env(name.into()).resolve().map_err(|e| e.to_string());
+        let s = s.as_ref().map(|s| format!("{s:?}"));
+        assert_eq!(s, Ok("<redacted>".to_string()));
+        let missing = SecretRef::Env("VESSEL_TEST_SECRET_UNSET".into()).resolve();
+        assert!(matches!(missing, Err(SecretError::MissingEnv(_))));
+    }
+}

@@ -1,0 +1,167 @@
+//! `Desired`: the valid objects of a desired-state tree, each with where it came from, plus the
+//! files that were quarantined and why. Also the effective routes (explicit routes and those
+//! that route templates give every session), which validation and the planner share.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::config::RouteTemplate;
+use crate::diag::{Diagnostic, Pos};
+use crate::model::{Kind, PlanSpec, Port, RouteSpec, SessionSpec};
+
+/// A document and where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Doc<T> {
+    pub spec: T,
+    /// The file, relative to the tree's root.
+    pub file: PathBuf,
+    /// Where the document starts.
+    pub pos: Pos,
+    /// Position of each field's value by dotted path, for diagnostics.
+    pub fields: BTreeMap<String, Pos>,
+}
+
+impl<T> Doc<T> {
+    /// The position of `path`'s value, or of the document if it has no such field.
+    pub fn at(&self, path: &str) -> Pos {
+        self.fields.get(path).copied().unwrap_or(self.pos)
+    }
+}
+
+/// A file whose objects are held: neither changed nor destroyed until it is fixed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Quarantine {
+    pub errors: Vec<Diagnostic>,
+    /// The objects the file names, as far as they could be read.
+    pub held: Vec<Held>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Held {
+    pub kind: Kind,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Desired {
+    pub plans: BTreeMap<String, Doc<PlanSpec>>,
+    pub sessions: BTreeMap<String, Doc<SessionSpec>>,
+    pub routes: BTreeMap<String, Doc<RouteSpec>>,
+    /// Every file read, relative to the root, in load order.
+    pub files: Vec<PathBuf>,
+    /// Files with errors, relative to the root.
+    pub quarantined: BTreeMap<PathBuf, Quarantine>,
+    pub warnings: Vec<Diagnostic>,
+}
+
+impl Desired {
+    pub fn errors(&self) -> impl Iterator<Item = &Diagnostic> {
+        self.quarantined.values().flat_map(|q| q.errors.iter())
+    }
+
+    pub fn is_valid(&self) -> bool {
+        self.quarantined.is_empty()
+    }
+
+    /// Names of objects of `kind` held by quarantined files.
+    pub fn held(&self, kind: Kind) -> BTreeSet<&str> {
+        self.quarantined
+            .values()
+            .flat_map(|q| q.held.iter())
+            .filter(|h| h.kind == kind)
+            .map(|h| h.name.as_str())
+            .collect()
+    }
+
+    pub fn object_count(&self) -> usize {
+        self.plans.len() + self.sessions.len() + self.routes.len()
+    }
+}
+
+/// Where an effective route came from.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteOrigin {
+    /// A `kind: Route` document.
+    Route(String),
+    /// A route template from the config, by its host pattern.
+    Template(String),
+}
+
+/// A route as it will be served: host -> one port of one session.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct EffectiveRoute {
+    /// Lower-cased host.
+    pub host: String,
+    pub session: String,
+    pub port_name: String,
+    pub port: Port,
+    pub dns: bool,
+    pub origin: RouteOrigin,
+}
+
+/// Expand a template's host for one session and port.
+pub fn expand_template(pattern: &str, session: &str, domain: &str, port_name: &str, port: Port) -> String {
+    pattern
+        .replace("{session}", session)
+        .replace("{domain}", domain)
+        .replace("{port_name}", port_name)
+        .replace("{port}", &port.to_string())
+        .to_ascii_lowercase()
+}
+
+/// Routes templates give one session on `plan`, in template then port order.
+pub fn template_routes(
+    session: &str,
+    plan: &PlanSpec,
+    templates: &[RouteTemplate],
+    domain: &str,
+) -> Vec<EffectiveRoute> {
+    let mut out = Vec::new();
+    for t in templates {
+        for (name, port) in &plan.ports {
+            if t.port == "*" || t.port == *name {
+                out.push(EffectiveRoute {
+                    host: expand_template(&t.host, session, domain, name, *port),
+                    session: session.to_string(),
+                    port_name: name.clone(),
+                    port: *port,
+                    dns: t.dns,
+                    origin: RouteOrigin::Template(t.host.clone()),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Every route of the valid objects: from templates for each session, then explicit routes.
+/// Routes whose session or port does not resolve are left out (validation reports them).
+pub fn effective_routes(desired: &Desired, templates: &[RouteTemplate], domain: &str) -> Vec<EffectiveRoute> {
+    let mut out = Vec::new();
+    for (name, s) in &desired.sessions {
+        if let Some(plan) = desired.plans.get(&s.spec.plan) {
+            out.extend(template_routes(name, &plan.spec, templates, domain));
+        }
+    }
+    for (name, r) in &desired.routes {
+        let port = desired
+            .sessions
+            .get(&r.spec.session)
+            .and_then(|s| desired.plans.get(&s.spec.plan))
+            .and_then(|p| p.spec.ports.get(&r.spec.port));
+        if let Some(port) = port {
+            out.push(EffectiveRoute {
+                host: r.spec.host.to_ascii_lowercase(),
+                session: r.spec.session.clone(),
+                port_name: r.spec.port.clone(),
+                port: *port,
+                dns: r.spec.dns,
+                origin: RouteOrigin::Route(name.clone()),
+            });
+        }
+    }
+    out
+}

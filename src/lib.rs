@@ -1,0 +1,13 @@
+//! vessel: a declarative GitOps reconciler for developer sessions.
+//!
+//! The library holds everything; `main.rs` only parses the command line. See ARCHITECTURE.md
+//! for the map of modules and the invariants they keep.
+
+pub mod cli;
+pub mod config;
+pub mod desired;
+pub mod diag;
+pub mod load;
+pub mod model;
+pub mod schema;
+pub mod validate;

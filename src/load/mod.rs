@@ -1,0 +1,367 @@
+//! Loading a desired-state tree: find the files, read them within limits, parse every document,
+//! validate across files, and return the valid objects plus the quarantined files.
+//!
+//! Reads files; never writes. Problems are data (diagnostics on quarantined files), never
+//! panics: a broken file only quarantines itself and the objects that depend on it.
+
+pub mod yaml;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+
+use crate::config::Config;
+use crate::desired::{Desired, Doc, Held, Quarantine};
+use crate::diag::{Diagnostic, Pos, did_you_mean};
+use crate::model::{Kind, PlanSpec, RouteSpec, SessionSpec};
+use crate::validate;
+
+/// Files larger than this are refused without being read.
+pub const MAX_FILE_BYTES: u64 = 4 << 20;
+
+/// A parsed document of any kind.
+#[derive(Debug, Clone)]
+pub enum Object {
+    Plan(Doc<PlanSpec>),
+    Session(Doc<SessionSpec>),
+    Route(Doc<RouteSpec>),
+}
+
+impl Object {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Plan(_) => Kind::Plan,
+            Object::Session(_) => Kind::Session,
+            Object::Route(_) => Kind::Route,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Object::Plan(d) => &d.spec.name,
+            Object::Session(d) => &d.spec.name,
+            Object::Route(d) => &d.spec.name,
+        }
+    }
+}
+
+/// One file as read and parsed, before cross-file validation.
+#[derive(Debug, Clone)]
+pub struct LoadedFile {
+    /// Relative to the tree's root.
+    pub rel: PathBuf,
+    /// As diagnostics show it (the root as given, joined with `rel`).
+    pub display: PathBuf,
+    pub text: String,
+    pub objects: Vec<Object>,
+    pub errors: Vec<Diagnostic>,
+    /// Kind and name of every document that had them, even ones that failed to parse.
+    pub held: Vec<Held>,
+}
+
+impl LoadedFile {
+    /// A diagnostic in this file, with its source line attached.
+    pub fn error(&self, code: &'static str, pos: Pos, message: impl Into<String>) -> Diagnostic {
+        Diagnostic::error(code, &self.display, pos, message).with_source(&self.text)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read desired-state directory {path}")]
+    Root {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("desired-state source {0} is not a directory")]
+    NotADirectory(PathBuf),
+}
+
+/// Load and validate the tree under `root`.
+pub fn load_tree(root: &Path, config: &Config, now: DateTime<Utc>) -> Result<Desired, LoadError> {
+    let files = find_files(root)?;
+    let mut loaded: Vec<LoadedFile> = files.iter().map(|rel| load_file(root, rel)).collect();
+    let warnings = validate::check(&mut loaded, config, now);
+    Ok(assemble(loaded, warnings))
+}
+
+/// Every `*.yaml`/`*.yml` under `root`, relative, sorted; hidden files, editor swap and backup
+/// files, and symlinked directories skipped.
+pub fn find_files(root: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let meta = std::fs::metadata(root).map_err(|source| LoadError::Root {
+        path: root.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_dir() {
+        return Err(LoadError::NotADirectory(root.to_path_buf()));
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = root.join(&rel);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(source) if rel.as_os_str().is_empty() => {
+                return Err(LoadError::Root {
+                    path: root.to_path_buf(),
+                    source,
+                });
+            }
+            // A subdirectory that vanished or cannot be listed: its files show up as missing,
+            // which the planner treats like any other unreadable file (held, not destroyed).
+            Err(_) => {
+                out.push(rel);
+                continue;
+            }
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with('.') || name.starts_with('#') || name.ends_with('~') {
+                continue;
+            }
+            let Ok(ft) = entry.file_type() else { continue };
+            let child = rel.join(name);
+            if ft.is_dir() {
+                stack.push(child);
+            } else if (name.ends_with(".yaml") || name.ends_with(".yml"))
+                && (ft.is_file() || (ft.is_symlink() && entry.path().is_file()))
+            {
+                out.push(child);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn read_limited(path: &Path) -> Result<Vec<u8>, String> {
+    let f = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if len > MAX_FILE_BYTES {
+        return Err(format!(
+            "file is {} bytes, over the {} MiB limit for one desired-state file; split it",
+            len,
+            MAX_FILE_BYTES >> 20
+        ));
+    }
+    let mut buf = Vec::with_capacity(len as usize);
+    f.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if buf.len() as u64 > MAX_FILE_BYTES {
+        return Err(format!("file grew past the {} MiB limit while being read", MAX_FILE_BYTES >> 20));
+    }
+    Ok(buf)
+}
+
+/// Read one file as text within the limits; problems become the file's errors.
+fn load_text(root: &Path, rel: &Path) -> LoadedFile {
+    let display = root.join(rel);
+    let mut lf = LoadedFile {
+        rel: rel.to_path_buf(),
+        display: display.clone(),
+        text: String::new(),
+        objects: Vec::new(),
+        errors: Vec::new(),
+        held: Vec::new(),
+    };
+    let whole = Pos::default();
+    let bytes = match read_limited(&display) {
+        Ok(b) => b,
+        Err(msg) => {
+            lf.errors.push(Diagnostic::error("unreadable", &display, whole, msg));
+            return lf;
+        }
+    };
+    let text = match String::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+            let line = good.iter().filter(|b| **b == b'\n').count() as u32 + 1;
+            let col = good.iter().rev().take_while(|b| **b != b'\n').count() as u32 + 1;
+            lf.errors.push(
+                Diagnostic::error(
+                    "not-utf8",
+                    &display,
+                    Pos { line, column: col },
+                    "the file is not UTF-8 text",
+                )
+                .with_help("desired-state files are YAML text; is this a binary file?"),
+            );
+            return lf;
+        }
+    };
+    lf.text = text.strip_prefix('\u{feff}').map(str::to_string).unwrap_or(text);
+    if let Some(i) = lf.text.find('\0') {
+        let before = &lf.text[..i];
+        let line = before.matches('\n').count() as u32 + 1;
+        let col = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) as u32 + 1;
+        lf.errors.push(
+            Diagnostic::error("not-utf8", &display, Pos { line, column: col }, "the file contains NUL bytes")
+                .with_help("desired-state files are YAML text; is this a binary file?"),
+        );
+    }
+    lf
+}
+
+/// Read and parse one file. Never fails: problems become the file's errors.
+pub fn load_file(root: &Path, rel: &Path) -> LoadedFile {
+    let mut lf = load_text(root, rel);
+    if !lf.errors.is_empty() {
+        return lf;
+    }
+    let docs = match yaml::scan(&lf.text) {
+        Ok(d) => d,
+        Err(p) => {
+            let d = problem(&lf, p);
+            lf.errors.push(d);
+            return lf;
+        }
+    };
+    for doc in &docs {
+        if doc.empty {
+            continue;
+        }
+        if let (Some((kind, _)), Some(name)) = (&doc.kind, &doc.name) {
+            if let Some(kind) = Kind::parse(kind) {
+                lf.held.push(Held { kind, name: name.clone() });
+            }
+        }
+        if !doc.is_mapping {
+            let e = lf
+                .error("not-a-mapping", doc.pos, "a document must be a mapping with a `kind`")
+                .with_help("start it with `kind: Session` (or Plan, Route)");
+            lf.errors.push(e);
+            continue;
+        }
+        let Some((kind_str, kind_pos)) = &doc.kind else {
+            let e = lf
+                .error("missing-kind", doc.pos, "document has no `kind`")
+                .with_help("add `kind: Session` (or Plan, Route)");
+            lf.errors.push(e);
+            continue;
+        };
+        let Some(kind) = Kind::parse(kind_str) else {
+            let names = Kind::ALL.map(Kind::as_str);
+            let help = match did_you_mean(kind_str, names) {
+                Some(k) => format!("did you mean `{k}`?"),
+                None => "the kinds are Plan, Session and Route".into(),
+            };
+            let e = lf
+                .error("unknown-kind", *kind_pos, format!("unknown kind `{kind_str}`"))
+                .with_help(help);
+            lf.errors.push(e);
+            continue;
+        };
+        let parsed = match kind {
+            Kind::Plan => yaml::deserialize::<PlanSpec>(&lf.text, doc).map(|s| Object::Plan(with(doc, &lf.rel, s))),
+            Kind::Session => {
+                yaml::deserialize::<SessionSpec>(&lf.text, doc).map(|s| Object::Session(with(doc, &lf.rel, s)))
+            }
+            Kind::Route => yaml::deserialize::<RouteSpec>(&lf.text, doc).map(|s| Object::Route(with(doc, &lf.rel, s))),
+        };
+        match parsed {
+            Ok(o) => lf.objects.push(o),
+            Err(p) => {
+                let d = problem(&lf, p);
+                lf.errors.push(d);
+            }
+        }
+    }
+    lf
+}
+
+fn with<T>(doc: &yaml::RawDoc, rel: &Path, spec: T) -> Doc<T> {
+    Doc {
+        spec,
+        file: rel.to_path_buf(),
+        pos: doc.pos,
+        fields: doc.fields.clone(),
+    }
+}
+
+fn problem(lf: &LoadedFile, p: yaml::Problem) -> Diagnostic {
+    let d = lf.error(p.code, p.pos, p.message);
+    match p.help {
+        Some(h) => d.with_help(h),
+        None => d,
+    }
+}
+
+/// Build `Desired` from validated files: objects of error-free files, the rest quarantined.
+fn assemble(files: Vec<LoadedFile>, warnings: Vec<Diagnostic>) -> Desired {
+    let mut d = Desired {
+        warnings,
+        ..Desired::default()
+    };
+    for f in files {
+        d.files.push(f.rel.clone());
+        if !f.errors.is_empty() {
+            let mut held = f.held;
+            held.sort();
+            held.dedup();
+            d.quarantined.insert(f.rel, Quarantine { errors: f.errors, held });
+            continue;
+        }
+        for o in f.objects {
+            match o {
+                Object::Plan(p) => {
+                    d.plans.insert(p.spec.name.clone(), p);
+                }
+                Object::Session(s) => {
+                    d.sessions.insert(s.spec.name.clone(), s);
+                }
+                Object::Route(r) => {
+                    d.routes.insert(r.spec.name.clone(), r);
+                }
+            }
+        }
+    }
+    d
+}
+
+/// Read a config file. Relative paths in it are made relative to its directory.
+pub fn load_config(path: &Path) -> Result<Config, Vec<Diagnostic>> {
+    let (dir, rel) = match (path.parent(), path.file_name()) {
+        (Some(d), Some(n)) => (d.to_path_buf(), PathBuf::from(n)),
+        _ => (PathBuf::from("."), path.to_path_buf()),
+    };
+    let lf = load_file_raw(&dir, &rel);
+    let (text, display) = match lf {
+        Ok(t) => t,
+        Err(d) => return Err(vec![d]),
+    };
+    let docs = yaml::scan(&text).map_err(|p| vec![config_problem(&display, &text, p)])?;
+    let docs: Vec<_> = docs.into_iter().filter(|d| !d.empty).collect();
+    let mut config = match docs.as_slice() {
+        [] => Config::embedded_default(Path::new(".")),
+        [doc] => yaml::deserialize::<Config>(&text, doc).map_err(|p| vec![config_problem(&display, &text, p)])?,
+        [_, second, ..] => {
+            return Err(vec![
+                Diagnostic::error("config-documents", &display, second.pos, "a config file holds one document")
+                    .with_source(&text),
+            ]);
+        }
+    };
+    config.rebase(if dir.as_os_str().is_empty() { Path::new(".") } else { &dir });
+    Ok(config)
+}
+
+fn config_problem(display: &Path, text: &str, p: yaml::Problem) -> Diagnostic {
+    let d = Diagnostic::error(p.code, display, p.pos, p.message).with_source(text);
+    match p.help {
+        Some(h) => d.with_help(h),
+        None => d,
+    }
+}
+
+fn load_file_raw(root: &Path, rel: &Path) -> Result<(String, PathBuf), Diagnostic> {
+    let lf = load_text(root, rel);
+    match lf.errors.into_iter().next() {
+        Some(d) => Err(d),
+        None => Ok((lf.text, lf.display)),
+    }
+}

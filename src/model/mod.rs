@@ -1,0 +1,341 @@
+//! The desired-state model: the documents people write (`Plan`, `Session`, `Route`).
+//!
+//! Owns the shape of the YAML, its JSON Schema and the small value types inside it. It does no
+//! I/O and knows nothing of files; the loader attaches each document to where it came from.
+
+pub mod units;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use units::{Duration, Size};
+
+/// The kinds of document a desired-state tree holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    Plan,
+    Session,
+    Route,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Plan, Kind::Session, Kind::Route];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Plan => "Plan",
+            Kind::Session => "Session",
+            Kind::Route => "Route",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+macro_rules! kind_tag {
+    ($tag:ident, $lit:literal) => {
+        #[doc = concat!("The `kind: ", $lit, "` tag of a document.")]
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+        pub enum $tag {
+            #[default]
+            $tag,
+        }
+    };
+}
+
+/// Tags that make `kind` part of each document's own type (and so of its schema).
+pub mod tag {
+    use super::*;
+    kind_tag!(Plan, "Plan");
+    kind_tag!(Session, "Session");
+    kind_tag!(Route, "Route");
+}
+
+/// Where a session's compute runs.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeKind {
+    /// Local child processes: the embedded default that needs nothing installed.
+    #[default]
+    Process,
+    /// Containers through the Docker Engine API (Docker or Podman).
+    Docker,
+    /// QEMU microVMs.
+    Qemu,
+    /// Proxmox VE virtual machines or containers.
+    Proxmox,
+    /// Kubernetes pods.
+    Kubernetes,
+}
+
+impl ComputeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ComputeKind::Process => "process",
+            ComputeKind::Docker => "docker",
+            ComputeKind::Qemu => "qemu",
+            ComputeKind::Proxmox => "proxmox",
+            ComputeKind::Kubernetes => "kubernetes",
+        }
+    }
+}
+
+/// A TCP port number, 1..65535.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, JsonSchema)]
+#[schemars(transparent)]
+pub struct Port(#[schemars(range(min = 1, max = 65535))] pub u16);
+
+impl<'de> Deserialize<'de> for Port {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = i64::deserialize(d)?;
+        match u16::try_from(n) {
+            Ok(p) if p >= 1 => Ok(Port(p)),
+            _ => Err(serde::de::Error::custom(format!(
+                "port {n} is outside 1..65535"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Port {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A size preset: what a session runs and with how much.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(rename = "Plan")]
+pub struct PlanSpec {
+    pub kind: tag::Plan,
+    /// The plan's name, a DNS label that sessions refer to.
+    pub name: String,
+    /// Where sessions on this plan run.
+    #[serde(default)]
+    pub compute: ComputeKind,
+    /// The image to run (docker, kubernetes) or template to clone (proxmox, qemu).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The command and its arguments, run without a shell. `{port.NAME}` is replaced by the
+    /// port a session was given for NAME, `{workspace}` by its workspace directory.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// Environment for the session's processes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// CPU limit in cores, such as `1` or `0.5`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    /// Memory limit, such as `1GiB`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Size>,
+    /// Disk size, such as `10GiB`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<Size>,
+    /// Named ports the session serves, such as `{ide: 8080, app: 5173}`.
+    #[serde(default)]
+    pub ports: BTreeMap<String, Port>,
+    /// How vessel decides a session is healthy; by default, its first port answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
+    /// Put a session to sleep after this long without traffic through its routes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<Duration>,
+    /// How long a stopping session gets before it is killed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_timeout: Option<Duration>,
+}
+
+/// A health check: an HTTP GET on one of the plan's ports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    /// The port name to check.
+    pub port: String,
+    /// The HTTP path to request; any answer below 500 counts as healthy.
+    #[serde(default = "default_health_path")]
+    pub path: String,
+}
+
+fn default_health_path() -> String {
+    "/".into()
+}
+
+/// The state a session should be in. Absent sessions are destroyed.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    /// Running and routed.
+    #[default]
+    Running,
+    /// Stopped, and woken by the next request to one of its routes.
+    Sleeping,
+    /// Stopped, its data kept.
+    Stopped,
+}
+
+impl RunState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Sleeping => "sleeping",
+            RunState::Stopped => "stopped",
+        }
+    }
+}
+
+/// What happens to a session once it is past `expires`.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ExpiryAction {
+    /// Stop it and keep its data.
+    #[default]
+    Stop,
+    /// Destroy it (saving its work first if `source.save_on_stop` asks).
+    Destroy,
+}
+
+/// A project directory copied into a session's workspace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    /// An absolute path on the host, inside the roots the config allows.
+    pub path: PathBuf,
+    /// Names or glob patterns not copied, such as `node_modules`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
+    /// Copy the work back to `path` before the session is stopped or destroyed.
+    #[serde(default)]
+    pub save_on_stop: bool,
+}
+
+/// One user's development session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(rename = "Session")]
+pub struct SessionSpec {
+    pub kind: tag::Session,
+    /// The session's name, a DNS label; it becomes part of its hostnames.
+    pub name: String,
+    /// The plan it runs on.
+    pub plan: String,
+    /// Who the session is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// The state it should be in.
+    #[serde(default)]
+    pub state: RunState,
+    /// A project copied in when the session is created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
+    /// When the session expires (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<DateTime<Utc>>,
+    /// What happens once it has expired.
+    #[serde(default)]
+    pub on_expiry: ExpiryAction,
+    /// Environment added to the plan's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+}
+
+/// A hostname routed to one port of a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(rename = "Route")]
+pub struct RouteSpec {
+    pub kind: tag::Route,
+    /// The route's name, a DNS label.
+    pub name: String,
+    /// The hostname, such as `docs-user-1.dev.example.com`.
+    pub host: String,
+    /// The session it routes to.
+    pub session: String,
+    /// The name of the plan port it routes to.
+    pub port: String,
+    /// Publish a DNS record for the host.
+    #[serde(default)]
+    pub dns: bool,
+}
+
+/// Is `s` a DNS label: 1 to 63 of `a-z`, `0-9` and `-`, not starting or ending with `-`?
+pub fn dns_label_problem(s: &str) -> Option<String> {
+    if s.is_empty() {
+        return Some("a name cannot be empty".into());
+    }
+    if s.len() > 63 {
+        return Some(format!("`{s}` is {} characters long; a DNS label has at most 63", s.len()));
+    }
+    if let Some(c) = s.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')) {
+        let hint = if c.is_ascii_uppercase() {
+            format!("; try `{}`", s.to_ascii_lowercase())
+        } else {
+            String::new()
+        };
+        return Some(format!(
+            "`{s}` contains `{c}`; names are DNS labels (a-z, 0-9 and -){hint}"
+        ));
+    }
+    if s.starts_with('-') || s.ends_with('-') {
+        return Some(format!("`{s}` starts or ends with `-`, which a DNS label cannot"));
+    }
+    None
+}
+
+/// Is `s` a valid hostname (dot-separated labels, case-insensitive, optional `*.` wildcard)?
+pub fn hostname_problem(s: &str) -> Option<String> {
+    if s.len() > 253 {
+        return Some(format!("host `{s}` is longer than 253 characters"));
+    }
+    let body = s.strip_prefix("*.").unwrap_or(s);
+    for label in body.split('.') {
+        let lower = label.to_ascii_lowercase();
+        if let Some(p) = dns_label_problem(&lower) {
+            return Some(format!("host `{s}` is not a valid hostname: {p}"));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_labels() {
+        assert_eq!(dns_label_problem("user-1"), None);
+        assert!(dns_label_problem("User-1").unwrap().contains("try `user-1`"));
+        assert!(dns_label_problem("-a").is_some());
+        assert!(dns_label_problem("a_b").is_some());
+        assert!(dns_label_problem(&"a".repeat(64)).is_some());
+        assert!(dns_label_problem("").is_some());
+    }
+
+    #[test]
+    fn hostnames() {
+        assert_eq!(hostname_problem("5173-user-1.localhost"), None);
+        assert_eq!(hostname_problem("Docs.Example.COM"), None);
+        assert!(hostname_problem("a..b").is_some());
+        assert!(hostname_problem("a b.c").is_some());
+    }
+}

@@ -1,0 +1,325 @@
+//! Validation of loaded files, alone and across files.
+//!
+//! Errors are pushed onto the file they are in, which quarantines it; objects that refer to a
+//! quarantined object are quarantined in turn (checked to a fixpoint), so a broken file can
+//! never make vessel act on a half-known world. Pure: no I/O, the clock passed in.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path};
+
+use chrono::{DateTime, Utc};
+
+use crate::config::Config;
+use crate::desired::{Doc, Held, template_routes};
+use crate::diag::{Diagnostic, Pos, did_you_mean};
+use crate::load::{LoadedFile, Object};
+use crate::model::{ComputeKind, ExpiryAction, Kind, dns_label_problem, hostname_problem};
+
+/// Validate `files` in place (errors go onto their file) and return warnings.
+pub fn check(files: &mut [LoadedFile], config: &Config, now: DateTime<Utc>) -> Vec<Diagnostic> {
+    for f in files.iter_mut() {
+        let mut errs = Vec::new();
+        for o in &f.objects {
+            check_object(f, o, config, &mut errs);
+        }
+        f.errors.extend(errs);
+    }
+    loop {
+        let new = check_across(files, config);
+        if new.is_empty() {
+            break;
+        }
+        for (i, d) in new {
+            if !files[i].errors.contains(&d) {
+                files[i].errors.push(d);
+            }
+        }
+    }
+    let mut warnings = Vec::new();
+    for f in files.iter().filter(|f| f.errors.is_empty()) {
+        for o in &f.objects {
+            if let Object::Session(s) = o {
+                if let Some(exp) = s.spec.expires {
+                    if exp <= now {
+                        let what = match s.spec.on_expiry {
+                            ExpiryAction::Stop => "stopped",
+                            ExpiryAction::Destroy => "destroyed",
+                        };
+                        warnings.push(
+                            Diagnostic::warning(
+                                "expired",
+                                &f.display,
+                                s.at("expires"),
+                                format!("session `{}` expired at {}; it will be {what}", s.spec.name, exp.to_rfc3339()),
+                            )
+                            .with_source(&f.text)
+                            .with_help("move `expires` into the future, or remove the session"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    warnings
+}
+
+fn check_name<T>(f: &LoadedFile, kind: Kind, name: &str, doc: &Doc<T>, out: &mut Vec<Diagnostic>) {
+    if let Some(p) = dns_label_problem(name) {
+        out.push(f.error("invalid-name", doc.at("name"), format!("{kind} name {p}")));
+    }
+}
+
+fn check_object(f: &LoadedFile, o: &Object, config: &Config, out: &mut Vec<Diagnostic>) {
+    match o {
+        Object::Plan(p) => {
+            check_name(f, Kind::Plan, &p.spec.name, p, out);
+            for name in p.spec.ports.keys() {
+                if let Some(problem) = dns_label_problem(name) {
+                    out.push(f.error("invalid-name", p.at(&format!("ports.{name}#key")), format!("port name {problem}")));
+                }
+            }
+            let needs_command = p.spec.compute == ComputeKind::Process;
+            if needs_command && p.spec.command.is_empty() {
+                out.push(
+                    f.error("missing-field", p.at("compute"), format!("plan `{}` runs local processes but has no `command`", p.spec.name))
+                        .with_help("add `command: [program, arg, ...]`; `{port.NAME}` stands for a session's port"),
+                );
+            }
+            if !needs_command && p.spec.image.is_none() {
+                out.push(
+                    f.error("missing-field", p.at("compute"), format!("plan `{}` uses {} compute but has no `image`", p.spec.name, p.spec.compute.as_str()))
+                        .with_help("add `image: ...`"),
+                );
+            }
+            if let Some(h) = &p.spec.health {
+                if !p.spec.ports.contains_key(&h.port) {
+                    out.push(unknown_port(f, p.at("health.port"), &h.port, &p.spec.name, p.spec.ports.keys().map(String::as_str)));
+                }
+            }
+            if let Some(c) = p.spec.cpus {
+                if !(c > 0.0 && c.is_finite()) {
+                    out.push(f.error("invalid-value", p.at("cpus"), format!("cpus must be a positive number, not {c}")));
+                }
+            }
+        }
+        Object::Session(s) => {
+            check_name(f, Kind::Session, &s.spec.name, s, out);
+            if let Some(src) = &s.spec.source {
+                if let Some(problem) = source_path_problem(&src.path, &config.source_roots) {
+                    out.push(f.error("invalid-source", s.at("source.path"), problem.0).with_help(problem.1));
+                }
+            }
+        }
+        Object::Route(r) => {
+            check_name(f, Kind::Route, &r.spec.name, r, out);
+            if let Some(p) = hostname_problem(&r.spec.host) {
+                out.push(f.error("invalid-host", r.at("host"), p));
+            }
+        }
+    }
+}
+
+fn unknown_port<'a>(f: &LoadedFile, pos: Pos, port: &str, plan: &str, known: impl Iterator<Item = &'a str> + Clone) -> Diagnostic {
+    let help = match did_you_mean(port, known.clone()) {
+        Some(k) => format!("did you mean `{k}`?"),
+        None => format!("plan `{plan}` has ports: {}", known.collect::<Vec<_>>().join(", ")),
+    };
+    f.error("unknown-port", pos, format!("plan `{plan}` has no port named `{port}`")).with_help(help)
+}
+
+/// Why `path` may not be a session's source, with a hint; `None` if it may.
+pub fn source_path_problem(path: &Path, roots: &[std::path::PathBuf]) -> Option<(String, String)> {
+    if !path.is_absolute() {
+        return Some((
+            format!("source path `{}` is relative", path.display()),
+            "write an absolute path, such as `/srv/projects/user-1`".into(),
+        ));
+    }
+    if path.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Some((
+            format!("source path `{}` contains `..`", path.display()),
+            "write the path without `..`".into(),
+        ));
+    }
+    if !roots.is_empty() && !roots.iter().any(|r| path.starts_with(r)) {
+        let list: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+        return Some((
+            format!("source path `{}` is outside the allowed source roots", path.display()),
+            format!("the config allows: {}", list.join(", ")),
+        ));
+    }
+    None
+}
+
+/// One pass of cross-file checks over the files that have no errors yet.
+fn check_across(files: &[LoadedFile], config: &Config) -> Vec<(usize, Diagnostic)> {
+    let mut new = Vec::new();
+    let valid: Vec<usize> = (0..files.len()).filter(|i| files[*i].errors.is_empty()).collect();
+    // Held: names in quarantined files, with the file that holds them.
+    let mut held: BTreeMap<&Held, &Path> = BTreeMap::new();
+    for f in files.iter().filter(|f| !f.errors.is_empty()) {
+        for h in &f.held {
+            held.entry(h).or_insert(&f.display);
+        }
+    }
+    let is_held = |kind: Kind, name: &str| {
+        held.get(&Held {
+            kind,
+            name: name.to_string(),
+        })
+        .copied()
+    };
+
+    // Duplicate names, per kind.
+    let mut by_name: BTreeMap<(Kind, &str), Vec<(usize, Pos)>> = BTreeMap::new();
+    for &i in &valid {
+        for o in &files[i].objects {
+            let pos = match o {
+                Object::Plan(d) => d.at("name"),
+                Object::Session(d) => d.at("name"),
+                Object::Route(d) => d.at("name"),
+            };
+            by_name.entry((o.kind(), o.name())).or_default().push((i, pos));
+        }
+    }
+    for ((kind, name), defs) in &by_name {
+        if let Some(other) = is_held(*kind, name) {
+            for (i, pos) in defs {
+                new.push((
+                    *i,
+                    files[*i].error("duplicate-name", *pos, format!("{kind} `{name}` is also defined in {}", other.display()))
+                        .with_help("that file has errors; each name may be defined once"),
+                ));
+            }
+        }
+        if defs.len() > 1 {
+            for (n, (i, pos)) in defs.iter().enumerate() {
+                let (oi, opos) = defs[if n == 0 { 1 } else { 0 }];
+                new.push((
+                    *i,
+                    files[*i]
+                        .error("duplicate-name", *pos, format!("{kind} `{name}` is defined more than once"))
+                        .with_help(format!("also defined at {}:{}:{}; rename or remove one", files[oi].display.display(), opos.line, opos.column)),
+                ));
+            }
+        }
+    }
+
+    // References.
+    let plans: BTreeMap<&str, &Doc<_>> = valid
+        .iter()
+        .flat_map(|i| files[*i].objects.iter())
+        .filter_map(|o| match o {
+            Object::Plan(p) => Some((p.spec.name.as_str(), p)),
+            _ => None,
+        })
+        .collect();
+    let sessions: BTreeMap<&str, (usize, &Doc<_>)> = valid
+        .iter()
+        .flat_map(|i| files[*i].objects.iter().map(move |o| (*i, o)))
+        .filter_map(|(i, o)| match o {
+            Object::Session(s) => Some((s.spec.name.as_str(), (i, s))),
+            _ => None,
+        })
+        .collect();
+    for &i in &valid {
+        let f = &files[i];
+        for o in &f.objects {
+            match o {
+                Object::Session(s) => {
+                    let plan = s.spec.plan.as_str();
+                    if plans.contains_key(plan) {
+                        continue;
+                    }
+                    let d = match is_held(Kind::Plan, plan) {
+                        Some(other) => f
+                            .error("held-reference", s.at("plan"), format!("session `{}` uses plan `{plan}`, which is in a file with errors", s.spec.name))
+                            .with_help(format!("fix {} first", other.display())),
+                        None => {
+                            let help = match did_you_mean(plan, plans.keys().copied()) {
+                                Some(p) => format!("did you mean `{p}`?"),
+                                None if plans.is_empty() => "no plans are defined; add a `kind: Plan` document".into(),
+                                None => format!("known plans: {}", plans.keys().copied().collect::<Vec<_>>().join(", ")),
+                            };
+                            f.error("missing-plan", s.at("plan"), format!("session `{}` names plan `{plan}`, which does not exist", s.spec.name))
+                                .with_label("no such plan")
+                                .with_help(help)
+                        }
+                    };
+                    new.push((i, d));
+                }
+                Object::Route(r) => {
+                    let sess = r.spec.session.as_str();
+                    match sessions.get(sess) {
+                        Some((_, s)) => {
+                            if let Some(plan) = plans.get(s.spec.plan.as_str()) {
+                                if !plan.spec.ports.contains_key(&r.spec.port) {
+                                    new.push((i, unknown_port(f, r.at("port"), &r.spec.port, &plan.spec.name, plan.spec.ports.keys().map(String::as_str))));
+                                }
+                            }
+                        }
+                        None => {
+                            let d = match is_held(Kind::Session, sess) {
+                                Some(other) => f
+                                    .error("held-reference", r.at("session"), format!("route `{}` names session `{sess}`, which is in a file with errors", r.spec.name))
+                                    .with_help(format!("fix {} first", other.display())),
+                                None => {
+                                    let help = match did_you_mean(sess, sessions.keys().copied()) {
+                                        Some(p) => format!("did you mean `{p}`?"),
+                                        None => "add a `kind: Session` with that name, or fix the route".into(),
+                                    };
+                                    f.error("missing-session", r.at("session"), format!("route `{}` names session `{sess}`, which does not exist", r.spec.name))
+                                        .with_label("no such session")
+                                        .with_help(help)
+                                }
+                            };
+                            new.push((i, d));
+                        }
+                    }
+                }
+                Object::Plan(_) => {}
+            }
+        }
+    }
+
+    // Two routes, explicit or from templates, claiming one host.
+    // (file, position, who, explicit route?)
+    let mut hosts: BTreeMap<String, Vec<(usize, Pos, String, bool)>> = BTreeMap::new();
+    for (name, (i, s)) in &sessions {
+        if let Some(plan) = plans.get(s.spec.plan.as_str()) {
+            for r in template_routes(name, &plan.spec, &config.routes.templates, &config.domain) {
+                hosts.entry(r.host).or_default().push((*i, s.at("name"), format!("session `{name}` (template for port `{}`)", r.port_name), false));
+            }
+        }
+    }
+    for &i in &valid {
+        for o in &files[i].objects {
+            if let Object::Route(r) = o {
+                hosts.entry(r.spec.host.to_ascii_lowercase()).or_default().push((i, r.at("host"), format!("route `{}`", r.spec.name), true));
+            }
+        }
+    }
+    for (host, claims) in &hosts {
+        if claims.len() < 2 {
+            continue;
+        }
+        // One error per file involved, at that file's first claim.
+        // A route that claims a host a template gives a session is the one at fault.
+        let blame_routes_only = claims.iter().any(|c| c.3) && claims.iter().any(|c| !c.3);
+        let mut seen = Vec::new();
+        for (n, (i, pos, who, explicit)) in claims.iter().enumerate() {
+            if seen.contains(i) || (blame_routes_only && !explicit) {
+                continue;
+            }
+            seen.push(*i);
+            let others: Vec<&str> = claims.iter().enumerate().filter(|(m, _)| *m != n).map(|(_, c)| c.2.as_str()).collect();
+            new.push((
+                *i,
+                files[*i]
+                    .error("host-conflict", *pos, format!("host `{host}` is claimed by {who} and by {}", others.join(", ")))
+                    .with_help("each host routes to one place; rename a session or route, or change the template"),
+            ));
+        }
+    }
+    new
+}
