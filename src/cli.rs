@@ -14,7 +14,11 @@ use crate::diag::Diagnostic;
 use crate::load;
 
 #[derive(Parser, Debug)]
-#[command(name = "vessel", version, about = "A declarative GitOps reconciler for developer sessions")]
+#[command(
+    name = "vessel",
+    version,
+    about = "A declarative GitOps reconciler for developer sessions"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -66,7 +70,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             std::fs::create_dir_all(&out)?;
             for (name, text) in crate::schema::all() {
                 let path = out.join(name);
-                std::fs::write(&path, text).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+                std::fs::write(&path, text)
+                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
                 println!("wrote {}", path.display());
             }
             Ok(ExitCode::SUCCESS)
@@ -96,7 +101,10 @@ fn validate(target: &Path, format: Format) -> anyhow::Result<ExitCode> {
         Err(diags) => {
             match format {
                 Format::Text => print_diagnostics(&diags),
-                Format::Json => println!("{}", serde_json::to_string_pretty(&json!({"valid": false, "config_errors": diags}))?),
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({"valid": false, "config_errors": diags}))?
+                ),
             }
             return Ok(ExitCode::from(1));
         }
@@ -109,9 +117,16 @@ fn validate(target: &Path, format: Format) -> anyhow::Result<ExitCode> {
             print_diagnostics(&desired.warnings);
             eprintln!("{}", summary(&desired));
         }
-        Format::Json => println!("{}", serde_json::to_string_pretty(&validation_json(&desired))?),
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&validation_json(&desired))?
+        ),
     }
-    Ok(if desired.is_valid() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if desired.is_valid() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn plural(n: usize, one: &str, many: &str) -> String {
@@ -127,7 +142,10 @@ fn summary(d: &Desired) -> String {
     );
     let good = d.files.len() - d.quarantined.len();
     if d.is_valid() {
-        format!("valid: {objects} in {}", plural(d.files.len(), "file", "files"))
+        format!(
+            "valid: {objects} in {}",
+            plural(d.files.len(), "file", "files")
+        )
     } else {
         let n = d.errors().count();
         format!(

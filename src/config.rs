@@ -441,7 +441,9 @@ mod tests {
         // SAFETY of the test: a unique variable name, set before it is read.
         let name = "VESSEL_TEST_SECRET_PRINT";
         unsafe { std::env::set_var(name, "hunter2") };
-        let s = SecretRef::Env(name.into()).resolve().map_err(|e| e.to_string());
+        let s = SecretRef::Env(name.into())
+            .resolve()
+            .map_err(|e| e.to_string());
         let s = s.as_ref().map(|s| format!("{s:?}"));
         assert_eq!(s, Ok("<redacted>".to_string()));
         let missing = SecretRef::Env("VESSEL_TEST_SECRET_UNSET".into()).resolve();

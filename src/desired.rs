@@ -103,7 +103,13 @@ pub struct EffectiveRoute {
 }
 
 /// Expand a template's host for one session and port.
-pub fn expand_template(pattern: &str, session: &str, domain: &str, port_name: &str, port: Port) -> String {
+pub fn expand_template(
+    pattern: &str,
+    session: &str,
+    domain: &str,
+    port_name: &str,
+    port: Port,
+) -> String {
     pattern
         .replace("{session}", session)
         .replace("{domain}", domain)
@@ -139,7 +145,11 @@ pub fn template_routes(
 
 /// Every route of the valid objects: from templates for each session, then explicit routes.
 /// Routes whose session or port does not resolve are left out (validation reports them).
-pub fn effective_routes(desired: &Desired, templates: &[RouteTemplate], domain: &str) -> Vec<EffectiveRoute> {
+pub fn effective_routes(
+    desired: &Desired,
+    templates: &[RouteTemplate],
+    domain: &str,
+) -> Vec<EffectiveRoute> {
     let mut out = Vec::new();
     for (name, s) in &desired.sessions {
         if let Some(plan) = desired.plans.get(&s.spec.plan) {

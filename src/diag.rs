@@ -48,7 +48,12 @@ pub struct Pos {
 }
 
 impl Diagnostic {
-    pub fn error(code: &'static str, file: impl Into<PathBuf>, pos: Pos, message: impl Into<String>) -> Self {
+    pub fn error(
+        code: &'static str,
+        file: impl Into<PathBuf>,
+        pos: Pos,
+        message: impl Into<String>,
+    ) -> Self {
         Diagnostic {
             severity: Severity::Error,
             code,
@@ -62,7 +67,12 @@ impl Diagnostic {
         }
     }
 
-    pub fn warning(code: &'static str, file: impl Into<PathBuf>, pos: Pos, message: impl Into<String>) -> Self {
+    pub fn warning(
+        code: &'static str,
+        file: impl Into<PathBuf>,
+        pos: Pos,
+        message: impl Into<String>,
+    ) -> Self {
         Diagnostic {
             severity: Severity::Warning,
             ..Diagnostic::error(code, file, pos, message)
@@ -115,7 +125,13 @@ impl Diagnostic {
     /// ```
     pub fn render(&self, color: bool) -> String {
         let (red, yellow, blue, bold, reset) = if color {
-            ("\x1b[1;31m", "\x1b[1;33m", "\x1b[1;34m", "\x1b[1m", "\x1b[0m")
+            (
+                "\x1b[1;31m",
+                "\x1b[1;33m",
+                "\x1b[1;34m",
+                "\x1b[1m",
+                "\x1b[0m",
+            )
         } else {
             ("", "", "", "", "")
         };
@@ -124,8 +140,16 @@ impl Diagnostic {
             Severity::Warning => ("warning", yellow),
         };
         let mut out = String::new();
-        let _ = writeln!(out, "{sc}{sev}[{}]{reset}{bold}: {}{reset}", self.code, self.message);
-        let gutter = if self.line > 0 { self.line.to_string().len() } else { 1 };
+        let _ = writeln!(
+            out,
+            "{sc}{sev}[{}]{reset}{bold}: {}{reset}",
+            self.code, self.message
+        );
+        let gutter = if self.line > 0 {
+            self.line.to_string().len()
+        } else {
+            1
+        };
         let pad = " ".repeat(gutter);
         let _ = writeln!(out, "{pad}{blue}-->{reset} {}", self.location());
         if let Some(src) = &self.snippet {
@@ -133,7 +157,11 @@ impl Diagnostic {
             let _ = writeln!(out, "{blue}{}{reset} {blue}|{reset} {src}", self.line);
             let col = self.column.max(1) as usize - 1;
             let width = token_width(src, col);
-            let label = self.label.as_deref().map(|l| format!(" {l}")).unwrap_or_default();
+            let label = self
+                .label
+                .as_deref()
+                .map(|l| format!(" {l}"))
+                .unwrap_or_default();
             let _ = writeln!(
                 out,
                 "{pad} {blue}|{reset} {}{sc}{}{label}{reset}",
@@ -157,14 +185,20 @@ fn token_width(line: &str, col: usize) -> usize {
     }
     let stop = |c: char| c.is_whitespace() || c == ',' || c == '}' || c == ']' || c == '#';
     let n = match rest.chars().next() {
-        Some(q @ ('"' | '\'')) => rest[1..].find(q).map(|i| i + 2).unwrap_or(rest.chars().count()),
+        Some(q @ ('"' | '\'')) => rest[1..]
+            .find(q)
+            .map(|i| i + 2)
+            .unwrap_or(rest.chars().count()),
         _ => rest.chars().take_while(|c| !stop(*c)).count(),
     };
     n.max(1)
 }
 
 /// The closest of `candidates` to `word`, if it is close enough to be a likely typo.
-pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     let mut best: Option<(usize, &str)> = None;
     for c in candidates {
         let d = edit_distance(word, c);
@@ -211,10 +245,15 @@ mod tests {
 
     #[test]
     fn renders_like_rustc() {
-        let d = Diagnostic::error("missing-plan", "s.yaml", Pos { line: 3, column: 7 }, "no such plan")
-            .with_label("here")
-            .with_help("known plans: small")
-            .with_source("kind: Session\nname: a\nplan: large\n");
+        let d = Diagnostic::error(
+            "missing-plan",
+            "s.yaml",
+            Pos { line: 3, column: 7 },
+            "no such plan",
+        )
+        .with_label("here")
+        .with_help("known plans: small")
+        .with_source("kind: Session\nname: a\nplan: large\n");
         let r = d.render(false);
         assert!(r.contains("error[missing-plan]: no such plan"), "{r}");
         assert!(r.contains("--> s.yaml:3:7"), "{r}");

@@ -35,7 +35,10 @@ fn render<T: JsonSchema>(name: &str) -> String {
     if let Some(obj) = s.as_object_mut() {
         obj.insert(
             "$id".into(),
-            json!(format!("https://vessel.dev/schemas/{}.schema.json", name.to_lowercase())),
+            json!(format!(
+                "https://vessel.dev/schemas/{}.schema.json",
+                name.to_lowercase()
+            )),
         );
     }
     pretty(&s)

@@ -38,25 +38,28 @@ pub fn check(files: &mut [LoadedFile], config: &Config, now: DateTime<Utc>) -> V
     let mut warnings = Vec::new();
     for f in files.iter().filter(|f| f.errors.is_empty()) {
         for o in &f.objects {
-            if let Object::Session(s) = o {
-                if let Some(exp) = s.spec.expires {
-                    if exp <= now {
-                        let what = match s.spec.on_expiry {
-                            ExpiryAction::Stop => "stopped",
-                            ExpiryAction::Destroy => "destroyed",
-                        };
-                        warnings.push(
-                            Diagnostic::warning(
-                                "expired",
-                                &f.display,
-                                s.at("expires"),
-                                format!("session `{}` expired at {}; it will be {what}", s.spec.name, exp.to_rfc3339()),
-                            )
-                            .with_source(&f.text)
-                            .with_help("move `expires` into the future, or remove the session"),
-                        );
-                    }
-                }
+            if let Object::Session(s) = o
+                && let Some(exp) = s.spec.expires
+                && exp <= now
+            {
+                let what = match s.spec.on_expiry {
+                    ExpiryAction::Stop => "stopped",
+                    ExpiryAction::Destroy => "destroyed",
+                };
+                warnings.push(
+                    Diagnostic::warning(
+                        "expired",
+                        &f.display,
+                        s.at("expires"),
+                        format!(
+                            "session `{}` expired at {}; it will be {what}",
+                            s.spec.name,
+                            exp.to_rfc3339()
+                        ),
+                    )
+                    .with_source(&f.text)
+                    .with_help("move `expires` into the future, or remove the session"),
+                );
             }
         }
     }
@@ -75,7 +78,11 @@ fn check_object(f: &LoadedFile, o: &Object, config: &Config, out: &mut Vec<Diagn
             check_name(f, Kind::Plan, &p.spec.name, p, out);
             for name in p.spec.ports.keys() {
                 if let Some(problem) = dns_label_problem(name) {
-                    out.push(f.error("invalid-name", p.at(&format!("ports.{name}#key")), format!("port name {problem}")));
+                    out.push(f.error(
+                        "invalid-name",
+                        p.at(&format!("ports.{name}#key")),
+                        format!("port name {problem}"),
+                    ));
                 }
             }
             let needs_command = p.spec.compute == ComputeKind::Process;
@@ -87,27 +94,48 @@ fn check_object(f: &LoadedFile, o: &Object, config: &Config, out: &mut Vec<Diagn
             }
             if !needs_command && p.spec.image.is_none() {
                 out.push(
-                    f.error("missing-field", p.at("compute"), format!("plan `{}` uses {} compute but has no `image`", p.spec.name, p.spec.compute.as_str()))
-                        .with_help("add `image: ...`"),
+                    f.error(
+                        "missing-field",
+                        p.at("compute"),
+                        format!(
+                            "plan `{}` uses {} compute but has no `image`",
+                            p.spec.name,
+                            p.spec.compute.as_str()
+                        ),
+                    )
+                    .with_help("add `image: ...`"),
                 );
             }
-            if let Some(h) = &p.spec.health {
-                if !p.spec.ports.contains_key(&h.port) {
-                    out.push(unknown_port(f, p.at("health.port"), &h.port, &p.spec.name, p.spec.ports.keys().map(String::as_str)));
-                }
+            if let Some(h) = &p.spec.health
+                && !p.spec.ports.contains_key(&h.port)
+            {
+                out.push(unknown_port(
+                    f,
+                    p.at("health.port"),
+                    &h.port,
+                    &p.spec.name,
+                    p.spec.ports.keys().map(String::as_str),
+                ));
             }
-            if let Some(c) = p.spec.cpus {
-                if !(c > 0.0 && c.is_finite()) {
-                    out.push(f.error("invalid-value", p.at("cpus"), format!("cpus must be a positive number, not {c}")));
-                }
+            if let Some(c) = p.spec.cpus
+                && !(c > 0.0 && c.is_finite())
+            {
+                out.push(f.error(
+                    "invalid-value",
+                    p.at("cpus"),
+                    format!("cpus must be a positive number, not {c}"),
+                ));
             }
         }
         Object::Session(s) => {
             check_name(f, Kind::Session, &s.spec.name, s, out);
-            if let Some(src) = &s.spec.source {
-                if let Some(problem) = source_path_problem(&src.path, &config.source_roots) {
-                    out.push(f.error("invalid-source", s.at("source.path"), problem.0).with_help(problem.1));
-                }
+            if let Some(src) = &s.spec.source
+                && let Some(problem) = source_path_problem(&src.path, &config.source_roots)
+            {
+                out.push(
+                    f.error("invalid-source", s.at("source.path"), problem.0)
+                        .with_help(problem.1),
+                );
             }
         }
         Object::Route(r) => {
@@ -119,12 +147,26 @@ fn check_object(f: &LoadedFile, o: &Object, config: &Config, out: &mut Vec<Diagn
     }
 }
 
-fn unknown_port<'a>(f: &LoadedFile, pos: Pos, port: &str, plan: &str, known: impl Iterator<Item = &'a str> + Clone) -> Diagnostic {
+fn unknown_port<'a>(
+    f: &LoadedFile,
+    pos: Pos,
+    port: &str,
+    plan: &str,
+    known: impl Iterator<Item = &'a str> + Clone,
+) -> Diagnostic {
     let help = match did_you_mean(port, known.clone()) {
         Some(k) => format!("did you mean `{k}`?"),
-        None => format!("plan `{plan}` has ports: {}", known.collect::<Vec<_>>().join(", ")),
+        None => format!(
+            "plan `{plan}` has ports: {}",
+            known.collect::<Vec<_>>().join(", ")
+        ),
     };
-    f.error("unknown-port", pos, format!("plan `{plan}` has no port named `{port}`")).with_help(help)
+    f.error(
+        "unknown-port",
+        pos,
+        format!("plan `{plan}` has no port named `{port}`"),
+    )
+    .with_help(help)
 }
 
 /// Why `path` may not be a session's source, with a hint; `None` if it may.
@@ -144,7 +186,10 @@ pub fn source_path_problem(path: &Path, roots: &[std::path::PathBuf]) -> Option<
     if !roots.is_empty() && !roots.iter().any(|r| path.starts_with(r)) {
         let list: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
         return Some((
-            format!("source path `{}` is outside the allowed source roots", path.display()),
+            format!(
+                "source path `{}` is outside the allowed source roots",
+                path.display()
+            ),
             format!("the config allows: {}", list.join(", ")),
         ));
     }
@@ -154,7 +199,9 @@ pub fn source_path_problem(path: &Path, roots: &[std::path::PathBuf]) -> Option<
 /// One pass of cross-file checks over the files that have no errors yet.
 fn check_across(files: &[LoadedFile], config: &Config) -> Vec<(usize, Diagnostic)> {
     let mut new = Vec::new();
-    let valid: Vec<usize> = (0..files.len()).filter(|i| files[*i].errors.is_empty()).collect();
+    let valid: Vec<usize> = (0..files.len())
+        .filter(|i| files[*i].errors.is_empty())
+        .collect();
     // Held: names in quarantined files, with the file that holds them.
     let mut held: BTreeMap<&Held, &Path> = BTreeMap::new();
     for f in files.iter().filter(|f| !f.errors.is_empty()) {
@@ -179,7 +226,10 @@ fn check_across(files: &[LoadedFile], config: &Config) -> Vec<(usize, Diagnostic
                 Object::Session(d) => d.at("name"),
                 Object::Route(d) => d.at("name"),
             };
-            by_name.entry((o.kind(), o.name())).or_default().push((i, pos));
+            by_name
+                .entry((o.kind(), o.name()))
+                .or_default()
+                .push((i, pos));
         }
     }
     for ((kind, name), defs) in &by_name {
@@ -187,7 +237,12 @@ fn check_across(files: &[LoadedFile], config: &Config) -> Vec<(usize, Diagnostic
             for (i, pos) in defs {
                 new.push((
                     *i,
-                    files[*i].error("duplicate-name", *pos, format!("{kind} `{name}` is also defined in {}", other.display()))
+                    files[*i]
+                        .error(
+                            "duplicate-name",
+                            *pos,
+                            format!("{kind} `{name}` is also defined in {}", other.display()),
+                        )
                         .with_help("that file has errors; each name may be defined once"),
                 ));
             }
@@ -198,8 +253,17 @@ fn check_across(files: &[LoadedFile], config: &Config) -> Vec<(usize, Diagnostic
                 new.push((
                     *i,
                     files[*i]
-                        .error("duplicate-name", *pos, format!("{kind} `{name}` is defined more than once"))
-                        .with_help(format!("also defined at {}:{}:{}; rename or remove one", files[oi].display.display(), opos.line, opos.column)),
+                        .error(
+                            "duplicate-name",
+                            *pos,
+                            format!("{kind} `{name}` is defined more than once"),
+                        )
+                        .with_help(format!(
+                            "also defined at {}:{}:{}; rename or remove one",
+                            files[oi].display.display(),
+                            opos.line,
+                            opos.column
+                        )),
                 ));
             }
         }
@@ -252,10 +316,19 @@ fn check_across(files: &[LoadedFile], config: &Config) -> Vec<(usize, Diagnostic
                     let sess = r.spec.session.as_str();
                     match sessions.get(sess) {
                         Some((_, s)) => {
-                            if let Some(plan) = plans.get(s.spec.plan.as_str()) {
-                                if !plan.spec.ports.contains_key(&r.spec.port) {
-                                    new.push((i, unknown_port(f, r.at("port"), &r.spec.port, &plan.spec.name, plan.spec.ports.keys().map(String::as_str))));
-                                }
+                            if let Some(plan) = plans.get(s.spec.plan.as_str())
+                                && !plan.spec.ports.contains_key(&r.spec.port)
+                            {
+                                new.push((
+                                    i,
+                                    unknown_port(
+                                        f,
+                                        r.at("port"),
+                                        &r.spec.port,
+                                        &plan.spec.name,
+                                        plan.spec.ports.keys().map(String::as_str),
+                                    ),
+                                ));
                             }
                         }
                         None => {
@@ -288,14 +361,22 @@ fn check_across(files: &[LoadedFile], config: &Config) -> Vec<(usize, Diagnostic
     for (name, (i, s)) in &sessions {
         if let Some(plan) = plans.get(s.spec.plan.as_str()) {
             for r in template_routes(name, &plan.spec, &config.routes.templates, &config.domain) {
-                hosts.entry(r.host).or_default().push((*i, s.at("name"), format!("session `{name}` (template for port `{}`)", r.port_name), false));
+                hosts.entry(r.host).or_default().push((
+                    *i,
+                    s.at("name"),
+                    format!("session `{name}` (template for port `{}`)", r.port_name),
+                    false,
+                ));
             }
         }
     }
     for &i in &valid {
         for o in &files[i].objects {
             if let Object::Route(r) = o {
-                hosts.entry(r.spec.host.to_ascii_lowercase()).or_default().push((i, r.at("host"), format!("route `{}`", r.spec.name), true));
+                hosts
+                    .entry(r.spec.host.to_ascii_lowercase())
+                    .or_default()
+                    .push((i, r.at("host"), format!("route `{}`", r.spec.name), true));
             }
         }
     }
@@ -312,7 +393,12 @@ fn check_across(files: &[LoadedFile], config: &Config) -> Vec<(usize, Diagnostic
                 continue;
             }
             seen.push(*i);
-            let others: Vec<&str> = claims.iter().enumerate().filter(|(m, _)| *m != n).map(|(_, c)| c.2.as_str()).collect();
+            let others: Vec<&str> = claims
+                .iter()
+                .enumerate()
+                .filter(|(m, _)| *m != n)
+                .map(|(_, c)| c.2.as_str())
+                .collect();
             new.push((
                 *i,
                 files[*i]

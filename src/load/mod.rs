@@ -152,7 +152,10 @@ fn read_limited(path: &Path) -> Result<Vec<u8>, String> {
         .read_to_end(&mut buf)
         .map_err(|e| format!("cannot read: {e}"))?;
     if buf.len() as u64 > MAX_FILE_BYTES {
-        return Err(format!("file grew past the {} MiB limit while being read", MAX_FILE_BYTES >> 20));
+        return Err(format!(
+            "file grew past the {} MiB limit while being read",
+            MAX_FILE_BYTES >> 20
+        ));
     }
     Ok(buf)
 }
@@ -172,7 +175,8 @@ fn load_text(root: &Path, rel: &Path) -> LoadedFile {
     let bytes = match read_limited(&display) {
         Ok(b) => b,
         Err(msg) => {
-            lf.errors.push(Diagnostic::error("unreadable", &display, whole, msg));
+            lf.errors
+                .push(Diagnostic::error("unreadable", &display, whole, msg));
             return lf;
         }
     };
@@ -194,14 +198,27 @@ fn load_text(root: &Path, rel: &Path) -> LoadedFile {
             return lf;
         }
     };
-    lf.text = text.strip_prefix('\u{feff}').map(str::to_string).unwrap_or(text);
+    lf.text = text
+        .strip_prefix('\u{feff}')
+        .map(str::to_string)
+        .unwrap_or(text);
     if let Some(i) = lf.text.find('\0') {
         let before = &lf.text[..i];
         let line = before.matches('\n').count() as u32 + 1;
-        let col = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) as u32 + 1;
+        let col = before
+            .rsplit('\n')
+            .next()
+            .map(|l| l.chars().count())
+            .unwrap_or(0) as u32
+            + 1;
         lf.errors.push(
-            Diagnostic::error("not-utf8", &display, Pos { line, column: col }, "the file contains NUL bytes")
-                .with_help("desired-state files are YAML text; is this a binary file?"),
+            Diagnostic::error(
+                "not-utf8",
+                &display,
+                Pos { line, column: col },
+                "the file contains NUL bytes",
+            )
+            .with_help("desired-state files are YAML text; is this a binary file?"),
         );
     }
     lf
@@ -225,14 +242,21 @@ pub fn load_file(root: &Path, rel: &Path) -> LoadedFile {
         if doc.empty {
             continue;
         }
-        if let (Some((kind, _)), Some(name)) = (&doc.kind, &doc.name) {
-            if let Some(kind) = Kind::parse(kind) {
-                lf.held.push(Held { kind, name: name.clone() });
-            }
+        if let (Some((kind, _)), Some(name)) = (&doc.kind, &doc.name)
+            && let Some(kind) = Kind::parse(kind)
+        {
+            lf.held.push(Held {
+                kind,
+                name: name.clone(),
+            });
         }
         if !doc.is_mapping {
             let e = lf
-                .error("not-a-mapping", doc.pos, "a document must be a mapping with a `kind`")
+                .error(
+                    "not-a-mapping",
+                    doc.pos,
+                    "a document must be a mapping with a `kind`",
+                )
                 .with_help("start it with `kind: Session` (or Plan, Route)");
             lf.errors.push(e);
             continue;
@@ -251,17 +275,22 @@ pub fn load_file(root: &Path, rel: &Path) -> LoadedFile {
                 None => "the kinds are Plan, Session and Route".into(),
             };
             let e = lf
-                .error("unknown-kind", *kind_pos, format!("unknown kind `{kind_str}`"))
+                .error(
+                    "unknown-kind",
+                    *kind_pos,
+                    format!("unknown kind `{kind_str}`"),
+                )
                 .with_help(help);
             lf.errors.push(e);
             continue;
         };
         let parsed = match kind {
-            Kind::Plan => yaml::deserialize::<PlanSpec>(&lf.text, doc).map(|s| Object::Plan(with(doc, &lf.rel, s))),
-            Kind::Session => {
-                yaml::deserialize::<SessionSpec>(&lf.text, doc).map(|s| Object::Session(with(doc, &lf.rel, s)))
-            }
-            Kind::Route => yaml::deserialize::<RouteSpec>(&lf.text, doc).map(|s| Object::Route(with(doc, &lf.rel, s))),
+            Kind::Plan => yaml::deserialize::<PlanSpec>(&lf.text, doc)
+                .map(|s| Object::Plan(with(doc, &lf.rel, s))),
+            Kind::Session => yaml::deserialize::<SessionSpec>(&lf.text, doc)
+                .map(|s| Object::Session(with(doc, &lf.rel, s))),
+            Kind::Route => yaml::deserialize::<RouteSpec>(&lf.text, doc)
+                .map(|s| Object::Route(with(doc, &lf.rel, s))),
         };
         match parsed {
             Ok(o) => lf.objects.push(o),
@@ -303,7 +332,13 @@ fn assemble(files: Vec<LoadedFile>, warnings: Vec<Diagnostic>) -> Desired {
             let mut held = f.held;
             held.sort();
             held.dedup();
-            d.quarantined.insert(f.rel, Quarantine { errors: f.errors, held });
+            d.quarantined.insert(
+                f.rel,
+                Quarantine {
+                    errors: f.errors,
+                    held,
+                },
+            );
             continue;
         }
         for o in f.objects {
@@ -332,21 +367,31 @@ pub fn load_config(path: &Path) -> Result<Config, Vec<Diagnostic>> {
     let lf = load_file_raw(&dir, &rel);
     let (text, display) = match lf {
         Ok(t) => t,
-        Err(d) => return Err(vec![d]),
+        Err(d) => return Err(vec![*d]),
     };
     let docs = yaml::scan(&text).map_err(|p| vec![config_problem(&display, &text, p)])?;
     let docs: Vec<_> = docs.into_iter().filter(|d| !d.empty).collect();
     let mut config = match docs.as_slice() {
         [] => Config::embedded_default(Path::new(".")),
-        [doc] => yaml::deserialize::<Config>(&text, doc).map_err(|p| vec![config_problem(&display, &text, p)])?,
+        [doc] => yaml::deserialize::<Config>(&text, doc)
+            .map_err(|p| vec![config_problem(&display, &text, p)])?,
         [_, second, ..] => {
             return Err(vec![
-                Diagnostic::error("config-documents", &display, second.pos, "a config file holds one document")
-                    .with_source(&text),
+                Diagnostic::error(
+                    "config-documents",
+                    &display,
+                    second.pos,
+                    "a config file holds one document",
+                )
+                .with_source(&text),
             ]);
         }
     };
-    config.rebase(if dir.as_os_str().is_empty() { Path::new(".") } else { &dir });
+    config.rebase(if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        &dir
+    });
     Ok(config)
 }
 
@@ -358,10 +403,10 @@ fn config_problem(display: &Path, text: &str, p: yaml::Problem) -> Diagnostic {
     }
 }
 
-fn load_file_raw(root: &Path, rel: &Path) -> Result<(String, PathBuf), Diagnostic> {
+fn load_file_raw(root: &Path, rel: &Path) -> Result<(String, PathBuf), Box<Diagnostic>> {
     let lf = load_text(root, rel);
     match lf.errors.into_iter().next() {
-        Some(d) => Err(d),
+        Some(d) => Err(Box::new(d)),
         None => Ok((lf.text, lf.display)),
     }
 }

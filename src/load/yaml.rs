@@ -62,8 +62,13 @@ pub struct RawDoc {
 }
 
 enum Frame {
-    Map { key: Option<String>, expect_key: bool },
-    Seq { index: usize },
+    Map {
+        key: Option<String>,
+        expect_key: bool,
+    },
+    Seq {
+        index: usize,
+    },
 }
 
 fn pos_of(m: &serde_saphyr::granit_parser::Marker) -> Pos {
@@ -82,7 +87,12 @@ fn line_starts(text: &str) -> Vec<usize> {
 /// Pass 1: split `text` into documents and index their fields.
 pub fn scan(text: &str) -> Result<Vec<RawDoc>, Problem> {
     let starts = line_starts(text);
-    let line_start = |line: u32| starts.get(line.saturating_sub(1) as usize).copied().unwrap_or(text.len());
+    let line_start = |line: u32| {
+        starts
+            .get(line.saturating_sub(1) as usize)
+            .copied()
+            .unwrap_or(text.len())
+    };
     let mut parser = Parser::new_from_str(text);
     let mut docs: Vec<RawDoc> = Vec::new();
     let mut stack: Vec<Frame> = Vec::new();
@@ -93,15 +103,16 @@ pub fn scan(text: &str) -> Result<Vec<RawDoc>, Problem> {
     let mut first_node_seen = false;
 
     while let Some(ev) = parser.next_event() {
-        let (event, span) = ev.map_err(|e| {
-            Problem::new("yaml-syntax", pos_of(e.marker()), e.info())
-        })?;
+        let (event, span) =
+            ev.map_err(|e| Problem::new("yaml-syntax", pos_of(e.marker()), e.info()))?;
         events += 1;
         if events > MAX_EVENTS {
             return Err(Problem::new(
                 "too-large",
                 pos_of(&span.start),
-                format!("the file has more than {MAX_EVENTS} YAML nodes; split it into smaller files"),
+                format!(
+                    "the file has more than {MAX_EVENTS} YAML nodes; split it into smaller files"
+                ),
             ));
         }
         let at = pos_of(&span.start);
@@ -137,7 +148,10 @@ pub fn scan(text: &str) -> Result<Vec<RawDoc>, Problem> {
                 stack.clear();
                 path.clear();
             }
-            Event::Alias(_) | Event::Scalar(..) | Event::MappingStart(..) | Event::SequenceStart(..) => {
+            Event::Alias(_)
+            | Event::Scalar(..)
+            | Event::MappingStart(..)
+            | Event::SequenceStart(..) => {
                 let Some(doc) = cur.as_mut() else { continue };
                 if matches!(event, Event::Alias(_)) {
                     aliases += 1;
@@ -181,7 +195,9 @@ pub fn scan(text: &str) -> Result<Vec<RawDoc>, Problem> {
                     None => {}
                 }
                 if is_key {
-                    if let (Event::Scalar(..), Some(Frame::Map { key: Some(k), .. })) = (&event, stack.last()) {
+                    if let (Event::Scalar(..), Some(Frame::Map { key: Some(k), .. })) =
+                        (&event, stack.last())
+                    {
                         let mut p = path.join(".");
                         if !p.is_empty() {
                             p.push('.');
@@ -199,17 +215,20 @@ pub fn scan(text: &str) -> Result<Vec<RawDoc>, Problem> {
                 }
                 let depth_path = path.join(".");
                 doc.fields.entry(depth_path.clone()).or_insert(at);
-                if stack.len() == 1 && path.len() == 1 {
-                    if let Event::Scalar(v, ..) = &event {
-                        match path[0].as_str() {
-                            "kind" => doc.kind = Some((v.to_string(), at)),
-                            "name" => doc.name = Some(v.to_string()),
-                            _ => {}
-                        }
+                if stack.len() == 1
+                    && path.len() == 1
+                    && let Event::Scalar(v, ..) = &event
+                {
+                    match path[0].as_str() {
+                        "kind" => doc.kind = Some((v.to_string(), at)),
+                        "name" => doc.name = Some(v.to_string()),
+                        _ => {}
                     }
                 }
                 match event {
-                    Event::MappingStart(..) | Event::SequenceStart(..) => push_frame(&mut stack, &event, at)?,
+                    Event::MappingStart(..) | Event::SequenceStart(..) => {
+                        push_frame(&mut stack, &event, at)?
+                    }
                     _ => pop_seq_segment(&mut stack, &mut path),
                 }
             }
@@ -251,12 +270,12 @@ fn pop_seq_segment(stack: &mut [Frame], path: &mut Vec<String>) {
             path.pop();
         }
         Some(Frame::Seq { .. }) => {
-            if let Some(p) = path.last_mut() {
-                if let Some(i) = p.rfind('[') {
-                    p.truncate(i);
-                    if p.is_empty() {
-                        path.pop();
-                    }
+            if let Some(p) = path.last_mut()
+                && let Some(i) = p.rfind('[')
+            {
+                p.truncate(i);
+                if p.is_empty() {
+                    path.pop();
                 }
             }
         }
@@ -318,55 +337,68 @@ fn strip_location(raw: &str) -> String {
 }
 
 fn problem_from_message(message: &str, pos: Pos) -> Problem {
-    if let Some(rest) = message.strip_prefix("unknown field `") {
-        if let Some(end) = rest.find('`') {
-            let field = &rest[..end];
-            let expected: Vec<&str> = rest[end..]
+    if let Some(rest) = message.strip_prefix("unknown field `")
+        && let Some(end) = rest.find('`')
+    {
+        let field = &rest[..end];
+        let expected: Vec<&str> = rest[end..]
+            .split_once("expected ")
+            .map(|(_, l)| {
+                l.trim_start_matches("one of ")
+                    .split(',')
+                    .map(|s| s.trim().trim_matches('`'))
+                    .filter(|s| !s.is_empty() && *s != "kind")
+                    .collect()
+            })
+            .unwrap_or_default();
+        let help = match did_you_mean(field, expected.iter().copied()) {
+            Some(s) => format!("did you mean `{s}`?"),
+            None => format!("known fields here: {}", expected.join(", ")),
+        };
+        return Problem {
+            code: "unknown-field",
+            pos,
+            message: format!("unknown field `{field}`"),
+            help: Some(help),
+        };
+    }
+    if let Some(after) = message.strip_prefix("unknown variant `") {
+        let mut p = Problem::new("unknown-value", pos, message);
+        if let Some((v, rest)) = after.split_once('`') {
+            let expected: Vec<&str> = rest
                 .split_once("expected ")
                 .map(|(_, l)| {
                     l.trim_start_matches("one of ")
                         .split(',')
                         .map(|s| s.trim().trim_matches('`'))
-                        .filter(|s| !s.is_empty() && *s != "kind")
                         .collect()
                 })
-                .unwrap_or_default();
-            let help = match did_you_mean(field, expected.iter().copied()) {
-                Some(s) => format!("did you mean `{s}`?"),
-                None => format!("known fields here: {}", expected.join(", ")),
-            };
-            return Problem {
-                code: "unknown-field",
-                pos,
-                message: format!("unknown field `{field}`"),
-                help: Some(help),
-            };
-        }
-    }
-    if message.starts_with("unknown variant `") {
-        let mut p = Problem::new("unknown-value", pos, message);
-        if let Some((v, rest)) = message["unknown variant `".len()..].split_once('`') {
-            let expected: Vec<&str> = rest
-                .split_once("expected ")
-                .map(|(_, l)| l.trim_start_matches("one of ").split(',').map(|s| s.trim().trim_matches('`')).collect())
                 .unwrap_or_default();
             p.message = format!("unknown value `{v}`");
             p.help = Some(match did_you_mean(v, expected.iter().copied()) {
                 Some(s) => format!("did you mean `{s}`?"),
                 None => format!("expected one of: {}", expected.join(", ")),
             });
-            if expected.iter().any(|e| *e == "env") && expected.iter().any(|e| *e == "file") {
-                p.help = Some("secrets are read from `{env: NAME}` or `{file: PATH}`, never written inline".into());
+            if expected.contains(&"env") && expected.contains(&"file") {
+                p.help = Some(
+                    "secrets are read from `{env: NAME}` or `{file: PATH}`, never written inline"
+                        .into(),
+                );
             }
         }
         return p;
     }
-    if message.contains("budget") {
-        return Problem::new(
-            "too-large",
+    if let Some(i) = message.find("budget breached: ") {
+        let what: String = message[i + 17..]
+            .chars()
+            .take_while(|c| c.is_alphanumeric())
+            .collect();
+        return Problem {
+            code: "too-large",
             pos,
-            format!("{message} (aliases or nesting expand past vessel's limits)"),
-        );
+            message: format!("the document expands past vessel's limits ({what})"),
+            help: Some("aliases or nesting expand it too far; write the values out plainly".into()),
+        };
     }
     if message.starts_with("missing field") {
         return Problem::new("missing-field", pos, message);
@@ -385,11 +417,29 @@ mod tests {
         assert_eq!(docs.len(), 2);
         assert_eq!(docs[0].kind.as_ref().map(|k| k.0.as_str()), Some("Plan"));
         assert_eq!(docs[0].name.as_deref(), Some("small"));
-        assert_eq!(docs[0].fields.get("ports.ide"), Some(&Pos { line: 4, column: 14 }));
+        assert_eq!(
+            docs[0].fields.get("ports.ide"),
+            Some(&Pos {
+                line: 4,
+                column: 14
+            })
+        );
         assert_eq!(docs[1].line_offset, 4);
-        assert_eq!(docs[1].fields.get("source.path"), Some(&Pos { line: 9, column: 9 }));
-        assert_eq!(docs[1].fields.get("source.exclude[1]"), Some(&Pos { line: 10, column: 16 }));
-        assert_eq!(docs[1].fields.get("name#key"), Some(&Pos { line: 7, column: 1 }));
+        assert_eq!(
+            docs[1].fields.get("source.path"),
+            Some(&Pos { line: 9, column: 9 })
+        );
+        assert_eq!(
+            docs[1].fields.get("source.exclude[1]"),
+            Some(&Pos {
+                line: 10,
+                column: 16
+            })
+        );
+        assert_eq!(
+            docs[1].fields.get("name#key"),
+            Some(&Pos { line: 7, column: 1 })
+        );
         assert!(text[docs[1].range.clone()].starts_with("---\nkind: Session"));
     }
 

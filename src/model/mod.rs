@@ -48,7 +48,9 @@ impl fmt::Display for Kind {
 macro_rules! kind_tag {
     ($tag:ident, $lit:literal) => {
         #[doc = concat!("The `kind: ", $lit, "` tag of a document.")]
-        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+        #[derive(
+            Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema,
+        )]
         pub enum $tag {
             #[default]
             $tag,
@@ -66,7 +68,18 @@ pub mod tag {
 
 /// Where a session's compute runs.
 #[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    JsonSchema,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum ComputeKind {
@@ -179,7 +192,18 @@ fn default_health_path() -> String {
 
 /// The state a session should be in. Absent sessions are destroyed.
 #[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    JsonSchema,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum RunState {
@@ -204,7 +228,18 @@ impl RunState {
 
 /// What happens to a session once it is past `expires`.
 #[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    JsonSchema,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum ExpiryAction {
@@ -284,9 +319,15 @@ pub fn dns_label_problem(s: &str) -> Option<String> {
         return Some("a name cannot be empty".into());
     }
     if s.len() > 63 {
-        return Some(format!("`{s}` is {} characters long; a DNS label has at most 63", s.len()));
+        return Some(format!(
+            "`{s}` is {} characters long; a DNS label has at most 63",
+            s.len()
+        ));
     }
-    if let Some(c) = s.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')) {
+    if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
         let hint = if c.is_ascii_uppercase() {
             format!("; try `{}`", s.to_ascii_lowercase())
         } else {
@@ -297,7 +338,9 @@ pub fn dns_label_problem(s: &str) -> Option<String> {
         ));
     }
     if s.starts_with('-') || s.ends_with('-') {
-        return Some(format!("`{s}` starts or ends with `-`, which a DNS label cannot"));
+        return Some(format!(
+            "`{s}` starts or ends with `-`, which a DNS label cannot"
+        ));
     }
     None
 }
@@ -324,7 +367,11 @@ mod tests {
     #[test]
     fn dns_labels() {
         assert_eq!(dns_label_problem("user-1"), None);
-        assert!(dns_label_problem("User-1").unwrap().contains("try `user-1`"));
+        assert!(
+            dns_label_problem("User-1")
+                .unwrap()
+                .contains("try `user-1`")
+        );
         assert!(dns_label_problem("-a").is_some());
         assert!(dns_label_problem("a_b").is_some());
         assert!(dns_label_problem(&"a".repeat(64)).is_some());

@@ -82,8 +82,13 @@ impl FromStr for Size {
 
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (unit, mult) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-            if self.0 >= mult && self.0 % mult == 0 {
+        for (unit, mult) in [
+            ("TiB", 1u64 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ] {
+            if self.0 >= mult && self.0.is_multiple_of(mult) {
                 return write!(f, "{}{unit}", self.0 / mult);
             }
         }
@@ -109,22 +114,25 @@ impl FromStr for Duration {
 
     fn from_str(s: &str) -> Result<Self, String> {
         let t = s.trim();
-        let bad = || {
-            format!("`{s}` is not a duration; write it like `90s`, `2m`, `1h30m` or `500ms`")
-        };
+        let bad =
+            || format!("`{s}` is not a duration; write it like `90s`, `2m`, `1h30m` or `500ms`");
         if t.is_empty() {
             return Err(bad());
         }
         let mut total: u128 = 0;
         let mut rest = t;
         while !rest.is_empty() {
-            let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+            let digits = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
             if digits == 0 {
                 return Err(bad());
             }
             let n: u128 = rest[..digits].parse().map_err(|_| bad())?;
             rest = &rest[digits..];
-            let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+            let unit_len = rest
+                .find(|c: char| c.is_ascii_digit())
+                .unwrap_or(rest.len());
             let unit = &rest[..unit_len];
             rest = &rest[unit_len..];
             let ms: u128 = match unit {
@@ -155,7 +163,13 @@ impl fmt::Display for Duration {
         if ms == 0 {
             return f.write_str("0s");
         }
-        for (unit, size) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1)] {
+        for (unit, size) in [
+            ("d", 86_400_000u128),
+            ("h", 3_600_000),
+            ("m", 60_000),
+            ("s", 1_000),
+            ("ms", 1),
+        ] {
             if ms >= size {
                 write!(f, "{}{unit}", ms / size)?;
                 ms %= size;
@@ -242,7 +256,12 @@ mod tests {
             assert_eq!(s.parse::<Size>().map(Size::bytes), Ok(want), "{s}");
         }
         assert!("lots".parse::<Size>().is_err());
-        assert!("12 parsecs".parse::<Size>().unwrap_err().contains("unknown size unit"));
+        assert!(
+            "12 parsecs"
+                .parse::<Size>()
+                .unwrap_err()
+                .contains("unknown size unit")
+        );
         assert_eq!(Size(1 << 30).to_string(), "1GiB");
         assert_eq!(Size(1536 << 20).to_string(), "1536MiB");
         assert_eq!(Size(1000).to_string(), "1000B");
@@ -259,7 +278,13 @@ mod tests {
         assert!(ms("90").unwrap_err().contains("needs a unit"));
         assert!(ms("2 weeks").is_err());
         assert!(ms("").is_err());
-        assert_eq!("1h30m".parse::<Duration>().map(|d| d.to_string()), Ok("1h30m".into()));
-        assert_eq!("90s".parse::<Duration>().map(|d| d.to_string()), Ok("1m30s".into()));
+        assert_eq!(
+            "1h30m".parse::<Duration>().map(|d| d.to_string()),
+            Ok("1h30m".into())
+        );
+        assert_eq!(
+            "90s".parse::<Duration>().map(|d| d.to_string()),
+            Ok("1m30s".into())
+        );
     }
 }

@@ -1,0 +1,77 @@
+//! Repository hygiene, checked inside `cargo test`: schemas current, examples valid and
+//! editor-ready.
+
+use std::path::Path;
+
+use crate::support::{root, text, vessel};
+
+#[test]
+fn committed_schemas_are_current() {
+    let dir = root().join("schemas");
+    let mut stale = Vec::new();
+    for (name, want) in vessel::schema::all() {
+        let have = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+        if have != want {
+            stale.push(name);
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "stale schemas {stale:?}: run `cargo run -- schema --out schemas`"
+    );
+}
+
+#[test]
+fn every_example_tree_validates() {
+    let mut seen = 0;
+    for entry in std::fs::read_dir(root().join("examples")).expect("examples/") {
+        let dir = entry.expect("entry").path();
+        if !dir.is_dir() {
+            continue;
+        }
+        let cfg = dir.join("vessel.yaml");
+        let target = if cfg.exists() { cfg } else { dir.clone() };
+        let out = vessel(&["validate", target.to_str().expect("utf-8")]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}: {}",
+            target.display(),
+            text(&out.stderr)
+        );
+        seen += 1;
+    }
+    assert!(seen >= 2, "expected at least quickstart and full");
+}
+
+fn yaml_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("readable") {
+        let p = entry.expect("entry").path();
+        if p.is_dir() {
+            yaml_files(&p, out);
+        } else if p.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            out.push(p);
+        }
+    }
+}
+
+#[test]
+fn example_files_start_with_a_schema_modeline_that_resolves() {
+    let mut files = Vec::new();
+    yaml_files(&root().join("examples"), &mut files);
+    files.push(root().join("src/default-config.yaml"));
+    for f in files {
+        let t = std::fs::read_to_string(&f).expect("read");
+        let first = t.lines().next().unwrap_or("");
+        let target = first
+            .strip_prefix("# yaml-language-server: $schema=")
+            .unwrap_or_else(|| panic!("{} does not start with a $schema modeline", f.display()));
+        let schema = f.parent().expect("parent").join(target);
+        assert!(
+            schema.exists(),
+            "{}: {} does not exist",
+            f.display(),
+            schema.display()
+        );
+    }
+}
