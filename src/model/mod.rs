@@ -284,7 +284,11 @@ pub struct SessionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<Source>,
     /// When the session expires (RFC 3339).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "rfc3339_opt"
+    )]
     pub expires: Option<DateTime<Utc>>,
     /// What happens once it has expired.
     #[serde(default)]
@@ -311,6 +315,18 @@ pub struct RouteSpec {
     /// Publish a DNS record for the host.
     #[serde(default)]
     pub dns: bool,
+}
+
+/// An RFC 3339 timestamp, with an error that shows the expected form.
+fn rfc3339_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+    let s = String::deserialize(d)?;
+    DateTime::parse_from_rfc3339(s.trim())
+        .map(|t| Some(t.with_timezone(&Utc)))
+        .map_err(|_| {
+            serde::de::Error::custom(format!(
+                "`{s}` is not an RFC 3339 timestamp; write it like `2026-12-31T00:00:00Z`"
+            ))
+        })
 }
 
 /// Is `s` a DNS label: 1 to 63 of `a-z`, `0-9` and `-`, not starting or ending with `-`?
@@ -376,6 +392,21 @@ mod tests {
         assert!(dns_label_problem("a_b").is_some());
         assert!(dns_label_problem(&"a".repeat(64)).is_some());
         assert!(dns_label_problem("").is_some());
+    }
+
+    #[test]
+    fn timestamps_parse_from_rfc3339_only() {
+        let ok = serde_saphyr::from_str::<SessionSpec>(
+            "kind: Session\nname: a\nplan: p\nexpires: 2026-12-31T01:00:00+01:00\n",
+        );
+        let want =
+            DateTime::parse_from_rfc3339("2026-12-31T00:00:00Z").map(|t| t.with_timezone(&Utc));
+        assert_eq!(ok.map(|s| s.expires).ok().flatten(), want.ok());
+        let bad = serde_saphyr::from_str::<SessionSpec>(
+            "kind: Session\nname: a\nplan: p\nexpires: 2026-12-31\n",
+        );
+        let msg = bad.map(|_| ()).unwrap_err().to_string();
+        assert!(msg.contains("not an RFC 3339 timestamp"), "{msg}");
     }
 
     #[test]
