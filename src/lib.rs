@@ -9,5 +9,7 @@ pub mod desired;
 pub mod diag;
 pub mod load;
 pub mod model;
+pub mod observed;
+pub mod planner;
 pub mod schema;
 pub mod validate;

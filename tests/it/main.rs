@@ -3,5 +3,6 @@
 
 mod hostile;
 mod hygiene;
+mod planner_cases;
 mod support;
 mod validate;

@@ -1,0 +1,252 @@
+//! The observed-state model: what providers report. Sessions with their run state, the spec
+//! they were made from (and its fingerprint) and their addresses; routes host -> upstream; DNS
+//! records. Every object says whether it carries vessel's ownership marker. Providers that
+//! could not be observed are listed as gaps: unknown is not absent.
+//!
+//! Serialisable, so the daemon can keep the last snapshot in the state directory and
+//! `vessel plan --observed` can plan against it with no infrastructure.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{ComputeKind, Duration, Health, Port, Size};
+
+/// Which provider an object belongs to, as it appears in gaps and in the plan.
+/// Written `compute/<kind>`, `proxy` or `dns`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ProviderId {
+    /// A compute provider, by kind.
+    Compute(ComputeKind),
+    Proxy,
+    Dns,
+}
+
+impl std::fmt::Display for ProviderId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProviderId::Compute(k) => write!(f, "compute/{}", k.as_str()),
+            ProviderId::Proxy => f.write_str("proxy"),
+            ProviderId::Dns => f.write_str("dns"),
+        }
+    }
+}
+
+impl std::str::FromStr for ProviderId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "proxy" => Ok(ProviderId::Proxy),
+            "dns" => Ok(ProviderId::Dns),
+            _ => {
+                let kind = s
+                    .strip_prefix("compute/")
+                    .ok_or_else(|| format!("unknown provider `{s}`"))?;
+                serde_json::from_value(serde_json::Value::String(kind.into()))
+                    .map(ProviderId::Compute)
+                    .map_err(|_| format!("unknown compute provider `{kind}`"))
+            }
+        }
+    }
+}
+
+impl Serialize for ProviderId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ProviderId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl JsonSchema for ProviderId {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ProviderId".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "string", "pattern": "^(compute/[a-z]+|proxy|dns)$"})
+    }
+}
+
+/// What a compute provider needs to run a session: the plan and session merged and resolved.
+/// Recorded on the session when it is created, so later passes can diff field by field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RuntimeSpec {
+    pub compute: ComputeKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Size>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<Size>,
+    #[serde(default)]
+    pub ports: BTreeMap<String, Port>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_timeout: Option<Duration>,
+}
+
+impl RuntimeSpec {
+    /// A short, stable fingerprint of everything that cannot change without a replace.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        hex::encode(&Sha256::digest(&json)[..8])
+    }
+
+    /// The spec as `key: value` lines, for field-level diffs.
+    pub fn lines(&self) -> Vec<String> {
+        let v = serde_json::to_value(self).unwrap_or_default();
+        let mut out = Vec::new();
+        if let serde_json::Value::Object(map) = v {
+            for (k, v) in map {
+                match v {
+                    serde_json::Value::Object(m) => {
+                        for (k2, v2) in m {
+                            out.push(format!("{k}.{k2}: {}", scalar(&v2)));
+                        }
+                    }
+                    other => out.push(format!("{k}: {}", scalar(&other))),
+                }
+            }
+        }
+        out
+    }
+}
+
+fn scalar(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The state a compute provider reports for a session.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionState {
+    Running,
+    /// Stopped with its data kept (both `sleeping` and `stopped` sessions look like this).
+    Stopped,
+    /// Exited or crashed without being asked to.
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ObservedSession {
+    pub name: String,
+    pub provider: ComputeKind,
+    pub state: SessionState,
+    /// Carries vessel's ownership marker.
+    pub owned: bool,
+    /// The fingerprint of the spec it was created from.
+    #[serde(default)]
+    pub fingerprint: String,
+    /// The spec it was created from, where the provider records it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<RuntimeSpec>,
+    /// Where each named port answers, such as `127.0.0.1:20001`.
+    #[serde(default)]
+    pub endpoints: BTreeMap<String, String>,
+    /// The desired-state file it was created from, relative to the tree's root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_file: Option<PathBuf>,
+    /// The source path last synced in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synced_source: Option<PathBuf>,
+    /// Where its work is saved before it stops or goes away (`save_on_stop`), if anywhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub save_to: Option<PathBuf>,
+    /// Its health, where the provider knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ObservedRoute {
+    /// Lower-cased host.
+    pub host: String,
+    /// Where it forwards, such as `127.0.0.1:20001`.
+    pub upstream: String,
+    pub owned: bool,
+    /// The session it routes to, for vessel's routes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// The explicit `kind: Route` it came from, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+pub enum RecordType {
+    A,
+    #[allow(clippy::upper_case_acronyms)]
+    AAAA,
+    #[allow(clippy::upper_case_acronyms)]
+    CNAME,
+}
+
+impl RecordType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordType::A => "A",
+            RecordType::AAAA => "AAAA",
+            RecordType::CNAME => "CNAME",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ObservedRecord {
+    /// The record's name, lower-cased, without a trailing dot.
+    pub name: String,
+    pub rtype: RecordType,
+    pub content: String,
+    pub owned: bool,
+}
+
+/// Everything observed in one pass.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[schemars(title = "vessel observed snapshot")]
+pub struct Observed {
+    /// By session name.
+    #[serde(default)]
+    pub sessions: BTreeMap<String, ObservedSession>,
+    /// By host.
+    #[serde(default)]
+    pub routes: BTreeMap<String, ObservedRoute>,
+    /// By `name/TYPE`.
+    #[serde(default)]
+    pub records: BTreeMap<String, ObservedRecord>,
+    /// Providers that could not be observed, with why.
+    #[serde(default)]
+    pub gaps: BTreeMap<ProviderId, String>,
+}
+
+impl Observed {
+    pub fn record_key(name: &str, rtype: RecordType) -> String {
+        format!("{name}/{}", rtype.as_str())
+    }
+
+    pub fn is_observed(&self, p: &ProviderId) -> bool {
+        !self.gaps.contains_key(p)
+    }
+}

@@ -1,0 +1,1274 @@
+//! The planner: `plan(&Desired, &Observed, &Policy) -> Plan`.
+//!
+//! Synchronous and pure: no I/O, no clock (the policy carries `now`), no environment, no
+//! randomness. The same inputs give a byte-identical plan. The plan is complete: every step
+//! carries the names, specs and addresses the executor needs, its reason and its
+//! dependencies, so execution makes no choices.
+//!
+//! Safety lives here, visible in the output: objects in an observation gap get no steps,
+//! nothing vessel does not own is ever destroyed, objects from quarantined files are held as
+//! they are, and destroys past the budget (or from an empty source) are held unless allowed.
+
+pub mod render;
+pub mod simulate;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, DestroyBudget, DnsConfig, RouteTemplate};
+use crate::desired::{Desired, EffectiveRoute, effective_routes};
+use crate::model::{ComputeKind, ExpiryAction, Kind, PlanSpec, RunState, SessionSpec};
+use crate::observed::{
+    Observed, ObservedSession, ProviderId, RecordType, RuntimeSpec, SessionState,
+};
+
+/// Everything besides desired and observed state that decides a plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// The clock, passed in.
+    pub now: DateTime<Utc>,
+    pub domain: String,
+    pub templates: Vec<RouteTemplate>,
+    pub destroy_budget: DestroyBudget,
+    /// Destroys past the budget are allowed (`--allow-destroy`).
+    pub allow_destroy: bool,
+    pub allow_empty_source: bool,
+    /// What DNS records for routes look like; `None` when no DNS provider is configured.
+    pub dns: Option<(RecordType, String)>,
+}
+
+impl Policy {
+    pub fn from_config(config: &Config, now: DateTime<Utc>) -> Policy {
+        let dns = match &config.providers.dns {
+            DnsConfig::None => None,
+            DnsConfig::Hosts { address, .. } | DnsConfig::Powerdns { address, .. } => {
+                Some(record_for(address))
+            }
+        };
+        Policy {
+            now,
+            domain: config.domain.clone(),
+            templates: config.routes.templates.clone(),
+            destroy_budget: config.policy.destroy_budget,
+            allow_destroy: false,
+            allow_empty_source: config.policy.allow_empty_source,
+            dns,
+        }
+    }
+}
+
+/// The record type an address calls for: A for IPv4, AAAA for IPv6, CNAME for a name.
+pub fn record_for(address: &str) -> (RecordType, String) {
+    match address.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => (RecordType::A, address.to_string()),
+        Ok(std::net::IpAddr::V6(_)) => (RecordType::AAAA, address.to_string()),
+        Err(_) => (RecordType::CNAME, address.trim_end_matches('.').to_string()),
+    }
+}
+
+/// What one step does. Carries everything its execution needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Action {
+    CreateSession {
+        session: String,
+        spec: RuntimeSpec,
+        fingerprint: String,
+        /// The desired-state file it comes from, recorded on the session.
+        source_file: PathBuf,
+        /// Where its work is saved before it stops or goes away, if anywhere.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        save_to: Option<PathBuf>,
+        /// Start it once created (otherwise it is created stopped).
+        start: bool,
+    },
+    StartSession {
+        session: String,
+        provider: ComputeKind,
+    },
+    StopSession {
+        session: String,
+        provider: ComputeKind,
+    },
+    DestroySession {
+        session: String,
+        provider: ComputeKind,
+    },
+    WaitHealthy {
+        session: String,
+        provider: ComputeKind,
+    },
+    SyncSource {
+        session: String,
+        provider: ComputeKind,
+        path: PathBuf,
+        exclude: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        save_to: Option<PathBuf>,
+    },
+    SaveWork {
+        session: String,
+        provider: ComputeKind,
+        path: PathBuf,
+    },
+    UpsertRoute {
+        host: String,
+        upstream: String,
+        session: String,
+        port: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        route: Option<String>,
+    },
+    RemoveRoute {
+        host: String,
+    },
+    UpsertRecord {
+        name: String,
+        rtype: RecordType,
+        content: String,
+    },
+    RemoveRecord {
+        name: String,
+        rtype: RecordType,
+    },
+}
+
+impl Action {
+    /// The object a step acts on, as `kind name`; steps on one object render together.
+    pub fn object(&self) -> Object {
+        match self {
+            Action::CreateSession { session, .. }
+            | Action::StartSession { session, .. }
+            | Action::StopSession { session, .. }
+            | Action::DestroySession { session, .. }
+            | Action::WaitHealthy { session, .. }
+            | Action::SyncSource { session, .. }
+            | Action::SaveWork { session, .. } => Object::Session(session.clone()),
+            Action::UpsertRoute { host, .. } | Action::RemoveRoute { host } => {
+                Object::Route(host.clone())
+            }
+            Action::UpsertRecord { name, rtype, .. } | Action::RemoveRecord { name, rtype } => {
+                Object::Record(format!("{name} {}", rtype.as_str()))
+            }
+        }
+    }
+
+    /// The session a step acts on, if it acts on one (the executor never runs two at once).
+    pub fn session(&self) -> Option<&str> {
+        match self {
+            Action::CreateSession { session, .. }
+            | Action::StartSession { session, .. }
+            | Action::StopSession { session, .. }
+            | Action::DestroySession { session, .. }
+            | Action::WaitHealthy { session, .. }
+            | Action::SyncSource { session, .. }
+            | Action::SaveWork { session, .. } => Some(session),
+            _ => None,
+        }
+    }
+
+    pub fn provider(&self) -> ProviderId {
+        match self {
+            Action::CreateSession { spec, .. } => ProviderId::Compute(spec.compute),
+            Action::StartSession { provider, .. }
+            | Action::StopSession { provider, .. }
+            | Action::DestroySession { provider, .. }
+            | Action::WaitHealthy { provider, .. }
+            | Action::SyncSource { provider, .. }
+            | Action::SaveWork { provider, .. } => ProviderId::Compute(*provider),
+            Action::UpsertRoute { .. } | Action::RemoveRoute { .. } => ProviderId::Proxy,
+            Action::UpsertRecord { .. } | Action::RemoveRecord { .. } => ProviderId::Dns,
+        }
+    }
+
+    /// A short verb for listings and events.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Action::CreateSession { .. } => "create",
+            Action::StartSession { .. } => "start",
+            Action::StopSession { .. } => "stop",
+            Action::DestroySession { .. } => "destroy",
+            Action::WaitHealthy { .. } => "wait-healthy",
+            Action::SyncSource { .. } => "sync-source",
+            Action::SaveWork { .. } => "save-work",
+            Action::UpsertRoute { .. } => "upsert-route",
+            Action::RemoveRoute { .. } => "remove-route",
+            Action::UpsertRecord { .. } => "upsert-record",
+            Action::RemoveRecord { .. } => "remove-record",
+        }
+    }
+}
+
+/// An object the plan talks about.
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(tag = "kind", content = "name", rename_all = "lowercase")]
+pub enum Object {
+    Session(String),
+    Route(String),
+    Record(String),
+}
+
+impl std::fmt::Display for Object {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Object::Session(n) => write!(f, "session {n}"),
+            Object::Route(h) => write!(f, "route {h}"),
+            Object::Record(r) => write!(f, "dns {r}"),
+        }
+    }
+}
+
+/// What happens to a replaced session's data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFate {
+    /// Its work is copied back to this path first.
+    SavedTo(PathBuf),
+    /// Its workspace is discarded (no `save_on_stop`).
+    Discarded,
+}
+
+/// Why a step is in the plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum Reason {
+    /// Desired but absent.
+    Missing,
+    /// Present but no longer desired.
+    NotDesired,
+    /// Past its `expires`.
+    Expired { at: DateTime<Utc> },
+    /// Its run state differs from the desired one.
+    StateChanged { from: String, to: String },
+    /// It exited or crashed and is desired running.
+    Failed,
+    /// A mutable field differs; the changes are listed.
+    Drifted { changes: Vec<String> },
+    /// An immutable field differs, so it is destroyed and created again.
+    Replaced {
+        changes: Vec<String>,
+        data: DataFate,
+    },
+    /// Part of another step's chain (health after start, source after create).
+    Follows { object: Object },
+}
+
+impl Reason {
+    pub fn describe(&self) -> String {
+        match self {
+            Reason::Missing => "missing".into(),
+            Reason::NotDesired => "no longer desired".into(),
+            Reason::Expired { at } => format!("expired at {}", at.to_rfc3339()),
+            Reason::StateChanged { from, to } => format!("state {from} -> {to}"),
+            Reason::Failed => "not running (exited or failed)".into(),
+            Reason::Drifted { changes } => format!("drifted: {}", changes.join(", ")),
+            Reason::Replaced { changes, data } => {
+                let d = match data {
+                    DataFate::SavedTo(p) => format!("work saved to {} first", p.display()),
+                    DataFate::Discarded => "workspace discarded".into(),
+                };
+                format!("replace: {} changed; {d}", changes.join(", "))
+            }
+            Reason::Follows { object } => format!("follows {object}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Step {
+    pub id: usize,
+    #[serde(flatten)]
+    pub action: Action,
+    #[serde(flatten)]
+    pub reason: Reason,
+    /// Steps that must succeed first (always lower ids).
+    pub depends_on: Vec<usize>,
+}
+
+/// Something the plan will do once an input exists (a route waits for its session's address).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Deferred {
+    pub object: Object,
+    pub waiting_for: String,
+}
+
+/// Why an object is deliberately left as it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldReason {
+    /// Its provider could not be observed.
+    Unobserved { provider: ProviderId, error: String },
+    /// It comes from a file with errors.
+    Quarantined { file: Option<PathBuf> },
+    /// An object vessel does not own is in the way.
+    Foreign,
+    /// A guard held its destroy.
+    Guarded,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Hold {
+    pub object: Object,
+    #[serde(flatten)]
+    pub why: HoldReason,
+}
+
+/// A safety guard that held destroys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "guard", rename_all = "snake_case")]
+pub enum Guard {
+    /// The plan would destroy more sessions than the budget allows.
+    DestroyBudget {
+        destroys: usize,
+        existing: usize,
+        max_count: u32,
+        max_percent: u8,
+    },
+    /// The source has no sessions at all.
+    EmptySource { destroys: usize },
+}
+
+impl Guard {
+    pub fn describe(&self) -> String {
+        match self {
+            Guard::DestroyBudget {
+                destroys,
+                existing,
+                max_count,
+                max_percent,
+            } => format!(
+                "destroy budget: {destroys} of {existing} sessions would be destroyed (limit {max_count}, or {max_percent}%); held: pass --allow-destroy to apply"
+            ),
+            Guard::EmptySource { destroys } => format!(
+                "empty source: it has no sessions, and {destroys} would be destroyed; held: set policy.allow_empty_source to apply"
+            ),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Summary {
+    pub create: usize,
+    pub update: usize,
+    pub replace: usize,
+    pub destroy: usize,
+    pub deferred: usize,
+    pub held: usize,
+}
+
+/// The plan: what to do, in order, and everything deliberately not done.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[schemars(title = "vessel plan")]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    pub deferred: Vec<Deferred>,
+    pub held: Vec<Hold>,
+    pub guards: Vec<Guard>,
+    /// The earliest future expiry: when the next pass must run at the latest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_wakeup: Option<DateTime<Utc>>,
+    pub summary: Summary,
+}
+
+impl Plan {
+    /// No steps and nothing waiting: the world matches.
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty() && self.deferred.is_empty()
+    }
+
+    pub fn has_changes(&self) -> bool {
+        !self.is_empty()
+    }
+}
+
+/// The merged, resolved spec a session on `plan` runs with.
+pub fn runtime_spec(session: &SessionSpec, plan: &PlanSpec) -> RuntimeSpec {
+    let mut env = plan.env.clone();
+    env.extend(session.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    RuntimeSpec {
+        compute: plan.compute,
+        image: plan.image.clone(),
+        command: plan.command.clone(),
+        env,
+        cpus: plan.cpus,
+        memory: plan.memory,
+        disk: plan.disk,
+        ports: plan.ports.clone(),
+        health: plan.health.clone(),
+        stop_timeout: plan.stop_timeout,
+    }
+}
+
+/// A desired session as the plan sees it.
+struct Want<'a> {
+    spec: RuntimeSpec,
+    fingerprint: String,
+    session: &'a SessionSpec,
+    file: PathBuf,
+    /// The state it should be in now (expiry applied).
+    state: RunState,
+    expired: Option<DateTime<Utc>>,
+}
+
+/// What the plan does with one session.
+enum Fate {
+    Create,
+    Replace(Vec<String>),
+    Start(Reason),
+    Stop(Reason),
+    Destroy(Reason),
+    Keep,
+}
+
+/// Phases, in execution order. Dependencies only ever point to an earlier phase (or an earlier
+/// step of the same phase), so step ids are a topological order.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    RemoveRecord,
+    RemoveRoute,
+    SaveWork,
+    Stop,
+    Destroy,
+    Create,
+    Start,
+    Healthy,
+    Source,
+    UpsertRoute,
+    UpsertRecord,
+}
+
+struct Draft {
+    phase: Phase,
+    action: Action,
+    reason: Reason,
+}
+
+/// Compute the plan. Pure and deterministic.
+pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
+    let mut out = Plan::default();
+    let gap = |p: &ProviderId| observed.gaps.get(p).cloned();
+
+    // Desired sessions with expiry applied, and the earliest future expiry.
+    let mut wants: BTreeMap<&str, Want> = BTreeMap::new();
+    for (name, doc) in &desired.sessions {
+        let Some(plan) = desired.plans.get(&doc.spec.plan) else {
+            continue;
+        };
+        let s = &doc.spec;
+        let mut state = s.state;
+        let mut expired = None;
+        if let Some(at) = s.expires {
+            if at <= policy.now {
+                expired = Some(at);
+                if s.on_expiry == ExpiryAction::Destroy {
+                    continue;
+                }
+                state = RunState::Stopped;
+            } else if out.next_wakeup.is_none_or(|w| at < w) {
+                out.next_wakeup = Some(at);
+            }
+        }
+        let spec = runtime_spec(s, &plan.spec);
+        let fingerprint = spec.fingerprint();
+        wants.insert(
+            name,
+            Want {
+                spec,
+                fingerprint,
+                session: s,
+                file: doc.file.clone(),
+                state,
+                expired,
+            },
+        );
+    }
+    let expired_destroy: BTreeMap<&str, DateTime<Utc>> = desired
+        .sessions
+        .iter()
+        .filter_map(|(n, d)| match (d.spec.expires, d.spec.on_expiry) {
+            (Some(at), ExpiryAction::Destroy) if at <= policy.now => Some((n.as_str(), at)),
+            _ => None,
+        })
+        .collect();
+
+    // Held by quarantine: names the broken files hold, and sessions made from those files.
+    let held_sessions: BTreeSet<&str> = desired.held(Kind::Session);
+    let held_routes: BTreeSet<&str> = desired.held(Kind::Route);
+    let quarantined_file = |o: &ObservedSession| -> Option<Option<PathBuf>> {
+        if held_sessions.contains(o.name.as_str()) {
+            return Some(
+                desired
+                    .quarantined
+                    .iter()
+                    .find(|(_, q)| {
+                        q.held
+                            .iter()
+                            .any(|h| h.kind == Kind::Session && h.name == o.name)
+                    })
+                    .map(|(f, _)| f.clone()),
+            );
+        }
+        match &o.source_file {
+            Some(f) if desired.quarantined.contains_key(f) => Some(Some(f.clone())),
+            _ => None,
+        }
+    };
+
+    // 1. Decide each session's fate.
+    let names: BTreeSet<&str> = wants
+        .keys()
+        .copied()
+        .chain(observed.sessions.keys().map(String::as_str))
+        .collect();
+    let mut fates: BTreeMap<&str, Fate> = BTreeMap::new();
+    let mut held_session_names: BTreeSet<&str> = BTreeSet::new();
+    for name in names {
+        let want = wants.get(name);
+        let have = observed.sessions.get(name);
+        let obj = Object::Session(name.to_string());
+        if let Some(o) = have {
+            if let Some(file) = quarantined_file(o) {
+                out.held.push(Hold {
+                    object: obj,
+                    why: HoldReason::Quarantined { file },
+                });
+                held_session_names.insert(name);
+                continue;
+            }
+        } else if held_sessions.contains(name) {
+            continue;
+        }
+        let providers: BTreeSet<ProviderId> = want
+            .map(|w| ProviderId::Compute(w.spec.compute))
+            .into_iter()
+            .chain(have.map(|o| ProviderId::Compute(o.provider)))
+            .collect();
+        if let Some((p, e)) = providers
+            .iter()
+            .find_map(|p| gap(p).map(|e| (p.clone(), e)))
+        {
+            out.held.push(Hold {
+                object: obj,
+                why: HoldReason::Unobserved {
+                    provider: p,
+                    error: e,
+                },
+            });
+            held_session_names.insert(name);
+            continue;
+        }
+        let fate = match (want, have) {
+            (None, None) => continue,
+            (Some(_), Some(o)) if !o.owned => {
+                out.held.push(Hold {
+                    object: obj,
+                    why: HoldReason::Foreign,
+                });
+                held_session_names.insert(name);
+                continue;
+            }
+            (None, Some(o)) if !o.owned => continue,
+            (Some(_), None) => Fate::Create,
+            (None, Some(_)) => Fate::Destroy(match expired_destroy.get(name) {
+                Some(at) => Reason::Expired { at: *at },
+                None => Reason::NotDesired,
+            }),
+            (Some(w), Some(o)) => {
+                if o.fingerprint != w.fingerprint || o.provider != w.spec.compute {
+                    Fate::Replace(spec_changes(o.spec.as_ref(), &w.spec))
+                } else {
+                    let want_running = w.state == RunState::Running;
+                    match (want_running, o.state) {
+                        (true, SessionState::Running) | (false, SessionState::Stopped) => {
+                            Fate::Keep
+                        }
+                        (true, SessionState::Failed) => Fate::Start(Reason::Failed),
+                        (true, SessionState::Stopped) => Fate::Start(Reason::StateChanged {
+                            from: "stopped".into(),
+                            to: w.state.as_str().into(),
+                        }),
+                        (false, _) => Fate::Stop(match w.expired {
+                            Some(at) => Reason::Expired { at },
+                            None => Reason::StateChanged {
+                                from: state_str(o.state).into(),
+                                to: w.state.as_str().into(),
+                            },
+                        }),
+                    }
+                }
+            }
+        };
+        fates.insert(name, fate);
+    }
+
+    // 2. Guards on pure destroys.
+    let destroys: Vec<&str> = fates
+        .iter()
+        .filter(|(_, f)| matches!(f, Fate::Destroy(_)))
+        .map(|(n, _)| *n)
+        .collect();
+    if !destroys.is_empty() {
+        let existing = observed.sessions.values().filter(|o| o.owned).count();
+        let empty_source = desired.sessions.is_empty() && desired.quarantined.is_empty();
+        let b = policy.destroy_budget;
+        let over_count = destroys.len() > b.max_count as usize;
+        let over_share =
+            destroys.len() > 1 && destroys.len() * 100 > usize::from(b.max_percent) * existing;
+        let guard = if empty_source && !policy.allow_empty_source {
+            Some(Guard::EmptySource {
+                destroys: destroys.len(),
+            })
+        } else if (over_count || over_share) && !policy.allow_destroy {
+            Some(Guard::DestroyBudget {
+                destroys: destroys.len(),
+                existing,
+                max_count: b.max_count,
+                max_percent: b.max_percent,
+            })
+        } else {
+            None
+        };
+        if let Some(g) = guard {
+            out.guards.push(g);
+            for n in destroys {
+                fates.remove(n);
+                held_session_names.insert(n);
+                out.held.push(Hold {
+                    object: Object::Session(n.to_string()),
+                    why: HoldReason::Guarded,
+                });
+            }
+        }
+    }
+
+    let mut drafts: Vec<Draft> = Vec::new();
+    let mut push = |phase, action, reason| {
+        drafts.push(Draft {
+            phase,
+            action,
+            reason,
+        })
+    };
+
+    // 3. Session steps.
+    // Sessions whose address will change or appear in this plan: their routes wait.
+    let mut address_pending: BTreeSet<&str> = BTreeSet::new();
+    for (&name, fate) in &fates {
+        let have = observed.sessions.get(name);
+        let want = wants.get(name);
+        let follows = || Reason::Follows {
+            object: Object::Session(name.to_string()),
+        };
+        match fate {
+            Fate::Keep => {
+                if let (Some(w), Some(o)) = (want, have) {
+                    if let Some(src) = &w.session.source {
+                        if w.state == RunState::Running
+                            && o.state == SessionState::Running
+                            && o.synced_source.as_ref() != Some(&src.path)
+                        {
+                            push(
+                                Phase::Source,
+                                sync_action(name, w),
+                                Reason::Drifted {
+                                    changes: vec!["source.path".into()],
+                                },
+                            );
+                        }
+                    }
+                }
+            }
+            Fate::Create => {
+                let Some(w) = want else { continue };
+                create_steps(&mut push, name, w, Reason::Missing);
+                address_pending.insert(name);
+            }
+            Fate::Replace(changes) => {
+                let (Some(w), Some(o)) = (want, have) else {
+                    continue;
+                };
+                let save = save_path(o);
+                let data = match &save {
+                    Some(p) => DataFate::SavedTo(p.clone()),
+                    None => DataFate::Discarded,
+                };
+                let reason = Reason::Replaced {
+                    changes: changes.clone(),
+                    data,
+                };
+                if let (Some(p), SessionState::Running) = (save, o.state) {
+                    push(
+                        Phase::SaveWork,
+                        Action::SaveWork {
+                            session: name.into(),
+                            provider: o.provider,
+                            path: p,
+                        },
+                        reason.clone(),
+                    );
+                }
+                push(
+                    Phase::Destroy,
+                    Action::DestroySession {
+                        session: name.into(),
+                        provider: o.provider,
+                    },
+                    reason.clone(),
+                );
+                create_steps(&mut push, name, w, reason);
+                address_pending.insert(name);
+            }
+            Fate::Start(reason) => {
+                let Some(o) = have else { continue };
+                push(
+                    Phase::Start,
+                    Action::StartSession {
+                        session: name.into(),
+                        provider: o.provider,
+                    },
+                    reason.clone(),
+                );
+                push(
+                    Phase::Healthy,
+                    Action::WaitHealthy {
+                        session: name.into(),
+                        provider: o.provider,
+                    },
+                    follows(),
+                );
+                if let Some(w) = want {
+                    if let Some(src) = &w.session.source {
+                        if o.synced_source.as_ref() != Some(&src.path) {
+                            push(Phase::Source, sync_action(name, w), follows());
+                        }
+                    }
+                }
+                address_pending.insert(name);
+            }
+            Fate::Stop(reason) => {
+                let Some(o) = have else { continue };
+                if let (Some(p), SessionState::Running) = (save_path(o), o.state) {
+                    push(
+                        Phase::SaveWork,
+                        Action::SaveWork {
+                            session: name.into(),
+                            provider: o.provider,
+                            path: p,
+                        },
+                        reason.clone(),
+                    );
+                }
+                push(
+                    Phase::Stop,
+                    Action::StopSession {
+                        session: name.into(),
+                        provider: o.provider,
+                    },
+                    reason.clone(),
+                );
+            }
+            Fate::Destroy(reason) => {
+                let Some(o) = have else { continue };
+                if let (Some(p), SessionState::Running) = (save_path(o), o.state) {
+                    push(
+                        Phase::SaveWork,
+                        Action::SaveWork {
+                            session: name.into(),
+                            provider: o.provider,
+                            path: p,
+                        },
+                        reason.clone(),
+                    );
+                }
+                push(
+                    Phase::Destroy,
+                    Action::DestroySession {
+                        session: name.into(),
+                        provider: o.provider,
+                    },
+                    reason.clone(),
+                );
+            }
+        }
+    }
+
+    // 4. Routes: desired for sessions that are running or sleeping (not stopped, not held).
+    let routed = |s: &str| {
+        wants.get(s).is_some_and(|w| w.state != RunState::Stopped)
+            && !held_session_names.contains(s)
+    };
+    let desired_routes: BTreeMap<String, EffectiveRoute> = {
+        let mut m = BTreeMap::new();
+        for r in effective_routes(desired, &policy.templates, &policy.domain) {
+            if routed(&r.session) {
+                m.entry(r.host.clone()).or_insert(r);
+            }
+        }
+        m
+    };
+    let proxy_gap = gap(&ProviderId::Proxy);
+    let mut held_hosts: BTreeSet<String> = BTreeSet::new();
+    let mut route_pending: BTreeSet<String> = BTreeSet::new();
+    let hosts: BTreeSet<&str> = desired_routes
+        .keys()
+        .map(String::as_str)
+        .chain(observed.routes.keys().map(String::as_str))
+        .collect();
+    for host in hosts {
+        let want = desired_routes.get(host);
+        let have = observed.routes.get(host);
+        let obj = Object::Route(host.to_string());
+        if have.is_some_and(|o| !o.owned) {
+            if want.is_some() {
+                out.held.push(Hold {
+                    object: obj,
+                    why: HoldReason::Foreign,
+                });
+                held_hosts.insert(host.to_string());
+            }
+            continue;
+        }
+        let held_by_quarantine = have.and_then(|o| {
+            let s = o
+                .session
+                .as_deref()
+                .is_some_and(|s| held_session_names.contains(s) || held_sessions.contains(s));
+            let r = o.route.as_deref().is_some_and(|r| held_routes.contains(r));
+            (s || r).then_some(())
+        });
+        if held_by_quarantine.is_some() {
+            held_hosts.insert(host.to_string());
+            continue;
+        }
+        if let Some(e) = &proxy_gap {
+            out.held.push(Hold {
+                object: obj,
+                why: HoldReason::Unobserved {
+                    provider: ProviderId::Proxy,
+                    error: e.clone(),
+                },
+            });
+            held_hosts.insert(host.to_string());
+            continue;
+        }
+        match (want, have) {
+            (Some(r), _) => {
+                let upstream = if address_pending.contains(r.session.as_str()) {
+                    None
+                } else {
+                    observed
+                        .sessions
+                        .get(&r.session)
+                        .and_then(|s| s.endpoints.get(&r.port_name))
+                        .cloned()
+                };
+                let Some(upstream) = upstream else {
+                    if have.is_none() || address_pending.contains(r.session.as_str()) {
+                        out.deferred.push(Deferred {
+                            object: obj,
+                            waiting_for: format!(
+                                "an address for session {} port {}",
+                                r.session, r.port_name
+                            ),
+                        });
+                        route_pending.insert(host.to_string());
+                    }
+                    continue;
+                };
+                let route_name = match &r.origin {
+                    crate::desired::RouteOrigin::Route(n) => Some(n.clone()),
+                    crate::desired::RouteOrigin::Template(_) => None,
+                };
+                let reason = match have {
+                    None => Reason::Missing,
+                    Some(o) if o.upstream != upstream => Reason::Drifted {
+                        changes: vec![format!("upstream {} -> {upstream}", o.upstream)],
+                    },
+                    Some(o)
+                        if o.session.as_deref() != Some(r.session.as_str())
+                            || o.route != route_name =>
+                    {
+                        Reason::Drifted {
+                            changes: vec!["owner".into()],
+                        }
+                    }
+                    Some(_) => continue,
+                };
+                push(
+                    Phase::UpsertRoute,
+                    Action::UpsertRoute {
+                        host: host.into(),
+                        upstream,
+                        session: r.session.clone(),
+                        port: r.port_name.clone(),
+                        route: route_name,
+                    },
+                    reason,
+                );
+            }
+            (None, Some(_)) => push(
+                Phase::RemoveRoute,
+                Action::RemoveRoute { host: host.into() },
+                Reason::NotDesired,
+            ),
+            (None, None) => {}
+        }
+    }
+
+    // 5. DNS records for routes with `dns: true`.
+    if let Some((rtype, content)) = &policy.dns {
+        let dns_gap = gap(&ProviderId::Dns);
+        let want: BTreeMap<String, &EffectiveRoute> = desired_routes
+            .values()
+            .filter(|r| r.dns)
+            .map(|r| (Observed::record_key(&r.host, *rtype), r))
+            .collect();
+        let keys: BTreeSet<&str> = want
+            .keys()
+            .map(String::as_str)
+            .chain(observed.records.keys().map(String::as_str))
+            .collect();
+        for key in keys {
+            let w = want.get(key);
+            let have = observed.records.get(key);
+            let (name, ty) = match (w, have) {
+                (Some(r), _) => (r.host.clone(), *rtype),
+                (None, Some(o)) => (o.name.clone(), o.rtype),
+                (None, None) => continue,
+            };
+            let obj = Object::Record(format!("{name} {}", ty.as_str()));
+            if have.is_some_and(|o| !o.owned) {
+                if w.is_some() {
+                    out.held.push(Hold {
+                        object: obj,
+                        why: HoldReason::Foreign,
+                    });
+                }
+                continue;
+            }
+            if held_hosts.contains(&name)
+                || (w.is_none()
+                    && held_session_names.iter().any(|s| {
+                        observed
+                            .routes
+                            .get(&name)
+                            .is_some_and(|r| r.session.as_deref() == Some(*s))
+                    }))
+            {
+                continue;
+            }
+            if let Some(e) = &dns_gap {
+                out.held.push(Hold {
+                    object: obj,
+                    why: HoldReason::Unobserved {
+                        provider: ProviderId::Dns,
+                        error: e.clone(),
+                    },
+                });
+                continue;
+            }
+            match (w, have) {
+                (Some(_), _) if route_pending.contains(&name) => {
+                    out.deferred.push(Deferred {
+                        object: obj,
+                        waiting_for: format!("route {name}"),
+                    });
+                }
+                (Some(_), None) => push(
+                    Phase::UpsertRecord,
+                    Action::UpsertRecord {
+                        name,
+                        rtype: ty,
+                        content: content.clone(),
+                    },
+                    Reason::Missing,
+                ),
+                (Some(_), Some(o)) if o.content != *content => push(
+                    Phase::UpsertRecord,
+                    Action::UpsertRecord {
+                        name,
+                        rtype: ty,
+                        content: content.clone(),
+                    },
+                    Reason::Drifted {
+                        changes: vec![format!("content {} -> {content}", o.content)],
+                    },
+                ),
+                (Some(_), Some(_)) => {}
+                (None, Some(_)) => push(
+                    Phase::RemoveRecord,
+                    Action::RemoveRecord { name, rtype: ty },
+                    Reason::NotDesired,
+                ),
+                (None, None) => {}
+            }
+        }
+    }
+
+    finish(out, drafts, observed)
+}
+
+fn state_str(s: SessionState) -> &'static str {
+    match s {
+        SessionState::Running => "running",
+        SessionState::Stopped => "stopped",
+        SessionState::Failed => "failed",
+    }
+}
+
+fn save_path(o: &ObservedSession) -> Option<PathBuf> {
+    o.save_to.clone()
+}
+
+fn sync_action(name: &str, w: &Want) -> Action {
+    let src = w.session.source.as_ref();
+    Action::SyncSource {
+        session: name.into(),
+        provider: w.spec.compute,
+        path: src.map(|s| s.path.clone()).unwrap_or_default(),
+        exclude: src.map(|s| s.exclude.clone()).unwrap_or_default(),
+        save_to: src.filter(|s| s.save_on_stop).map(|s| s.path.clone()),
+    }
+}
+
+fn create_steps(
+    push: &mut impl FnMut(Phase, Action, Reason),
+    name: &str,
+    w: &Want,
+    reason: Reason,
+) {
+    let start = w.state == RunState::Running;
+    let save_to = w
+        .session
+        .source
+        .as_ref()
+        .filter(|s| s.save_on_stop)
+        .map(|s| s.path.clone());
+    push(
+        Phase::Create,
+        Action::CreateSession {
+            session: name.into(),
+            spec: w.spec.clone(),
+            fingerprint: w.fingerprint.clone(),
+            source_file: w.file.clone(),
+            save_to,
+            start,
+        },
+        reason,
+    );
+    let follows = Reason::Follows {
+        object: Object::Session(name.to_string()),
+    };
+    if start {
+        push(
+            Phase::Healthy,
+            Action::WaitHealthy {
+                session: name.into(),
+                provider: w.spec.compute,
+            },
+            follows.clone(),
+        );
+    }
+    if w.session.source.is_some() {
+        push(Phase::Source, sync_action(name, w), follows);
+    }
+}
+
+/// Field names that differ between what a session was made from and what is desired now.
+fn spec_changes(old: Option<&RuntimeSpec>, new: &RuntimeSpec) -> Vec<String> {
+    let Some(old) = old else {
+        return vec!["spec fingerprint".into()];
+    };
+    let a = serde_json::to_value(old).unwrap_or_default();
+    let b = serde_json::to_value(new).unwrap_or_default();
+    let empty = serde_json::Map::new();
+    let (a, b) = (
+        a.as_object().unwrap_or(&empty),
+        b.as_object().unwrap_or(&empty),
+    );
+    let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let changed: Vec<String> = keys
+        .into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .cloned()
+        .collect();
+    if changed.is_empty() {
+        vec!["spec fingerprint".into()]
+    } else {
+        changed
+    }
+}
+
+/// Order drafts by phase and object, number them, wire dependencies, and summarise.
+fn finish(mut out: Plan, mut drafts: Vec<Draft>, observed: &Observed) -> Plan {
+    drafts.sort_by(|a, b| (a.phase, a.action.object()).cmp(&(b.phase, b.action.object())));
+    // Index: (phase, session) and (phase, host) -> step ids.
+    let mut by_session: BTreeMap<(Phase, String), Vec<usize>> = BTreeMap::new();
+    let mut by_host: BTreeMap<(Phase, String), usize> = BTreeMap::new();
+    for (id, d) in drafts.iter().enumerate() {
+        if let Some(s) = d.action.session() {
+            by_session
+                .entry((d.phase, s.to_string()))
+                .or_default()
+                .push(id);
+        }
+        match &d.action {
+            Action::UpsertRoute { host, .. } | Action::RemoveRoute { host } => {
+                by_host.insert((d.phase, host.clone()), id);
+            }
+            Action::UpsertRecord { name, .. } | Action::RemoveRecord { name, .. } => {
+                by_host.insert((d.phase, name.clone()), id);
+            }
+            _ => {}
+        }
+    }
+    // Hosts of each session's observed routes (for destroy ordering).
+    let mut routes_of: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (h, r) in &observed.routes {
+        if let Some(s) = &r.session {
+            routes_of.entry(s.as_str()).or_default().push(h.as_str());
+        }
+    }
+    let sess = |p: Phase, s: &str| {
+        by_session
+            .get(&(p, s.to_string()))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let host = |p: Phase, h: &str| by_host.get(&(p, h.to_string())).copied();
+    for (id, d) in drafts.into_iter().enumerate() {
+        let mut deps: Vec<usize> = Vec::new();
+        match &d.action {
+            Action::RemoveRoute { host: h } => deps.extend(host(Phase::RemoveRecord, h)),
+            Action::SaveWork { session, .. }
+            | Action::StopSession { session, .. }
+            | Action::DestroySession { session, .. } => {
+                for h in routes_of.get(session.as_str()).into_iter().flatten() {
+                    deps.extend(host(Phase::RemoveRoute, h));
+                }
+                if d.phase > Phase::SaveWork {
+                    deps.extend(sess(Phase::SaveWork, session));
+                }
+            }
+            Action::CreateSession { session, .. } => deps.extend(sess(Phase::Destroy, session)),
+            Action::WaitHealthy { session, .. } => {
+                deps.extend(sess(Phase::Create, session));
+                deps.extend(sess(Phase::Start, session));
+            }
+            Action::SyncSource { session, .. } => {
+                deps.extend(sess(Phase::Healthy, session));
+                if deps.is_empty() {
+                    deps.extend(sess(Phase::Create, session));
+                }
+            }
+            Action::UpsertRoute { session, .. } => {
+                deps.extend(sess(Phase::Healthy, session));
+                deps.extend(sess(Phase::Source, session));
+            }
+            Action::UpsertRecord { name, .. } => deps.extend(host(Phase::UpsertRoute, name)),
+            Action::StartSession { .. } | Action::RemoveRecord { .. } => {}
+        }
+        deps.retain(|d| *d < id);
+        deps.sort_unstable();
+        deps.dedup();
+        out.steps.push(Step {
+            id,
+            action: d.action,
+            reason: d.reason,
+            depends_on: deps,
+        });
+    }
+    out.held.sort_by(|a, b| a.object.cmp(&b.object));
+    out.held.dedup();
+    out.summary = summarize(&out);
+    out
+}
+
+/// One verb per object: what the plan does to it overall.
+pub fn object_changes(plan: &Plan) -> BTreeMap<Object, Change> {
+    let mut m: BTreeMap<Object, Change> = BTreeMap::new();
+    for s in &plan.steps {
+        let c = match (&s.action, &s.reason) {
+            (_, Reason::Replaced { .. }) => Change::Replace,
+            (
+                Action::CreateSession { .. }
+                | Action::UpsertRoute { .. }
+                | Action::UpsertRecord { .. },
+                Reason::Missing,
+            ) => Change::Create,
+            (
+                Action::DestroySession { .. }
+                | Action::RemoveRoute { .. }
+                | Action::RemoveRecord { .. },
+                _,
+            ) => Change::Destroy,
+            (Action::WaitHealthy { .. } | Action::SaveWork { .. }, _) => Change::Follow,
+            (Action::SyncSource { .. }, Reason::Follows { .. }) => Change::Follow,
+            _ => Change::Update,
+        };
+        let e = m.entry(s.action.object()).or_insert(c);
+        if c.rank() > e.rank() {
+            *e = c;
+        }
+    }
+    // An object whose steps only follow others (health, save) is an update.
+    for c in m.values_mut() {
+        if *c == Change::Follow {
+            *c = Change::Update;
+        }
+    }
+    m
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    Follow,
+    Update,
+    Create,
+    Destroy,
+    Replace,
+}
+
+impl Change {
+    fn rank(self) -> u8 {
+        match self {
+            Change::Follow => 0,
+            Change::Update => 1,
+            Change::Create => 2,
+            Change::Destroy => 3,
+            Change::Replace => 4,
+        }
+    }
+
+    pub fn symbol(self) -> &'static str {
+        match self {
+            Change::Follow | Change::Update => "~",
+            Change::Create => "+",
+            Change::Destroy => "-",
+            Change::Replace => "-/+",
+        }
+    }
+}
+
+fn summarize(p: &Plan) -> Summary {
+    let mut s = Summary {
+        deferred: p.deferred.len(),
+        held: p.held.len(),
+        ..Summary::default()
+    };
+    for c in object_changes(p).values() {
+        match c {
+            Change::Create => s.create += 1,
+            Change::Destroy => s.destroy += 1,
+            Change::Replace => s.replace += 1,
+            Change::Update | Change::Follow => s.update += 1,
+        }
+    }
+    s
+}

@@ -1,0 +1,490 @@
+//! Rendering a plan: terraform-like text for people, stable JSON for machines, Markdown for
+//! pull-request comments. Pure functions of the plan and the observed state (for field diffs).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use similar::TextDiff;
+
+use crate::observed::{Observed, RuntimeSpec};
+
+use super::{Action, Change, Object, Plan, Reason, Step, object_changes};
+
+struct Colors {
+    green: &'static str,
+    yellow: &'static str,
+    red: &'static str,
+    cyan: &'static str,
+    dim: &'static str,
+    bold: &'static str,
+    reset: &'static str,
+}
+
+impl Colors {
+    fn new(on: bool) -> Colors {
+        if on {
+            Colors {
+                green: "\x1b[32m",
+                yellow: "\x1b[33m",
+                red: "\x1b[31m",
+                cyan: "\x1b[36m",
+                dim: "\x1b[2m",
+                bold: "\x1b[1m",
+                reset: "\x1b[0m",
+            }
+        } else {
+            Colors {
+                green: "",
+                yellow: "",
+                red: "",
+                cyan: "",
+                dim: "",
+                bold: "",
+                reset: "",
+            }
+        }
+    }
+
+    fn of(&self, c: Change) -> &'static str {
+        match c {
+            Change::Create => self.green,
+            Change::Update | Change::Follow => self.yellow,
+            Change::Destroy => self.red,
+            Change::Replace => self.cyan,
+        }
+    }
+}
+
+/// The one-line summary.
+pub fn summary_line(plan: &Plan) -> String {
+    let s = plan.summary;
+    let mut line = format!(
+        "Plan: {} to create, {} to update, {} to replace, {} to destroy",
+        s.create, s.update, s.replace, s.destroy
+    );
+    if s.deferred > 0 {
+        let _ = write!(line, "; {} deferred to the next pass", s.deferred);
+    }
+    if s.held > 0 {
+        let _ = write!(line, "; {} held", s.held);
+    }
+    line.push('.');
+    line
+}
+
+/// Steps grouped by the object they act on, in the order objects first appear.
+fn grouped(plan: &Plan) -> Vec<(Object, Vec<&Step>)> {
+    let mut order: Vec<Object> = Vec::new();
+    let mut groups: BTreeMap<Object, Vec<&Step>> = BTreeMap::new();
+    for s in &plan.steps {
+        let o = s.action.object();
+        if !groups.contains_key(&o) {
+            order.push(o.clone());
+        }
+        groups.entry(o).or_default().push(s);
+    }
+    order
+        .into_iter()
+        .map(|o| {
+            let steps = groups.remove(&o).unwrap_or_default();
+            (o, steps)
+        })
+        .collect()
+}
+
+/// The main reason for an object: the first step's that is not a mere follower.
+fn headline(steps: &[&Step]) -> String {
+    steps
+        .iter()
+        .find(|s| !matches!(s.reason, Reason::Follows { .. }))
+        .or(steps.first())
+        .map(|s| s.reason.describe())
+        .unwrap_or_default()
+}
+
+/// What the object looks like before and after, as `key: value` lines.
+fn before_after(
+    object: &Object,
+    steps: &[&Step],
+    observed: &Observed,
+) -> (Vec<String>, Vec<String>) {
+    match object {
+        Object::Session(name) => {
+            let before = observed
+                .sessions
+                .get(name)
+                .and_then(|s| s.spec.as_ref())
+                .map(RuntimeSpec::lines)
+                .unwrap_or_default();
+            let created = steps.iter().find_map(|s| match &s.action {
+                Action::CreateSession { spec, .. } => Some(spec.lines()),
+                _ => None,
+            });
+            let destroyed = steps
+                .iter()
+                .any(|s| matches!(s.action, Action::DestroySession { .. }));
+            let after = match created {
+                Some(l) => l,
+                None if destroyed => Vec::new(),
+                None => before.clone(),
+            };
+            (before, after)
+        }
+        Object::Route(host) => {
+            let before = observed
+                .routes
+                .get(host)
+                .map(|r| vec![format!("upstream: {}", r.upstream)])
+                .unwrap_or_default();
+            let after = steps.iter().find_map(|s| match &s.action {
+                Action::UpsertRoute {
+                    upstream,
+                    session,
+                    port,
+                    ..
+                } => Some(vec![
+                    format!("upstream: {upstream}"),
+                    format!("session: {session}:{port}"),
+                ]),
+                _ => None,
+            });
+            let after = after.unwrap_or_default();
+            let before = if before.is_empty() {
+                before
+            } else {
+                let mut b = before;
+                if let Some(r) = observed.routes.get(host) {
+                    if let Some(s) = &r.session {
+                        b.push(format!(
+                            "session: {s}:{}",
+                            after
+                                .get(1)
+                                .and_then(|l| l.rsplit(':').next())
+                                .unwrap_or("?")
+                        ));
+                    }
+                }
+                b
+            };
+            (before, after)
+        }
+        Object::Record(_) => {
+            let after = steps.iter().find_map(|s| match &s.action {
+                Action::UpsertRecord { content, .. } => Some(vec![format!("content: {content}")]),
+                _ => None,
+            });
+            let before = steps.iter().find_map(|s| match &s.action {
+                Action::UpsertRecord { name, rtype, .. } | Action::RemoveRecord { name, rtype } => {
+                    observed
+                        .records
+                        .get(&Observed::record_key(name, *rtype))
+                        .map(|r| vec![format!("content: {}", r.content)])
+                }
+                _ => None,
+            });
+            (before.unwrap_or_default(), after.unwrap_or_default())
+        }
+    }
+}
+
+fn join_lines(v: &[String]) -> String {
+    let mut s = v.join("\n");
+    if !s.is_empty() {
+        s.push('\n');
+    }
+    s
+}
+
+/// A unified diff of the object's fields, only for objects that change (not plain creates).
+fn field_diff(
+    object: &Object,
+    steps: &[&Step],
+    observed: &Observed,
+    change: Change,
+) -> Option<String> {
+    let (before, after) = before_after(object, steps, observed);
+    if before == after {
+        return None;
+    }
+    match change {
+        Change::Create => Some(after.iter().map(|l| format!("+{l}\n")).collect()),
+        Change::Destroy => None,
+        _ => {
+            let (a, b) = (join_lines(&before), join_lines(&after));
+            let diff = TextDiff::from_lines(&a, &b);
+            let mut out = String::new();
+            for hunk in diff.unified_diff().context_radius(1).iter_hunks() {
+                for change in hunk.iter_changes() {
+                    let sign = match change.tag() {
+                        similar::ChangeTag::Delete => '-',
+                        similar::ChangeTag::Insert => '+',
+                        similar::ChangeTag::Equal => ' ',
+                    };
+                    let _ = write!(out, "{sign}{}", change.value());
+                    if !change.value().ends_with('\n') {
+                        out.push('\n');
+                    }
+                }
+            }
+            Some(out)
+        }
+    }
+}
+
+/// Terraform-like text. Colour only when `color` (the CLI passes "stdout is a TTY").
+pub fn text(plan: &Plan, observed: &Observed, color: bool) -> String {
+    let c = Colors::new(color);
+    let mut out = String::new();
+    let changes = object_changes(plan);
+    if plan.steps.is_empty() && plan.deferred.is_empty() {
+        let _ = writeln!(out, "No changes. The world matches the desired state.");
+    } else if !plan.steps.is_empty() {
+        let _ = writeln!(out, "vessel will perform the following actions:\n");
+    }
+    for (object, steps) in grouped(plan) {
+        let change = changes.get(&object).copied().unwrap_or(Change::Update);
+        let col = c.of(change);
+        let _ = writeln!(
+            out,
+            "{col}{:>3}{} {}{object}{} {}({}){}",
+            change.symbol(),
+            c.reset,
+            c.bold,
+            c.reset,
+            c.dim,
+            headline(&steps),
+            c.reset
+        );
+        if let Some(diff) = field_diff(&object, &steps, observed, change) {
+            for line in diff.lines() {
+                let lc = match line.chars().next() {
+                    Some('+') => c.green,
+                    Some('-') => c.red,
+                    _ => "",
+                };
+                let _ = writeln!(out, "      {lc}{line}{}", c.reset);
+            }
+        }
+    }
+    if !plan.deferred.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nDeferred to the next pass (an input does not exist yet):"
+        );
+        for d in &plan.deferred {
+            let (sym, col) = if exists(&d.object, observed) {
+                ("~", c.yellow)
+            } else {
+                ("+", c.green)
+            };
+            let _ = writeln!(
+                out,
+                "  {col}{sym}{} {}: waits for {}",
+                c.reset, d.object, d.waiting_for
+            );
+        }
+    }
+    if !observed.gaps.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nCould not observe (nothing there is created or destroyed):"
+        );
+        for (p, e) in &observed.gaps {
+            let _ = writeln!(out, "  {}!{} {p}: {e}", c.red, c.reset);
+        }
+    }
+    if !plan.held.is_empty() || !plan.guards.is_empty() {
+        let _ = writeln!(out, "\nHeld (left exactly as they are):");
+        for g in &plan.guards {
+            let _ = writeln!(out, "  {}!{} {}", c.red, c.reset, g.describe());
+        }
+        for h in &plan.held {
+            let _ = writeln!(
+                out,
+                "  {}!{} {}: {}",
+                c.yellow,
+                c.reset,
+                h.object,
+                hold_text(&h.why)
+            );
+        }
+    }
+    if !plan.steps.is_empty() {
+        let _ = writeln!(out, "\nSteps, in order:");
+        let width = plan.steps.len().to_string().len();
+        for s in &plan.steps {
+            let deps = if s.depends_on.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " {}(after {}){}",
+                    c.dim,
+                    s.depends_on
+                        .iter()
+                        .map(|d| (d + 1).to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    c.reset
+                )
+            };
+            let _ = writeln!(
+                out,
+                "  {:>width$}. {} {}{deps}",
+                s.id + 1,
+                s.action.verb(),
+                step_target(&s.action)
+            );
+        }
+    }
+    let _ = writeln!(out, "\n{}{}{}", c.bold, summary_line(plan), c.reset);
+    out
+}
+
+fn step_target(a: &Action) -> String {
+    match a {
+        Action::UpsertRoute { host, upstream, .. } => format!("{host} -> {upstream}"),
+        Action::UpsertRecord {
+            name,
+            rtype,
+            content,
+        } => format!("{name} {} {content}", rtype.as_str()),
+        Action::RemoveRecord { name, rtype } => format!("{name} {}", rtype.as_str()),
+        Action::SyncSource { session, path, .. } => format!("{session} <- {}", path.display()),
+        Action::SaveWork { session, path, .. } => format!("{session} -> {}", path.display()),
+        other => match other.object() {
+            Object::Session(n) | Object::Route(n) | Object::Record(n) => n,
+        },
+    }
+}
+
+fn hold_text(h: &super::HoldReason) -> String {
+    match h {
+        super::HoldReason::Unobserved { provider, error } => {
+            format!("{provider} could not be observed: {error}")
+        }
+        super::HoldReason::Quarantined { file: Some(f) } => {
+            format!("its file {} has errors", f.display())
+        }
+        super::HoldReason::Quarantined { file: None } => "it is named in a file with errors".into(),
+        super::HoldReason::Foreign => "an object vessel does not own is in the way".into(),
+        super::HoldReason::Guarded => "its destroy is held by a guard".into(),
+    }
+}
+
+/// Stable, pretty JSON (schema: `schemas/plan-output.schema.json`).
+pub fn json(plan: &Plan) -> String {
+    let mut s =
+        serde_json::to_string_pretty(plan).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    s.push('\n');
+    s
+}
+
+/// Markdown for a pull-request comment.
+pub fn markdown(plan: &Plan, observed: &Observed) -> String {
+    let mut out = String::new();
+    let changes = object_changes(plan);
+    let _ = writeln!(out, "### vessel plan\n");
+    if plan.is_empty() && plan.held.is_empty() {
+        let _ = writeln!(out, "No changes. The world matches the desired state.");
+        return out;
+    }
+    let _ = writeln!(out, "**{}**\n", summary_line(plan));
+    if !plan.steps.is_empty() {
+        let _ = writeln!(out, "| | object | why |\n|---|---|---|");
+        for (object, steps) in grouped(plan) {
+            let change = changes.get(&object).copied().unwrap_or(Change::Update);
+            let _ = writeln!(
+                out,
+                "| `{}` | {} | {} |",
+                change.symbol(),
+                md_object(&object),
+                md_escape(&headline(&steps))
+            );
+        }
+        out.push('\n');
+    }
+    if !plan.deferred.is_empty() {
+        let _ = writeln!(out, "**Deferred to the next pass**\n");
+        for d in &plan.deferred {
+            let sym = if exists(&d.object, observed) {
+                "~"
+            } else {
+                "+"
+            };
+            let _ = writeln!(
+                out,
+                "- `{sym}` {}: waits for {}",
+                md_object(&d.object),
+                md_escape(&d.waiting_for)
+            );
+        }
+        out.push('\n');
+    }
+    if !observed.gaps.is_empty() {
+        let _ = writeln!(
+            out,
+            "**Could not observe** (nothing there is created or destroyed)\n"
+        );
+        for (p, e) in &observed.gaps {
+            let _ = writeln!(out, "- :x: `{p}`: {}", md_escape(e));
+        }
+        out.push('\n');
+    }
+    if !plan.held.is_empty() || !plan.guards.is_empty() {
+        let _ = writeln!(out, "**Held** (left exactly as they are)\n");
+        for g in &plan.guards {
+            let _ = writeln!(out, "- :warning: {}", md_escape(&g.describe()));
+        }
+        for h in &plan.held {
+            let _ = writeln!(
+                out,
+                "- {}: {}",
+                md_object(&h.object),
+                md_escape(&hold_text(&h.why))
+            );
+        }
+        out.push('\n');
+    }
+    let mut diffs = String::new();
+    for (object, steps) in grouped(plan) {
+        let change = changes.get(&object).copied().unwrap_or(Change::Update);
+        if let Some(d) = field_diff(&object, &steps, observed, change) {
+            let _ = writeln!(diffs, "# {object}\n{d}");
+        }
+    }
+    if !diffs.is_empty() {
+        let _ = writeln!(
+            out,
+            "<details><summary>Field changes</summary>\n\n```diff\n{}```\n\n</details>",
+            diffs
+        );
+    }
+    out
+}
+
+fn exists(o: &Object, observed: &Observed) -> bool {
+    match o {
+        Object::Session(n) => observed.sessions.contains_key(n),
+        Object::Route(h) => observed.routes.contains_key(h),
+        Object::Record(r) => {
+            let mut it = r.rsplitn(2, ' ');
+            let (ty, name) = (it.next().unwrap_or(""), it.next().unwrap_or(""));
+            observed
+                .records
+                .keys()
+                .any(|k| k == &format!("{name}/{ty}"))
+        }
+    }
+}
+
+fn md_object(o: &Object) -> String {
+    match o {
+        Object::Session(n) => format!("session `{n}`"),
+        Object::Route(h) => format!("route `{h}`"),
+        Object::Record(r) => format!("dns `{r}`"),
+    }
+}
+
+fn md_escape(s: &str) -> String {
+    s.replace('|', "\\|")
+}

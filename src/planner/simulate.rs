@@ -1,0 +1,139 @@
+//! Applying a plan to an observed state on paper: what the world looks like if every step
+//! succeeds. Used by the property tests (convergence) and by `vessel plan --against-ref`, which
+//! plans a change against the world another revision would have made. Pure.
+
+use crate::desired::Desired;
+use crate::observed::{Observed, ObservedRecord, ObservedRoute, ObservedSession, SessionState};
+
+use super::{Action, Plan, Policy, plan};
+
+/// The address a simulated session's port answers at.
+pub fn sim_endpoint(session: &str, port: u16) -> String {
+    format!("{session}.sim:{port}")
+}
+
+/// `observed` after every step of `plan` succeeded.
+pub fn simulate(plan: &Plan, observed: &Observed) -> Observed {
+    let mut o = observed.clone();
+    for step in &plan.steps {
+        match &step.action {
+            Action::CreateSession {
+                session,
+                spec,
+                fingerprint,
+                source_file,
+                save_to,
+                start,
+            } => {
+                o.sessions.insert(
+                    session.clone(),
+                    ObservedSession {
+                        name: session.clone(),
+                        provider: spec.compute,
+                        state: if *start {
+                            SessionState::Running
+                        } else {
+                            SessionState::Stopped
+                        },
+                        owned: true,
+                        fingerprint: fingerprint.clone(),
+                        spec: Some(spec.clone()),
+                        endpoints: spec
+                            .ports
+                            .iter()
+                            .map(|(n, p)| (n.clone(), sim_endpoint(session, p.0)))
+                            .collect(),
+                        source_file: Some(source_file.clone()),
+                        synced_source: None,
+                        save_to: save_to.clone(),
+                        healthy: Some(*start),
+                    },
+                );
+            }
+            Action::StartSession { session, .. } => {
+                if let Some(s) = o.sessions.get_mut(session) {
+                    s.state = SessionState::Running;
+                }
+            }
+            Action::StopSession { session, .. } => {
+                if let Some(s) = o.sessions.get_mut(session) {
+                    s.state = SessionState::Stopped;
+                }
+            }
+            Action::DestroySession { session, .. } => {
+                o.sessions.remove(session);
+            }
+            Action::SyncSource {
+                session,
+                path,
+                save_to,
+                ..
+            } => {
+                if let Some(s) = o.sessions.get_mut(session) {
+                    s.synced_source = Some(path.clone());
+                    s.save_to = save_to.clone();
+                }
+            }
+            Action::WaitHealthy { .. } | Action::SaveWork { .. } => {}
+            Action::UpsertRoute {
+                host,
+                upstream,
+                session,
+                route,
+                ..
+            } => {
+                o.routes.insert(
+                    host.clone(),
+                    ObservedRoute {
+                        host: host.clone(),
+                        upstream: upstream.clone(),
+                        owned: true,
+                        session: Some(session.clone()),
+                        route: route.clone(),
+                    },
+                );
+            }
+            Action::RemoveRoute { host } => {
+                o.routes.remove(host);
+            }
+            Action::UpsertRecord {
+                name,
+                rtype,
+                content,
+            } => {
+                o.records.insert(
+                    Observed::record_key(name, *rtype),
+                    ObservedRecord {
+                        name: name.clone(),
+                        rtype: *rtype,
+                        content: content.clone(),
+                        owned: true,
+                    },
+                );
+            }
+            Action::RemoveRecord { name, rtype } => {
+                o.records.remove(&Observed::record_key(name, *rtype));
+            }
+        }
+    }
+    o
+}
+
+/// The world `desired` converges to from `start`: plan and simulate until nothing is left to
+/// do (deferred routes take a second pass). At most `max_passes` passes.
+pub fn converge(
+    desired: &Desired,
+    start: &Observed,
+    policy: &Policy,
+    max_passes: usize,
+) -> (Observed, usize) {
+    let mut o = start.clone();
+    for pass in 0..max_passes {
+        let p = plan(desired, &o, policy);
+        if p.steps.is_empty() {
+            return (o, pass);
+        }
+        o = simulate(&p, &o);
+    }
+    (o, max_passes)
+}

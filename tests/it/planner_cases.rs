@@ -1,0 +1,253 @@
+//! Data-driven planner tests: every `tests/planner/*.yaml` case is loaded, planned and
+//! rendered; the text (and Markdown, for cases that ask) must match the `.txt` beside it.
+//! Run with `UPDATE_EXPECT=1` to rewrite the snapshots, then review the diff.
+//!
+//! A case:
+//! ```yaml
+//! now: 2026-06-01T00:00:00Z     # the clock
+//! world_now: ...                # the clock the world was converged at (default: now)
+//! policy: {dns: 192.0.2.1, allow_destroy: false, max_count: 10, max_percent: 50}
+//! world: {FILE: YAML, ...}      # the tree the observed world was converged from
+//! world_passes: 1               # converge only this many passes (default: to the end)
+//! files: {FILE: YAML, ...}      # the desired tree now
+//! drift: [...]                  # edits to the observed world, see `Drift`
+//! markdown: true                # also snapshot the Markdown rendering
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+
+use vessel::config::{Config, DestroyBudget};
+use vessel::desired::Desired;
+use vessel::model::ComputeKind;
+use vessel::observed::{
+    Observed, ObservedRecord, ObservedRoute, ObservedSession, ProviderId, RecordType, SessionState,
+};
+use vessel::planner::{Policy, plan, record_for, render, simulate::converge};
+
+use crate::support::root;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CasePolicy {
+    dns: Option<String>,
+    #[serde(default)]
+    allow_destroy: bool,
+    #[serde(default)]
+    allow_empty_source: bool,
+    max_count: Option<u32>,
+    max_percent: Option<u8>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Case {
+    now: Option<DateTime<Utc>>,
+    /// The clock the world was converged at (default: `now`).
+    world_now: Option<DateTime<Utc>>,
+    #[serde(default)]
+    policy: CasePolicy,
+    #[serde(default)]
+    world: BTreeMap<String, String>,
+    world_passes: Option<usize>,
+    #[serde(default)]
+    files: BTreeMap<String, String>,
+    #[serde(default)]
+    drift: Vec<Drift>,
+    #[serde(default)]
+    markdown: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+enum Drift {
+    Stop(String),
+    Fail(String),
+    RemoveSession(String),
+    RemoveRoute(String),
+    Upstream { host: String, to: String },
+    Gap { provider: String, error: String },
+    ForeignSession { name: String },
+    ForeignRoute { host: String, upstream: String },
+    ForeignRecord { name: String, content: String },
+}
+
+pub fn load(files: &BTreeMap<String, String>, now: DateTime<Utc>) -> Desired {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, text) in files {
+        let p = dir.path().join(name);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(p, text).expect("write");
+    }
+    let cfg = Config::embedded_default(dir.path());
+    vessel::load::load_tree(dir.path(), &cfg, now).expect("load")
+}
+
+fn policy_of(c: &CasePolicy, now: DateTime<Utc>) -> Policy {
+    let mut p = Policy::from_config(&Config::embedded_default(Path::new(".")), now);
+    p.dns = c.dns.as_deref().map(record_for);
+    p.allow_destroy = c.allow_destroy;
+    p.allow_empty_source = c.allow_empty_source;
+    let d = DestroyBudget::default();
+    p.destroy_budget = DestroyBudget {
+        max_count: c.max_count.unwrap_or(d.max_count),
+        max_percent: c.max_percent.unwrap_or(d.max_percent),
+    };
+    p
+}
+
+fn apply_drift(o: &mut Observed, drift: &[Drift]) {
+    for d in drift {
+        match d {
+            Drift::Stop(s) => {
+                o.sessions.get_mut(s).expect("drift names a session").state = SessionState::Stopped
+            }
+            Drift::Fail(s) => {
+                o.sessions.get_mut(s).expect("drift names a session").state = SessionState::Failed
+            }
+            Drift::RemoveSession(s) => {
+                o.sessions.remove(s).expect("drift names a session");
+            }
+            Drift::RemoveRoute(h) => {
+                o.routes.remove(h).expect("drift names a route");
+            }
+            Drift::Upstream { host, to } => {
+                o.routes
+                    .get_mut(host)
+                    .expect("drift names a route")
+                    .upstream = to.clone()
+            }
+            Drift::Gap { provider, error } => {
+                o.gaps.insert(
+                    provider.parse::<ProviderId>().expect("provider id"),
+                    error.clone(),
+                );
+            }
+            Drift::ForeignSession { name } => {
+                o.sessions.insert(
+                    name.clone(),
+                    ObservedSession {
+                        name: name.clone(),
+                        provider: ComputeKind::Process,
+                        state: SessionState::Running,
+                        owned: false,
+                        fingerprint: String::new(),
+                        spec: None,
+                        endpoints: BTreeMap::new(),
+                        source_file: None,
+                        synced_source: None,
+                        save_to: None,
+                        healthy: None,
+                    },
+                );
+            }
+            Drift::ForeignRoute { host, upstream } => {
+                o.routes.insert(
+                    host.clone(),
+                    ObservedRoute {
+                        host: host.clone(),
+                        upstream: upstream.clone(),
+                        owned: false,
+                        session: None,
+                        route: None,
+                    },
+                );
+            }
+            Drift::ForeignRecord { name, content } => {
+                let (rtype, _) = record_for(content);
+                o.records.insert(
+                    Observed::record_key(name, rtype),
+                    ObservedRecord {
+                        name: name.clone(),
+                        rtype,
+                        content: content.clone(),
+                        owned: false,
+                    },
+                );
+            }
+        }
+    }
+}
+
+fn run_case(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).expect("read case");
+    let case: Case =
+        serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let now = case.now.unwrap_or_else(|| {
+        DateTime::parse_from_rfc3339("2026-06-01T00:00:00Z")
+            .expect("ts")
+            .with_timezone(&Utc)
+    });
+    let policy = policy_of(&case.policy, now);
+    let world_now = case.world_now.unwrap_or(now);
+    let mut world_policy = policy.clone();
+    world_policy.now = world_now;
+    world_policy.allow_destroy = true;
+    world_policy.allow_empty_source = true;
+    let world = load(&case.world, world_now);
+    let (mut observed, _) = converge(
+        &world,
+        &Observed::default(),
+        &world_policy,
+        case.world_passes.unwrap_or(5),
+    );
+    apply_drift(&mut observed, &case.drift);
+    let desired = load(&case.files, now);
+    let p = plan(&desired, &observed, &policy);
+    let again = plan(&desired, &observed, &policy);
+    assert_eq!(
+        render::json(&p),
+        render::json(&again),
+        "{}: planning twice gives the same plan",
+        path.display()
+    );
+    let mut out = render::text(&p, &observed, false);
+    if case.markdown {
+        out.push_str("\n---- markdown ----\n");
+        out.push_str(&render::markdown(&p, &observed));
+    }
+    out
+}
+
+#[test]
+fn planner_cases_match_their_snapshots() {
+    let dir = root().join("tests/planner");
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("tests/planner")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    cases.sort();
+    assert!(
+        cases.len() >= 10,
+        "expected the planner cases in tests/planner"
+    );
+    let update = std::env::var_os("UPDATE_EXPECT").is_some();
+    let mut failures = Vec::new();
+    for case in &cases {
+        let got = run_case(case);
+        let snap = case.with_extension("txt");
+        let want = std::fs::read_to_string(&snap).unwrap_or_default();
+        if got != want {
+            if update {
+                std::fs::write(&snap, &got).expect("write snapshot");
+            } else {
+                failures.push(format!(
+                    "{}:\n--- want\n{want}\n--- got\n{got}",
+                    snap.display()
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} snapshot(s) differ (UPDATE_EXPECT=1 to update):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
