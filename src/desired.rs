@@ -81,28 +81,28 @@ impl Desired {
 }
 
 /// Where an effective route came from.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum RouteOrigin {
-    /// A `kind: Route` document.
-    Route(String),
+pub enum RouteOrigin<'a> {
+    /// A `kind: Route` document, by name.
+    Route(&'a str),
     /// A route template from the config, by its host pattern.
-    Template(String),
+    Template(&'a str),
 }
 
 /// A route as it will be served: host -> one port of one session.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-pub struct EffectiveRoute {
+pub struct EffectiveRoute<'a> {
     /// Lower-cased host.
     pub host: String,
-    pub session: String,
-    pub port_name: String,
+    pub session: &'a str,
+    pub port_name: &'a str,
     pub port: Port,
     pub dns: bool,
-    pub origin: RouteOrigin,
+    pub origin: RouteOrigin<'a>,
 }
 
-/// Expand a template's host for one session and port.
+/// Expand a template's host for one session and port, in one pass.
 pub fn expand_template(
     pattern: &str,
     session: &str,
@@ -110,66 +110,89 @@ pub fn expand_template(
     port_name: &str,
     port: Port,
 ) -> String {
-    pattern
-        .replace("{session}", session)
-        .replace("{domain}", domain)
-        .replace("{port_name}", port_name)
-        .replace("{port}", &port.to_string())
-        .to_ascii_lowercase()
+    let mut out = String::with_capacity(pattern.len() + session.len() + domain.len() + 8);
+    let mut rest = pattern;
+    while let Some(i) = rest.find('{') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        let (value, len): (&dyn std::fmt::Display, usize) = if tail.starts_with("{session}") {
+            (&session, 9)
+        } else if tail.starts_with("{domain}") {
+            (&domain, 8)
+        } else if tail.starts_with("{port_name}") {
+            (&port_name, 11)
+        } else if tail.starts_with("{port}") {
+            (&port.0, 6)
+        } else {
+            (&'{', 1)
+        };
+        use std::fmt::Write as _;
+        let _ = write!(out, "{value}");
+        rest = &tail[len..];
+    }
+    out.push_str(rest);
+    out.make_ascii_lowercase();
+    out
 }
 
 /// Routes templates give one session on `plan`, in template then port order.
-pub fn template_routes(
-    session: &str,
-    plan: &PlanSpec,
-    templates: &[RouteTemplate],
+pub fn template_routes<'a>(
+    session: &'a str,
+    plan: &'a PlanSpec,
+    templates: &'a [RouteTemplate],
     domain: &str,
-) -> Vec<EffectiveRoute> {
-    let mut out = Vec::new();
-    for t in templates {
-        for (name, port) in &plan.ports {
-            if t.port == "*" || t.port == *name {
-                out.push(EffectiveRoute {
-                    host: expand_template(&t.host, session, domain, name, *port),
-                    session: session.to_string(),
-                    port_name: name.clone(),
-                    port: *port,
-                    dns: t.dns,
-                    origin: RouteOrigin::Template(t.host.clone()),
-                });
-            }
-        }
-    }
-    out
+) -> impl Iterator<Item = EffectiveRoute<'a>> {
+    templates.iter().flat_map(move |t| {
+        plan.ports
+            .iter()
+            .filter(move |(name, _)| t.port == "*" || t.port == **name)
+            .map(move |(name, port)| EffectiveRoute {
+                host: expand_template(&t.host, session, domain, name, *port),
+                session,
+                port_name: name,
+                port: *port,
+                dns: t.dns,
+                origin: RouteOrigin::Template(&t.host),
+            })
+    })
 }
 
 /// Every route of the valid objects: from templates for each session, then explicit routes.
 /// Routes whose session or port does not resolve are left out (validation reports them).
-pub fn effective_routes(
-    desired: &Desired,
-    templates: &[RouteTemplate],
+/// Only sessions for which `include` is true get routes.
+pub fn effective_routes<'a>(
+    desired: &'a Desired,
+    templates: &'a [RouteTemplate],
     domain: &str,
-) -> Vec<EffectiveRoute> {
-    let mut out = Vec::new();
+    include: impl Fn(&str) -> bool,
+) -> Vec<EffectiveRoute<'a>> {
+    let mut out =
+        Vec::with_capacity(desired.sessions.len() * templates.len() + desired.routes.len());
     for (name, s) in &desired.sessions {
+        if !include(name) {
+            continue;
+        }
         if let Some(plan) = desired.plans.get(&s.spec.plan) {
             out.extend(template_routes(name, &plan.spec, templates, domain));
         }
     }
     for (name, r) in &desired.routes {
+        if !include(&r.spec.session) {
+            continue;
+        }
         let port = desired
             .sessions
             .get(&r.spec.session)
             .and_then(|s| desired.plans.get(&s.spec.plan))
-            .and_then(|p| p.spec.ports.get(&r.spec.port));
-        if let Some(port) = port {
+            .and_then(|p| p.spec.ports.get_key_value(&r.spec.port));
+        if let Some((port_name, port)) = port {
             out.push(EffectiveRoute {
                 host: r.spec.host.to_ascii_lowercase(),
-                session: r.spec.session.clone(),
-                port_name: r.spec.port.clone(),
+                session: &r.spec.session,
+                port_name,
                 port: *port,
                 dns: r.spec.dns,
-                origin: RouteOrigin::Route(name.clone()),
+                origin: RouteOrigin::Route(name),
             });
         }
     }

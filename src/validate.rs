@@ -361,10 +361,11 @@ fn check_across(files: &[LoadedFile], config: &Config) -> Vec<(usize, Diagnostic
     for (name, (i, s)) in &sessions {
         if let Some(plan) = plans.get(s.spec.plan.as_str()) {
             for r in template_routes(name, &plan.spec, &config.routes.templates, &config.domain) {
+                let port_name = r.port_name;
                 hosts.entry(r.host).or_default().push((
                     *i,
                     s.at("name"),
-                    format!("session `{name}` (template for port `{}`)", r.port_name),
+                    format!("session `{name}` (template for port `{port_name}`)"),
                     false,
                 ));
             }

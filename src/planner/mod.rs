@@ -13,7 +13,8 @@ pub mod render;
 pub mod simulate;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
@@ -154,6 +155,17 @@ impl Action {
             Action::UpsertRecord { name, rtype, .. } | Action::RemoveRecord { name, rtype } => {
                 Object::Record(format!("{name} {}", rtype.as_str()))
             }
+        }
+    }
+
+    /// The object's identity without allocating: (kind, name, record type).
+    pub fn key(&self) -> (u8, &str, Option<RecordType>) {
+        match self {
+            Action::UpsertRoute { host, .. } | Action::RemoveRoute { host } => (1, host, None),
+            Action::UpsertRecord { name, rtype, .. } | Action::RemoveRecord { name, rtype } => {
+                (2, name, Some(*rtype))
+            }
+            other => (0, other.session().unwrap_or_default(), None),
         }
     }
 
@@ -407,10 +419,10 @@ pub fn runtime_spec(session: &SessionSpec, plan: &PlanSpec) -> RuntimeSpec {
 
 /// A desired session as the plan sees it.
 struct Want<'a> {
-    spec: RuntimeSpec,
-    fingerprint: String,
+    spec: Rc<RuntimeSpec>,
+    fingerprint: Rc<str>,
     session: &'a SessionSpec,
-    file: PathBuf,
+    file: &'a Path,
     /// The state it should be in now (expiry applied).
     state: RunState,
     expired: Option<DateTime<Utc>>,
@@ -456,6 +468,8 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
 
     // Desired sessions with expiry applied, and the earliest future expiry.
     let mut wants: BTreeMap<&str, Want> = BTreeMap::new();
+    // Sessions without env of their own share their plan's spec and fingerprint.
+    let mut per_plan: BTreeMap<&str, (Rc<RuntimeSpec>, Rc<str>)> = BTreeMap::new();
     for (name, doc) in &desired.sessions {
         let Some(plan) = desired.plans.get(&doc.spec.plan) else {
             continue;
@@ -474,15 +488,27 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 out.next_wakeup = Some(at);
             }
         }
-        let spec = runtime_spec(s, &plan.spec);
-        let fingerprint = spec.fingerprint();
+        let (spec, fingerprint) = if s.env.is_empty() {
+            per_plan
+                .entry(plan.spec.name.as_str())
+                .or_insert_with(|| {
+                    let spec = runtime_spec(s, &plan.spec);
+                    let fp = spec.fingerprint();
+                    (Rc::new(spec), fp.into())
+                })
+                .clone()
+        } else {
+            let spec = runtime_spec(s, &plan.spec);
+            let fp = spec.fingerprint();
+            (Rc::new(spec), fp.into())
+        };
         wants.insert(
             name,
             Want {
                 spec,
                 fingerprint,
                 session: s,
-                file: doc.file.clone(),
+                file: &doc.file,
                 state,
                 expired,
             },
@@ -521,16 +547,13 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
     };
 
     // 1. Decide each session's fate.
-    let names: BTreeSet<&str> = wants
-        .keys()
-        .copied()
-        .chain(observed.sessions.keys().map(String::as_str))
-        .collect();
     let mut fates: BTreeMap<&str, Fate> = BTreeMap::new();
     let mut held_session_names: BTreeSet<&str> = BTreeSet::new();
-    for name in names {
-        let want = wants.get(name);
-        let have = observed.sessions.get(name);
+    let joined = merge_join(
+        wants.iter().map(|(k, v)| (*k, v)),
+        observed.sessions.iter().map(|(k, v)| (k.as_str(), v)),
+    );
+    for (name, want, have) in joined {
         let obj = Object::Session(name.to_string());
         if let Some(o) = have {
             if let Some(file) = quarantined_file(o) {
@@ -580,7 +603,7 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 None => Reason::NotDesired,
             }),
             (Some(w), Some(o)) => {
-                if o.fingerprint != w.fingerprint || o.provider != w.spec.compute {
+                if *o.fingerprint != *w.fingerprint || o.provider != w.spec.compute {
                     Fate::Replace(spec_changes(o.spec.as_ref(), &w.spec))
                 } else {
                     let want_running = w.state == RunState::Running;
@@ -667,21 +690,19 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
         };
         match fate {
             Fate::Keep => {
-                if let (Some(w), Some(o)) = (want, have) {
-                    if let Some(src) = &w.session.source {
-                        if w.state == RunState::Running
-                            && o.state == SessionState::Running
-                            && o.synced_source.as_ref() != Some(&src.path)
-                        {
-                            push(
-                                Phase::Source,
-                                sync_action(name, w),
-                                Reason::Drifted {
-                                    changes: vec!["source.path".into()],
-                                },
-                            );
-                        }
-                    }
+                if let (Some(w), Some(o)) = (want, have)
+                    && let Some(src) = &w.session.source
+                    && w.state == RunState::Running
+                    && o.state == SessionState::Running
+                    && o.synced_source.as_ref() != Some(&src.path)
+                {
+                    push(
+                        Phase::Source,
+                        sync_action(name, w),
+                        Reason::Drifted {
+                            changes: vec!["source.path".into()],
+                        },
+                    );
                 }
             }
             Fate::Create => {
@@ -742,12 +763,11 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                     },
                     follows(),
                 );
-                if let Some(w) = want {
-                    if let Some(src) = &w.session.source {
-                        if o.synced_source.as_ref() != Some(&src.path) {
-                            push(Phase::Source, sync_action(name, w), follows());
-                        }
-                    }
+                if let Some(w) = want
+                    && let Some(src) = &w.session.source
+                    && o.synced_source.as_ref() != Some(&src.path)
+                {
+                    push(Phase::Source, sync_action(name, w), follows());
                 }
                 address_pending.insert(name);
             }
@@ -803,34 +823,28 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
         wants.get(s).is_some_and(|w| w.state != RunState::Stopped)
             && !held_session_names.contains(s)
     };
-    let desired_routes: BTreeMap<String, EffectiveRoute> = {
-        let mut m = BTreeMap::new();
-        for r in effective_routes(desired, &policy.templates, &policy.domain) {
-            if routed(&r.session) {
-                m.entry(r.host.clone()).or_insert(r);
-            }
-        }
-        m
-    };
+    // Sorted by host; where two claim one host (validation prevents it) the explicit route
+    // wins, then the first template in `RouteOrigin` order: a total order, so deterministic.
+    let mut desired_routes: Vec<EffectiveRoute> =
+        effective_routes(desired, &policy.templates, &policy.domain, routed);
+    desired_routes.sort_unstable_by(|a, b| (&a.host, a.origin).cmp(&(&b.host, b.origin)));
+    desired_routes.dedup_by(|later, first| later.host == first.host);
     let proxy_gap = gap(&ProviderId::Proxy);
-    let mut held_hosts: BTreeSet<String> = BTreeSet::new();
-    let mut route_pending: BTreeSet<String> = BTreeSet::new();
-    let hosts: BTreeSet<&str> = desired_routes
-        .keys()
-        .map(String::as_str)
-        .chain(observed.routes.keys().map(String::as_str))
-        .collect();
-    for host in hosts {
-        let want = desired_routes.get(host);
-        let have = observed.routes.get(host);
-        let obj = Object::Route(host.to_string());
+    let mut held_hosts: BTreeSet<&str> = BTreeSet::new();
+    let mut route_pending: BTreeSet<&str> = BTreeSet::new();
+    let joined = merge_join(
+        desired_routes.iter().map(|r| (r.host.as_str(), r)),
+        observed.routes.iter().map(|(k, v)| (k.as_str(), v)),
+    );
+    for (host, want, have) in joined {
+        let obj = || Object::Route(host.to_string());
         if have.is_some_and(|o| !o.owned) {
             if want.is_some() {
                 out.held.push(Hold {
-                    object: obj,
+                    object: obj(),
                     why: HoldReason::Foreign,
                 });
-                held_hosts.insert(host.to_string());
+                held_hosts.insert(host);
             }
             continue;
         }
@@ -843,46 +857,46 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
             (s || r).then_some(())
         });
         if held_by_quarantine.is_some() {
-            held_hosts.insert(host.to_string());
+            held_hosts.insert(host);
             continue;
         }
         if let Some(e) = &proxy_gap {
             out.held.push(Hold {
-                object: obj,
+                object: obj(),
                 why: HoldReason::Unobserved {
                     provider: ProviderId::Proxy,
                     error: e.clone(),
                 },
             });
-            held_hosts.insert(host.to_string());
+            held_hosts.insert(host);
             continue;
         }
         match (want, have) {
             (Some(r), _) => {
-                let upstream = if address_pending.contains(r.session.as_str()) {
+                let upstream = if address_pending.contains(r.session) {
                     None
                 } else {
                     observed
                         .sessions
-                        .get(&r.session)
-                        .and_then(|s| s.endpoints.get(&r.port_name))
+                        .get(r.session)
+                        .and_then(|s| s.endpoints.get(r.port_name))
                         .cloned()
                 };
                 let Some(upstream) = upstream else {
-                    if have.is_none() || address_pending.contains(r.session.as_str()) {
+                    if have.is_none() || address_pending.contains(r.session) {
                         out.deferred.push(Deferred {
-                            object: obj,
+                            object: obj(),
                             waiting_for: format!(
                                 "an address for session {} port {}",
                                 r.session, r.port_name
                             ),
                         });
-                        route_pending.insert(host.to_string());
+                        route_pending.insert(host);
                     }
                     continue;
                 };
-                let route_name = match &r.origin {
-                    crate::desired::RouteOrigin::Route(n) => Some(n.clone()),
+                let route_name: Option<&str> = match r.origin {
+                    crate::desired::RouteOrigin::Route(n) => Some(n),
                     crate::desired::RouteOrigin::Template(_) => None,
                 };
                 let reason = match have {
@@ -891,8 +905,8 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                         changes: vec![format!("upstream {} -> {upstream}", o.upstream)],
                     },
                     Some(o)
-                        if o.session.as_deref() != Some(r.session.as_str())
-                            || o.route != route_name =>
+                        if o.session.as_deref() != Some(r.session)
+                            || o.route.as_deref() != route_name =>
                     {
                         Reason::Drifted {
                             changes: vec!["owner".into()],
@@ -905,9 +919,9 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                     Action::UpsertRoute {
                         host: host.into(),
                         upstream,
-                        session: r.session.clone(),
-                        port: r.port_name.clone(),
-                        route: route_name,
+                        session: r.session.to_string(),
+                        port: r.port_name.to_string(),
+                        route: route_name.map(str::to_string),
                     },
                     reason,
                 );
@@ -924,19 +938,17 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
     // 5. DNS records for routes with `dns: true`.
     if let Some((rtype, content)) = &policy.dns {
         let dns_gap = gap(&ProviderId::Dns);
-        let want: BTreeMap<String, &EffectiveRoute> = desired_routes
-            .values()
+        let mut want: Vec<(String, &EffectiveRoute)> = desired_routes
+            .iter()
             .filter(|r| r.dns)
             .map(|r| (Observed::record_key(&r.host, *rtype), r))
             .collect();
-        let keys: BTreeSet<&str> = want
-            .keys()
-            .map(String::as_str)
-            .chain(observed.records.keys().map(String::as_str))
-            .collect();
-        for key in keys {
-            let w = want.get(key);
-            let have = observed.records.get(key);
+        want.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let joined = merge_join(
+            want.iter().map(|(k, v)| (k.as_str(), *v)),
+            observed.records.iter().map(|(k, v)| (k.as_str(), v)),
+        );
+        for (_, w, have) in joined {
             let (name, ty) = match (w, have) {
                 (Some(r), _) => (r.host.clone(), *rtype),
                 (None, Some(o)) => (o.name.clone(), o.rtype),
@@ -952,7 +964,7 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 }
                 continue;
             }
-            if held_hosts.contains(&name)
+            if held_hosts.contains(name.as_str())
                 || (w.is_none()
                     && held_session_names.iter().any(|s| {
                         observed
@@ -974,7 +986,7 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 continue;
             }
             match (w, have) {
-                (Some(_), _) if route_pending.contains(&name) => {
+                (Some(_), _) if route_pending.contains(name.as_str()) => {
                     out.deferred.push(Deferred {
                         object: obj,
                         waiting_for: format!("route {name}"),
@@ -1054,9 +1066,9 @@ fn create_steps(
         Phase::Create,
         Action::CreateSession {
             session: name.into(),
-            spec: w.spec.clone(),
-            fingerprint: w.fingerprint.clone(),
-            source_file: w.file.clone(),
+            spec: (*w.spec).clone(),
+            fingerprint: w.fingerprint.to_string(),
+            source_file: w.file.to_path_buf(),
             save_to,
             start,
         },
@@ -1107,23 +1119,39 @@ fn spec_changes(old: Option<&RuntimeSpec>, new: &RuntimeSpec) -> Vec<String> {
 
 /// Order drafts by phase and object, number them, wire dependencies, and summarise.
 fn finish(mut out: Plan, mut drafts: Vec<Draft>, observed: &Observed) -> Plan {
-    drafts.sort_by(|a, b| (a.phase, a.action.object()).cmp(&(b.phase, b.action.object())));
+    // Stable, by phase only: within a phase, drafts were pushed in the order of the sorted maps
+    // they came from, which is deterministic (and cheaper than comparing names again).
+    drafts.sort_by_key(|d| d.phase);
+    let deps = dependencies(&drafts, observed);
+    for (id, (d, deps)) in drafts.into_iter().zip(deps).enumerate() {
+        out.steps.push(Step {
+            id,
+            action: d.action,
+            reason: d.reason,
+            depends_on: deps,
+        });
+    }
+    out.held.sort_by(|a, b| a.object.cmp(&b.object));
+    out.held.dedup();
+    out.summary = summarize(&out);
+    out
+}
+
+/// Each draft's dependencies, by index into the (sorted) drafts; always lower indices.
+fn dependencies(drafts: &[Draft], observed: &Observed) -> Vec<Vec<usize>> {
     // Index: (phase, session) and (phase, host) -> step ids.
-    let mut by_session: BTreeMap<(Phase, String), Vec<usize>> = BTreeMap::new();
-    let mut by_host: BTreeMap<(Phase, String), usize> = BTreeMap::new();
+    let mut by_session: BTreeMap<(Phase, &str), Vec<usize>> = BTreeMap::new();
+    let mut by_host: BTreeMap<(Phase, &str), usize> = BTreeMap::new();
     for (id, d) in drafts.iter().enumerate() {
         if let Some(s) = d.action.session() {
-            by_session
-                .entry((d.phase, s.to_string()))
-                .or_default()
-                .push(id);
+            by_session.entry((d.phase, s)).or_default().push(id);
         }
         match &d.action {
             Action::UpsertRoute { host, .. } | Action::RemoveRoute { host } => {
-                by_host.insert((d.phase, host.clone()), id);
+                by_host.insert((d.phase, host), id);
             }
             Action::UpsertRecord { name, .. } | Action::RemoveRecord { name, .. } => {
-                by_host.insert((d.phase, name.clone()), id);
+                by_host.insert((d.phase, name), id);
             }
             _ => {}
         }
@@ -1137,12 +1165,14 @@ fn finish(mut out: Plan, mut drafts: Vec<Draft>, observed: &Observed) -> Plan {
     }
     let sess = |p: Phase, s: &str| {
         by_session
-            .get(&(p, s.to_string()))
-            .cloned()
+            .get(&(p, s))
+            .map(Vec::as_slice)
             .unwrap_or_default()
+            .to_vec()
     };
-    let host = |p: Phase, h: &str| by_host.get(&(p, h.to_string())).copied();
-    for (id, d) in drafts.into_iter().enumerate() {
+    let host = |p: Phase, h: &str| by_host.get(&(p, h)).copied();
+    let mut all = Vec::with_capacity(drafts.len());
+    for (id, d) in drafts.iter().enumerate() {
         let mut deps: Vec<usize> = Vec::new();
         match &d.action {
             Action::RemoveRoute { host: h } => deps.extend(host(Phase::RemoveRecord, h)),
@@ -1177,41 +1207,16 @@ fn finish(mut out: Plan, mut drafts: Vec<Draft>, observed: &Observed) -> Plan {
         deps.retain(|d| *d < id);
         deps.sort_unstable();
         deps.dedup();
-        out.steps.push(Step {
-            id,
-            action: d.action,
-            reason: d.reason,
-            depends_on: deps,
-        });
+        all.push(deps);
     }
-    out.held.sort_by(|a, b| a.object.cmp(&b.object));
-    out.held.dedup();
-    out.summary = summarize(&out);
-    out
+    all
 }
 
 /// One verb per object: what the plan does to it overall.
 pub fn object_changes(plan: &Plan) -> BTreeMap<Object, Change> {
     let mut m: BTreeMap<Object, Change> = BTreeMap::new();
     for s in &plan.steps {
-        let c = match (&s.action, &s.reason) {
-            (_, Reason::Replaced { .. }) => Change::Replace,
-            (
-                Action::CreateSession { .. }
-                | Action::UpsertRoute { .. }
-                | Action::UpsertRecord { .. },
-                Reason::Missing,
-            ) => Change::Create,
-            (
-                Action::DestroySession { .. }
-                | Action::RemoveRoute { .. }
-                | Action::RemoveRecord { .. },
-                _,
-            ) => Change::Destroy,
-            (Action::WaitHealthy { .. } | Action::SaveWork { .. }, _) => Change::Follow,
-            (Action::SyncSource { .. }, Reason::Follows { .. }) => Change::Follow,
-            _ => Change::Update,
-        };
+        let c = change_of(s);
         let e = m.entry(s.action.object()).or_insert(c);
         if c.rank() > e.rank() {
             *e = c;
@@ -1224,6 +1229,26 @@ pub fn object_changes(plan: &Plan) -> BTreeMap<Object, Change> {
         }
     }
     m
+}
+
+/// What one step does to its object.
+fn change_of(s: &Step) -> Change {
+    match (&s.action, &s.reason) {
+        (_, Reason::Replaced { .. }) => Change::Replace,
+        (
+            Action::CreateSession { .. } | Action::UpsertRoute { .. } | Action::UpsertRecord { .. },
+            Reason::Missing,
+        ) => Change::Create,
+        (
+            Action::DestroySession { .. }
+            | Action::RemoveRoute { .. }
+            | Action::RemoveRecord { .. },
+            _,
+        ) => Change::Destroy,
+        (Action::WaitHealthy { .. } | Action::SaveWork { .. }, _) => Change::Follow,
+        (Action::SyncSource { .. }, Reason::Follows { .. }) => Change::Follow,
+        _ => Change::Update,
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1262,7 +1287,15 @@ fn summarize(p: &Plan) -> Summary {
         held: p.held.len(),
         ..Summary::default()
     };
-    for c in object_changes(p).values() {
+    let mut m: BTreeMap<(u8, &str, Option<RecordType>), Change> = BTreeMap::new();
+    for step in &p.steps {
+        let c = change_of(step);
+        let e = m.entry(step.action.key()).or_insert(c);
+        if c.rank() > e.rank() {
+            *e = c;
+        }
+    }
+    for c in m.values() {
         match c {
             Change::Create => s.create += 1,
             Change::Destroy => s.destroy += 1,
@@ -1271,4 +1304,30 @@ fn summarize(p: &Plan) -> Summary {
         }
     }
     s
+}
+
+/// Walk two sequences sorted by key together: every key once, with its value from either side.
+fn merge_join<'k, A, B>(
+    a: impl Iterator<Item = (&'k str, A)>,
+    b: impl Iterator<Item = (&'k str, B)>,
+) -> impl Iterator<Item = (&'k str, Option<A>, Option<B>)> {
+    let mut a = a.peekable();
+    let mut b = b.peekable();
+    std::iter::from_fn(move || {
+        let order = match (a.peek(), b.peek()) {
+            (None, None) => return None,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some((ka, _)), Some((kb, _))) => ka.cmp(kb),
+        };
+        Some(match order {
+            std::cmp::Ordering::Less => a.next().map(|(k, v)| (k, Some(v), None))?,
+            std::cmp::Ordering::Greater => b.next().map(|(k, v)| (k, None, Some(v)))?,
+            std::cmp::Ordering::Equal => {
+                let (k, va) = a.next()?;
+                let (_, vb) = b.next()?;
+                (k, Some(va), Some(vb))
+            }
+        })
+    })
 }

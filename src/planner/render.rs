@@ -153,16 +153,16 @@ fn before_after(
                 before
             } else {
                 let mut b = before;
-                if let Some(r) = observed.routes.get(host) {
-                    if let Some(s) = &r.session {
-                        b.push(format!(
-                            "session: {s}:{}",
-                            after
-                                .get(1)
-                                .and_then(|l| l.rsplit(':').next())
-                                .unwrap_or("?")
-                        ));
-                    }
+                if let Some(r) = observed.routes.get(host)
+                    && let Some(s) = &r.session
+                {
+                    b.push(format!(
+                        "session: {s}:{}",
+                        after
+                            .get(1)
+                            .and_then(|l| l.rsplit(':').next())
+                            .unwrap_or("?")
+                    ));
                 }
                 b
             };

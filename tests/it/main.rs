@@ -4,5 +4,6 @@
 mod hostile;
 mod hygiene;
 mod planner_cases;
+mod planner_props;
 mod support;
 mod validate;

@@ -24,7 +24,7 @@ use vessel::config::{Config, DestroyBudget};
 use vessel::desired::Desired;
 use vessel::model::ComputeKind;
 use vessel::observed::{
-    Observed, ObservedRecord, ObservedRoute, ObservedSession, ProviderId, RecordType, SessionState,
+    Observed, ObservedRecord, ObservedRoute, ObservedSession, ProviderId, SessionState,
 };
 use vessel::planner::{Policy, plan, record_for, render, simulate::converge};
 
