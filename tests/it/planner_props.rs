@@ -46,7 +46,11 @@ fn plans(variant: u8) -> Vec<PlanSpec> {
         idle_timeout: None,
         stop_timeout: None,
     };
-    let cmd = if variant % 2 == 0 { "serve" } else { "serve2" };
+    let cmd = if variant.is_multiple_of(2) {
+        "serve"
+    } else {
+        "serve2"
+    };
     vec![
         mk("p0", cmd, &[("ide", 8080), ("app", 5173)]),
         mk("p1", "serve", &[("ide", 8080)]),
@@ -315,12 +319,11 @@ proptest! {
                 }
                 prop_assert!(held_session.as_ref() != Some(s), "step on a quarantined session: {:?}", step.action);
             }
-            if let Some(h) = &host {
-                if let Some(r) = observed.routes.get(h) {
+            if let Some(h) = &host
+                && let Some(r) = observed.routes.get(h) {
                     prop_assert!(r.owned, "step on a foreign route: {:?}", step.action);
                     prop_assert!(held_session.is_none() || r.session != held_session, "step on a quarantined route: {:?}", step.action);
                 }
-            }
             if let Some(n) = &record {
                 for rec in observed.records.values().filter(|r| &r.name == n) {
                     prop_assert!(rec.owned, "step on a foreign record: {:?}", step.action);
