@@ -12,4 +12,5 @@ pub mod model;
 pub mod observed;
 pub mod planner;
 pub mod schema;
+pub mod source;
 pub mod validate;

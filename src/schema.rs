@@ -14,6 +14,14 @@ pub fn all() -> Vec<(&'static str, String)> {
         ("session.schema.json", render::<SessionSpec>("Session")),
         ("route.schema.json", render::<RouteSpec>("Route")),
         ("config.schema.json", render::<Config>("config")),
+        (
+            "plan-output.schema.json",
+            render::<crate::planner::Plan>("plan-output"),
+        ),
+        (
+            "observed.schema.json",
+            render::<crate::observed::Observed>("observed"),
+        ),
     ];
     let any = json!({
         "$schema": "https://json-schema.org/draft/2020-12/schema",

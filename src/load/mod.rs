@@ -87,6 +87,44 @@ pub fn load_tree(root: &Path, config: &Config, now: DateTime<Utc>) -> Result<Des
     Ok(assemble(loaded, warnings))
 }
 
+/// Files given in memory: (path relative to the tree's root, bytes or why they could not be read).
+pub type Entries = Vec<(PathBuf, Result<Vec<u8>, String>)>;
+
+/// Load and validate files given in memory (from a git tree, say): `(relative path, bytes or
+/// why they could not be read)`. Diagnostics show paths under `display_root`.
+pub fn load_entries(
+    display_root: &Path,
+    mut entries: Entries,
+    config: &Config,
+    now: DateTime<Utc>,
+) -> Desired {
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut loaded: Vec<LoadedFile> = entries
+        .into_iter()
+        .map(|(rel, bytes)| {
+            let bytes = bytes.and_then(|b| {
+                if b.len() as u64 > MAX_FILE_BYTES {
+                    Err(format!("file is {} bytes, over the {} MiB limit for one desired-state file; split it", b.len(), MAX_FILE_BYTES >> 20))
+                } else {
+                    Ok(b)
+                }
+            });
+            parse(text_of(&display_root.join(&rel), &rel, bytes))
+        })
+        .collect();
+    let warnings = validate::check(&mut loaded, config, now);
+    assemble(loaded, warnings)
+}
+
+/// Is a file of this name part of a desired-state tree? (`*.yaml`/`*.yml`, not hidden, not an
+/// editor's swap or backup file.) Directories whose name this rejects are skipped too.
+pub fn is_desired_name(name: &str, is_dir: bool) -> bool {
+    if name.starts_with('.') || name.starts_with('#') || name.ends_with('~') {
+        return false;
+    }
+    is_dir || name.ends_with(".yaml") || name.ends_with(".yml")
+}
+
 /// Every `*.yaml`/`*.yml` under `root`, relative, sorted; hidden files, editor swap and backup
 /// files, and symlinked directories skipped.
 pub fn find_files(root: &Path) -> Result<Vec<PathBuf>, LoadError> {
@@ -119,14 +157,14 @@ pub fn find_files(root: &Path) -> Result<Vec<PathBuf>, LoadError> {
         for entry in entries.flatten() {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            if name.starts_with('.') || name.starts_with('#') || name.ends_with('~') {
+            if !is_desired_name(name, false) && !is_desired_name(name, true) {
                 continue;
             }
             let Ok(ft) = entry.file_type() else { continue };
             let child = rel.join(name);
             if ft.is_dir() {
                 stack.push(child);
-            } else if (name.ends_with(".yaml") || name.ends_with(".yml"))
+            } else if is_desired_name(name, false)
                 && (ft.is_file() || (ft.is_symlink() && entry.path().is_file()))
             {
                 out.push(child);
@@ -163,6 +201,13 @@ fn read_limited(path: &Path) -> Result<Vec<u8>, String> {
 /// Read one file as text within the limits; problems become the file's errors.
 fn load_text(root: &Path, rel: &Path) -> LoadedFile {
     let display = root.join(rel);
+    let bytes = read_limited(&display);
+    text_of(&display, rel, bytes)
+}
+
+/// Turn a file's bytes (or why they could not be read) into text; problems become errors.
+fn text_of(display: &Path, rel: &Path, bytes: Result<Vec<u8>, String>) -> LoadedFile {
+    let display = display.to_path_buf();
     let mut lf = LoadedFile {
         rel: rel.to_path_buf(),
         display: display.clone(),
@@ -172,7 +217,7 @@ fn load_text(root: &Path, rel: &Path) -> LoadedFile {
         held: Vec::new(),
     };
     let whole = Pos::default();
-    let bytes = match read_limited(&display) {
+    let bytes = match bytes {
         Ok(b) => b,
         Err(msg) => {
             lf.errors
@@ -226,7 +271,11 @@ fn load_text(root: &Path, rel: &Path) -> LoadedFile {
 
 /// Read and parse one file. Never fails: problems become the file's errors.
 pub fn load_file(root: &Path, rel: &Path) -> LoadedFile {
-    let mut lf = load_text(root, rel);
+    parse(load_text(root, rel))
+}
+
+/// Parse the documents of a file whose text was read.
+fn parse(mut lf: LoadedFile) -> LoadedFile {
     if !lf.errors.is_empty() {
         return lf;
     }

@@ -75,3 +75,34 @@ fn example_files_start_with_a_schema_modeline_that_resolves() {
         );
     }
 }
+
+#[test]
+fn the_planner_does_no_io() {
+    let forbidden = [
+        "std::fs",
+        "std::net",
+        "std::env",
+        "std::process",
+        "tokio",
+        "Utc::now",
+        "SystemTime",
+        "Instant::now",
+        "crate::load",
+        "crate::source",
+        "rand::",
+    ];
+    for f in [
+        "src/planner/mod.rs",
+        "src/planner/render.rs",
+        "src/planner/simulate.rs",
+        "src/validate.rs",
+    ] {
+        let text = std::fs::read_to_string(root().join(f)).expect("read");
+        for word in forbidden {
+            assert!(
+                !text.contains(word),
+                "{f} mentions `{word}`: the planner and validation stay pure"
+            );
+        }
+    }
+}

@@ -3,6 +3,7 @@
 
 mod hostile;
 mod hygiene;
+mod plan_cli;
 mod planner_cases;
 mod planner_props;
 mod support;
