@@ -6,11 +6,14 @@
 pub mod cli;
 pub mod config;
 pub mod desired;
+pub mod devserver;
 pub mod diag;
 pub mod load;
 pub mod model;
 pub mod observed;
 pub mod planner;
+pub mod providers;
+pub mod proxy;
 pub mod schema;
 pub mod source;
 pub mod validate;

@@ -1,0 +1,74 @@
+//! The embedded proxy as a proxy provider: observe reads its table, apply swaps it. Every
+//! route in it is vessel's. A route counts as applied as soon as the swap is done, which is
+//! also when it serves.
+
+use crate::observed::ObservedRoute;
+use crate::planner::Action;
+use crate::proxy::{Change, Proxy, Route};
+
+use super::{BoxFut, ProviderError, ProxyProvider};
+
+pub struct EmbeddedProxy {
+    proxy: Proxy,
+}
+
+impl EmbeddedProxy {
+    pub fn new(proxy: Proxy) -> EmbeddedProxy {
+        EmbeddedProxy { proxy }
+    }
+}
+
+impl ProxyProvider for EmbeddedProxy {
+    fn observe(&self) -> BoxFut<'_, Result<Vec<ObservedRoute>, ProviderError>> {
+        let routes = self
+            .proxy
+            .routes()
+            .into_iter()
+            .map(|(host, r)| ObservedRoute {
+                host,
+                upstream: r.upstream,
+                owned: true,
+                session: Some(r.session),
+                route: r.route,
+            })
+            .collect();
+        Box::pin(async move { Ok(routes) })
+    }
+
+    fn apply<'a>(
+        &'a self,
+        actions: &'a [&'a Action],
+    ) -> BoxFut<'a, Vec<Result<(), ProviderError>>> {
+        let mut changes = Vec::new();
+        let mut results = Vec::new();
+        for a in actions {
+            match a {
+                Action::UpsertRoute {
+                    host,
+                    upstream,
+                    session,
+                    route,
+                    ..
+                } => {
+                    changes.push(Change::Upsert {
+                        host: host.clone(),
+                        route: Route {
+                            upstream: upstream.clone(),
+                            session: session.clone(),
+                            route: route.clone(),
+                            ready: true,
+                        },
+                    });
+                    results.push(Ok(()));
+                }
+                Action::RemoveRoute { host } => {
+                    changes.push(Change::Remove { host: host.clone() });
+                    results.push(Ok(()));
+                }
+                _ => results.push(Err(ProviderError::Unsupported("a non-route step"))),
+            }
+        }
+        self.proxy.apply(&changes);
+        Box::pin(async move { results })
+    }
+}

@@ -1,0 +1,239 @@
+//! Providers: what observes the world and carries out plan steps. Three families, each a small
+//! trait of `observe` plus idempotent operations (the plan's actions):
+//!
+//! - compute (`ComputeProvider`): sessions, one step at a time;
+//! - proxy (`ProxyProvider`): routes, in batches (one table swap or config load per batch);
+//! - DNS (`DnsProvider`): records, in batches.
+//!
+//! `Providers` is the set the config chooses. Observing never fails as a whole: a provider
+//! that cannot be observed becomes a gap, and the planner leaves everything there alone.
+//! Foreign (SDK) types stay inside each provider's module.
+
+pub mod embedded;
+pub mod process;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{Config, DnsConfig, ProxyConfig};
+use crate::model::ComputeKind;
+use crate::observed::{Observed, ObservedRecord, ObservedRoute, ObservedSession, ProviderId};
+use crate::planner::Action;
+
+pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Why a provider call failed. Its Display names the operation and the object; the cause is
+/// in `source`, never repeated.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("{op} {object}")]
+    Io {
+        op: &'static str,
+        object: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{op} {object}: {message}")]
+    Failed {
+        op: &'static str,
+        object: String,
+        message: String,
+    },
+    #[error("{0} is not handled by this provider")]
+    Unsupported(&'static str),
+}
+
+impl ProviderError {
+    pub fn io(
+        op: &'static str,
+        object: impl Into<String>,
+    ) -> impl FnOnce(std::io::Error) -> ProviderError {
+        let object = object.into();
+        move |source| ProviderError::Io { op, object, source }
+    }
+
+    pub fn failed(
+        op: &'static str,
+        object: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ProviderError {
+        ProviderError::Failed {
+            op,
+            object: object.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The whole error chain on one line, for logs, events and status.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+pub trait ComputeProvider: Send + Sync {
+    fn kind(&self) -> ComputeKind;
+    /// Every session carrying vessel's marker (and any in the way, marked foreign).
+    fn observe(&self) -> BoxFut<'_, Result<Vec<ObservedSession>, ProviderError>>;
+    /// Carry out one session step. Idempotent: applying it twice is applying it once.
+    fn apply<'a>(&'a self, action: &'a Action) -> BoxFut<'a, Result<(), ProviderError>>;
+    /// Ticks when something changed by itself (a session exited), so the loop can repair it
+    /// without waiting for the periodic pass.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+    /// vessel is exiting.
+    fn shutdown(&self) -> BoxFut<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+pub trait ProxyProvider: Send + Sync {
+    fn observe(&self) -> BoxFut<'_, Result<Vec<ObservedRoute>, ProviderError>>;
+    /// Carry out route steps as one batch; one result per action, in order.
+    fn apply<'a>(&'a self, actions: &'a [&'a Action])
+    -> BoxFut<'a, Vec<Result<(), ProviderError>>>;
+}
+
+pub trait DnsProvider: Send + Sync {
+    fn observe(&self) -> BoxFut<'_, Result<Vec<ObservedRecord>, ProviderError>>;
+    fn apply<'a>(&'a self, actions: &'a [&'a Action])
+    -> BoxFut<'a, Vec<Result<(), ProviderError>>>;
+}
+
+/// The providers a config chooses.
+#[derive(Clone)]
+pub struct Providers {
+    pub compute: BTreeMap<ComputeKind, Arc<dyn ComputeProvider>>,
+    pub proxy: Arc<dyn ProxyProvider>,
+    pub dns: Option<Arc<dyn DnsProvider>>,
+    /// The embedded proxy, when it is the proxy provider (the daemon serves it).
+    pub embedded: Option<crate::proxy::Proxy>,
+    pub observe_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("the {0} provider is not available in this build of vessel yet")]
+    NotAvailable(&'static str),
+    #[error("cannot prepare the process provider's directory {path}")]
+    StateDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Providers {
+    /// The providers `config` names.
+    pub fn from_config(config: &Config) -> Result<Providers, SetupError> {
+        let mut compute: BTreeMap<ComputeKind, Arc<dyn ComputeProvider>> = BTreeMap::new();
+        if let Some(p) = &config.providers.compute.process {
+            let root = config.state_dir.join("sessions");
+            let provider = process::ProcessProvider::new(root.clone(), p.clone())
+                .map_err(|source| SetupError::StateDir { path: root, source })?;
+            compute.insert(ComputeKind::Process, Arc::new(provider));
+        }
+        if config.providers.compute.docker.is_some() {
+            return Err(SetupError::NotAvailable("docker"));
+        }
+        let (proxy, embedded): (Arc<dyn ProxyProvider>, _) = match &config.providers.proxy {
+            ProxyConfig::Embedded { .. } => {
+                let p = crate::proxy::Proxy::default();
+                (Arc::new(embedded::EmbeddedProxy::new(p.clone())), Some(p))
+            }
+            ProxyConfig::Caddy { .. } => return Err(SetupError::NotAvailable("caddy")),
+        };
+        let dns: Option<Arc<dyn DnsProvider>> = match &config.providers.dns {
+            DnsConfig::None => None,
+            DnsConfig::Hosts { .. } => return Err(SetupError::NotAvailable("hosts DNS")),
+            DnsConfig::Powerdns { .. } => return Err(SetupError::NotAvailable("powerdns")),
+        };
+        Ok(Providers {
+            compute,
+            proxy,
+            dns,
+            embedded,
+            observe_timeout: Duration::from_secs(10),
+        })
+    }
+
+    /// Observe everything at once. A provider that fails or times out becomes a gap; a compute
+    /// kind that `needed` names but no provider serves is a gap too.
+    pub async fn observe(&self, needed: &BTreeSet<ComputeKind>) -> Observed {
+        let t = self.observe_timeout;
+        let mut o = Observed::default();
+        let compute = futures_util::future::join_all(
+            self.compute
+                .iter()
+                .map(|(k, p)| async move { (*k, tokio::time::timeout(t, p.observe()).await) }),
+        );
+        let proxy = tokio::time::timeout(t, self.proxy.observe());
+        let dns = async {
+            match &self.dns {
+                Some(d) => Some(tokio::time::timeout(t, d.observe()).await),
+                None => None,
+            }
+        };
+        let (compute, proxy, dns) = tokio::join!(compute, proxy, dns);
+        for (kind, r) in compute {
+            match flatten(r, t) {
+                Ok(sessions) => {
+                    for s in sessions {
+                        o.sessions.insert(s.name.clone(), s);
+                    }
+                }
+                Err(e) => {
+                    o.gaps.insert(ProviderId::Compute(kind), e);
+                }
+            }
+        }
+        for k in needed {
+            if !self.compute.contains_key(k) {
+                o.gaps.insert(
+                    ProviderId::Compute(*k),
+                    format!("no {} provider is configured", k.as_str()),
+                );
+            }
+        }
+        match flatten(proxy, t) {
+            Ok(routes) => o.routes = routes.into_iter().map(|r| (r.host.clone(), r)).collect(),
+            Err(e) => {
+                o.gaps.insert(ProviderId::Proxy, e);
+            }
+        }
+        match dns.map(|r| flatten(r, t)) {
+            Some(Ok(records)) => {
+                o.records = records
+                    .into_iter()
+                    .map(|r| (Observed::record_key(&r.name, r.rtype), r))
+                    .collect()
+            }
+            Some(Err(e)) => {
+                o.gaps.insert(ProviderId::Dns, e);
+            }
+            None => {}
+        }
+        o
+    }
+}
+
+fn flatten<T>(
+    r: Result<Result<T, ProviderError>, tokio::time::error::Elapsed>,
+    t: Duration,
+) -> Result<T, String> {
+    match r {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(chain(&e)),
+        Err(_) => Err(format!("no answer within {}s", t.as_secs())),
+    }
+}

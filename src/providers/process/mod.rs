@@ -1,0 +1,793 @@
+//! The `process` compute provider, the embedded default: a session is a child process in its
+//! own process group, running the plan's command (no shell) in a workspace under the state
+//! directory.
+//!
+//! Layout: `<state>/sessions/<name>/` holds `session.json` (the spec it was made from, its
+//! ports, the pid and the pid's start time; written atomically), `workspace/` and `log`.
+//! The directory is the ownership marker: everything in it is vessel's.
+//!
+//! A pid counts as the session only if it is alive, not a zombie, and started at the recorded
+//! time (so a reused pid is never mistaken for it). Processes also carry
+//! `VESSEL_SESSION_KEY` in their environment: a session whose pid was not recorded (vessel
+//! killed between spawn and write) is found and adopted, never started twice.
+
+mod files;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::config::ProcessConfig;
+use crate::model::ComputeKind;
+use crate::observed::{ObservedSession, RuntimeSpec, SessionState};
+use crate::planner::Action;
+
+use super::{BoxFut, ComputeProvider, ProviderError};
+
+pub use files::{copy_tree, save_atomically};
+
+const RECORD: &str = "session.json";
+
+/// What vessel last asked of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Intent {
+    Running,
+    Stopped,
+}
+
+/// `session.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    name: String,
+    spec: RuntimeSpec,
+    fingerprint: String,
+    source_file: PathBuf,
+    #[serde(default)]
+    save_to: Option<PathBuf>,
+    #[serde(default)]
+    synced_source: Option<PathBuf>,
+    /// What the last source sync left out (kept out of saves too, and kept in the target).
+    #[serde(default)]
+    exclude: Vec<String>,
+    /// Host port per named port.
+    ports: BTreeMap<String, u16>,
+    intent: Intent,
+    #[serde(default)]
+    pid: Option<i32>,
+    /// The pid's start time in clock ticks since boot (`/proc/<pid>/stat` field 22).
+    #[serde(default)]
+    start_ticks: Option<u64>,
+}
+
+#[derive(Clone)]
+pub struct ProcessProvider {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    config: ProcessConfig,
+    /// Identifies this state directory in the processes' environment.
+    key_prefix: String,
+    /// Serialises port allocation and record writes.
+    lock: Mutex<()>,
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl ProcessProvider {
+    /// A provider keeping its sessions under `root` (created if missing).
+    pub fn new(root: PathBuf, config: ProcessConfig) -> std::io::Result<ProcessProvider> {
+        std::fs::create_dir_all(&root)?;
+        let root = root.canonicalize()?;
+        let key_prefix = format!("{}#", root.display());
+        Ok(ProcessProvider {
+            inner: Arc::new(Inner {
+                root,
+                config,
+                key_prefix,
+                lock: Mutex::new(()),
+                changes: tokio::sync::watch::channel(0).0,
+            }),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    fn dir(&self, session: &str) -> PathBuf {
+        self.inner.root.join(session)
+    }
+
+    fn key(&self, session: &str) -> String {
+        format!("{}{session}", self.inner.key_prefix)
+    }
+
+    /// Stop every running session (used at exit when `keep_on_exit` is false).
+    pub async fn stop_all(&self) {
+        let names: Vec<String> = list_dirs(&self.inner.root).unwrap_or_default();
+        for n in names {
+            let _ = self.stop(&n).await;
+        }
+    }
+}
+
+fn list_dirs(root: &Path) -> std::io::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(root)? {
+        let e = e?;
+        let Some(name) = e.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        if e.file_type()?.is_dir() && !name.starts_with('.') {
+            out.push(name);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn read_record(dir: &Path) -> Result<Option<Record>, ProviderError> {
+    let path = dir.join(RECORD);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            ProviderError::failed(
+                "read",
+                path.display().to_string(),
+                format!("not a session record: {e}"),
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ProviderError::io("read", path.display().to_string())(e)),
+    }
+}
+
+fn write_record(dir: &Path, r: &Record) -> Result<(), ProviderError> {
+    let path = dir.join(RECORD);
+    let tmp = dir.join(".session.json.tmp");
+    let bytes = serde_json::to_vec_pretty(r)
+        .map_err(|e| ProviderError::failed("write", path.display().to_string(), e.to_string()))?;
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    };
+    write().map_err(ProviderError::io("write", path.display().to_string()))
+}
+
+/// `/proc/<pid>/stat`: (state char, start time in ticks).
+fn proc_stat(pid: i32) -> Option<(char, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &s[s.rfind(')')? + 1..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((state, start))
+}
+
+/// Is the recorded pid alive and still the process that was started?
+fn alive(pid: Option<i32>, ticks: Option<u64>) -> bool {
+    match (pid, proc_stat_of(pid)) {
+        (Some(_), Some((state, start))) => {
+            state != 'Z' && state != 'X' && ticks.is_none_or(|t| t == start)
+        }
+        _ => false,
+    }
+}
+
+fn proc_stat_of(pid: Option<i32>) -> Option<(char, u64)> {
+    pid.and_then(proc_stat)
+}
+
+/// Live processes whose environment carries `VESSEL_SESSION_KEY=<key>`.
+fn find_by_key(key: &str) -> Vec<i32> {
+    let needle = format!("VESSEL_SESSION_KEY={key}");
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        if env.split(|b| *b == 0).any(|v| v == needle.as_bytes())
+            && proc_stat(pid).is_some_and(|(s, _)| s != 'Z' && s != 'X')
+        {
+            out.push(pid);
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// The port a health check probes: the plan's `health.port`, else `ide`, else the first.
+fn health_port(r: &Record) -> Option<(u16, Option<String>)> {
+    if let Some(h) = &r.spec.health {
+        return r.ports.get(&h.port).map(|p| (*p, Some(h.path.clone())));
+    }
+    r.ports
+        .get("ide")
+        .or_else(|| r.ports.values().next())
+        .map(|p| (*p, None))
+}
+
+/// Expand `{port.NAME}`, `{workspace}`, `{session}` and `{vessel}` in one argument.
+fn expand(arg: &str, r: &Record, workspace: &Path, vessel: &Path) -> Result<String, String> {
+    let mut out = String::with_capacity(arg.len());
+    let mut rest = arg;
+    while let Some(i) = rest.find('{') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        let Some(end) = tail.find('}') else {
+            out.push_str(tail);
+            return Ok(out);
+        };
+        let key = &tail[1..end];
+        match key {
+            "workspace" => out.push_str(&workspace.display().to_string()),
+            "session" => out.push_str(&r.name),
+            "vessel" => out.push_str(&vessel.display().to_string()),
+            k if k.starts_with("port.") => match r.ports.get(&k[5..]) {
+                Some(p) => out.push_str(&p.to_string()),
+                None => {
+                    return Err(format!(
+                        "the command uses `{{{k}}}` but the plan has no port `{}`",
+                        &k[5..]
+                    ));
+                }
+            },
+            _ => out.push_str(&tail[..=end]),
+        }
+        rest = &tail[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn env_name(port: &str) -> String {
+    port.to_ascii_uppercase().replace('-', "_")
+}
+
+impl ProcessProvider {
+    async fn observe_all(&self) -> Result<Vec<ObservedSession>, ProviderError> {
+        let root = self.inner.root.clone();
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let names =
+                list_dirs(&root).map_err(ProviderError::io("list", root.display().to_string()))?;
+            clean_trash(&root);
+            let mut out = Vec::new();
+            for name in names {
+                let dir = root.join(&name);
+                let Some(mut r) = read_record(&dir)? else {
+                    // Half made (vessel stopped between creating the directory and recording
+                    // it): ours, broken, so the plan replaces or removes it.
+                    out.push(ObservedSession {
+                        name: name.clone(),
+                        provider: ComputeKind::Process,
+                        state: SessionState::Failed,
+                        owned: true,
+                        fingerprint: String::new(),
+                        spec: None,
+                        endpoints: BTreeMap::new(),
+                        source_file: None,
+                        synced_source: None,
+                        save_to: None,
+                        healthy: Some(false),
+                    });
+                    continue;
+                };
+                let mut running = alive(r.pid, r.start_ticks);
+                if !running && r.intent == Intent::Running {
+                    // Adopt a process that was started but never recorded.
+                    if let Some(pid) = find_by_key(&me.key(&name)).first().copied() {
+                        r.pid = Some(pid);
+                        r.start_ticks = proc_stat(pid).map(|(_, t)| t);
+                        write_record(&dir, &r)?;
+                        running = true;
+                    }
+                }
+                let state = match (running, r.intent) {
+                    (true, _) => SessionState::Running,
+                    (false, Intent::Stopped) => SessionState::Stopped,
+                    (false, Intent::Running) => SessionState::Failed,
+                };
+                out.push(ObservedSession {
+                    name: r.name.clone(),
+                    provider: ComputeKind::Process,
+                    state,
+                    owned: true,
+                    fingerprint: r.fingerprint.clone(),
+                    endpoints: r
+                        .ports
+                        .iter()
+                        .map(|(n, p)| (n.clone(), format!("127.0.0.1:{p}")))
+                        .collect(),
+                    source_file: Some(r.source_file.clone()),
+                    synced_source: r.synced_source.clone(),
+                    save_to: r.save_to.clone(),
+                    healthy: None,
+                    spec: Some(r.spec),
+                });
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| ProviderError::failed("observe", "process sessions", e.to_string()))?
+    }
+
+    async fn create(
+        &self,
+        session: &str,
+        spec: &RuntimeSpec,
+        fingerprint: &str,
+        source_file: &Path,
+        save_to: &Option<PathBuf>,
+        start: bool,
+    ) -> Result<(), ProviderError> {
+        let dir = self.dir(session);
+        {
+            let _guard = self.inner.lock.lock().await;
+            if let Some(r) = read_record(&dir)? {
+                if r.fingerprint != fingerprint {
+                    return Err(ProviderError::failed(
+                        "create",
+                        session,
+                        "a session with another spec exists; it must be destroyed first",
+                    ));
+                }
+            } else {
+                // Remove a half-made directory, then make it again from scratch.
+                if dir.exists() {
+                    self.kill_orphans(session).await;
+                    std::fs::remove_dir_all(&dir)
+                        .map_err(ProviderError::io("clean", dir.display().to_string()))?;
+                }
+                std::fs::create_dir_all(dir.join("workspace"))
+                    .map_err(ProviderError::io("create", dir.display().to_string()))?;
+                let ports = self.allocate(&spec.ports.keys().cloned().collect::<Vec<_>>())?;
+                let r = Record {
+                    name: session.to_string(),
+                    spec: spec.clone(),
+                    fingerprint: fingerprint.to_string(),
+                    source_file: source_file.to_path_buf(),
+                    save_to: save_to.clone(),
+                    synced_source: None,
+                    exclude: Vec::new(),
+                    ports,
+                    intent: if start {
+                        Intent::Running
+                    } else {
+                        Intent::Stopped
+                    },
+                    pid: None,
+                    start_ticks: None,
+                };
+                write_record(&dir, &r)?;
+            }
+        }
+        if start {
+            self.start(session).await
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Host ports for `names`: the lowest free ones from `port_base` up, not held by another
+    /// session and bindable now. Call with the lock held.
+    fn allocate(&self, names: &[String]) -> Result<BTreeMap<String, u16>, ProviderError> {
+        let mut used: BTreeSet<u16> = BTreeSet::new();
+        for n in list_dirs(&self.inner.root).unwrap_or_default() {
+            if let Ok(Some(r)) = read_record(&self.inner.root.join(n)) {
+                used.extend(r.ports.values());
+            }
+        }
+        let mut out = BTreeMap::new();
+        let mut p = self.inner.config.port_base;
+        for name in names {
+            loop {
+                if p == u16::MAX {
+                    return Err(ProviderError::failed(
+                        "allocate ports for",
+                        name.clone(),
+                        "no free port left",
+                    ));
+                }
+                let candidate = p;
+                p += 1;
+                if !used.contains(&candidate)
+                    && std::net::TcpListener::bind(("127.0.0.1", candidate)).is_ok()
+                {
+                    out.insert(name.clone(), candidate);
+                    used.insert(candidate);
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn start(&self, session: &str) -> Result<(), ProviderError> {
+        let dir = self.dir(session);
+        let _guard = self.inner.lock.lock().await;
+        let mut r = read_record(&dir)?
+            .ok_or_else(|| ProviderError::failed("start", session, "it does not exist"))?;
+        if alive(r.pid, r.start_ticks) {
+            return Ok(());
+        }
+        if let Some(pid) = find_by_key(&self.key(session)).first().copied() {
+            r.pid = Some(pid);
+            r.start_ticks = proc_stat(pid).map(|(_, t)| t);
+            r.intent = Intent::Running;
+            return write_record(&dir, &r);
+        }
+        let workspace = dir.join("workspace");
+        let vessel = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("vessel"));
+        let argv: Vec<String> = r
+            .spec
+            .command
+            .iter()
+            .map(|a| expand(a, &r, &workspace, &vessel))
+            .collect::<Result<_, _>>()
+            .map_err(|m| ProviderError::failed("start", session, m))?;
+        let Some((program, args)) = argv.split_first() else {
+            return Err(ProviderError::failed(
+                "start",
+                session,
+                "the plan has no command",
+            ));
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("log"))
+            .map_err(ProviderError::io("open log of", session))?;
+        let log2 = log
+            .try_clone()
+            .map_err(ProviderError::io("open log of", session))?;
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args)
+            .current_dir(&workspace)
+            // A clean environment: vessel's own may hold secrets.
+            .env_clear()
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
+            )
+            .env("HOME", &workspace)
+            .env("LANG", "C.UTF-8")
+            .envs(&r.spec.env)
+            .env("VESSEL_SESSION", session)
+            .env("VESSEL_WORKSPACE", &workspace)
+            .env("VESSEL_SESSION_KEY", self.key(session))
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .process_group(0)
+            .kill_on_drop(false);
+        for (name, port) in &r.ports {
+            cmd.env(format!("PORT_{}", env_name(name)), port.to_string());
+        }
+        if let Some((port, _)) = health_port(&r) {
+            cmd.env("PORT", port.to_string());
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(ProviderError::io("start", format!("{session} ({program})")))?;
+        let pid = child.id().map(|p| p as i32);
+        r.pid = pid;
+        r.start_ticks = pid.and_then(proc_stat).map(|(_, t)| t);
+        r.intent = Intent::Running;
+        write_record(&dir, &r)?;
+        // Reap it when it exits, and say that something changed.
+        let changes = self.inner.changes.clone();
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+            changes.send_modify(|v| *v += 1);
+        });
+        Ok(())
+    }
+
+    /// SIGTERM to the group, SIGKILL after the stop timeout.
+    async fn stop(&self, session: &str) -> Result<(), ProviderError> {
+        let dir = self.dir(session);
+        let Some(mut r) = read_record(&dir)? else {
+            return Ok(());
+        };
+        let timeout = r
+            .spec
+            .stop_timeout
+            .map(|d| d.std())
+            .unwrap_or(Duration::from_secs(10));
+        if alive(r.pid, r.start_ticks) {
+            if let Some(pid) = r.pid {
+                terminate(pid, timeout).await;
+            }
+        }
+        for pid in find_by_key(&self.key(session)) {
+            terminate(pid, timeout).await;
+        }
+        let _guard = self.inner.lock.lock().await;
+        r.intent = Intent::Stopped;
+        r.pid = None;
+        r.start_ticks = None;
+        write_record(&dir, &r)
+    }
+
+    async fn kill_orphans(&self, session: &str) {
+        for pid in find_by_key(&self.key(session)) {
+            terminate(pid, Duration::from_secs(2)).await;
+        }
+    }
+
+    async fn destroy(&self, session: &str) -> Result<(), ProviderError> {
+        let dir = self.dir(session);
+        if !dir.exists() {
+            return Ok(());
+        }
+        if read_record(&dir).ok().flatten().is_some() {
+            self.stop(session).await?;
+        }
+        self.kill_orphans(session).await;
+        // Move it out of the way first, so a crash mid-delete never leaves a half-deleted
+        // session that looks real.
+        let trash = self
+            .inner
+            .root
+            .join(format!(".trash-{session}-{}", std::process::id()));
+        std::fs::rename(&dir, &trash).map_err(ProviderError::io("destroy", session))?;
+        let t = trash.clone();
+        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&t))
+            .await
+            .map_err(|e| ProviderError::failed("destroy", session, e.to_string()))?
+            .map_err(ProviderError::io("remove", trash.display().to_string()))
+    }
+
+    async fn wait_healthy(&self, session: &str) -> Result<(), ProviderError> {
+        let dir = self.dir(session);
+        let r = read_record(&dir)?.ok_or_else(|| {
+            ProviderError::failed("check health of", session, "it does not exist")
+        })?;
+        let Some((port, path)) = health_port(&r) else {
+            return Ok(());
+        };
+        loop {
+            if probe(port, path.as_deref()).await {
+                return Ok(());
+            }
+            let r = read_record(&dir)?
+                .ok_or_else(|| ProviderError::failed("check health of", session, "it went away"))?;
+            if !alive(r.pid, r.start_ticks) && find_by_key(&self.key(session)).is_empty() {
+                return Err(ProviderError::failed(
+                    "check health of",
+                    session,
+                    format!(
+                        "it exited; its log ends with: {}",
+                        log_tail(&dir.join("log"))
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    async fn sync_source(
+        &self,
+        session: &str,
+        path: &Path,
+        exclude: &[String],
+        save_to: &Option<PathBuf>,
+    ) -> Result<(), ProviderError> {
+        let dir = self.dir(session);
+        let (from, to, ex) = (path.to_path_buf(), dir.join("workspace"), exclude.to_vec());
+        tokio::task::spawn_blocking(move || copy_tree(&from, &to, &ex))
+            .await
+            .map_err(|e| ProviderError::failed("sync source into", session, e.to_string()))?
+            .map_err(ProviderError::io(
+                "sync source into",
+                format!("{session} from {}", path.display()),
+            ))?;
+        let _guard = self.inner.lock.lock().await;
+        let mut r = read_record(&dir)?.ok_or_else(|| {
+            ProviderError::failed("sync source into", session, "it does not exist")
+        })?;
+        r.synced_source = Some(path.to_path_buf());
+        r.exclude = exclude.to_vec();
+        r.save_to = save_to.clone();
+        write_record(&dir, &r)
+    }
+
+    async fn save_work(&self, session: &str, path: &Path) -> Result<(), ProviderError> {
+        let dir = self.dir(session);
+        let exclude = read_record(&dir)?.map(|r| r.exclude).unwrap_or_default();
+        let (from, to) = (dir.join("workspace"), path.to_path_buf());
+        tokio::task::spawn_blocking(move || save_atomically(&from, &to, &exclude))
+            .await
+            .map_err(|e| ProviderError::failed("save work of", session, e.to_string()))?
+            .map_err(ProviderError::io(
+                "save work of",
+                format!("{session} to {}", path.display()),
+            ))
+    }
+}
+
+/// Remove what an interrupted destroy left behind.
+fn clean_trash(root: &Path) {
+    if let Ok(rd) = std::fs::read_dir(root) {
+        for e in rd.flatten() {
+            if e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(".trash-"))
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+async fn terminate(pid: i32, timeout: Duration) {
+    let group = Pid::from_raw(pid);
+    if killpg(group, Signal::SIGTERM).is_err() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if proc_stat(pid).is_none_or(|(s, _)| s == 'Z' || s == 'X') {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = killpg(group, Signal::SIGKILL);
+}
+
+/// Does the port answer? With a path: an HTTP GET answered below 500.
+async fn probe(port: u16, path: Option<&str>) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(Ok(mut s)) = tokio::time::timeout(
+        Duration::from_secs(1),
+        tokio::net::TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await
+    else {
+        return false;
+    };
+    let Some(path) = path else { return true };
+    let req = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    match tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await {
+        Ok(Ok(n)) if n >= 12 => std::str::from_utf8(&buf[9..12])
+            .ok()
+            .and_then(|c| c.parse::<u16>().ok())
+            .is_some_and(|c| c < 500),
+        _ => false,
+    }
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(5).collect();
+    if lines.is_empty() {
+        return "(nothing)".into();
+    }
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
+impl ComputeProvider for ProcessProvider {
+    fn kind(&self) -> ComputeKind {
+        ComputeKind::Process
+    }
+
+    fn observe(&self) -> BoxFut<'_, Result<Vec<ObservedSession>, ProviderError>> {
+        Box::pin(self.observe_all())
+    }
+
+    fn apply<'a>(&'a self, action: &'a Action) -> BoxFut<'a, Result<(), ProviderError>> {
+        Box::pin(async move {
+            match action {
+                Action::CreateSession {
+                    session,
+                    spec,
+                    fingerprint,
+                    source_file,
+                    save_to,
+                    start,
+                } => {
+                    self.create(session, spec, fingerprint, source_file, save_to, *start)
+                        .await
+                }
+                Action::StartSession { session, .. } => self.start(session).await,
+                Action::StopSession { session, .. } => self.stop(session).await,
+                Action::DestroySession { session, .. } => self.destroy(session).await,
+                Action::WaitHealthy { session, .. } => self.wait_healthy(session).await,
+                Action::SyncSource {
+                    session,
+                    path,
+                    exclude,
+                    save_to,
+                    ..
+                } => self.sync_source(session, path, exclude, save_to).await,
+                Action::SaveWork { session, path, .. } => self.save_work(session, path).await,
+                _ => Err(ProviderError::Unsupported("a non-session step")),
+            }
+        })
+    }
+
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.inner.changes.subscribe())
+    }
+
+    fn shutdown(&self) -> BoxFut<'_, ()> {
+        Box::pin(async move {
+            if !self.inner.config.keep_on_exit {
+                self.stop_all().await;
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_expand() {
+        let r = Record {
+            name: "alice".into(),
+            spec: RuntimeSpec {
+                compute: ComputeKind::Process,
+                image: None,
+                command: vec![],
+                env: BTreeMap::new(),
+                cpus: None,
+                memory: None,
+                disk: None,
+                ports: BTreeMap::new(),
+                health: None,
+                stop_timeout: None,
+            },
+            fingerprint: String::new(),
+            source_file: PathBuf::new(),
+            save_to: None,
+            synced_source: None,
+            exclude: Vec::new(),
+            ports: [("ide".to_string(), 20001u16)].into_iter().collect(),
+            intent: Intent::Running,
+            pid: None,
+            start_ticks: None,
+        };
+        let e = |a: &str| expand(a, &r, Path::new("/w"), Path::new("/bin/vessel"));
+        assert_eq!(e("127.0.0.1:{port.ide}"), Ok("127.0.0.1:20001".into()));
+        assert_eq!(e("{workspace}/x"), Ok("/w/x".into()));
+        assert_eq!(e("{vessel}"), Ok("/bin/vessel".into()));
+        assert_eq!(e("{session}"), Ok("alice".into()));
+        assert_eq!(e("{other}"), Ok("{other}".into()));
+        assert!(e("{port.app}").unwrap_err().contains("no port `app`"));
+    }
+
+    #[test]
+    fn our_own_process_is_alive_and_a_wrong_start_time_is_not() {
+        let me = std::process::id() as i32;
+        let ticks = proc_stat(me).map(|(_, t)| t);
+        assert!(ticks.is_some());
+        assert!(alive(Some(me), ticks));
+        assert!(!alive(Some(me), ticks.map(|t| t + 1)));
+        assert!(!alive(None, None));
+    }
+}

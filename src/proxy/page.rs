@@ -1,0 +1,82 @@
+//! The proxy's own pages: what is wrong, said plainly, as HTML for people and a status code
+//! for scripts.
+
+use bytes::Bytes;
+use http::{Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+
+use super::{Body, Route};
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn page(status: StatusCode, title: &str, detail: &str) -> Response<Body> {
+    let html = format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{t}</title>\
+         <style>body{{font:16px system-ui,sans-serif;margin:4em auto;max-width:40em;color:#222}}\
+         code{{background:#f3f3f3;padding:.1em .3em}}</style></head>\
+         <body><h1>{t}</h1><p>{d}</p><p><small>vessel proxy &middot; {code}</small></p></body></html>\n",
+        t = escape(title),
+        d = detail,
+        code = status.as_u16(),
+    );
+    let mut r = Response::new(
+        Full::new(Bytes::from(html))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
+pub fn not_found(host: &str) -> Response<Body> {
+    page(
+        StatusCode::NOT_FOUND,
+        "No session here",
+        &format!(
+            "vessel has no route for <code>{}</code>. Check the session's name, or whether it is still declared.",
+            escape(host)
+        ),
+    )
+}
+
+pub fn bad_gateway(host: &str, route: &Route, error: &str) -> Response<Body> {
+    page(
+        StatusCode::BAD_GATEWAY,
+        "Session not answering",
+        &format!(
+            "Session <code>{}</code> does not answer at <code>{}</code> for <code>{}</code>: {}. vessel repairs it on its next pass.",
+            escape(&route.session),
+            escape(&route.upstream),
+            escape(host),
+            escape(error)
+        ),
+    )
+}
+
+pub fn not_ready(host: &str, session: &str) -> Response<Body> {
+    let mut r = page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Session starting",
+        &format!(
+            "Session <code>{}</code> for <code>{}</code> is not ready yet. Try again in a moment.",
+            escape(session),
+            escape(host)
+        ),
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("2"));
+    r
+}
