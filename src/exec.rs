@@ -1,0 +1,278 @@
+//! The executor: runs one plan once. It makes no choices (the plan made them all) and no
+//! retries (the loop retries on later passes, with backoff).
+//!
+//! Steps run as soon as their dependencies have succeeded, within a global limit and a limit
+//! per provider; never two steps on one session at once; route and DNS steps that are ready
+//! together go to their provider as one batch. Every step has a timeout. A failed step skips
+//! only the steps that depend on it. Cancelling starts nothing new and lets running steps
+//! finish.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::observed::ProviderId;
+use crate::planner::{Action, Plan, Step};
+use crate::providers::{Providers, chain};
+
+#[derive(Debug, Clone)]
+pub struct ExecOptions {
+    /// Steps (or batches) running at once.
+    pub concurrency: usize,
+    /// Steps running at once against one provider.
+    pub per_provider: usize,
+    pub step_timeout: Duration,
+    /// For waiting until a session is healthy.
+    pub health_timeout: Duration,
+}
+
+impl Default for ExecOptions {
+    fn default() -> Self {
+        ExecOptions { concurrency: 16, per_provider: 8, step_timeout: Duration::from_secs(300), health_timeout: Duration::from_secs(60) }
+    }
+}
+
+/// How a step ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    Succeeded,
+    Failed { error: String },
+    TimedOut { after_ms: u64 },
+    /// Not run: a step it depends on did not succeed.
+    Skipped { because_of: usize },
+    /// Not run: its object failed recently and waits out its backoff.
+    BackingOff,
+    /// Not run: vessel is shutting down.
+    Cancelled,
+}
+
+impl Outcome {
+    pub fn is_success(&self) -> bool {
+        matches!(self, Outcome::Succeeded)
+    }
+
+    pub fn is_failure(&self) -> bool {
+        matches!(self, Outcome::Failed { .. } | Outcome::TimedOut { .. })
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "succeeded",
+            Outcome::Failed { .. } => "failed",
+            Outcome::TimedOut { .. } => "timed_out",
+            Outcome::Skipped { .. } => "skipped",
+            Outcome::BackingOff => "backing_off",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepResult {
+    pub step: usize,
+    pub outcome: Outcome,
+    pub duration: Duration,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Status {
+    Pending,
+    Running,
+    Done,
+}
+
+type Finished = (Vec<usize>, Vec<Outcome>, Duration);
+
+/// Run `plan` once. `hold` are steps not to run (backing off). `report` sees every outcome as
+/// it happens.
+pub async fn execute(
+    plan: &Plan,
+    providers: &Providers,
+    opts: &ExecOptions,
+    hold: &BTreeSet<usize>,
+    cancel: &CancellationToken,
+    mut report: impl FnMut(&Step, &Outcome, Duration),
+) -> Vec<StepResult> {
+    let n = plan.steps.len();
+    let mut status = vec![Status::Pending; n];
+    let mut results: Vec<Option<StepResult>> = vec![None; n];
+    let mut finish = |id: usize, outcome: Outcome, d: Duration, status: &mut Vec<Status>, results: &mut Vec<Option<StepResult>>| {
+        status[id] = Status::Done;
+        report(&plan.steps[id], &outcome, d);
+        results[id] = Some(StepResult { step: id, outcome, duration: d });
+    };
+    for &id in hold {
+        if id < n {
+            finish(id, Outcome::BackingOff, Duration::ZERO, &mut status, &mut results);
+        }
+    }
+    let mut running: JoinSet<Finished> = JoinSet::new();
+    let mut busy_sessions: BTreeSet<String> = BTreeSet::new();
+    let mut per_provider: BTreeMap<ProviderId, usize> = BTreeMap::new();
+    let mut batch_running: BTreeSet<ProviderId> = BTreeSet::new();
+    loop {
+        // Skip what depends on a step that did not succeed (ids are a topological order).
+        for id in 0..n {
+            if status[id] != Status::Pending {
+                continue;
+            }
+            let failed_dep = plan.steps[id]
+                .depends_on
+                .iter()
+                .find(|d| status[**d] == Status::Done && !results[**d].as_ref().is_some_and(|r| r.outcome.is_success()));
+            if let Some(d) = failed_dep {
+                finish(id, Outcome::Skipped { because_of: *d }, Duration::ZERO, &mut status, &mut results);
+            }
+        }
+        if cancel.is_cancelled() {
+            for id in 0..n {
+                if status[id] == Status::Pending {
+                    finish(id, Outcome::Cancelled, Duration::ZERO, &mut status, &mut results);
+                }
+            }
+        } else {
+            let ready: Vec<usize> = (0..n)
+                .filter(|id| status[*id] == Status::Pending)
+                .filter(|id| plan.steps[*id].depends_on.iter().all(|d| results[*d].as_ref().is_some_and(|r| r.outcome.is_success())))
+                .collect();
+            let mut batches: BTreeMap<ProviderId, Vec<usize>> = BTreeMap::new();
+            for id in ready {
+                if running.len() >= opts.concurrency {
+                    break;
+                }
+                let step = &plan.steps[id];
+                let provider = step.action.provider();
+                match provider {
+                    ProviderId::Proxy | ProviderId::Dns => {
+                        if !batch_running.contains(&provider) {
+                            batches.entry(provider).or_default().push(id);
+                        }
+                    }
+                    ProviderId::Compute(_) => {
+                        let session = step.action.session().unwrap_or_default().to_string();
+                        let count = per_provider.get(&provider).copied().unwrap_or(0);
+                        if busy_sessions.contains(&session) || count >= opts.per_provider {
+                            continue;
+                        }
+                        busy_sessions.insert(session);
+                        *per_provider.entry(provider.clone()).or_default() += 1;
+                        status[id] = Status::Running;
+                        spawn_compute(&mut running, providers, step, opts);
+                    }
+                }
+            }
+            for (provider, ids) in batches {
+                for id in &ids {
+                    status[*id] = Status::Running;
+                }
+                batch_running.insert(provider.clone());
+                spawn_batch(&mut running, providers, plan, provider, ids, opts);
+            }
+        }
+        let Some(joined) = running.join_next().await else { break };
+        let (ids, outcomes, d) = match joined {
+            Ok(f) => f,
+            Err(e) => {
+                // A provider panicked: fail whatever was running, visibly, and go on.
+                let ids: Vec<usize> = (0..n).filter(|id| status[*id] == Status::Running).collect();
+                let outcomes = ids.iter().map(|_| Outcome::Failed { error: format!("provider task failed: {e}") }).collect();
+                running.abort_all();
+                (ids, outcomes, Duration::ZERO)
+            }
+        };
+        for (id, outcome) in ids.into_iter().zip(outcomes) {
+            let action = &plan.steps[id].action;
+            let provider = action.provider();
+            match provider {
+                ProviderId::Compute(_) => {
+                    if let Some(s) = action.session() {
+                        busy_sessions.remove(s);
+                    }
+                    if let Some(c) = per_provider.get_mut(&provider) {
+                        *c = c.saturating_sub(1);
+                    }
+                }
+                _ => {
+                    batch_running.remove(&provider);
+                }
+            }
+            finish(id, outcome, d, &mut status, &mut results);
+        }
+    }
+    results.into_iter().flatten().collect()
+}
+
+fn timeout_for(action: &Action, opts: &ExecOptions) -> Duration {
+    match action {
+        Action::WaitHealthy { .. } => opts.health_timeout,
+        _ => opts.step_timeout,
+    }
+}
+
+fn spawn_compute(set: &mut JoinSet<Finished>, providers: &Providers, step: &Step, opts: &ExecOptions) {
+    let id = step.id;
+    let action = step.action.clone();
+    let timeout = timeout_for(&action, opts);
+    let provider = match &action.provider() {
+        ProviderId::Compute(k) => providers.compute.get(k).cloned(),
+        _ => None,
+    };
+    set.spawn(async move {
+        let t = Instant::now();
+        let outcome = match provider {
+            None => Outcome::Failed { error: format!("no {} provider is configured", action.provider()) },
+            Some(p) => match tokio::time::timeout(timeout, p.apply(&action)).await {
+                Ok(Ok(())) => Outcome::Succeeded,
+                Ok(Err(e)) => Outcome::Failed { error: chain(&e) },
+                Err(_) => Outcome::TimedOut { after_ms: timeout.as_millis() as u64 },
+            },
+        };
+        (vec![id], vec![outcome], t.elapsed())
+    });
+}
+
+fn spawn_batch(set: &mut JoinSet<Finished>, providers: &Providers, plan: &Plan, provider: ProviderId, ids: Vec<usize>, opts: &ExecOptions) {
+    let actions: Vec<Action> = ids.iter().map(|id| plan.steps[*id].action.clone()).collect();
+    let timeout = opts.step_timeout;
+    let proxy = providers.proxy.clone();
+    let dns = providers.dns.clone();
+    set.spawn(async move {
+        let t = Instant::now();
+        let refs: Vec<&Action> = actions.iter().collect();
+        let fut = async {
+            match provider {
+                ProviderId::Proxy => proxy.apply(&refs).await,
+                ProviderId::Dns => match &dns {
+                    Some(d) => d.apply(&refs).await,
+                    None => refs.iter().map(|_| Err(crate::providers::ProviderError::Unsupported("a DNS step with no DNS provider"))).collect(),
+                },
+                ProviderId::Compute(_) => Vec::new(),
+            }
+        };
+        let outcomes: Vec<Outcome> = match tokio::time::timeout(timeout, fut).await {
+            Ok(rs) => (0..ids.len())
+                .map(|i| match rs.get(i) {
+                    Some(Ok(())) => Outcome::Succeeded,
+                    Some(Err(e)) => Outcome::Failed { error: chain(e) },
+                    None => Outcome::Failed { error: "the provider gave no result for this step".into() },
+                })
+                .collect(),
+            Err(_) => ids.iter().map(|_| Outcome::TimedOut { after_ms: timeout.as_millis() as u64 }).collect(),
+        };
+        (ids, outcomes, t.elapsed())
+    });
+}
+
+/// Results in plan order, counted by outcome label.
+pub fn tally(results: &[StepResult]) -> BTreeMap<&'static str, usize> {
+    let mut m = BTreeMap::new();
+    for r in results {
+        *m.entry(r.outcome.label()).or_default() += 1;
+    }
+    m
+}

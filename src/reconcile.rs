@@ -1,0 +1,284 @@
+//! One reconcile pass, from scratch every time: load the desired tree, observe, keep the
+//! snapshot, plan, execute, record. Triggers only decide when a pass runs, never what it does.
+//!
+//! Retrying is this loop's job: an object whose step failed backs off (exponentially, with
+//! jitter, per object), so one broken session never slows the others.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::desired::Desired;
+use crate::exec::{ExecOptions, Outcome, StepResult, execute};
+use crate::model::ComputeKind;
+use crate::observed::Observed;
+use crate::planner::{Object, Plan, Policy, Summary, plan};
+use crate::providers::Providers;
+use crate::state::{Event, StateDir};
+
+/// What started a pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    Startup,
+    /// The desired tree changed on disk.
+    Source,
+    /// The periodic full pass.
+    Resync,
+    /// An expiry or a backoff came due.
+    Timer,
+    /// A provider said something changed by itself.
+    Provider,
+    /// The previous pass made progress and left work for the next.
+    Followup,
+    /// A one-shot `vessel apply`.
+    Apply,
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PassReport {
+    pub pass: u64,
+    pub trigger: Trigger,
+    pub started: DateTime<Utc>,
+    pub duration_ms: u64,
+    /// The plan this pass found.
+    pub summary: Summary,
+    /// Step outcomes by kind (`succeeded`, `failed`, ...).
+    pub outcomes: BTreeMap<String, usize>,
+    /// The pass found nothing to do: the world matched.
+    pub converged: bool,
+    /// Some step succeeded, so a follow-up pass may find more to do.
+    pub progressed: bool,
+    /// Files whose objects are held.
+    pub quarantined: Vec<String>,
+    /// Providers that could not be observed.
+    pub gaps: BTreeMap<String, String>,
+    /// A problem that stopped the pass before planning (an unreadable source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// When the next timer-driven pass is due (an expiry or a backoff).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_due: Option<DateTime<Utc>>,
+}
+
+struct Backoff {
+    failures: u32,
+    until: Instant,
+}
+
+/// Everything a status reader may look at, updated after every pass.
+#[derive(Default)]
+pub struct Shared {
+    pub last: Option<PassReport>,
+    pub desired: Option<Arc<Desired>>,
+    pub observed: Option<Arc<Observed>>,
+    pub plan: Option<Arc<Plan>>,
+    pub events: VecDeque<Event>,
+    pub passes: u64,
+}
+
+pub struct Reconciler {
+    pub config: Config,
+    pub providers: Providers,
+    pub exec: ExecOptions,
+    pub allow_destroy: bool,
+    state: StateDir,
+    backoff: BTreeMap<Object, Backoff>,
+    pass: u64,
+    seed: u64,
+    pub shared: Arc<Mutex<Shared>>,
+}
+
+/// How many recent events are kept in memory.
+const RECENT_EVENTS: usize = 1_000;
+
+impl Reconciler {
+    pub fn new(config: Config, providers: Providers, state: StateDir) -> Reconciler {
+        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1) | 1;
+        Reconciler { config, providers, exec: ExecOptions::default(), allow_destroy: false, state, backoff: BTreeMap::new(), pass: 0, seed, shared: Arc::default() }
+    }
+
+    pub fn state(&self) -> &StateDir {
+        &self.state
+    }
+
+    /// A number in [0.5, 1.5) for jitter (xorshift; no need for more).
+    fn jitter(&mut self) -> f64 {
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        0.5 + (self.seed % 1_000) as f64 / 1_000.0
+    }
+
+    /// The earliest moment a backoff ends.
+    pub fn next_retry(&self) -> Option<Instant> {
+        self.backoff.values().map(|b| b.until).min()
+    }
+
+    /// Run one pass. `on_step` sees every step outcome as it happens (for progress output).
+    pub async fn pass(&mut self, trigger: Trigger, cancel: &CancellationToken, mut on_step: impl FnMut(&Event)) -> (PassReport, Arc<Plan>, Vec<StepResult>) {
+        self.pass += 1;
+        let pass = self.pass;
+        let started = Utc::now();
+        let t0 = Instant::now();
+        let mut report = PassReport {
+            pass,
+            trigger,
+            started,
+            duration_ms: 0,
+            summary: Summary::default(),
+            outcomes: BTreeMap::new(),
+            converged: false,
+            progressed: false,
+            quarantined: Vec::new(),
+            gaps: BTreeMap::new(),
+            error: None,
+            next_due: None,
+        };
+        let config = self.config.clone();
+        let loaded = tokio::task::spawn_blocking(move || crate::load::load_tree(config.source_dir(), &config, Utc::now())).await;
+        let desired = match loaded {
+            Ok(Ok(d)) => Arc::new(d),
+            Ok(Err(e)) => {
+                // Unknown desired state: plan nothing, destroy nothing.
+                report.error = Some(crate::providers::chain(&e));
+                report.duration_ms = t0.elapsed().as_millis() as u64;
+                self.publish(&report, None, None, None, Vec::new());
+                return (report, Arc::new(Plan::default()), Vec::new());
+            }
+            Err(e) => {
+                report.error = Some(format!("loading the source failed: {e}"));
+                self.publish(&report, None, None, None, Vec::new());
+                return (report, Arc::new(Plan::default()), Vec::new());
+            }
+        };
+        report.quarantined = desired.quarantined.keys().map(|p| p.display().to_string()).collect();
+        let needed: BTreeSet<ComputeKind> = desired.plans.values().map(|p| p.spec.compute).collect();
+        let observed = Arc::new(self.providers.observe(&needed).await);
+        report.gaps = observed.gaps.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        if let Err(e) = self.state.write_observed(&observed) {
+            tracing::warn!(error = %e, "cannot keep the observed snapshot");
+        }
+        let mut policy = Policy::from_config(&self.config, Utc::now());
+        policy.allow_destroy = self.allow_destroy;
+        let p = Arc::new(plan(&desired, &observed, &policy));
+        report.summary = p.summary;
+        report.converged = p.is_empty();
+        // Steps whose object is backing off wait; their dependents are skipped.
+        let now = Instant::now();
+        self.backoff.retain(|_, b| b.failures > 0);
+        let hold: BTreeSet<usize> = p.steps.iter().filter(|s| self.backoff.get(&s.action.object()).is_some_and(|b| b.until > now)).map(|s| s.id).collect();
+        let mut events = Vec::new();
+        let results = execute(&p, &self.providers, &self.exec, &hold, cancel, |step, outcome, d| {
+            let e = Event {
+                time: Utc::now(),
+                pass,
+                step: step.id,
+                action: step.action.verb().to_string(),
+                object: step.action.object().to_string(),
+                outcome: outcome.clone(),
+                duration_ms: d.as_millis() as u64,
+                revision: None,
+            };
+            if outcome.is_failure() {
+                tracing::warn!(pass, step = step.id, object = %e.object, action = %e.action, outcome = outcome.label(), "step failed: {:?}", outcome);
+            } else {
+                tracing::debug!(pass, step = step.id, object = %e.object, action = %e.action, outcome = outcome.label(), "step done");
+            }
+            on_step(&e);
+            events.push(e);
+        })
+        .await;
+        // Backoff: per object, reset by success, grown by failure.
+        let mut failed: BTreeSet<Object> = BTreeSet::new();
+        let mut succeeded: BTreeSet<Object> = BTreeSet::new();
+        for r in &results {
+            let o = p.steps[r.step].action.object();
+            if r.outcome.is_failure() {
+                failed.insert(o);
+            } else if r.outcome.is_success() {
+                succeeded.insert(o);
+            }
+        }
+        for o in succeeded.difference(&failed) {
+            self.backoff.remove(o);
+        }
+        for o in failed {
+            let j = self.jitter();
+            let b = self.backoff.entry(o).or_insert(Backoff { failures: 0, until: now });
+            b.failures += 1;
+            let base = Duration::from_millis(500) * 2u32.saturating_pow(b.failures.min(10) - 1);
+            b.until = Instant::now() + base.min(Duration::from_secs(300)).mul_f64(j);
+        }
+        report.progressed = results.iter().any(|r| r.outcome.is_success() && !matches!(p.steps[r.step].action, crate::planner::Action::WaitHealthy { .. }))
+            || (!p.deferred.is_empty() && results.iter().any(|r| r.outcome.is_success()));
+        for r in &results {
+            *report.outcomes.entry(r.outcome.label().to_string()).or_default() += 1;
+        }
+        let retry = self.next_retry().map(|i| Utc::now() + chrono::Duration::from_std(i.saturating_duration_since(Instant::now())).unwrap_or_default());
+        report.next_due = match (p.next_wakeup, retry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        report.duration_ms = t0.elapsed().as_millis() as u64;
+        if let Err(e) = self.state.append_events(&events) {
+            tracing::warn!(error = %e, "cannot record events");
+        }
+        self.publish(&report, Some(desired), Some(observed), Some(p.clone()), events);
+        (report, p, results)
+    }
+
+    fn publish(&self, report: &PassReport, desired: Option<Arc<Desired>>, observed: Option<Arc<Observed>>, plan: Option<Arc<Plan>>, events: Vec<Event>) {
+        if let Ok(mut s) = self.shared.lock() {
+            s.last = Some(report.clone());
+            s.passes = report.pass;
+            if desired.is_some() {
+                s.desired = desired;
+            }
+            if observed.is_some() {
+                s.observed = observed;
+            }
+            if plan.is_some() {
+                s.plan = plan;
+            }
+            for e in events {
+                if s.events.len() >= RECENT_EVENTS {
+                    s.events.pop_front();
+                }
+                s.events.push_back(e);
+            }
+        }
+    }
+
+    /// Pass after pass until nothing is left to do, nothing progresses, or `max` passes.
+    pub async fn converge(&mut self, first: Trigger, max: usize, cancel: &CancellationToken, mut on_step: impl FnMut(&Event)) -> Vec<PassReport> {
+        let mut reports = Vec::new();
+        let mut trigger = first;
+        for _ in 0..max {
+            let (r, _, _) = self.pass(trigger, cancel, &mut on_step).await;
+            let stop = r.converged || !r.progressed || r.error.is_some() || cancel.is_cancelled();
+            reports.push(r);
+            if stop {
+                break;
+            }
+            trigger = Trigger::Followup;
+        }
+        reports
+    }
+}
+
+/// A failing step's outcome, for messages.
+pub fn failure_text(o: &Outcome) -> Option<String> {
+    match o {
+        Outcome::Failed { error } => Some(error.clone()),
+        Outcome::TimedOut { after_ms } => Some(format!("timed out after {after_ms} ms")),
+        _ => None,
+    }
+}

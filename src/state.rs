@@ -1,0 +1,120 @@
+//! The state directory: a lock so two reconcilers never drive it, the last observed snapshot
+//! (for `vessel plan --observed`), and the event history. Nothing here is secret, and nothing
+//! here is the truth: the truth is what `observe` sees.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use nix::fcntl::{Flock, FlockArg};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::exec::Outcome;
+use crate::observed::Observed;
+
+/// One step's outcome, as recorded and served.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Event {
+    pub time: DateTime<Utc>,
+    pub pass: u64,
+    pub step: usize,
+    pub action: String,
+    pub object: String,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+    pub duration_ms: u64,
+    /// The source revision the pass applied, where there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot use state directory {path}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state directory {path} is in use by another vessel{}", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    Locked { path: PathBuf, pid: Option<u32> },
+}
+
+pub struct StateDir {
+    path: PathBuf,
+}
+
+/// Held while a reconciler drives the state directory; released on drop.
+pub struct StateLock {
+    _lock: Flock<File>,
+}
+
+impl StateDir {
+    pub fn open(path: &Path) -> Result<StateDir, StateError> {
+        std::fs::create_dir_all(path).map_err(|source| StateError::Dir { path: path.to_path_buf(), source })?;
+        Ok(StateDir { path: path.to_path_buf() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Take the lock, or say who has it.
+    pub fn lock(&self) -> Result<StateLock, StateError> {
+        let p = self.path.join("lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&p)
+            .map_err(|source| StateError::Dir { path: p.clone(), source })?;
+        match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            Ok(mut lock) => {
+                let _ = lock.set_len(0);
+                let _ = writeln!(&mut *lock, "{}", std::process::id());
+                Ok(StateLock { _lock: lock })
+            }
+            Err(_) => {
+                let pid = std::fs::read_to_string(&p).ok().and_then(|s| s.trim().parse().ok());
+                Err(StateError::Locked { path: self.path.clone(), pid })
+            }
+        }
+    }
+
+    pub fn observed_path(&self) -> PathBuf {
+        self.path.join("observed.json")
+    }
+
+    /// Keep the last observed snapshot (written atomically).
+    pub fn write_observed(&self, o: &Observed) -> std::io::Result<()> {
+        let tmp = self.path.join(".observed.json.tmp");
+        let bytes = serde_json::to_vec_pretty(o).map_err(std::io::Error::other)?;
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(tmp, self.observed_path())
+    }
+
+    /// Append events to `events.jsonl`, keeping the file under about 4 MiB.
+    pub fn append_events(&self, events: &[Event]) -> std::io::Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let p = self.path.join("events.jsonl");
+        if std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0) > 4 << 20 {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let keep: Vec<&str> = text.lines().rev().take(5_000).collect();
+            let mut kept: String = keep.into_iter().rev().collect::<Vec<_>>().join("\n");
+            kept.push('\n');
+            std::fs::write(&p, kept)?;
+        }
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&p)?;
+        let mut buf = Vec::new();
+        for e in events {
+            serde_json::to_writer(&mut buf, e).map_err(std::io::Error::other)?;
+            buf.push(b'\n');
+        }
+        f.write_all(&buf)
+    }
+}
