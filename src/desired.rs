@@ -31,11 +31,15 @@ impl<T> Doc<T> {
 }
 
 /// A file whose objects are held: neither changed nor destroyed until it is fixed.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Quarantine {
     pub errors: Vec<Diagnostic>,
     /// The objects the file names, as far as they could be read.
     pub held: Vec<Held>,
+    /// Every object in the file is in `held`. When false (the file could not be read or
+    /// parsed, or a document's kind or name is unreadable), nothing anywhere is destroyed:
+    /// any missing object might be in this file.
+    pub complete: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -73,6 +77,11 @@ impl Desired {
             .filter(|h| h.kind == kind)
             .map(|h| h.name.as_str())
             .collect()
+    }
+
+    /// Some quarantined file could not be read far enough to know what it holds.
+    pub fn has_unknown_objects(&self) -> bool {
+        self.quarantined.values().any(|q| !q.complete)
     }
 
     pub fn object_count(&self) -> usize {

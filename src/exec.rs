@@ -32,7 +32,12 @@ pub struct ExecOptions {
 
 impl Default for ExecOptions {
     fn default() -> Self {
-        ExecOptions { concurrency: 16, per_provider: 8, step_timeout: Duration::from_secs(300), health_timeout: Duration::from_secs(60) }
+        ExecOptions {
+            concurrency: 16,
+            per_provider: 8,
+            step_timeout: Duration::from_secs(300),
+            health_timeout: Duration::from_secs(60),
+        }
     }
 }
 
@@ -41,10 +46,16 @@ impl Default for ExecOptions {
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {
     Succeeded,
-    Failed { error: String },
-    TimedOut { after_ms: u64 },
+    Failed {
+        error: String,
+    },
+    TimedOut {
+        after_ms: u64,
+    },
     /// Not run: a step it depends on did not succeed.
-    Skipped { because_of: usize },
+    Skipped {
+        because_of: usize,
+    },
     /// Not run: its object failed recently and waits out its backoff.
     BackingOff,
     /// Not run: vessel is shutting down.
@@ -101,14 +112,28 @@ pub async fn execute(
     let n = plan.steps.len();
     let mut status = vec![Status::Pending; n];
     let mut results: Vec<Option<StepResult>> = vec![None; n];
-    let mut finish = |id: usize, outcome: Outcome, d: Duration, status: &mut Vec<Status>, results: &mut Vec<Option<StepResult>>| {
+    let mut finish = |id: usize,
+                      outcome: Outcome,
+                      d: Duration,
+                      status: &mut Vec<Status>,
+                      results: &mut Vec<Option<StepResult>>| {
         status[id] = Status::Done;
         report(&plan.steps[id], &outcome, d);
-        results[id] = Some(StepResult { step: id, outcome, duration: d });
+        results[id] = Some(StepResult {
+            step: id,
+            outcome,
+            duration: d,
+        });
     };
     for &id in hold {
         if id < n {
-            finish(id, Outcome::BackingOff, Duration::ZERO, &mut status, &mut results);
+            finish(
+                id,
+                Outcome::BackingOff,
+                Duration::ZERO,
+                &mut status,
+                &mut results,
+            );
         }
     }
     let mut running: JoinSet<Finished> = JoinSet::new();
@@ -121,24 +146,43 @@ pub async fn execute(
             if status[id] != Status::Pending {
                 continue;
             }
-            let failed_dep = plan.steps[id]
-                .depends_on
-                .iter()
-                .find(|d| status[**d] == Status::Done && !results[**d].as_ref().is_some_and(|r| r.outcome.is_success()));
+            let failed_dep = plan.steps[id].depends_on.iter().find(|d| {
+                status[**d] == Status::Done
+                    && !results[**d]
+                        .as_ref()
+                        .is_some_and(|r| r.outcome.is_success())
+            });
             if let Some(d) = failed_dep {
-                finish(id, Outcome::Skipped { because_of: *d }, Duration::ZERO, &mut status, &mut results);
+                finish(
+                    id,
+                    Outcome::Skipped { because_of: *d },
+                    Duration::ZERO,
+                    &mut status,
+                    &mut results,
+                );
             }
         }
         if cancel.is_cancelled() {
             for id in 0..n {
                 if status[id] == Status::Pending {
-                    finish(id, Outcome::Cancelled, Duration::ZERO, &mut status, &mut results);
+                    finish(
+                        id,
+                        Outcome::Cancelled,
+                        Duration::ZERO,
+                        &mut status,
+                        &mut results,
+                    );
                 }
             }
         } else {
             let ready: Vec<usize> = (0..n)
                 .filter(|id| status[*id] == Status::Pending)
-                .filter(|id| plan.steps[*id].depends_on.iter().all(|d| results[*d].as_ref().is_some_and(|r| r.outcome.is_success())))
+                .filter(|id| {
+                    plan.steps[*id]
+                        .depends_on
+                        .iter()
+                        .all(|d| results[*d].as_ref().is_some_and(|r| r.outcome.is_success()))
+                })
                 .collect();
             let mut batches: BTreeMap<ProviderId, Vec<usize>> = BTreeMap::new();
             for id in ready {
@@ -174,13 +218,20 @@ pub async fn execute(
                 spawn_batch(&mut running, providers, plan, provider, ids, opts);
             }
         }
-        let Some(joined) = running.join_next().await else { break };
+        let Some(joined) = running.join_next().await else {
+            break;
+        };
         let (ids, outcomes, d) = match joined {
             Ok(f) => f,
             Err(e) => {
                 // A provider panicked: fail whatever was running, visibly, and go on.
                 let ids: Vec<usize> = (0..n).filter(|id| status[*id] == Status::Running).collect();
-                let outcomes = ids.iter().map(|_| Outcome::Failed { error: format!("provider task failed: {e}") }).collect();
+                let outcomes = ids
+                    .iter()
+                    .map(|_| Outcome::Failed {
+                        error: format!("provider task failed: {e}"),
+                    })
+                    .collect();
                 running.abort_all();
                 (ids, outcomes, Duration::ZERO)
             }
@@ -214,7 +265,12 @@ fn timeout_for(action: &Action, opts: &ExecOptions) -> Duration {
     }
 }
 
-fn spawn_compute(set: &mut JoinSet<Finished>, providers: &Providers, step: &Step, opts: &ExecOptions) {
+fn spawn_compute(
+    set: &mut JoinSet<Finished>,
+    providers: &Providers,
+    step: &Step,
+    opts: &ExecOptions,
+) {
     let id = step.id;
     let action = step.action.clone();
     let timeout = timeout_for(&action, opts);
@@ -225,19 +281,33 @@ fn spawn_compute(set: &mut JoinSet<Finished>, providers: &Providers, step: &Step
     set.spawn(async move {
         let t = Instant::now();
         let outcome = match provider {
-            None => Outcome::Failed { error: format!("no {} provider is configured", action.provider()) },
+            None => Outcome::Failed {
+                error: format!("no {} provider is configured", action.provider()),
+            },
             Some(p) => match tokio::time::timeout(timeout, p.apply(&action)).await {
                 Ok(Ok(())) => Outcome::Succeeded,
                 Ok(Err(e)) => Outcome::Failed { error: chain(&e) },
-                Err(_) => Outcome::TimedOut { after_ms: timeout.as_millis() as u64 },
+                Err(_) => Outcome::TimedOut {
+                    after_ms: timeout.as_millis() as u64,
+                },
             },
         };
         (vec![id], vec![outcome], t.elapsed())
     });
 }
 
-fn spawn_batch(set: &mut JoinSet<Finished>, providers: &Providers, plan: &Plan, provider: ProviderId, ids: Vec<usize>, opts: &ExecOptions) {
-    let actions: Vec<Action> = ids.iter().map(|id| plan.steps[*id].action.clone()).collect();
+fn spawn_batch(
+    set: &mut JoinSet<Finished>,
+    providers: &Providers,
+    plan: &Plan,
+    provider: ProviderId,
+    ids: Vec<usize>,
+    opts: &ExecOptions,
+) {
+    let actions: Vec<Action> = ids
+        .iter()
+        .map(|id| plan.steps[*id].action.clone())
+        .collect();
     let timeout = opts.step_timeout;
     let proxy = providers.proxy.clone();
     let dns = providers.dns.clone();
@@ -249,7 +319,14 @@ fn spawn_batch(set: &mut JoinSet<Finished>, providers: &Providers, plan: &Plan, 
                 ProviderId::Proxy => proxy.apply(&refs).await,
                 ProviderId::Dns => match &dns {
                     Some(d) => d.apply(&refs).await,
-                    None => refs.iter().map(|_| Err(crate::providers::ProviderError::Unsupported("a DNS step with no DNS provider"))).collect(),
+                    None => refs
+                        .iter()
+                        .map(|_| {
+                            Err(crate::providers::ProviderError::Unsupported(
+                                "a DNS step with no DNS provider",
+                            ))
+                        })
+                        .collect(),
                 },
                 ProviderId::Compute(_) => Vec::new(),
             }
@@ -259,10 +336,17 @@ fn spawn_batch(set: &mut JoinSet<Finished>, providers: &Providers, plan: &Plan, 
                 .map(|i| match rs.get(i) {
                     Some(Ok(())) => Outcome::Succeeded,
                     Some(Err(e)) => Outcome::Failed { error: chain(e) },
-                    None => Outcome::Failed { error: "the provider gave no result for this step".into() },
+                    None => Outcome::Failed {
+                        error: "the provider gave no result for this step".into(),
+                    },
                 })
                 .collect(),
-            Err(_) => ids.iter().map(|_| Outcome::TimedOut { after_ms: timeout.as_millis() as u64 }).collect(),
+            Err(_) => ids
+                .iter()
+                .map(|_| Outcome::TimedOut {
+                    after_ms: timeout.as_millis() as u64,
+                })
+                .collect(),
         };
         (ids, outcomes, t.elapsed())
     });

@@ -102,9 +102,16 @@ pub struct RuntimeSpec {
 
 impl RuntimeSpec {
     /// A short, stable fingerprint of everything that cannot change without a replace.
+    /// `health` and `stop_timeout` are left out: they travel with the steps that use them and
+    /// never need a replace.
     pub fn fingerprint(&self) -> String {
         use sha2::{Digest, Sha256};
-        let json = serde_json::to_vec(self).unwrap_or_default();
+        let immutable = RuntimeSpec {
+            health: None,
+            stop_timeout: None,
+            ..self.clone()
+        };
+        let json = serde_json::to_vec(&immutable).unwrap_or_default();
         hex::encode(&Sha256::digest(&json)[..8])
     }
 
@@ -221,6 +228,9 @@ pub struct ObservedRecord {
     pub rtype: RecordType,
     pub content: String,
     pub owned: bool,
+    /// The session it serves, as recorded with vessel's ownership marker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
 }
 
 /// Everything observed in one pass.

@@ -101,8 +101,22 @@ const RECENT_EVENTS: usize = 1_000;
 
 impl Reconciler {
     pub fn new(config: Config, providers: Providers, state: StateDir) -> Reconciler {
-        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1) | 1;
-        Reconciler { config, providers, exec: ExecOptions::default(), allow_destroy: false, state, backoff: BTreeMap::new(), pass: 0, seed, shared: Arc::default() }
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            | 1;
+        Reconciler {
+            config,
+            providers,
+            exec: ExecOptions::default(),
+            allow_destroy: false,
+            state,
+            backoff: BTreeMap::new(),
+            pass: 0,
+            seed,
+            shared: Arc::default(),
+        }
     }
 
     pub fn state(&self) -> &StateDir {
@@ -123,7 +137,12 @@ impl Reconciler {
     }
 
     /// Run one pass. `on_step` sees every step outcome as it happens (for progress output).
-    pub async fn pass(&mut self, trigger: Trigger, cancel: &CancellationToken, mut on_step: impl FnMut(&Event)) -> (PassReport, Arc<Plan>, Vec<StepResult>) {
+    pub async fn pass(
+        &mut self,
+        trigger: Trigger,
+        cancel: &CancellationToken,
+        mut on_step: impl FnMut(&Event),
+    ) -> (PassReport, Arc<Plan>, Vec<StepResult>) {
         self.pass += 1;
         let pass = self.pass;
         let started = Utc::now();
@@ -143,7 +162,10 @@ impl Reconciler {
             next_due: None,
         };
         let config = self.config.clone();
-        let loaded = tokio::task::spawn_blocking(move || crate::load::load_tree(config.source_dir(), &config, Utc::now())).await;
+        let loaded = tokio::task::spawn_blocking(move || {
+            crate::load::load_tree(config.source_dir(), &config, Utc::now())
+        })
+        .await;
         let desired = match loaded {
             Ok(Ok(d)) => Arc::new(d),
             Ok(Err(e)) => {
@@ -159,10 +181,19 @@ impl Reconciler {
                 return (report, Arc::new(Plan::default()), Vec::new());
             }
         };
-        report.quarantined = desired.quarantined.keys().map(|p| p.display().to_string()).collect();
-        let needed: BTreeSet<ComputeKind> = desired.plans.values().map(|p| p.spec.compute).collect();
+        report.quarantined = desired
+            .quarantined
+            .keys()
+            .map(|p| p.display().to_string())
+            .collect();
+        let needed: BTreeSet<ComputeKind> =
+            desired.plans.values().map(|p| p.spec.compute).collect();
         let observed = Arc::new(self.providers.observe(&needed).await);
-        report.gaps = observed.gaps.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        report.gaps = observed
+            .gaps
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
         if let Err(e) = self.state.write_observed(&observed) {
             tracing::warn!(error = %e, "cannot keep the observed snapshot");
         }
@@ -174,7 +205,16 @@ impl Reconciler {
         // Steps whose object is backing off wait; their dependents are skipped.
         let now = Instant::now();
         self.backoff.retain(|_, b| b.failures > 0);
-        let hold: BTreeSet<usize> = p.steps.iter().filter(|s| self.backoff.get(&s.action.object()).is_some_and(|b| b.until > now)).map(|s| s.id).collect();
+        let hold: BTreeSet<usize> = p
+            .steps
+            .iter()
+            .filter(|s| {
+                self.backoff
+                    .get(&s.action.object())
+                    .is_some_and(|b| b.until > now)
+            })
+            .map(|s| s.id)
+            .collect();
         let mut events = Vec::new();
         let results = execute(&p, &self.providers, &self.exec, &hold, cancel, |step, outcome, d| {
             let e = Event {
@@ -212,17 +252,33 @@ impl Reconciler {
         }
         for o in failed {
             let j = self.jitter();
-            let b = self.backoff.entry(o).or_insert(Backoff { failures: 0, until: now });
+            let b = self.backoff.entry(o).or_insert(Backoff {
+                failures: 0,
+                until: now,
+            });
             b.failures += 1;
             let base = Duration::from_millis(500) * 2u32.saturating_pow(b.failures.min(10) - 1);
             b.until = Instant::now() + base.min(Duration::from_secs(300)).mul_f64(j);
         }
-        report.progressed = results.iter().any(|r| r.outcome.is_success() && !matches!(p.steps[r.step].action, crate::planner::Action::WaitHealthy { .. }))
-            || (!p.deferred.is_empty() && results.iter().any(|r| r.outcome.is_success()));
+        report.progressed = results.iter().any(|r| {
+            r.outcome.is_success()
+                && !matches!(
+                    p.steps[r.step].action,
+                    crate::planner::Action::WaitHealthy { .. }
+                )
+        }) || (!p.deferred.is_empty()
+            && results.iter().any(|r| r.outcome.is_success()));
         for r in &results {
-            *report.outcomes.entry(r.outcome.label().to_string()).or_default() += 1;
+            *report
+                .outcomes
+                .entry(r.outcome.label().to_string())
+                .or_default() += 1;
         }
-        let retry = self.next_retry().map(|i| Utc::now() + chrono::Duration::from_std(i.saturating_duration_since(Instant::now())).unwrap_or_default());
+        let retry = self.next_retry().map(|i| {
+            Utc::now()
+                + chrono::Duration::from_std(i.saturating_duration_since(Instant::now()))
+                    .unwrap_or_default()
+        });
         report.next_due = match (p.next_wakeup, retry) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -231,11 +287,24 @@ impl Reconciler {
         if let Err(e) = self.state.append_events(&events) {
             tracing::warn!(error = %e, "cannot record events");
         }
-        self.publish(&report, Some(desired), Some(observed), Some(p.clone()), events);
+        self.publish(
+            &report,
+            Some(desired),
+            Some(observed),
+            Some(p.clone()),
+            events,
+        );
         (report, p, results)
     }
 
-    fn publish(&self, report: &PassReport, desired: Option<Arc<Desired>>, observed: Option<Arc<Observed>>, plan: Option<Arc<Plan>>, events: Vec<Event>) {
+    fn publish(
+        &self,
+        report: &PassReport,
+        desired: Option<Arc<Desired>>,
+        observed: Option<Arc<Observed>>,
+        plan: Option<Arc<Plan>>,
+        events: Vec<Event>,
+    ) {
         if let Ok(mut s) = self.shared.lock() {
             s.last = Some(report.clone());
             s.passes = report.pass;
@@ -258,7 +327,13 @@ impl Reconciler {
     }
 
     /// Pass after pass until nothing is left to do, nothing progresses, or `max` passes.
-    pub async fn converge(&mut self, first: Trigger, max: usize, cancel: &CancellationToken, mut on_step: impl FnMut(&Event)) -> Vec<PassReport> {
+    pub async fn converge(
+        &mut self,
+        first: Trigger,
+        max: usize,
+        cancel: &CancellationToken,
+        mut on_step: impl FnMut(&Event),
+    ) -> Vec<PassReport> {
         let mut reports = Vec::new();
         let mut trigger = first;
         for _ in 0..max {

@@ -53,8 +53,13 @@ pub struct StateLock {
 
 impl StateDir {
     pub fn open(path: &Path) -> Result<StateDir, StateError> {
-        std::fs::create_dir_all(path).map_err(|source| StateError::Dir { path: path.to_path_buf(), source })?;
-        Ok(StateDir { path: path.to_path_buf() })
+        std::fs::create_dir_all(path).map_err(|source| StateError::Dir {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(StateDir {
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -70,7 +75,10 @@ impl StateDir {
             .read(true)
             .write(true)
             .open(&p)
-            .map_err(|source| StateError::Dir { path: p.clone(), source })?;
+            .map_err(|source| StateError::Dir {
+                path: p.clone(),
+                source,
+            })?;
         match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
             Ok(mut lock) => {
                 let _ = lock.set_len(0);
@@ -78,8 +86,13 @@ impl StateDir {
                 Ok(StateLock { _lock: lock })
             }
             Err(_) => {
-                let pid = std::fs::read_to_string(&p).ok().and_then(|s| s.trim().parse().ok());
-                Err(StateError::Locked { path: self.path.clone(), pid })
+                let pid = std::fs::read_to_string(&p)
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok());
+                Err(StateError::Locked {
+                    path: self.path.clone(),
+                    pid,
+                })
             }
         }
     }
@@ -109,7 +122,10 @@ impl StateDir {
             kept.push('\n');
             std::fs::write(&p, kept)?;
         }
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&p)?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)?;
         let mut buf = Vec::new();
         for e in events {
             serde_json::to_writer(&mut buf, e).map_err(std::io::Error::other)?;

@@ -58,6 +58,8 @@ pub struct LoadedFile {
     pub errors: Vec<Diagnostic>,
     /// Kind and name of every document that had them, even ones that failed to parse.
     pub held: Vec<Held>,
+    /// `held` names every object in the file (see `Quarantine::complete`).
+    pub complete: bool,
 }
 
 impl LoadedFile {
@@ -147,26 +149,43 @@ pub fn find_files(root: &Path) -> Result<Vec<PathBuf>, LoadError> {
                     source,
                 });
             }
-            // A subdirectory that vanished or cannot be listed: its files show up as missing,
-            // which the planner treats like any other unreadable file (held, not destroyed).
+            // A subdirectory that cannot be listed is reported as an unreadable entry: it is
+            // quarantined (incompletely), so nothing that might be in it is destroyed.
             Err(_) => {
                 out.push(rel);
                 continue;
             }
         };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if !is_desired_name(name, false) && !is_desired_name(name, true) {
+        for entry in entries {
+            let Ok(entry) = entry else {
+                out.push(rel.clone());
+                continue;
+            };
+            let os_name = entry.file_name();
+            let name = os_name.to_string_lossy();
+            if !is_desired_name(&name, false) && !is_desired_name(&name, true) {
                 continue;
             }
-            let Ok(ft) = entry.file_type() else { continue };
-            let child = rel.join(name);
-            if ft.is_dir() {
+            let child = rel.join(&*name);
+            let Ok(ft) = entry.file_type() else {
+                out.push(child);
+                continue;
+            };
+            if os_name.to_str().is_none() {
+                // Not UTF-8: reading `child` (the lossy name) fails, which quarantines it.
+                out.push(child);
+            } else if ft.is_dir() {
                 stack.push(child);
-            } else if is_desired_name(name, false)
-                && (ft.is_file() || (ft.is_symlink() && entry.path().is_file()))
-            {
+            } else if ft.is_symlink() {
+                match std::fs::metadata(entry.path()) {
+                    Ok(m) if m.is_dir() => {}
+                    Ok(_) if is_desired_name(&name, false) => out.push(child),
+                    Ok(_) => {}
+                    // A link whose target cannot be checked might be a desired file.
+                    Err(_) if is_desired_name(&name, false) => out.push(child),
+                    Err(_) => {}
+                }
+            } else if is_desired_name(&name, false) && ft.is_file() {
                 out.push(child);
             }
         }
@@ -215,6 +234,7 @@ fn text_of(display: &Path, rel: &Path, bytes: Result<Vec<u8>, String>) -> Loaded
         objects: Vec::new(),
         errors: Vec::new(),
         held: Vec::new(),
+        complete: false,
     };
     let whole = Pos::default();
     let bytes = match bytes {
@@ -279,11 +299,13 @@ fn parse(mut lf: LoadedFile) -> LoadedFile {
     if !lf.errors.is_empty() {
         return lf;
     }
+    lf.complete = true;
     let docs = match yaml::scan(&lf.text) {
         Ok(d) => d,
         Err(p) => {
             let d = problem(&lf, p);
             lf.errors.push(d);
+            lf.complete = false;
             return lf;
         }
     };
@@ -291,13 +313,17 @@ fn parse(mut lf: LoadedFile) -> LoadedFile {
         if doc.empty {
             continue;
         }
-        if let (Some((kind, _)), Some(name)) = (&doc.kind, &doc.name)
-            && let Some(kind) = Kind::parse(kind)
-        {
-            lf.held.push(Held {
-                kind,
-                name: name.clone(),
-            });
+        match (&doc.kind, &doc.name) {
+            (Some((kind, _)), Some(name)) if Kind::parse(kind).is_some() => {
+                if let Some(kind) = Kind::parse(kind) {
+                    lf.held.push(Held {
+                        kind,
+                        name: name.clone(),
+                    });
+                }
+            }
+            // What this document is, or what it is called, is unknown.
+            _ => lf.complete = false,
         }
         if !doc.is_mapping {
             let e = lf
@@ -386,6 +412,7 @@ fn assemble(files: Vec<LoadedFile>, warnings: Vec<Diagnostic>) -> Desired {
                 Quarantine {
                     errors: f.errors,
                     held,
+                    complete: f.complete,
                 },
             );
             continue;

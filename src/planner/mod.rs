@@ -22,7 +22,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, DestroyBudget, DnsConfig, RouteTemplate};
 use crate::desired::{Desired, EffectiveRoute, effective_routes};
-use crate::model::{ComputeKind, ExpiryAction, Kind, PlanSpec, RunState, SessionSpec};
+use crate::model::{
+    ComputeKind, Duration, ExpiryAction, Health, Kind, PlanSpec, RunState, SessionSpec,
+};
 use crate::observed::{
     Observed, ObservedSession, ProviderId, RecordType, RuntimeSpec, SessionState,
 };
@@ -94,14 +96,22 @@ pub enum Action {
     StopSession {
         session: String,
         provider: ComputeKind,
+        /// How long it gets before it is killed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stop_timeout: Option<Duration>,
     },
     DestroySession {
         session: String,
         provider: ComputeKind,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stop_timeout: Option<Duration>,
     },
     WaitHealthy {
         session: String,
         provider: ComputeKind,
+        /// The check to run; by default, the `ide` port (or the first) answers.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        check: Option<Health>,
     },
     SyncSource {
         session: String,
@@ -131,6 +141,8 @@ pub enum Action {
         name: String,
         rtype: RecordType,
         content: String,
+        /// The session the record serves (recorded as its owner).
+        session: String,
     },
     RemoveRecord {
         name: String,
@@ -322,6 +334,8 @@ pub enum HoldReason {
     Foreign,
     /// A guard held its destroy.
     Guarded,
+    /// Its session has no address to route to (stopped or asleep, and never started).
+    NoAddress,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -344,6 +358,9 @@ pub enum Guard {
     },
     /// The source has no sessions at all.
     EmptySource { destroys: usize },
+    /// A file could not be read far enough to know what it declares: anything missing might
+    /// be in it, so nothing is destroyed or removed.
+    UnknownObjects { files: Vec<PathBuf> },
 }
 
 impl Guard {
@@ -355,10 +372,18 @@ impl Guard {
                 max_count,
                 max_percent,
             } => format!(
-                "destroy budget: {destroys} of {existing} sessions would be destroyed (limit {max_count}, or {max_percent}%); held: pass --allow-destroy to apply"
+                "destroy budget: {destroys} of {existing} sessions would be destroyed or replaced without saving their work (limit {max_count}, or {max_percent}%); held: pass --allow-destroy to apply"
             ),
             Guard::EmptySource { destroys } => format!(
                 "empty source: it has no sessions, and {destroys} would be destroyed; held: set policy.allow_empty_source to apply"
+            ),
+            Guard::UnknownObjects { files } => format!(
+                "{} could not be read far enough to know what it declares; nothing is destroyed or removed until it is fixed",
+                files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         }
     }
@@ -470,8 +495,11 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
     let mut wants: BTreeMap<&str, Want> = BTreeMap::new();
     // Sessions without env of their own share their plan's spec and fingerprint.
     let mut per_plan: BTreeMap<&str, (Rc<RuntimeSpec>, Rc<str>)> = BTreeMap::new();
+    // Sessions whose plan is not there (validation prevents it): held, never destroyed.
+    let mut planless: BTreeSet<&str> = BTreeSet::new();
     for (name, doc) in &desired.sessions {
         let Some(plan) = desired.plans.get(&doc.spec.plan) else {
+            planless.insert(name);
             continue;
         };
         let s = &doc.spec;
@@ -524,7 +552,16 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
         .collect();
 
     // Held by quarantine: names the broken files hold, and sessions made from those files.
-    let held_sessions: BTreeSet<&str> = desired.held(Kind::Session);
+    let mut held_sessions: BTreeSet<&str> = desired.held(Kind::Session);
+    held_sessions.extend(planless.iter().copied());
+    // A file of unknown contents: nothing is destroyed or removed anywhere.
+    let unknown_files: Vec<PathBuf> = desired
+        .quarantined
+        .iter()
+        .filter(|(_, q)| !q.complete)
+        .map(|(f, _)| f.clone())
+        .collect();
+    let hold_removals = !unknown_files.is_empty();
     let held_routes: BTreeSet<&str> = desired.held(Kind::Route);
     let quarantined_file = |o: &ObservedSession| -> Option<Option<PathBuf>> {
         if held_sessions.contains(o.name.as_str()) {
@@ -630,26 +667,59 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
         fates.insert(name, fate);
     }
 
-    // 2. Guards on pure destroys.
+    // 2. Guards. Destroys, and replaces that discard a workspace, count against the budget.
     let destroys: Vec<&str> = fates
         .iter()
         .filter(|(_, f)| matches!(f, Fate::Destroy(_)))
         .map(|(n, _)| *n)
         .collect();
-    if !destroys.is_empty() {
+    let discarding: Vec<&str> = fates
+        .iter()
+        .filter(|(n, f)| {
+            matches!(f, Fate::Replace(_))
+                && observed
+                    .sessions
+                    .get(**n)
+                    .is_none_or(|o| o.save_to.is_none())
+        })
+        .map(|(n, _)| *n)
+        .collect();
+    if hold_removals && !destroys.is_empty() {
+        out.guards.push(Guard::UnknownObjects {
+            files: unknown_files.clone(),
+        });
+        for n in &destroys {
+            fates.remove(n);
+            held_session_names.insert(n);
+            out.held.push(Hold {
+                object: Object::Session(n.to_string()),
+                why: HoldReason::Guarded,
+            });
+        }
+    } else if hold_removals {
+        out.guards.push(Guard::UnknownObjects {
+            files: unknown_files.clone(),
+        });
+    }
+    let destroys: Vec<&str> = destroys
+        .into_iter()
+        .filter(|n| fates.contains_key(n))
+        .collect();
+    let risky: Vec<&str> = destroys.iter().chain(discarding.iter()).copied().collect();
+    if !risky.is_empty() {
         let existing = observed.sessions.values().filter(|o| o.owned).count();
         let empty_source = desired.sessions.is_empty() && desired.quarantined.is_empty();
         let b = policy.destroy_budget;
-        let over_count = destroys.len() > b.max_count as usize;
+        let over_count = risky.len() > b.max_count as usize;
         let over_share =
-            destroys.len() > 1 && destroys.len() * 100 > usize::from(b.max_percent) * existing;
-        let guard = if empty_source && !policy.allow_empty_source {
+            risky.len() > 1 && risky.len() * 100 > usize::from(b.max_percent) * existing;
+        let guard = if empty_source && !destroys.is_empty() && !policy.allow_empty_source {
             Some(Guard::EmptySource {
                 destroys: destroys.len(),
             })
         } else if (over_count || over_share) && !policy.allow_destroy {
             Some(Guard::DestroyBudget {
-                destroys: destroys.len(),
+                destroys: risky.len(),
                 existing,
                 max_count: b.max_count,
                 max_percent: b.max_percent,
@@ -659,7 +729,7 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
         };
         if let Some(g) = guard {
             out.guards.push(g);
-            for n in destroys {
+            for n in risky {
                 fates.remove(n);
                 held_session_names.insert(n);
                 out.held.push(Hold {
@@ -682,6 +752,18 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
     // 3. Session steps.
     // Sessions whose address will change or appear in this plan: their routes wait.
     let mut address_pending: BTreeSet<&str> = BTreeSet::new();
+    let stop_timeout = |name: &str| {
+        wants
+            .get(name)
+            .and_then(|w| w.spec.stop_timeout)
+            .or_else(|| {
+                observed
+                    .sessions
+                    .get(name)
+                    .and_then(|o| o.spec.as_ref())
+                    .and_then(|s| s.stop_timeout)
+            })
+    };
     for (&name, fate) in &fates {
         let have = observed.sessions.get(name);
         let want = wants.get(name);
@@ -739,6 +821,7 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                     Action::DestroySession {
                         session: name.into(),
                         provider: o.provider,
+                        stop_timeout: stop_timeout(name),
                     },
                     reason.clone(),
                 );
@@ -760,6 +843,7 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                     Action::WaitHealthy {
                         session: name.into(),
                         provider: o.provider,
+                        check: want.and_then(|w| w.spec.health.clone()),
                     },
                     follows(),
                 );
@@ -789,6 +873,7 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                     Action::StopSession {
                         session: name.into(),
                         provider: o.provider,
+                        stop_timeout: stop_timeout(name),
                     },
                     reason.clone(),
                 );
@@ -811,6 +896,7 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                     Action::DestroySession {
                         session: name.into(),
                         provider: o.provider,
+                        stop_timeout: stop_timeout(name),
                     },
                     reason.clone(),
                 );
@@ -883,13 +969,22 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                         .cloned()
                 };
                 let Some(upstream) = upstream else {
-                    if have.is_none() || address_pending.contains(r.session) {
+                    if address_pending.contains(r.session) {
+                        // The session is being created or started in this plan: the next
+                        // pass has its address.
                         out.deferred.push(Deferred {
                             object: obj(),
                             waiting_for: format!(
                                 "an address for session {} port {}",
                                 r.session, r.port_name
                             ),
+                        });
+                        route_pending.insert(host);
+                    } else if have.is_none() {
+                        // Asleep or stopped with no address: nothing to route to until it runs.
+                        out.held.push(Hold {
+                            object: obj(),
+                            why: HoldReason::NoAddress,
                         });
                         route_pending.insert(host);
                     }
@@ -926,6 +1021,7 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                     reason,
                 );
             }
+            (None, Some(_)) if hold_removals => {}
             (None, Some(_)) => push(
                 Phase::RemoveRoute,
                 Action::RemoveRoute { host: host.into() },
@@ -948,36 +1044,42 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
             want.iter().map(|(k, v)| (k.as_str(), *v)),
             observed.records.iter().map(|(k, v)| (k.as_str(), v)),
         );
+        // Names where a record vessel does not own stands, of any type: never shadowed.
+        let foreign_names: BTreeSet<&str> = observed
+            .records
+            .values()
+            .filter(|r| !r.owned)
+            .map(|r| r.name.as_str())
+            .collect();
+        let held_session = |s: Option<&str>| {
+            s.is_some_and(|s| held_session_names.contains(s) || held_sessions.contains(s))
+        };
         for (_, w, have) in joined {
             let (name, ty) = match (w, have) {
                 (Some(r), _) => (r.host.clone(), *rtype),
                 (None, Some(o)) => (o.name.clone(), o.rtype),
                 (None, None) => continue,
             };
-            let obj = Object::Record(format!("{name} {}", ty.as_str()));
-            if have.is_some_and(|o| !o.owned) {
+            let obj = || Object::Record(format!("{name} {}", ty.as_str()));
+            if have.is_some_and(|o| !o.owned)
+                || (w.is_some() && foreign_names.contains(name.as_str()))
+            {
                 if w.is_some() {
                     out.held.push(Hold {
-                        object: obj,
+                        object: obj(),
                         why: HoldReason::Foreign,
                     });
                 }
                 continue;
             }
             if held_hosts.contains(name.as_str())
-                || (w.is_none()
-                    && held_session_names.iter().any(|s| {
-                        observed
-                            .routes
-                            .get(&name)
-                            .is_some_and(|r| r.session.as_deref() == Some(*s))
-                    }))
+                || have.is_some_and(|o| held_session(o.session.as_deref()))
             {
                 continue;
             }
             if let Some(e) = &dns_gap {
                 out.held.push(Hold {
-                    object: obj,
+                    object: obj(),
                     why: HoldReason::Unobserved {
                         provider: ProviderId::Dns,
                         error: e.clone(),
@@ -988,36 +1090,54 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
             match (w, have) {
                 (Some(_), _) if route_pending.contains(name.as_str()) => {
                     out.deferred.push(Deferred {
-                        object: obj,
+                        object: obj(),
                         waiting_for: format!("route {name}"),
                     });
                 }
-                (Some(_), None) => push(
+                (Some(r), None) => push(
                     Phase::UpsertRecord,
                     Action::UpsertRecord {
                         name,
                         rtype: ty,
                         content: content.clone(),
+                        session: r.session.to_string(),
                     },
                     Reason::Missing,
                 ),
-                (Some(_), Some(o)) if o.content != *content => push(
-                    Phase::UpsertRecord,
-                    Action::UpsertRecord {
-                        name,
-                        rtype: ty,
-                        content: content.clone(),
-                    },
-                    Reason::Drifted {
-                        changes: vec![format!("content {} -> {content}", o.content)],
-                    },
-                ),
+                (Some(r), Some(o))
+                    if o.content != *content || o.session.as_deref() != Some(r.session) =>
+                {
+                    let change = if o.content != *content {
+                        format!("content {} -> {content}", o.content)
+                    } else {
+                        "owner".into()
+                    };
+                    push(
+                        Phase::UpsertRecord,
+                        Action::UpsertRecord {
+                            name,
+                            rtype: ty,
+                            content: content.clone(),
+                            session: r.session.to_string(),
+                        },
+                        Reason::Drifted {
+                            changes: vec![change],
+                        },
+                    )
+                }
                 (Some(_), Some(_)) => {}
-                (None, Some(_)) => push(
-                    Phase::RemoveRecord,
-                    Action::RemoveRecord { name, rtype: ty },
-                    Reason::NotDesired,
-                ),
+                // A record is removed only when it is surely not wanted: every file was read,
+                // the proxy was seen, and the record says whose it is (or nothing is held).
+                (None, Some(o)) => {
+                    let attributable = o.session.is_some() || desired.quarantined.is_empty();
+                    if !hold_removals && proxy_gap.is_none() && attributable {
+                        push(
+                            Phase::RemoveRecord,
+                            Action::RemoveRecord { name, rtype: ty },
+                            Reason::NotDesired,
+                        );
+                    }
+                }
                 (None, None) => {}
             }
         }
@@ -1083,6 +1203,7 @@ fn create_steps(
             Action::WaitHealthy {
                 session: name.into(),
                 provider: w.spec.compute,
+                check: w.spec.health.clone(),
             },
             follows.clone(),
         );
@@ -1156,11 +1277,20 @@ fn dependencies(drafts: &[Draft], observed: &Observed) -> Vec<Vec<usize>> {
             _ => {}
         }
     }
-    // Hosts of each session's observed routes (for destroy ordering).
+    // Hosts of each session's observed routes and records (for destroy ordering).
     let mut routes_of: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for (h, r) in &observed.routes {
         if let Some(s) = &r.session {
             routes_of.entry(s.as_str()).or_default().push(h.as_str());
+        }
+    }
+    let mut records_of: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for r in observed.records.values() {
+        if let Some(s) = &r.session {
+            records_of
+                .entry(s.as_str())
+                .or_default()
+                .push(r.name.as_str());
         }
     }
     let sess = |p: Phase, s: &str| {
@@ -1181,6 +1311,9 @@ fn dependencies(drafts: &[Draft], observed: &Observed) -> Vec<Vec<usize>> {
             | Action::DestroySession { session, .. } => {
                 for h in routes_of.get(session.as_str()).into_iter().flatten() {
                     deps.extend(host(Phase::RemoveRoute, h));
+                }
+                for h in records_of.get(session.as_str()).into_iter().flatten() {
+                    deps.extend(host(Phase::RemoveRecord, h));
                 }
                 if d.phase > Phase::SaveWork {
                     deps.extend(sess(Phase::SaveWork, session));
@@ -1204,6 +1337,10 @@ fn dependencies(drafts: &[Draft], observed: &Observed) -> Vec<Vec<usize>> {
             Action::UpsertRecord { name, .. } => deps.extend(host(Phase::UpsertRoute, name)),
             Action::StartSession { .. } | Action::RemoveRecord { .. } => {}
         }
+        debug_assert!(
+            deps.iter().all(|d| *d < id),
+            "step {id} depends on a later step: {deps:?}"
+        );
         deps.retain(|d| *d < id);
         deps.sort_unstable();
         deps.dedup();

@@ -236,7 +236,15 @@ pub fn text(plan: &Plan, observed: &Observed, color: bool) -> String {
     let c = Colors::new(color);
     let mut out = String::new();
     let changes = object_changes(plan);
-    if plan.steps.is_empty() && plan.deferred.is_empty() {
+    if plan.steps.is_empty()
+        && plan.deferred.is_empty()
+        && (!plan.held.is_empty() || !plan.guards.is_empty())
+    {
+        let _ = writeln!(
+            out,
+            "Nothing will change now; what is held is listed below."
+        );
+    } else if plan.steps.is_empty() && plan.deferred.is_empty() {
         let _ = writeln!(out, "No changes. The world matches the desired state.");
     } else if !plan.steps.is_empty() {
         let _ = writeln!(out, "vessel will perform the following actions:\n");
@@ -347,6 +355,7 @@ fn step_target(a: &Action) -> String {
             name,
             rtype,
             content,
+            ..
         } => format!("{name} {} {content}", rtype.as_str()),
         Action::RemoveRecord { name, rtype } => format!("{name} {}", rtype.as_str()),
         Action::SyncSource { session, path, .. } => format!("{session} <- {}", path.display()),
@@ -368,6 +377,7 @@ fn hold_text(h: &super::HoldReason) -> String {
         super::HoldReason::Quarantined { file: None } => "it is named in a file with errors".into(),
         super::HoldReason::Foreign => "an object vessel does not own is in the way".into(),
         super::HoldReason::Guarded => "its destroy is held by a guard".into(),
+        super::HoldReason::NoAddress => "its session has no address yet (stopped or asleep)".into(),
     }
 }
 

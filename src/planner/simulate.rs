@@ -100,6 +100,7 @@ pub fn simulate(plan: &Plan, observed: &Observed) -> Observed {
                 name,
                 rtype,
                 content,
+                session,
             } => {
                 o.records.insert(
                     Observed::record_key(name, *rtype),
@@ -108,6 +109,7 @@ pub fn simulate(plan: &Plan, observed: &Observed) -> Observed {
                         rtype: *rtype,
                         content: content.clone(),
                         owned: true,
+                        session: Some(session.clone()),
                     },
                 );
             }

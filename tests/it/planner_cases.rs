@@ -167,6 +167,7 @@ fn apply_drift(o: &mut Observed, drift: &[Drift]) {
                         rtype,
                         content: content.clone(),
                         owned: false,
+                        session: None,
                     },
                 );
             }

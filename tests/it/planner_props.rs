@@ -237,6 +237,7 @@ fn foreign(o: &mut Observed, n: u8) {
             rtype: RecordType::A,
             content: "198.51.100.1".into(),
             owned: false,
+            session: None,
         },
     );
 }
@@ -289,7 +290,7 @@ proptest! {
         ds in proptest::collection::vec(gen_drift(), 0..6),
         gaps in proptest::collection::btree_set(0u8..3, 0..3),
         foreigners in proptest::collection::btree_set(0u8..10, 0..3),
-        quarantined in proptest::option::of(0u8..10),
+        quarantined in proptest::option::of((0u8..10, any::<bool>())),
         allow in any::<bool>(),
     ) {
         let mut observed = world(wv, &world_s, &ds);
@@ -302,11 +303,13 @@ proptest! {
         }
         let mut desired = build(dv, &want_s);
         let mut held_session = None;
-        if let Some(q) = quarantined {
+        let mut incomplete = false;
+        if let Some((q, complete)) = quarantined {
+            incomplete = !complete;
             let name = format!("s{q}");
             desired.sessions.remove(&name);
             desired.routes.retain(|_, r| r.spec.session != name);
-            desired.quarantined.insert(PathBuf::from(format!("{name}.yaml")), Quarantine { errors: vec![], held: vec![Held { kind: Kind::Session, name: name.clone() }] });
+            desired.quarantined.insert(PathBuf::from(format!("{name}.yaml")), Quarantine { errors: vec![], held: vec![Held { kind: Kind::Session, name: name.clone() }], complete });
             held_session = Some(name);
         }
         let p: Plan = plan(&desired, &observed, &policy(allow));
@@ -333,6 +336,11 @@ proptest! {
             }
             for d in &step.depends_on {
                 prop_assert!(*d < step.id, "dependencies point backwards");
+            }
+            if incomplete {
+                let removes = matches!(step.action, Action::RemoveRoute { .. } | Action::RemoveRecord { .. })
+                    || (matches!(step.action, Action::DestroySession { .. }) && !matches!(step.reason, vessel::planner::Reason::Replaced { .. }));
+                prop_assert!(!removes, "a file with unknown contents holds every destroy: {:?}", step.action);
             }
         }
         if !allow {

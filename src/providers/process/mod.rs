@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use crate::config::ProcessConfig;
-use crate::model::ComputeKind;
+use crate::model::{ComputeKind, Health};
 use crate::observed::{ObservedSession, RuntimeSpec, SessionState};
 use crate::planner::Action;
 
@@ -114,7 +114,7 @@ impl ProcessProvider {
     pub async fn stop_all(&self) {
         let names: Vec<String> = list_dirs(&self.inner.root).unwrap_or_default();
         for n in names {
-            let _ = self.stop(&n).await;
+            let _ = self.stop(&n, None).await;
         }
     }
 }
@@ -213,8 +213,8 @@ fn find_by_key(key: &str) -> Vec<i32> {
 }
 
 /// The port a health check probes: the plan's `health.port`, else `ide`, else the first.
-fn health_port(r: &Record) -> Option<(u16, Option<String>)> {
-    if let Some(h) = &r.spec.health {
+fn health_port(r: &Record, check: Option<&Health>) -> Option<(u16, Option<String>)> {
+    if let Some(h) = check {
         return r.ports.get(&h.port).map(|p| (*p, Some(h.path.clone())));
     }
     r.ports
@@ -480,7 +480,7 @@ impl ProcessProvider {
         for (name, port) in &r.ports {
             cmd.env(format!("PORT_{}", env_name(name)), port.to_string());
         }
-        if let Some((port, _)) = health_port(&r) {
+        if let Some((port, _)) = health_port(&r, r.spec.health.as_ref()) {
             cmd.env("PORT", port.to_string());
         }
         let mut child = cmd
@@ -501,14 +501,17 @@ impl ProcessProvider {
     }
 
     /// SIGTERM to the group, SIGKILL after the stop timeout.
-    async fn stop(&self, session: &str) -> Result<(), ProviderError> {
+    async fn stop(
+        &self,
+        session: &str,
+        stop_timeout: Option<crate::model::Duration>,
+    ) -> Result<(), ProviderError> {
         let dir = self.dir(session);
         let Some(mut r) = read_record(&dir)? else {
             return Ok(());
         };
-        let timeout = r
-            .spec
-            .stop_timeout
+        let timeout = stop_timeout
+            .or(r.spec.stop_timeout)
             .map(|d| d.std())
             .unwrap_or(Duration::from_secs(10));
         if alive(r.pid, r.start_ticks) {
@@ -532,13 +535,17 @@ impl ProcessProvider {
         }
     }
 
-    async fn destroy(&self, session: &str) -> Result<(), ProviderError> {
+    async fn destroy(
+        &self,
+        session: &str,
+        stop_timeout: Option<crate::model::Duration>,
+    ) -> Result<(), ProviderError> {
         let dir = self.dir(session);
         if !dir.exists() {
             return Ok(());
         }
         if read_record(&dir).ok().flatten().is_some() {
-            self.stop(session).await?;
+            self.stop(session, stop_timeout).await?;
         }
         self.kill_orphans(session).await;
         // Move it out of the way first, so a crash mid-delete never leaves a half-deleted
@@ -555,12 +562,16 @@ impl ProcessProvider {
             .map_err(ProviderError::io("remove", trash.display().to_string()))
     }
 
-    async fn wait_healthy(&self, session: &str) -> Result<(), ProviderError> {
+    async fn wait_healthy(
+        &self,
+        session: &str,
+        check: Option<&Health>,
+    ) -> Result<(), ProviderError> {
         let dir = self.dir(session);
         let r = read_record(&dir)?.ok_or_else(|| {
             ProviderError::failed("check health of", session, "it does not exist")
         })?;
-        let Some((port, path)) = health_port(&r) else {
+        let Some((port, path)) = health_port(&r, check) else {
             return Ok(());
         };
         loop {
@@ -713,9 +724,19 @@ impl ComputeProvider for ProcessProvider {
                         .await
                 }
                 Action::StartSession { session, .. } => self.start(session).await,
-                Action::StopSession { session, .. } => self.stop(session).await,
-                Action::DestroySession { session, .. } => self.destroy(session).await,
-                Action::WaitHealthy { session, .. } => self.wait_healthy(session).await,
+                Action::StopSession {
+                    session,
+                    stop_timeout,
+                    ..
+                } => self.stop(session, *stop_timeout).await,
+                Action::DestroySession {
+                    session,
+                    stop_timeout,
+                    ..
+                } => self.destroy(session, *stop_timeout).await,
+                Action::WaitHealthy { session, check, .. } => {
+                    self.wait_healthy(session, check.as_ref()).await
+                }
                 Action::SyncSource {
                     session,
                     path,
