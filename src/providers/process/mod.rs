@@ -514,10 +514,10 @@ impl ProcessProvider {
             .or(r.spec.stop_timeout)
             .map(|d| d.std())
             .unwrap_or(Duration::from_secs(10));
-        if alive(r.pid, r.start_ticks) {
-            if let Some(pid) = r.pid {
-                terminate(pid, timeout).await;
-            }
+        if alive(r.pid, r.start_ticks)
+            && let Some(pid) = r.pid
+        {
+            terminate(pid, timeout).await;
         }
         for pid in find_by_key(&self.key(session)) {
             terminate(pid, timeout).await;
