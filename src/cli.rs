@@ -56,12 +56,78 @@ pub enum Command {
         #[arg(long)]
         allow_destroy: bool,
     },
+    /// One pass (observe, plan, show the plan, apply, wait for health), repeated while it
+    /// makes progress, then exit: 0 when the world matches, 1 when it does not.
+    Apply {
+        /// A desired-state directory (with the embedded default config) or a config file.
+        #[arg(default_value = ".")]
+        target: PathBuf,
+        /// Allow destroys past the destroy budget.
+        #[arg(long)]
+        allow_destroy: bool,
+        #[command(flatten)]
+        overrides: Overrides,
+    },
+    /// The daemon: watch the source, reconcile forever, serve the embedded proxy.
+    Run {
+        /// A desired-state directory (with the embedded default config) or a config file.
+        #[arg(default_value = ".")]
+        target: PathBuf,
+        /// Allow destroys past the destroy budget.
+        #[arg(long)]
+        allow_destroy: bool,
+        #[command(flatten)]
+        overrides: Overrides,
+    },
+    /// A small HTTP server for process sessions: serves a directory's files, `/healthz`, and a
+    /// WebSocket echo on `/ws`. The quickstart's plan runs it.
+    Devserver {
+        /// Where to listen (repeatable).
+        #[arg(long, required = true)]
+        listen: Vec<std::net::SocketAddr>,
+        /// The directory to serve.
+        #[arg(long, default_value = ".")]
+        root: PathBuf,
+        /// The session's name, shown on its page.
+        #[arg(long, env = "VESSEL_SESSION", default_value = "session")]
+        name: String,
+    },
     /// Write the JSON Schemas of every document kind and the config file.
     Schema {
         /// Where to write them.
         #[arg(long, default_value = "schemas")]
         out: PathBuf,
     },
+}
+
+/// Settings that override the config file's, for one run.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct Overrides {
+    /// Where the embedded proxy listens (overrides `providers.proxy.embedded.listen`).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// The state directory (overrides `state_dir`).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// The periodic full pass (overrides `policy.resync_interval`), such as `5s`.
+    #[arg(long, value_name = "DURATION")]
+    pub resync: Option<crate::model::Duration>,
+}
+
+impl Overrides {
+    pub fn apply(&self, c: &mut Config) {
+        if let (Some(l), crate::config::ProxyConfig::Embedded { listen }) =
+            (self.listen, &mut c.providers.proxy)
+        {
+            *listen = l;
+        }
+        if let Some(d) = &self.state_dir {
+            c.state_dir = d.clone();
+        }
+        if let Some(r) = self.resync {
+            c.policy.resync_interval = r;
+        }
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,6 +174,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             format,
             allow_destroy,
         ),
+        Command::Apply {
+            target,
+            allow_destroy,
+            overrides,
+        } => apply_cmd(&target, allow_destroy, &overrides),
+        Command::Run {
+            target,
+            allow_destroy,
+            overrides,
+        } => run_cmd(&target, allow_destroy, &overrides),
+        Command::Devserver { listen, root, name } => {
+            runtime()?.block_on(crate::devserver::run(listen, root, name))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Schema { out } => {
             std::fs::create_dir_all(&out)?;
             for (name, text) in crate::schema::all() {
@@ -272,9 +352,10 @@ fn plan_cmd(
             o
         }
         (None, None) => {
-            anyhow::bail!(
-                "say what to plan against: --observed FILE (a snapshot) or --against-ref REV (a git revision)"
-            )
+            // The live providers. The embedded proxy's table lives in the daemon: a gap here.
+            let providers = crate::providers::Providers::for_planning(&config)?;
+            let needed = desired.plans.values().map(|p| p.spec.compute).collect();
+            runtime()?.block_on(providers.observe(&needed))
         }
     };
     let p = crate::planner::plan(&desired, &observed, &policy);
@@ -298,4 +379,125 @@ fn plan_cmd(
         return Ok(ExitCode::from(1));
     }
     Ok(plan_exit(&p))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VESSEL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .try_init();
+}
+
+fn config_for(target: &Path, overrides: &Overrides) -> Result<Config, ExitCode> {
+    match resolve_target(target) {
+        Ok(mut c) => {
+            overrides.apply(&mut c);
+            Ok(c)
+        }
+        Err(diags) => {
+            print_diagnostics(&diags);
+            Err(ExitCode::from(1))
+        }
+    }
+}
+
+fn run_cmd(target: &Path, allow_destroy: bool, overrides: &Overrides) -> anyhow::Result<ExitCode> {
+    init_logging();
+    let config = match config_for(target, overrides) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    tracing::info!(source = %config.source_dir().display(), state = %config.state_dir.display(), "vessel starting");
+    let cancel = tokio_util::sync::CancellationToken::new();
+    runtime()?.block_on(crate::daemon::run(
+        config,
+        allow_destroy,
+        cancel,
+        true,
+        None,
+    ))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn apply_cmd(
+    target: &Path,
+    allow_destroy: bool,
+    overrides: &Overrides,
+) -> anyhow::Result<ExitCode> {
+    use crate::reconcile::{Reconciler, Trigger};
+    let config = match config_for(target, overrides) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let state = crate::state::StateDir::open(&config.state_dir)?;
+        let _lock = state.lock()?;
+        let providers = crate::providers::Providers::from_config(&config)?;
+        if providers.embedded.is_some() {
+            eprintln!("note: the embedded proxy serves routes only while vessel runs; `vessel run` keeps them up");
+        }
+        // Show the plan first.
+        let now = chrono::Utc::now();
+        let desired = load::load_tree(config.source_dir(), &config, now)?;
+        print_diagnostics(&desired.errors().cloned().collect::<Vec<_>>());
+        let needed = desired.plans.values().map(|p| p.spec.compute).collect();
+        let observed = providers.observe(&needed).await;
+        let mut policy = Policy::from_config(&config, now);
+        policy.allow_destroy = allow_destroy;
+        let first = crate::planner::plan(&desired, &observed, &policy);
+        print!("{}", render::text(&first, &observed, color));
+        if first.is_empty() {
+            return Ok(if desired.is_valid() { ExitCode::SUCCESS } else { ExitCode::from(1) });
+        }
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("interrupted: finishing the steps in flight");
+                c.cancel();
+            }
+        });
+        let mut rec = Reconciler::new(config, providers, state);
+        rec.allow_destroy = allow_destroy;
+        let started = std::time::Instant::now();
+        println!("\nApplying:");
+        let reports = rec
+            .converge(Trigger::Apply, 10, &cancel, |e| {
+                let (mark, extra) = match &e.outcome {
+                    crate::exec::Outcome::Succeeded => ("ok", String::new()),
+                    other => (other.label(), crate::reconcile::failure_text(other).map(|t| format!(": {t}")).unwrap_or_default()),
+                };
+                println!("  [pass {}] {:<12} {} {} ({} ms){extra}", e.pass, e.action, e.object, mark, e.duration_ms);
+            })
+            .await;
+        let last = reports.last();
+        let failed: usize = reports
+            .iter()
+            .map(|r| r.outcomes.get("failed").copied().unwrap_or(0) + r.outcomes.get("timed_out").copied().unwrap_or(0))
+            .sum();
+        let converged = last.is_some_and(|r| r.converged);
+        println!(
+            "\n{} after {} pass(es) in {:.1}s{}.",
+            if converged { "Applied: the world matches the desired state" } else { "Not converged" },
+            reports.len(),
+            started.elapsed().as_secs_f64(),
+            if failed > 0 { format!("; {failed} step(s) failed") } else { String::new() }
+        );
+        for p in rec.providers.compute.values() {
+            p.shutdown().await;
+        }
+        Ok::<_, anyhow::Error>(if converged && desired.is_valid() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    })
 }

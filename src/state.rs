@@ -42,6 +42,9 @@ pub enum StateError {
     Locked { path: PathBuf, pid: Option<u32> },
 }
 
+/// The file that marks a directory as a state directory.
+pub const STATE_MARKER: &str = ".vessel-state";
+
 pub struct StateDir {
     path: PathBuf,
 }
@@ -53,10 +56,16 @@ pub struct StateLock {
 
 impl StateDir {
     pub fn open(path: &Path) -> Result<StateDir, StateError> {
-        std::fs::create_dir_all(path).map_err(|source| StateError::Dir {
+        let err = |source| StateError::Dir {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        std::fs::create_dir_all(path).map_err(err)?;
+        // Marks the directory so a source tree that contains it never reads it as desired state.
+        let marker = path.join(STATE_MARKER);
+        if !marker.exists() {
+            std::fs::write(&marker, "vessel state directory: not desired state\n").map_err(err)?;
+        }
         Ok(StateDir {
             path: path.to_path_buf(),
         })

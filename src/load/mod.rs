@@ -175,7 +175,10 @@ pub fn find_files(root: &Path) -> Result<Vec<PathBuf>, LoadError> {
                 // Not UTF-8: reading `child` (the lossy name) fails, which quarantines it.
                 out.push(child);
             } else if ft.is_dir() {
-                stack.push(child);
+                // A state directory inside the tree holds workspaces, not desired state.
+                if !root.join(&child).join(crate::state::STATE_MARKER).exists() {
+                    stack.push(child);
+                }
             } else if ft.is_symlink() {
                 match std::fs::metadata(entry.path()) {
                     Ok(m) if m.is_dir() => {}

@@ -10,16 +10,38 @@ use super::{BoxFut, ProviderError, ProxyProvider};
 
 pub struct EmbeddedProxy {
     proxy: Proxy,
+    /// This process is not the daemon: the table that serves lives in `vessel run`, so it
+    /// cannot be observed from here (a gap, not an empty table).
+    outside_daemon: bool,
 }
 
 impl EmbeddedProxy {
     pub fn new(proxy: Proxy) -> EmbeddedProxy {
-        EmbeddedProxy { proxy }
+        EmbeddedProxy {
+            proxy,
+            outside_daemon: false,
+        }
+    }
+
+    pub fn outside_daemon(proxy: Proxy) -> EmbeddedProxy {
+        EmbeddedProxy {
+            proxy,
+            outside_daemon: true,
+        }
     }
 }
 
 impl ProxyProvider for EmbeddedProxy {
     fn observe(&self) -> BoxFut<'_, Result<Vec<ObservedRoute>, ProviderError>> {
+        if self.outside_daemon {
+            return Box::pin(async {
+                Err(ProviderError::failed(
+                    "observe",
+                    "the embedded proxy",
+                    "it serves inside `vessel run`; plan against its snapshot with --observed <state dir>/observed.json",
+                ))
+            });
+        }
         let routes = self
             .proxy
             .routes()

@@ -134,6 +134,16 @@ pub enum SetupError {
 }
 
 impl Providers {
+    /// The providers `config` names, for a process that is not the daemon (`vessel plan`):
+    /// the embedded proxy's table lives in the daemon, so it is reported as unobservable.
+    pub fn for_planning(config: &Config) -> Result<Providers, SetupError> {
+        let mut p = Providers::from_config(config)?;
+        if let Some(proxy) = p.embedded.take() {
+            p.proxy = Arc::new(embedded::EmbeddedProxy::outside_daemon(proxy));
+        }
+        Ok(p)
+    }
+
     /// The providers `config` names.
     pub fn from_config(config: &Config) -> Result<Providers, SetupError> {
         let mut compute: BTreeMap<ComputeKind, Arc<dyn ComputeProvider>> = BTreeMap::new();

@@ -1,10 +1,12 @@
 //! vessel's one integration-test binary. Each module covers one capability; helpers live in
 //! `support`.
 
+mod daemon_support;
 mod hostile;
 mod hygiene;
 mod plan_cli;
 mod planner_cases;
 mod planner_props;
+mod reconciler;
 mod support;
 mod validate;

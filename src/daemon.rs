@@ -1,0 +1,254 @@
+//! `vessel run`: the daemon. One instance per state directory (a lock). Passes are triggered
+//! by file changes (debounced, bursts coalesced), a periodic full pass for drift, timers
+//! (expiry, backoff) and provider events (a session exited); each trigger only pokes the loop,
+//! and every pass plans from a fresh observation. SIGINT/SIGTERM: finish the steps in flight,
+//! start no new ones, exit 0.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ProxyConfig};
+use crate::providers::{Providers, SetupError};
+use crate::reconcile::{PassReport, Reconciler, Trigger};
+use crate::state::{STATE_MARKER, StateDir, StateError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    #[error("cannot listen on {addr} for the proxy")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot watch {path}")]
+    Watch {
+        path: PathBuf,
+        #[source]
+        source: notify::Error,
+    },
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
+}
+
+/// A running daemon's handles, for callers that embed it (tests, the status server).
+pub struct Handle {
+    pub shared: Arc<std::sync::Mutex<crate::reconcile::Shared>>,
+    pub proxy_addr: Option<SocketAddr>,
+}
+
+/// How long file events must be quiet before a pass (bursts coalesce), and the longest a
+/// burst can delay one.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+const DEBOUNCE_MAX: Duration = Duration::from_millis(500);
+/// Passes in a row that may follow one another at once before waiting for a trigger.
+const MAX_FOLLOWUPS: u32 = 10;
+
+/// Run until `cancel` (or SIGINT/SIGTERM when `signals`). `ready` is told the handles once the
+/// proxy listens.
+pub async fn run(
+    config: Config,
+    allow_destroy: bool,
+    cancel: CancellationToken,
+    signals: bool,
+    ready: Option<tokio::sync::oneshot::Sender<Handle>>,
+) -> Result<(), DaemonError> {
+    let state = StateDir::open(&config.state_dir)?;
+    let _lock = state.lock()?;
+    let providers = Providers::from_config(&config)?;
+
+    if signals {
+        let c = cancel.clone();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(DaemonError::Signals)?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .map_err(DaemonError::Signals)?;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::info!("signal received: finishing the steps in flight");
+            c.cancel();
+        });
+    }
+
+    let mut proxy_addr = None;
+    if let (Some(proxy), ProxyConfig::Embedded { listen }) =
+        (&providers.embedded, &config.providers.proxy)
+    {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|source| DaemonError::Listen {
+                addr: *listen,
+                source,
+            })?;
+        proxy_addr = listener.local_addr().ok();
+        tracing::info!(listen = %proxy_addr.map(|a| a.to_string()).unwrap_or_default(), "proxy listening");
+        tokio::spawn(proxy.clone().serve(listener, cancel.clone()));
+    }
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<Trigger>();
+    let _watcher = watch_source(config.source_dir(), &config.state_dir, tx.clone())?;
+    for p in providers.compute.values() {
+        if let Some(mut changes) = p.changes() {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while changes.changed().await.is_ok() {
+                    if tx.send(Trigger::Provider).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+
+    let resync = config
+        .policy
+        .resync_interval
+        .std()
+        .max(Duration::from_millis(100));
+    let mut reconciler = Reconciler::new(config, providers, state);
+    reconciler.allow_destroy = allow_destroy;
+    if let Some(ready) = ready {
+        let _ = ready.send(Handle {
+            shared: reconciler.shared.clone(),
+            proxy_addr,
+        });
+    }
+    let mut trigger = Trigger::Startup;
+    let mut followups = 0;
+    loop {
+        let (report, _, _) = reconciler.pass(trigger, &cancel, |_| {}).await;
+        log_pass(&report);
+        if cancel.is_cancelled() {
+            break;
+        }
+        if report.progressed && !report.converged && followups < MAX_FOLLOWUPS {
+            followups += 1;
+            trigger = Trigger::Followup;
+            continue;
+        }
+        followups = 0;
+        let due = report
+            .next_due
+            .map(|t| (t - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO))
+            .unwrap_or(resync)
+            .min(resync);
+        let timer_is_resync = report
+            .next_due
+            .is_none_or(|t| (t - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO) >= resync);
+        trigger = tokio::select! {
+            _ = cancel.cancelled() => break,
+            t = rx.recv() => match t {
+                Some(t) => t,
+                None => break,
+            },
+            _ = tokio::time::sleep(due) => if timer_is_resync { Trigger::Resync } else { Trigger::Timer },
+        };
+        // Coalesce everything else that arrived meanwhile into this one pass.
+        while rx.try_recv().is_ok() {}
+    }
+    for p in reconciler.providers.compute.values() {
+        p.shutdown().await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn log_pass(r: &PassReport) {
+    let outcomes: Vec<String> = r.outcomes.iter().map(|(k, v)| format!("{v} {k}")).collect();
+    if let Some(e) = &r.error {
+        tracing::error!(pass = r.pass, trigger = ?r.trigger, "pass could not plan: {e}");
+    } else if r.converged {
+        tracing::debug!(pass = r.pass, trigger = ?r.trigger, duration_ms = r.duration_ms, "converged");
+    } else {
+        tracing::info!(
+            pass = r.pass,
+            trigger = ?r.trigger,
+            duration_ms = r.duration_ms,
+            "{} create, {} update, {} replace, {} destroy, {} deferred, {} held: {}",
+            r.summary.create,
+            r.summary.update,
+            r.summary.replace,
+            r.summary.destroy,
+            r.summary.deferred,
+            r.summary.held,
+            outcomes.join(", ")
+        );
+    }
+    if !r.quarantined.is_empty() {
+        tracing::warn!(
+            pass = r.pass,
+            "files with errors (their objects are held): {}",
+            r.quarantined.join(", ")
+        );
+    }
+    for (p, e) in &r.gaps {
+        tracing::warn!(pass = r.pass, provider = %p, "could not observe: {e}");
+    }
+}
+
+/// Watch the source tree; relevant events are debounced into `Trigger::Source`.
+fn watch_source(
+    dir: &Path,
+    state_dir: &Path,
+    tx: mpsc::UnboundedSender<Trigger>,
+) -> Result<notify::RecommendedWatcher, DaemonError> {
+    use notify::Watcher;
+    let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<()>();
+    let state = state_dir
+        .canonicalize()
+        .unwrap_or_else(|_| state_dir.to_path_buf());
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let Ok(ev) = res else { return };
+        let relevant = ev.paths.iter().any(|p| {
+            let in_state = p.starts_with(&state)
+                || p.ancestors()
+                    .any(|a| a.join(STATE_MARKER).exists() && p.starts_with(a));
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let yamlish = name.ends_with(".yaml") || name.ends_with(".yml") || !name.contains('.');
+            !in_state && yamlish && !name.starts_with('.')
+        });
+        if relevant {
+            let _ = raw_tx.send(());
+        }
+    })
+    .map_err(|source| DaemonError::Watch {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    watcher
+        .watch(dir, notify::RecursiveMode::Recursive)
+        .map_err(|source| DaemonError::Watch {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    tokio::spawn(async move {
+        while raw_rx.recv().await.is_some() {
+            let start = tokio::time::Instant::now();
+            // Wait for a quiet moment, but not forever.
+            loop {
+                let quiet = tokio::time::timeout(DEBOUNCE, raw_rx.recv()).await;
+                match quiet {
+                    Err(_) => break,
+                    Ok(None) => return,
+                    Ok(Some(())) if start.elapsed() >= DEBOUNCE_MAX => break,
+                    Ok(Some(())) => {}
+                }
+            }
+            if tx.send(Trigger::Source).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(watcher)
+}

@@ -1,0 +1,203 @@
+//! Running `vessel run` for tests: a temporary source tree and state directory, a config
+//! with free ports, the daemon as a child process, and cleanup of every session process it
+//! started (sessions outlive vessel by design).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+/// Each daemon gets its own range of session ports, so parallel tests never collide.
+static NEXT_BASE: AtomicU16 = AtomicU16::new(0);
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+pub const PLAN: &str = "kind: Plan
+name: web
+command: ['{vessel}', devserver, --listen, '127.0.0.1:{port.ide}', --listen, '127.0.0.1:{port.app}', --root, '{workspace}']
+ports: {ide: 8080, app: 5173}
+health: {port: ide, path: /healthz}
+stop_timeout: 3s
+";
+
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub proxy: SocketAddr,
+    pub child: Option<Child>,
+}
+
+impl Daemon {
+    pub fn source(&self) -> PathBuf {
+        self.dir.path().join("desired")
+    }
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("vessel.log")).unwrap_or_default()
+    }
+
+    /// A tree with the plan in it, and a config; not started.
+    pub fn new() -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("desired")).expect("mkdir");
+        std::fs::write(dir.path().join("desired/plan.yaml"), PLAN).expect("write plan");
+        let port_base = 30000
+            + 200 * (NEXT_BASE.fetch_add(1, Ordering::SeqCst) % 100)
+            + (std::process::id() % 7) as u16 * 20;
+        let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let config = format!(
+            "source: {{dir: desired}}\nstate_dir: state\nproviders:\n  compute:\n    process: {{port_base: {port_base}, keep_on_exit: true}}\n  proxy:\n    embedded: {{listen: '{proxy}'}}\npolicy:\n  resync_interval: 1s\n"
+        );
+        std::fs::write(dir.path().join("vessel.yaml"), config).expect("write config");
+        Daemon {
+            dir,
+            proxy,
+            child: None,
+            port_base,
+        }
+    }
+
+    pub fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("vessel.log"))
+            .expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_vessel"))
+            .args(["run", "vessel.yaml"])
+            .current_dir(self.dir.path())
+            .env("NO_COLOR", "1")
+            .env("VESSEL_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("vessel runs");
+        self.child = Some(child);
+        wait_for(Duration::from_secs(10), || {
+            TcpStream::connect(self.proxy).is_ok()
+        })
+        .expect("the proxy listens");
+    }
+
+    pub fn signal(&mut self, sig: nix::sys::signal::Signal) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn write(&self, name: &str, text: &str) {
+        let tmp = self.source().join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).expect("write");
+        std::fs::rename(tmp, self.source().join(name)).expect("rename");
+    }
+
+    pub fn get(&self, host: &str, path: &str) -> Option<(u16, String)> {
+        get(self.proxy, host, path)
+    }
+
+    /// Session processes of this daemon's state directory, by session name.
+    pub fn processes(&self) -> Vec<(String, i32)> {
+        let state = self.state().join("sessions");
+        let prefix = format!(
+            "VESSEL_SESSION_KEY={}#",
+            state.canonicalize().unwrap_or(state).display()
+        );
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            if stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|s| s.trim_start().starts_with('Z'))
+            {
+                continue;
+            }
+            for v in env.split(|b| *b == 0) {
+                if let Some(name) = v.strip_prefix(prefix.as_bytes()) {
+                    out.push((String::from_utf8_lossy(name).into_owned(), pid));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for (_, pid) in self.processes() {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// A plain HTTP/1.0 GET through `addr` with the given Host.
+pub fn get(addr: SocketAddr, host: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.get(9..12)?.parse().ok()?;
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((code, body))
+}
+
+/// Poll `f` until it is true or `limit` passes; how long it took.
+pub fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+pub fn session(name: &str) -> String {
+    format!("kind: Session\nname: {name}\nplan: web\n")
+}
+
+pub fn dir_names(p: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(p)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .collect();
+    v.sort();
+    v
+}

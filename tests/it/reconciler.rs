@@ -1,0 +1,233 @@
+//! The reconciler on the embedded default, end to end: `vessel run` as a process, real
+//! session processes, real HTTP through the embedded proxy.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use crate::daemon_support::{Daemon, dir_names, session, wait_for};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn page_port(body: &str) -> Option<u16> {
+    body.split("on port ")
+        .nth(1)?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn a_dropped_session_serves_then_edits_update_and_deletion_cleans_up() {
+    let mut d = Daemon::new();
+    // A second session, so deleting alice does not leave an empty source (which the
+    // empty-source guard would hold).
+    d.write("zed.yaml", &session("zed"));
+    d.start();
+    let project = d.dir.path().join("project");
+    std::fs::create_dir_all(project.join("node_modules/dep")).expect("mkdir");
+    std::fs::write(project.join("index.html"), "<h1>alice's project</h1>").expect("write");
+    std::fs::write(project.join("node_modules/dep/x.js"), "dep").expect("write");
+    let alice = format!(
+        "kind: Session\nname: alice\nplan: web\nsource: {{path: {}, exclude: [node_modules], save_on_stop: true}}\n",
+        project.display()
+    );
+    d.write("alice.yaml", &alice);
+    wait_for(LIMIT, || {
+        d.get("alice.localhost", "/")
+            .is_some_and(|(c, b)| c == 200 && b.contains("alice's project"))
+    })
+    .expect("alice serves her project");
+    assert_eq!(
+        d.get("5173-alice.localhost", "/healthz").map(|r| r.0),
+        Some(200),
+        "the app port serves too"
+    );
+    let ws = d.state().join("sessions/alice/workspace");
+    assert!(
+        ws.join("index.html").exists() && !ws.join("node_modules").exists(),
+        "the source is copied without excludes"
+    );
+
+    // Editing the session (its environment) replaces it: new process, new port, route updated.
+    let alice_procs = |d: &Daemon| {
+        d.processes()
+            .into_iter()
+            .filter(|(n, _)| n == "alice")
+            .collect::<Vec<_>>()
+    };
+    let first_pid = alice_procs(&d);
+    d.write("alice.yaml", &format!("{alice}env: {{GREETING: hi}}\n"));
+    wait_for(LIMIT, || {
+        let p = alice_procs(&d);
+        !p.is_empty()
+            && p != first_pid
+            && d.get("alice.localhost", "/healthz")
+                .is_some_and(|(c, _)| c == 200)
+    })
+    .expect("the edited session replaces the old one and serves");
+    assert_eq!(
+        alice_procs(&d).len(),
+        1,
+        "one process for alice: {:?}",
+        d.processes()
+    );
+
+    // Work happens in the workspace; deleting the file saves it, then removes everything.
+    let ws = d.state().join("sessions/alice/workspace");
+    wait_for(LIMIT, || ws.join("index.html").exists()).expect("the new workspace has the project");
+    std::fs::write(ws.join("notes.md"), "work in progress").expect("work");
+    std::fs::remove_file(d.source().join("alice.yaml")).expect("rm");
+    wait_for(LIMIT, || {
+        d.get("alice.localhost", "/").is_some_and(|(c, _)| c == 404)
+    })
+    .expect("the route goes");
+    wait_for(LIMIT, || alice_procs(&d).is_empty()).expect("the process goes");
+    wait_for(LIMIT, || dir_names(&d.state().join("sessions")) == ["zed"])
+        .expect("the workspace goes");
+    assert_eq!(
+        std::fs::read_to_string(project.join("notes.md"))
+            .ok()
+            .as_deref(),
+        Some("work in progress"),
+        "work saved first"
+    );
+    assert!(
+        project.join("node_modules/dep/x.js").exists(),
+        "the project's excluded files are kept"
+    );
+    assert_eq!(d.signal(Signal::SIGTERM), Some(0), "SIGTERM exits 0");
+}
+
+#[test]
+fn a_killed_session_is_repaired() {
+    let mut d = Daemon::new();
+    d.write("bob.yaml", &session("bob"));
+    d.start();
+    wait_for(LIMIT, || {
+        d.get("bob.localhost", "/healthz")
+            .is_some_and(|(c, _)| c == 200)
+    })
+    .expect("bob serves");
+    let before = d.processes();
+    assert_eq!(before.len(), 1);
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(before[0].1), Signal::SIGKILL);
+    wait_for(LIMIT, || {
+        let now = d.processes();
+        now.len() == 1
+            && now != before
+            && d.get("bob.localhost", "/healthz")
+                .is_some_and(|(c, _)| c == 200)
+    })
+    .expect("the next pass starts bob again");
+}
+
+#[test]
+fn sigkill_mid_apply_and_restart_leaves_no_duplicates_or_orphans() {
+    let mut d = Daemon::new();
+    let names: Vec<String> = (0..6).map(|i| format!("s{i}")).collect();
+    for n in &names {
+        d.write(&format!("{n}.yaml"), &session(n));
+    }
+    d.start();
+    // Kill it as soon as the first session process appears: mid-apply.
+    wait_for(LIMIT, || !d.processes().is_empty()).expect("the apply starts");
+    assert_eq!(d.signal(Signal::SIGKILL), None);
+    d.start();
+    wait_for(LIMIT, || {
+        names.iter().all(|n| {
+            d.get(&format!("{n}.localhost"), "/healthz")
+                .is_some_and(|(c, _)| c == 200)
+        })
+    })
+    .expect("every session serves after the restart");
+    // Let a resync pass or two run, then count.
+    std::thread::sleep(Duration::from_millis(1500));
+    let procs: Vec<String> = d.processes().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(procs, names, "exactly one process per session");
+    assert_eq!(
+        dir_names(&d.state().join("sessions")),
+        names,
+        "no orphaned or half-made workspaces"
+    );
+}
+
+#[test]
+fn a_broken_file_leaves_running_sessions_untouched_and_says_so() {
+    let mut d = Daemon::new();
+    d.write("carol.yaml", &session("carol"));
+    d.write("dave.yaml", &session("dave"));
+    d.start();
+    wait_for(LIMIT, || {
+        ["carol", "dave"].iter().all(|n| {
+            d.get(&format!("{n}.localhost"), "/healthz")
+                .is_some_and(|(c, _)| c == 200)
+        })
+    })
+    .expect("both serve");
+    let before = d.processes();
+    // carol's own file breaks, and a broken file is dropped in.
+    d.write("carol.yaml", "kind: Session\nname: carol\nplan: [web\n");
+    d.write("broken.yaml", "kind: Sesion\nname: eve\n");
+    wait_for(LIMIT, || {
+        d.log().contains("carol.yaml") && d.log().contains("broken.yaml")
+    })
+    .expect("the errors show in the log");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(d.processes(), before, "no session was touched");
+    assert_eq!(d.get("carol.localhost", "/healthz").map(|r| r.0), Some(200));
+    assert_eq!(d.get("dave.localhost", "/healthz").map(|r| r.0), Some(200));
+}
+
+#[test]
+fn a_websocket_echo_goes_through_the_proxy() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut d = Daemon::new();
+    d.write("wes.yaml", &session("wes"));
+    d.start();
+    wait_for(LIMIT, || {
+        d.get("wes.localhost", "/healthz")
+            .is_some_and(|(c, _)| c == 200)
+    })
+    .expect("wes serves");
+    let before = d.get("wes.localhost", "/healthz").map(|r| r.0);
+    assert_eq!(before, Some(200));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let stream = tokio::net::TcpStream::connect(d.proxy)
+            .await
+            .expect("connect");
+        let url = format!("ws://wes.localhost:{}/ws", d.proxy.port());
+        let (mut ws, resp) = tokio_tungstenite::client_async(url, stream)
+            .await
+            .expect("the upgrade goes through");
+        assert_eq!(resp.status().as_u16(), 101);
+        for i in 0..20 {
+            let text = format!("hello {i}");
+            ws.send(Message::text(text.clone())).await.expect("send");
+            let echo = ws.next().await.expect("an answer").expect("a frame");
+            assert_eq!(echo.into_text().expect("text").as_str(), text);
+        }
+        ws.close(None).await.expect("close");
+    });
+}
+
+#[test]
+fn a_second_daemon_on_the_same_state_directory_is_refused() {
+    let mut d = Daemon::new();
+    d.start();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vessel"))
+        .args(["run", "vessel.yaml", "--listen", "127.0.0.1:0"])
+        .current_dir(d.dir.path())
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("vessel runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by another vessel (pid"), "{err}");
+}
