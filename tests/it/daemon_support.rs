@@ -61,7 +61,6 @@ impl Daemon {
             dir,
             proxy,
             child: None,
-            port_base,
         }
     }
 
