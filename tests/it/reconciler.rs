@@ -9,15 +9,6 @@ use crate::daemon_support::{Daemon, dir_names, session, wait_for};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
-fn page_port(body: &str) -> Option<u16> {
-    body.split("on port ")
-        .nth(1)?
-        .split('.')
-        .next()?
-        .parse()
-        .ok()
-}
-
 #[test]
 fn a_dropped_session_serves_then_edits_update_and_deletion_cleans_up() {
     let mut d = Daemon::new();
