@@ -360,3 +360,256 @@ pub fn tally(results: &[StepResult]) -> BTreeMap<&'static str, usize> {
     }
     m
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::model::ComputeKind;
+    use crate::observed::{ObservedRoute, ObservedSession, RuntimeSpec};
+    use crate::planner::{Reason, Step};
+    use crate::providers::{BoxFut, ComputeProvider, ProviderError, ProxyProvider};
+
+    /// Records calls; fails every step on session `bad`; tracks concurrency per session.
+    #[derive(Default)]
+    struct Recorder {
+        calls: Mutex<Vec<String>>,
+        active: Mutex<BTreeMap<String, usize>>,
+        overlap: Mutex<bool>,
+    }
+
+    impl ComputeProvider for Recorder {
+        fn kind(&self) -> ComputeKind {
+            ComputeKind::Process
+        }
+        fn observe(&self) -> BoxFut<'_, Result<Vec<ObservedSession>, ProviderError>> {
+            Box::pin(async { Ok(vec![]) })
+        }
+        fn apply<'a>(&'a self, action: &'a Action) -> BoxFut<'a, Result<(), ProviderError>> {
+            Box::pin(async move {
+                let s = action.session().unwrap_or_default().to_string();
+                {
+                    let mut a = self.active.lock().unwrap_or_else(|e| e.into_inner());
+                    let n = a.entry(s.clone()).or_default();
+                    *n += 1;
+                    if *n > 1 {
+                        *self.overlap.lock().unwrap_or_else(|e| e.into_inner()) = true;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                self.calls
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(format!("{} {s}", action.verb()));
+                *self
+                    .active
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(s.clone())
+                    .or_default() -= 1;
+                if s == "bad" {
+                    Err(ProviderError::failed("apply", s, "it is broken"))
+                } else {
+                    Ok(())
+                }
+            })
+        }
+    }
+
+    struct Routes(Mutex<Vec<usize>>);
+    impl ProxyProvider for Routes {
+        fn observe(&self) -> BoxFut<'_, Result<Vec<ObservedRoute>, ProviderError>> {
+            Box::pin(async { Ok(vec![]) })
+        }
+        fn apply<'a>(
+            &'a self,
+            actions: &'a [&'a Action],
+        ) -> BoxFut<'a, Vec<Result<(), ProviderError>>> {
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(actions.len());
+            Box::pin(async move { actions.iter().map(|_| Ok(())).collect() })
+        }
+    }
+
+    fn spec() -> RuntimeSpec {
+        RuntimeSpec {
+            compute: ComputeKind::Process,
+            image: None,
+            command: vec![],
+            env: BTreeMap::new(),
+            cpus: None,
+            memory: None,
+            disk: None,
+            ports: BTreeMap::new(),
+            health: None,
+            stop_timeout: None,
+        }
+    }
+
+    fn chain(plan: &mut Plan, session: &str) {
+        let base = plan.steps.len();
+        let p = ComputeKind::Process;
+        let actions = [
+            Action::CreateSession {
+                session: session.into(),
+                spec: spec(),
+                fingerprint: "f".into(),
+                source_file: "s.yaml".into(),
+                save_to: None,
+                start: true,
+            },
+            Action::WaitHealthy {
+                session: session.into(),
+                provider: p,
+                check: None,
+            },
+            Action::SyncSource {
+                session: session.into(),
+                provider: p,
+                path: "/x".into(),
+                exclude: vec![],
+                save_to: None,
+            },
+        ];
+        for (i, action) in actions.into_iter().enumerate() {
+            let depends_on = if i == 0 { vec![] } else { vec![base + i - 1] };
+            plan.steps.push(Step {
+                id: base + i,
+                action,
+                reason: Reason::Missing,
+                depends_on,
+            });
+        }
+        let id = plan.steps.len();
+        plan.steps.push(Step {
+            id,
+            action: Action::UpsertRoute {
+                host: format!("{session}.localhost"),
+                upstream: "127.0.0.1:1".into(),
+                session: session.into(),
+                port: "ide".into(),
+                route: None,
+            },
+            reason: Reason::Missing,
+            depends_on: vec![base + 1],
+        });
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failure_skips_only_its_dependents_and_sessions_never_overlap() {
+        let mut plan = Plan::default();
+        for s in ["a", "bad", "c"] {
+            chain(&mut plan, s);
+        }
+        let rec = Arc::new(Recorder::default());
+        let routes = Arc::new(Routes(Mutex::new(vec![])));
+        let providers = Providers {
+            compute: [(
+                ComputeKind::Process,
+                rec.clone() as Arc<dyn ComputeProvider>,
+            )]
+            .into_iter()
+            .collect(),
+            proxy: routes.clone(),
+            dns: None,
+            embedded: None,
+            observe_timeout: Duration::from_secs(1),
+        };
+        let results = execute(
+            &plan,
+            &providers,
+            &ExecOptions::default(),
+            &BTreeSet::new(),
+            &CancellationToken::new(),
+            |_, _, _| {},
+        )
+        .await;
+        let by_id: BTreeMap<usize, &Outcome> =
+            results.iter().map(|r| (r.step, &r.outcome)).collect();
+        // a and c: every step succeeded; bad: create failed, the rest skipped because of it.
+        for base in [0, 8] {
+            for id in base..base + 4 {
+                assert_eq!(by_id[&id], &Outcome::Succeeded, "step {id}");
+            }
+        }
+        assert!(matches!(by_id[&4], Outcome::Failed { .. }));
+        assert_eq!(by_id[&5], &Outcome::Skipped { because_of: 4 });
+        assert_eq!(by_id[&6], &Outcome::Skipped { because_of: 5 });
+        assert_eq!(by_id[&7], &Outcome::Skipped { because_of: 5 });
+        assert!(
+            !*rec.overlap.lock().unwrap_or_else(|e| e.into_inner()),
+            "two steps ran on one session at once"
+        );
+        // Routes ready together went as batches, never more calls than routes.
+        let batches = routes.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        assert_eq!(batches.iter().sum::<usize>(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cancelled_runs_start_nothing_and_held_steps_back_off() {
+        let mut plan = Plan::default();
+        chain(&mut plan, "a");
+        chain(&mut plan, "b");
+        let rec = Arc::new(Recorder::default());
+        let providers = Providers {
+            compute: [(
+                ComputeKind::Process,
+                rec.clone() as Arc<dyn ComputeProvider>,
+            )]
+            .into_iter()
+            .collect(),
+            proxy: Arc::new(Routes(Mutex::new(vec![]))),
+            dns: None,
+            embedded: None,
+            observe_timeout: Duration::from_secs(1),
+        };
+        let hold: BTreeSet<usize> = [4].into_iter().collect();
+        let results = execute(
+            &plan,
+            &providers,
+            &ExecOptions::default(),
+            &hold,
+            &CancellationToken::new(),
+            |_, _, _| {},
+        )
+        .await;
+        let b: Vec<&str> = results
+            .iter()
+            .filter(|r| r.step >= 4)
+            .map(|r| r.outcome.label())
+            .collect();
+        assert_eq!(b, ["backing_off", "skipped", "skipped", "skipped"]);
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let rec2 = Arc::new(Recorder::default());
+        let providers = Providers {
+            compute: [(
+                ComputeKind::Process,
+                rec2.clone() as Arc<dyn ComputeProvider>,
+            )]
+            .into_iter()
+            .collect(),
+            ..providers
+        };
+        let results = execute(
+            &plan,
+            &providers,
+            &ExecOptions::default(),
+            &BTreeSet::new(),
+            &cancel,
+            |_, _, _| {},
+        )
+        .await;
+        assert!(results.iter().all(|r| r.outcome == Outcome::Cancelled));
+        assert!(
+            rec2.calls
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+        );
+    }
+}
