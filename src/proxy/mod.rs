@@ -100,9 +100,19 @@ pub struct Proxy {
 struct Inner {
     table: ArcSwap<Table>,
     version: tokio::sync::watch::Sender<u64>,
-    client: Client<HttpConnector, Incoming>,
     waker: std::sync::Mutex<Option<Waker>>,
     hold_timeout: Duration,
+}
+
+/// The upstream client: one per serving thread, so a request and its upstream connection
+/// stay on one thread (no cross-thread wake-ups per request).
+pub type UpstreamClient = Client<HttpConnector, Incoming>;
+
+fn upstream_client() -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).pool_max_idle_per_host(256).build(connector)
 }
 
 /// A change to the route table.
@@ -121,22 +131,36 @@ impl Default for Proxy {
 impl Proxy {
     /// A proxy that holds requests for routes that are not ready for at most `hold_timeout`.
     pub fn new(hold_timeout: Duration) -> Proxy {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .build(connector);
         Proxy {
             inner: Arc::new(Inner {
                 table: ArcSwap::from_pointee(HashMap::new()),
                 version: tokio::sync::watch::channel(0).0,
-                client,
                 waker: std::sync::Mutex::new(None),
                 hold_timeout,
             }),
         }
+    }
+
+    /// Serve on `threads` threads, each with its own single-threaded runtime, accept loop and
+    /// upstream pool (as nginx runs a worker per core). Returns once they are running.
+    pub fn serve_threads(&self, listener: std::net::TcpListener, threads: usize, shutdown: CancellationToken) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+        listener.set_nonblocking(true)?;
+        let mut handles = Vec::new();
+        for i in 0..threads.max(1) {
+            let l = listener.try_clone()?;
+            let proxy = self.clone();
+            let shutdown = shutdown.clone();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            handles.push(std::thread::Builder::new().name(format!("vessel-proxy-{i}")).spawn(move || {
+                rt.block_on(async move {
+                    match TcpListener::from_std(l) {
+                        Ok(l) => proxy.accept_loop(l, upstream_client(), shutdown).await,
+                        Err(e) => tracing::error!(error = %e, "proxy thread cannot listen"),
+                    }
+                })
+            })?);
+        }
+        Ok(handles)
     }
 
     /// The routes being served, by host.
@@ -219,6 +243,10 @@ impl Proxy {
     /// Serve on `listener` until `shutdown` is cancelled. Connections already open finish the
     /// request they are on.
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
+        self.accept_loop(listener, upstream_client(), shutdown).await
+    }
+
+    async fn accept_loop(&self, listener: TcpListener, client: UpstreamClient, shutdown: CancellationToken) {
         loop {
             let (stream, remote) = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -234,10 +262,12 @@ impl Proxy {
             let _ = stream.set_nodelay(true);
             let proxy = self.clone();
             let shutdown = shutdown.clone();
+            let client = client.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
                     let proxy = proxy.clone();
-                    async move { Ok::<_, Infallible>(proxy.handle(req, remote).await) }
+                    let client = client.clone();
+                    async move { Ok::<_, Infallible>(proxy.handle(req, remote, &client).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .keep_alive(true)
@@ -256,7 +286,7 @@ impl Proxy {
     }
 
     /// Handle one request: find the route, hold it if not ready, forward it.
-    pub async fn handle(&self, mut req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
+    pub async fn handle(&self, mut req: Request<Incoming>, remote: SocketAddr, client: &UpstreamClient) -> Response<Body> {
         let host = request_host(&req);
         let Some(mut entry) = self.lookup(&host) else {
             return page::not_found(&host);
@@ -285,7 +315,7 @@ impl Proxy {
         forwarded_headers(&mut parts.headers, &host, remote);
         let upstream_req = Request::from_parts(parts, body);
         match client_upgrade {
-            None => match self.inner.client.request(upstream_req).await {
+            None => match client.request(upstream_req).await {
                 Ok(resp) => {
                     let (mut parts, body) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers, false);

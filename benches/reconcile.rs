@@ -1,0 +1,243 @@
+//! The reconciler and proxy on the embedded default, measured:
+//!
+//! 1. file drop to serving: `vessel run` (release binary) on a tree; a session file is dropped
+//!    and we time until its URL answers through the proxy; 20 runs, p50/p95 (target p50 under
+//!    200 ms);
+//! 2. a route change becoming effective: a route is pointed at another upstream and we time
+//!    until a request through the proxy reaches it; 20 runs (target under 10 ms);
+//! 3. throughput: `wrk -t2 -c64` through the proxy with 1,000 routes (to the first and the
+//!    1,000th), against a direct hit on the upstream, and against nginx with 1,000 server
+//!    names and upstream keep-alive in front of the same upstream.
+//!
+//! Run: `cargo bench --bench reconcile` (needs `wrk`; nginx optional: `apt-get install wrk
+//! nginx-light`). Prints the figures; asserts nothing about time.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vessel::proxy::{Change, Proxy, Route};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+fn get(addr: SocketAddr, host: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    Some((buf.get(9..12)?.parse().ok()?, buf))
+}
+
+fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    None
+}
+
+fn percentile(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = self.0.wait();
+    }
+}
+
+fn vessel() -> &'static str {
+    env!("CARGO_BIN_EXE_vessel")
+}
+
+fn devserver(port: u16, root: &Path) -> Kill {
+    let child = Command::new(vessel())
+        .args(["devserver", "--listen", &format!("127.0.0.1:{port}"), "--root", &root.display().to_string(), "--name", "upstream"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("devserver");
+    wait_for(Duration::from_secs(5), || TcpStream::connect(("127.0.0.1", port)).is_ok()).expect("devserver listens");
+    Kill(child)
+}
+
+fn file_drop_latency() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("desired")).expect("mkdir");
+    std::fs::write(
+        d.join("desired/plan.yaml"),
+        "kind: Plan\nname: web\ncommand: ['{vessel}', devserver, --listen, '127.0.0.1:{port.ide}', --root, '{workspace}']\nports: {ide: 8080}\nhealth: {port: ide, path: /healthz}\nstop_timeout: 2s\n",
+    )
+    .expect("plan");
+    // One session to begin with, so the tree is never empty.
+    std::fs::write(d.join("desired/base.yaml"), "kind: Session\nname: base\nplan: web\n").expect("base");
+    let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    std::fs::write(
+        d.join("vessel.yaml"),
+        format!("source: {{dir: desired}}\nstate_dir: state\nproviders:\n  compute:\n    process: {{port_base: 41000, keep_on_exit: false}}\n  proxy:\n    embedded: {{listen: '{proxy}'}}\n"),
+    )
+    .expect("config");
+    let _daemon = Kill(
+        Command::new(vessel())
+            .args(["run", "vessel.yaml"])
+            .current_dir(d)
+            .env("VESSEL_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("vessel run"),
+    );
+    wait_for(Duration::from_secs(20), || get(proxy, "base.localhost", "/healthz").is_some_and(|(c, _)| c == 200)).expect("the base session serves");
+    let mut times = Vec::new();
+    for i in 0..20 {
+        let name = format!("drop-{i}");
+        let tmp = d.join(format!("desired/.{name}.tmp"));
+        std::fs::write(&tmp, format!("kind: Session\nname: {name}\nplan: web\n")).expect("write");
+        let t = Instant::now();
+        std::fs::rename(&tmp, d.join(format!("desired/{name}.yaml"))).expect("drop");
+        let host = format!("{name}.localhost");
+        wait_for(Duration::from_secs(10), || get(proxy, &host, "/healthz").is_some_and(|(c, _)| c == 200)).expect("the dropped session serves");
+        times.push(t.elapsed());
+    }
+    let (p50, p95) = (percentile(&mut times, 0.5), percentile(&mut times, 0.95));
+    println!("file drop to serving ({} runs): p50 {}, p95 {}, max {} (target p50 < 200 ms)", times.len(), ms(p50), ms(p95), ms(*times.last().expect("runs")));
+}
+
+fn route_change_latency(rt: &tokio::runtime::Runtime) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (free_port(), free_port());
+    let _ua = devserver(a, dir.path());
+    let _ub = devserver(b, dir.path());
+    let proxy = Proxy::default();
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let cancel = tokio_util::sync::CancellationToken::new();
+    rt.spawn(proxy.clone().serve(listener, cancel.clone()));
+    // 1,000 other routes, so the swap copies a real table.
+    let mut changes: Vec<Change> = (0..1000)
+        .map(|i| Change::Upsert { host: format!("r{i}.localhost"), route: Route { upstream: format!("127.0.0.1:{a}"), session: format!("r{i}"), route: None, ready: true } })
+        .collect();
+    changes.push(Change::Upsert { host: "flip.localhost".into(), route: Route { upstream: format!("127.0.0.1:{a}"), session: "flip".into(), route: None, ready: true } });
+    proxy.apply(&changes);
+    let mut swaps = Vec::new();
+    let mut effective = Vec::new();
+    for i in 0..20 {
+        let port = if i % 2 == 0 { b } else { a };
+        let t = Instant::now();
+        proxy.apply(&[Change::Upsert { host: "flip.localhost".into(), route: Route { upstream: format!("127.0.0.1:{port}"), session: "flip".into(), route: None, ready: true } }]);
+        swaps.push(t.elapsed());
+        let marker = format!("on port {port}");
+        wait_for(Duration::from_secs(5), || get(addr, "flip.localhost", "/").is_some_and(|(_, body)| body.contains(&marker))).expect("the change takes effect");
+        effective.push(t.elapsed());
+    }
+    println!(
+        "route change (1,001 routes): table swap p50 {}, effective (first request served by the new upstream) p50 {}, p95 {} (target < 10 ms)",
+        ms(percentile(&mut swaps, 0.5)),
+        ms(percentile(&mut effective, 0.5)),
+        ms(percentile(&mut effective, 0.95))
+    );
+    cancel.cancel();
+}
+
+fn wrk(url: &str, host: Option<&str>) -> Option<(f64, String)> {
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t2", "-c64", "-d8s", "--latency"]);
+    if let Some(h) = host {
+        cmd.args(["-H", &format!("Host: {h}")]);
+    }
+    let out = cmd.arg(url).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let rps = text.lines().find_map(|l| l.strip_prefix("Requests/sec:")).and_then(|v| v.trim().parse().ok())?;
+    let p99 = text.lines().find(|l| l.trim_start().starts_with("99%")).map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string()).unwrap_or_default();
+    let errors = text.lines().find(|l| l.contains("Non-2xx") || l.contains("Socket errors")).map(|l| format!(" [{}]", l.trim())).unwrap_or_default();
+    Some((rps, format!("p99 {p99}{errors}")))
+}
+
+fn nginx(upstream: u16, dir: &Path) -> Option<(Kill, u16)> {
+    Command::new("nginx").arg("-v").output().ok()?;
+    let port = free_port();
+    let mut servers = String::new();
+    for i in 0..1000 {
+        servers.push_str(&format!(
+            "server {{ listen 127.0.0.1:{port}; server_name r{i}.localhost; location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $host; }} }}\n"
+        ));
+    }
+    let conf = format!(
+        "worker_processes auto; pid {d}/nginx.pid; error_log {d}/error.log; events {{ worker_connections 4096; }}\n\
+         http {{ access_log off; server_names_hash_max_size 4096; server_names_hash_bucket_size 128;\n\
+         upstream up {{ server 127.0.0.1:{upstream}; keepalive 128; }}\n{servers}}}\n",
+        d = dir.display()
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf).ok()?;
+    let child = Command::new("nginx").args(["-c", &path.display().to_string(), "-p", &dir.display().to_string(), "-g", "daemon off;"]).stderr(Stdio::null()).spawn().ok()?;
+    wait_for(Duration::from_secs(5), || TcpStream::connect(("127.0.0.1", port)).is_ok())?;
+    Some((Kill(child), port))
+}
+
+fn throughput() {
+    if Command::new("wrk").arg("--version").output().is_err() {
+        println!("throughput: skipped, `wrk` is not installed (apt-get install wrk)");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = free_port();
+    let _upstream = devserver(up, dir.path());
+    let proxy = Proxy::default();
+    let changes: Vec<Change> = (0..1000)
+        .map(|i| Change::Upsert { host: format!("r{i}.localhost"), route: Route { upstream: format!("127.0.0.1:{up}"), session: format!("r{i}"), route: None, ready: true } })
+        .collect();
+    proxy.apply(&changes);
+    // Served as the daemon serves it: a thread per core.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    proxy.serve_threads(listener, threads, cancel.clone()).expect("serve");
+    let line = |label: &str, r: Option<(f64, String)>| match r {
+        Some((rps, extra)) => println!("  {label:<44} {rps:>9.0} req/s, {extra}"),
+        None => println!("  {label:<44} (wrk failed)"),
+    };
+    println!("throughput, wrk -t2 -c64 -d8s, GET /healthz (2 cores shared by wrk, proxy and upstream):");
+    line("direct to the upstream", wrk(&format!("http://127.0.0.1:{up}/healthz"), None));
+    line("vessel proxy, 1,000 routes, the 1st host", wrk(&format!("http://{addr}/healthz"), Some("r0.localhost")));
+    line("vessel proxy, 1,000 routes, the 1,000th host", wrk(&format!("http://{addr}/healthz"), Some("r999.localhost")));
+    match nginx(up, dir.path()) {
+        Some((_n, port)) => line("nginx, 1,000 server names, the 1,000th host", wrk(&format!("http://127.0.0.1:{port}/healthz"), Some("r999.localhost"))),
+        None => println!("  nginx: skipped, not installed (apt-get install nginx-light)"),
+    }
+    cancel.cancel();
+}
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    if only.is_empty() || only == "drop" {
+        file_drop_latency();
+    }
+    if only.is_empty() || only == "route" {
+        route_change_latency(&rt);
+    }
+    if only.is_empty() || only == "wrk" {
+        throughput();
+    }
+}
