@@ -21,7 +21,10 @@ use std::time::{Duration, Instant};
 use vessel::proxy::{Change, Proxy, Route};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 fn get(addr: SocketAddr, host: &str, path: &str) -> Option<(u16, String)> {
@@ -56,7 +59,10 @@ fn ms(d: Duration) -> String {
 struct Kill(Child);
 impl Drop for Kill {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let _ = self.0.wait();
     }
 }
@@ -67,12 +73,23 @@ fn vessel() -> &'static str {
 
 fn devserver(port: u16, root: &Path) -> Kill {
     let child = Command::new(vessel())
-        .args(["devserver", "--listen", &format!("127.0.0.1:{port}"), "--root", &root.display().to_string(), "--name", "upstream"])
+        .args([
+            "devserver",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--root",
+            &root.display().to_string(),
+            "--name",
+            "upstream",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("devserver");
-    wait_for(Duration::from_secs(5), || TcpStream::connect(("127.0.0.1", port)).is_ok()).expect("devserver listens");
+    wait_for(Duration::from_secs(5), || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .expect("devserver listens");
     Kill(child)
 }
 
@@ -86,7 +103,11 @@ fn file_drop_latency() {
     )
     .expect("plan");
     // One session to begin with, so the tree is never empty.
-    std::fs::write(d.join("desired/base.yaml"), "kind: Session\nname: base\nplan: web\n").expect("base");
+    std::fs::write(
+        d.join("desired/base.yaml"),
+        "kind: Session\nname: base\nplan: web\n",
+    )
+    .expect("base");
     let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
     std::fs::write(
         d.join("vessel.yaml"),
@@ -103,7 +124,10 @@ fn file_drop_latency() {
             .spawn()
             .expect("vessel run"),
     );
-    wait_for(Duration::from_secs(20), || get(proxy, "base.localhost", "/healthz").is_some_and(|(c, _)| c == 200)).expect("the base session serves");
+    wait_for(Duration::from_secs(20), || {
+        get(proxy, "base.localhost", "/healthz").is_some_and(|(c, _)| c == 200)
+    })
+    .expect("the base session serves");
     let mut times = Vec::new();
     for i in 0..20 {
         let name = format!("drop-{i}");
@@ -112,11 +136,20 @@ fn file_drop_latency() {
         let t = Instant::now();
         std::fs::rename(&tmp, d.join(format!("desired/{name}.yaml"))).expect("drop");
         let host = format!("{name}.localhost");
-        wait_for(Duration::from_secs(10), || get(proxy, &host, "/healthz").is_some_and(|(c, _)| c == 200)).expect("the dropped session serves");
+        wait_for(Duration::from_secs(10), || {
+            get(proxy, &host, "/healthz").is_some_and(|(c, _)| c == 200)
+        })
+        .expect("the dropped session serves");
         times.push(t.elapsed());
     }
     let (p50, p95) = (percentile(&mut times, 0.5), percentile(&mut times, 0.95));
-    println!("file drop to serving ({} runs): p50 {}, p95 {}, max {} (target p50 < 200 ms)", times.len(), ms(p50), ms(p95), ms(*times.last().expect("runs")));
+    println!(
+        "file drop to serving ({} runs): p50 {}, p95 {}, max {} (target p50 < 200 ms)",
+        times.len(),
+        ms(p50),
+        ms(p95),
+        ms(*times.last().expect("runs"))
+    );
 }
 
 fn route_change_latency(rt: &tokio::runtime::Runtime) {
@@ -125,25 +158,54 @@ fn route_change_latency(rt: &tokio::runtime::Runtime) {
     let _ua = devserver(a, dir.path());
     let _ub = devserver(b, dir.path());
     let proxy = Proxy::default();
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let cancel = tokio_util::sync::CancellationToken::new();
     rt.spawn(proxy.clone().serve(listener, cancel.clone()));
     // 1,000 other routes, so the swap copies a real table.
     let mut changes: Vec<Change> = (0..1000)
-        .map(|i| Change::Upsert { host: format!("r{i}.localhost"), route: Route { upstream: format!("127.0.0.1:{a}"), session: format!("r{i}"), route: None, ready: true } })
+        .map(|i| Change::Upsert {
+            host: format!("r{i}.localhost"),
+            route: Route {
+                upstream: format!("127.0.0.1:{a}"),
+                session: format!("r{i}"),
+                route: None,
+                ready: true,
+            },
+        })
         .collect();
-    changes.push(Change::Upsert { host: "flip.localhost".into(), route: Route { upstream: format!("127.0.0.1:{a}"), session: "flip".into(), route: None, ready: true } });
+    changes.push(Change::Upsert {
+        host: "flip.localhost".into(),
+        route: Route {
+            upstream: format!("127.0.0.1:{a}"),
+            session: "flip".into(),
+            route: None,
+            ready: true,
+        },
+    });
     proxy.apply(&changes);
     let mut swaps = Vec::new();
     let mut effective = Vec::new();
     for i in 0..20 {
         let port = if i % 2 == 0 { b } else { a };
         let t = Instant::now();
-        proxy.apply(&[Change::Upsert { host: "flip.localhost".into(), route: Route { upstream: format!("127.0.0.1:{port}"), session: "flip".into(), route: None, ready: true } }]);
+        proxy.apply(&[Change::Upsert {
+            host: "flip.localhost".into(),
+            route: Route {
+                upstream: format!("127.0.0.1:{port}"),
+                session: "flip".into(),
+                route: None,
+                ready: true,
+            },
+        }]);
         swaps.push(t.elapsed());
         let marker = format!("on port {port}");
-        wait_for(Duration::from_secs(5), || get(addr, "flip.localhost", "/").is_some_and(|(_, body)| body.contains(&marker))).expect("the change takes effect");
+        wait_for(Duration::from_secs(5), || {
+            get(addr, "flip.localhost", "/").is_some_and(|(_, body)| body.contains(&marker))
+        })
+        .expect("the change takes effect");
         effective.push(t.elapsed());
     }
     println!(
@@ -163,9 +225,20 @@ fn wrk(url: &str, host: Option<&str>) -> Option<(f64, String)> {
     }
     let out = cmd.arg(url).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let rps = text.lines().find_map(|l| l.strip_prefix("Requests/sec:")).and_then(|v| v.trim().parse().ok())?;
-    let p99 = text.lines().find(|l| l.trim_start().starts_with("99%")).map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string()).unwrap_or_default();
-    let errors = text.lines().find(|l| l.contains("Non-2xx") || l.contains("Socket errors")).map(|l| format!(" [{}]", l.trim())).unwrap_or_default();
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())?;
+    let p99 = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("99%"))
+        .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string())
+        .unwrap_or_default();
+    let errors = text
+        .lines()
+        .find(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
+        .map(|l| format!(" [{}]", l.trim()))
+        .unwrap_or_default();
     Some((rps, format!("p99 {p99}{errors}")))
 }
 
@@ -175,7 +248,7 @@ fn nginx(upstream: u16, dir: &Path) -> Option<(Kill, u16)> {
     let mut servers = String::new();
     for i in 0..1000 {
         servers.push_str(&format!(
-            "server {{ listen 127.0.0.1:{port}; server_name r{i}.localhost; location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $host; }} }}\n"
+            "server {{ listen 127.0.0.1:{port}; server_name r{i}.localhost; location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Host $host; proxy_set_header X-Forwarded-Proto $scheme; }} }}\n"
         ));
     }
     let conf = format!(
@@ -186,8 +259,21 @@ fn nginx(upstream: u16, dir: &Path) -> Option<(Kill, u16)> {
     );
     let path = dir.join("nginx.conf");
     std::fs::write(&path, conf).ok()?;
-    let child = Command::new("nginx").args(["-c", &path.display().to_string(), "-p", &dir.display().to_string(), "-g", "daemon off;"]).stderr(Stdio::null()).spawn().ok()?;
-    wait_for(Duration::from_secs(5), || TcpStream::connect(("127.0.0.1", port)).is_ok())?;
+    let child = Command::new("nginx")
+        .args([
+            "-c",
+            &path.display().to_string(),
+            "-p",
+            &dir.display().to_string(),
+            "-g",
+            "daemon off;",
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    wait_for(Duration::from_secs(5), || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })?;
     Some((Kill(child), port))
 }
 
@@ -201,26 +287,58 @@ fn throughput() {
     let _upstream = devserver(up, dir.path());
     let proxy = Proxy::default();
     let changes: Vec<Change> = (0..1000)
-        .map(|i| Change::Upsert { host: format!("r{i}.localhost"), route: Route { upstream: format!("127.0.0.1:{up}"), session: format!("r{i}"), route: None, ready: true } })
+        .map(|i| Change::Upsert {
+            host: format!("r{i}.localhost"),
+            route: Route {
+                upstream: format!("127.0.0.1:{up}"),
+                session: format!("r{i}"),
+                route: None,
+                ready: true,
+            },
+        })
         .collect();
     proxy.apply(&changes);
     // Served as the daemon serves it: a thread per core.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     let cancel = tokio_util::sync::CancellationToken::new();
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-    proxy.serve_threads(listener, threads, cancel.clone()).expect("serve");
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    proxy
+        .serve_threads(listener, threads, cancel.clone())
+        .expect("serve");
     let line = |label: &str, r: Option<(f64, String)>| match r {
-        Some((rps, extra)) => println!("  {label:<44} {rps:>9.0} req/s, {extra}"),
-        None => println!("  {label:<44} (wrk failed)"),
+        Some((rps, extra)) => println!("  {label:<48} {rps:>9.0} req/s, {extra}"),
+        None => println!("  {label:<48} (wrk failed)"),
     };
-    println!("throughput, wrk -t2 -c64 -d8s, GET /healthz (2 cores shared by wrk, proxy and upstream):");
-    line("direct to the upstream", wrk(&format!("http://127.0.0.1:{up}/healthz"), None));
-    line("vessel proxy, 1,000 routes, the 1st host", wrk(&format!("http://{addr}/healthz"), Some("r0.localhost")));
-    line("vessel proxy, 1,000 routes, the 1,000th host", wrk(&format!("http://{addr}/healthz"), Some("r999.localhost")));
-    match nginx(up, dir.path()) {
-        Some((_n, port)) => line("nginx, 1,000 server names, the 1,000th host", wrk(&format!("http://127.0.0.1:{port}/healthz"), Some("r999.localhost"))),
-        None => println!("  nginx: skipped, not installed (apt-get install nginx-light)"),
+    println!(
+        "throughput, wrk -t2 -c64 -d8s, GET /healthz (2 cores shared by wrk, proxy and upstream; interleaved, twice):"
+    );
+    let nginx = nginx(up, dir.path());
+    for round in 1..=2 {
+        line(
+            &format!("[{round}] direct to the upstream"),
+            wrk(&format!("http://127.0.0.1:{up}/healthz"), None),
+        );
+        line(
+            &format!("[{round}] vessel proxy, 1,000 routes, the 1st host"),
+            wrk(&format!("http://{addr}/healthz"), Some("r0.localhost")),
+        );
+        line(
+            &format!("[{round}] vessel proxy, 1,000 routes, the 1,000th host"),
+            wrk(&format!("http://{addr}/healthz"), Some("r999.localhost")),
+        );
+        match &nginx {
+            Some((_, port)) => line(
+                &format!("[{round}] nginx, 1,000 server names, the 1,000th host"),
+                wrk(
+                    &format!("http://127.0.0.1:{port}/healthz"),
+                    Some("r999.localhost"),
+                ),
+            ),
+            None => println!("  nginx: skipped, not installed (apt-get install nginx-light)"),
+        }
     }
     cancel.cancel();
 }
@@ -229,7 +347,11 @@ fn throughput() {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     if only.is_empty() || only == "drop" {
         file_drop_latency();

@@ -12,6 +12,9 @@
 //! wake-on-request need.
 
 mod page;
+mod pool;
+
+pub use pool::Pool;
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -29,9 +32,7 @@ use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -59,9 +60,18 @@ pub struct RouteStats {
     pub ws_bytes: AtomicU64,
 }
 
+/// Activity is recorded to this resolution: writing a shared timestamp on every request
+/// would bounce its cache line between the serving threads.
+const ACTIVITY_RESOLUTION_MS: u64 = 100;
+
 impl RouteStats {
     fn touch(&self) {
-        self.last_activity_ms.store(now_ms(), Ordering::Relaxed);
+        let now = now_ms();
+        if now.saturating_sub(self.last_activity_ms.load(Ordering::Relaxed))
+            >= ACTIVITY_RESOLUTION_MS
+        {
+            self.last_activity_ms.store(now, Ordering::Relaxed);
+        }
     }
 }
 
@@ -104,15 +114,12 @@ struct Inner {
     hold_timeout: Duration,
 }
 
-/// The upstream client: one per serving thread, so a request and its upstream connection
-/// stay on one thread (no cross-thread wake-ups per request).
-pub type UpstreamClient = Client<HttpConnector, Incoming>;
+/// The upstream connection pool: one per serving thread, so a request and its upstream
+/// connection stay on one thread (no cross-thread wake-ups per request).
+pub type UpstreamClient = Pool;
 
 fn upstream_client() -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(5)));
-    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).pool_max_idle_per_host(256).build(connector)
+    Pool::default()
 }
 
 /// A change to the route table.
@@ -143,22 +150,33 @@ impl Proxy {
 
     /// Serve on `threads` threads, each with its own single-threaded runtime, accept loop and
     /// upstream pool (as nginx runs a worker per core). Returns once they are running.
-    pub fn serve_threads(&self, listener: std::net::TcpListener, threads: usize, shutdown: CancellationToken) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+    pub fn serve_threads(
+        &self,
+        listener: std::net::TcpListener,
+        threads: usize,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
         listener.set_nonblocking(true)?;
         let mut handles = Vec::new();
         for i in 0..threads.max(1) {
             let l = listener.try_clone()?;
             let proxy = self.clone();
             let shutdown = shutdown.clone();
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            handles.push(std::thread::Builder::new().name(format!("vessel-proxy-{i}")).spawn(move || {
-                rt.block_on(async move {
-                    match TcpListener::from_std(l) {
-                        Ok(l) => proxy.accept_loop(l, upstream_client(), shutdown).await,
-                        Err(e) => tracing::error!(error = %e, "proxy thread cannot listen"),
-                    }
-                })
-            })?);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("vessel-proxy-{i}"))
+                    .spawn(move || {
+                        rt.block_on(async move {
+                            match TcpListener::from_std(l) {
+                                Ok(l) => proxy.accept_loop(l, upstream_client(), shutdown).await,
+                                Err(e) => tracing::error!(error = %e, "proxy thread cannot listen"),
+                            }
+                        })
+                    })?,
+            );
         }
         Ok(handles)
     }
@@ -243,10 +261,16 @@ impl Proxy {
     /// Serve on `listener` until `shutdown` is cancelled. Connections already open finish the
     /// request they are on.
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
-        self.accept_loop(listener, upstream_client(), shutdown).await
+        self.accept_loop(listener, upstream_client(), shutdown)
+            .await
     }
 
-    async fn accept_loop(&self, listener: TcpListener, client: UpstreamClient, shutdown: CancellationToken) {
+    async fn accept_loop(
+        &self,
+        listener: TcpListener,
+        client: UpstreamClient,
+        shutdown: CancellationToken,
+    ) {
         loop {
             let (stream, remote) = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -286,7 +310,12 @@ impl Proxy {
     }
 
     /// Handle one request: find the route, hold it if not ready, forward it.
-    pub async fn handle(&self, mut req: Request<Incoming>, remote: SocketAddr, client: &UpstreamClient) -> Response<Body> {
+    pub async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        remote: SocketAddr,
+        client: &UpstreamClient,
+    ) -> Response<Body> {
         let host = request_host(&req);
         let Some(mut entry) = self.lookup(&host) else {
             return page::not_found(&host);
@@ -302,20 +331,24 @@ impl Proxy {
         let upgrade = is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        let path = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        parts.uri = match Uri::try_from(format!("http://{}{path}", entry.route.upstream)) {
-            Ok(u) => u,
-            Err(e) => return page::bad_gateway(&host, &entry.route, &e.to_string()),
-        };
+        // Origin form on the wire; `Host` stays as the client sent it.
+        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            let path = parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            parts.uri = match Uri::try_from(path) {
+                Ok(u) => u,
+                Err(e) => return page::bad_gateway(&host, &entry.route, &e.to_string()),
+            };
+        }
+        parts.version = http::Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers, upgrade);
         forwarded_headers(&mut parts.headers, &host, remote);
         let upstream_req = Request::from_parts(parts, body);
         match client_upgrade {
-            None => match client.request(upstream_req).await {
+            None => match client.send(&entry.route.upstream, upstream_req).await {
                 Ok(resp) => {
                     let (mut parts, body) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers, false);
@@ -416,15 +449,15 @@ fn request_host<B>(req: &Request<B>) -> String {
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().host())
         .unwrap_or("");
-    let no_port = if raw.starts_with('[') {
-        raw.split(']')
-            .next()
-            .map(|s| format!("{s}]"))
-            .unwrap_or_default()
-    } else {
-        raw.rsplit_once(':')
-            .map(|(h, _)| h.to_string())
-            .unwrap_or_else(|| raw.to_string())
+    // Without the port: `[::1]:80` -> `[::1]`, `a.localhost:80` -> `a.localhost`.
+    let no_port = match raw.rfind([':', ']']) {
+        Some(i)
+            if raw.as_bytes()[i] == b':' && !raw[..i].contains(':')
+                || raw.starts_with('[') && raw[..i].ends_with(']') =>
+        {
+            &raw[..i]
+        }
+        _ => raw,
     };
     no_port.trim_end_matches('.').to_ascii_lowercase()
 }

@@ -1,0 +1,145 @@
+//! Upstream HTTP/1.1 connections, kept alive and reused, one pool per serving thread.
+//!
+//! A connection is taken for one request and goes back to the pool when that response's body
+//! has been read to its end (HTTP/1.1 runs one exchange at a time). A response dropped before
+//! its end takes the connection with it. Pools never cross threads, so a request and its
+//! upstream connection live on one thread.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// Idle connections kept per upstream.
+const MAX_IDLE: usize = 256;
+
+#[derive(Clone, Default)]
+pub struct Pool {
+    idle: Arc<Mutex<HashMap<String, Vec<SendRequest<Incoming>>>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("cannot connect")]
+    Connect(#[source] std::io::Error),
+    #[error("connect timed out")]
+    Timeout,
+    #[error("HTTP handshake failed")]
+    Handshake(#[source] hyper::Error),
+    #[error("the upstream did not answer")]
+    Send(#[source] hyper::Error),
+}
+
+impl Pool {
+    fn take(&self, upstream: &str) -> Option<SendRequest<Incoming>> {
+        let mut idle = self.idle.lock().ok()?;
+        let list = idle.get_mut(upstream)?;
+        while let Some(s) = list.pop() {
+            if s.is_ready() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    fn put(&self, upstream: &str, s: SendRequest<Incoming>) {
+        if s.is_closed() {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            let list = idle.entry(upstream.to_string()).or_default();
+            if list.len() < MAX_IDLE {
+                list.push(s);
+            }
+        }
+    }
+
+    async fn connect(upstream: &str) -> Result<SendRequest<Incoming>, PoolError> {
+        let stream = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            TcpStream::connect(upstream),
+        )
+        .await
+        .map_err(|_| PoolError::Timeout)?
+        .map_err(PoolError::Connect)?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(PoolError::Handshake)?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+
+    /// Send `req` to `upstream` (`host:port`), on an idle connection when there is one.
+    pub async fn send(
+        &self,
+        upstream: &str,
+        req: Request<Incoming>,
+    ) -> Result<Response<PooledBody>, PoolError> {
+        let mut sender = match self.take(upstream) {
+            Some(s) => s,
+            None => Self::connect(upstream).await?,
+        };
+        let resp = sender.send_request(req).await.map_err(PoolError::Send)?;
+        let (parts, body) = resp.into_parts();
+        let done = body.is_end_stream();
+        let mut pooled = PooledBody {
+            inner: body,
+            home: Some((self.clone(), upstream.to_string(), sender)),
+        };
+        if done {
+            pooled.release();
+        }
+        Ok(Response::from_parts(parts, pooled))
+    }
+}
+
+/// A response body that hands its connection back to the pool at its end.
+pub struct PooledBody {
+    inner: Incoming,
+    home: Option<(Pool, String, SendRequest<Incoming>)>,
+}
+
+impl PooledBody {
+    fn release(&mut self) {
+        if let Some((pool, upstream, sender)) = self.home.take() {
+            pool.put(&upstream, sender);
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(None) => self.release(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
+            Poll::Ready(Some(Err(_))) => self.home = None,
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
