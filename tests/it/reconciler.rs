@@ -222,3 +222,48 @@ fn a_second_daemon_on_the_same_state_directory_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("in use by another vessel (pid"), "{err}");
 }
+
+#[test]
+fn an_expired_session_is_stopped_by_the_timer_and_the_plan_says_why() {
+    let mut d = Daemon::new();
+    d.write("keep.yaml", &session("keep"));
+    let at = chrono::Utc::now() + chrono::Duration::seconds(3);
+    d.write("exp.yaml", &format!("kind: Session\nname: exp\nplan: web\nexpires: {}\n", at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)));
+    d.start();
+    wait_for(LIMIT, || d.get("exp.localhost", "/healthz").is_some_and(|(c, _)| c == 200)).expect("exp serves until it expires");
+    wait_for(LIMIT, || d.processes().iter().all(|(n, _)| n != "exp")).expect("exp is stopped after its expiry");
+    assert_eq!(d.get("exp.localhost", "/healthz").map(|r| r.0), Some(404), "its routes go");
+    assert!(d.state().join("sessions/exp/workspace").exists(), "stopped, not destroyed: its data is kept");
+    let events = std::fs::read_to_string(d.state().join("events.jsonl")).unwrap_or_default();
+    assert!(events.lines().any(|l| l.contains("\"stop\"") && l.contains("session exp")), "{events}");
+    let stopped = std::fs::read_to_string(d.state().join("sessions/exp/session.json")).unwrap_or_default();
+    assert!(stopped.contains("\"intent\": \"stopped\""), "{stopped}");
+}
+
+#[test]
+fn plan_against_the_live_providers_and_the_daemons_snapshot() {
+    let mut d = Daemon::new();
+    d.write("pia.yaml", &session("pia"));
+    d.start();
+    wait_for(LIMIT, || d.get("pia.localhost", "/healthz").is_some_and(|(c, _)| c == 200)).expect("pia serves");
+    std::thread::sleep(Duration::from_millis(300));
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vessel")).args(args).current_dir(d.dir.path()).env("NO_COLOR", "1").output().expect("vessel")
+    };
+    // Live: sessions are observed; the embedded proxy lives in the daemon, so it is a gap and
+    // no route step is planned.
+    let out = run(&["plan", "vessel.yaml"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("proxy: ") && text.contains("inside `vessel run`"), "{text}");
+    // Against the daemon's snapshot: the world matches.
+    let out = run(&["plan", "vessel.yaml", "--observed", "state/observed.json"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("No changes."), "{text}");
+    // A new file is a change (exit 2).
+    std::fs::write(d.source().join("quin.yaml"), session("quin")).expect("write");
+    let out = run(&["plan", "vessel.yaml", "--observed", "state/observed.json"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("+ session quin"));
+}
