@@ -210,6 +210,10 @@ fn watch_source(
         .unwrap_or_else(|_| state_dir.to_path_buf());
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let Ok(ev) = res else { return };
+        // Reading files (which every pass does) is not a change.
+        if matches!(ev.kind, notify::EventKind::Access(_)) {
+            return;
+        }
         let relevant = ev.paths.iter().any(|p| {
             let in_state = p.starts_with(&state)
                 || p.ancestors()

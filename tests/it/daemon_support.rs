@@ -74,7 +74,7 @@ impl Daemon {
             .args(["run", "vessel.yaml"])
             .current_dir(self.dir.path())
             .env("NO_COLOR", "1")
-            .env("VESSEL_LOG", "info")
+            .env("VESSEL_LOG", "debug")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -228,16 +228,42 @@ fn an_expired_session_is_stopped_by_the_timer_and_the_plan_says_why() {
     let mut d = Daemon::new();
     d.write("keep.yaml", &session("keep"));
     let at = chrono::Utc::now() + chrono::Duration::seconds(3);
-    d.write("exp.yaml", &format!("kind: Session\nname: exp\nplan: web\nexpires: {}\n", at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)));
+    d.write(
+        "exp.yaml",
+        &format!(
+            "kind: Session\nname: exp\nplan: web\nexpires: {}\n",
+            at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        ),
+    );
     d.start();
-    wait_for(LIMIT, || d.get("exp.localhost", "/healthz").is_some_and(|(c, _)| c == 200)).expect("exp serves until it expires");
-    wait_for(LIMIT, || d.processes().iter().all(|(n, _)| n != "exp")).expect("exp is stopped after its expiry");
-    assert_eq!(d.get("exp.localhost", "/healthz").map(|r| r.0), Some(404), "its routes go");
-    assert!(d.state().join("sessions/exp/workspace").exists(), "stopped, not destroyed: its data is kept");
-    let events = std::fs::read_to_string(d.state().join("events.jsonl")).unwrap_or_default();
-    assert!(events.lines().any(|l| l.contains("\"stop\"") && l.contains("session exp")), "{events}");
-    let stopped = std::fs::read_to_string(d.state().join("sessions/exp/session.json")).unwrap_or_default();
-    assert!(stopped.contains("\"intent\": \"stopped\""), "{stopped}");
+    wait_for(LIMIT, || {
+        d.get("exp.localhost", "/healthz")
+            .is_some_and(|(c, _)| c == 200)
+    })
+    .expect("exp serves until it expires");
+    wait_for(LIMIT, || d.processes().iter().all(|(n, _)| n != "exp"))
+        .expect("exp is stopped after its expiry");
+    assert_eq!(
+        d.get("exp.localhost", "/healthz").map(|r| r.0),
+        Some(404),
+        "its routes go"
+    );
+    assert!(
+        d.state().join("sessions/exp/workspace").exists(),
+        "stopped, not destroyed: its data is kept"
+    );
+    // Events are recorded when the pass ends, a moment after the process is gone.
+    let events = || std::fs::read_to_string(d.state().join("events.jsonl")).unwrap_or_default();
+    wait_for(LIMIT, || {
+        events()
+            .lines()
+            .any(|l| l.contains("\"stop\"") && l.contains("session exp"))
+    })
+    .unwrap_or_else(|| panic!("no stop event: {}", events()));
+    let record =
+        || std::fs::read_to_string(d.state().join("sessions/exp/session.json")).unwrap_or_default();
+    wait_for(LIMIT, || record().contains("\"intent\": \"stopped\""))
+        .unwrap_or_else(|| panic!("{}", record()));
 }
 
 #[test]
@@ -245,17 +271,34 @@ fn plan_against_the_live_providers_and_the_daemons_snapshot() {
     let mut d = Daemon::new();
     d.write("pia.yaml", &session("pia"));
     d.start();
-    wait_for(LIMIT, || d.get("pia.localhost", "/healthz").is_some_and(|(c, _)| c == 200)).expect("pia serves");
+    wait_for(LIMIT, || {
+        d.get("pia.localhost", "/healthz")
+            .is_some_and(|(c, _)| c == 200)
+    })
+    .expect("pia serves");
     std::thread::sleep(Duration::from_millis(300));
     let run = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_vessel")).args(args).current_dir(d.dir.path()).env("NO_COLOR", "1").output().expect("vessel")
+        std::process::Command::new(env!("CARGO_BIN_EXE_vessel"))
+            .args(args)
+            .current_dir(d.dir.path())
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("vessel")
     };
     // Live: sessions are observed; the embedded proxy lives in the daemon, so it is a gap and
     // no route step is planned.
     let out = run(&["plan", "vessel.yaml"]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(out.status.code(), Some(0), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("proxy: ") && text.contains("inside `vessel run`"), "{text}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("proxy: ") && text.contains("inside `vessel run`"),
+        "{text}"
+    );
     // Against the daemon's snapshot: the world matches.
     let out = run(&["plan", "vessel.yaml", "--observed", "state/observed.json"]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -266,4 +309,30 @@ fn plan_against_the_live_providers_and_the_daemons_snapshot() {
     let out = run(&["plan", "vessel.yaml", "--observed", "state/observed.json"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stdout).contains("+ session quin"));
+}
+
+#[test]
+fn an_idle_daemon_does_not_reconcile_in_a_loop() {
+    let mut d = Daemon::new();
+    d.write("ida.yaml", &session("ida"));
+    d.start();
+    wait_for(LIMIT, || {
+        d.get("ida.localhost", "/healthz")
+            .is_some_and(|(c, _)| c == 200)
+    })
+    .expect("ida serves");
+    // Passes read every file; reading must not count as a change (resync here is 1 s).
+    std::thread::sleep(Duration::from_millis(1500));
+    let source_passes = d
+        .log()
+        .lines()
+        .filter(|l| l.contains("trigger=Source"))
+        .count();
+    assert_eq!(source_passes, 0, "{}", d.log());
+    let total = d.log().lines().filter(|l| l.contains("trigger=")).count();
+    assert!(
+        total <= 8,
+        "{total} passes in 1.5 s of idling:\n{}",
+        d.log()
+    );
 }
