@@ -21,3 +21,15 @@ pub mod schema;
 pub mod source;
 pub mod state;
 pub mod validate;
+
+/// An error and all its causes on one line (`a: b: c`), for logs, events and pages.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -805,17 +805,7 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                     changes: changes.clone(),
                     data,
                 };
-                if let (Some(p), SessionState::Running) = (save, o.state) {
-                    push(
-                        Phase::SaveWork,
-                        Action::SaveWork {
-                            session: name.into(),
-                            provider: o.provider,
-                            path: p,
-                        },
-                        reason.clone(),
-                    );
-                }
+                save_first(&mut push, name, o, &reason);
                 push(
                     Phase::Destroy,
                     Action::DestroySession {
@@ -857,17 +847,7 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
             }
             Fate::Stop(reason) => {
                 let Some(o) = have else { continue };
-                if let (Some(p), SessionState::Running) = (save_path(o), o.state) {
-                    push(
-                        Phase::SaveWork,
-                        Action::SaveWork {
-                            session: name.into(),
-                            provider: o.provider,
-                            path: p,
-                        },
-                        reason.clone(),
-                    );
-                }
+                save_first(&mut push, name, o, &reason);
                 push(
                     Phase::Stop,
                     Action::StopSession {
@@ -880,17 +860,7 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
             }
             Fate::Destroy(reason) => {
                 let Some(o) = have else { continue };
-                if let (Some(p), SessionState::Running) = (save_path(o), o.state) {
-                    push(
-                        Phase::SaveWork,
-                        Action::SaveWork {
-                            session: name.into(),
-                            provider: o.provider,
-                            path: p,
-                        },
-                        reason.clone(),
-                    );
-                }
+                save_first(&mut push, name, o, &reason);
                 push(
                     Phase::Destroy,
                     Action::DestroySession {
@@ -1156,6 +1126,26 @@ fn state_str(s: SessionState) -> &'static str {
 
 fn save_path(o: &ObservedSession) -> Option<PathBuf> {
     o.save_to.clone()
+}
+
+/// Save a running session's work first, where it asked for that (`save_on_stop`).
+fn save_first(
+    push: &mut impl FnMut(Phase, Action, Reason),
+    name: &str,
+    o: &ObservedSession,
+    reason: &Reason,
+) {
+    if let (Some(p), SessionState::Running) = (save_path(o), o.state) {
+        push(
+            Phase::SaveWork,
+            Action::SaveWork {
+                session: name.into(),
+                provider: o.provider,
+                path: p,
+            },
+            reason.clone(),
+        );
+    }
 }
 
 fn sync_action(name: &str, w: &Want) -> Action {

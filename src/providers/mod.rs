@@ -68,17 +68,7 @@ impl ProviderError {
     }
 }
 
-/// The whole error chain on one line, for logs, events and status.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use crate::error_chain as chain;
 
 pub trait ComputeProvider: Send + Sync {
     fn kind(&self) -> ComputeKind;

@@ -37,6 +37,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::error_chain;
+
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// One route as the proxy serves it.
@@ -523,17 +525,6 @@ fn forwarded_headers(h: &mut HeaderMap, host: &str, remote: SocketAddr) {
         h.insert("x-forwarded-host", v);
     }
     h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// A stream that records traffic as route activity.
