@@ -847,7 +847,7 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
             }
             Fate::Stop(reason) => {
                 let Some(o) = have else { continue };
-                save_first(&mut push, name, o, &reason);
+                save_first(&mut push, name, o, reason);
                 push(
                     Phase::Stop,
                     Action::StopSession {
@@ -860,7 +860,7 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
             }
             Fate::Destroy(reason) => {
                 let Some(o) = have else { continue };
-                save_first(&mut push, name, o, &reason);
+                save_first(&mut push, name, o, reason);
                 push(
                     Phase::Destroy,
                     Action::DestroySession {
