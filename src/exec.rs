@@ -456,7 +456,7 @@ mod tests {
         let actions = [
             Action::CreateSession {
                 session: session.into(),
-                spec: spec(),
+                spec: Arc::new(spec()),
                 fingerprint: "f".into(),
                 source_file: "s.yaml".into(),
                 save_to: None,

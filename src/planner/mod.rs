@@ -14,7 +14,7 @@ pub mod simulate;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
@@ -79,7 +79,7 @@ pub fn record_for(address: &str) -> (RecordType, String) {
 pub enum Action {
     CreateSession {
         session: String,
-        spec: RuntimeSpec,
+        spec: Arc<RuntimeSpec>,
         fingerprint: String,
         /// The desired-state file it comes from, recorded on the session.
         source_file: PathBuf,
@@ -319,7 +319,17 @@ pub struct Step {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Deferred {
     pub object: Object,
-    pub waiting_for: String,
+    /// What it waits for: a session's address (for a route), or a route (for a record).
+    pub after: Object,
+}
+
+impl Deferred {
+    pub fn waiting_for(&self) -> String {
+        match &self.after {
+            Object::Session(s) => format!("an address for session {s}"),
+            other => other.to_string(),
+        }
+    }
 }
 
 /// Why an object is deliberately left as it is.
@@ -444,8 +454,8 @@ pub fn runtime_spec(session: &SessionSpec, plan: &PlanSpec) -> RuntimeSpec {
 
 /// A desired session as the plan sees it.
 struct Want<'a> {
-    spec: Rc<RuntimeSpec>,
-    fingerprint: Rc<str>,
+    spec: Arc<RuntimeSpec>,
+    fingerprint: Arc<str>,
     session: &'a SessionSpec,
     file: &'a Path,
     /// The state it should be in now (expiry applied).
@@ -494,7 +504,7 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
     // Desired sessions with expiry applied, and the earliest future expiry.
     let mut wants: BTreeMap<&str, Want> = BTreeMap::new();
     // Sessions without env of their own share their plan's spec and fingerprint.
-    let mut per_plan: BTreeMap<&str, (Rc<RuntimeSpec>, Rc<str>)> = BTreeMap::new();
+    let mut per_plan: BTreeMap<&str, (Arc<RuntimeSpec>, Arc<str>)> = BTreeMap::new();
     // Sessions whose plan is not there (validation prevents it): held, never destroyed.
     let mut planless: BTreeSet<&str> = BTreeSet::new();
     for (name, doc) in &desired.sessions {
@@ -522,13 +532,13 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 .or_insert_with(|| {
                     let spec = runtime_spec(s, &plan.spec);
                     let fp = spec.fingerprint();
-                    (Rc::new(spec), fp.into())
+                    (Arc::new(spec), fp.into())
                 })
                 .clone()
         } else {
             let spec = runtime_spec(s, &plan.spec);
             let fp = spec.fingerprint();
-            (Rc::new(spec), fp.into())
+            (Arc::new(spec), fp.into())
         };
         wants.insert(
             name,
@@ -944,10 +954,7 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                         // pass has its address.
                         out.deferred.push(Deferred {
                             object: obj(),
-                            waiting_for: format!(
-                                "an address for session {} port {}",
-                                r.session, r.port_name
-                            ),
+                            after: Object::Session(r.session.to_string()),
                         });
                         route_pending.insert(host);
                     } else if have.is_none() {
@@ -1059,9 +1066,10 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
             }
             match (w, have) {
                 (Some(_), _) if route_pending.contains(name.as_str()) => {
+                    let after = Object::Route(name.clone());
                     out.deferred.push(Deferred {
                         object: obj(),
-                        waiting_for: format!("route {name}"),
+                        after,
                     });
                 }
                 (Some(r), None) => push(
@@ -1176,7 +1184,7 @@ fn create_steps(
         Phase::Create,
         Action::CreateSession {
             session: name.into(),
-            spec: (*w.spec).clone(),
+            spec: w.spec.clone(),
             fingerprint: w.fingerprint.to_string(),
             source_file: w.file.to_path_buf(),
             save_to,

@@ -288,7 +288,9 @@ pub fn text(plan: &Plan, observed: &Observed, color: bool) -> String {
             let _ = writeln!(
                 out,
                 "  {col}{sym}{} {}: waits for {}",
-                c.reset, d.object, d.waiting_for
+                c.reset,
+                d.object,
+                d.waiting_for()
             );
         }
     }
@@ -425,7 +427,7 @@ pub fn markdown(plan: &Plan, observed: &Observed) -> String {
                 out,
                 "- `{sym}` {}: waits for {}",
                 md_object(&d.object),
-                md_escape(&d.waiting_for)
+                md_escape(&d.waiting_for())
             );
         }
         out.push('\n');

@@ -37,7 +37,7 @@ pub fn simulate(plan: &Plan, observed: &Observed) -> Observed {
                         },
                         owned: true,
                         fingerprint: fingerprint.clone(),
-                        spec: Some(spec.clone()),
+                        spec: Some((**spec).clone()),
                         endpoints: spec
                             .ports
                             .iter()
