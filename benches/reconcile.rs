@@ -109,9 +109,10 @@ fn file_drop_latency() {
     )
     .expect("base");
     let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let status = SocketAddr::from(([127, 0, 0, 1], free_port()));
     std::fs::write(
         d.join("vessel.yaml"),
-        format!("source: {{dir: desired}}\nstate_dir: state\nproviders:\n  compute:\n    process: {{port_base: 41000, keep_on_exit: false}}\n  proxy:\n    embedded: {{listen: '{proxy}'}}\n"),
+        format!("source: {{dir: desired}}\nstate_dir: state\nproviders:\n  compute:\n    process: {{port_base: 41000, keep_on_exit: false}}\n  proxy:\n    embedded: {{listen: '{proxy}'}}\nstatus: {{listen: '{status}'}}\n"),
     )
     .expect("config");
     let _daemon = Kill(

@@ -112,6 +112,9 @@ pub struct Overrides {
     /// The periodic full pass (overrides `policy.resync_interval`), such as `5s`.
     #[arg(long, value_name = "DURATION")]
     pub resync: Option<crate::model::Duration>,
+    /// Where the status endpoint listens (overrides `status.listen`).
+    #[arg(long, value_name = "ADDR")]
+    pub status_listen: Option<std::net::SocketAddr>,
 }
 
 impl Overrides {
@@ -126,6 +129,9 @@ impl Overrides {
         }
         if let Some(r) = self.resync {
             c.policy.resync_interval = r;
+        }
+        if let Some(l) = self.status_listen {
+            c.status.listen = l;
         }
     }
 }

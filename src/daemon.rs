@@ -37,12 +37,21 @@ pub enum DaemonError {
     },
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
+    #[error("cannot listen on {addr} for the status endpoint")]
+    StatusListen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read the status endpoint's token")]
+    Token(#[source] crate::config::SecretError),
 }
 
 /// A running daemon's handles, for callers that embed it (tests, the status server).
 pub struct Handle {
     pub shared: Arc<std::sync::Mutex<crate::reconcile::Shared>>,
     pub proxy_addr: Option<SocketAddr>,
+    pub status_addr: Option<SocketAddr>,
 }
 
 /// How long file events must be quiet before a pass (bursts coalesce), and the longest a
@@ -85,19 +94,36 @@ pub async fn run(
     if let (Some(proxy), ProxyConfig::Embedded { listen }) =
         (&providers.embedded, &config.providers.proxy)
     {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(|source| DaemonError::Listen {
-                addr: *listen,
-                source,
-            })?;
+        let listen_err = |source| DaemonError::Listen {
+            addr: *listen,
+            source,
+        };
+        let listener = std::net::TcpListener::bind(listen).map_err(listen_err)?;
         proxy_addr = listener.local_addr().ok();
-        tracing::info!(listen = %proxy_addr.map(|a| a.to_string()).unwrap_or_default(), "proxy listening");
-        tokio::spawn(proxy.clone().serve(listener, cancel.clone()));
+        // A thread per core, each with its own runtime and upstream pool (as nginx has a worker
+        // per core): a request and its upstream connection never cross threads.
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        proxy
+            .serve_threads(listener, threads, cancel.clone())
+            .map_err(listen_err)?;
+        tracing::info!(listen = %proxy_addr.map(|a| a.to_string()).unwrap_or_default(), threads, "proxy listening");
     }
 
+    let token = match &config.status.token {
+        Some(t) => Some(t.resolve().map_err(DaemonError::Token)?),
+        None => None,
+    };
+    let status_listener = std::net::TcpListener::bind(config.status.listen).map_err(|source| {
+        DaemonError::StatusListen {
+            addr: config.status.listen,
+            source,
+        }
+    })?;
+    let status_addr = status_listener.local_addr().ok();
+
     let (tx, mut rx) = mpsc::unbounded_channel::<Trigger>();
-    let _watcher = watch_source(config.source_dir(), &config.state_dir, tx.clone())?;
     for p in providers.compute.values() {
         if let Some(mut changes) = p.changes() {
             let tx = tx.clone();
@@ -116,12 +142,40 @@ pub async fn run(
         .resync_interval
         .std()
         .max(Duration::from_millis(100));
+    let ctx = crate::status::Context {
+        proxy_port: proxy_addr.map(|a| a.port()),
+        domain: config.domain.clone(),
+        templates: config.routes.templates.clone(),
+    };
+    let source_dir = config.source_dir().to_path_buf();
+    let state_dir = config.state_dir.clone();
     let mut reconciler = Reconciler::new(config, providers, state);
     reconciler.allow_destroy = allow_destroy;
+    let _watcher = watch_source(
+        &source_dir,
+        &state_dir,
+        tx.clone(),
+        reconciler.shared.clone(),
+    )?;
+    let app = crate::status::AppState::new(
+        reconciler.shared.clone(),
+        reconciler.metrics.clone(),
+        ctx,
+        token,
+        Vec::new(),
+    );
+    crate::status::serve_thread(status_listener, Arc::new(app), cancel.clone()).map_err(
+        |source| DaemonError::StatusListen {
+            addr: status_addr.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))),
+            source,
+        },
+    )?;
+    tracing::info!(listen = %status_addr.map(|a| a.to_string()).unwrap_or_default(), "status endpoint listening");
     if let Some(ready) = ready {
         let _ = ready.send(Handle {
             shared: reconciler.shared.clone(),
             proxy_addr,
+            status_addr,
         });
     }
     let mut trigger = Trigger::Startup;
@@ -202,6 +256,7 @@ fn watch_source(
     dir: &Path,
     state_dir: &Path,
     tx: mpsc::UnboundedSender<Trigger>,
+    shared: Arc<std::sync::Mutex<crate::reconcile::Shared>>,
 ) -> Result<notify::RecommendedWatcher, DaemonError> {
     use notify::Watcher;
     let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<()>();
@@ -223,6 +278,11 @@ fn watch_source(
             !in_state && yamlish && !name.starts_with('.')
         });
         if relevant {
+            // Status says a change is waiting from the moment it is seen.
+            if let Ok(mut s) = shared.lock() {
+                s.source_changed = true;
+                s.version += 1;
+            }
             let _ = raw_tx.send(());
         }
     })

@@ -58,6 +58,8 @@ pub struct Desired {
     /// Files with errors, relative to the root.
     pub quarantined: BTreeMap<PathBuf, Quarantine>,
     pub warnings: Vec<Diagnostic>,
+    /// Which revision of the source this is: a commit for git, a content hash for a directory.
+    pub revision: Option<String>,
 }
 
 impl Desired {

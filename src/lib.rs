@@ -11,6 +11,7 @@ pub mod devserver;
 pub mod diag;
 pub mod exec;
 pub mod load;
+pub mod metrics;
 pub mod model;
 pub mod observed;
 pub mod planner;
@@ -20,6 +21,7 @@ pub mod reconcile;
 pub mod schema;
 pub mod source;
 pub mod state;
+pub mod status;
 pub mod validate;
 
 /// An error and all its causes on one line (`a: b: c`), for logs, events and pages.

@@ -47,6 +47,9 @@ pub struct PassReport {
     pub pass: u64,
     pub trigger: Trigger,
     pub started: DateTime<Utc>,
+    /// The source revision the pass loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
     pub duration_ms: u64,
     /// The plan this pass found.
     pub summary: Summary,
@@ -73,6 +76,17 @@ struct Backoff {
     until: Instant,
 }
 
+/// A session's condition, Kubernetes style: a type, whether it holds, why, and since when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Condition {
+    /// `Ready`, `Reconciling` or `Stalled`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub status: bool,
+    pub reason: String,
+    pub since: DateTime<Utc>,
+}
+
 /// Everything a status reader may look at, updated after every pass.
 #[derive(Default)]
 pub struct Shared {
@@ -82,6 +96,17 @@ pub struct Shared {
     pub plan: Option<Arc<Plan>>,
     pub events: VecDeque<Event>,
     pub passes: u64,
+    /// Bumped on every change, so readers can cache what they render.
+    pub version: u64,
+    /// Conditions by session name.
+    pub conditions: BTreeMap<String, Vec<Condition>>,
+    /// The last error of each session's steps, while it lasts.
+    pub last_errors: BTreeMap<String, String>,
+    /// The source changed and no pass has loaded it yet.
+    pub source_changed: bool,
+    /// Configured providers, for status.
+    pub providers: Vec<String>,
+    pub started: Option<DateTime<Utc>>,
 }
 
 pub struct Reconciler {
@@ -94,6 +119,7 @@ pub struct Reconciler {
     pass: u64,
     seed: u64,
     pub shared: Arc<Mutex<Shared>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// How many recent events are kept in memory.
@@ -106,6 +132,20 @@ impl Reconciler {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1)
             | 1;
+        let mut names: Vec<String> = providers
+            .compute
+            .keys()
+            .map(|k| crate::observed::ProviderId::Compute(*k).to_string())
+            .collect();
+        names.push("proxy".into());
+        if providers.dns.is_some() {
+            names.push("dns".into());
+        }
+        let shared = Shared {
+            providers: names,
+            started: Some(Utc::now()),
+            ..Shared::default()
+        };
         Reconciler {
             config,
             providers,
@@ -115,7 +155,8 @@ impl Reconciler {
             backoff: BTreeMap::new(),
             pass: 0,
             seed,
-            shared: Arc::default(),
+            shared: Arc::new(Mutex::new(shared)),
+            metrics: Arc::default(),
         }
     }
 
@@ -151,6 +192,7 @@ impl Reconciler {
             pass,
             trigger,
             started,
+            revision: None,
             duration_ms: 0,
             summary: Summary::default(),
             outcomes: BTreeMap::new(),
@@ -161,6 +203,9 @@ impl Reconciler {
             error: None,
             next_due: None,
         };
+        if let Ok(mut s) = self.shared.lock() {
+            s.source_changed = false;
+        }
         let config = self.config.clone();
         let loaded = tokio::task::spawn_blocking(move || {
             crate::load::load_tree(config.source_dir(), &config, Utc::now())
@@ -181,6 +226,7 @@ impl Reconciler {
                 return (report, Arc::new(Plan::default()), Vec::new());
             }
         };
+        report.revision = desired.revision.clone();
         report.quarantined = desired
             .quarantined
             .keys()
@@ -225,7 +271,7 @@ impl Reconciler {
                 object: step.action.object().to_string(),
                 outcome: outcome.clone(),
                 duration_ms: d.as_millis() as u64,
-                revision: None,
+                revision: desired.revision.clone(),
             };
             if outcome.is_failure() {
                 tracing::warn!(pass, step = step.id, object = %e.object, action = %e.action, outcome = outcome.label(), "step failed: {:?}", outcome);
@@ -287,6 +333,8 @@ impl Reconciler {
         if let Err(e) = self.state.append_events(&events) {
             tracing::warn!(error = %e, "cannot record events");
         }
+        self.metrics.record(&report, &p, Some(&observed), &results);
+        self.update_conditions(&desired, &observed, &p, &results);
         self.publish(
             &report,
             Some(desired),
@@ -308,6 +356,7 @@ impl Reconciler {
         if let Ok(mut s) = self.shared.lock() {
             s.last = Some(report.clone());
             s.passes = report.pass;
+            s.version += 1;
             if desired.is_some() {
                 s.desired = desired;
             }
@@ -324,6 +373,112 @@ impl Reconciler {
                 s.events.push_back(e);
             }
         }
+    }
+
+    /// Conditions per session after a pass: Stalled (its step failed, or it is held),
+    /// Reconciling (the plan has work for it), Ready (neither, and it is in its desired state).
+    fn update_conditions(
+        &self,
+        desired: &Desired,
+        observed: &Observed,
+        plan: &Plan,
+        results: &[StepResult],
+    ) {
+        let now = Utc::now();
+        let mut failures: BTreeMap<String, String> = BTreeMap::new();
+        for r in results {
+            let action = &plan.steps[r.step].action;
+            let session = match action {
+                crate::planner::Action::UpsertRoute { session, .. }
+                | crate::planner::Action::UpsertRecord { session, .. } => Some(session.as_str()),
+                other => other.session(),
+            };
+            if let (Some(s), Some(e)) = (session, failure_text(&r.outcome)) {
+                failures
+                    .entry(s.to_string())
+                    .or_insert(format!("{} failed: {e}", action.verb()));
+            }
+        }
+        let mut pending: BTreeMap<String, String> = BTreeMap::new();
+        for step in &plan.steps {
+            if let Some(s) = step.action.session() {
+                pending
+                    .entry(s.to_string())
+                    .or_insert_with(|| step.reason.describe());
+            }
+        }
+        let mut held: BTreeMap<String, String> = BTreeMap::new();
+        for h in &plan.held {
+            if let Object::Session(s) = &h.object {
+                held.insert(s.clone(), format!("held: {:?}", h.why));
+            }
+        }
+        let names: BTreeSet<&String> = desired
+            .sessions
+            .keys()
+            .chain(
+                observed
+                    .sessions
+                    .iter()
+                    .filter(|(_, o)| o.owned)
+                    .map(|(k, _)| k),
+            )
+            .collect();
+        let Ok(mut shared) = self.shared.lock() else {
+            return;
+        };
+        let mut next: BTreeMap<String, Vec<Condition>> = BTreeMap::new();
+        for name in names {
+            let stalled = failures.get(name).or(held.get(name)).cloned();
+            let reconciling = pending.get(name).cloned();
+            let ready = stalled.is_none()
+                && reconciling.is_none()
+                && desired.sessions.contains_key(name.as_str());
+            let prev = shared.conditions.get(name.as_str());
+            let since = |kind: &str, status: bool| {
+                prev.and_then(|p| p.iter().find(|c| c.kind == kind && c.status == status))
+                    .map(|c| c.since)
+                    .unwrap_or(now)
+            };
+            let ready_reason = if ready {
+                "in its desired state".to_string()
+            } else {
+                "not yet".to_string()
+            };
+            next.insert(
+                name.clone(),
+                vec![
+                    Condition {
+                        kind: "Ready".into(),
+                        status: ready,
+                        since: since("Ready", ready),
+                        reason: ready_reason,
+                    },
+                    Condition {
+                        kind: "Reconciling".into(),
+                        status: reconciling.is_some(),
+                        since: since("Reconciling", reconciling.is_some()),
+                        reason: reconciling.unwrap_or_default(),
+                    },
+                    Condition {
+                        kind: "Stalled".into(),
+                        status: stalled.is_some(),
+                        since: since("Stalled", stalled.is_some()),
+                        reason: stalled.clone().unwrap_or_default(),
+                    },
+                ],
+            );
+            match stalled {
+                Some(e) if failures.contains_key(name.as_str()) => {
+                    shared.last_errors.insert(name.clone(), e);
+                }
+                _ if ready => {
+                    shared.last_errors.remove(name.as_str());
+                }
+                _ => {}
+            }
+        }
+        shared.conditions = next;
     }
 
     /// Pass after pass until nothing is left to do, nothing progresses, or `max` passes.

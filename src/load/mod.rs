@@ -398,10 +398,27 @@ fn problem(lf: &LoadedFile, p: yaml::Problem) -> Diagnostic {
     }
 }
 
+/// A content hash of the files as read: the revision of a directory source.
+fn content_revision(files: &[LoadedFile]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for f in files {
+        h.update(f.rel.to_string_lossy().as_bytes());
+        h.update([0]);
+        h.update(f.text.as_bytes());
+        h.update([0]);
+        for e in &f.errors {
+            h.update(e.message.as_bytes());
+        }
+    }
+    format!("dir:{}", &hex::encode(h.finalize())[..12])
+}
+
 /// Build `Desired` from validated files: objects of error-free files, the rest quarantined.
 fn assemble(files: Vec<LoadedFile>, warnings: Vec<Diagnostic>) -> Desired {
     let mut d = Desired {
         warnings,
+        revision: Some(content_revision(&files)),
         ..Desired::default()
     };
     for f in files {

@@ -30,6 +30,7 @@ stop_timeout: 3s
 pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub proxy: SocketAddr,
+    pub status: SocketAddr,
     pub child: Option<Child>,
 }
 
@@ -53,13 +54,15 @@ impl Daemon {
             + 200 * (NEXT_BASE.fetch_add(1, Ordering::SeqCst) % 100)
             + (std::process::id() % 7) as u16 * 20;
         let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let status = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let config = format!(
-            "source: {{dir: desired}}\nstate_dir: state\nproviders:\n  compute:\n    process: {{port_base: {port_base}, keep_on_exit: true}}\n  proxy:\n    embedded: {{listen: '{proxy}'}}\npolicy:\n  resync_interval: 1s\n"
+            "source: {{dir: desired}}\nstate_dir: state\nproviders:\n  compute:\n    process: {{port_base: {port_base}, keep_on_exit: true}}\n  proxy:\n    embedded: {{listen: '{proxy}'}}\nstatus: {{listen: '{status}'}}\npolicy:\n  resync_interval: 1s\n"
         );
         std::fs::write(dir.path().join("vessel.yaml"), config).expect("write config");
         Daemon {
             dir,
             proxy,
+            status,
             child: None,
         }
     }

@@ -1,0 +1,174 @@
+//! Prometheus metrics: passes, pass duration, steps by kind and outcome, sessions by state,
+//! provider errors and drift repairs. Updated by the reconciler after each pass; encoded by
+//! the status server.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::exec::StepResult;
+use crate::observed::{Observed, SessionState};
+use crate::planner::{Plan, Reason};
+use crate::reconcile::PassReport;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TriggerLabel {
+    trigger: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabels {
+    action: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProviderLabel {
+    provider: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    passes: Family<TriggerLabel, Counter>,
+    pass_seconds: Histogram,
+    steps: Family<StepLabels, Counter>,
+    sessions: Family<StateLabel, Gauge>,
+    provider_errors: Family<ProviderLabel, Counter>,
+    drift_repairs: Counter,
+    converged: Gauge,
+    quarantined: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            passes: Family::default(),
+            pass_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            steps: Family::default(),
+            sessions: Family::default(),
+            provider_errors: Family::default(),
+            drift_repairs: Counter::default(),
+            converged: Gauge::default(),
+            quarantined: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "vessel_passes",
+            "Reconcile passes, by what triggered them",
+            m.passes.clone(),
+        );
+        registry.register(
+            "vessel_pass_duration_seconds",
+            "How long a pass took",
+            m.pass_seconds.clone(),
+        );
+        registry.register(
+            "vessel_steps",
+            "Plan steps, by action and outcome",
+            m.steps.clone(),
+        );
+        registry.register(
+            "vessel_sessions",
+            "Observed sessions, by state",
+            m.sessions.clone(),
+        );
+        registry.register(
+            "vessel_provider_errors",
+            "Passes in which a provider could not be observed",
+            m.provider_errors.clone(),
+        );
+        registry.register(
+            "vessel_drift_repairs",
+            "Steps that repaired drift (a changed route or record, a session that had stopped)",
+            m.drift_repairs.clone(),
+        );
+        registry.register(
+            "vessel_converged",
+            "1 when the last pass found nothing to do",
+            m.converged.clone(),
+        );
+        registry.register(
+            "vessel_quarantined_files",
+            "Desired-state files with errors",
+            m.quarantined.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    pub fn record(
+        &self,
+        report: &PassReport,
+        plan: &Plan,
+        observed: Option<&Observed>,
+        results: &[StepResult],
+    ) {
+        let trigger = serde_json::to_value(report.trigger)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        self.passes.get_or_create(&TriggerLabel { trigger }).inc();
+        self.pass_seconds
+            .observe(report.duration_ms as f64 / 1000.0);
+        for r in results {
+            let step = &plan.steps[r.step];
+            self.steps
+                .get_or_create(&StepLabels {
+                    action: step.action.verb().into(),
+                    outcome: r.outcome.label().into(),
+                })
+                .inc();
+            if r.outcome.is_success()
+                && matches!(step.reason, Reason::Drifted { .. } | Reason::Failed)
+            {
+                self.drift_repairs.inc();
+            }
+        }
+        if let Some(o) = observed {
+            for (state, label) in [
+                (SessionState::Running, "running"),
+                (SessionState::Stopped, "stopped"),
+                (SessionState::Failed, "failed"),
+            ] {
+                let n = o
+                    .sessions
+                    .values()
+                    .filter(|s| s.owned && s.state == state)
+                    .count();
+                self.sessions
+                    .get_or_create(&StateLabel {
+                        state: label.into(),
+                    })
+                    .set(n as i64);
+            }
+        }
+        for p in report.gaps.keys() {
+            self.provider_errors
+                .get_or_create(&ProviderLabel {
+                    provider: p.clone(),
+                })
+                .inc();
+        }
+        self.converged.set(i64::from(report.converged));
+        self.quarantined.set(report.quarantined.len() as i64);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

@@ -1,0 +1,359 @@
+//! The read-only status endpoint: health, readiness, status, sessions, routes, DNS, the pending
+//! plan, recent events, Prometheus metrics and a status page.
+//!
+//! Read-only by construction: it holds only the reconciler's shared view (behind a mutex it
+//! reads) and the metrics; nothing it can reach changes state. Every method but GET and HEAD
+//! answers 405. An optional bearer token guards everything but `/healthz`. Known secret values
+//! are redacted from every body. It runs on a thread of its own, so a busy reconcile pass does
+//! not slow it down.
+
+mod page;
+pub mod view;
+
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bytes::Bytes;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Secret;
+use crate::metrics::Metrics;
+use crate::planner::render;
+use crate::reconcile::Shared;
+
+pub use view::Context;
+
+pub struct AppState {
+    pub shared: Arc<Mutex<Shared>>,
+    pub metrics: Arc<Metrics>,
+    pub ctx: Context,
+    pub token: Option<Secret>,
+    /// Values never to be served: resolved secrets.
+    pub secrets: Vec<String>,
+    /// `/status` rendered once per shared version.
+    cache: Mutex<Option<(u64, Bytes)>>,
+}
+
+impl AppState {
+    pub fn new(
+        shared: Arc<Mutex<Shared>>,
+        metrics: Arc<Metrics>,
+        ctx: Context,
+        token: Option<Secret>,
+        mut secrets: Vec<String>,
+    ) -> AppState {
+        if let Some(t) = &token {
+            secrets.push(t.expose().to_string());
+        }
+        secrets.retain(|s| s.len() >= 4);
+        AppState {
+            shared,
+            metrics,
+            ctx,
+            token,
+            secrets,
+            cache: Mutex::new(None),
+        }
+    }
+
+    fn redact(&self, mut body: String) -> String {
+        for s in &self.secrets {
+            if body.contains(s.as_str()) {
+                body = body.replace(s.as_str(), view::REDACTED);
+            }
+        }
+        body
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Shared) -> T) -> Option<T> {
+        self.shared.lock().ok().map(|s| f(&s))
+    }
+}
+
+fn respond(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> Response {
+    let mut r = (status, body.into()).into_response();
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn json<T: serde::Serialize>(st: &AppState, v: &T) -> Response {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => respond(StatusCode::OK, "application/json", st.redact(s) + "\n"),
+        Err(e) => respond(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("cannot render: {e}\n"),
+        ),
+    }
+}
+
+fn unavailable() -> Response {
+    respond(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "text/plain",
+        "the status is not available\n",
+    )
+}
+
+/// The router, for `serve` and for tests.
+pub fn router(st: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
+        .route("/sessions", get(sessions))
+        .route("/sessions/{name}", get(session))
+        .route("/routes", get(routes))
+        .route("/dns", get(dns))
+        .route("/plan", get(plan))
+        .route("/events", get(events))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(st.clone(), guard))
+        .with_state(st)
+}
+
+fn eq_constant_time(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Read-only and authenticated: 405 for every method but GET and HEAD; 401 without the token.
+async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "the status endpoint is read-only\n",
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    if let Some(token) = &st.token {
+        if req.uri().path() != "/healthz" {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if !eq_constant_time(given.as_bytes(), token.expose().as_bytes()) {
+                let mut r = respond(
+                    StatusCode::UNAUTHORIZED,
+                    "text/plain",
+                    "a bearer token is required\n",
+                );
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"vessel\""),
+                );
+                return r;
+            }
+        }
+    }
+    next.run(req).await
+}
+
+async fn healthz() -> Response {
+    respond(StatusCode::OK, "text/plain", "ok\n")
+}
+
+async fn readyz(State(st): State<Arc<AppState>>) -> Response {
+    match st.with(|s| view::status(s).ready) {
+        Some(true) => respond(StatusCode::OK, "text/plain", "ready\n"),
+        Some(false) => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready: the first full pass has not completed\n",
+        ),
+        None => unavailable(),
+    }
+}
+
+async fn status(State(st): State<Arc<AppState>>) -> Response {
+    let Some(version) = st.with(|s| s.version) else {
+        return unavailable();
+    };
+    if let Ok(cache) = st.cache.lock() {
+        if let Some((v, body)) = cache.as_ref() {
+            if *v == version {
+                return respond(StatusCode::OK, "application/json", body.clone());
+            }
+        }
+    }
+    let Some(v) = st.with(view::status) else {
+        return unavailable();
+    };
+    let body: Bytes = match serde_json::to_string_pretty(&v) {
+        Ok(s) => Bytes::from(st.redact(s) + "\n"),
+        Err(e) => {
+            return respond(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                format!("cannot render: {e}\n"),
+            );
+        }
+    };
+    if let Ok(mut cache) = st.cache.lock() {
+        *cache = Some((version, body.clone()));
+    }
+    respond(StatusCode::OK, "application/json", body)
+}
+
+async fn sessions(State(st): State<Arc<AppState>>) -> Response {
+    match st.with(|s| view::sessions(s, &st.ctx)) {
+        Some(v) => json(&st, &v),
+        None => unavailable(),
+    }
+}
+
+async fn session(State(st): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
+    match st.with(|s| view::session(s, &st.ctx, &name)) {
+        Some(Some(v)) => json(&st, &v),
+        Some(None) => respond(
+            StatusCode::NOT_FOUND,
+            "application/json",
+            format!(
+                "{{\"error\": \"no session named {}\"}}\n",
+                name.replace(['"', '\\'], "")
+            ),
+        ),
+        None => unavailable(),
+    }
+}
+
+async fn routes(State(st): State<Arc<AppState>>) -> Response {
+    match st.with(|s| view::routes(s, &st.ctx)) {
+        Some(v) => json(&st, &v),
+        None => unavailable(),
+    }
+}
+
+async fn dns(State(st): State<Arc<AppState>>) -> Response {
+    match st.with(view::records) {
+        Some(v) => json(&st, &v),
+        None => unavailable(),
+    }
+}
+
+#[derive(Deserialize)]
+struct PlanQuery {
+    format: Option<String>,
+}
+
+async fn plan(
+    State(st): State<Arc<AppState>>,
+    Query(q): Query<PlanQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let wants_json = q.format.as_deref() == Some("json")
+        || headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("application/json"));
+    let Some(out) = st.with(|s| match (&s.plan, &s.observed) {
+        (Some(p), Some(o)) => Some(if wants_json {
+            render::json(p)
+        } else {
+            render::text(p, o, false)
+        }),
+        _ => None,
+    }) else {
+        return unavailable();
+    };
+    match out {
+        None => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "no pass has run yet\n",
+        ),
+        Some(body) if wants_json => respond(StatusCode::OK, "application/json", st.redact(body)),
+        Some(body) => respond(StatusCode::OK, "text/plain; charset=utf-8", st.redact(body)),
+    }
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    limit: Option<usize>,
+}
+
+async fn events(State(st): State<Arc<AppState>>, Query(q): Query<EventsQuery>) -> Response {
+    let limit = q.limit.unwrap_or(100).min(1_000);
+    match st.with(|s| {
+        s.events
+            .iter()
+            .rev()
+            .take(limit)
+            .rev()
+            .cloned()
+            .collect::<Vec<_>>()
+    }) {
+        Some(v) => json(&st, &v),
+        None => unavailable(),
+    }
+}
+
+async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    respond(
+        StatusCode::OK,
+        "text/plain; version=0.0.4; charset=utf-8",
+        st.redact(st.metrics.encode()),
+    )
+}
+
+async fn index(State(st): State<Arc<AppState>>) -> Response {
+    match st.with(|s| page::render(s, &st.ctx)) {
+        Some(html) => respond(StatusCode::OK, "text/html; charset=utf-8", st.redact(html)),
+        None => unavailable(),
+    }
+}
+
+async fn not_found() -> Response {
+    respond(
+        StatusCode::NOT_FOUND,
+        "text/plain",
+        "no such endpoint; see / for the list\n",
+    )
+}
+
+/// Serve on a thread of its own until `cancel`.
+pub fn serve_thread(
+    listener: std::net::TcpListener,
+    st: Arc<AppState>,
+    cancel: CancellationToken,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    listener.set_nonblocking(true)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("vessel-status".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the status endpoint cannot listen");
+                        return;
+                    }
+                };
+                let app = router(st);
+                if let Err(e) = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { cancel.cancelled().await })
+                    .await
+                {
+                    tracing::error!(error = %e, "the status endpoint stopped");
+                }
+            })
+        })
+}

@@ -1,0 +1,135 @@
+//! The status page at `/`: server-rendered HTML, no JavaScript. Sessions with their state and
+//! links, the last pass, errors, the pending plan.
+
+use std::fmt::Write as _;
+
+use crate::planner::render;
+use crate::reconcile::Shared;
+
+use super::view::{self, Context};
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+pub fn render(s: &Shared, ctx: &Context) -> String {
+    let st = view::status(s);
+    let mut h = String::new();
+    let badge = if st.converged {
+        "<span class=ok>converged</span>"
+    } else if st.ready {
+        "<span class=busy>reconciling</span>"
+    } else {
+        "<span class=bad>starting</span>"
+    };
+    let _ = write!(
+        h,
+        "<!doctype html>\n<html lang=en><head><meta charset=utf-8><meta http-equiv=refresh content=5>\
+         <title>vessel status</title><style>\
+         body{{font:15px system-ui,sans-serif;margin:2em auto;max-width:70em;color:#222;padding:0 1em}}\
+         table{{border-collapse:collapse;width:100%}}td,th{{text-align:left;padding:.3em .6em;border-bottom:1px solid #ddd;vertical-align:top}}\
+         .ok{{color:#176f2c}}.busy{{color:#8a5a00}}.bad{{color:#b00020}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}\
+         code{{background:#f3f3f3;padding:0 .2em}}</style></head><body>\
+         <h1>vessel {badge}</h1>"
+    );
+    let _ = write!(
+        h,
+        "<p>Revision <code>{}</code> &middot; {} passes",
+        esc(st.revision.as_deref().unwrap_or("none yet")),
+        st.passes
+    );
+    if let Some(l) = &st.last_pass {
+        let _ = write!(
+            h,
+            " &middot; last pass {} ({:?}, {} ms): {} to create, {} to update, {} to replace, {} to destroy",
+            l.started.format("%Y-%m-%d %H:%M:%S UTC"),
+            l.trigger,
+            l.duration_ms,
+            l.summary.create,
+            l.summary.update,
+            l.summary.replace,
+            l.summary.destroy
+        );
+        if let Some(e) = &l.error {
+            let _ = write!(h, " &middot; <span class=bad>{}</span>", esc(e));
+        }
+    }
+    h.push_str("</p>");
+    h.push_str("<h2>Sessions</h2><table><tr><th>Session</th><th>Plan</th><th>Owner</th><th>Desired</th><th>Observed</th><th>Conditions</th><th>Links</th></tr>");
+    for sv in view::sessions(s, ctx) {
+        let conds: Vec<String> = sv
+            .conditions
+            .iter()
+            .filter(|c| c.status)
+            .map(|c| {
+                let class = match c.kind.as_str() {
+                    "Ready" => "ok",
+                    "Stalled" => "bad",
+                    _ => "busy",
+                };
+                format!(
+                    "<span class={class}>{}</span> {}",
+                    esc(&c.kind),
+                    esc(&c.reason)
+                )
+            })
+            .collect();
+        let links: Vec<String> = sv
+            .urls
+            .iter()
+            .map(|u| format!("<a href=\"{0}\">{0}</a>", esc(u)))
+            .collect();
+        let _ = write!(
+            h,
+            "<tr id=\"session-{n}\"><td><b>{n}</b></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}{}</td><td>{}</td></tr>",
+            esc(sv.plan.as_deref().unwrap_or("")),
+            esc(sv.owner.as_deref().unwrap_or("")),
+            esc(sv.desired_state.as_deref().unwrap_or("(removed)")),
+            esc(sv.observed_state.as_deref().unwrap_or("(absent)")),
+            conds.join("<br>"),
+            sv.last_error
+                .as_deref()
+                .map(|e| format!("<br><span class=bad>{}</span>", esc(e)))
+                .unwrap_or_default(),
+            links.join("<br>"),
+            n = esc(&sv.name),
+        );
+    }
+    h.push_str("</table>");
+    if !st.quarantined.is_empty() {
+        h.push_str("<h2 class=bad>Files with errors (their objects are held)</h2>");
+        for q in &st.quarantined {
+            for e in &q.errors {
+                let _ = write!(h, "<pre>{}</pre>", esc(&e.render(false)));
+            }
+        }
+    }
+    h.push_str("<h2>Providers</h2><ul>");
+    for p in &st.providers {
+        match &p.error {
+            None => {
+                let _ = write!(h, "<li><span class=ok>{}</span></li>", esc(&p.provider));
+            }
+            Some(e) => {
+                let _ = write!(
+                    h,
+                    "<li><span class=bad>{}</span>: {}</li>",
+                    esc(&p.provider),
+                    esc(e)
+                );
+            }
+        }
+    }
+    h.push_str("</ul><h2>Pending plan</h2>");
+    match (&s.plan, &s.observed) {
+        (Some(p), Some(o)) => {
+            let _ = write!(h, "<pre>{}</pre>", esc(&render::text(p, o, false)));
+        }
+        _ => h.push_str("<p>No pass has run yet.</p>"),
+    }
+    h.push_str("<p><small>JSON: <a href=/status>/status</a> <a href=/sessions>/sessions</a> <a href=/routes>/routes</a> <a href=/dns>/dns</a> <a href=/plan>/plan</a> <a href=/events>/events</a> <a href=/metrics>/metrics</a></small></p></body></html>\n");
+    h
+}

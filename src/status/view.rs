@@ -1,0 +1,337 @@
+//! What the status endpoint serves, as types (their JSON Schemas are in `schemas/`). Built
+//! from the reconciler's shared view; secret-bearing values (environment values) redacted.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::Serialize;
+
+use crate::desired::effective_routes;
+use crate::diag::Diagnostic;
+use crate::observed::{RecordType, RuntimeSpec, SessionState};
+use crate::reconcile::{Condition, PassReport, Shared};
+use crate::state::Event;
+
+pub const REDACTED: &str = "<redacted>";
+
+/// `GET /status`.
+#[derive(Debug, Serialize, JsonSchema)]
+#[schemars(title = "vessel status")]
+pub struct StatusView {
+    pub version: String,
+    pub started: Option<DateTime<Utc>>,
+    /// The source revision the last pass applied.
+    pub revision: Option<String>,
+    /// The first full pass is done and the source loaded.
+    pub ready: bool,
+    /// The last pass found nothing to do, and no source change is waiting.
+    pub converged: bool,
+    /// A source change arrived that no pass has loaded yet.
+    pub source_changed: bool,
+    pub passes: u64,
+    pub last_pass: Option<PassReport>,
+    pub counts: Counts,
+    pub quarantined: Vec<QuarantinedFile>,
+    pub providers: Vec<ProviderStatus>,
+}
+
+#[derive(Debug, Default, Serialize, JsonSchema)]
+pub struct Counts {
+    pub sessions_desired: usize,
+    pub sessions_running: usize,
+    pub sessions_stopped: usize,
+    pub sessions_failed: usize,
+    pub routes: usize,
+    pub records: usize,
+    pub pending_steps: usize,
+    pub deferred: usize,
+    pub held: usize,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct QuarantinedFile {
+    pub file: String,
+    pub errors: Vec<Diagnostic>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ProviderStatus {
+    pub provider: String,
+    pub observed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One entry of `GET /sessions`.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct SessionView {
+    pub name: String,
+    pub plan: Option<String>,
+    pub owner: Option<String>,
+    /// `running`, `sleeping` or `stopped`; none when it is no longer declared.
+    pub desired_state: Option<String>,
+    /// `running`, `stopped` or `failed`; none when it does not exist.
+    pub observed_state: Option<String>,
+    pub compute: Option<String>,
+    pub urls: Vec<String>,
+    pub expires: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub conditions: Vec<Condition>,
+}
+
+/// `GET /sessions/{name}`.
+#[derive(Debug, Serialize, JsonSchema)]
+#[schemars(title = "vessel session status")]
+pub struct SessionDetail {
+    #[serde(flatten)]
+    pub summary: SessionView,
+    /// The spec it runs with (environment values redacted).
+    pub spec: Option<RuntimeSpec>,
+    /// Where each port answers.
+    pub endpoints: BTreeMap<String, String>,
+    pub events: Vec<Event>,
+}
+
+/// One entry of `GET /routes`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct RouteView {
+    pub host: String,
+    pub session: Option<String>,
+    pub port: Option<String>,
+    pub upstream: Option<String>,
+    pub desired: bool,
+    pub served: bool,
+    pub owned: bool,
+    pub url: String,
+}
+
+/// One entry of `GET /dns`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct RecordView {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub rtype: RecordType,
+    pub content: String,
+    pub owned: bool,
+    pub session: Option<String>,
+}
+
+/// What the views need besides the shared state.
+#[derive(Clone, Debug)]
+pub struct Context {
+    /// The proxy's port, for URLs (`http://host:port/`).
+    pub proxy_port: Option<u16>,
+    pub domain: String,
+    pub templates: Vec<crate::config::RouteTemplate>,
+}
+
+fn state_name(s: SessionState) -> &'static str {
+    match s {
+        SessionState::Running => "running",
+        SessionState::Stopped => "stopped",
+        SessionState::Failed => "failed",
+    }
+}
+
+fn url(host: &str, port: Option<u16>) -> String {
+    match port {
+        Some(80) | None => format!("http://{host}/"),
+        Some(p) => format!("http://{host}:{p}/"),
+    }
+}
+
+pub fn status(s: &Shared) -> StatusView {
+    let mut counts = Counts::default();
+    if let Some(d) = &s.desired {
+        counts.sessions_desired = d.sessions.len();
+    }
+    if let Some(o) = &s.observed {
+        for sess in o.sessions.values().filter(|x| x.owned) {
+            match sess.state {
+                SessionState::Running => counts.sessions_running += 1,
+                SessionState::Stopped => counts.sessions_stopped += 1,
+                SessionState::Failed => counts.sessions_failed += 1,
+            }
+        }
+        counts.routes = o.routes.values().filter(|r| r.owned).count();
+        counts.records = o.records.values().filter(|r| r.owned).count();
+    }
+    if let Some(p) = &s.plan {
+        counts.pending_steps = p.steps.len();
+        counts.deferred = p.deferred.len();
+        counts.held = p.held.len();
+    }
+    let quarantined = s
+        .desired
+        .as_ref()
+        .map(|d| {
+            d.quarantined
+                .iter()
+                .map(|(f, q)| QuarantinedFile {
+                    file: f.display().to_string(),
+                    errors: q.errors.clone(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let gaps = s
+        .observed
+        .as_ref()
+        .map(|o| {
+            o.gaps
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect::<BTreeMap<_, _>>()
+        })
+        .unwrap_or_default();
+    let providers = s
+        .providers
+        .iter()
+        .map(|p| ProviderStatus {
+            provider: p.clone(),
+            observed: s.observed.is_some() && !gaps.contains_key(p),
+            error: gaps.get(p).cloned(),
+        })
+        .collect();
+    let ready = s.last.as_ref().is_some_and(|l| l.error.is_none());
+    StatusView {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        started: s.started,
+        revision: s.last.as_ref().and_then(|l| l.revision.clone()),
+        ready,
+        converged: ready && !s.source_changed && s.last.as_ref().is_some_and(|l| l.converged),
+        source_changed: s.source_changed,
+        passes: s.passes,
+        last_pass: s.last.clone(),
+        counts,
+        quarantined,
+        providers,
+    }
+}
+
+pub fn sessions(s: &Shared, ctx: &Context) -> Vec<SessionView> {
+    let mut names: Vec<String> = s
+        .desired
+        .iter()
+        .flat_map(|d| d.sessions.keys().cloned())
+        .collect();
+    if let Some(o) = &s.observed {
+        names.extend(
+            o.sessions
+                .iter()
+                .filter(|(_, x)| x.owned)
+                .map(|(k, _)| k.clone()),
+        );
+    }
+    names.sort();
+    names.dedup();
+    let mut hosts: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    if let Some(d) = &s.desired {
+        for r in effective_routes(d, &ctx.templates, &ctx.domain, |_| true) {
+            hosts
+                .entry(r.session)
+                .or_default()
+                .push(url(&r.host, ctx.proxy_port));
+        }
+    }
+    names
+        .into_iter()
+        .map(|name| {
+            let want = s.desired.as_ref().and_then(|d| d.sessions.get(&name));
+            let have = s.observed.as_ref().and_then(|o| o.sessions.get(&name));
+            SessionView {
+                plan: want.map(|w| w.spec.plan.clone()),
+                owner: want.and_then(|w| w.spec.owner.clone()),
+                desired_state: want.map(|w| w.spec.state.as_str().to_string()),
+                observed_state: have.map(|h| state_name(h.state).to_string()),
+                compute: have.map(|h| h.provider.as_str().to_string()),
+                urls: hosts.get(name.as_str()).cloned().unwrap_or_default(),
+                expires: want.and_then(|w| w.spec.expires),
+                last_error: s.last_errors.get(&name).cloned(),
+                conditions: s.conditions.get(&name).cloned().unwrap_or_default(),
+                name,
+            }
+        })
+        .collect()
+}
+
+pub fn session(s: &Shared, ctx: &Context, name: &str) -> Option<SessionDetail> {
+    let summary = sessions(s, ctx).into_iter().find(|v| v.name == name)?;
+    let have = s.observed.as_ref().and_then(|o| o.sessions.get(name));
+    let spec = have.and_then(|h| h.spec.clone()).map(|mut spec| {
+        for v in spec.env.values_mut() {
+            *v = REDACTED.to_string();
+        }
+        spec
+    });
+    let object = format!("session {name}");
+    let mut events: Vec<Event> = s
+        .events
+        .iter()
+        .rev()
+        .filter(|e| e.object == object)
+        .take(50)
+        .cloned()
+        .collect();
+    events.reverse();
+    Some(SessionDetail {
+        summary,
+        spec,
+        endpoints: have.map(|h| h.endpoints.clone()).unwrap_or_default(),
+        events,
+    })
+}
+
+pub fn routes(s: &Shared, ctx: &Context) -> Vec<RouteView> {
+    let mut out: BTreeMap<String, RouteView> = BTreeMap::new();
+    if let Some(d) = &s.desired {
+        for r in effective_routes(d, &ctx.templates, &ctx.domain, |_| true) {
+            out.insert(
+                r.host.clone(),
+                RouteView {
+                    url: url(&r.host, ctx.proxy_port),
+                    host: r.host,
+                    session: Some(r.session.to_string()),
+                    port: Some(r.port_name.to_string()),
+                    upstream: None,
+                    desired: true,
+                    served: false,
+                    owned: true,
+                },
+            );
+        }
+    }
+    if let Some(o) = &s.observed {
+        for (h, r) in &o.routes {
+            let e = out.entry(h.clone()).or_insert_with(|| RouteView {
+                host: h.clone(),
+                session: r.session.clone(),
+                port: None,
+                upstream: None,
+                desired: false,
+                served: false,
+                owned: r.owned,
+                url: url(h, ctx.proxy_port),
+            });
+            e.upstream = Some(r.upstream.clone());
+            e.served = true;
+            e.owned = r.owned;
+        }
+    }
+    out.into_values().collect()
+}
+
+pub fn records(s: &Shared) -> Vec<RecordView> {
+    s.observed
+        .iter()
+        .flat_map(|o| o.records.values())
+        .map(|r| RecordView {
+            name: r.name.clone(),
+            rtype: r.rtype,
+            content: r.content.clone(),
+            owned: r.owned,
+            session: r.session.clone(),
+        })
+        .collect()
+}
