@@ -139,26 +139,26 @@ async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Res
             .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         return r;
     }
-    if let Some(token) = &st.token {
-        if req.uri().path() != "/healthz" {
-            let given = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or("");
-            if !eq_constant_time(given.as_bytes(), token.expose().as_bytes()) {
-                let mut r = respond(
-                    StatusCode::UNAUTHORIZED,
-                    "text/plain",
-                    "a bearer token is required\n",
-                );
-                r.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer realm=\"vessel\""),
-                );
-                return r;
-            }
+    if let Some(token) = &st.token
+        && req.uri().path() != "/healthz"
+    {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !eq_constant_time(given.as_bytes(), token.expose().as_bytes()) {
+            let mut r = respond(
+                StatusCode::UNAUTHORIZED,
+                "text/plain",
+                "a bearer token is required\n",
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"vessel\""),
+            );
+            return r;
         }
     }
     next.run(req).await
@@ -184,12 +184,11 @@ async fn status(State(st): State<Arc<AppState>>) -> Response {
     let Some(version) = st.with(|s| s.version) else {
         return unavailable();
     };
-    if let Ok(cache) = st.cache.lock() {
-        if let Some((v, body)) = cache.as_ref() {
-            if *v == version {
-                return respond(StatusCode::OK, "application/json", body.clone());
-            }
-        }
+    if let Ok(cache) = st.cache.lock()
+        && let Some((v, body)) = cache.as_ref()
+        && *v == version
+    {
+        return respond(StatusCode::OK, "application/json", body.clone());
     }
     let Some(v) = st.with(view::status) else {
         return unavailable();
