@@ -92,6 +92,23 @@ pub enum Command {
         #[arg(long, env = "VESSEL_SESSION", default_value = "session")]
         name: String,
     },
+    /// Print a running daemon's status. With `--wait-converged`, exit 0 once it has loaded the
+    /// current source and converged, 1 on timeout. The token, if the endpoint needs one, is
+    /// read from `VESSEL_STATUS_TOKEN`.
+    Status {
+        /// The status endpoint.
+        #[arg(long, default_value = "http://127.0.0.1:9090")]
+        url: String,
+        /// Wait until the daemon has applied the current source and converged.
+        #[arg(long)]
+        wait_converged: bool,
+        /// How long to wait.
+        #[arg(long, default_value = "60s")]
+        timeout: crate::model::Duration,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write the JSON Schemas of every document kind and the config file.
     Schema {
         /// Where to write them.
@@ -190,6 +207,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             allow_destroy,
             overrides,
         } => run_cmd(&target, allow_destroy, &overrides),
+        Command::Status {
+            url,
+            wait_converged,
+            timeout,
+            json,
+        } => status_cmd(&url, wait_converged, timeout.std(), json),
         Command::Devserver { listen, root, name } => {
             runtime()?.block_on(crate::devserver::run(listen, root, name))?;
             Ok(ExitCode::SUCCESS)
@@ -506,4 +529,122 @@ fn apply_cmd(
         }
         Ok::<_, anyhow::Error>(if converged && desired.is_valid() { ExitCode::SUCCESS } else { ExitCode::from(1) })
     })
+}
+
+/// GET `path` from an `http://host:port` base; the body, or why not.
+fn http_get(base: &str, path: &str, token: Option<&str>) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let hostport = base
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("`{base}` is not an http:// URL"))?
+        .trim_end_matches('/');
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(hostport)
+        .map_err(|e| format!("cannot resolve {hostport}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("cannot resolve {hostport}"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))
+        .map_err(|e| format!("cannot connect to {hostport}: {e}"))?;
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {hostport}\r\n{auth}\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&buf);
+    let code = text
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .ok_or("not an HTTP answer")?;
+    Ok((
+        code,
+        text.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default(),
+    ))
+}
+
+fn status_cmd(
+    url: &str,
+    wait: bool,
+    timeout: std::time::Duration,
+    raw: bool,
+) -> anyhow::Result<ExitCode> {
+    let token = std::env::var("VESSEL_STATUS_TOKEN").ok();
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let got = http_get(url, "/status", token.as_deref());
+        let status: Option<serde_json::Value> = match &got {
+            Ok((200, body)) => serde_json::from_str(body).ok(),
+            _ => None,
+        };
+        let done = status.as_ref().is_some_and(|v| v["converged"] == true);
+        if let Some(v) = &status {
+            if !wait || done {
+                if raw {
+                    println!("{}", serde_json::to_string_pretty(v)?);
+                } else {
+                    print!("{}", status_summary(url, v));
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+        if !wait {
+            let why = match got {
+                Ok((code, body)) => format!("{url} answered {code}: {}", body.trim()),
+                Err(e) => e,
+            };
+            eprintln!("error: {why}");
+            return Ok(ExitCode::from(1));
+        }
+        if std::time::Instant::now() >= deadline {
+            let why = match (&got, &status) {
+                (_, Some(v)) => format!("not converged: {}", status_summary(url, v).trim_end()),
+                (Ok((code, body)), None) => format!("{url} answered {code}: {}", body.trim()),
+                (Err(e), None) => e.clone(),
+            };
+            eprintln!("error: timed out after {}s; {why}", timeout.as_secs());
+            return Ok(ExitCode::from(1));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+fn status_summary(url: &str, v: &serde_json::Value) -> String {
+    let state = if v["converged"] == true {
+        "converged"
+    } else if v["ready"] == true {
+        "reconciling"
+    } else {
+        "starting"
+    };
+    let c = &v["counts"];
+    let mut out = format!(
+        "vessel at {url}: {state} (revision {}, {} passes)\nsessions: {} desired, {} running, {} stopped, {} failed; {} routes, {} DNS records; {} pending steps, {} held\n",
+        v["revision"].as_str().unwrap_or("none"),
+        v["passes"],
+        c["sessions_desired"],
+        c["sessions_running"],
+        c["sessions_stopped"],
+        c["sessions_failed"],
+        c["routes"],
+        c["records"],
+        c["pending_steps"],
+        c["held"],
+    );
+    if let Some(q) = v["quarantined"].as_array().filter(|q| !q.is_empty()) {
+        let files: Vec<&str> = q.iter().filter_map(|f| f["file"].as_str()).collect();
+        out.push_str(&format!("files with errors (held): {}\n", files.join(", ")));
+    }
+    for p in v["providers"].as_array().into_iter().flatten() {
+        if p["observed"] != true {
+            out.push_str(&format!(
+                "could not observe {}: {}\n",
+                p["provider"].as_str().unwrap_or("?"),
+                p["error"].as_str().unwrap_or("")
+            ));
+        }
+    }
+    out
 }

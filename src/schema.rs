@@ -22,6 +22,30 @@ pub fn all() -> Vec<(&'static str, String)> {
             "observed.schema.json",
             render::<crate::observed::Observed>("observed"),
         ),
+        (
+            "status.schema.json",
+            render::<crate::status::view::StatusView>("status"),
+        ),
+        (
+            "status-sessions.schema.json",
+            render::<Vec<crate::status::view::SessionView>>("status-sessions"),
+        ),
+        (
+            "status-session.schema.json",
+            render::<crate::status::view::SessionDetail>("status-session"),
+        ),
+        (
+            "status-routes.schema.json",
+            render::<Vec<crate::status::view::RouteView>>("status-routes"),
+        ),
+        (
+            "status-dns.schema.json",
+            render::<Vec<crate::status::view::RecordView>>("status-dns"),
+        ),
+        (
+            "status-events.schema.json",
+            render::<Vec<crate::state::Event>>("status-events"),
+        ),
     ];
     let any = json!({
         "$schema": "https://json-schema.org/draft/2020-12/schema",

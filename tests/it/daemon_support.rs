@@ -68,6 +68,11 @@ impl Daemon {
     }
 
     pub fn start(&mut self) {
+        self.start_with_env(None)
+    }
+
+    /// Start with one extra environment variable (a secret the config refers to, say).
+    pub fn start_with_env(&mut self, env: Option<(&str, &str)>) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -78,6 +83,7 @@ impl Daemon {
             .current_dir(self.dir.path())
             .env("NO_COLOR", "1")
             .env("VESSEL_LOG", "debug")
+            .envs(env)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -8,5 +8,6 @@ mod plan_cli;
 mod planner_cases;
 mod planner_props;
 mod reconciler;
+mod status;
 mod support;
 mod validate;
