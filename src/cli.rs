@@ -580,15 +580,15 @@ fn status_cmd(
             _ => None,
         };
         let done = status.as_ref().is_some_and(|v| v["converged"] == true);
-        if let Some(v) = &status {
-            if !wait || done {
-                if raw {
-                    println!("{}", serde_json::to_string_pretty(v)?);
-                } else {
-                    print!("{}", status_summary(url, v));
-                }
-                return Ok(ExitCode::SUCCESS);
+        if let Some(v) = &status
+            && (!wait || done)
+        {
+            if raw {
+                println!("{}", serde_json::to_string_pretty(v)?);
+            } else {
+                print!("{}", status_summary(url, v));
             }
+            return Ok(ExitCode::SUCCESS);
         }
         if !wait {
             let why = match got {
