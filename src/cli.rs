@@ -260,7 +260,7 @@ fn validate(target: &Path, format: Format) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     };
-    let desired = load::load_tree(config.source_dir(), &config, chrono::Utc::now())?;
+    let desired = crate::source::load(&config, chrono::Utc::now())?;
     match format {
         Format::Text => {
             let errors: Vec<Diagnostic> = desired.errors().cloned().collect();
@@ -351,7 +351,7 @@ fn plan_cmd(
     let now = chrono::Utc::now();
     let mut policy = Policy::from_config(&config, now);
     policy.allow_destroy = allow_destroy;
-    let desired = load::load_tree(config.source_dir(), &config, now)?;
+    let desired = crate::source::load(&config, now)?;
     let observed: Observed = match (observed, against) {
         (Some(path), _) => {
             let text = std::fs::read_to_string(path).map_err(|e| {
@@ -367,8 +367,11 @@ fn plan_cmd(
             })?
         }
         (None, Some(rev)) => {
-            let (revision, files) = crate::source::git::tree_at(config.source_dir(), rev)?;
-            let before = load::load_entries(config.source_dir(), files, &config, now);
+            let dir = config.source_dir().ok_or_else(|| {
+                anyhow::anyhow!("--against-ref compares a checkout's tree: use a directory source")
+            })?;
+            let (revision, files) = crate::source::git::tree_at(dir, rev)?;
+            let before = load::load_entries(dir, files, &config, now);
             let mut world = policy.clone();
             world.allow_destroy = true;
             world.allow_empty_source = true;
@@ -446,7 +449,7 @@ fn run_cmd(target: &Path, allow_destroy: bool, overrides: &Overrides) -> anyhow:
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    tracing::info!(source = %config.source_dir().display(), state = %config.state_dir.display(), "vessel starting");
+    tracing::info!(source = %config.source_display(), state = %config.state_dir.display(), "vessel starting");
     let cancel = tokio_util::sync::CancellationToken::new();
     runtime()?.block_on(crate::daemon::run(
         config,
@@ -479,7 +482,7 @@ fn apply_cmd(
         }
         // Show the plan first.
         let now = chrono::Utc::now();
-        let desired = load::load_tree(config.source_dir(), &config, now)?;
+        let desired = crate::source::load(&config, now)?;
         print_diagnostics(&desired.errors().cloned().collect::<Vec<_>>());
         let needed = desired.plans.values().map(|p| p.spec.compute).collect();
         let observed = providers.observe(&needed).await;
@@ -633,6 +636,9 @@ fn status_summary(url: &str, v: &serde_json::Value) -> String {
         c["pending_steps"],
         c["held"],
     );
+    if let Some(e) = v["last_pass"]["source_error"].as_str() {
+        out.push_str(&format!("source: {e}\n"));
+    }
     if let Some(q) = v["quarantined"].as_array().filter(|q| !q.is_empty()) {
         let files: Vec<&str> = q.iter().filter_map(|f| f["file"].as_str()).collect();
         out.push_str(&format!("files with errors (held): {}\n", files.join(", ")));

@@ -56,6 +56,37 @@ fn default_domain() -> String {
 pub enum SourceConfig {
     /// A directory on this machine, watched for changes.
     Dir(PathBuf),
+    /// A git repository, fetched into the state directory and polled.
+    Git(GitSourceConfig),
+}
+
+/// A git repository as the source of desired state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GitSourceConfig {
+    /// `file:///srv/desired.git` or `git://host/desired.git`.
+    pub url: String,
+    /// A branch, a tag or a commit.
+    #[serde(rename = "ref", default = "default_git_ref")]
+    pub reference: String,
+    /// The desired-state tree's directory inside the repository.
+    #[serde(default, skip_serializing_if = "is_empty_path")]
+    pub path: PathBuf,
+    /// How often to fetch.
+    #[serde(default = "default_poll")]
+    pub poll_interval: Duration,
+}
+
+fn default_git_ref() -> String {
+    "main".into()
+}
+
+fn default_poll() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn is_empty_path(p: &Path) -> bool {
+    p.as_os_str().is_empty()
 }
 
 impl Default for SourceConfig {
@@ -409,13 +440,31 @@ impl Config {
         };
         match &mut self.source {
             SourceConfig::Dir(d) => fix(d),
+            SourceConfig::Git(g) => {
+                // A relative file URL is relative to the config file too.
+                if let Some(rest) = g.url.strip_prefix("file://")
+                    && !rest.starts_with('/')
+                {
+                    g.url = format!("file://{}", base.join(rest).display());
+                }
+            }
         }
         fix(&mut self.state_dir);
     }
 
-    pub fn source_dir(&self) -> &Path {
+    /// The source directory, for a directory source.
+    pub fn source_dir(&self) -> Option<&Path> {
         match &self.source {
-            SourceConfig::Dir(d) => d,
+            SourceConfig::Dir(d) => Some(d),
+            SourceConfig::Git(_) => None,
+        }
+    }
+
+    /// Where the source is, for messages.
+    pub fn source_display(&self) -> String {
+        match &self.source {
+            SourceConfig::Dir(d) => d.display().to_string(),
+            SourceConfig::Git(g) => format!("{}#{}", g.url, g.reference),
         }
     }
 }
@@ -427,7 +476,7 @@ mod tests {
     #[test]
     fn embedded_default_parses_and_matches_the_built_in_defaults() {
         let c = Config::embedded_default(Path::new("/tmp/x"));
-        assert_eq!(c.source_dir(), Path::new("/tmp/x"));
+        assert_eq!(c.source_dir(), Some(Path::new("/tmp/x")));
         assert_eq!(c.routes, RoutesConfig::default());
         assert_eq!(c.providers, Providers::default());
         assert_eq!(c.policy, Policy::default());

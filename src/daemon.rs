@@ -147,16 +147,26 @@ pub async fn run(
         domain: config.domain.clone(),
         templates: config.routes.templates.clone(),
     };
-    let source_dir = config.source_dir().to_path_buf();
+    let source_dir = config.source_dir().map(Path::to_path_buf);
+    // A git source is polled: every pass fetches, so passes come at least this often.
+    let resync = match &config.source {
+        crate::config::SourceConfig::Git(g) => {
+            resync.min(g.poll_interval.std().max(Duration::from_millis(100)))
+        }
+        crate::config::SourceConfig::Dir(_) => resync,
+    };
     let state_dir = config.state_dir.clone();
     let mut reconciler = Reconciler::new(config, providers, state);
     reconciler.allow_destroy = allow_destroy;
-    let _watcher = watch_source(
-        &source_dir,
-        &state_dir,
-        tx.clone(),
-        reconciler.shared.clone(),
-    )?;
+    let _watcher = match &source_dir {
+        Some(dir) => Some(watch_source(
+            dir,
+            &state_dir,
+            tx.clone(),
+            reconciler.shared.clone(),
+        )?),
+        None => None,
+    };
     let app = crate::status::AppState::new(
         reconciler.shared.clone(),
         reconciler.metrics.clone(),

@@ -60,6 +60,8 @@ pub struct Desired {
     pub warnings: Vec<Diagnostic>,
     /// Which revision of the source this is: a commit for git, a content hash for a directory.
     pub revision: Option<String>,
+    /// The source could not be refreshed (a git fetch failed): this is the last good revision.
+    pub source_error: Option<String>,
 }
 
 impl Desired {

@@ -66,6 +66,9 @@ pub struct PassReport {
     /// A problem that stopped the pass before planning (an unreadable source).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The source could not be refreshed; the pass used its last good revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_error: Option<String>,
     /// When the next timer-driven pass is due (an expiry or a backoff).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_due: Option<DateTime<Utc>>,
@@ -193,6 +196,7 @@ impl Reconciler {
             trigger,
             started,
             revision: None,
+            source_error: None,
             duration_ms: 0,
             summary: Summary::default(),
             outcomes: BTreeMap::new(),
@@ -207,10 +211,8 @@ impl Reconciler {
             s.source_changed = false;
         }
         let config = self.config.clone();
-        let loaded = tokio::task::spawn_blocking(move || {
-            crate::load::load_tree(config.source_dir(), &config, Utc::now())
-        })
-        .await;
+        let loaded =
+            tokio::task::spawn_blocking(move || crate::source::load(&config, Utc::now())).await;
         let desired = match loaded {
             Ok(Ok(d)) => Arc::new(d),
             Ok(Err(e)) => {
@@ -227,6 +229,10 @@ impl Reconciler {
             }
         };
         report.revision = desired.revision.clone();
+        report.source_error = desired.source_error.clone();
+        if let Some(e) = &desired.source_error {
+            tracing::warn!(pass, "source: {e}");
+        }
         report.quarantined = desired
             .quarantined
             .keys()

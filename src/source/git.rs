@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use git2::{ObjectType, Repository, TreeWalkMode, TreeWalkResult};
 
+use crate::config::GitSourceConfig;
 use crate::load::{Entries, MAX_FILE_BYTES, is_desired_name};
 
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +22,18 @@ pub enum GitError {
     #[error("cannot resolve git revision `{rev}`")]
     Revision {
         rev: String,
+        #[source]
+        source: git2::Error,
+    },
+    #[error("cannot open the mirror at {path}")]
+    Mirror {
+        path: PathBuf,
+        #[source]
+        source: git2::Error,
+    },
+    #[error("cannot fetch {url}")]
+    Fetch {
+        url: String,
         #[source]
         source: git2::Error,
     },
@@ -95,8 +108,17 @@ pub fn tree_at(dir: &Path, rev: &str) -> Result<(Revision, Entries), GitError> {
             _ => None,
         }
     };
+    let files = match sub {
+        Some(sub) => entries_of(&repo, &sub, rev)?,
+        None => Vec::new(),
+    };
+    Ok((revision, files))
+}
+
+/// The desired-state files of `tree`: `(path, bytes or why not)`.
+fn entries_of(repo: &Repository, sub: &git2::Tree<'_>, rev: &str) -> Result<Entries, GitError> {
     let mut files = Vec::new();
-    if let Some(sub) = sub {
+    {
         sub.walk(TreeWalkMode::PreOrder, |root, entry| {
             let name = entry.name().unwrap_or("");
             let is_dir = entry.kind() == Some(ObjectType::Tree);
@@ -128,5 +150,174 @@ pub fn tree_at(dir: &Path, rev: &str) -> Result<(Revision, Entries), GitError> {
             source,
         })?;
     }
-    Ok((revision, files))
+    Ok(files)
+}
+
+/// A bare mirror of the source repository in the state directory, fetched incrementally.
+pub struct Mirror {
+    repo: Repository,
+    config: GitSourceConfig,
+}
+
+/// What a fetch is allowed to take before the pass goes on with the last fetched commit.
+pub const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+impl Mirror {
+    /// Open (or create) the mirror at `dir` for `config`'s remote.
+    pub fn open(dir: &Path, config: &GitSourceConfig) -> Result<Mirror, GitError> {
+        let err = |source| GitError::Mirror {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let repo = match Repository::open_bare(dir) {
+            Ok(r) => r,
+            Err(_) => {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| err(git2::Error::from_str(&e.to_string())))?;
+                Repository::init_bare(dir).map_err(err)?
+            }
+        };
+        let same = repo
+            .find_remote("origin")
+            .ok()
+            .and_then(|r| r.url().ok().map(|u| u == config.url))
+            .unwrap_or(false);
+        if !same {
+            let _ = repo.remote_delete("origin");
+            repo.remote_with_fetch("origin", &config.url, "+refs/heads/*:refs/remotes/origin/*")
+                .map_err(err)?;
+        }
+        Ok(Mirror {
+            repo,
+            config: config.clone(),
+        })
+    }
+
+    /// Fetch branches and tags (forced: a force-push is applied like any other revision).
+    pub fn fetch(&self) -> Result<(), GitError> {
+        let mut remote = self
+            .repo
+            .find_remote("origin")
+            .map_err(|source| GitError::Fetch {
+                url: self.config.url.clone(),
+                source,
+            })?;
+        let mut opts = git2::FetchOptions::new();
+        opts.prune(git2::FetchPrune::On)
+            .download_tags(git2::AutotagOption::All);
+        remote
+            .fetch(
+                &[
+                    "+refs/heads/*:refs/remotes/origin/*",
+                    "+refs/tags/*:refs/tags/*",
+                ],
+                Some(&mut opts),
+                None,
+            )
+            .map_err(|source| GitError::Fetch {
+                url: self.config.url.clone(),
+                source,
+            })
+    }
+
+    /// The commit the configured ref names: a branch, a tag, or a commit id.
+    fn commit(&self) -> Result<git2::Commit<'_>, GitError> {
+        let r = &self.config.reference;
+        let candidates = [
+            format!("refs/remotes/origin/{r}"),
+            format!("refs/tags/{r}"),
+            r.clone(),
+        ];
+        let mut last = None;
+        for c in candidates {
+            match self
+                .repo
+                .revparse_single(&c)
+                .and_then(|o| o.peel_to_commit())
+            {
+                Ok(commit) => return Ok(commit),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(GitError::Revision {
+            rev: r.clone(),
+            source: last.unwrap_or_else(|| git2::Error::from_str("not found")),
+        })
+    }
+
+    /// The desired-state files at the ref's commit, read from the commit itself.
+    pub fn entries(&self) -> Result<(Revision, Entries), GitError> {
+        let commit = self.commit()?;
+        let rev = self.config.reference.as_str();
+        let revision = Revision {
+            id: commit.id().to_string(),
+            summary: commit
+                .summary()
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+                .to_string(),
+        };
+        let tree = commit.tree().map_err(|source| GitError::Tree {
+            rev: rev.to_string(),
+            source,
+        })?;
+        let sub = if self.config.path.as_os_str().is_empty() {
+            Some(tree)
+        } else {
+            match tree.get_path(&self.config.path) {
+                Ok(entry) if entry.kind() == Some(ObjectType::Tree) => Some(
+                    entry
+                        .to_object(&self.repo)
+                        .and_then(|o| o.peel_to_tree())
+                        .map_err(|source| GitError::Tree {
+                            rev: rev.to_string(),
+                            source,
+                        })?,
+                ),
+                _ => None,
+            }
+        };
+        let files = match sub {
+            Some(sub) => entries_of(&self.repo, &sub, rev)?,
+            None => Vec::new(),
+        };
+        Ok((revision, files))
+    }
+}
+
+/// Fetch with a time limit: a hung remote must never stall the loop. At most one fetch per
+/// mirror runs at a time; a fetch still running from before counts as not done.
+pub fn fetch_with_timeout(dir: &Path, config: &GitSourceConfig) -> Result<(), String> {
+    use std::sync::Mutex;
+    use std::sync::mpsc;
+    static RUNNING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    {
+        let Ok(mut running) = RUNNING.lock() else {
+            return Err("fetch state poisoned".into());
+        };
+        if running.iter().any(|p| p == dir) {
+            return Err("the previous fetch has not finished".into());
+        }
+        running.push(dir.to_path_buf());
+    }
+    let (tx, rx) = mpsc::channel();
+    let (d, c) = (dir.to_path_buf(), config.clone());
+    std::thread::spawn(move || {
+        let r = Mirror::open(&d, &c)
+            .and_then(|m| m.fetch())
+            .map_err(|e| crate::error_chain(&e));
+        if let Ok(mut running) = RUNNING.lock() {
+            running.retain(|p| p != &d);
+        }
+        let _ = tx.send(r);
+    });
+    match rx.recv_timeout(FETCH_TIMEOUT) {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "fetching {} took longer than {}s",
+            config.url,
+            FETCH_TIMEOUT.as_secs()
+        )),
+    }
 }

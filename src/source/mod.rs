@@ -1,4 +1,62 @@
 //! Where desired state comes from: a directory on disk, or a revision of a git repository.
-//! Reads only; never writes to a working tree.
+//! Reads only; never writes to a working tree. `load` is the one way every command and the
+//! daemon get a `Desired`.
 
 pub mod git;
+
+use chrono::{DateTime, Utc};
+
+use crate::config::{Config, SourceConfig};
+use crate::desired::Desired;
+use crate::load::{LoadError, load_entries, load_tree};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Git(#[from] git::GitError),
+    #[error("nothing has been fetched from {url} yet: {fetch}")]
+    NeverFetched {
+        url: String,
+        fetch: String,
+        #[source]
+        source: git::GitError,
+    },
+}
+
+/// Load the configured source. For git: fetch (within a time limit), then read the tree of
+/// the ref's commit; when the fetch fails, the last fetched commit is used and
+/// `Desired::source_error` says why.
+pub fn load(config: &Config, now: DateTime<Utc>) -> Result<Desired, SourceError> {
+    match &config.source {
+        SourceConfig::Dir(d) => Ok(load_tree(d, config, now)?),
+        SourceConfig::Git(g) => {
+            let dir = config.state_dir.join("git");
+            let fetched = git::fetch_with_timeout(&dir, g);
+            let mirror = git::Mirror::open(&dir, g)?;
+            let (revision, files) = match (mirror.entries(), &fetched) {
+                (Ok(x), _) => x,
+                (Err(e), Err(f)) => {
+                    return Err(SourceError::NeverFetched {
+                        url: g.url.clone(),
+                        fetch: f.clone(),
+                        source: e,
+                    });
+                }
+                (Err(e), Ok(())) => return Err(e.into()),
+            };
+            let display = std::path::Path::new(&g.path);
+            let mut d = load_entries(display, files, config, now);
+            d.revision = Some(format!(
+                "{} {}",
+                &revision.id[..revision.id.len().min(12)],
+                revision.summary
+            ));
+            d.source_error = fetched
+                .err()
+                .map(|e| format!("{e}; using the last fetched revision"));
+            Ok(d)
+        }
+    }
+}

@@ -2,6 +2,7 @@
 //! `support`.
 
 mod daemon_support;
+mod git_source;
 mod hostile;
 mod hygiene;
 mod plan_cli;

@@ -1,0 +1,221 @@
+//! Desired state from a git repository: real remotes on this machine, a bare repository over
+//! file:// and the same served by `git daemon` over git://.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::daemon_support::{Daemon, PLAN, free_port, session, wait_for};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn git(dir: &Path, args: &[&str]) {
+    let out = Command::new("git")
+        .args([
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.com",
+            "-c",
+            "commit.gpgsign=false",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A bare remote and a work clone with the plan and alice committed and pushed.
+struct Remote {
+    bare: PathBuf,
+    work: PathBuf,
+}
+
+impl Remote {
+    fn new(root: &Path) -> Remote {
+        let bare = root.join("remote.git");
+        let work = root.join("work");
+        git(
+            root,
+            &[
+                "init",
+                "-q",
+                "--bare",
+                "-b",
+                "main",
+                bare.to_str().expect("utf-8"),
+            ],
+        );
+        git(
+            root,
+            &[
+                "clone",
+                "-q",
+                bare.to_str().expect("utf-8"),
+                work.to_str().expect("utf-8"),
+            ],
+        );
+        std::fs::create_dir_all(work.join("sessions")).expect("mkdir");
+        std::fs::write(work.join("sessions/plan.yaml"), PLAN).expect("plan");
+        std::fs::write(work.join("sessions/alice.yaml"), session("alice")).expect("alice");
+        let r = Remote { bare, work };
+        r.commit("plan and alice");
+        r
+    }
+
+    fn commit(&self, message: &str) {
+        git(&self.work, &["add", "-A"]);
+        git(&self.work, &["commit", "-q", "-m", message]);
+        git(&self.work, &["push", "-q", "origin", "HEAD:main"]);
+    }
+}
+
+fn git_daemon(url: &str, d: &mut Daemon) {
+    let cfg = std::fs::read_to_string(d.dir.path().join("vessel.yaml")).expect("config");
+    let cfg = cfg.replace(
+        "source: {dir: desired}",
+        &format!("source: {{git: {{url: '{url}', ref: main, path: sessions, poll_interval: 1s}}}}"),
+    );
+    std::fs::write(d.dir.path().join("vessel.yaml"), cfg).expect("config");
+}
+
+fn serves(d: &Daemon, name: &str) -> bool {
+    d.get(&format!("{name}.localhost"), "/healthz")
+        .is_some_and(|(c, _)| c == 200)
+}
+
+fn status(d: &Daemon) -> serde_json::Value {
+    crate::daemon_support::get(d.status, "status", "/status")
+        .and_then(|(_, b)| serde_json::from_str(&b).ok())
+        .unwrap_or_default()
+}
+
+#[test]
+fn commits_converge_deletes_tear_down_and_reverts_bring_back() {
+    let mut d = Daemon::new();
+    let remote = Remote::new(d.dir.path());
+    git_daemon(&format!("file://{}", remote.bare.display()), &mut d);
+    d.start();
+    wait_for(LIMIT, || serves(&d, "alice")).expect("alice serves from the remote");
+    let rev = status(&d)["revision"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        rev.ends_with("plan and alice"),
+        "the revision (commit and summary) shows: {rev}"
+    );
+
+    std::fs::write(remote.work.join("sessions/bob.yaml"), session("bob")).expect("bob");
+    remote.commit("add bob");
+    let took =
+        wait_for(LIMIT, || serves(&d, "bob")).expect("a commit that adds a session converges");
+    eprintln!(
+        "commit to serving: {} ms (poll interval 1 s)",
+        took.as_millis()
+    );
+    let events = std::fs::read_to_string(d.state().join("events.jsonl")).unwrap_or_default();
+    assert!(
+        events
+            .lines()
+            .any(|l| l.contains("session bob") && l.contains("add bob")),
+        "events carry the revision: {events}"
+    );
+
+    std::fs::remove_file(remote.work.join("sessions/bob.yaml")).expect("rm");
+    remote.commit("remove bob");
+    wait_for(LIMIT, || {
+        d.get("bob.localhost", "/healthz")
+            .is_some_and(|(c, _)| c == 404)
+            && d.processes().iter().all(|(n, _)| n != "bob")
+    })
+    .expect("a commit that deletes it tears it down");
+
+    git(&remote.work, &["revert", "--no-edit", "HEAD"]);
+    git(&remote.work, &["push", "-q", "origin", "HEAD:main"]);
+    wait_for(LIMIT, || serves(&d, "bob")).expect("a revert brings it back");
+}
+
+#[test]
+fn an_unreachable_remote_and_broken_yaml_keep_everything_running() {
+    let mut d = Daemon::new();
+    let remote = Remote::new(d.dir.path());
+    std::fs::write(remote.work.join("sessions/bob.yaml"), session("bob")).expect("bob");
+    remote.commit("add bob");
+    git_daemon(&format!("file://{}", remote.bare.display()), &mut d);
+    d.start();
+    wait_for(LIMIT, || serves(&d, "alice") && serves(&d, "bob")).expect("both serve");
+    let before = d.processes();
+
+    // Broken YAML in a commit: bob's file is held as it is.
+    std::fs::write(
+        remote.work.join("sessions/bob.yaml"),
+        "kind: Session\nname: bob\nplan: [web\n",
+    )
+    .expect("break");
+    remote.commit("break bob");
+    wait_for(LIMIT, || {
+        status(&d)["quarantined"]
+            .as_array()
+            .is_some_and(|q| !q.is_empty())
+    })
+    .expect("the broken file shows");
+    assert_eq!(d.processes(), before);
+
+    // The remote goes away: the last good revision stays applied, and status says why.
+    std::fs::rename(&remote.bare, d.dir.path().join("gone.git")).expect("move the remote away");
+    wait_for(LIMIT, || {
+        status(&d)["last_pass"]["source_error"].is_string()
+    })
+    .expect("status shows the fetch error");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(d.processes(), before, "nothing was torn down");
+    assert!(serves(&d, "alice") && serves(&d, "bob"));
+}
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_same_repository_served_by_git_daemon() {
+    let mut d = Daemon::new();
+    let remote = Remote::new(d.dir.path());
+    let port = free_port();
+    let base = d.dir.path().to_path_buf();
+    let _daemon = Kill(
+        Command::new("git")
+            .args([
+                "daemon",
+                "--export-all",
+                "--reuseaddr",
+                "--listen=127.0.0.1",
+                &format!("--port={port}"),
+                &format!("--base-path={}", base.display()),
+                &base.display().to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("git daemon runs"),
+    );
+    wait_for(LIMIT, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .expect("git daemon listens");
+    git_daemon(&format!("git://127.0.0.1:{port}/remote.git"), &mut d);
+    d.start();
+    wait_for(LIMIT, || serves(&d, "alice")).expect("alice serves from git://");
+    std::fs::write(remote.work.join("sessions/carol.yaml"), session("carol")).expect("carol");
+    remote.commit("add carol");
+    wait_for(LIMIT, || serves(&d, "carol")).expect("a commit over git:// converges");
+}
