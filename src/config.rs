@@ -75,6 +75,30 @@ pub struct GitSourceConfig {
     /// How often to fetch.
     #[serde(default = "default_poll")]
     pub poll_interval: Duration,
+    /// Apply only commits signed by an allowed signer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifyConfig>,
+    /// A webhook receiver (off by default) whose signed POSTs make vessel fetch at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookConfig>,
+}
+
+/// Commit signature verification.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyConfig {
+    /// An SSH allowed-signers file (the format of git's `gpg.ssh.allowedSignersFile`).
+    pub allowed_signers: PathBuf,
+}
+
+/// A webhook receiver: POSTs signed with HMAC-SHA256 only poke the loop to fetch now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Where it listens, on a listener of its own.
+    pub listen: SocketAddr,
+    /// The shared secret (`X-Hub-Signature-256` as GitHub signs, or `X-Vessel-Signature`).
+    pub secret: SecretRef,
 }
 
 fn default_git_ref() -> String {
@@ -442,6 +466,9 @@ impl Config {
             SourceConfig::Dir(d) => fix(d),
             SourceConfig::Git(g) => {
                 // A relative file URL is relative to the config file too.
+                if let Some(v) = &mut g.verify {
+                    fix(&mut v.allowed_signers);
+                }
                 if let Some(rest) = g.url.strip_prefix("file://")
                     && !rest.starts_with('/')
                 {

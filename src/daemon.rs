@@ -45,6 +45,14 @@ pub enum DaemonError {
     },
     #[error("cannot read the status endpoint's token")]
     Token(#[source] crate::config::SecretError),
+    #[error("cannot start the webhook receiver on {addr}")]
+    Webhook {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read the webhook's secret")]
+    WebhookSecret(#[source] crate::config::SecretError),
 }
 
 /// A running daemon's handles, for callers that embed it (tests, the status server).
@@ -158,6 +166,20 @@ pub async fn run(
     let state_dir = config.state_dir.clone();
     let mut reconciler = Reconciler::new(config, providers, state);
     reconciler.allow_destroy = allow_destroy;
+    if let crate::config::SourceConfig::Git(crate::config::GitSourceConfig {
+        webhook: Some(w),
+        ..
+    }) = &reconciler.config.source
+    {
+        let secret = w.secret.resolve().map_err(DaemonError::WebhookSecret)?;
+        let err = |source| DaemonError::Webhook {
+            addr: w.listen,
+            source,
+        };
+        let listener = std::net::TcpListener::bind(w.listen).map_err(err)?;
+        tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "webhook receiver listening");
+        crate::webhook::serve_thread(listener, secret, tx.clone(), cancel.clone()).map_err(err)?;
+    }
     let _watcher = match &source_dir {
         Some(dir) => Some(watch_source(
             dir,

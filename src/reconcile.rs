@@ -39,6 +39,8 @@ pub enum Trigger {
     Followup,
     /// A one-shot `vessel apply`.
     Apply,
+    /// A signed webhook asked for a fetch.
+    Webhook,
 }
 
 /// What one pass did.

@@ -219,3 +219,61 @@ fn the_same_repository_served_by_git_daemon() {
     remote.commit("add carol");
     wait_for(LIMIT, || serves(&d, "carol")).expect("a commit over git:// converges");
 }
+
+fn post(addr: std::net::SocketAddr, body: &str, header: Option<(&str, String)>) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    let h = header
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .unwrap_or_default();
+    write!(s, "POST /hook HTTP/1.0\r\nHost: hook\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{h}\r\n{body}", body.len()).expect("write");
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).expect("read");
+    buf.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+#[test]
+fn a_signed_webhook_fetches_at_once_and_bad_signatures_change_nothing() {
+    let mut d = Daemon::new();
+    let remote = Remote::new(d.dir.path());
+    git_daemon(&format!("file://{}", remote.bare.display()), &mut d);
+    let hook = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    // Poll and resync rarely, so only the webhook can make it fetch soon.
+    let cfg = std::fs::read_to_string(d.dir.path().join("vessel.yaml")).expect("config")
+        .replace("poll_interval: 1s}}", &format!("poll_interval: 60s, webhook: {{listen: '{hook}', secret: {{env: VESSEL_TEST_HOOK_SECRET}}}}}}}}"))
+        .replace("resync_interval: 1s", "resync_interval: 60s");
+    std::fs::write(d.dir.path().join("vessel.yaml"), cfg).expect("config");
+    d.start_with_env(Some(("VESSEL_TEST_HOOK_SECRET", "hook-s3cret")));
+    wait_for(LIMIT, || serves(&d, "alice")).expect("alice serves");
+
+    std::fs::write(remote.work.join("sessions/dora.yaml"), session("dora")).expect("dora");
+    remote.commit("add dora");
+    let body = r#"{"ref":"refs/heads/main"}"#;
+    // Wrong and missing signatures: 401, no fetch.
+    let wrong = format!(
+        "sha256={}",
+        hex::encode(vessel::webhook::hmac_sha256(
+            b"not-the-secret",
+            body.as_bytes()
+        ))
+    );
+    assert_eq!(post(hook, body, Some(("X-Hub-Signature-256", wrong))), 401);
+    assert_eq!(post(hook, body, None), 401);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!serves(&d, "dora"), "an unsigned poke changed nothing");
+    // The right signature: fetched and applied within about a second.
+    let sig = format!(
+        "sha256={}",
+        hex::encode(vessel::webhook::hmac_sha256(
+            b"hook-s3cret",
+            body.as_bytes()
+        ))
+    );
+    assert_eq!(post(hook, body, Some(("X-Hub-Signature-256", sig))), 202);
+    let took = wait_for(LIMIT, || serves(&d, "dora")).expect("the webhook makes it fetch now");
+    eprintln!("webhook to serving: {} ms", took.as_millis());
+    assert!(
+        !d.log().contains("hook-s3cret"),
+        "the secret never shows in the log"
+    );
+}
