@@ -12,11 +12,17 @@ use std::time::{Duration, Instant};
 /// Each daemon gets its own range of session ports, so parallel tests never collide.
 static NEXT_BASE: AtomicU16 = AtomicU16::new(0);
 
+/// A port nobody else is handed: counted upward from 61000, above the kernel's ephemeral
+/// range (so a port one test just released is never given to another), and bindable now.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    static NEXT: AtomicU16 = AtomicU16::new(61000);
+    loop {
+        let p = NEXT.fetch_add(1, Ordering::SeqCst);
+        assert!(p < 65000, "out of test ports");
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
 }
 
 pub const PLAN: &str = "kind: Plan
@@ -89,10 +95,13 @@ impl Daemon {
             .spawn()
             .expect("vessel runs");
         self.child = Some(child);
-        wait_for(Duration::from_secs(10), || {
+        if wait_for(Duration::from_secs(15), || {
             TcpStream::connect(self.proxy).is_ok()
         })
-        .expect("the proxy listens");
+        .is_none()
+        {
+            panic!("the proxy does not listen; vessel's log:\n{}", self.log());
+        }
     }
 
     pub fn signal(&mut self, sig: nix::sys::signal::Signal) -> Option<i32> {
