@@ -244,46 +244,6 @@ impl Mirror {
             source: last.unwrap_or_else(|| git2::Error::from_str("not found")),
         })
     }
-
-    /// The desired-state files at the ref's commit, read from the commit itself.
-    pub fn entries(&self) -> Result<(Revision, Entries), GitError> {
-        let commit = self.commit()?;
-        let rev = self.config.reference.as_str();
-        let revision = Revision {
-            id: commit.id().to_string(),
-            summary: commit
-                .summary()
-                .ok()
-                .flatten()
-                .unwrap_or_default()
-                .to_string(),
-        };
-        let tree = commit.tree().map_err(|source| GitError::Tree {
-            rev: rev.to_string(),
-            source,
-        })?;
-        let sub = if self.config.path.as_os_str().is_empty() {
-            Some(tree)
-        } else {
-            match tree.get_path(&self.config.path) {
-                Ok(entry) if entry.kind() == Some(ObjectType::Tree) => Some(
-                    entry
-                        .to_object(&self.repo)
-                        .and_then(|o| o.peel_to_tree())
-                        .map_err(|source| GitError::Tree {
-                            rev: rev.to_string(),
-                            source,
-                        })?,
-                ),
-                _ => None,
-            }
-        };
-        let files = match sub {
-            Some(sub) => entries_of(&self.repo, &sub, rev)?,
-            None => Vec::new(),
-        };
-        Ok((revision, files))
-    }
 }
 
 /// Fetch with a time limit: a hung remote must never stall the loop. At most one fetch per
@@ -320,4 +280,143 @@ pub fn fetch_with_timeout(dir: &Path, config: &GitSourceConfig) -> Result<(), St
             FETCH_TIMEOUT.as_secs()
         )),
     }
+}
+
+/// The ref that remembers the last commit that passed verification.
+const VERIFIED_REF: &str = "refs/vessel/verified";
+
+impl Mirror {
+    /// The ref's commit id.
+    pub fn head(&self) -> Result<git2::Oid, GitError> {
+        self.commit().map(|c| c.id())
+    }
+
+    /// The desired-state files at `id` (a commit of this mirror).
+    pub fn entries_at(&self, id: git2::Oid) -> Result<(Revision, Entries), GitError> {
+        let rev = id.to_string();
+        let commit = self
+            .repo
+            .find_commit(id)
+            .map_err(|source| GitError::Revision {
+                rev: rev.clone(),
+                source,
+            })?;
+        let revision = Revision {
+            id: rev.clone(),
+            summary: commit
+                .summary()
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+                .to_string(),
+        };
+        let tree = commit.tree().map_err(|source| GitError::Tree {
+            rev: rev.clone(),
+            source,
+        })?;
+        let sub = if self.config.path.as_os_str().is_empty() {
+            Some(tree)
+        } else {
+            match tree.get_path(&self.config.path) {
+                Ok(entry) if entry.kind() == Some(ObjectType::Tree) => Some(
+                    entry
+                        .to_object(&self.repo)
+                        .and_then(|o| o.peel_to_tree())
+                        .map_err(|source| GitError::Tree {
+                            rev: rev.clone(),
+                            source,
+                        })?,
+                ),
+                _ => None,
+            }
+        };
+        let files = match sub {
+            Some(sub) => entries_of(&self.repo, &sub, &rev)?,
+            None => Vec::new(),
+        };
+        Ok((revision, files))
+    }
+
+    /// The last commit that passed verification, if any.
+    pub fn last_verified(&self) -> Option<git2::Oid> {
+        self.repo.refname_to_id(VERIFIED_REF).ok()
+    }
+
+    fn mark_verified(&self, id: git2::Oid) {
+        let _ = self
+            .repo
+            .reference(VERIFIED_REF, id, true, "vessel: verified");
+    }
+
+    /// Is `id` signed (SSH) by a key in `allowed_signers`? The signer on success, why not on
+    /// failure. Remembers the commit when it passes.
+    pub fn verify(
+        &self,
+        id: git2::Oid,
+        allowed_signers: &Path,
+        scratch: &Path,
+    ) -> Result<String, String> {
+        let (sig, data) = self
+            .repo
+            .extract_signature(&id, None)
+            .map_err(|_| format!("commit {} is not signed", short(id)))?;
+        let sig = sig.as_str().unwrap_or("").to_string();
+        if !sig.starts_with("-----BEGIN SSH SIGNATURE-----") {
+            return Err(format!(
+                "commit {} has a GPG signature; vessel checks SSH signatures only (git config gpg.format ssh)",
+                short(id)
+            ));
+        }
+        std::fs::create_dir_all(scratch)
+            .map_err(|e| format!("cannot prepare {}: {e}", scratch.display()))?;
+        let sig_path = scratch.join(format!("{id}.sig"));
+        std::fs::write(&sig_path, &sig)
+            .map_err(|e| format!("cannot write {}: {e}", sig_path.display()))?;
+        let result = (|| {
+            let run = |args: &[&str], stdin: Option<&[u8]>| -> Result<String, String> {
+                use std::io::Write;
+                let mut child = std::process::Command::new("ssh-keygen")
+                    .args(args)
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .map_err(|e| format!("cannot run ssh-keygen (install openssh-client): {e}"))?;
+                if let (Some(mut w), Some(input)) = (child.stdin.take(), stdin) {
+                    let _ = w.write_all(input);
+                }
+                let out = child.wait_with_output().map_err(|e| e.to_string())?;
+                if out.status.success() {
+                    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+                } else {
+                    Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+                }
+            };
+            let signers = allowed_signers.display().to_string();
+            let sig_arg = sig_path.display().to_string();
+            let principals = run(
+                &["-Y", "find-principals", "-s", &sig_arg, "-f", &signers],
+                None,
+            )
+            .map_err(|_| format!("commit {} is not signed by an allowed signer", short(id)))?;
+            let principal = principals.lines().next().unwrap_or("").trim().to_string();
+            run(
+                &[
+                    "-Y", "verify", "-f", &signers, "-I", &principal, "-n", "git", "-s", &sig_arg,
+                ],
+                Some(data.as_ref()),
+            )
+            .map_err(|e| format!("commit {}'s signature does not verify: {e}", short(id)))?;
+            Ok(principal)
+        })();
+        let _ = std::fs::remove_file(&sig_path);
+        if result.is_ok() {
+            self.mark_verified(id);
+        }
+        result
+    }
+}
+
+fn short(id: git2::Oid) -> String {
+    id.to_string()[..12].to_string()
 }

@@ -16,6 +16,8 @@ pub enum SourceError {
     Load(#[from] LoadError),
     #[error(transparent)]
     Git(#[from] git::GitError),
+    #[error("{0}, and no commit has been verified yet: nothing is applied")]
+    Unverified(String),
     #[error("nothing has been fetched from {url} yet: {fetch}")]
     NeverFetched {
         url: String,
@@ -35,8 +37,8 @@ pub fn load(config: &Config, now: DateTime<Utc>) -> Result<Desired, SourceError>
             let dir = config.state_dir.join("git");
             let fetched = git::fetch_with_timeout(&dir, g);
             let mirror = git::Mirror::open(&dir, g)?;
-            let (revision, files) = match (mirror.entries(), &fetched) {
-                (Ok(x), _) => x,
+            let head = match (mirror.head(), &fetched) {
+                (Ok(id), _) => id,
                 (Err(e), Err(f)) => {
                     return Err(SourceError::NeverFetched {
                         url: g.url.clone(),
@@ -46,6 +48,29 @@ pub fn load(config: &Config, now: DateTime<Utc>) -> Result<Desired, SourceError>
                 }
                 (Err(e), Ok(())) => return Err(e.into()),
             };
+            let mut notes: Vec<String> = Vec::new();
+            if let Err(f) = &fetched {
+                notes.push(format!("{f}; using the last fetched revision"));
+            }
+            // With verification on, an unverified commit is not applied: the last verified one
+            // is, and the note says why.
+            let id = match &g.verify {
+                None => head,
+                Some(v) => match mirror.verify(head, &v.allowed_signers, &dir.join("scratch")) {
+                    Ok(_) => head,
+                    Err(why) => match mirror.last_verified() {
+                        Some(last) => {
+                            notes.push(format!(
+                                "{why}: not applied; applying the last verified revision {}",
+                                &last.to_string()[..12]
+                            ));
+                            last
+                        }
+                        None => return Err(SourceError::Unverified(why)),
+                    },
+                },
+            };
+            let (revision, files) = mirror.entries_at(id)?;
             let display = std::path::Path::new(&g.path);
             let mut d = load_entries(display, files, config, now);
             d.revision = Some(format!(
@@ -53,9 +78,7 @@ pub fn load(config: &Config, now: DateTime<Utc>) -> Result<Desired, SourceError>
                 &revision.id[..revision.id.len().min(12)],
                 revision.summary
             ));
-            d.source_error = fetched
-                .err()
-                .map(|e| format!("{e}; using the last fetched revision"));
+            d.source_error = (!notes.is_empty()).then(|| notes.join("; "));
             Ok(d)
         }
     }

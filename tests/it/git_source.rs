@@ -277,3 +277,108 @@ fn a_signed_webhook_fetches_at_once_and_bad_signatures_change_nothing() {
         "the secret never shows in the log"
     );
 }
+
+#[test]
+fn with_verification_on_an_unsigned_commit_is_refused() {
+    let mut d = Daemon::new();
+    let root = d.dir.path().to_path_buf();
+    // A signing key and an allowed-signers file naming it.
+    let key = root.join("signing");
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "t@example.com", "-f"])
+        .arg(&key)
+        .output()
+        .expect("ssh-keygen runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let public = std::fs::read_to_string(key.with_extension("pub")).expect("public key");
+    std::fs::write(
+        root.join("allowed_signers"),
+        format!("t@example.com {public}"),
+    )
+    .expect("allowed signers");
+
+    let bare = root.join("remote.git");
+    let work = root.join("work");
+    git(
+        &root,
+        &[
+            "init",
+            "-q",
+            "--bare",
+            "-b",
+            "main",
+            bare.to_str().expect("utf-8"),
+        ],
+    );
+    git(
+        &root,
+        &[
+            "clone",
+            "-q",
+            bare.to_str().expect("utf-8"),
+            work.to_str().expect("utf-8"),
+        ],
+    );
+    git(&work, &["config", "gpg.format", "ssh"]);
+    git(
+        &work,
+        &["config", "user.signingkey", key.to_str().expect("utf-8")],
+    );
+    std::fs::create_dir_all(work.join("sessions")).expect("mkdir");
+    std::fs::write(work.join("sessions/plan.yaml"), PLAN).expect("plan");
+    std::fs::write(work.join("sessions/alice.yaml"), session("alice")).expect("alice");
+    git(&work, &["add", "-A"]);
+    git(
+        &work,
+        &["commit", "-q", "-S", "-m", "signed: plan and alice"],
+    );
+    git(&work, &["push", "-q", "origin", "HEAD:main"]);
+
+    git_daemon(&format!("file://{}", bare.display()), &mut d);
+    let cfg = std::fs::read_to_string(root.join("vessel.yaml"))
+        .expect("config")
+        .replace(
+            "poll_interval: 1s}}",
+            "poll_interval: 1s, verify: {allowed_signers: allowed_signers}}}",
+        );
+    std::fs::write(root.join("vessel.yaml"), cfg).expect("config");
+    d.start();
+    wait_for(LIMIT, || serves(&d, "alice")).expect("a signed commit is applied");
+
+    // An unsigned commit: refused, the last verified revision stays applied, status says why.
+    std::fs::write(work.join("sessions/bob.yaml"), session("bob")).expect("bob");
+    git(&work, &["add", "-A"]);
+    git(
+        &work,
+        &["commit", "-q", "--no-gpg-sign", "-m", "unsigned: add bob"],
+    );
+    git(&work, &["push", "-q", "origin", "HEAD:main"]);
+    wait_for(LIMIT, || {
+        status(&d)["last_pass"]["source_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("is not signed"))
+    })
+    .expect("status says the commit is not signed");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!serves(&d, "bob"), "the unsigned commit was not applied");
+    assert!(serves(&d, "alice"));
+    assert!(
+        status(&d)["revision"]
+            .as_str()
+            .is_some_and(|r| r.ends_with("signed: plan and alice")),
+        "{}",
+        status(&d)
+    );
+
+    // A signed commit on top is applied (with bob, whose file it carries).
+    std::fs::write(work.join("sessions/carol.yaml"), session("carol")).expect("carol");
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-S", "-m", "signed: add carol"]);
+    git(&work, &["push", "-q", "origin", "HEAD:main"]);
+    wait_for(LIMIT, || serves(&d, "carol") && serves(&d, "bob"))
+        .expect("the next signed commit is applied");
+}
