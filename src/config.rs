@@ -57,7 +57,7 @@ pub enum SourceConfig {
     /// A directory on this machine, watched for changes.
     Dir(PathBuf),
     /// A git repository, fetched into the state directory and polled.
-    Git(GitSourceConfig),
+    Git(Box<GitSourceConfig>),
 }
 
 /// A git repository as the source of desired state.
@@ -75,12 +75,36 @@ pub struct GitSourceConfig {
     /// How often to fetch.
     #[serde(default = "default_poll")]
     pub poll_interval: Duration,
+    /// Credentials for the remote (https or http).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<GitAuth>,
     /// Apply only commits signed by an allowed signer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<VerifyConfig>,
     /// A webhook receiver (off by default) whose signed POSTs make vessel fetch at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<WebhookConfig>,
+}
+
+/// How vessel authenticates to a git remote. Secrets by reference only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum GitAuth {
+    /// An access token, sent as the password of `username`.
+    Token {
+        token: SecretRef,
+        #[serde(default = "default_token_user")]
+        username: String,
+    },
+    /// A user name and a password.
+    Basic {
+        username: String,
+        password: SecretRef,
+    },
+}
+
+fn default_token_user() -> String {
+    "x-access-token".into()
 }
 
 /// Commit signature verification.

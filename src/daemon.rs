@@ -166,10 +166,8 @@ pub async fn run(
     let state_dir = config.state_dir.clone();
     let mut reconciler = Reconciler::new(config, providers, state);
     reconciler.allow_destroy = allow_destroy;
-    if let crate::config::SourceConfig::Git(crate::config::GitSourceConfig {
-        webhook: Some(w),
-        ..
-    }) = &reconciler.config.source
+    if let crate::config::SourceConfig::Git(g) = &reconciler.config.source
+        && let Some(w) = &g.webhook
     {
         let secret = w.secret.resolve().map_err(DaemonError::WebhookSecret)?;
         let err = |source| DaemonError::Webhook {

@@ -205,6 +205,32 @@ impl Mirror {
         let mut opts = git2::FetchOptions::new();
         opts.prune(git2::FetchPrune::On)
             .download_tags(git2::AutotagOption::All);
+        if let Some(auth) = &self.config.auth {
+            let (user, secret) = match auth {
+                crate::config::GitAuth::Token { token, username } => (username.clone(), token),
+                crate::config::GitAuth::Basic { username, password } => {
+                    (username.clone(), password)
+                }
+            };
+            // Resolved for each fetch (a rotated token is picked up); never printed.
+            let secret = secret.resolve().map_err(|e| GitError::Fetch {
+                url: self.config.url.clone(),
+                source: git2::Error::from_str(&e.to_string()),
+            })?;
+            let mut callbacks = git2::RemoteCallbacks::new();
+            let mut tries = 0;
+            callbacks.credentials(move |_url, _user_from_url, _allowed| {
+                // libgit2 asks again after a refusal: answer once, then give up.
+                tries += 1;
+                if tries > 1 {
+                    return Err(git2::Error::from_str(
+                        "the remote refused the configured credentials",
+                    ));
+                }
+                git2::Cred::userpass_plaintext(&user, secret.expose())
+            });
+            opts.remote_callbacks(callbacks);
+        }
         remote
             .fetch(
                 &[

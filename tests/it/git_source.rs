@@ -382,3 +382,198 @@ fn with_verification_on_an_unsigned_commit_is_refused() {
     wait_for(LIMIT, || serves(&d, "carol") && serves(&d, "bob"))
         .expect("the next signed commit is applied");
 }
+
+fn base64(input: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// `git http-backend` behind HTTP Basic auth: a small CGI server, a thread per connection.
+fn http_backend(root: PathBuf, user: &str, pass: &str) -> u16 {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let port = free_port();
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind");
+    let expected = format!("Basic {}", base64(format!("{user}:{pass}").as_bytes()));
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let (root, expected) = (root.clone(), expected.clone());
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(stream.try_clone().expect("clone"));
+                let mut line = String::new();
+                if r.read_line(&mut line).is_err() {
+                    return;
+                }
+                let mut parts = line.split_whitespace();
+                let (method, target) = (
+                    parts.next().unwrap_or("GET").to_string(),
+                    parts.next().unwrap_or("/").to_string(),
+                );
+                let (path, query) = target
+                    .split_once('?')
+                    .map(|(p, q)| (p.to_string(), q.to_string()))
+                    .unwrap_or((target.clone(), String::new()));
+                let mut headers = std::collections::HashMap::new();
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).is_err() || h.trim().is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = h.split_once(':') {
+                        headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+                    }
+                }
+                let mut body = Vec::new();
+                if headers
+                    .get("transfer-encoding")
+                    .is_some_and(|t| t.contains("chunked"))
+                {
+                    loop {
+                        let mut size = String::new();
+                        if r.read_line(&mut size).is_err() {
+                            return;
+                        }
+                        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+                        if n == 0 {
+                            let mut end = String::new();
+                            let _ = r.read_line(&mut end);
+                            break;
+                        }
+                        let mut chunk = vec![0; n + 2];
+                        if r.read_exact(&mut chunk).is_err() {
+                            return;
+                        }
+                        body.extend_from_slice(&chunk[..n]);
+                    }
+                } else if let Some(n) = headers
+                    .get("content-length")
+                    .and_then(|n| n.parse::<usize>().ok())
+                {
+                    body.resize(n, 0);
+                    if r.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                }
+                let mut out = stream;
+                if headers.get("authorization") != Some(&expected) {
+                    let _ = out.write_all(b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"git\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                    return;
+                }
+                let mut cmd = Command::new("git");
+                cmd.arg("http-backend")
+                    .env("GIT_PROJECT_ROOT", &root)
+                    .env("GIT_HTTP_EXPORT_ALL", "1")
+                    .env("REQUEST_METHOD", &method)
+                    .env("PATH_INFO", &path)
+                    .env("QUERY_STRING", &query)
+                    .env(
+                        "CONTENT_TYPE",
+                        headers.get("content-type").cloned().unwrap_or_default(),
+                    )
+                    .env("CONTENT_LENGTH", body.len().to_string())
+                    .env("REMOTE_USER", "tester")
+                    .env("REMOTE_ADDR", "127.0.0.1")
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null());
+                if let Some(enc) = headers.get("content-encoding") {
+                    cmd.env("HTTP_CONTENT_ENCODING", enc);
+                }
+                let Ok(mut child) = cmd.spawn() else { return };
+                if let Some(mut stdin) = child.stdin.take() {
+                    let _ = stdin.write_all(&body);
+                }
+                let Ok(cgi) = child.wait_with_output() else {
+                    return;
+                };
+                let split = cgi
+                    .stdout
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .map(|i| (i, 4))
+                    .or_else(|| {
+                        cgi.stdout
+                            .windows(2)
+                            .position(|w| w == b"\n\n")
+                            .map(|i| (i, 2))
+                    });
+                let (head, payload) = match split {
+                    Some((i, n)) => (
+                        String::from_utf8_lossy(&cgi.stdout[..i]).into_owned(),
+                        cgi.stdout[i + n..].to_vec(),
+                    ),
+                    None => (String::new(), cgi.stdout.clone()),
+                };
+                let mut status = "200 OK".to_string();
+                let mut resp = String::new();
+                for h in head.lines() {
+                    match h.split_once(':') {
+                        Some((k, v)) if k.eq_ignore_ascii_case("status") => {
+                            status = v.trim().to_string()
+                        }
+                        Some(_) => resp.push_str(&format!("{}\r\n", h.trim_end())),
+                        None => {}
+                    }
+                }
+                let _ = out.write_all(format!("HTTP/1.1 {status}\r\n{resp}Content-Length: {}\r\nConnection: close\r\n\r\n", payload.len()).as_bytes());
+                let _ = out.write_all(&payload);
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn over_http_with_basic_auth_and_a_wrong_password_fails_visibly() {
+    let mut d = Daemon::new();
+    let remote = Remote::new(d.dir.path());
+    let port = http_backend(d.dir.path().to_path_buf(), "vessel", "pa55-word-value");
+    let url = format!("http://127.0.0.1:{port}/remote.git");
+    git_daemon(&url, &mut d);
+    let cfg = std::fs::read_to_string(d.dir.path().join("vessel.yaml")).expect("config")
+        .replace("poll_interval: 1s}}", "poll_interval: 1s, auth: {basic: {username: vessel, password: {env: VESSEL_TEST_GIT_PASSWORD}}}}}");
+    std::fs::write(d.dir.path().join("vessel.yaml"), cfg.clone()).expect("config");
+    d.start_with_env(Some(("VESSEL_TEST_GIT_PASSWORD", "pa55-word-value")));
+    wait_for(LIMIT, || serves(&d, "alice"))
+        .expect("alice serves from an authenticated http remote");
+    std::fs::write(remote.work.join("sessions/erin.yaml"), session("erin")).expect("erin");
+    remote.commit("add erin");
+    wait_for(LIMIT, || serves(&d, "erin")).expect("commits over http converge");
+    drop(d);
+
+    // The wrong password: nothing is applied, status says why, the password never shows.
+    let mut w = Daemon::new();
+    w.write("plan.yaml", PLAN);
+    git_daemon(&url, &mut w);
+    let cfg = std::fs::read_to_string(w.dir.path().join("vessel.yaml")).expect("config")
+        .replace("poll_interval: 1s}}", "poll_interval: 1s, auth: {basic: {username: vessel, password: {env: VESSEL_TEST_GIT_PASSWORD}}}}}");
+    std::fs::write(w.dir.path().join("vessel.yaml"), cfg).expect("config");
+    w.start_with_env(Some(("VESSEL_TEST_GIT_PASSWORD", "wrong-pa55-value")));
+    wait_for(LIMIT, || {
+        status(&w)["last_pass"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("nothing has been fetched"))
+    })
+    .expect("status says the fetch fails");
+    assert!(w.processes().is_empty(), "nothing is applied");
+    let everything = format!("{}{}", w.log(), status(&w));
+    assert!(
+        !everything.contains("wrong-pa55-value"),
+        "the password never shows"
+    );
+}
