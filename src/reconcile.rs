@@ -109,6 +109,8 @@ pub struct Shared {
     pub last_errors: BTreeMap<String, String>,
     /// The source changed and no pass has loaded it yet.
     pub source_changed: bool,
+    /// Since when the source has been failing (a git fetch, a verification), while it fails.
+    pub source_failing_since: Option<DateTime<Utc>>,
     /// Configured providers, for status.
     pub providers: Vec<String>,
     pub started: Option<DateTime<Utc>>,
@@ -362,6 +364,12 @@ impl Reconciler {
         events: Vec<Event>,
     ) {
         if let Ok(mut s) = self.shared.lock() {
+            let failing = report.source_error.is_some() || report.error.is_some();
+            s.source_failing_since = match (failing, s.source_failing_since) {
+                (true, Some(since)) => Some(since),
+                (true, None) => Some(report.started),
+                (false, _) => None,
+            };
             s.last = Some(report.clone());
             s.passes = report.pass;
             s.version += 1;

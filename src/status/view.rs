@@ -29,6 +29,10 @@ pub struct StatusView {
     pub converged: bool,
     /// A source change arrived that no pass has loaded yet.
     pub source_changed: bool,
+    /// What is wrong with the source (a fetch, a signature), while it is wrong.
+    pub source_error: Option<String>,
+    /// Since when it has been wrong.
+    pub source_failing_since: Option<DateTime<Utc>>,
     pub passes: u64,
     pub last_pass: Option<PassReport>,
     pub counts: Counts,
@@ -202,6 +206,11 @@ pub fn status(s: &Shared) -> StatusView {
         ready,
         converged: ready && !s.source_changed && s.last.as_ref().is_some_and(|l| l.converged),
         source_changed: s.source_changed,
+        source_error: s
+            .last
+            .as_ref()
+            .and_then(|l| l.source_error.clone().or_else(|| l.error.clone())),
+        source_failing_since: s.source_failing_since,
         passes: s.passes,
         last_pass: s.last.clone(),
         counts,

@@ -173,9 +173,51 @@ fn an_unreachable_remote_and_broken_yaml_keep_everything_running() {
         status(&d)["last_pass"]["source_error"].is_string()
     })
     .expect("status shows the fetch error");
+    let since = status(&d)["source_failing_since"]
+        .as_str()
+        .map(str::to_string)
+        .expect("and since when");
+    assert!(
+        status(&d)["source_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("last fetched revision")),
+        "{}",
+        status(&d)
+    );
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(d.processes(), before, "nothing was torn down");
     assert!(serves(&d, "alice") && serves(&d, "bob"));
+    assert_eq!(
+        status(&d)["source_failing_since"].as_str(),
+        Some(since.as_str()),
+        "since when stays put while it fails"
+    );
+}
+
+#[test]
+fn a_force_push_to_an_older_commit_is_applied_like_any_other() {
+    let mut d = Daemon::new();
+    let remote = Remote::new(d.dir.path());
+    std::fs::write(remote.work.join("sessions/bob.yaml"), session("bob")).expect("bob");
+    remote.commit("add bob");
+    git_daemon(&format!("file://{}", remote.bare.display()), &mut d);
+    d.start();
+    wait_for(LIMIT, || serves(&d, "alice") && serves(&d, "bob")).expect("both serve");
+    git(&remote.work, &["reset", "-q", "--hard", "HEAD~1"]);
+    git(
+        &remote.work,
+        &["push", "-q", "--force", "origin", "HEAD:main"],
+    );
+    wait_for(LIMIT, || {
+        d.get("bob.localhost", "/healthz")
+            .is_some_and(|(c, _)| c == 404)
+    })
+    .expect("the older revision is applied");
+    assert!(
+        status(&d)["revision"]
+            .as_str()
+            .is_some_and(|r| r.ends_with("plan and alice"))
+    );
 }
 
 struct Kill(Child);
