@@ -213,11 +213,13 @@ fn a_force_push_to_an_older_commit_is_applied_like_any_other() {
             .is_some_and(|(c, _)| c == 404)
     })
     .expect("the older revision is applied");
-    assert!(
+    // Status publishes the revision when the pass ends, a moment after the route goes.
+    wait_for(LIMIT, || {
         status(&d)["revision"]
             .as_str()
             .is_some_and(|r| r.ends_with("plan and alice"))
-    );
+    })
+    .unwrap_or_else(|| panic!("{}", status(&d)));
 }
 
 struct Kill(Child);
