@@ -101,6 +101,19 @@ pub enum GitAuth {
         username: String,
         password: SecretRef,
     },
+    /// An SSH key; the server's host key must be in `known_hosts`.
+    Ssh {
+        /// The private key file.
+        key: PathBuf,
+        /// A known_hosts file with the server's key (`host` or `[host]:port` entries).
+        known_hosts: PathBuf,
+        #[serde(default = "default_ssh_user")]
+        username: String,
+    },
+}
+
+fn default_ssh_user() -> String {
+    "git".into()
 }
 
 fn default_token_user() -> String {
@@ -492,6 +505,13 @@ impl Config {
                 // A relative file URL is relative to the config file too.
                 if let Some(v) = &mut g.verify {
                     fix(&mut v.allowed_signers);
+                }
+                if let Some(GitAuth::Ssh {
+                    key, known_hosts, ..
+                }) = &mut g.auth
+                {
+                    fix(key);
+                    fix(known_hosts);
                 }
                 if let Some(rest) = g.url.strip_prefix("file://")
                     && !rest.starts_with('/')

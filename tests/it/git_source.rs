@@ -621,3 +621,108 @@ fn over_http_with_basic_auth_and_a_wrong_password_fails_visibly() {
         "the password never shows"
     );
 }
+
+fn keygen(path: &Path) -> String {
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(path)
+        .output()
+        .expect("ssh-keygen runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read_to_string(path.with_extension("pub"))
+        .expect("public key")
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn over_ssh_with_a_key_and_known_hosts_checking() {
+    let mut d = Daemon::new();
+    let root = d.dir.path().to_path_buf();
+    let remote = Remote::new(&root);
+    // A real sshd on a loopback port, accepting one key.
+    let host_pub = keygen(&root.join("host_key"));
+    let user_pub = keygen(&root.join("user_key"));
+    std::fs::write(root.join("authorized_keys"), format!("{user_pub}\n")).expect("authorized_keys");
+    let port = free_port();
+    std::fs::write(
+        root.join("sshd_config"),
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nStrictModes no\nUsePAM no\nPidFile none\nLogLevel ERROR\n",
+            root.join("host_key").display(),
+            root.join("authorized_keys").display()
+        ),
+    )
+    .expect("sshd_config");
+    let _ = std::fs::create_dir_all("/run/sshd");
+    let _sshd = Kill(
+        Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(root.join("sshd_config"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("sshd runs (openssh-server; .ci/run installs it)"),
+    );
+    wait_for(LIMIT, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .expect("sshd listens");
+    let user = String::from_utf8_lossy(&Command::new("id").arg("-un").output().expect("id").stdout)
+        .trim()
+        .to_string();
+    std::fs::write(
+        root.join("known_hosts"),
+        format!("[127.0.0.1]:{port} {host_pub}\n"),
+    )
+    .expect("known_hosts");
+    let url = format!("ssh://{user}@127.0.0.1:{port}{}", remote.bare.display());
+    git_daemon(&url, &mut d);
+    let auth = "poll_interval: 1s, auth: {ssh: {key: user_key, known_hosts: known_hosts}}}}";
+    let cfg = std::fs::read_to_string(root.join("vessel.yaml"))
+        .expect("config")
+        .replace("poll_interval: 1s}}", auth);
+    std::fs::write(root.join("vessel.yaml"), cfg).expect("config");
+    d.start();
+    wait_for(LIMIT, || serves(&d, "alice"))
+        .unwrap_or_else(|| panic!("alice serves over ssh: {}\n{}", status(&d), d.log()));
+    std::fs::write(remote.work.join("sessions/finn.yaml"), session("finn")).expect("finn");
+    remote.commit("add finn");
+    wait_for(LIMIT, || serves(&d, "finn")).expect("commits over ssh converge");
+    let user_key = std::fs::read(root.join("user_key")).expect("key");
+    // The first daemon stays up: the remote and sshd live in its directory.
+
+    // A known_hosts that does not have this server's key: refused, nothing applied.
+    let mut w = Daemon::new();
+    let other = keygen(&w.dir.path().join("other_host_key"));
+    std::fs::write(w.dir.path().join("user_key"), &user_key).expect("key");
+    let _ = std::fs::set_permissions(
+        w.dir.path().join("user_key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    );
+    std::fs::write(
+        w.dir.path().join("known_hosts"),
+        format!("[127.0.0.1]:{port} {other}\n"),
+    )
+    .expect("known_hosts");
+    git_daemon(&url, &mut w);
+    let cfg = std::fs::read_to_string(w.dir.path().join("vessel.yaml"))
+        .expect("config")
+        .replace("poll_interval: 1s}}", auth);
+    std::fs::write(w.dir.path().join("vessel.yaml"), cfg).expect("config");
+    w.start();
+    wait_for(LIMIT, || {
+        status(&w)["source_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("known_hosts") || e.contains("hostkey"))
+    })
+    .unwrap_or_else(|| panic!("{}", status(&w)));
+    assert!(
+        w.processes().is_empty(),
+        "nothing is applied from an unknown host"
+    );
+}
