@@ -521,6 +521,9 @@ impl Config {
             }
         }
         fix(&mut self.state_dir);
+        if let DnsConfig::Hosts { file, .. } = &mut self.providers.dns {
+            fix(file);
+        }
     }
 
     /// The source directory, for a directory source.

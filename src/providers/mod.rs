@@ -10,6 +10,7 @@
 //! Foreign (SDK) types stay inside each provider's module.
 
 pub mod embedded;
+pub mod hosts;
 pub mod process;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -115,6 +116,8 @@ pub struct Providers {
 pub enum SetupError {
     #[error("the {0} provider is not available in this build of vessel yet")]
     NotAvailable(&'static str),
+    #[error("{0}")]
+    Invalid(String),
     #[error("cannot prepare the process provider's directory {path}")]
     StateDir {
         path: std::path::PathBuf,
@@ -155,7 +158,14 @@ impl Providers {
         };
         let dns: Option<Arc<dyn DnsProvider>> = match &config.providers.dns {
             DnsConfig::None => None,
-            DnsConfig::Hosts { .. } => return Err(SetupError::NotAvailable("hosts DNS")),
+            DnsConfig::Hosts { file, address } => {
+                if address.parse::<std::net::IpAddr>().is_err() {
+                    return Err(SetupError::Invalid(format!(
+                        "the hosts DNS provider maps names to addresses: `{address}` is not an IP address"
+                    )));
+                }
+                Some(Arc::new(hosts::HostsDns::new(file.clone())))
+            }
             DnsConfig::Powerdns { .. } => return Err(SetupError::NotAvailable("powerdns")),
         };
         Ok(Providers {

@@ -2,6 +2,7 @@
 //! `support`.
 
 mod daemon_support;
+mod dns_hosts;
 mod git_source;
 mod hostile;
 mod hygiene;
