@@ -92,26 +92,11 @@ pub fn serve_thread(
     poke: mpsc::UnboundedSender<Trigger>,
     cancel: CancellationToken,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    listener.set_nonblocking(true)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    std::thread::Builder::new()
-        .name("vessel-webhook".into())
-        .spawn(move || {
-            rt.block_on(async move {
-                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
-                    return;
-                };
-                let app = Router::new()
-                    .fallback(receive)
-                    .layer(DefaultBodyLimit::max(1 << 20))
-                    .with_state(Arc::new(Hook { secret, poke }));
-                let _ = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { cancel.cancelled().await })
-                    .await;
-            })
-        })
+    let app = Router::new()
+        .fallback(receive)
+        .layer(DefaultBodyLimit::max(1 << 20))
+        .with_state(Arc::new(Hook { secret, poke }));
+    crate::status::serve_router_thread("vessel-webhook", listener, app, cancel)
 }
 
 #[cfg(test)]

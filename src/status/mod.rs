@@ -331,27 +331,38 @@ pub fn serve_thread(
     st: Arc<AppState>,
     cancel: CancellationToken,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    serve_router_thread("vessel-status", listener, router(st), cancel)
+}
+
+/// Serve `app` on a thread of its own, with its own single-threaded runtime, until `cancel`:
+/// what vessel's side listeners (status, webhook) run on, so a busy pass never slows them.
+pub fn serve_router_thread(
+    name: &str,
+    listener: std::net::TcpListener,
+    app: Router,
+    cancel: CancellationToken,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
     listener.set_nonblocking(true)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let label = name.to_string();
     std::thread::Builder::new()
-        .name("vessel-status".into())
+        .name(label.clone())
         .spawn(move || {
             rt.block_on(async move {
                 let listener = match tokio::net::TcpListener::from_std(listener) {
                     Ok(l) => l,
                     Err(e) => {
-                        tracing::error!(error = %e, "the status endpoint cannot listen");
+                        tracing::error!(error = %e, "{label} cannot listen");
                         return;
                     }
                 };
-                let app = router(st);
                 if let Err(e) = axum::serve(listener, app)
                     .with_graceful_shutdown(async move { cancel.cancelled().await })
                     .await
                 {
-                    tracing::error!(error = %e, "the status endpoint stopped");
+                    tracing::error!(error = %e, "{label} stopped");
                 }
             })
         })

@@ -6,29 +6,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::daemon_support::{Daemon, PLAN, free_port, session, wait_for};
+use crate::support::git;
 
 const LIMIT: Duration = Duration::from_secs(20);
-
-fn git(dir: &Path, args: &[&str]) {
-    let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@example.com",
-            "-c",
-            "commit.gpgsign=false",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("git runs");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A bare remote and a work clone with the plan and alice committed and pushed.
 struct Remote {

@@ -1,27 +1,7 @@
 //! `vessel plan` end to end: against another git revision (real repositories made with the
 //! `git` CLI), against an observed snapshot, in every format, with its exit codes.
 
-use std::path::Path;
-use std::process::Command;
-
-use crate::support::{text, vessel_in};
-
-fn git(dir: &Path, args: &[&str]) {
-    let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@example.com",
-            "-c",
-            "commit.gpgsign=false",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("git runs (install it: .ci/run does)");
-    assert!(out.status.success(), "git {args:?}: {}", text(&out.stderr));
-}
+use crate::support::{git, text, vessel_in};
 
 const PLAN: &str =
     "kind: Plan\nname: web\ncommand: [serve, '{port.ide}']\nports: {ide: 8080, app: 5173}\n";

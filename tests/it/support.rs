@@ -25,3 +25,21 @@ pub fn vessel_in(dir: &Path, args: &[&str]) -> Output {
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
+
+/// Run git with a fixed identity and no signing, in `dir`; panics with git's error.
+pub fn git(dir: &Path, args: &[&str]) {
+    let out = Command::new("git")
+        .args([
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.com",
+            "-c",
+            "commit.gpgsign=false",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("git runs (install it: .ci/run does)");
+    assert!(out.status.success(), "git {args:?}: {}", text(&out.stderr));
+}
