@@ -218,3 +218,33 @@ pub fn dir_names(p: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// A `vessel devserver` on `port` serving `root`; killed on drop.
+pub struct Devserver(Child);
+
+impl Drop for Devserver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn spawn_devserver(port: u16, root: &Path) -> Devserver {
+    let child = Command::new(env!("CARGO_BIN_EXE_vessel"))
+        .args([
+            "devserver",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--root",
+        ])
+        .arg(root)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("vessel devserver runs");
+    wait_for(Duration::from_secs(10), || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .expect("devserver listens");
+    Devserver(child)
+}

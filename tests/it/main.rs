@@ -9,6 +9,7 @@ mod hygiene;
 mod plan_cli;
 mod planner_cases;
 mod planner_props;
+mod proxy;
 mod reconciler;
 mod status;
 mod support;

@@ -1,0 +1,125 @@
+//! The embedded proxy in-process: route swaps never drop a connection, and the error pages.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use vessel::proxy::{Change, Proxy, Route};
+
+use crate::daemon_support::{free_port, wait_for};
+
+fn route(port: u16) -> Route {
+    Route {
+        upstream: format!("127.0.0.1:{port}"),
+        session: "s".into(),
+        route: None,
+        ready: true,
+    }
+}
+
+/// Send one keep-alive request on `s` and read one response (status, body).
+fn exchange(
+    s: &mut TcpStream,
+    reader: &mut BufReader<TcpStream>,
+    host: &str,
+    path: &str,
+) -> (u16, String) {
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").expect("write");
+    let mut status = String::new();
+    reader.read_line(&mut status).expect("status line");
+    let mut len = 0;
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h).expect("header");
+        if h.trim().is_empty() {
+            break;
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body).expect("body");
+    (
+        status.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0),
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+#[test]
+fn swapping_routes_never_drops_an_open_connection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = free_port();
+    let _upstream = crate::daemon_support::spawn_devserver(up, dir.path());
+    let proxy = Proxy::default();
+    proxy.apply(&[Change::Upsert {
+        host: "keep.localhost".into(),
+        route: route(up),
+    }]);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let cancel = CancellationToken::new();
+    proxy
+        .serve_threads(listener, 2, cancel.clone())
+        .expect("serve");
+
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut reader = BufReader::new(s.try_clone().expect("clone"));
+    assert_eq!(
+        exchange(&mut s, &mut reader, "keep.localhost", "/healthz"),
+        (200, "ok\n".into())
+    );
+    for round in 0..20 {
+        // 100 other routes come and go, and this connection's own route is replaced.
+        let changes: Vec<Change> = (0..100)
+            .map(|i| {
+                if round % 2 == 0 {
+                    Change::Upsert {
+                        host: format!("r{i}.localhost"),
+                        route: route(up),
+                    }
+                } else {
+                    Change::Remove {
+                        host: format!("r{i}.localhost"),
+                    }
+                }
+            })
+            .chain(std::iter::once(Change::Upsert {
+                host: "keep.localhost".into(),
+                route: route(up),
+            }))
+            .collect();
+        proxy.apply(&changes);
+        assert_eq!(
+            exchange(&mut s, &mut reader, "keep.localhost", "/healthz"),
+            (200, "ok\n".into()),
+            "round {round}"
+        );
+    }
+    // The same connection sees a removal as a 404, and an unknown host too.
+    proxy.apply(&[Change::Remove {
+        host: "keep.localhost".into(),
+    }]);
+    let (code, body) = exchange(&mut s, &mut reader, "keep.localhost", "/");
+    assert_eq!(code, 404);
+    assert!(body.contains("No session here"), "{body}");
+    // A route to a port where nothing listens: 502, saying which session.
+    proxy.apply(&[Change::Upsert {
+        host: "dead.localhost".into(),
+        route: Route {
+            session: "dead".into(),
+            ..route(free_port())
+        },
+    }]);
+    let (code, body) = exchange(&mut s, &mut reader, "dead.localhost", "/");
+    assert_eq!(code, 502);
+    assert!(
+        body.contains("Session not answering") && body.contains("dead"),
+        "{body}"
+    );
+    cancel.cancel();
+    wait_for(Duration::from_secs(1), || true);
+}
