@@ -336,3 +336,42 @@ fn an_idle_daemon_does_not_reconcile_in_a_loop() {
         d.log()
     );
 }
+
+#[test]
+fn stopping_leaves_no_stray_and_a_restart_runs_the_real_command() {
+    let mut d = Daemon::new();
+    // A command that leaves a child behind which ignores SIGTERM.
+    let stray_plan = "kind: Plan\nname: stray\ncommand: [sh, -c, \"sh -c 'trap \\\"\\\" TERM; exec sleep 600' & exec \\\"$0\\\" devserver --listen 127.0.0.1:$PORT_IDE --root .\", '{vessel}']\nports: {ide: 8080}\nhealth: {port: ide, path: /healthz}\nstop_timeout: 1s\n";
+    d.write("stray-plan.yaml", stray_plan);
+    d.write("keep.yaml", &session("keep"));
+    d.write("sam.yaml", "kind: Session\nname: sam\nplan: stray\n");
+    d.start();
+    wait_for(LIMIT, || {
+        d.get("sam.localhost", "/healthz")
+            .is_some_and(|(c, _)| c == 200)
+    })
+    .unwrap_or_else(|| panic!("sam serves: {}", d.log()));
+    let sam = |d: &Daemon| {
+        d.processes()
+            .into_iter()
+            .filter(|(n, _)| n == "sam")
+            .count()
+    };
+    assert!(sam(&d) >= 2, "sam runs a server and a stray");
+    d.write(
+        "sam.yaml",
+        "kind: Session\nname: sam\nplan: stray\nstate: stopped\n",
+    );
+    wait_for(LIMIT, || sam(&d) == 0).unwrap_or_else(|| {
+        panic!(
+            "every process of sam is gone after a stop: {:?}",
+            d.processes()
+        )
+    });
+    d.write("sam.yaml", "kind: Session\nname: sam\nplan: stray\n");
+    wait_for(LIMIT, || {
+        d.get("sam.localhost", "/healthz")
+            .is_some_and(|(c, _)| c == 200)
+    })
+    .expect("a restart runs the real command again");
+}

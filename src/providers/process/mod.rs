@@ -188,6 +188,21 @@ fn proc_stat_of(pid: Option<i32>) -> Option<(char, u64)> {
     pid.and_then(proc_stat)
 }
 
+/// The process group of `pid` (`/proc/<pid>/stat` field 5).
+fn proc_pgrp(pid: i32) -> Option<i32> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &s[s.rfind(')')? + 1..];
+    after.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// The session's process that leads its own group: the one vessel started. Strays (children
+/// that outlived it, or left its group) are never adopted.
+fn find_leader(key: &str) -> Option<i32> {
+    find_by_key(key)
+        .into_iter()
+        .find(|p| proc_pgrp(*p) == Some(*p))
+}
+
 /// Live processes whose environment carries `VESSEL_SESSION_KEY=<key>`.
 fn find_by_key(key: &str) -> Vec<i32> {
     let needle = format!("VESSEL_SESSION_KEY={key}");
@@ -292,7 +307,7 @@ impl ProcessProvider {
                 let mut running = alive(r.pid, r.start_ticks);
                 if !running && r.intent == Intent::Running {
                     // Adopt a process that was started but never recorded.
-                    if let Some(pid) = find_by_key(&me.key(&name)).first().copied() {
+                    if let Some(pid) = find_leader(&me.key(&name)) {
                         r.pid = Some(pid);
                         r.start_ticks = proc_stat(pid).map(|(_, t)| t);
                         write_record(&dir, &r)?;
@@ -427,7 +442,7 @@ impl ProcessProvider {
         if alive(r.pid, r.start_ticks) {
             return Ok(());
         }
-        if let Some(pid) = find_by_key(&self.key(session)).first().copied() {
+        if let Some(pid) = find_leader(&self.key(session)) {
             r.pid = Some(pid);
             r.start_ticks = proc_stat(pid).map(|(_, t)| t);
             r.intent = Intent::Running;
@@ -514,13 +529,14 @@ impl ProcessProvider {
             .or(r.spec.stop_timeout)
             .map(|d| d.std())
             .unwrap_or(Duration::from_secs(10));
-        if alive(r.pid, r.start_ticks)
-            && let Some(pid) = r.pid
-        {
-            terminate(pid, timeout).await;
-        }
-        for pid in find_by_key(&self.key(session)) {
-            terminate(pid, timeout).await;
+        let leader = r.pid.filter(|_| alive(r.pid, r.start_ticks));
+        let left = terminate_session(leader, &self.key(session), timeout).await;
+        if !left.is_empty() {
+            return Err(ProviderError::failed(
+                "stop",
+                session,
+                format!("processes {left:?} survived SIGKILL"),
+            ));
         }
         let _guard = self.inner.lock.lock().await;
         r.intent = Intent::Stopped;
@@ -530,9 +546,7 @@ impl ProcessProvider {
     }
 
     async fn kill_orphans(&self, session: &str) {
-        for pid in find_by_key(&self.key(session)) {
-            terminate(pid, Duration::from_secs(2)).await;
-        }
+        let _ = terminate_session(None, &self.key(session), Duration::from_secs(2)).await;
     }
 
     async fn destroy(
@@ -648,19 +662,42 @@ fn clean_trash(root: &Path) {
     }
 }
 
-async fn terminate(pid: i32, timeout: Duration) {
-    let group = Pid::from_raw(pid);
-    if killpg(group, Signal::SIGTERM).is_err() {
-        return;
-    }
+/// Stop everything of one session: SIGTERM to the recorded leader's group and to every
+/// process carrying the session's marker (its group if it leads one, else itself); wait until
+/// none is left; SIGKILL what remains at the timeout. Returns the pids still alive after that
+/// (none, normally). Strays that ignore SIGTERM are not left behind to be adopted later.
+async fn terminate_session(leader: Option<i32>, key: &str, timeout: Duration) -> Vec<i32> {
+    use nix::sys::signal::kill;
+    let signal_all = |sig: Signal| {
+        if let Some(l) = leader {
+            let _ = killpg(Pid::from_raw(l), sig);
+        }
+        for pid in find_by_key(key) {
+            if proc_pgrp(pid) == Some(pid) {
+                let _ = killpg(Pid::from_raw(pid), sig);
+            } else {
+                let _ = kill(Pid::from_raw(pid), sig);
+            }
+        }
+    };
+    let group_alive = || leader.is_some_and(|l| killpg(Pid::from_raw(l), None).is_ok());
+    signal_all(Signal::SIGTERM);
     let deadline = tokio::time::Instant::now() + timeout;
     while tokio::time::Instant::now() < deadline {
-        if proc_stat(pid).is_none_or(|(s, _)| s == 'Z' || s == 'X') {
-            return;
+        if !group_alive() && find_by_key(key).is_empty() {
+            return Vec::new();
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let _ = killpg(group, Signal::SIGKILL);
+    signal_all(Signal::SIGKILL);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < deadline {
+        if !group_alive() && find_by_key(key).is_empty() {
+            return Vec::new();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    find_by_key(key)
 }
 
 /// Does the port answer? With a path: an HTTP GET answered below 500.
