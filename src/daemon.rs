@@ -187,12 +187,30 @@ pub async fn run(
         )?),
         None => None,
     };
+    // Every secret this process resolves is redacted from whatever the status endpoint serves.
+    let mut secrets: Vec<String> = Vec::new();
+    if let crate::config::SourceConfig::Git(g) = &reconciler.config.source {
+        match &g.auth {
+            Some(crate::config::GitAuth::Token { token: s, .. })
+            | Some(crate::config::GitAuth::Basic { password: s, .. }) => {
+                if let Ok(v) = s.resolve() {
+                    secrets.push(v.expose().to_string());
+                }
+            }
+            _ => {}
+        }
+        if let Some(w) = &g.webhook
+            && let Ok(v) = w.secret.resolve()
+        {
+            secrets.push(v.expose().to_string());
+        }
+    }
     let app = crate::status::AppState::new(
         reconciler.shared.clone(),
         reconciler.metrics.clone(),
         ctx,
         token,
-        Vec::new(),
+        secrets,
     );
     crate::status::serve_thread(status_listener, Arc::new(app), cancel.clone()).map_err(
         |source| DaemonError::StatusListen {

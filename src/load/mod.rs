@@ -483,6 +483,25 @@ pub fn load_config(path: &Path) -> Result<Config, Vec<Diagnostic>> {
             ]);
         }
     };
+    // Credentials in an http(s) URL would travel into logs, status and the mirror's config.
+    if let crate::config::SourceConfig::Git(g) = &config.source {
+        let authority = g
+            .url
+            .split_once("://")
+            .filter(|(scheme, _)| scheme.starts_with("http"))
+            .map(|(_, rest)| rest.split('/').next().unwrap_or(""));
+        if authority.is_some_and(|a| a.contains('@')) {
+            let pos = docs
+                .first()
+                .and_then(|d| d.fields.get("source.git.url").copied())
+                .unwrap_or_default();
+            return Err(vec![
+                // No source line: it holds the credential.
+                Diagnostic::error("secret-in-url", &display, pos, "the git URL carries credentials")
+                    .with_help("remove them from the URL and use `auth: {token: {env: NAME}}` (or basic) instead"),
+            ]);
+        }
+    }
     config.rebase(if dir.as_os_str().is_empty() {
         Path::new(".")
     } else {

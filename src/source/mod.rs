@@ -16,7 +16,7 @@ pub enum SourceError {
     Load(#[from] LoadError),
     #[error(transparent)]
     Git(#[from] git::GitError),
-    #[error("{0}, and no commit has been verified yet: nothing is applied")]
+    #[error("{0}, and no earlier commit verifies with today's allowed signers: nothing is applied")]
     Unverified(String),
     #[error("nothing has been fetched from {url} yet: {fetch}")]
     NeverFetched {
@@ -58,7 +58,13 @@ pub fn load(config: &Config, now: DateTime<Utc>) -> Result<Desired, SourceError>
                 None => head,
                 Some(v) => match mirror.verify(head, &v.allowed_signers, &dir.join("scratch")) {
                     Ok(_) => head,
-                    Err(why) => match mirror.last_verified() {
+                    // The fallback is checked again against today's signers: a revoked key's
+                    // last commit is not kept applied.
+                    Err(why) => match mirror.last_verified().filter(|last| {
+                        mirror
+                            .verify(*last, &v.allowed_signers, &dir.join("scratch"))
+                            .is_ok()
+                    }) {
                         Some(last) => {
                             notes.push(format!(
                                 "{why}: not applied; applying the last verified revision {}",

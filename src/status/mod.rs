@@ -262,9 +262,9 @@ async fn plan(
             .is_some_and(|a| a.contains("application/json"));
     let Some(out) = st.with(|s| match (&s.plan, &s.observed) {
         (Some(p), Some(o)) => Some(if wants_json {
-            render::json(p)
+            render::json(&view::redact_plan(p))
         } else {
-            render::text(p, o, false)
+            render::text(&view::redact_plan(p), &view::redact_observed(o), false)
         }),
         _ => None,
     }) else {

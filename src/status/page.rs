@@ -126,7 +126,15 @@ pub fn render(s: &Shared, ctx: &Context) -> String {
     h.push_str("</ul><h2>Pending plan</h2>");
     match (&s.plan, &s.observed) {
         (Some(p), Some(o)) => {
-            let _ = write!(h, "<pre>{}</pre>", esc(&render::text(p, o, false)));
+            let _ = write!(
+                h,
+                "<pre>{}</pre>",
+                esc(&render::text(
+                    &view::redact_plan(p),
+                    &view::redact_observed(o),
+                    false
+                ))
+            );
         }
         _ => h.push_str("<p>No pass has run yet.</p>"),
     }

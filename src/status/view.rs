@@ -344,3 +344,93 @@ pub fn records(s: &Shared) -> Vec<RecordView> {
         })
         .collect()
 }
+
+/// The plan with environment values redacted (they may hold secrets).
+pub fn redact_plan(plan: &crate::planner::Plan) -> crate::planner::Plan {
+    let mut p = plan.clone();
+    for step in &mut p.steps {
+        if let crate::planner::Action::CreateSession { spec, .. } = &mut step.action {
+            let mut redacted = (**spec).clone();
+            for v in redacted.env.values_mut() {
+                *v = REDACTED.to_string();
+            }
+            *spec = std::sync::Arc::new(redacted);
+        }
+    }
+    p
+}
+
+/// The observed state with environment values redacted.
+pub fn redact_observed(observed: &crate::observed::Observed) -> crate::observed::Observed {
+    let mut o = observed.clone();
+    for s in o.sessions.values_mut() {
+        if let Some(spec) = &mut s.spec {
+            for v in spec.env.values_mut() {
+                *v = REDACTED.to_string();
+            }
+        }
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_and_observed_specs_are_served_without_env_values() {
+        let spec = RuntimeSpec {
+            compute: crate::model::ComputeKind::Process,
+            image: None,
+            command: vec![],
+            env: [("API_KEY".to_string(), "hunter2".to_string())]
+                .into_iter()
+                .collect(),
+            cpus: None,
+            memory: None,
+            disk: None,
+            ports: BTreeMap::new(),
+            health: None,
+            stop_timeout: None,
+        };
+        let mut plan = crate::planner::Plan::default();
+        plan.steps.push(crate::planner::Step {
+            id: 0,
+            action: crate::planner::Action::CreateSession {
+                session: "a".into(),
+                spec: std::sync::Arc::new(spec.clone()),
+                fingerprint: "f".into(),
+                source_file: "a.yaml".into(),
+                save_to: None,
+                start: true,
+            },
+            reason: crate::planner::Reason::Missing,
+            depends_on: vec![],
+        });
+        let json = crate::planner::render::json(&redact_plan(&plan));
+        assert!(
+            json.contains("API_KEY") && !json.contains("hunter2"),
+            "{json}"
+        );
+        let mut observed = crate::observed::Observed::default();
+        observed.sessions.insert(
+            "b".into(),
+            crate::observed::ObservedSession {
+                name: "b".into(),
+                provider: crate::model::ComputeKind::Process,
+                state: SessionState::Running,
+                owned: true,
+                fingerprint: "x".into(),
+                spec: Some(spec),
+                endpoints: BTreeMap::new(),
+                source_file: None,
+                synced_source: None,
+                save_to: None,
+                healthy: None,
+            },
+        );
+        let text =
+            crate::planner::render::text(&redact_plan(&plan), &redact_observed(&observed), false);
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+}

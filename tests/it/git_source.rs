@@ -405,6 +405,18 @@ fn with_verification_on_an_unsigned_commit_is_refused() {
     git(&work, &["push", "-q", "origin", "HEAD:main"]);
     wait_for(LIMIT, || serves(&d, "carol") && serves(&d, "bob"))
         .expect("the next signed commit is applied");
+
+    // The key is revoked: its commits no longer verify, not even the last one applied, so
+    // nothing is planned (and nothing running is touched).
+    let before = d.processes();
+    std::fs::write(root.join("allowed_signers"), "").expect("revoke");
+    wait_for(LIMIT, || {
+        status(&d)["last_pass"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("today's allowed signers"))
+    })
+    .unwrap_or_else(|| panic!("{}", status(&d)));
+    assert_eq!(d.processes(), before);
 }
 
 fn base64(input: &[u8]) -> String {

@@ -136,3 +136,25 @@ fn unknown_arguments_and_missing_dirs_fail_cleanly() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn credentials_in_a_git_url_are_refused_without_echoing_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("vessel.yaml");
+    std::fs::write(
+        &cfg,
+        "source:\n  git:\n    url: https://bot:ghp_s3cr3tT0ken@git.example.com/team/s.git\n",
+    )
+    .expect("write");
+    let out = vessel(&["validate", cfg.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("vessel.yaml:3:") && err.contains("carries credentials"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("ghp_s3cr3tT0ken"),
+        "the credential is not echoed: {err}"
+    );
+}
