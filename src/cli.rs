@@ -167,6 +167,7 @@ pub enum Format {
 }
 
 pub fn main() -> ExitCode {
+    crate::source::git::init_network_timeouts();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,

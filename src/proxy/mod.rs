@@ -295,7 +295,11 @@ impl Proxy {
                     let client = client.clone();
                     async move { Ok::<_, Infallible>(proxy.handle(req, remote, &client).await) }
                 });
+                // A client that sends no complete header within 60 s (an idle keep-alive
+                // connection included) is closed, so idle connections cannot pile up.
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(60))
                     .keep_alive(true)
                     .serve_connection(TokioIo::new(stream), svc)
                     .with_upgrades();

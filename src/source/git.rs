@@ -249,6 +249,21 @@ impl Mirror {
     }
 }
 
+/// libgit2's own network timeouts, so a hung server ends a fetch instead of occupying the
+/// mirror's one fetch slot for ever. Call at the start of `main`, before any thread exists.
+pub fn init_network_timeouts() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: these set libgit2 globals without synchronisation; `cli::main` calls this
+        // first thing, before any thread (tokio's included) is spawned, and `Once` makes it
+        // the only call.
+        unsafe {
+            let _ = git2::opts::set_server_connect_timeout_in_milliseconds(10_000);
+            let _ = git2::opts::set_server_timeout_in_milliseconds(15_000);
+        }
+    });
+}
+
 /// Fetch with a time limit: a hung remote must never stall the loop. At most one fetch per
 /// mirror runs at a time; a fetch still running from before counts as not done.
 pub fn fetch_with_timeout(dir: &Path, config: &GitSourceConfig) -> Result<(), String> {
