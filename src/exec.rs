@@ -140,6 +140,9 @@ pub async fn execute(
     let mut busy_sessions: BTreeSet<String> = BTreeSet::new();
     let mut per_provider: BTreeMap<ProviderId, usize> = BTreeMap::new();
     let mut batch_running: BTreeSet<ProviderId> = BTreeSet::new();
+    // Which steps each running task carries, so a panic fails only its own.
+    let mut tasks: std::collections::HashMap<tokio::task::Id, Vec<usize>> =
+        std::collections::HashMap::new();
     loop {
         // Skip what depends on a step that did not succeed (ids are a topological order).
         for id in 0..n {
@@ -206,7 +209,8 @@ pub async fn execute(
                         busy_sessions.insert(session);
                         *per_provider.entry(provider.clone()).or_default() += 1;
                         status[id] = Status::Running;
-                        spawn_compute(&mut running, providers, step, opts);
+                        let task = spawn_compute(&mut running, providers, step, opts);
+                        tasks.insert(task, vec![id]);
                     }
                 }
             }
@@ -215,24 +219,27 @@ pub async fn execute(
                     status[*id] = Status::Running;
                 }
                 batch_running.insert(provider.clone());
-                spawn_batch(&mut running, providers, plan, provider, ids, opts);
+                let task = spawn_batch(&mut running, providers, plan, provider, ids.clone(), opts);
+                tasks.insert(task, ids);
             }
         }
-        let Some(joined) = running.join_next().await else {
+        let Some(joined) = running.join_next_with_id().await else {
             break;
         };
         let (ids, outcomes, d) = match joined {
-            Ok(f) => f,
+            Ok((task, f)) => {
+                tasks.remove(&task);
+                f
+            }
             Err(e) => {
-                // A provider panicked: fail whatever was running, visibly, and go on.
-                let ids: Vec<usize> = (0..n).filter(|id| status[*id] == Status::Running).collect();
+                // A provider panicked: fail that task's steps, visibly, and go on with the rest.
+                let ids = tasks.remove(&e.id()).unwrap_or_default();
                 let outcomes = ids
                     .iter()
                     .map(|_| Outcome::Failed {
                         error: format!("provider task failed: {e}"),
                     })
                     .collect();
-                running.abort_all();
                 (ids, outcomes, Duration::ZERO)
             }
         };
@@ -270,7 +277,7 @@ fn spawn_compute(
     providers: &Providers,
     step: &Step,
     opts: &ExecOptions,
-) {
+) -> tokio::task::Id {
     let id = step.id;
     let action = step.action.clone();
     let timeout = timeout_for(&action, opts);
@@ -293,7 +300,8 @@ fn spawn_compute(
             },
         };
         (vec![id], vec![outcome], t.elapsed())
-    });
+    })
+    .id()
 }
 
 fn spawn_batch(
@@ -303,7 +311,7 @@ fn spawn_batch(
     provider: ProviderId,
     ids: Vec<usize>,
     opts: &ExecOptions,
-) {
+) -> tokio::task::Id {
     let actions: Vec<Action> = ids
         .iter()
         .map(|id| plan.steps[*id].action.clone())
@@ -349,7 +357,8 @@ fn spawn_batch(
                 .collect(),
         };
         (ids, outcomes, t.elapsed())
-    });
+    })
+    .id()
 }
 
 /// Results in plan order, counted by outcome label.
@@ -409,6 +418,9 @@ mod tests {
                     .unwrap_or_else(|e| e.into_inner())
                     .entry(s.clone())
                     .or_default() -= 1;
+                if s == "boom" {
+                    panic!("the provider panicked on purpose");
+                }
                 if s == "bad" {
                     Err(ProviderError::failed("apply", s, "it is broken"))
                 } else {
@@ -611,5 +623,46 @@ mod tests {
                 .unwrap_or_else(|e| e.into_inner())
                 .is_empty()
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_provider_fails_only_its_own_steps() {
+        let mut plan = Plan::default();
+        for s in ["a", "boom", "c"] {
+            chain(&mut plan, s);
+        }
+        let rec = Arc::new(Recorder::default());
+        let providers = Providers {
+            compute: [(
+                ComputeKind::Process,
+                rec.clone() as Arc<dyn ComputeProvider>,
+            )]
+            .into_iter()
+            .collect(),
+            proxy: Arc::new(Routes(Mutex::new(vec![]))),
+            dns: None,
+            embedded: None,
+            observe_timeout: Duration::from_secs(1),
+        };
+        let results = execute(
+            &plan,
+            &providers,
+            &ExecOptions::default(),
+            &BTreeSet::new(),
+            &CancellationToken::new(),
+            |_, _, _| {},
+        )
+        .await;
+        let by_id: BTreeMap<usize, &Outcome> =
+            results.iter().map(|r| (r.step, &r.outcome)).collect();
+        for base in [0, 8] {
+            for id in base..base + 4 {
+                assert_eq!(by_id[&id], &Outcome::Succeeded, "step {id}");
+            }
+        }
+        assert!(
+            matches!(by_id[&4], Outcome::Failed { error } if error.contains("provider task failed"))
+        );
+        assert_eq!(by_id[&5], &Outcome::Skipped { because_of: 4 });
     }
 }
