@@ -43,7 +43,14 @@ fn records_follow_routes_and_foreign_lines_stay() {
         "a foreign name is never shadowed:\n{}",
         text()
     );
-    let events = std::fs::read_to_string(d.state().join("events.jsonl")).unwrap_or_default();
+    // Events are recorded when the pass ends, a moment after the file is written.
+    let read_events =
+        || std::fs::read_to_string(d.state().join("events.jsonl")).unwrap_or_default();
+    wait_for(LIMIT, || {
+        read_events().contains("\"upsert-record\",\"object\":\"dns docs-alice.example.com A\"")
+    })
+    .expect("the record's event");
+    let events = read_events();
     let pos = |needle: &str| {
         events
             .lines()
