@@ -53,6 +53,8 @@ pub enum DaemonError {
     },
     #[error("cannot read the webhook's secret")]
     WebhookSecret(#[source] crate::config::SecretError),
+    #[error("the webhook's secret is shorter than 8 characters; anyone could sign a poke")]
+    WebhookWeak,
 }
 
 /// A running daemon's handles, for callers that embed it (tests, the status server).
@@ -170,6 +172,9 @@ pub async fn run(
         && let Some(w) = &g.webhook
     {
         let secret = w.secret.resolve().map_err(DaemonError::WebhookSecret)?;
+        if secret.expose().len() < 8 {
+            return Err(DaemonError::WebhookWeak);
+        }
         let err = |source| DaemonError::Webhook {
             addr: w.listen,
             source,

@@ -375,3 +375,57 @@ fn stopping_leaves_no_stray_and_a_restart_runs_the_real_command() {
     })
     .expect("a restart runs the real command again");
 }
+
+#[test]
+fn a_source_path_through_a_symlink_is_refused_and_a_bad_record_holds_only_its_session() {
+    let mut d = Daemon::new();
+    let real = d.dir.path().join("elsewhere");
+    std::fs::create_dir_all(&real).expect("mkdir");
+    std::fs::write(real.join("secret.txt"), "not for alice").expect("write");
+    let link = d.dir.path().join("projects-link");
+    std::os::unix::fs::symlink(&real, &link).expect("symlink");
+    d.write("keep.yaml", &session("keep"));
+    d.write(
+        "alice.yaml",
+        &format!(
+            "kind: Session\nname: alice\nplan: web\nsource: {{path: {}}}\n",
+            link.display()
+        ),
+    );
+    d.start();
+    wait_for(LIMIT, || d.log().contains("resolves through a symlink"))
+        .unwrap_or_else(|| panic!("{}", d.log()));
+    assert!(
+        !d.state()
+            .join("sessions/alice/workspace/secret.txt")
+            .exists(),
+        "nothing was copied through the link"
+    );
+
+    // An unreadable record: that session is held as it is; the others are still repaired.
+    wait_for(LIMIT, || {
+        d.get("keep.localhost", "/healthz")
+            .is_some_and(|(c, _)| c == 200)
+    })
+    .expect("keep serves");
+    std::fs::write(d.state().join("sessions/alice/session.json"), "{ not json").expect("corrupt");
+    let keep_pid = d
+        .processes()
+        .into_iter()
+        .find(|(n, _)| n == "keep")
+        .map(|(_, p)| p)
+        .expect("keep runs");
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(keep_pid), Signal::SIGKILL);
+    wait_for(LIMIT, || {
+        d.processes()
+            .iter()
+            .any(|(n, p)| n == "keep" && *p != keep_pid)
+            && d.get("keep.localhost", "/healthz")
+                .is_some_and(|(c, _)| c == 200)
+    })
+    .expect("keep is repaired while alice's record is unreadable");
+    assert!(
+        d.state().join("sessions/alice").exists(),
+        "alice is held, not destroyed"
+    );
+}

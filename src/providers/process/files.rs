@@ -119,6 +119,18 @@ pub fn save_atomically(from: &Path, dest: &Path, exclude: &[String]) -> io::Resu
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
+    // What an interrupted save left beside the project (vessel killed mid-save) goes first.
+    let stale = format!(".{name}.vessel-save-");
+    if let Ok(rd) = std::fs::read_dir(parent) {
+        for e in rd.flatten() {
+            if e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(&stale))
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
     let tmp: PathBuf = parent.join(format!(
         ".{name}.vessel-save-{}-{nonce}",
         std::process::id()

@@ -151,7 +151,12 @@ fn read_record(dir: &Path) -> Result<Option<Record>, ProviderError> {
 
 fn write_record(dir: &Path, r: &Record) -> Result<(), ProviderError> {
     let path = dir.join(RECORD);
-    let tmp = dir.join(".session.json.tmp");
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let tmp = dir.join(format!(
+        ".session.json.{}.{}.tmp",
+        std::process::id(),
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     let bytes = serde_json::to_vec_pretty(r)
         .map_err(|e| ProviderError::failed("write", path.display().to_string(), e.to_string()))?;
     let write = || -> std::io::Result<()> {
@@ -286,7 +291,29 @@ impl ProcessProvider {
             let mut out = Vec::new();
             for name in names {
                 let dir = root.join(&name);
-                let Some(mut r) = read_record(&dir)? else {
+                let record = match read_record(&dir) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // Unreadable: vessel cannot tell what it is, so it is reported as not
+                        // vessel's. The plan holds it as it is; the other sessions go on.
+                        tracing::warn!(session = %name, "{}", crate::error_chain(&e));
+                        out.push(ObservedSession {
+                            name: name.clone(),
+                            provider: ComputeKind::Process,
+                            state: SessionState::Failed,
+                            owned: false,
+                            fingerprint: String::new(),
+                            spec: None,
+                            endpoints: BTreeMap::new(),
+                            source_file: None,
+                            synced_source: None,
+                            save_to: None,
+                            healthy: None,
+                        });
+                        continue;
+                    }
+                };
+                let Some(mut r) = record else {
                     // Half made (vessel stopped between creating the directory and recording
                     // it): ours, broken, so the plan replaces or removes it.
                     out.push(ObservedSession {
@@ -616,6 +643,7 @@ impl ProcessProvider {
         save_to: &Option<PathBuf>,
     ) -> Result<(), ProviderError> {
         let dir = self.dir(session);
+        no_symlinks("sync source into", session, path)?;
         let (from, to, ex) = (path.to_path_buf(), dir.join("workspace"), exclude.to_vec());
         tokio::task::spawn_blocking(move || copy_tree(&from, &to, &ex))
             .await
@@ -637,6 +665,7 @@ impl ProcessProvider {
     async fn save_work(&self, session: &str, path: &Path) -> Result<(), ProviderError> {
         let dir = self.dir(session);
         let exclude = read_record(&dir)?.map(|r| r.exclude).unwrap_or_default();
+        no_symlinks("save work of", session, path)?;
         let (from, to) = (dir.join("workspace"), path.to_path_buf());
         tokio::task::spawn_blocking(move || save_atomically(&from, &to, &exclude))
             .await
@@ -646,6 +675,36 @@ impl ProcessProvider {
                 format!("{session} to {}", path.display()),
             ))
     }
+}
+
+/// Refuse a source or save path that resolves through a symlink: the validated path must be
+/// the path that is read and written (a link could lead outside `source_roots`, and a save
+/// would replace the link itself). A path that does not exist yet (a first save) is checked
+/// up to its nearest existing ancestor.
+fn no_symlinks(op: &'static str, session: &str, path: &Path) -> Result<(), ProviderError> {
+    let mut existing = path;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(p) => existing = p,
+            None => return Ok(()),
+        }
+    }
+    let real = existing.canonicalize().map_err(ProviderError::io(
+        op,
+        format!("{session}: {}", path.display()),
+    ))?;
+    if real != existing {
+        return Err(ProviderError::failed(
+            op,
+            session,
+            format!(
+                "{} resolves through a symlink to {}; write the real path",
+                existing.display(),
+                real.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Remove what an interrupted destroy left behind.
