@@ -391,6 +391,11 @@ impl SecretRef {
 pub struct Secret(String);
 
 impl Secret {
+    /// A secret from a value already read (from a place `SecretRef` names, or a test).
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
     }

@@ -194,6 +194,11 @@ pub async fn run(
     };
     // Every secret this process resolves is redacted from whatever the status endpoint serves.
     let mut secrets: Vec<String> = Vec::new();
+    if let crate::config::DnsConfig::Powerdns { api_key, .. } = &reconciler.config.providers.dns
+        && let Ok(v) = api_key.resolve()
+    {
+        secrets.push(v.expose().to_string());
+    }
     if let crate::config::SourceConfig::Git(g) = &reconciler.config.source {
         match &g.auth {
             Some(crate::config::GitAuth::Token { token: s, .. })

@@ -11,6 +11,7 @@
 
 pub mod embedded;
 pub mod hosts;
+pub mod powerdns;
 pub mod process;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -166,7 +167,21 @@ impl Providers {
                 }
                 Some(Arc::new(hosts::HostsDns::new(file.clone())))
             }
-            DnsConfig::Powerdns { .. } => return Err(SetupError::NotAvailable("powerdns")),
+            DnsConfig::Powerdns {
+                api,
+                server_id,
+                api_key,
+                zones,
+                ..
+            } => {
+                let key = api_key.resolve().map_err(|e| {
+                    SetupError::Invalid(format!("cannot read the PowerDNS API key: {e}"))
+                })?;
+                Some(Arc::new(
+                    powerdns::PowerDns::new(api, server_id, key, zones)
+                        .map_err(SetupError::Invalid)?,
+                ))
+            }
         };
         Ok(Providers {
             compute,

@@ -3,6 +3,7 @@
 
 mod daemon_support;
 mod dns_hosts;
+mod dns_powerdns;
 mod git_source;
 mod hostile;
 mod hygiene;
