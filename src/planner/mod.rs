@@ -815,16 +815,7 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                     changes: changes.clone(),
                     data,
                 };
-                save_first(&mut push, name, o, &reason);
-                push(
-                    Phase::Destroy,
-                    Action::DestroySession {
-                        session: name.into(),
-                        provider: o.provider,
-                        stop_timeout: stop_timeout(name),
-                    },
-                    reason.clone(),
-                );
+                save_then_destroy(&mut push, name, o, &reason, stop_timeout(name));
                 create_steps(&mut push, name, w, reason);
                 address_pending.insert(name);
             }
@@ -870,16 +861,7 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
             }
             Fate::Destroy(reason) => {
                 let Some(o) = have else { continue };
-                save_first(&mut push, name, o, reason);
-                push(
-                    Phase::Destroy,
-                    Action::DestroySession {
-                        session: name.into(),
-                        provider: o.provider,
-                        stop_timeout: stop_timeout(name),
-                    },
-                    reason.clone(),
-                );
+                save_then_destroy(&mut push, name, o, reason, stop_timeout(name));
             }
         }
     }
@@ -1154,6 +1136,26 @@ fn save_first(
             reason.clone(),
         );
     }
+}
+
+/// Save a session's work (where it asked for that), then destroy it.
+fn save_then_destroy(
+    push: &mut impl FnMut(Phase, Action, Reason),
+    name: &str,
+    o: &ObservedSession,
+    reason: &Reason,
+    stop_timeout: Option<Duration>,
+) {
+    save_first(push, name, o, reason);
+    push(
+        Phase::Destroy,
+        Action::DestroySession {
+            session: name.into(),
+            provider: o.provider,
+            stop_timeout,
+        },
+        reason.clone(),
+    );
 }
 
 fn sync_action(name: &str, w: &Want) -> Action {
