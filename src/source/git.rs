@@ -79,8 +79,19 @@ pub fn tree_at(dir: &Path, rev: &str) -> Result<(Revision, Entries), GitError> {
             rev: rev.to_string(),
             source,
         })?;
+    commit_files(&repo, &commit, &rel)
+}
+
+/// A commit's revision and the desired-state files under `rel` in its tree (none when `rel`
+/// is not a directory there).
+fn commit_files(
+    repo: &Repository,
+    commit: &git2::Commit<'_>,
+    rel: &Path,
+) -> Result<(Revision, Entries), GitError> {
+    let rev = commit.id().to_string();
     let revision = Revision {
-        id: commit.id().to_string(),
+        id: rev.clone(),
         summary: commit
             .summary()
             .ok()
@@ -88,28 +99,26 @@ pub fn tree_at(dir: &Path, rev: &str) -> Result<(Revision, Entries), GitError> {
             .unwrap_or_default()
             .to_string(),
     };
-    let tree = commit.tree().map_err(|source| GitError::Tree {
-        rev: rev.to_string(),
+    let tree_err = |source| GitError::Tree {
+        rev: rev.clone(),
         source,
-    })?;
+    };
+    let tree = commit.tree().map_err(tree_err)?;
     let sub = if rel.as_os_str().is_empty() {
         Some(tree)
     } else {
-        match tree.get_path(&rel) {
+        match tree.get_path(rel) {
             Ok(entry) if entry.kind() == Some(ObjectType::Tree) => Some(
                 entry
-                    .to_object(&repo)
+                    .to_object(repo)
                     .and_then(|o| o.peel_to_tree())
-                    .map_err(|source| GitError::Tree {
-                        rev: rev.to_string(),
-                        source,
-                    })?,
+                    .map_err(tree_err)?,
             ),
             _ => None,
         }
     };
     let files = match sub {
-        Some(sub) => entries_of(&repo, &sub, rev)?,
+        Some(sub) => entries_of(repo, &sub, &rev)?,
         None => Vec::new(),
     };
     Ok((revision, files))
@@ -319,40 +328,7 @@ impl Mirror {
                 rev: rev.clone(),
                 source,
             })?;
-        let revision = Revision {
-            id: rev.clone(),
-            summary: commit
-                .summary()
-                .ok()
-                .flatten()
-                .unwrap_or_default()
-                .to_string(),
-        };
-        let tree = commit.tree().map_err(|source| GitError::Tree {
-            rev: rev.clone(),
-            source,
-        })?;
-        let sub = if self.config.path.as_os_str().is_empty() {
-            Some(tree)
-        } else {
-            match tree.get_path(&self.config.path) {
-                Ok(entry) if entry.kind() == Some(ObjectType::Tree) => Some(
-                    entry
-                        .to_object(&self.repo)
-                        .and_then(|o| o.peel_to_tree())
-                        .map_err(|source| GitError::Tree {
-                            rev: rev.clone(),
-                            source,
-                        })?,
-                ),
-                _ => None,
-            }
-        };
-        let files = match sub {
-            Some(sub) => entries_of(&self.repo, &sub, &rev)?,
-            None => Vec::new(),
-        };
-        Ok((revision, files))
+        commit_files(&self.repo, &commit, &self.config.path)
     }
 
     /// The last commit that passed verification, if any.
