@@ -13,7 +13,10 @@ const LIMIT: Duration = Duration::from_secs(20);
 
 /// (status, headers, body) of `METHOD path`, with an optional bearer token.
 fn call(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String, String) {
-    let mut s = TcpStream::connect(addr).expect("connect");
+    // Not listening yet (the daemon binds it a moment after the proxy): status 0, polled again.
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return (0, String::new(), String::new());
+    };
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
     let auth = token
