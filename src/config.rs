@@ -293,7 +293,30 @@ pub enum ProxyConfig {
         admin: String,
         /// The HTTP server in Caddy's config that vessel's routes go into.
         server: String,
+        /// The addresses that server listens on, such as `[":8080"]`, used only to create it
+        /// when Caddy's config does not have it (after Caddy restarted with an empty config).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        listen: Vec<String>,
+        /// The prefix of the `@id` that marks vessel's routes (`<prefix>_<session>_<route>_<host>`).
+        /// Two vessels sharing one Caddy need different prefixes.
+        #[serde(default = "default_route_prefix")]
+        id_prefix: String,
     },
+    /// Traefik, through its file provider: vessel owns one dynamic-configuration file.
+    Traefik {
+        /// The file, in a directory Traefik's file provider watches.
+        file: PathBuf,
+        /// The entry points vessel's routers attach to (all, when empty).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        entrypoints: Vec<String>,
+        /// The prefix of vessel's router and service names.
+        #[serde(default = "default_route_prefix")]
+        name_prefix: String,
+    },
+}
+
+fn default_route_prefix() -> String {
+    "vessel".into()
 }
 
 impl Default for ProxyConfig {
@@ -527,6 +550,9 @@ impl Config {
         }
         fix(&mut self.state_dir);
         if let DnsConfig::Hosts { file, .. } = &mut self.providers.dns {
+            fix(file);
+        }
+        if let ProxyConfig::Traefik { file, .. } = &mut self.providers.proxy {
             fix(file);
         }
     }

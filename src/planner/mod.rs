@@ -170,6 +170,31 @@ impl Action {
         }
     }
 
+    /// What a route step leaves in the proxy: its host, and the route (vessel's) for an
+    /// upsert or None for a removal. None for steps that are not route steps.
+    pub fn route_after(&self) -> Option<(&str, Option<crate::observed::ObservedRoute>)> {
+        match self {
+            Action::UpsertRoute {
+                host,
+                upstream,
+                session,
+                route,
+                ..
+            } => Some((
+                host,
+                Some(crate::observed::ObservedRoute {
+                    host: host.clone(),
+                    upstream: upstream.clone(),
+                    owned: true,
+                    session: Some(session.clone()),
+                    route: route.clone(),
+                }),
+            )),
+            Action::RemoveRoute { host } => Some((host, None)),
+            _ => None,
+        }
+    }
+
     /// The object's identity without allocating: (kind, name, record type).
     pub fn key(&self) -> (u8, &str, Option<RecordType>) {
         match self {

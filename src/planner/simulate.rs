@@ -3,7 +3,7 @@
 //! plans a change against the world another revision would have made. Pure.
 
 use crate::desired::Desired;
-use crate::observed::{Observed, ObservedRecord, ObservedRoute, ObservedSession, SessionState};
+use crate::observed::{Observed, ObservedRecord, ObservedSession, SessionState};
 
 use super::{Action, Plan, Policy, plan};
 
@@ -75,26 +75,13 @@ pub fn simulate(plan: &Plan, observed: &Observed) -> Observed {
                 }
             }
             Action::WaitHealthy { .. } | Action::SaveWork { .. } => {}
-            Action::UpsertRoute {
-                host,
-                upstream,
-                session,
-                route,
-                ..
-            } => {
-                o.routes.insert(
-                    host.clone(),
-                    ObservedRoute {
-                        host: host.clone(),
-                        upstream: upstream.clone(),
-                        owned: true,
-                        session: Some(session.clone()),
-                        route: route.clone(),
-                    },
-                );
-            }
-            Action::RemoveRoute { host } => {
-                o.routes.remove(host);
+            Action::UpsertRoute { .. } | Action::RemoveRoute { .. } => {
+                if let Some((host, after)) = step.action.route_after() {
+                    match after {
+                        Some(r) => o.routes.insert(host.to_string(), r),
+                        None => o.routes.remove(host),
+                    };
+                }
             }
             Action::UpsertRecord {
                 name,

@@ -64,30 +64,26 @@ impl ProxyProvider for EmbeddedProxy {
         let mut changes = Vec::new();
         let mut results = Vec::new();
         for a in actions {
-            match a {
-                Action::UpsertRoute {
-                    host,
-                    upstream,
-                    session,
-                    route,
-                    ..
-                } => {
+            match a.route_after() {
+                Some((host, Some(r))) => {
                     changes.push(Change::Upsert {
-                        host: host.clone(),
+                        host: host.to_string(),
                         route: Route {
-                            upstream: upstream.clone(),
-                            session: session.clone(),
-                            route: route.clone(),
+                            upstream: r.upstream,
+                            session: r.session.unwrap_or_default(),
+                            route: r.route,
                             ready: true,
                         },
                     });
                     results.push(Ok(()));
                 }
-                Action::RemoveRoute { host } => {
-                    changes.push(Change::Remove { host: host.clone() });
+                Some((host, None)) => {
+                    changes.push(Change::Remove {
+                        host: host.to_string(),
+                    });
                     results.push(Ok(()));
                 }
-                _ => results.push(Err(ProviderError::Unsupported("a non-route step"))),
+                None => results.push(Err(ProviderError::Unsupported("a non-route step"))),
             }
         }
         self.proxy.apply(&changes);

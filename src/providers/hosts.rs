@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::observed::{ObservedRecord, RecordType};
 use crate::planner::Action;
@@ -121,32 +121,8 @@ impl HostsDns {
     }
 
     fn write(&self, text: &str) -> Result<(), ProviderError> {
-        let dir = self
-            .file
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let name = self
-            .file
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("hosts");
-        let tmp = dir.join(format!(".{name}.vessel-{}", std::process::id()));
-        let err = ProviderError::io("write", self.file.display().to_string());
-        let result = (|| {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            if let Ok(meta) = std::fs::metadata(&self.file) {
-                let _ = std::fs::set_permissions(&tmp, meta.permissions());
-            }
-            std::fs::rename(&tmp, &self.file)
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result.map_err(err)
+        super::write_atomically(&self.file, text.as_bytes())
+            .map_err(ProviderError::io("write", self.file.display().to_string()))
     }
 }
 

@@ -9,10 +9,13 @@
 //! that cannot be observed becomes a gap, and the planner leaves everything there alone.
 //! Foreign (SDK) types stay inside each provider's module.
 
+pub mod caddy;
 pub mod embedded;
 pub mod hosts;
+pub mod http;
 pub mod powerdns;
 pub mod process;
+pub mod traefik;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -155,7 +158,29 @@ impl Providers {
                 let p = crate::proxy::Proxy::default();
                 (Arc::new(embedded::EmbeddedProxy::new(p.clone())), Some(p))
             }
-            ProxyConfig::Caddy { .. } => return Err(SetupError::NotAvailable("caddy")),
+            ProxyConfig::Caddy {
+                admin,
+                server,
+                listen,
+                id_prefix,
+            } => (
+                Arc::new(
+                    caddy::Caddy::new(admin, server, listen, id_prefix)
+                        .map_err(SetupError::Invalid)?,
+                ),
+                None,
+            ),
+            ProxyConfig::Traefik {
+                file,
+                entrypoints,
+                name_prefix,
+            } => (
+                Arc::new(
+                    traefik::Traefik::new(file.clone(), entrypoints, name_prefix)
+                        .map_err(SetupError::Invalid)?,
+                ),
+                None,
+            ),
         };
         let dns: Option<Arc<dyn DnsProvider>> = match &config.providers.dns {
             DnsConfig::None => None,
@@ -250,6 +275,71 @@ impl Providers {
         }
         o
     }
+}
+
+/// One result per action for a route batch that succeeded or failed as a whole (one config
+/// write): route steps share the outcome, anything else is not a proxy's.
+pub(crate) fn route_batch_results(
+    actions: &[&Action],
+    outcome: Result<(), String>,
+) -> Vec<Result<(), ProviderError>> {
+    actions
+        .iter()
+        .map(|a| match a.route_after() {
+            Some((host, _)) => outcome
+                .clone()
+                .map_err(|m| ProviderError::failed("route", host, m)),
+            None => Err(ProviderError::Unsupported("a non-route step")),
+        })
+        .collect()
+}
+
+/// Replace `file` atomically: a temporary file beside it, synced, keeping the old file's
+/// permissions, then renamed over it. A reader sees the old file or the new, never half.
+pub(crate) fn write_atomically(file: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.vessel-{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        if let Ok(meta) = std::fs::metadata(file) {
+            let _ = std::fs::set_permissions(&tmp, meta.permissions());
+        }
+        std::fs::rename(&tmp, file)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// The name that marks one of vessel's routes in a proxy that has no labels (a Caddy `@id`,
+/// a Traefik router): `<prefix>_<session>_<route>_<host>`, `<route>` empty for a session's
+/// own port routes. Sessions, routes and hosts never contain `_`, so it parses back from the
+/// right whatever the prefix.
+pub(crate) fn route_tag(prefix: &str, session: &str, route: Option<&str>, host: &str) -> String {
+    format!("{prefix}_{session}_{}_{host}", route.unwrap_or(""))
+}
+
+/// (session, route, host) of a name `route_tag` made with `prefix`; None for anything else.
+pub(crate) fn parse_route_tag<'a>(
+    prefix: &str,
+    tag: &'a str,
+) -> Option<(&'a str, Option<&'a str>, &'a str)> {
+    let mut parts = tag.rsplitn(4, '_');
+    let host = parts.next()?;
+    let route = parts.next()?;
+    let session = parts.next()?;
+    if parts.next()? != prefix || session.is_empty() || host.is_empty() {
+        return None;
+    }
+    Some((session, (!route.is_empty()).then_some(route), host))
 }
 
 fn flatten<T>(

@@ -8,9 +8,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use http::{Method, Request};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use http::Method;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -73,11 +71,7 @@ impl PowerDns {
         key: Secret,
         zones: &[String],
     ) -> Result<PowerDns, String> {
-        let addr = api
-            .strip_prefix("http://")
-            .ok_or_else(|| format!("the PowerDNS API `{api}` must be an http:// URL"))?
-            .trim_end_matches('/')
-            .to_string();
+        let addr = super::http::authority(api, "PowerDNS API")?;
         Ok(PowerDns {
             addr,
             server_id: server_id.to_string(),
@@ -91,42 +85,15 @@ impl PowerDns {
         method: Method,
         path: &str,
         body: Option<serde_json::Value>,
-    ) -> Result<(u16, Bytes), String> {
-        let stream = tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            tokio::net::TcpStream::connect(&self.addr),
+    ) -> Result<super::http::Reply, String> {
+        super::http::call(
+            &self.addr,
+            method,
+            path,
+            &[("x-api-key", self.key.expose())],
+            body.map(|b| Bytes::from(b.to_string())),
         )
         .await
-        .map_err(|_| format!("connecting to {} timed out", self.addr))?
-        .map_err(|e| format!("cannot connect to {}: {e}", self.addr))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let payload = body.map(|b| b.to_string()).unwrap_or_default();
-        let req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", &self.addr)
-            .header("x-api-key", self.key.expose())
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(payload)))
-            .map_err(|e| e.to_string())?;
-        let resp =
-            tokio::time::timeout(std::time::Duration::from_secs(10), sender.send_request(req))
-                .await
-                .map_err(|_| "the API did not answer within 10 s".to_string())?
-                .map_err(|e| e.to_string())?;
-        let status = resp.status().as_u16();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok((status, body))
     }
 
     fn zone_of(&self, name: &str) -> Option<&str> {
@@ -143,27 +110,23 @@ impl PowerDns {
     }
 }
 
-fn brief(body: &Bytes) -> String {
-    String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned()
-}
-
 impl DnsProvider for PowerDns {
     fn observe(&self) -> BoxFut<'_, Result<Vec<ObservedRecord>, ProviderError>> {
         Box::pin(async move {
             let mut out = Vec::new();
             for zone in &self.zones {
-                let (status, body) = self
+                let reply = self
                     .call(Method::GET, &self.zone_path(zone), None)
                     .await
                     .map_err(|m| ProviderError::failed("read zone", zone.clone(), m))?;
-                if status != 200 {
+                if reply.status != 200 {
                     return Err(ProviderError::failed(
                         "read zone",
                         zone.clone(),
-                        format!("PowerDNS answered {status}: {}", brief(&body)),
+                        format!("PowerDNS answered {}: {}", reply.status, reply.brief()),
                     ));
                 }
-                let z: Zone = serde_json::from_slice(&body).map_err(|e| {
+                let z: Zone = serde_json::from_slice(&reply.body).map_err(|e| {
                     ProviderError::failed("read zone", zone.clone(), format!("not a zone: {e}"))
                 })?;
                 for rr in z.rrsets {
@@ -255,10 +218,8 @@ impl DnsProvider for PowerDns {
                     )
                     .await
                 {
-                    Ok((204, _)) => Ok(()),
-                    Ok((status, body)) => {
-                        Err(format!("PowerDNS answered {status}: {}", brief(&body)))
-                    }
+                    Ok(r) if r.status == 204 => Ok(()),
+                    Ok(r) => Err(format!("PowerDNS answered {}: {}", r.status, r.brief())),
                     Err(m) => Err(m),
                 };
                 for (i, _) in items {

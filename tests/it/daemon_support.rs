@@ -124,6 +124,28 @@ impl Daemon {
         std::fs::rename(tmp, self.source().join(name)).expect("rename");
     }
 
+    /// Serve routes through another proxy provider: `yaml` is its config under `proxy:`
+    /// (`caddy: {...}`, say), `serving` is where it serves them.
+    pub fn use_proxy(&mut self, yaml: &str, serving: SocketAddr) {
+        let path = self.dir.path().join("vessel.yaml");
+        let cfg = std::fs::read_to_string(&path).expect("config");
+        let embedded = format!("    embedded: {{listen: '{}'}}\n", self.proxy);
+        assert!(cfg.contains(&embedded), "{cfg}");
+        std::fs::write(&path, cfg.replace(&embedded, &format!("    {yaml}\n"))).expect("config");
+        self.proxy = serving;
+    }
+
+    /// The events recorded so far (`events.jsonl`; written when each pass ends).
+    pub fn events(&self) -> String {
+        std::fs::read_to_string(self.state().join("events.jsonl")).unwrap_or_default()
+    }
+
+    /// The line of the first event `verb` on `object` (`route a.localhost`, `dns a.example A`).
+    pub fn event_line(&self, verb: &str, object: &str) -> Option<usize> {
+        let needle = format!("\"{verb}\",\"object\":\"{object}\"");
+        self.events().lines().position(|l| l.contains(&needle))
+    }
+
     pub fn get(&self, host: &str, path: &str) -> Option<(u16, String)> {
         get(self.proxy, host, path)
     }
@@ -247,4 +269,30 @@ pub fn spawn_devserver(port: u16, root: &Path) -> Devserver {
     })
     .expect("devserver listens");
     Devserver(child)
+}
+
+/// Open a WebSocket to `host` through `addr`, send 20 messages to the devserver's `/ws` echo
+/// and check each comes back.
+pub fn websocket_echo(addr: SocketAddr, host: &str) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let url = format!("ws://{host}:{}/ws", addr.port());
+        let (mut ws, resp) = tokio_tungstenite::client_async(url, stream)
+            .await
+            .expect("the upgrade goes through");
+        assert_eq!(resp.status().as_u16(), 101);
+        for i in 0..20 {
+            let text = format!("hello {i}");
+            ws.send(Message::text(text.clone())).await.expect("send");
+            let echo = ws.next().await.expect("an answer").expect("a frame");
+            assert_eq!(echo.into_text().expect("text").as_str(), text);
+        }
+        ws.close(None).await.expect("close");
+    });
 }

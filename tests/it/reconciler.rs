@@ -173,8 +173,6 @@ fn a_broken_file_leaves_running_sessions_untouched_and_says_so() {
 
 #[test]
 fn a_websocket_echo_goes_through_the_proxy() {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message;
     let mut d = Daemon::new();
     d.write("wes.yaml", &session("wes"));
     d.start();
@@ -185,27 +183,7 @@ fn a_websocket_echo_goes_through_the_proxy() {
     .expect("wes serves");
     let before = d.get("wes.localhost", "/healthz").map(|r| r.0);
     assert_eq!(before, Some(200));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let stream = tokio::net::TcpStream::connect(d.proxy)
-            .await
-            .expect("connect");
-        let url = format!("ws://wes.localhost:{}/ws", d.proxy.port());
-        let (mut ws, resp) = tokio_tungstenite::client_async(url, stream)
-            .await
-            .expect("the upgrade goes through");
-        assert_eq!(resp.status().as_u16(), 101);
-        for i in 0..20 {
-            let text = format!("hello {i}");
-            ws.send(Message::text(text.clone())).await.expect("send");
-            let echo = ws.next().await.expect("an answer").expect("a frame");
-            assert_eq!(echo.into_text().expect("text").as_str(), text);
-        }
-        ws.close(None).await.expect("close");
-    });
+    crate::daemon_support::websocket_echo(d.proxy, "wes.localhost");
 }
 
 #[test]

@@ -1,0 +1,416 @@
+//! The `caddy` proxy provider, through Caddy's admin API.
+//!
+//! vessel's routes live in one HTTP server of Caddy's config (the config names it), each with
+//! an `@id` of `<prefix>_<session>_<route>_<host>`: that `@id` is the ownership marker. Every
+//! other route, server, app and setting is foreign and is written back exactly as read.
+//!
+//! A batch is one read-modify-write of the whole config: `GET /config/`, replace vessel's
+//! routes, `POST /config/` with `If-Match` set to the ETag read, so a change someone else
+//! made in between is never overwritten (Caddy answers 412 and vessel reads again). One
+//! write per batch matters: Caddy re-provisions the whole config on every change, so adding
+//! 1,000 routes one by one is quadratic (12.5 s measured here) where one write takes tens of
+//! milliseconds. Caddy answers a config change only once the new config runs, so a route
+//! counts as applied (and serving) when the write returns 200.
+//!
+//! vessel's routes go first in the server's route list, most specific first (wildcards last),
+//! each terminal: Caddy tries routes in order, and vessel's are host-specific. A server that
+//! is missing (Caddy restarted with an empty config) is created with the configured `listen`
+//! addresses, as a plain-HTTP server (automatic HTTPS off); for TLS, define the server in
+//! Caddy's own config and vessel only adds its routes to it.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use http::Method;
+use serde_json::{Map, Value, json};
+
+use crate::observed::ObservedRoute;
+use crate::planner::Action;
+
+use super::http::{Reply, authority, call};
+use super::{
+    BoxFut, ProviderError, ProxyProvider, parse_route_tag, route_batch_results, route_tag,
+};
+
+/// Tries of one batch when someone else changes Caddy's config at the same time.
+const TRIES: usize = 3;
+
+pub struct Caddy {
+    /// `host:port` of the admin API.
+    addr: String,
+    server: String,
+    listen: Vec<String>,
+    prefix: String,
+    /// Serialises vessel's own read-modify-writes.
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl Caddy {
+    pub fn new(
+        admin: &str,
+        server: &str,
+        listen: &[String],
+        prefix: &str,
+    ) -> Result<Caddy, String> {
+        if server.is_empty() {
+            return Err("the caddy proxy provider needs the name of a `server`".into());
+        }
+        if prefix.is_empty() || prefix.contains('_') {
+            return Err(format!(
+                "the caddy `id_prefix` `{prefix}` must be non-empty and without `_`"
+            ));
+        }
+        Ok(Caddy {
+            addr: authority(admin, "Caddy admin API")?,
+            server: server.to_string(),
+            listen: listen.to_vec(),
+            prefix: prefix.to_string(),
+            lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The whole config (`null` when Caddy has none) and its ETag.
+    async fn read(&self) -> Result<(Value, Option<String>), String> {
+        let r = call(&self.addr, Method::GET, "/config/", &[], None).await?;
+        if r.status != 200 {
+            return Err(format!("Caddy answered {}: {}", r.status, r.brief()));
+        }
+        let config = serde_json::from_slice(&r.body)
+            .map_err(|e| format!("Caddy's config is not JSON: {e}"))?;
+        Ok((config, r.etag))
+    }
+
+    async fn write(&self, config: &Value, etag: Option<&str>) -> Result<Reply, String> {
+        let headers: Vec<(&str, &str)> = etag.map(|e| ("if-match", e)).into_iter().collect();
+        call(
+            &self.addr,
+            Method::POST,
+            "/config/",
+            &headers,
+            Some(Bytes::from(config.to_string())),
+        )
+        .await
+    }
+
+    /// The route vessel writes for `host`.
+    fn route(&self, host: &str, upstream: &str, session: &str, route: Option<&str>) -> Value {
+        json!({
+            "@id": route_tag(&self.prefix, session, route, host),
+            "match": [{"host": [host]}],
+            "handle": [{"handler": "reverse_proxy", "upstreams": [{"dial": upstream}]}],
+            "terminal": true,
+        })
+    }
+
+    /// What the server's routes say: vessel's (by `@id`) and the hosts of foreign ones.
+    fn observed(&self, config: &Value) -> Vec<ObservedRoute> {
+        let mut owned = Vec::new();
+        let mut foreign = Vec::new();
+        for r in server_routes(config, &self.server) {
+            let tag = r.get("@id").and_then(Value::as_str);
+            match tag.and_then(|t| parse_route_tag(&self.prefix, t)) {
+                Some((session, route, host)) => {
+                    let dial = dial(r).unwrap_or_default();
+                    // A route edited by hand reads as drifted, so the next pass rewrites it.
+                    let upstream = if *r == self.route(host, &dial, session, route) {
+                        dial
+                    } else {
+                        format!("{dial} (edited outside vessel)")
+                    };
+                    owned.push(ObservedRoute {
+                        host: host.to_ascii_lowercase(),
+                        upstream,
+                        owned: true,
+                        session: Some(session.to_string()),
+                        route: route.map(str::to_string),
+                    });
+                }
+                None => {
+                    for host in hosts(r) {
+                        foreign.push(ObservedRoute {
+                            host,
+                            upstream: dial(r).unwrap_or_default(),
+                            owned: false,
+                            session: None,
+                            route: None,
+                        });
+                    }
+                }
+            }
+        }
+        // Foreign last: where a foreign route claims a host vessel's also does, the foreign
+        // one is what the planner sees, and it holds rather than fights.
+        owned.extend(foreign);
+        owned
+    }
+
+    /// `config` with `actions` applied to vessel's routes, everything else as it was.
+    fn merged(&self, config: Value, actions: &[&Action]) -> Result<Value, String> {
+        let mut config = match config {
+            Value::Null => Value::Object(Map::new()),
+            Value::Object(m) => Value::Object(m),
+            _ => return Err("Caddy's config is not a JSON object".into()),
+        };
+        let servers = object_at(&mut config, &["apps", "http", "servers"])?;
+        if !servers.contains_key(&self.server) {
+            if self.listen.is_empty() {
+                return Err(format!(
+                    "Caddy's config has no server `{}`, and no `listen` is configured to create it",
+                    self.server
+                ));
+            }
+            servers.insert(
+                self.server.clone(),
+                // Plain HTTP: Caddy would otherwise take a listener with host matchers for an
+                // HTTPS one. A server that needs TLS is one to define in Caddy's own config.
+                json!({"listen": self.listen, "automatic_https": {"disable": true}, "routes": []}),
+            );
+        }
+        let server = servers
+            .get_mut(&self.server)
+            .and_then(Value::as_object_mut)
+            .ok_or_else(|| {
+                format!(
+                    "server `{}` in Caddy's config is not an object",
+                    self.server
+                )
+            })?;
+        let routes = match server.remove("routes") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) => a,
+            Some(_) => {
+                return Err(format!(
+                    "the routes of server `{}` in Caddy's config are not a list",
+                    self.server
+                ));
+            }
+        };
+        // Vessel's routes by (wildcard last, host); foreign ones in their order.
+        let mut ours: BTreeMap<(bool, String), Value> = BTreeMap::new();
+        let mut others = Vec::new();
+        for r in routes {
+            let host = r
+                .get("@id")
+                .and_then(Value::as_str)
+                .and_then(|t| parse_route_tag(&self.prefix, t))
+                .map(|(_, _, h)| h.to_string());
+            match host {
+                Some(h) => {
+                    ours.insert(key(&h), r);
+                }
+                None => others.push(r),
+            }
+        }
+        for (host, after) in actions.iter().filter_map(|a| a.route_after()) {
+            match after {
+                Some(r) => {
+                    let session = r.session.as_deref().unwrap_or_default();
+                    let route = self.route(host, &r.upstream, session, r.route.as_deref());
+                    ours.insert(key(host), route)
+                }
+                None => ours.remove(&key(host)),
+            };
+        }
+        let mut all: Vec<Value> = ours.into_values().collect();
+        all.extend(others);
+        server.insert("routes".into(), Value::Array(all));
+        Ok(config)
+    }
+
+    async fn apply_batch(&self, actions: &[&Action]) -> Result<(), String> {
+        let _guard = self.lock.lock().await;
+        for _ in 0..TRIES {
+            let (config, etag) = self.read().await?;
+            let new = self.merged(config, actions)?;
+            let r = self.write(&new, etag.as_deref()).await?;
+            match r.status {
+                200 => return Ok(()),
+                // Someone else changed the config since it was read: read it again.
+                412 => continue,
+                s => return Err(format!("Caddy refused the config ({s}): {}", r.brief())),
+            }
+        }
+        Err(format!(
+            "Caddy's config changed under vessel {TRIES} times in a row; trying again next pass"
+        ))
+    }
+}
+
+fn key(host: &str) -> (bool, String) {
+    (host.starts_with("*."), host.to_ascii_lowercase())
+}
+
+/// The object at `path` inside `v`, created (empty) where missing.
+fn object_at<'a>(v: &'a mut Value, path: &[&str]) -> Result<&'a mut Map<String, Value>, String> {
+    let mut cur = v;
+    for (i, p) in path.iter().enumerate() {
+        let map = cur.as_object_mut().ok_or_else(|| {
+            format!(
+                "`{}` in Caddy's config is not an object",
+                path[..i].join(".")
+            )
+        })?;
+        let next = map
+            .entry(p.to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
+        if next.is_null() {
+            *next = Value::Object(Map::new());
+        }
+        cur = next;
+    }
+    cur.as_object_mut()
+        .ok_or_else(|| format!("`{}` in Caddy's config is not an object", path.join(".")))
+}
+
+fn server_routes<'a>(config: &'a Value, server: &str) -> &'a [Value] {
+    config
+        .get("apps")
+        .and_then(|v| v.get("http"))
+        .and_then(|v| v.get("servers"))
+        .and_then(|v| v.get(server))
+        .and_then(|v| v.get("routes"))
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+}
+
+/// The first upstream a route's `reverse_proxy` handler dials.
+fn dial(route: &Value) -> Option<String> {
+    route
+        .get("handle")?
+        .as_array()?
+        .iter()
+        .find(|h| h.get("handler").and_then(Value::as_str) == Some("reverse_proxy"))?
+        .get("upstreams")?
+        .as_array()?
+        .first()?
+        .get("dial")?
+        .as_str()
+        .map(str::to_string)
+}
+
+/// The hosts a route matches, lower-cased.
+fn hosts(route: &Value) -> Vec<String> {
+    let mut out: Vec<String> = route
+        .get("match")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m.get("host").and_then(Value::as_array))
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(str::to_ascii_lowercase)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+impl ProxyProvider for Caddy {
+    fn observe(&self) -> BoxFut<'_, Result<Vec<ObservedRoute>, ProviderError>> {
+        Box::pin(async move {
+            let (config, _) = self
+                .read()
+                .await
+                .map_err(|m| ProviderError::failed("read the config of", "Caddy", m))?;
+            Ok(self.observed(&config))
+        })
+    }
+
+    fn apply<'a>(
+        &'a self,
+        actions: &'a [&'a Action],
+    ) -> BoxFut<'a, Vec<Result<(), ProviderError>>> {
+        Box::pin(async move {
+            let routes: Vec<&Action> = actions
+                .iter()
+                .copied()
+                .filter(|a| a.route_after().is_some())
+                .collect();
+            let outcome = if routes.is_empty() {
+                Ok(())
+            } else {
+                self.apply_batch(&routes).await
+            };
+            route_batch_results(actions, outcome)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caddy() -> Caddy {
+        Caddy::new("http://127.0.0.1:2019", "srv", &[":8080".into()], "vessel").expect("caddy")
+    }
+
+    fn upsert(host: &str, upstream: &str) -> Action {
+        Action::UpsertRoute {
+            host: host.into(),
+            upstream: upstream.into(),
+            session: "alice".into(),
+            port: "ide".into(),
+            route: None,
+        }
+    }
+
+    #[test]
+    fn merging_touches_only_vessels_routes() {
+        let c = caddy();
+        let foreign = json!({"@id": "mine", "match": [{"host": ["shop.example"]}], "handle": [{"handler": "static_response", "body": "hi"}]});
+        let config = json!({
+            "admin": {"listen": "127.0.0.1:2999"},
+            "apps": {"http": {"servers": {"srv": {"listen": [":9999"], "routes": [foreign.clone()]}}}},
+            "logging": {"logs": {"default": {"level": "ERROR"}}},
+        });
+        let a = upsert("*.b.localhost", "127.0.0.1:2");
+        let b = upsert("a.localhost", "127.0.0.1:1");
+        let new = c.merged(config.clone(), &[&a, &b]).expect("merge");
+        let routes = server_routes(&new, "srv");
+        assert_eq!(routes.len(), 3);
+        assert_eq!(hosts(&routes[0]), ["a.localhost"], "specific hosts first");
+        assert_eq!(hosts(&routes[1]), ["*.b.localhost"]);
+        assert_eq!(routes[2], foreign, "the foreign route is as it was");
+        assert_eq!(new["admin"], config["admin"]);
+        assert_eq!(new["logging"], config["logging"]);
+        assert_eq!(
+            new["apps"]["http"]["servers"]["srv"]["listen"],
+            json!([":9999"])
+        );
+
+        let observed = c.observed(&new);
+        assert_eq!(observed.len(), 3);
+        assert!(observed[0].owned && observed[0].upstream == "127.0.0.1:1");
+        assert!(!observed[2].owned && observed[2].host == "shop.example");
+
+        let gone = c
+            .merged(
+                new,
+                &[&Action::RemoveRoute {
+                    host: "a.localhost".into(),
+                }],
+            )
+            .expect("merge");
+        assert_eq!(server_routes(&gone, "srv").len(), 2);
+    }
+
+    #[test]
+    fn an_empty_config_gets_the_server_and_a_hand_edit_reads_as_drift() {
+        let c = caddy();
+        let new = c
+            .merged(Value::Null, &[&upsert("a.localhost", "127.0.0.1:1")])
+            .expect("merge");
+        assert_eq!(
+            new["apps"]["http"]["servers"]["srv"]["listen"],
+            json!([":8080"])
+        );
+        let mut edited = new.clone();
+        edited["apps"]["http"]["servers"]["srv"]["routes"][0]["terminal"] = json!(false);
+        assert_eq!(c.observed(&new)[0].upstream, "127.0.0.1:1");
+        assert_ne!(c.observed(&edited)[0].upstream, "127.0.0.1:1");
+
+        let no_listen = Caddy::new("http://127.0.0.1:2019", "srv", &[], "vessel").expect("caddy");
+        assert!(no_listen.merged(Value::Null, &[]).is_err());
+    }
+}

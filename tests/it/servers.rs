@@ -1,0 +1,216 @@
+//! Real servers for the provider tests and benches: Caddy (admin API and a listener on
+//! loopback ports) and PowerDNS (gsqlite3 backend, API and DNS on loopback ports). Each runs
+//! in its own directory and is killed on drop. `.ci/run` installs both; when one cannot start,
+//! the test fails (it never skips).
+//!
+//! Self-contained (the benches include it by path): callers pass the ports.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const PDNS_KEY: &str = "pdns-api-k3y-value";
+
+/// One HTTP/1.0 request to 127.0.0.1:`port`: (status, body); status 0 when nothing answers.
+pub fn http(port: u16, method: &str, path: &str, headers: &str, body: &str) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return (0, String::new());
+    }
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    (
+        buf.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0),
+        buf.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default(),
+    )
+}
+
+fn wait(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+pub struct Caddy {
+    child: Option<Child>,
+    dir: PathBuf,
+    pub admin: u16,
+}
+
+impl Drop for Caddy {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Caddy {
+    /// Caddy running `config` (JSON; its `admin.listen` must be 127.0.0.1:`admin`).
+    pub fn start(dir: &Path, admin: u16, config: &str) -> Caddy {
+        let dir = dir.join("caddy");
+        std::fs::create_dir_all(&dir).expect("mkdir caddy");
+        let mut c = Caddy {
+            child: None,
+            dir,
+            admin,
+        };
+        c.run(config);
+        c
+    }
+
+    /// Stop Caddy and start it again with `config` (what a restart with another config does).
+    pub fn restart(&mut self, config: &str) {
+        self.stop();
+        self.run(config);
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn run(&mut self, config: &str) {
+        let file = self.dir.join("caddy.json");
+        std::fs::write(&file, config).expect("caddy.json");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("caddy.log"))
+            .expect("caddy.log");
+        let child = Command::new("caddy")
+            .arg("run")
+            .arg("--config")
+            .arg(&file)
+            // Its autosave and data stay in the test's directory.
+            .env("XDG_CONFIG_HOME", &self.dir)
+            .env("XDG_DATA_HOME", &self.dir)
+            .env("HOME", &self.dir)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("caddy runs (the caddy package; .ci/run installs it)");
+        self.child = Some(child);
+        let admin = self.admin;
+        assert!(
+            wait(Duration::from_secs(20), || http(
+                admin, "GET", "/config/", "", ""
+            )
+            .0 == 200),
+            "Caddy's admin API answers: {}",
+            self.log()
+        );
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("caddy.log")).unwrap_or_default()
+    }
+
+    /// Caddy's whole config, parsed.
+    pub fn config(&self) -> serde_json::Value {
+        // The admin listener is briefly down while Caddy restarts it after a config change.
+        let mut answer = (0, String::new());
+        wait(Duration::from_secs(5), || {
+            answer = http(self.admin, "GET", "/config/", "", "");
+            answer.0 != 0
+        });
+        let (code, body) = answer;
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("Caddy's config is JSON")
+    }
+}
+
+pub struct Pdns {
+    child: Child,
+    pub api: u16,
+    pub dns: u16,
+}
+
+impl Drop for Pdns {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Pdns {
+    /// PowerDNS with an empty gsqlite3 database and the API key `PDNS_KEY`, serving `zone`.
+    pub fn start(dir: &Path, api: u16, dns: u16, zone: &str) -> Pdns {
+        let dir = dir.join("pdns");
+        std::fs::create_dir_all(&dir).expect("mkdir pdns");
+        let schema =
+            std::fs::read_to_string("/usr/share/doc/pdns-backend-sqlite3/schema.sqlite3.sql")
+                .expect("the gsqlite3 schema (pdns-backend-sqlite3; .ci/run installs it)");
+        let db = dir.join("pdns.sqlite3");
+        let mut sq = Command::new("sqlite3")
+            .arg(&db)
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("sqlite3 runs");
+        sq.stdin
+            .take()
+            .expect("stdin")
+            .write_all(schema.as_bytes())
+            .expect("schema");
+        assert!(sq.wait().expect("sqlite3").success());
+        std::fs::write(
+            dir.join("pdns.conf"),
+            format!(
+                "launch=gsqlite3\ngsqlite3-database={}\napi=yes\napi-key={PDNS_KEY}\nwebserver=yes\nwebserver-address=127.0.0.1\nwebserver-port={api}\nwebserver-allow-from=127.0.0.0/8\nlocal-address=127.0.0.1\nlocal-port={dns}\nsocket-dir={}\nguardian=no\ndaemon=no\ndisable-syslog=yes\nloglevel=3\n",
+                db.display(),
+                dir.display()
+            ),
+        )
+        .expect("pdns.conf");
+        let child = Command::new("pdns_server")
+            .arg(format!("--config-dir={}", dir.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("pdns_server runs (pdns-server; .ci/run installs it)");
+        let p = Pdns { child, api, dns };
+        assert!(
+            wait(Duration::from_secs(20), || TcpStream::connect((
+                "127.0.0.1",
+                api
+            ))
+            .is_ok()),
+            "the PowerDNS API listens"
+        );
+        let (code, body) = p.call(
+            "POST",
+            "/api/v1/servers/localhost/zones",
+            &format!(r#"{{"name":"{zone}.","kind":"Native","nameservers":[]}}"#),
+        );
+        assert_eq!(code, 201, "{body}");
+        p
+    }
+
+    pub fn call(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        http(
+            self.api,
+            method,
+            path,
+            &format!("X-API-Key: {PDNS_KEY}\r\n"),
+            body,
+        )
+    }
+}
