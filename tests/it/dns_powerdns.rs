@@ -78,3 +78,53 @@ fn records_are_served_by_dig_and_foreign_ones_stay() {
     );
     assert!(!d.log().contains(KEY), "the API key never shows");
 }
+
+#[test]
+fn the_provider_refuses_to_write_over_a_record_it_did_not_create() {
+    use vessel::observed::RecordType;
+    use vessel::planner::Action;
+    use vessel::providers::DnsProvider;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pdns = start_pdns(dir.path());
+    let p = vessel::providers::powerdns::PowerDns::new(
+        &format!("http://127.0.0.1:{}", pdns.api),
+        "localhost",
+        vessel::config::Secret::new(KEY),
+        &["dev.example.com".to_string()],
+    )
+    .expect("provider");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let upsert = |name: &str| Action::UpsertRecord {
+        name: name.into(),
+        rtype: RecordType::A,
+        content: "192.0.2.10".into(),
+        session: "alice".into(),
+    };
+    let (mail, mine) = (
+        upsert("mail.dev.example.com"),
+        upsert("mine.dev.example.com"),
+    );
+    let remove = Action::RemoveRecord {
+        name: "mail.dev.example.com".into(),
+        rtype: RecordType::A,
+    };
+    let results = rt.block_on(p.apply(&[&mail, &mine, &remove]));
+    assert!(results[0].is_err() && results[2].is_err(), "{results:?}");
+    assert!(results[1].is_ok(), "{results:?}");
+    assert_eq!(
+        dig(pdns.dns, "mail.dev.example.com"),
+        "192.0.2.99",
+        "untouched"
+    );
+    assert_eq!(dig(pdns.dns, "mine.dev.example.com"), "192.0.2.10");
+    let observed = rt.block_on(p.observe()).expect("observe");
+    let owned: Vec<&str> = observed
+        .iter()
+        .filter(|r| r.owned)
+        .map(|r| r.name.as_str())
+        .collect();
+    assert_eq!(owned, ["mine.dev.example.com"]);
+}
