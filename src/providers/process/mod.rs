@@ -309,6 +309,7 @@ impl ProcessProvider {
                             synced_source: None,
                             save_to: None,
                             healthy: None,
+                            host: None,
                         });
                         continue;
                     }
@@ -328,6 +329,7 @@ impl ProcessProvider {
                         synced_source: None,
                         save_to: None,
                         healthy: Some(false),
+                        host: None,
                     });
                     continue;
                 };
@@ -361,6 +363,7 @@ impl ProcessProvider {
                     synced_source: r.synced_source.clone(),
                     save_to: r.save_to.clone(),
                     healthy: None,
+                    host: None,
                     spec: Some(r.spec),
                 });
             }
@@ -815,6 +818,7 @@ impl ComputeProvider for ProcessProvider {
                     source_file,
                     save_to,
                     start,
+                    ..
                 } => {
                     self.create(session, spec, fingerprint, source_file, save_to, *start)
                         .await
