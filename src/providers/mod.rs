@@ -9,6 +9,7 @@
 //! that cannot be observed becomes a gap, and the planner leaves everything there alone.
 //! Foreign (SDK) types stay inside each provider's module.
 
+pub mod docker;
 pub mod embedded;
 pub mod hosts;
 pub mod powerdns;
@@ -16,6 +17,7 @@ pub mod process;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -147,8 +149,10 @@ impl Providers {
                 .map_err(|source| SetupError::StateDir { path: root, source })?;
             compute.insert(ComputeKind::Process, Arc::new(provider));
         }
-        if config.providers.compute.docker.is_some() {
-            return Err(SetupError::NotAvailable("docker"));
+        if let Some(d) = &config.providers.compute.docker {
+            let provider = docker::DockerProvider::new(d.clone(), config.state_dir.join("docker"))
+                .map_err(SetupError::Invalid)?;
+            compute.insert(ComputeKind::Docker, Arc::new(provider));
         }
         let (proxy, embedded): (Arc<dyn ProxyProvider>, _) = match &config.providers.proxy {
             ProxyConfig::Embedded { .. } => {
@@ -260,5 +264,106 @@ fn flatten<T>(
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(chain(&e)),
         Err(_) => Err(format!("no answer within {}s", t.as_secs())),
+    }
+}
+
+/// Expand `{key}` placeholders in one command argument. `value` says what a key stands for:
+/// `None` leaves the placeholder as written, `Some(Err)` refuses the argument.
+pub(crate) fn expand(
+    arg: &str,
+    value: impl Fn(&str) -> Option<Result<String, String>>,
+) -> Result<String, String> {
+    let mut out = String::with_capacity(arg.len());
+    let mut rest = arg;
+    while let Some(i) = rest.find('{') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        let Some(end) = tail.find('}') else {
+            out.push_str(tail);
+            return Ok(out);
+        };
+        match value(&tail[1..end]) {
+            Some(v) => out.push_str(&v?),
+            None => out.push_str(&tail[..=end]),
+        }
+        rest = &tail[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// What `{port.NAME}` stands for, given the port each name has.
+pub(crate) fn port_placeholder(
+    key: &str,
+    ports: &BTreeMap<String, u16>,
+) -> Option<Result<String, String>> {
+    let name = key.strip_prefix("port.")?;
+    Some(match ports.get(name) {
+        Some(p) => Ok(p.to_string()),
+        None => Err(format!(
+            "the command uses `{{{key}}}` but the plan has no port `{name}`"
+        )),
+    })
+}
+
+/// `PORT_<NAME>` for a port name.
+pub(crate) fn env_name(port: &str) -> String {
+    port.to_ascii_uppercase().replace('-', "_")
+}
+
+/// Refuse a source or save path that resolves through a symlink: the validated path must be
+/// the path that is read and written (a link could lead outside `source_roots`, and a save
+/// would replace the link itself). A path that does not exist yet (a first save) is checked
+/// up to its nearest existing ancestor.
+pub(crate) fn no_symlinks(
+    op: &'static str,
+    session: &str,
+    path: &Path,
+) -> Result<(), ProviderError> {
+    let mut existing = path;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(p) => existing = p,
+            None => return Ok(()),
+        }
+    }
+    let real = existing.canonicalize().map_err(ProviderError::io(
+        op,
+        format!("{session}: {}", path.display()),
+    ))?;
+    if real != existing {
+        return Err(ProviderError::failed(
+            op,
+            session,
+            format!(
+                "{} resolves through a symlink to {}; write the real path",
+                existing.display(),
+                real.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Does `addr` (`host:port`) answer? With a path: an HTTP GET answered below 500.
+pub(crate) async fn probe(addr: &str, path: Option<&str>) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(Ok(mut s)) =
+        tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await
+    else {
+        return false;
+    };
+    let Some(path) = path else { return true };
+    let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    match tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await {
+        Ok(Ok(n)) if n >= 12 => std::str::from_utf8(&buf[9..12])
+            .ok()
+            .and_then(|c| c.parse::<u16>().ok())
+            .is_some_and(|c| c < 500),
+        _ => false,
     }
 }

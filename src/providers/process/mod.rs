@@ -28,9 +28,9 @@ use crate::model::{ComputeKind, Health};
 use crate::observed::{ObservedSession, RuntimeSpec, SessionState};
 use crate::planner::Action;
 
-use super::{BoxFut, ComputeProvider, ProviderError};
+use super::{BoxFut, ComputeProvider, ProviderError, no_symlinks};
 
-pub use files::{copy_tree, save_atomically};
+pub use files::{copy_tree, excluded, save_atomically, write_atomically};
 
 const RECORD: &str = "session.json";
 
@@ -159,14 +159,8 @@ fn write_record(dir: &Path, r: &Record) -> Result<(), ProviderError> {
     ));
     let bytes = serde_json::to_vec_pretty(r)
         .map_err(|e| ProviderError::failed("write", path.display().to_string(), e.to_string()))?;
-    let write = || -> std::io::Result<()> {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)
-    };
-    write().map_err(ProviderError::io("write", path.display().to_string()))
+    files::write_atomically(&tmp, &path, &bytes)
+        .map_err(ProviderError::io("write", path.display().to_string()))
 }
 
 /// `/proc/<pid>/stat`: (state char, start time in ticks).
@@ -245,39 +239,12 @@ fn health_port(r: &Record, check: Option<&Health>) -> Option<(u16, Option<String
 
 /// Expand `{port.NAME}`, `{workspace}`, `{session}` and `{vessel}` in one argument.
 fn expand(arg: &str, r: &Record, workspace: &Path, vessel: &Path) -> Result<String, String> {
-    let mut out = String::with_capacity(arg.len());
-    let mut rest = arg;
-    while let Some(i) = rest.find('{') {
-        out.push_str(&rest[..i]);
-        let tail = &rest[i..];
-        let Some(end) = tail.find('}') else {
-            out.push_str(tail);
-            return Ok(out);
-        };
-        let key = &tail[1..end];
-        match key {
-            "workspace" => out.push_str(&workspace.display().to_string()),
-            "session" => out.push_str(&r.name),
-            "vessel" => out.push_str(&vessel.display().to_string()),
-            k if k.starts_with("port.") => match r.ports.get(&k[5..]) {
-                Some(p) => out.push_str(&p.to_string()),
-                None => {
-                    return Err(format!(
-                        "the command uses `{{{k}}}` but the plan has no port `{}`",
-                        &k[5..]
-                    ));
-                }
-            },
-            _ => out.push_str(&tail[..=end]),
-        }
-        rest = &tail[end + 1..];
-    }
-    out.push_str(rest);
-    Ok(out)
-}
-
-fn env_name(port: &str) -> String {
-    port.to_ascii_uppercase().replace('-', "_")
+    super::expand(arg, |key| match key {
+        "workspace" => Some(Ok(workspace.display().to_string())),
+        "session" => Some(Ok(r.name.clone())),
+        "vessel" => Some(Ok(vessel.display().to_string())),
+        k => super::port_placeholder(k, &r.ports),
+    })
 }
 
 impl ProcessProvider {
@@ -523,7 +490,7 @@ impl ProcessProvider {
             .process_group(0)
             .kill_on_drop(false);
         for (name, port) in &r.ports {
-            cmd.env(format!("PORT_{}", env_name(name)), port.to_string());
+            cmd.env(format!("PORT_{}", super::env_name(name)), port.to_string());
         }
         if let Some((port, _)) = health_port(&r, r.spec.health.as_ref()) {
             cmd.env("PORT", port.to_string());
@@ -619,7 +586,7 @@ impl ProcessProvider {
             return Ok(());
         };
         loop {
-            if probe(port, path.as_deref()).await {
+            if super::probe(&format!("127.0.0.1:{port}"), path.as_deref()).await {
                 return Ok(());
             }
             let r = read_record(&dir)?
@@ -680,36 +647,6 @@ impl ProcessProvider {
     }
 }
 
-/// Refuse a source or save path that resolves through a symlink: the validated path must be
-/// the path that is read and written (a link could lead outside `source_roots`, and a save
-/// would replace the link itself). A path that does not exist yet (a first save) is checked
-/// up to its nearest existing ancestor.
-fn no_symlinks(op: &'static str, session: &str, path: &Path) -> Result<(), ProviderError> {
-    let mut existing = path;
-    while !existing.exists() {
-        match existing.parent() {
-            Some(p) => existing = p,
-            None => return Ok(()),
-        }
-    }
-    let real = existing.canonicalize().map_err(ProviderError::io(
-        op,
-        format!("{session}: {}", path.display()),
-    ))?;
-    if real != existing {
-        return Err(ProviderError::failed(
-            op,
-            session,
-            format!(
-                "{} resolves through a symlink to {}; write the real path",
-                existing.display(),
-                real.display()
-            ),
-        ));
-    }
-    Ok(())
-}
-
 /// Remove what an interrupted destroy left behind.
 fn clean_trash(root: &Path) {
     if let Ok(rd) = std::fs::read_dir(root) {
@@ -760,32 +697,6 @@ async fn terminate_session(leader: Option<i32>, key: &str, timeout: Duration) ->
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     find_by_key(key)
-}
-
-/// Does the port answer? With a path: an HTTP GET answered below 500.
-async fn probe(port: u16, path: Option<&str>) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(Ok(mut s)) = tokio::time::timeout(
-        Duration::from_secs(1),
-        tokio::net::TcpStream::connect(("127.0.0.1", port)),
-    )
-    .await
-    else {
-        return false;
-    };
-    let Some(path) = path else { return true };
-    let req = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
-    if s.write_all(req.as_bytes()).await.is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 16];
-    match tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await {
-        Ok(Ok(n)) if n >= 12 => std::str::from_utf8(&buf[9..12])
-            .ok()
-            .and_then(|c| c.parse::<u16>().ok())
-            .is_some_and(|c| c < 500),
-        _ => false,
-    }
 }
 
 fn log_tail(path: &Path) -> String {
