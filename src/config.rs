@@ -284,6 +284,14 @@ pub struct DockerConfig {
     /// Remove a session's anonymous volumes with it.
     #[serde(default = "yes")]
     pub remove_volumes: bool,
+    /// This vessel's name on the engines: the value of its ownership label. Containers of
+    /// another instance sharing an engine are foreign to this one.
+    #[serde(default = "default_instance")]
+    pub instance: String,
+}
+
+fn default_instance() -> String {
+    "vessel".into()
 }
 
 /// How routes reach a container's ports.

@@ -15,9 +15,9 @@ use crate::config::{DockerConfig, DockerPorts};
 use crate::model::Health;
 use crate::observed::RuntimeSpec;
 
-/// The ownership marker: vessel touches only containers carrying this label with this value.
+/// The ownership marker: vessel touches only containers carrying this label with its
+/// instance name (`vessel` by default) as the value.
 pub const MARKER: &str = "vessel.managed-by";
-pub const MARKER_VALUE: &str = "vessel";
 pub const SESSION: &str = "vessel.session";
 pub const FINGERPRINT: &str = "vessel.fingerprint";
 pub const HOST: &str = "vessel.host";
@@ -93,9 +93,9 @@ impl Container {
         self.labels.as_ref()?.get(key).map(String::as_str)
     }
 
-    /// Carries vessel's marker.
-    pub fn owned(&self) -> bool {
-        self.label(MARKER) == Some(MARKER_VALUE)
+    /// Carries the marker of vessel's `instance`.
+    pub fn owned(&self, instance: &str) -> bool {
+        self.label(MARKER) == Some(instance)
     }
 
     /// The container's name without the leading slash.
@@ -232,7 +232,7 @@ pub fn create_body(
     env.push(format!("VESSEL_WORKSPACE={workspace}"));
     let spec_json = serde_json::to_string(spec).map_err(|e| e.to_string())?;
     let mut labels: HashMap<String, String> = HashMap::from([
-        (MARKER.to_string(), MARKER_VALUE.to_string()),
+        (MARKER.to_string(), config.instance.clone()),
         (SESSION.to_string(), r.session.to_string()),
         (FINGERPRINT.to_string(), r.fingerprint.to_string()),
         (HOST.to_string(), r.host.to_string()),
@@ -317,7 +317,8 @@ mod tests {
             "NetworkSettings":{"Networks":{"podman":{"IPAddress":"10.88.0.2"}}}}]"#;
         let list = from_json(json).expect("lenient");
         let c = &list[0];
-        assert!(c.owned() && !c.running());
+        assert!(c.owned("vessel") && !c.running());
+        assert!(!c.owned("another"));
         assert_eq!(c.session_by_name(), Some("alice"));
         let ports = BTreeMap::from([("ide".to_string(), 8080u16)]);
         assert_eq!(
@@ -335,7 +336,7 @@ mod tests {
         let json = r#"[{"Id":"x","Names":["/vessel-bob"],"State":"running",
             "Labels":{"vessel.session":"bob","vessel.managed-by":"someone-else"}}]"#;
         let list = from_json(json).expect("json");
-        assert!(!list[0].owned());
+        assert!(!list[0].owned("vessel"));
         let bad = r#"[{"Id":"y","Names":["/vessel-Not_A_Label"],"State":"running"}]"#;
         assert_eq!(from_json(bad).expect("json")[0].session_by_name(), None);
     }

@@ -47,7 +47,7 @@ use crate::planner::Action;
 
 use super::{BoxFut, ComputeProvider, ProviderError, no_symlinks};
 
-pub use convert::{MARKER, MARKER_VALUE, container_name};
+pub use convert::{MARKER, container_name};
 
 /// bollard's per-request timeout, in seconds (a workspace download can take a while).
 const REQUEST_TIMEOUT: u64 = 120;
@@ -292,22 +292,26 @@ impl Inner {
         }
     }
 
-    fn marker_filter() -> HashMap<String, Vec<String>> {
+    fn marker_filter(&self) -> HashMap<String, Vec<String>> {
         HashMap::from([(
             "label".to_string(),
-            vec![format!("{MARKER}={MARKER_VALUE}")],
+            vec![format!("{MARKER}={}", self.config.instance)],
         )])
+    }
+
+    fn owned(&self, c: &convert::Container) -> bool {
+        c.owned(&self.config.instance)
     }
 
     /// vessel's containers on `host` and the foreign ones named like vessel's.
     async fn list_host(&self, host: usize) -> Result<Vec<convert::Container>, ProviderError> {
         let by_name = HashMap::from([("name".to_string(), vec!["vessel-".to_string()])]);
         let (owned, named) = tokio::join!(
-            self.list(host, Self::marker_filter()),
+            self.list(host, self.marker_filter()),
             self.list(host, by_name)
         );
         let mut all = owned?;
-        all.extend(named?.into_iter().filter(|c| !c.owned()));
+        all.extend(named?.into_iter().filter(|c| !self.owned(c)));
         Ok(all)
     }
 
@@ -387,7 +391,7 @@ impl Inner {
         host: usize,
         session: &str,
     ) -> Result<Option<convert::Container>, ProviderError> {
-        let mut f = Self::marker_filter();
+        let mut f = self.marker_filter();
         f.insert(
             "name".into(),
             vec![format!("^/?{}$", container_name(session))],
@@ -395,7 +399,7 @@ impl Inner {
         let list = self.list(host, f).await?;
         Ok(list
             .into_iter()
-            .find(|c| c.owned() && c.name() == Some(container_name(session).as_str())))
+            .find(|c| self.owned(c) && c.name() == Some(container_name(session).as_str())))
     }
 
     fn remember(&self, session: &str, p: Placed) {
@@ -442,12 +446,12 @@ impl DockerProvider {
             for c in list? {
                 let host_name = inner.hosts[host].name.clone();
                 let Some(session) = c.session_by_name().map(str::to_string) else {
-                    if c.owned() {
+                    if inner.owned(&c) {
                         tracing::warn!(container = %c.name().unwrap_or(&c.id), host = %host_name, "a container with vessel's marker is not named after a session (renamed by hand?); left alone");
                     }
                     continue;
                 };
-                let owned = c.owned() && c.label(convert::SESSION) == Some(session.as_str());
+                let owned = inner.owned(&c) && c.label(convert::SESSION) == Some(session.as_str());
                 if let Some(prev) = out.get(&session)
                     && (prev.owned || !owned)
                 {
@@ -728,7 +732,7 @@ impl DockerProvider {
         check: Option<&Health>,
     ) -> Result<(), ProviderError> {
         let p = self.placed("check health of", session).await?;
-        let mut f = Inner::marker_filter();
+        let mut f = self.inner.marker_filter();
         f.insert("id".into(), vec![p.id.clone()]);
         let mut last_look = tokio::time::Instant::now() - Duration::from_secs(10);
         let mut target: Option<(String, Option<String>)> = None;
@@ -878,16 +882,15 @@ async fn watch_events(weak: Weak<Inner>, host: usize) {
     let mut backoff = Duration::from_millis(500);
     let mut first = true;
     loop {
-        let client: Option<Docker> = {
+        let client: Option<(Docker, HashMap<String, Vec<String>>)> = {
             let Some(inner) = weak.upgrade() else { return };
             let d = inner.client(host).await.ok().cloned();
             if d.is_some() {
                 inner.count();
             }
-            d
+            d.map(|d| (d, inner.marker_filter()))
         };
-        if let Some(d) = client {
-            let mut filters = Inner::marker_filter();
+        if let Some((d, mut filters)) = client {
             filters.insert("type".into(), vec!["container".into()]);
             let mut stream = d.events(Some(EventsOptions {
                 filters: Some(filters),
