@@ -803,6 +803,8 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                     .and_then(|s| s.stop_timeout)
             })
     };
+    // Sessions held because no host is in the location they ask for.
+    let mut no_host: Vec<(&str, String)> = Vec::new();
     for (&name, fate) in &fates {
         let have = observed.sessions.get(name);
         let want = wants.get(name);
@@ -828,16 +830,9 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
             }
             Fate::Create => {
                 let Some(w) = want else { continue };
-                let host = match place(name, w, policy, None) {
-                    Ok(h) => h,
-                    Err(location) => {
-                        out.held.push(Hold {
-                            object: Object::Session(name.to_string()),
-                            why: HoldReason::NoHost { location },
-                        });
-                        held_session_names.insert(name);
-                        continue;
-                    }
+                let placed = place(name, w, policy, None);
+                let Some(host) = placed.map_err(|l| no_host.push((name, l))).ok() else {
+                    continue;
                 };
                 create_steps(&mut push, name, w, host, Reason::Missing);
                 address_pending.insert(name);
@@ -846,16 +841,9 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 let (Some(w), Some(o)) = (want, have) else {
                     continue;
                 };
-                let host = match place(name, w, policy, o.host.as_deref()) {
-                    Ok(h) => h,
-                    Err(location) => {
-                        out.held.push(Hold {
-                            object: Object::Session(name.to_string()),
-                            why: HoldReason::NoHost { location },
-                        });
-                        held_session_names.insert(name);
-                        continue;
-                    }
+                let placed = place(name, w, policy, o.host.as_deref());
+                let Some(host) = placed.map_err(|l| no_host.push((name, l))).ok() else {
+                    continue;
                 };
                 let save = save_path(o);
                 let data = match &save {
@@ -915,6 +903,14 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 save_then_destroy(&mut push, name, o, reason, stop_timeout(name));
             }
         }
+    }
+
+    for (name, location) in no_host {
+        out.held.push(Hold {
+            object: Object::Session(name.to_string()),
+            why: HoldReason::NoHost { location },
+        });
+        held_session_names.insert(name);
     }
 
     // 4. Routes: desired for sessions that are running or sleeping (not stopped, not held).

@@ -74,6 +74,102 @@ impl ProviderError {
 
 pub use crate::error_chain as chain;
 
+/// What a create step gives a compute provider.
+pub struct CreateArgs<'a> {
+    pub session: &'a str,
+    pub spec: &'a crate::observed::RuntimeSpec,
+    pub fingerprint: &'a str,
+    pub source_file: &'a Path,
+    pub save_to: Option<&'a Path>,
+    pub start: bool,
+    /// The host the plan placed it on, for providers with several.
+    pub host: Option<&'a str>,
+}
+
+/// The session steps of a compute provider, one per kind of plan action on a session;
+/// `run_session_step` maps the plan's actions onto them.
+pub(crate) trait SessionSteps: Sync {
+    fn create(&self, a: &CreateArgs<'_>) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    fn start(&self, session: &str) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    fn stop(
+        &self,
+        session: &str,
+        stop_timeout: Option<crate::model::Duration>,
+    ) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    fn destroy(
+        &self,
+        session: &str,
+        stop_timeout: Option<crate::model::Duration>,
+    ) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    fn wait_healthy(
+        &self,
+        session: &str,
+        check: Option<&crate::model::Health>,
+    ) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    fn sync_source(
+        &self,
+        session: &str,
+        path: &Path,
+        exclude: &[String],
+        save_to: &Option<std::path::PathBuf>,
+    ) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    fn save_work(
+        &self,
+        session: &str,
+        path: &Path,
+    ) -> impl Future<Output = Result<(), ProviderError>> + Send;
+}
+
+/// Carry out one session step of the plan with `p`'s steps.
+pub(crate) async fn run_session_step<P: SessionSteps>(
+    p: &P,
+    action: &Action,
+) -> Result<(), ProviderError> {
+    match action {
+        Action::CreateSession {
+            session,
+            spec,
+            fingerprint,
+            source_file,
+            save_to,
+            start,
+            host,
+        } => {
+            let args = CreateArgs {
+                session,
+                spec,
+                fingerprint,
+                source_file,
+                save_to: save_to.as_deref(),
+                start: *start,
+                host: host.as_deref(),
+            };
+            p.create(&args).await
+        }
+        Action::StartSession { session, .. } => p.start(session).await,
+        Action::StopSession {
+            session,
+            stop_timeout,
+            ..
+        } => p.stop(session, *stop_timeout).await,
+        Action::DestroySession {
+            session,
+            stop_timeout,
+            ..
+        } => p.destroy(session, *stop_timeout).await,
+        Action::WaitHealthy { session, check, .. } => p.wait_healthy(session, check.as_ref()).await,
+        Action::SyncSource {
+            session,
+            path,
+            exclude,
+            save_to,
+            ..
+        } => p.sync_source(session, path, exclude, save_to).await,
+        Action::SaveWork { session, path, .. } => p.save_work(session, path).await,
+        _ => Err(ProviderError::Unsupported("a non-session step")),
+    }
+}
+
 pub trait ComputeProvider: Send + Sync {
     fn kind(&self) -> ComputeKind;
     /// Every session carrying vessel's marker (and any in the way, marked foreign).

@@ -45,7 +45,7 @@ use crate::model::{ComputeKind, Health};
 use crate::observed::{ObservedSession, RuntimeSpec, SessionState};
 use crate::planner::Action;
 
-use super::{BoxFut, ComputeProvider, ProviderError, no_symlinks};
+use super::{BoxFut, ComputeProvider, CreateArgs, ProviderError, SessionSteps, no_symlinks};
 
 pub use convert::{MARKER, container_name};
 
@@ -536,26 +536,72 @@ impl DockerProvider {
         Ok(out.into_values().collect())
     }
 
-    async fn create(
+    async fn start_container(
         &self,
-        req: &convert::CreateRequest<'_>,
-        start: bool,
+        session: &str,
+        host: usize,
+        id: &str,
     ) -> Result<(), ProviderError> {
+        let d = self.inner.client(host).await?;
+        self.inner.count();
+        match d.start_container(id, None::<StartContainerOptions>).await {
+            Ok(()) => Ok(()),
+            Err(e) if status_of(&e) == Some(304) => Ok(()),
+            Err(e) => Err(docker_err("start", session)(e)),
+        }
+    }
+
+    async fn placed(&self, op: &'static str, session: &str) -> Result<Placed, ProviderError> {
+        self.inner
+            .locate(session)
+            .await?
+            .ok_or_else(|| ProviderError::failed(op, session, "it has no container"))
+    }
+
+    async fn stop_container(
+        &self,
+        session: &str,
+        p: &Placed,
+        stop_timeout: Option<crate::model::Duration>,
+    ) -> Result<(), ProviderError> {
+        let d = self.inner.client(p.host).await?;
+        self.inner.count();
+        let r = d
+            .stop_container(
+                &p.id,
+                Some(StopContainerOptions {
+                    t: Some(convert::stop_seconds(stop_timeout)),
+                    signal: None,
+                }),
+            )
+            .await;
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(status_of(&e), Some(304 | 404)) => Ok(()),
+            Err(e) => Err(docker_err("stop", session)(e)),
+        }
+    }
+}
+
+impl SessionSteps for DockerProvider {
+    async fn create(&self, req: &CreateArgs<'_>) -> Result<(), ProviderError> {
         let inner = &self.inner;
         let session = req.session;
+        let start = req.start;
+        let host_name = req.host.unwrap_or(inner.hosts[0].name.as_str());
         let host = inner
             .hosts
             .iter()
-            .position(|h| h.name == req.host)
+            .position(|h| h.name == host_name)
             .ok_or_else(|| {
                 ProviderError::failed(
                     "create",
                     session,
-                    format!("no docker host named `{}` is configured", req.host),
+                    format!("no docker host named `{host_name}` is configured"),
                 )
             })?;
         let d = inner.client(host).await?;
-        let body = convert::create_body(req, &inner.config)
+        let body = convert::create_body(req, host_name, &inner.config)
             .map_err(|m| ProviderError::failed("create", session, m))?;
         inner.count();
         let created = d
@@ -616,29 +662,6 @@ impl DockerProvider {
         }
         Ok(())
     }
-
-    async fn start_container(
-        &self,
-        session: &str,
-        host: usize,
-        id: &str,
-    ) -> Result<(), ProviderError> {
-        let d = self.inner.client(host).await?;
-        self.inner.count();
-        match d.start_container(id, None::<StartContainerOptions>).await {
-            Ok(()) => Ok(()),
-            Err(e) if status_of(&e) == Some(304) => Ok(()),
-            Err(e) => Err(docker_err("start", session)(e)),
-        }
-    }
-
-    async fn placed(&self, op: &'static str, session: &str) -> Result<Placed, ProviderError> {
-        self.inner
-            .locate(session)
-            .await?
-            .ok_or_else(|| ProviderError::failed(op, session, "it has no container"))
-    }
-
     async fn start(&self, session: &str) -> Result<(), ProviderError> {
         let p = self.placed("start", session).await?;
         self.inner
@@ -653,7 +676,6 @@ impl DockerProvider {
         }
         self.start_container(session, p.host, &p.id).await
     }
-
     async fn stop(
         &self,
         session: &str,
@@ -666,31 +688,6 @@ impl DockerProvider {
             .update_record(session, &p.id, |r| r.intent = Intent::Stopped)?;
         self.stop_container(session, &p, stop_timeout).await
     }
-
-    async fn stop_container(
-        &self,
-        session: &str,
-        p: &Placed,
-        stop_timeout: Option<crate::model::Duration>,
-    ) -> Result<(), ProviderError> {
-        let d = self.inner.client(p.host).await?;
-        self.inner.count();
-        let r = d
-            .stop_container(
-                &p.id,
-                Some(StopContainerOptions {
-                    t: Some(convert::stop_seconds(stop_timeout)),
-                    signal: None,
-                }),
-            )
-            .await;
-        match r {
-            Ok(()) => Ok(()),
-            Err(e) if matches!(status_of(&e), Some(304 | 404)) => Ok(()),
-            Err(e) => Err(docker_err("stop", session)(e)),
-        }
-    }
-
     async fn destroy(
         &self,
         session: &str,
@@ -725,7 +722,6 @@ impl DockerProvider {
             Err(e) => Err(ProviderError::io("remove the record of", session)(e)),
         }
     }
-
     async fn wait_healthy(
         &self,
         session: &str,
@@ -786,7 +782,6 @@ impl DockerProvider {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
-
     async fn sync_source(
         &self,
         session: &str,
@@ -826,7 +821,6 @@ impl DockerProvider {
             r.save_to = save_to.clone();
         })
     }
-
     async fn save_work(&self, session: &str, path: &Path) -> Result<(), ProviderError> {
         no_symlinks("save work of", session, path)?;
         let p = self.placed("save work of", session).await?;
@@ -935,55 +929,7 @@ impl ComputeProvider for DockerProvider {
     }
 
     fn apply<'a>(&'a self, action: &'a Action) -> BoxFut<'a, Result<(), ProviderError>> {
-        Box::pin(async move {
-            match action {
-                Action::CreateSession {
-                    session,
-                    spec,
-                    fingerprint,
-                    source_file,
-                    save_to,
-                    start,
-                    host,
-                } => {
-                    let host = host
-                        .clone()
-                        .unwrap_or_else(|| self.inner.hosts[0].name.clone());
-                    let req = convert::CreateRequest {
-                        session,
-                        spec,
-                        fingerprint,
-                        host: &host,
-                        source_file,
-                        save_to: save_to.as_deref(),
-                    };
-                    self.create(&req, *start).await
-                }
-                Action::StartSession { session, .. } => self.start(session).await,
-                Action::StopSession {
-                    session,
-                    stop_timeout,
-                    ..
-                } => self.stop(session, *stop_timeout).await,
-                Action::DestroySession {
-                    session,
-                    stop_timeout,
-                    ..
-                } => self.destroy(session, *stop_timeout).await,
-                Action::WaitHealthy { session, check, .. } => {
-                    self.wait_healthy(session, check.as_ref()).await
-                }
-                Action::SyncSource {
-                    session,
-                    path,
-                    exclude,
-                    save_to,
-                    ..
-                } => self.sync_source(session, path, exclude, save_to).await,
-                Action::SaveWork { session, path, .. } => self.save_work(session, path).await,
-                _ => Err(ProviderError::Unsupported("a non-session step")),
-            }
-        })
+        Box::pin(super::run_session_step(self, action))
     }
 
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
