@@ -105,6 +105,62 @@ struct Inner {
     changes: tokio::sync::watch::Sender<u64>,
     events_started: AtomicBool,
     cancel: CancellationToken,
+    /// Per host: the last list, reused while the events stream says nothing changed.
+    cache: Vec<HostCache>,
+}
+
+/// A host's last list, valid while its generation holds: every event on the host, every step
+/// vessel runs there, and every (re)connection of the events stream moves the generation on.
+/// A no-op pass then costs no Engine API call; a list is at most `CACHE_MAX_AGE` old anyway.
+#[derive(Default)]
+struct HostCache {
+    generation: AtomicU64,
+    /// Since when the events stream has been read (the cache is trusted only for lists begun
+    /// a little after, so the engine has surely registered the subscription).
+    streaming_since: Mutex<Option<tokio::time::Instant>>,
+    last: Mutex<Option<CachedList>>,
+}
+
+struct CachedList {
+    generation: u64,
+    at: tokio::time::Instant,
+    containers: Vec<convert::Container>,
+}
+
+const CACHE_MAX_AGE: Duration = Duration::from_secs(30);
+const STREAM_SETTLE: Duration = Duration::from_millis(500);
+
+impl HostCache {
+    fn bump(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn streaming(&self, since: Option<tokio::time::Instant>) {
+        if let Ok(mut s) = self.streaming_since.lock() {
+            *s = since;
+        }
+        self.bump();
+    }
+
+    fn cached(&self, generation: u64) -> Option<Vec<convert::Container>> {
+        let since = (*self.streaming_since.lock().ok()?)?;
+        let last = self.last.lock().ok()?;
+        let l = last.as_ref()?;
+        (l.generation == generation
+            && l.at >= since + STREAM_SETTLE
+            && l.at.elapsed() < CACHE_MAX_AGE)
+            .then(|| l.containers.clone())
+    }
+
+    fn store(&self, generation: u64, at: tokio::time::Instant, containers: &[convert::Container]) {
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some(CachedList {
+                generation,
+                at,
+                containers: containers.to_vec(),
+            });
+        }
+    }
 }
 
 impl Drop for Inner {
@@ -177,6 +233,7 @@ impl DockerProvider {
             .map_err(|e| format!("cannot create {}: {e}", records.display()))?;
         Ok(DockerProvider {
             inner: Arc::new(Inner {
+                cache: (0..hosts.len()).map(|_| HostCache::default()).collect(),
                 hosts,
                 config,
                 records,
@@ -305,6 +362,12 @@ impl Inner {
 
     /// vessel's containers on `host` and the foreign ones named like vessel's.
     async fn list_host(&self, host: usize) -> Result<Vec<convert::Container>, ProviderError> {
+        let cache = &self.cache[host];
+        let generation = cache.generation.load(Ordering::SeqCst);
+        if let Some(list) = cache.cached(generation) {
+            return Ok(list);
+        }
+        let at = tokio::time::Instant::now();
         let by_name = HashMap::from([("name".to_string(), vec!["vessel-".to_string()])]);
         let (owned, named) = tokio::join!(
             self.list(host, self.marker_filter()),
@@ -312,6 +375,7 @@ impl Inner {
         );
         let mut all = owned?;
         all.extend(named?.into_iter().filter(|c| !self.owned(c)));
+        cache.store(generation, at, &all);
         Ok(all)
     }
 
@@ -876,37 +940,62 @@ async fn watch_events(weak: Weak<Inner>, host: usize) {
     let mut backoff = Duration::from_millis(500);
     let mut first = true;
     loop {
-        let client: Option<(Docker, HashMap<String, Vec<String>>)> = {
+        let client: Option<(Docker, String)> = {
             let Some(inner) = weak.upgrade() else { return };
             let d = inner.client(host).await.ok().cloned();
             if d.is_some() {
                 inner.count();
             }
-            d.map(|d| (d, inner.marker_filter()))
+            d.map(|d| (d, inner.config.instance.clone()))
         };
-        if let Some((d, mut filters)) = client {
-            filters.insert("type".into(), vec!["container".into()]);
+        if let Some((d, instance)) = client {
+            // Every container event: a foreign container named like vessel's matters too.
+            let filters = HashMap::from([("type".to_string(), vec!["container".to_string()])]);
             let mut stream = d.events(Some(EventsOptions {
                 filters: Some(filters),
                 ..Default::default()
             }));
+            with_cache(&weak, host, |c| {
+                c.streaming(Some(tokio::time::Instant::now()))
+            });
             if !first {
                 poke(&weak);
             }
             first = false;
             backoff = Duration::from_millis(500);
             while let Some(event) = stream.next().await {
-                if event.is_err() {
-                    break;
-                }
-                if !poke(&weak) {
+                let Ok(event) = event else { break };
+                with_cache(&weak, host, HostCache::bump);
+                if concerns_vessel(&event, &instance) && !poke(&weak) {
                     return;
                 }
             }
+            with_cache(&weak, host, |c| c.streaming(None));
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(30));
     }
+}
+
+fn with_cache(weak: &Weak<Inner>, host: usize, f: impl FnOnce(&HostCache)) {
+    if let Some(inner) = weak.upgrade()
+        && let Some(c) = inner.cache.get(host)
+    {
+        f(c);
+    }
+}
+
+/// An event about one of this instance's containers, or one named like vessel's (or one that
+/// does not say which: better a pass too many than a change missed).
+fn concerns_vessel(e: &bollard::models::EventMessage, instance: &str) -> bool {
+    let Some(attrs) = e.actor.as_ref().and_then(|a| a.attributes.as_ref()) else {
+        return true;
+    };
+    let ours = attrs.get(MARKER).is_some_and(|v| v == instance);
+    let named = attrs
+        .get("name")
+        .is_none_or(|n| n.trim_start_matches('/').starts_with("vessel-"));
+    ours || named
 }
 
 fn poke(weak: &Weak<Inner>) -> bool {
@@ -929,7 +1018,14 @@ impl ComputeProvider for DockerProvider {
     }
 
     fn apply<'a>(&'a self, action: &'a Action) -> BoxFut<'a, Result<(), ProviderError>> {
-        Box::pin(super::run_session_step(self, action))
+        Box::pin(async move {
+            let r = super::run_session_step(self, action).await;
+            // vessel changed something: the next observation lists again.
+            for c in &self.inner.cache {
+                c.bump();
+            }
+            r
+        })
     }
 
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
