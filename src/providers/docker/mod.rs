@@ -9,9 +9,10 @@
 //! vessel's.
 //!
 //! Observing is two list calls per host whatever the number of sessions (one by the marker
-//! label, one by name for foreign containers in the way), concurrently on every host. A host
-//! that does not answer makes the whole provider unobserved (a gap): nothing is created or
-//! destroyed on an unknown world.
+//! label, one by name for foreign containers in the way), concurrently on every host, and none
+//! at all while the host's events stream shows nothing changed since the last list (see
+//! `HostCache`). A host that does not answer makes the whole provider unobserved (a gap):
+//! nothing is created or destroyed on an unknown world.
 //!
 //! The container's labels record what it was made from (session, fingerprint, spec, host,
 //! desired-state file). What changes after creation (what vessel last asked: running or
@@ -19,8 +20,9 @@
 //! `<state>/docker/`, keyed by the container's id, so a container replaced by hand starts with
 //! no record.
 //!
-//! The Docker events stream (per host, filtered by the marker) pokes the loop through
-//! `changes()`, so a container stopped or removed by hand is repaired at once.
+//! The Docker events stream (per host, container events) pokes the loop through `changes()`
+//! for events about vessel's containers or ones named like them, so a container stopped or
+//! removed by hand is repaired at once.
 
 mod archive;
 mod convert;
