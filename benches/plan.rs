@@ -60,6 +60,7 @@ fn main() {
             expires: None,
             on_expiry: Default::default(),
             env: BTreeMap::new(),
+            location: None,
         };
         d.sessions
             .insert(name.clone(), doc(s, format!("{name}.yaml")));

@@ -473,6 +473,7 @@ mod tests {
                 source_file: "s.yaml".into(),
                 save_to: None,
                 start: true,
+                host: None,
             },
             Action::WaitHealthy {
                 session: session.into(),

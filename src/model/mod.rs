@@ -296,6 +296,10 @@ pub struct SessionSpec {
     /// Environment added to the plan's.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Where a new session is placed: the `location` of one of its compute provider's hosts.
+    /// Placement only: a session that exists is never moved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
 }
 
 /// A hostname routed to one port of a session.

@@ -42,6 +42,16 @@ pub struct Policy {
     pub allow_empty_source: bool,
     /// What DNS records for routes look like; `None` when no DNS provider is configured.
     pub dns: Option<(RecordType, String)>,
+    /// The hosts of compute providers that have several, sorted by name: where new sessions
+    /// are placed.
+    pub placement: BTreeMap<ComputeKind, Vec<PlacementHost>>,
+}
+
+/// A host a new session can be placed on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlacementHost {
+    pub name: String,
+    pub location: Option<String>,
 }
 
 impl Policy {
@@ -52,6 +62,19 @@ impl Policy {
                 Some(record_for(address))
             }
         };
+        let mut placement = BTreeMap::new();
+        if let Some(d) = &config.providers.compute.docker {
+            let mut hosts: Vec<PlacementHost> = d
+                .hosts
+                .iter()
+                .map(|h| PlacementHost {
+                    name: h.name.clone(),
+                    location: h.location.clone(),
+                })
+                .collect();
+            hosts.sort_by(|a, b| a.name.cmp(&b.name));
+            placement.insert(ComputeKind::Docker, hosts);
+        }
         Policy {
             now,
             domain: config.domain.clone(),
@@ -60,6 +83,7 @@ impl Policy {
             allow_destroy: false,
             allow_empty_source: config.policy.allow_empty_source,
             dns,
+            placement,
         }
     }
 }
@@ -88,6 +112,9 @@ pub enum Action {
         save_to: Option<PathBuf>,
         /// Start it once created (otherwise it is created stopped).
         start: bool,
+        /// The provider's host it is placed on, for providers with several (docker).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        host: Option<String>,
     },
     StartSession {
         session: String,
@@ -371,6 +398,8 @@ pub enum HoldReason {
     Guarded,
     /// Its session has no address to route to (stopped or asleep, and never started).
     NoAddress,
+    /// No host of its compute provider is in the location it asks for.
+    NoHost { location: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -799,6 +828,8 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                     .and_then(|s| s.stop_timeout)
             })
     };
+    // Sessions held because no host is in the location they ask for.
+    let mut no_host: Vec<(&str, String)> = Vec::new();
     for (&name, fate) in &fates {
         let have = observed.sessions.get(name);
         let want = wants.get(name);
@@ -824,11 +855,19 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
             }
             Fate::Create => {
                 let Some(w) = want else { continue };
-                create_steps(&mut push, name, w, Reason::Missing);
+                let placed = place(name, w, policy, None);
+                let Some(host) = placed.map_err(|l| no_host.push((name, l))).ok() else {
+                    continue;
+                };
+                create_steps(&mut push, name, w, host, Reason::Missing);
                 address_pending.insert(name);
             }
             Fate::Replace(changes) => {
                 let (Some(w), Some(o)) = (want, have) else {
+                    continue;
+                };
+                let placed = place(name, w, policy, o.host.as_deref());
+                let Some(host) = placed.map_err(|l| no_host.push((name, l))).ok() else {
                     continue;
                 };
                 let save = save_path(o);
@@ -841,7 +880,7 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                     data,
                 };
                 save_then_destroy(&mut push, name, o, &reason, stop_timeout(name));
-                create_steps(&mut push, name, w, reason);
+                create_steps(&mut push, name, w, host, reason);
                 address_pending.insert(name);
             }
             Fate::Start(reason) => {
@@ -889,6 +928,14 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 save_then_destroy(&mut push, name, o, reason, stop_timeout(name));
             }
         }
+    }
+
+    for (name, location) in no_host {
+        out.held.push(Hold {
+            object: Object::Session(name.to_string()),
+            why: HoldReason::NoHost { location },
+        });
+        held_session_names.insert(name);
     }
 
     // 4. Routes: desired for sessions that are running or sleeping (not stopped, not held).
@@ -1194,10 +1241,49 @@ fn sync_action(name: &str, w: &Want) -> Action {
     }
 }
 
+/// The host a session goes on, for compute providers with several: the one it is on already
+/// (sessions are never moved), else the highest of `hash(session, host)` among the hosts in
+/// its location (rendezvous hashing: deterministic, and adding a host moves no placement but
+/// the ones it wins). `Err(location)` when no host is in the location it asks for.
+fn place(
+    name: &str,
+    w: &Want,
+    policy: &Policy,
+    existing: Option<&str>,
+) -> Result<Option<String>, String> {
+    use sha2::{Digest, Sha256};
+    let Some(hosts) = policy.placement.get(&w.spec.compute) else {
+        return Ok(None);
+    };
+    if let Some(h) = existing
+        && hosts.iter().any(|x| x.name == h)
+    {
+        return Ok(Some(h.to_string()));
+    }
+    let wanted = w.session.location.as_deref();
+    let score = |h: &PlacementHost| {
+        let d = Sha256::new()
+            .chain_update(name.as_bytes())
+            .chain_update([0u8])
+            .chain_update(h.name.as_bytes())
+            .finalize();
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&d[..8]);
+        u64::from_be_bytes(b)
+    };
+    hosts
+        .iter()
+        .filter(|h| wanted.is_none() || h.location.as_deref() == wanted)
+        .max_by_key(|h| (score(h), std::cmp::Reverse(h.name.as_str())))
+        .map(|h| Some(h.name.clone()))
+        .ok_or_else(|| wanted.unwrap_or("any").to_string())
+}
+
 fn create_steps(
     push: &mut impl FnMut(Phase, Action, Reason),
     name: &str,
     w: &Want,
+    host: Option<String>,
     reason: Reason,
 ) {
     let start = w.state == RunState::Running;
@@ -1216,6 +1302,7 @@ fn create_steps(
             source_file: w.file.to_path_buf(),
             save_to,
             start,
+            host,
         },
         reason,
     );

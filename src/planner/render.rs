@@ -110,14 +110,23 @@ fn before_after(
 ) -> (Vec<String>, Vec<String>) {
     match object {
         Object::Session(name) => {
-            let before = observed
-                .sessions
-                .get(name)
+            let with_host = |mut lines: Vec<String>, host: Option<&String>| {
+                if let Some(h) = host {
+                    lines.push(format!("host: {h}"));
+                    lines.sort();
+                }
+                lines
+            };
+            let have = observed.sessions.get(name);
+            let before = have
                 .and_then(|s| s.spec.as_ref())
                 .map(RuntimeSpec::lines)
+                .map(|l| with_host(l, have.and_then(|s| s.host.as_ref())))
                 .unwrap_or_default();
             let created = steps.iter().find_map(|s| match &s.action {
-                Action::CreateSession { spec, .. } => Some(spec.lines()),
+                Action::CreateSession { spec, host, .. } => {
+                    Some(with_host(spec.lines(), host.as_ref()))
+                }
                 _ => None,
             });
             let destroyed = steps
@@ -362,6 +371,11 @@ fn step_target(a: &Action) -> String {
         Action::RemoveRecord { name, rtype } => format!("{name} {}", rtype.as_str()),
         Action::SyncSource { session, path, .. } => format!("{session} <- {}", path.display()),
         Action::SaveWork { session, path, .. } => format!("{session} -> {}", path.display()),
+        Action::CreateSession {
+            session,
+            host: Some(h),
+            ..
+        } => format!("{session} on {h}"),
         other => match other.object() {
             Object::Session(n) | Object::Route(n) | Object::Record(n) => n,
         },
@@ -380,6 +394,9 @@ fn hold_text(h: &super::HoldReason) -> String {
         super::HoldReason::Foreign => "an object vessel does not own is in the way".into(),
         super::HoldReason::Guarded => "its destroy is held by a guard".into(),
         super::HoldReason::NoAddress => "its session has no address yet (stopped or asleep)".into(),
+        super::HoldReason::NoHost { location } => {
+            format!("no host of its compute provider is in location `{location}`")
+        }
     }
 }
 

@@ -24,6 +24,7 @@ pub fn simulate(plan: &Plan, observed: &Observed) -> Observed {
                 source_file,
                 save_to,
                 start,
+                host,
             } => {
                 o.sessions.insert(
                     session.clone(),
@@ -47,6 +48,7 @@ pub fn simulate(plan: &Plan, observed: &Observed) -> Observed {
                         synced_source: None,
                         save_to: save_to.clone(),
                         healthy: Some(*start),
+                        host: host.clone(),
                     },
                 );
             }

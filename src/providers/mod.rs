@@ -10,6 +10,7 @@
 //! Foreign (SDK) types stay inside each provider's module.
 
 pub mod caddy;
+pub mod docker;
 pub mod embedded;
 pub mod hosts;
 pub mod http;
@@ -19,6 +20,7 @@ pub mod traefik;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,6 +76,102 @@ impl ProviderError {
 }
 
 pub use crate::error_chain as chain;
+
+/// What a create step gives a compute provider.
+pub struct CreateArgs<'a> {
+    pub session: &'a str,
+    pub spec: &'a crate::observed::RuntimeSpec,
+    pub fingerprint: &'a str,
+    pub source_file: &'a Path,
+    pub save_to: Option<&'a Path>,
+    pub start: bool,
+    /// The host the plan placed it on, for providers with several.
+    pub host: Option<&'a str>,
+}
+
+/// The session steps of a compute provider, one per kind of plan action on a session;
+/// `run_session_step` maps the plan's actions onto them.
+pub(crate) trait SessionSteps: Sync {
+    fn create(&self, a: &CreateArgs<'_>) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    fn start(&self, session: &str) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    fn stop(
+        &self,
+        session: &str,
+        stop_timeout: Option<crate::model::Duration>,
+    ) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    fn destroy(
+        &self,
+        session: &str,
+        stop_timeout: Option<crate::model::Duration>,
+    ) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    fn wait_healthy(
+        &self,
+        session: &str,
+        check: Option<&crate::model::Health>,
+    ) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    fn sync_source(
+        &self,
+        session: &str,
+        path: &Path,
+        exclude: &[String],
+        save_to: &Option<std::path::PathBuf>,
+    ) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    fn save_work(
+        &self,
+        session: &str,
+        path: &Path,
+    ) -> impl Future<Output = Result<(), ProviderError>> + Send;
+}
+
+/// Carry out one session step of the plan with `p`'s steps.
+pub(crate) async fn run_session_step<P: SessionSteps>(
+    p: &P,
+    action: &Action,
+) -> Result<(), ProviderError> {
+    match action {
+        Action::CreateSession {
+            session,
+            spec,
+            fingerprint,
+            source_file,
+            save_to,
+            start,
+            host,
+        } => {
+            let args = CreateArgs {
+                session,
+                spec,
+                fingerprint,
+                source_file,
+                save_to: save_to.as_deref(),
+                start: *start,
+                host: host.as_deref(),
+            };
+            p.create(&args).await
+        }
+        Action::StartSession { session, .. } => p.start(session).await,
+        Action::StopSession {
+            session,
+            stop_timeout,
+            ..
+        } => p.stop(session, *stop_timeout).await,
+        Action::DestroySession {
+            session,
+            stop_timeout,
+            ..
+        } => p.destroy(session, *stop_timeout).await,
+        Action::WaitHealthy { session, check, .. } => p.wait_healthy(session, check.as_ref()).await,
+        Action::SyncSource {
+            session,
+            path,
+            exclude,
+            save_to,
+            ..
+        } => p.sync_source(session, path, exclude, save_to).await,
+        Action::SaveWork { session, path, .. } => p.save_work(session, path).await,
+        _ => Err(ProviderError::Unsupported("a non-session step")),
+    }
+}
 
 pub trait ComputeProvider: Send + Sync {
     fn kind(&self) -> ComputeKind;
@@ -150,8 +248,10 @@ impl Providers {
                 .map_err(|source| SetupError::StateDir { path: root, source })?;
             compute.insert(ComputeKind::Process, Arc::new(provider));
         }
-        if config.providers.compute.docker.is_some() {
-            return Err(SetupError::NotAvailable("docker"));
+        if let Some(d) = &config.providers.compute.docker {
+            let provider = docker::DockerProvider::new(d.clone(), config.state_dir.join("docker"))
+                .map_err(SetupError::Invalid)?;
+            compute.insert(ComputeKind::Docker, Arc::new(provider));
         }
         let (proxy, embedded): (Arc<dyn ProxyProvider>, _) = match &config.providers.proxy {
             ProxyConfig::Embedded { .. } => {
@@ -350,5 +450,106 @@ fn flatten<T>(
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(chain(&e)),
         Err(_) => Err(format!("no answer within {}s", t.as_secs())),
+    }
+}
+
+/// Expand `{key}` placeholders in one command argument. `value` says what a key stands for:
+/// `None` leaves the placeholder as written, `Some(Err)` refuses the argument.
+pub(crate) fn expand(
+    arg: &str,
+    value: impl Fn(&str) -> Option<Result<String, String>>,
+) -> Result<String, String> {
+    let mut out = String::with_capacity(arg.len());
+    let mut rest = arg;
+    while let Some(i) = rest.find('{') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        let Some(end) = tail.find('}') else {
+            out.push_str(tail);
+            return Ok(out);
+        };
+        match value(&tail[1..end]) {
+            Some(v) => out.push_str(&v?),
+            None => out.push_str(&tail[..=end]),
+        }
+        rest = &tail[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// What `{port.NAME}` stands for, given the port each name has.
+pub(crate) fn port_placeholder(
+    key: &str,
+    ports: &BTreeMap<String, u16>,
+) -> Option<Result<String, String>> {
+    let name = key.strip_prefix("port.")?;
+    Some(match ports.get(name) {
+        Some(p) => Ok(p.to_string()),
+        None => Err(format!(
+            "the command uses `{{{key}}}` but the plan has no port `{name}`"
+        )),
+    })
+}
+
+/// `PORT_<NAME>` for a port name.
+pub(crate) fn env_name(port: &str) -> String {
+    port.to_ascii_uppercase().replace('-', "_")
+}
+
+/// Refuse a source or save path that resolves through a symlink: the validated path must be
+/// the path that is read and written (a link could lead outside `source_roots`, and a save
+/// would replace the link itself). A path that does not exist yet (a first save) is checked
+/// up to its nearest existing ancestor.
+pub(crate) fn no_symlinks(
+    op: &'static str,
+    session: &str,
+    path: &Path,
+) -> Result<(), ProviderError> {
+    let mut existing = path;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(p) => existing = p,
+            None => return Ok(()),
+        }
+    }
+    let real = existing.canonicalize().map_err(ProviderError::io(
+        op,
+        format!("{session}: {}", path.display()),
+    ))?;
+    if real != existing {
+        return Err(ProviderError::failed(
+            op,
+            session,
+            format!(
+                "{} resolves through a symlink to {}; write the real path",
+                existing.display(),
+                real.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Does `addr` (`host:port`) answer? With a path: an HTTP GET answered below 500.
+pub(crate) async fn probe(addr: &str, path: Option<&str>) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(Ok(mut s)) =
+        tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await
+    else {
+        return false;
+    };
+    let Some(path) = path else { return true };
+    let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    match tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await {
+        Ok(Ok(n)) if n >= 12 => std::str::from_utf8(&buf[9..12])
+            .ok()
+            .and_then(|c| c.parse::<u16>().ok())
+            .is_some_and(|c| c < 500),
+        _ => false,
     }
 }

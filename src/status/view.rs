@@ -403,6 +403,7 @@ mod tests {
                 source_file: "a.yaml".into(),
                 save_to: None,
                 start: true,
+                host: None,
             },
             reason: crate::planner::Reason::Missing,
             depends_on: vec![],
@@ -427,6 +428,7 @@ mod tests {
                 synced_source: None,
                 save_to: None,
                 healthy: None,
+                host: None,
             },
         );
         let text =

@@ -4,12 +4,14 @@
 mod daemon_support;
 mod dns_hosts;
 mod dns_powerdns;
+mod docker;
 mod git_source;
 mod hostile;
 mod hygiene;
 mod plan_cli;
 mod planner_cases;
 mod planner_props;
+mod podman_support;
 mod proxy;
 mod proxy_caddy;
 mod proxy_traefik;

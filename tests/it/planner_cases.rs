@@ -6,7 +6,8 @@
 //! ```yaml
 //! now: 2026-06-01T00:00:00Z     # the clock
 //! world_now: ...                # the clock the world was converged at (default: now)
-//! policy: {dns: 192.0.2.1, allow_destroy: false, max_count: 10, max_percent: 50}
+//! policy: {dns: 192.0.2.1, allow_destroy: false, max_count: 10, max_percent: 50,
+//!          docker_hosts: [{name: a, location: eu}]}
 //! world: {FILE: YAML, ...}      # the tree the observed world was converged from
 //! world_passes: 1               # converge only this many passes (default: to the end)
 //! files: {FILE: YAML, ...}      # the desired tree now
@@ -26,7 +27,7 @@ use vessel::model::ComputeKind;
 use vessel::observed::{
     Observed, ObservedRecord, ObservedRoute, ObservedSession, ProviderId, SessionState,
 };
-use vessel::planner::{Policy, plan, record_for, render, simulate::converge};
+use vessel::planner::{PlacementHost, Policy, plan, record_for, render, simulate::converge};
 
 use crate::support::root;
 
@@ -40,6 +41,15 @@ struct CasePolicy {
     allow_empty_source: bool,
     max_count: Option<u32>,
     max_percent: Option<u8>,
+    #[serde(default)]
+    docker_hosts: Vec<CaseHost>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaseHost {
+    name: String,
+    location: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -98,6 +108,18 @@ fn policy_of(c: &CasePolicy, now: DateTime<Utc>) -> Policy {
         max_count: c.max_count.unwrap_or(d.max_count),
         max_percent: c.max_percent.unwrap_or(d.max_percent),
     };
+    if !c.docker_hosts.is_empty() {
+        p.placement.insert(
+            ComputeKind::Docker,
+            c.docker_hosts
+                .iter()
+                .map(|h| PlacementHost {
+                    name: h.name.clone(),
+                    location: h.location.clone(),
+                })
+                .collect(),
+        );
+    }
     p
 }
 
@@ -143,6 +165,7 @@ fn apply_drift(o: &mut Observed, drift: &[Drift]) {
                         synced_source: None,
                         save_to: None,
                         healthy: None,
+                        host: None,
                     },
                 );
             }

@@ -105,6 +105,7 @@ fn build(variant: u8, sessions: &[GenSession]) -> Desired {
             expires: None,
             on_expiry: Default::default(),
             env: BTreeMap::new(),
+            location: None,
         };
         d.sessions.insert(name.clone(), doc(spec, &file));
         if g.docs_route {
@@ -216,6 +217,7 @@ fn foreign(o: &mut Observed, n: u8) {
             synced_source: None,
             save_to: None,
             healthy: None,
+            host: None,
         },
     );
     let host = format!("{name}.localhost");

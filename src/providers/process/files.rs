@@ -33,7 +33,8 @@ pub fn glob(pattern: &str, name: &str) -> bool {
     p[pi..].iter().all(|c| *c == '*')
 }
 
-fn excluded(name: &str, exclude: &[String]) -> bool {
+/// Does an entry called `name` match one of the `exclude` patterns?
+pub fn excluded(name: &str, exclude: &[String]) -> bool {
     exclude.iter().any(|p| glob(p, name))
 }
 
@@ -67,6 +68,15 @@ pub fn copy_tree(from: &Path, to: &Path, exclude: &[String]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Write `bytes` to `tmp`, flush it to disk, and rename it over `path`.
+pub fn write_atomically(tmp: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(tmp, path)
 }
 
 /// Hard-link (or copy, across file systems) the tree at `from` to `to`.

@@ -28,9 +28,9 @@ use crate::model::{ComputeKind, Health};
 use crate::observed::{ObservedSession, RuntimeSpec, SessionState};
 use crate::planner::Action;
 
-use super::{BoxFut, ComputeProvider, ProviderError};
+use super::{BoxFut, ComputeProvider, CreateArgs, ProviderError, SessionSteps, no_symlinks};
 
-pub use files::{copy_tree, save_atomically};
+pub use files::{copy_tree, excluded, save_atomically, write_atomically};
 
 const RECORD: &str = "session.json";
 
@@ -159,14 +159,8 @@ fn write_record(dir: &Path, r: &Record) -> Result<(), ProviderError> {
     ));
     let bytes = serde_json::to_vec_pretty(r)
         .map_err(|e| ProviderError::failed("write", path.display().to_string(), e.to_string()))?;
-    let write = || -> std::io::Result<()> {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)
-    };
-    write().map_err(ProviderError::io("write", path.display().to_string()))
+    files::write_atomically(&tmp, &path, &bytes)
+        .map_err(ProviderError::io("write", path.display().to_string()))
 }
 
 /// `/proc/<pid>/stat`: (state char, start time in ticks).
@@ -245,39 +239,12 @@ fn health_port(r: &Record, check: Option<&Health>) -> Option<(u16, Option<String
 
 /// Expand `{port.NAME}`, `{workspace}`, `{session}` and `{vessel}` in one argument.
 fn expand(arg: &str, r: &Record, workspace: &Path, vessel: &Path) -> Result<String, String> {
-    let mut out = String::with_capacity(arg.len());
-    let mut rest = arg;
-    while let Some(i) = rest.find('{') {
-        out.push_str(&rest[..i]);
-        let tail = &rest[i..];
-        let Some(end) = tail.find('}') else {
-            out.push_str(tail);
-            return Ok(out);
-        };
-        let key = &tail[1..end];
-        match key {
-            "workspace" => out.push_str(&workspace.display().to_string()),
-            "session" => out.push_str(&r.name),
-            "vessel" => out.push_str(&vessel.display().to_string()),
-            k if k.starts_with("port.") => match r.ports.get(&k[5..]) {
-                Some(p) => out.push_str(&p.to_string()),
-                None => {
-                    return Err(format!(
-                        "the command uses `{{{k}}}` but the plan has no port `{}`",
-                        &k[5..]
-                    ));
-                }
-            },
-            _ => out.push_str(&tail[..=end]),
-        }
-        rest = &tail[end + 1..];
-    }
-    out.push_str(rest);
-    Ok(out)
-}
-
-fn env_name(port: &str) -> String {
-    port.to_ascii_uppercase().replace('-', "_")
+    super::expand(arg, |key| match key {
+        "workspace" => Some(Ok(workspace.display().to_string())),
+        "session" => Some(Ok(r.name.clone())),
+        "vessel" => Some(Ok(vessel.display().to_string())),
+        k => super::port_placeholder(k, &r.ports),
+    })
 }
 
 impl ProcessProvider {
@@ -309,6 +276,7 @@ impl ProcessProvider {
                             synced_source: None,
                             save_to: None,
                             healthy: None,
+                            host: None,
                         });
                         continue;
                     }
@@ -328,6 +296,7 @@ impl ProcessProvider {
                         synced_source: None,
                         save_to: None,
                         healthy: Some(false),
+                        host: None,
                     });
                     continue;
                 };
@@ -361,6 +330,7 @@ impl ProcessProvider {
                     synced_source: r.synced_source.clone(),
                     save_to: r.save_to.clone(),
                     healthy: None,
+                    host: None,
                     spec: Some(r.spec),
                 });
             }
@@ -370,15 +340,113 @@ impl ProcessProvider {
         .map_err(|e| ProviderError::failed("observe", "process sessions", e.to_string()))?
     }
 
-    async fn create(
-        &self,
-        session: &str,
-        spec: &RuntimeSpec,
-        fingerprint: &str,
-        source_file: &Path,
-        save_to: &Option<PathBuf>,
-        start: bool,
-    ) -> Result<(), ProviderError> {
+    /// Host ports for `names`: the lowest free ones from `port_base` up, not held by another
+    /// session and bindable now. Call with the lock held.
+    fn allocate(&self, names: &[String]) -> Result<BTreeMap<String, u16>, ProviderError> {
+        let mut used: BTreeSet<u16> = BTreeSet::new();
+        for n in list_dirs(&self.inner.root).unwrap_or_default() {
+            if let Ok(Some(r)) = read_record(&self.inner.root.join(n)) {
+                used.extend(r.ports.values());
+            }
+        }
+        let mut out = BTreeMap::new();
+        let mut p = self.inner.config.port_base;
+        for name in names {
+            loop {
+                if p == u16::MAX {
+                    return Err(ProviderError::failed(
+                        "allocate ports for",
+                        name.clone(),
+                        "no free port left",
+                    ));
+                }
+                let candidate = p;
+                p += 1;
+                if !used.contains(&candidate)
+                    && std::net::TcpListener::bind(("127.0.0.1", candidate)).is_ok()
+                {
+                    out.insert(name.clone(), candidate);
+                    used.insert(candidate);
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn kill_orphans(&self, session: &str) {
+        let _ = terminate_session(None, &self.key(session), Duration::from_secs(2)).await;
+    }
+}
+
+/// Remove what an interrupted destroy left behind.
+fn clean_trash(root: &Path) {
+    if let Ok(rd) = std::fs::read_dir(root) {
+        for e in rd.flatten() {
+            if e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(".trash-"))
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+/// Stop everything of one session: SIGTERM to the recorded leader's group and to every
+/// process carrying the session's marker (its group if it leads one, else itself); wait until
+/// none is left; SIGKILL what remains at the timeout. Returns the pids still alive after that
+/// (none, normally). Strays that ignore SIGTERM are not left behind to be adopted later.
+async fn terminate_session(leader: Option<i32>, key: &str, timeout: Duration) -> Vec<i32> {
+    use nix::sys::signal::kill;
+    let signal_all = |sig: Signal| {
+        if let Some(l) = leader {
+            let _ = killpg(Pid::from_raw(l), sig);
+        }
+        for pid in find_by_key(key) {
+            if proc_pgrp(pid) == Some(pid) {
+                let _ = killpg(Pid::from_raw(pid), sig);
+            } else {
+                let _ = kill(Pid::from_raw(pid), sig);
+            }
+        }
+    };
+    let group_alive = || leader.is_some_and(|l| killpg(Pid::from_raw(l), None).is_ok());
+    signal_all(Signal::SIGTERM);
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if !group_alive() && find_by_key(key).is_empty() {
+            return Vec::new();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal_all(Signal::SIGKILL);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < deadline {
+        if !group_alive() && find_by_key(key).is_empty() {
+            return Vec::new();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    find_by_key(key)
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(5).collect();
+    if lines.is_empty() {
+        return "(nothing)".into();
+    }
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
+impl SessionSteps for ProcessProvider {
+    async fn create(&self, a: &CreateArgs<'_>) -> Result<(), ProviderError> {
+        let (session, spec, fingerprint, source_file, start) =
+            (a.session, a.spec, a.fingerprint, a.source_file, a.start);
+        let save_to: Option<PathBuf> = a.save_to.map(Path::to_path_buf);
         let dir = self.dir(session);
         {
             let _guard = self.inner.lock.lock().await;
@@ -426,41 +494,6 @@ impl ProcessProvider {
             Ok(())
         }
     }
-
-    /// Host ports for `names`: the lowest free ones from `port_base` up, not held by another
-    /// session and bindable now. Call with the lock held.
-    fn allocate(&self, names: &[String]) -> Result<BTreeMap<String, u16>, ProviderError> {
-        let mut used: BTreeSet<u16> = BTreeSet::new();
-        for n in list_dirs(&self.inner.root).unwrap_or_default() {
-            if let Ok(Some(r)) = read_record(&self.inner.root.join(n)) {
-                used.extend(r.ports.values());
-            }
-        }
-        let mut out = BTreeMap::new();
-        let mut p = self.inner.config.port_base;
-        for name in names {
-            loop {
-                if p == u16::MAX {
-                    return Err(ProviderError::failed(
-                        "allocate ports for",
-                        name.clone(),
-                        "no free port left",
-                    ));
-                }
-                let candidate = p;
-                p += 1;
-                if !used.contains(&candidate)
-                    && std::net::TcpListener::bind(("127.0.0.1", candidate)).is_ok()
-                {
-                    out.insert(name.clone(), candidate);
-                    used.insert(candidate);
-                    break;
-                }
-            }
-        }
-        Ok(out)
-    }
-
     async fn start(&self, session: &str) -> Result<(), ProviderError> {
         let dir = self.dir(session);
         let _guard = self.inner.lock.lock().await;
@@ -520,7 +553,7 @@ impl ProcessProvider {
             .process_group(0)
             .kill_on_drop(false);
         for (name, port) in &r.ports {
-            cmd.env(format!("PORT_{}", env_name(name)), port.to_string());
+            cmd.env(format!("PORT_{}", super::env_name(name)), port.to_string());
         }
         if let Some((port, _)) = health_port(&r, r.spec.health.as_ref()) {
             cmd.env("PORT", port.to_string());
@@ -541,7 +574,6 @@ impl ProcessProvider {
         });
         Ok(())
     }
-
     /// SIGTERM to the group, SIGKILL after the stop timeout.
     async fn stop(
         &self,
@@ -571,11 +603,6 @@ impl ProcessProvider {
         r.start_ticks = None;
         write_record(&dir, &r)
     }
-
-    async fn kill_orphans(&self, session: &str) {
-        let _ = terminate_session(None, &self.key(session), Duration::from_secs(2)).await;
-    }
-
     async fn destroy(
         &self,
         session: &str,
@@ -602,7 +629,6 @@ impl ProcessProvider {
             .map_err(|e| ProviderError::failed("destroy", session, e.to_string()))?
             .map_err(ProviderError::io("remove", trash.display().to_string()))
     }
-
     async fn wait_healthy(
         &self,
         session: &str,
@@ -616,7 +642,7 @@ impl ProcessProvider {
             return Ok(());
         };
         loop {
-            if probe(port, path.as_deref()).await {
+            if super::probe(&format!("127.0.0.1:{port}"), path.as_deref()).await {
                 return Ok(());
             }
             let r = read_record(&dir)?
@@ -634,7 +660,6 @@ impl ProcessProvider {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
-
     async fn sync_source(
         &self,
         session: &str,
@@ -661,7 +686,6 @@ impl ProcessProvider {
         r.save_to = save_to.clone();
         write_record(&dir, &r)
     }
-
     async fn save_work(&self, session: &str, path: &Path) -> Result<(), ProviderError> {
         let dir = self.dir(session);
         let exclude = read_record(&dir)?.map(|r| r.exclude).unwrap_or_default();
@@ -677,125 +701,6 @@ impl ProcessProvider {
     }
 }
 
-/// Refuse a source or save path that resolves through a symlink: the validated path must be
-/// the path that is read and written (a link could lead outside `source_roots`, and a save
-/// would replace the link itself). A path that does not exist yet (a first save) is checked
-/// up to its nearest existing ancestor.
-fn no_symlinks(op: &'static str, session: &str, path: &Path) -> Result<(), ProviderError> {
-    let mut existing = path;
-    while !existing.exists() {
-        match existing.parent() {
-            Some(p) => existing = p,
-            None => return Ok(()),
-        }
-    }
-    let real = existing.canonicalize().map_err(ProviderError::io(
-        op,
-        format!("{session}: {}", path.display()),
-    ))?;
-    if real != existing {
-        return Err(ProviderError::failed(
-            op,
-            session,
-            format!(
-                "{} resolves through a symlink to {}; write the real path",
-                existing.display(),
-                real.display()
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// Remove what an interrupted destroy left behind.
-fn clean_trash(root: &Path) {
-    if let Ok(rd) = std::fs::read_dir(root) {
-        for e in rd.flatten() {
-            if e.file_name()
-                .to_str()
-                .is_some_and(|n| n.starts_with(".trash-"))
-            {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-    }
-}
-
-/// Stop everything of one session: SIGTERM to the recorded leader's group and to every
-/// process carrying the session's marker (its group if it leads one, else itself); wait until
-/// none is left; SIGKILL what remains at the timeout. Returns the pids still alive after that
-/// (none, normally). Strays that ignore SIGTERM are not left behind to be adopted later.
-async fn terminate_session(leader: Option<i32>, key: &str, timeout: Duration) -> Vec<i32> {
-    use nix::sys::signal::kill;
-    let signal_all = |sig: Signal| {
-        if let Some(l) = leader {
-            let _ = killpg(Pid::from_raw(l), sig);
-        }
-        for pid in find_by_key(key) {
-            if proc_pgrp(pid) == Some(pid) {
-                let _ = killpg(Pid::from_raw(pid), sig);
-            } else {
-                let _ = kill(Pid::from_raw(pid), sig);
-            }
-        }
-    };
-    let group_alive = || leader.is_some_and(|l| killpg(Pid::from_raw(l), None).is_ok());
-    signal_all(Signal::SIGTERM);
-    let deadline = tokio::time::Instant::now() + timeout;
-    while tokio::time::Instant::now() < deadline {
-        if !group_alive() && find_by_key(key).is_empty() {
-            return Vec::new();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    signal_all(Signal::SIGKILL);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    while tokio::time::Instant::now() < deadline {
-        if !group_alive() && find_by_key(key).is_empty() {
-            return Vec::new();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    find_by_key(key)
-}
-
-/// Does the port answer? With a path: an HTTP GET answered below 500.
-async fn probe(port: u16, path: Option<&str>) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(Ok(mut s)) = tokio::time::timeout(
-        Duration::from_secs(1),
-        tokio::net::TcpStream::connect(("127.0.0.1", port)),
-    )
-    .await
-    else {
-        return false;
-    };
-    let Some(path) = path else { return true };
-    let req = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
-    if s.write_all(req.as_bytes()).await.is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 16];
-    match tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await {
-        Ok(Ok(n)) if n >= 12 => std::str::from_utf8(&buf[9..12])
-            .ok()
-            .and_then(|c| c.parse::<u16>().ok())
-            .is_some_and(|c| c < 500),
-        _ => false,
-    }
-}
-
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
-    let lines: Vec<&str> = text.lines().rev().take(5).collect();
-    if lines.is_empty() {
-        return "(nothing)".into();
-    }
-    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
-}
-
 impl ComputeProvider for ProcessProvider {
     fn kind(&self) -> ComputeKind {
         ComputeKind::Process
@@ -806,44 +711,7 @@ impl ComputeProvider for ProcessProvider {
     }
 
     fn apply<'a>(&'a self, action: &'a Action) -> BoxFut<'a, Result<(), ProviderError>> {
-        Box::pin(async move {
-            match action {
-                Action::CreateSession {
-                    session,
-                    spec,
-                    fingerprint,
-                    source_file,
-                    save_to,
-                    start,
-                } => {
-                    self.create(session, spec, fingerprint, source_file, save_to, *start)
-                        .await
-                }
-                Action::StartSession { session, .. } => self.start(session).await,
-                Action::StopSession {
-                    session,
-                    stop_timeout,
-                    ..
-                } => self.stop(session, *stop_timeout).await,
-                Action::DestroySession {
-                    session,
-                    stop_timeout,
-                    ..
-                } => self.destroy(session, *stop_timeout).await,
-                Action::WaitHealthy { session, check, .. } => {
-                    self.wait_healthy(session, check.as_ref()).await
-                }
-                Action::SyncSource {
-                    session,
-                    path,
-                    exclude,
-                    save_to,
-                    ..
-                } => self.sync_source(session, path, exclude, save_to).await,
-                Action::SaveWork { session, path, .. } => self.save_work(session, path).await,
-                _ => Err(ProviderError::Unsupported("a non-session step")),
-            }
-        })
+        Box::pin(super::run_session_step(self, action))
     }
 
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {

@@ -1,0 +1,151 @@
+//! Tar archives for moving a project into a container and its work back out: a project
+//! packed without its excluded entries (`node_modules`), and a downloaded workspace unpacked
+//! where nothing in it can write outside the target directory.
+
+use std::io;
+use std::path::Path;
+
+use crate::providers::process::excluded;
+
+/// Pack the tree at `from` under `prefix` (the container's workspace path without its leading
+/// `/`, so the archive is unpacked at `/`), leaving out entries `exclude` names at any depth.
+/// The workspace's parent directories get entries too, so it is made if missing. Symlinks are
+/// stored as links, never followed.
+pub fn pack(from: &Path, prefix: &str, exclude: &[String]) -> io::Result<Vec<u8>> {
+    let meta = std::fs::symlink_metadata(from)?;
+    if !meta.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a directory", from.display()),
+        ));
+    }
+    let mut b = tar::Builder::new(Vec::new());
+    b.follow_symlinks(false);
+    let prefix = prefix.trim_matches('/');
+    let mut acc = String::new();
+    for part in prefix.split('/').filter(|p| !p.is_empty()) {
+        if !acc.is_empty() {
+            acc.push('/');
+        }
+        acc.push_str(part);
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        h.set_mtime(meta_mtime(&meta));
+        b.append_data(&mut h, format!("{acc}/"), io::empty())?;
+    }
+    walk(&mut b, from, Path::new(prefix), exclude)?;
+    b.into_inner()
+}
+
+fn meta_mtime(m: &std::fs::Metadata) -> u64 {
+    m.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn walk(
+    b: &mut tar::Builder<Vec<u8>>,
+    dir: &Path,
+    at: &Path,
+    exclude: &[String],
+) -> io::Result<()> {
+    let mut entries: Vec<std::fs::DirEntry> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = e.file_name();
+        if name.to_str().is_some_and(|n| excluded(n, exclude)) {
+            continue;
+        }
+        let (path, inside) = (e.path(), at.join(&name));
+        let ft = e.file_type()?;
+        if ft.is_dir() {
+            b.append_path_with_name(&path, &inside)?;
+            walk(b, &path, &inside, exclude)?;
+        } else if ft.is_file() || ft.is_symlink() {
+            b.append_path_with_name(&path, &inside)?;
+        }
+    }
+    Ok(())
+}
+
+/// Unpack `archive` into `into` (which must exist). The tar crate refuses entries that would
+/// land outside `into` (`..`, absolute paths, writes through links); permissions beyond the
+/// plain mode bits and ownership are not restored.
+pub fn unpack(archive: &[u8], into: &Path) -> io::Result<()> {
+    let mut a = tar::Archive::new(archive);
+    a.set_preserve_permissions(false);
+    a.set_preserve_ownerships(false);
+    a.set_unpack_xattrs(false);
+    a.set_overwrite(true);
+    a.unpack(into)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packs_under_the_workspace_without_excludes_and_unpacks_back() -> io::Result<()> {
+        let t = tempfile::tempdir()?;
+        let src = t.path().join("src");
+        std::fs::create_dir_all(src.join("node_modules/pkg"))?;
+        std::fs::create_dir_all(src.join("app/node_modules"))?;
+        std::fs::write(src.join("app/main.js"), "v1")?;
+        std::fs::write(src.join("app/node_modules/x.js"), "dep")?;
+        std::fs::write(src.join("node_modules/pkg/index.js"), "dep")?;
+        std::os::unix::fs::symlink("/etc/passwd", src.join("link"))?;
+        let tar = pack(&src, "/home/dev/workspace", &["node_modules".to_string()])?;
+        let names: Vec<String> = tar::Archive::new(tar.as_slice())
+            .entries()?
+            .map(|e| e.and_then(|e| Ok(e.path()?.display().to_string())))
+            .collect::<Result<_, _>>()?;
+        assert_eq!(
+            names,
+            [
+                "home/",
+                "home/dev/",
+                "home/dev/workspace/",
+                "home/dev/workspace/app",
+                "home/dev/workspace/app/main.js",
+                "home/dev/workspace/link",
+            ]
+        );
+        let out = t.path().join("out");
+        std::fs::create_dir_all(&out)?;
+        unpack(&tar, &out)?;
+        assert_eq!(
+            std::fs::read_to_string(out.join("home/dev/workspace/app/main.js"))?,
+            "v1"
+        );
+        assert!(
+            std::fs::symlink_metadata(out.join("home/dev/workspace/link"))?
+                .file_type()
+                .is_symlink()
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn an_archive_cannot_write_outside_its_target() -> io::Result<()> {
+        let t = tempfile::tempdir()?;
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(4);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        // `append_data` refuses `..` itself, so the name is written raw.
+        h.as_old_mut().name[..12].copy_from_slice(b"../escape.tx");
+        h.set_cksum();
+        b.append(&h, "evil".as_bytes())?;
+        let tar = b.into_inner()?;
+        let into = t.path().join("into");
+        std::fs::create_dir_all(&into)?;
+        let _ = unpack(&tar, &into);
+        assert!(!t.path().join("escape.tx").exists());
+        Ok(())
+    }
+}

@@ -1,0 +1,1036 @@
+//! The `docker` compute provider: a session is a container named `vessel-<session>` on one of
+//! the configured Docker Engine API hosts (Docker, or Podman's compatible API), through
+//! bollard.
+//!
+//! Ownership: a container is vessel's only if it carries the marker label
+//! (`vessel.managed-by=vessel`) and is named after the session its label names. Everything
+//! else is never touched: a container named `vessel-<session>` without the marker is reported
+//! as foreign (in the way), and a container with a session label but no marker is not
+//! vessel's.
+//!
+//! Observing is two list calls per host whatever the number of sessions (one by the marker
+//! label, one by name for foreign containers in the way), concurrently on every host, and none
+//! at all while the host's events stream shows nothing changed since the last list (see
+//! `HostCache`). A host that does not answer makes the whole provider unobserved (a gap):
+//! nothing is created or destroyed on an unknown world.
+//!
+//! The container's labels record what it was made from (session, fingerprint, spec, host,
+//! desired-state file). What changes after creation (what vessel last asked: running or
+//! stopped; the source synced in and its excludes) is in a small record per session under
+//! `<state>/docker/`, keyed by the container's id, so a container replaced by hand starts with
+//! no record.
+//!
+//! The Docker events stream (per host, container events) pokes the loop through `changes()`
+//! for events about vessel's containers or ones named like them, so a container stopped or
+//! removed by hand is repaired at once.
+
+mod archive;
+mod convert;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::query_parameters::{
+    CreateContainerOptions, DownloadFromContainerOptions, EventsOptions, ListContainersOptions,
+    RemoveContainerOptions, StartContainerOptions, StopContainerOptions, UploadToContainerOptions,
+};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::DockerConfig;
+use crate::model::{ComputeKind, Health};
+use crate::observed::{ObservedSession, RuntimeSpec, SessionState};
+use crate::planner::Action;
+
+use super::{BoxFut, ComputeProvider, CreateArgs, ProviderError, SessionSteps, no_symlinks};
+
+pub use convert::{MARKER, container_name};
+
+/// bollard's per-request timeout, in seconds (a workspace download can take a while).
+const REQUEST_TIMEOUT: u64 = 120;
+
+/// What vessel last asked of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Intent {
+    Running,
+    Stopped,
+}
+
+/// `<state>/docker/<session>.json`: what changes after creation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    /// The container it describes; a record for another id is stale.
+    container: String,
+    intent: Intent,
+    #[serde(default)]
+    synced_source: Option<PathBuf>,
+    /// What the last source sync left out (kept out of saves too).
+    #[serde(default)]
+    exclude: Vec<String>,
+    #[serde(default)]
+    save_to: Option<PathBuf>,
+}
+
+struct Host {
+    name: String,
+    endpoint: String,
+    tls: Option<PathBuf>,
+    /// Connected and version-negotiated on first use; retried until it works.
+    client: tokio::sync::OnceCell<Docker>,
+}
+
+/// Where a session's container was last seen.
+#[derive(Debug, Clone)]
+struct Placed {
+    host: usize,
+    id: String,
+    paused: bool,
+}
+
+#[derive(Clone)]
+pub struct DockerProvider {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    hosts: Vec<Host>,
+    config: DockerConfig,
+    records: PathBuf,
+    placed: Mutex<HashMap<String, Placed>>,
+    calls: AtomicU64,
+    changes: tokio::sync::watch::Sender<u64>,
+    events_started: AtomicBool,
+    cancel: CancellationToken,
+    /// Per host: the last list, reused while the events stream says nothing changed.
+    cache: Vec<HostCache>,
+}
+
+/// A host's last list, valid while its generation holds: every event on the host, every step
+/// vessel runs there, and every (re)connection of the events stream moves the generation on.
+/// A no-op pass then costs no Engine API call; a list is at most `CACHE_MAX_AGE` old anyway.
+#[derive(Default)]
+struct HostCache {
+    generation: AtomicU64,
+    /// Since when the events stream has been read (the cache is trusted only for lists begun
+    /// a little after, so the engine has surely registered the subscription).
+    streaming_since: Mutex<Option<tokio::time::Instant>>,
+    last: Mutex<Option<CachedList>>,
+}
+
+struct CachedList {
+    generation: u64,
+    at: tokio::time::Instant,
+    containers: Vec<convert::Container>,
+}
+
+const CACHE_MAX_AGE: Duration = Duration::from_secs(30);
+const STREAM_SETTLE: Duration = Duration::from_millis(500);
+
+impl HostCache {
+    fn bump(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn streaming(&self, since: Option<tokio::time::Instant>) {
+        if let Ok(mut s) = self.streaming_since.lock() {
+            *s = since;
+        }
+        self.bump();
+    }
+
+    fn cached(&self, generation: u64) -> Option<Vec<convert::Container>> {
+        let since = (*self.streaming_since.lock().ok()?)?;
+        let last = self.last.lock().ok()?;
+        let l = last.as_ref()?;
+        (l.generation == generation
+            && l.at >= since + STREAM_SETTLE
+            && l.at.elapsed() < CACHE_MAX_AGE)
+            .then(|| l.containers.clone())
+    }
+
+    fn store(&self, generation: u64, at: tokio::time::Instant, containers: &[convert::Container]) {
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some(CachedList {
+                generation,
+                at,
+                containers: containers.to_vec(),
+            });
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+fn docker_err(
+    op: &'static str,
+    object: impl Into<String>,
+) -> impl FnOnce(bollard::errors::Error) -> ProviderError {
+    let object = object.into();
+    move |e| ProviderError::failed(op, object, short(&e))
+}
+
+/// A bollard error without the payloads some variants carry.
+fn short(e: &bollard::errors::Error) -> String {
+    match e {
+        bollard::errors::Error::DockerResponseServerError {
+            status_code,
+            message,
+        } => format!("the engine answered {status_code}: {message}"),
+        bollard::errors::Error::JsonDataError { message, .. } => {
+            format!("unreadable answer: {message}")
+        }
+        other => other.to_string(),
+    }
+}
+
+fn status_of(e: &bollard::errors::Error) -> Option<u16> {
+    match e {
+        bollard::errors::Error::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+impl DockerProvider {
+    /// A provider for `config`'s hosts, keeping its records under `records` (created if
+    /// missing). Nothing is contacted until the first call.
+    pub fn new(config: DockerConfig, records: PathBuf) -> Result<DockerProvider, String> {
+        if config.hosts.is_empty() {
+            return Err("the docker provider needs at least one host".into());
+        }
+        let mut hosts: Vec<Host> = Vec::new();
+        for h in &config.hosts {
+            if let Some(p) = crate::model::dns_label_problem(&h.name) {
+                return Err(format!("docker host name `{}`: {p}", h.name));
+            }
+            if hosts.iter().any(|x| x.name == h.name) {
+                return Err(format!("docker host `{}` is configured twice", h.name));
+            }
+            endpoint_kind(&h.endpoint, h.tls_cert_path.as_deref())
+                .map_err(|e| format!("docker host `{}`: {e}", h.name))?;
+            hosts.push(Host {
+                name: h.name.clone(),
+                endpoint: h.endpoint.clone(),
+                tls: h.tls_cert_path.clone(),
+                client: tokio::sync::OnceCell::new(),
+            });
+        }
+        hosts.sort_by(|a, b| a.name.cmp(&b.name));
+        if !config.workspace.starts_with('/') || config.workspace.trim_matches('/').is_empty() {
+            return Err(format!(
+                "docker workspace `{}` must be an absolute path below /",
+                config.workspace
+            ));
+        }
+        std::fs::create_dir_all(&records)
+            .map_err(|e| format!("cannot create {}: {e}", records.display()))?;
+        Ok(DockerProvider {
+            inner: Arc::new(Inner {
+                cache: (0..hosts.len()).map(|_| HostCache::default()).collect(),
+                hosts,
+                config,
+                records,
+                placed: Mutex::new(HashMap::new()),
+                calls: AtomicU64::new(0),
+                changes: tokio::sync::watch::channel(0).0,
+                events_started: AtomicBool::new(false),
+                cancel: CancellationToken::new(),
+            }),
+        })
+    }
+
+    /// Engine API calls made so far (for benchmarks and tests).
+    pub fn api_calls(&self) -> u64 {
+        self.inner.calls.load(Ordering::Relaxed)
+    }
+}
+
+/// How an endpoint is reached.
+enum EndpointKind<'a> {
+    Unix(&'a str),
+    Http(&'a str),
+    Tls(&'a str, &'a Path),
+}
+
+fn endpoint_kind<'a>(endpoint: &'a str, tls: Option<&'a Path>) -> Result<EndpointKind<'a>, String> {
+    if let Some(p) = endpoint.strip_prefix("unix://") {
+        return Ok(EndpointKind::Unix(p));
+    }
+    if endpoint.starts_with('/') {
+        return Ok(EndpointKind::Unix(endpoint));
+    }
+    match (endpoint.split_once("://").map(|(s, _)| s), tls) {
+        (Some("tcp"), Some(dir)) | (Some("https"), Some(dir)) => {
+            Ok(EndpointKind::Tls(endpoint, dir))
+        }
+        (Some("tcp"), None) | (Some("http"), None) => Ok(EndpointKind::Http(endpoint)),
+        (Some("https"), None) => Err(format!(
+            "`{endpoint}` is TLS: set tls_cert_path to a directory with ca.pem, cert.pem and key.pem"
+        )),
+        _ => Err(format!(
+            "`{endpoint}` is not a unix://, tcp://, http:// or https:// endpoint"
+        )),
+    }
+}
+
+fn connect(h: &Host) -> Result<Docker, String> {
+    let v = bollard::API_DEFAULT_VERSION;
+    let r = match endpoint_kind(&h.endpoint, h.tls.as_deref())? {
+        EndpointKind::Unix(p) => Docker::connect_with_unix(p, REQUEST_TIMEOUT, v),
+        EndpointKind::Http(a) => Docker::connect_with_http(a, REQUEST_TIMEOUT, v),
+        EndpointKind::Tls(a, dir) => Docker::connect_with_ssl(
+            a,
+            &dir.join("key.pem"),
+            &dir.join("cert.pem"),
+            &dir.join("ca.pem"),
+            REQUEST_TIMEOUT,
+            v,
+        ),
+    };
+    r.map_err(|e| short(&e))
+}
+
+impl Inner {
+    fn count(&self) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    async fn client(&self, host: usize) -> Result<&Docker, ProviderError> {
+        let h = self
+            .hosts
+            .get(host)
+            .ok_or_else(|| ProviderError::failed("reach", "docker host", "no such host"))?;
+        h.client
+            .get_or_try_init(|| async {
+                let d = connect(h).map_err(|m| {
+                    ProviderError::failed("connect to", format!("docker host {}", h.name), m)
+                })?;
+                self.count();
+                d.negotiate_version().await.map_err(docker_err(
+                    "reach",
+                    format!("docker host {} ({})", h.name, h.endpoint),
+                ))
+            })
+            .await
+    }
+
+    /// Containers on `host` matching `filters` (all states).
+    async fn list(
+        &self,
+        host: usize,
+        filters: HashMap<String, Vec<String>>,
+    ) -> Result<Vec<convert::Container>, ProviderError> {
+        let d = self.client(host).await?;
+        let what = format!("containers on docker host {}", self.hosts[host].name);
+        self.count();
+        let r = d
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await;
+        match r {
+            Ok(list) => {
+                convert::from_summaries(&list).map_err(|m| ProviderError::failed("list", what, m))
+            }
+            // Podman reports states bollard's enum lacks (`stopped`): read the answer leniently.
+            Err(bollard::errors::Error::JsonDataError { contents, .. }) => {
+                convert::from_json(&contents).map_err(|m| ProviderError::failed("list", what, m))
+            }
+            Err(e) => Err(docker_err("list", what)(e)),
+        }
+    }
+
+    fn marker_filter(&self) -> HashMap<String, Vec<String>> {
+        HashMap::from([(
+            "label".to_string(),
+            vec![format!("{MARKER}={}", self.config.instance)],
+        )])
+    }
+
+    fn owned(&self, c: &convert::Container) -> bool {
+        c.owned(&self.config.instance)
+    }
+
+    /// vessel's containers on `host` and the foreign ones named like vessel's.
+    async fn list_host(&self, host: usize) -> Result<Vec<convert::Container>, ProviderError> {
+        let cache = &self.cache[host];
+        let generation = cache.generation.load(Ordering::SeqCst);
+        if let Some(list) = cache.cached(generation) {
+            return Ok(list);
+        }
+        let at = tokio::time::Instant::now();
+        let by_name = HashMap::from([("name".to_string(), vec!["vessel-".to_string()])]);
+        let (owned, named) = tokio::join!(
+            self.list(host, self.marker_filter()),
+            self.list(host, by_name)
+        );
+        let mut all = owned?;
+        all.extend(named?.into_iter().filter(|c| !self.owned(c)));
+        cache.store(generation, at, &all);
+        Ok(all)
+    }
+
+    fn record_path(&self, session: &str) -> PathBuf {
+        self.records.join(format!("{session}.json"))
+    }
+
+    fn read_record(&self, session: &str) -> Option<Record> {
+        let bytes = std::fs::read(self.record_path(session)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    fn write_record(&self, session: &str, r: &Record) -> Result<(), ProviderError> {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let path = self.record_path(session);
+        let tmp = self.records.join(format!(
+            ".{session}.json.{}.{}.tmp",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let bytes = serde_json::to_vec_pretty(r).map_err(|e| {
+            ProviderError::failed("write", path.display().to_string(), e.to_string())
+        })?;
+        super::process::write_atomically(&tmp, &path, &bytes)
+            .map_err(ProviderError::io("write", path.display().to_string()))
+    }
+
+    /// Change the session's record, if it has one for its current container.
+    fn update_record(
+        &self,
+        session: &str,
+        id: &str,
+        f: impl FnOnce(&mut Record),
+    ) -> Result<(), ProviderError> {
+        let mut r = self
+            .read_record(session)
+            .filter(|r| r.container == id)
+            .unwrap_or(Record {
+                container: id.to_string(),
+                intent: Intent::Stopped,
+                synced_source: None,
+                exclude: Vec::new(),
+                save_to: None,
+            });
+        f(&mut r);
+        self.write_record(session, &r)
+    }
+
+    /// Where `session`'s container is: from the last observation or create, else looked up
+    /// by name on every host. `None`: there is no container of vessel's for it.
+    async fn locate(&self, session: &str) -> Result<Option<Placed>, ProviderError> {
+        if let Some(p) = self
+            .placed
+            .lock()
+            .ok()
+            .and_then(|m| m.get(session).cloned())
+        {
+            return Ok(Some(p));
+        }
+        for host in 0..self.hosts.len() {
+            if let Some(c) = self.find(host, session).await? {
+                let p = Placed {
+                    host,
+                    id: c.id.clone(),
+                    paused: c.paused(),
+                };
+                self.remember(session, p.clone());
+                return Ok(Some(p));
+            }
+        }
+        Ok(None)
+    }
+
+    /// vessel's container for `session` on `host`, if there is one.
+    async fn find(
+        &self,
+        host: usize,
+        session: &str,
+    ) -> Result<Option<convert::Container>, ProviderError> {
+        let mut f = self.marker_filter();
+        f.insert(
+            "name".into(),
+            vec![format!("^/?{}$", container_name(session))],
+        );
+        let list = self.list(host, f).await?;
+        Ok(list
+            .into_iter()
+            .find(|c| self.owned(c) && c.name() == Some(container_name(session).as_str())))
+    }
+
+    fn remember(&self, session: &str, p: Placed) {
+        if let Ok(mut m) = self.placed.lock() {
+            m.insert(session.to_string(), p);
+        }
+    }
+
+    fn forget(&self, session: &str) {
+        if let Ok(mut m) = self.placed.lock() {
+            m.remove(session);
+        }
+    }
+}
+
+impl DockerProvider {
+    /// Subscribe to every host's events (once): each one pokes the loop.
+    fn start_events(&self) {
+        if self.inner.events_started.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        for host in 0..self.inner.hosts.len() {
+            let weak = Arc::downgrade(&self.inner);
+            let cancel = self.inner.cancel.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = watch_events(weak, host) => {}
+                }
+            });
+        }
+    }
+
+    async fn observe_all(&self) -> Result<Vec<ObservedSession>, ProviderError> {
+        self.start_events();
+        let inner = &self.inner;
+        let lists = futures_util::future::join_all(
+            (0..inner.hosts.len()).map(|h| async move { (h, inner.list_host(h).await) }),
+        )
+        .await;
+        let mut out: BTreeMap<String, ObservedSession> = BTreeMap::new();
+        let mut placed: HashMap<String, Placed> = HashMap::new();
+        for (host, list) in lists {
+            for c in list? {
+                let host_name = inner.hosts[host].name.clone();
+                let Some(session) = c.session_by_name().map(str::to_string) else {
+                    if inner.owned(&c) {
+                        tracing::warn!(container = %c.name().unwrap_or(&c.id), host = %host_name, "a container with vessel's marker is not named after a session (renamed by hand?); left alone");
+                    }
+                    continue;
+                };
+                let owned = inner.owned(&c) && c.label(convert::SESSION) == Some(session.as_str());
+                if let Some(prev) = out.get(&session)
+                    && (prev.owned || !owned)
+                {
+                    tracing::warn!(%session, host = %host_name, "another container for this session exists on another host; left alone");
+                    continue;
+                }
+                let state = if c.running() {
+                    SessionState::Running
+                } else {
+                    SessionState::Stopped
+                };
+                if !owned {
+                    out.insert(
+                        session.clone(),
+                        ObservedSession {
+                            name: session,
+                            provider: ComputeKind::Docker,
+                            state,
+                            owned: false,
+                            fingerprint: String::new(),
+                            spec: None,
+                            endpoints: BTreeMap::new(),
+                            source_file: None,
+                            synced_source: None,
+                            save_to: None,
+                            healthy: None,
+                            host: Some(host_name),
+                        },
+                    );
+                    continue;
+                }
+                let spec: Option<RuntimeSpec> = c
+                    .label(convert::SPEC)
+                    .and_then(|s| serde_json::from_str(s).ok());
+                let record = inner.read_record(&session).filter(|r| r.container == c.id);
+                let state = match (state, record.as_ref().map(|r| r.intent)) {
+                    (SessionState::Running, _) => SessionState::Running,
+                    (_, Some(Intent::Running)) => SessionState::Failed,
+                    _ if c.paused() => SessionState::Failed,
+                    _ => SessionState::Stopped,
+                };
+                let endpoints = spec
+                    .as_ref()
+                    .map(|s| c.endpoints(&convert::port_numbers(s), &inner.config))
+                    .unwrap_or_default();
+                placed.insert(
+                    session.clone(),
+                    Placed {
+                        host,
+                        id: c.id.clone(),
+                        paused: c.paused(),
+                    },
+                );
+                out.insert(
+                    session.clone(),
+                    ObservedSession {
+                        name: session,
+                        provider: ComputeKind::Docker,
+                        state,
+                        owned: true,
+                        fingerprint: c
+                            .label(convert::FINGERPRINT)
+                            .unwrap_or_default()
+                            .to_string(),
+                        spec,
+                        endpoints,
+                        source_file: c.label(convert::SOURCE_FILE).map(PathBuf::from),
+                        synced_source: record.as_ref().and_then(|r| r.synced_source.clone()),
+                        save_to: record
+                            .as_ref()
+                            .and_then(|r| r.save_to.clone())
+                            .or_else(|| c.label(convert::SAVE_TO).map(PathBuf::from)),
+                        healthy: None,
+                        host: Some(host_name),
+                    },
+                );
+            }
+        }
+        if let Ok(mut m) = inner.placed.lock() {
+            *m = placed;
+        }
+        Ok(out.into_values().collect())
+    }
+
+    async fn start_container(
+        &self,
+        session: &str,
+        host: usize,
+        id: &str,
+    ) -> Result<(), ProviderError> {
+        let d = self.inner.client(host).await?;
+        self.inner.count();
+        match d.start_container(id, None::<StartContainerOptions>).await {
+            Ok(()) => Ok(()),
+            Err(e) if status_of(&e) == Some(304) => Ok(()),
+            Err(e) => Err(docker_err("start", session)(e)),
+        }
+    }
+
+    async fn placed(&self, op: &'static str, session: &str) -> Result<Placed, ProviderError> {
+        self.inner
+            .locate(session)
+            .await?
+            .ok_or_else(|| ProviderError::failed(op, session, "it has no container"))
+    }
+
+    async fn stop_container(
+        &self,
+        session: &str,
+        p: &Placed,
+        stop_timeout: Option<crate::model::Duration>,
+    ) -> Result<(), ProviderError> {
+        let d = self.inner.client(p.host).await?;
+        self.inner.count();
+        let r = d
+            .stop_container(
+                &p.id,
+                Some(StopContainerOptions {
+                    t: Some(convert::stop_seconds(stop_timeout)),
+                    signal: None,
+                }),
+            )
+            .await;
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(status_of(&e), Some(304 | 404)) => Ok(()),
+            Err(e) => Err(docker_err("stop", session)(e)),
+        }
+    }
+}
+
+impl SessionSteps for DockerProvider {
+    async fn create(&self, req: &CreateArgs<'_>) -> Result<(), ProviderError> {
+        let inner = &self.inner;
+        let session = req.session;
+        let start = req.start;
+        let host_name = req.host.unwrap_or(inner.hosts[0].name.as_str());
+        let host = inner
+            .hosts
+            .iter()
+            .position(|h| h.name == host_name)
+            .ok_or_else(|| {
+                ProviderError::failed(
+                    "create",
+                    session,
+                    format!("no docker host named `{host_name}` is configured"),
+                )
+            })?;
+        let d = inner.client(host).await?;
+        let body = convert::create_body(req, host_name, &inner.config)
+            .map_err(|m| ProviderError::failed("create", session, m))?;
+        inner.count();
+        let created = d
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: Some(container_name(session)),
+                    ..Default::default()
+                }),
+                body,
+            )
+            .await;
+        let id = match created {
+            Ok(r) => r.id,
+            Err(e) if status_of(&e) == Some(409) => {
+                // The name is taken: ours from an interrupted create (carry on), another spec
+                // of ours (destroy first), or not ours (never touched).
+                let existing = inner.find(host, session).await?.ok_or_else(|| {
+                    ProviderError::failed(
+                        "create",
+                        session,
+                        format!(
+                            "a container named {} that vessel did not create is in the way on docker host {}",
+                            container_name(session),
+                            inner.hosts[host].name
+                        ),
+                    )
+                })?;
+                if existing.label(convert::FINGERPRINT) != Some(req.fingerprint) {
+                    return Err(ProviderError::failed(
+                        "create",
+                        session,
+                        "a container with another spec exists; it must be destroyed first",
+                    ));
+                }
+                existing.id
+            }
+            Err(e) => return Err(docker_err("create", session)(e)),
+        };
+        inner.remember(
+            session,
+            Placed {
+                host,
+                id: id.clone(),
+                paused: false,
+            },
+        );
+        let intent = if start {
+            Intent::Running
+        } else {
+            Intent::Stopped
+        };
+        inner.update_record(session, &id, |r| {
+            r.intent = intent;
+            r.save_to = req.save_to.map(Path::to_path_buf);
+        })?;
+        if start {
+            self.start_container(session, host, &id).await?;
+        }
+        Ok(())
+    }
+    async fn start(&self, session: &str) -> Result<(), ProviderError> {
+        let p = self.placed("start", session).await?;
+        self.inner
+            .update_record(session, &p.id, |r| r.intent = Intent::Running)?;
+        if p.paused {
+            let d = self.inner.client(p.host).await?;
+            self.inner.count();
+            d.unpause_container(&p.id)
+                .await
+                .map_err(docker_err("unpause", session))?;
+            return Ok(());
+        }
+        self.start_container(session, p.host, &p.id).await
+    }
+    async fn stop(
+        &self,
+        session: &str,
+        stop_timeout: Option<crate::model::Duration>,
+    ) -> Result<(), ProviderError> {
+        let Some(p) = self.inner.locate(session).await? else {
+            return Ok(());
+        };
+        self.inner
+            .update_record(session, &p.id, |r| r.intent = Intent::Stopped)?;
+        self.stop_container(session, &p, stop_timeout).await
+    }
+    async fn destroy(
+        &self,
+        session: &str,
+        stop_timeout: Option<crate::model::Duration>,
+    ) -> Result<(), ProviderError> {
+        let Some(p) = self.inner.locate(session).await? else {
+            let _ = std::fs::remove_file(self.inner.record_path(session));
+            return Ok(());
+        };
+        self.stop_container(session, &p, stop_timeout).await?;
+        let d = self.inner.client(p.host).await?;
+        self.inner.count();
+        let r = d
+            .remove_container(
+                &p.id,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    v: self.inner.config.remove_volumes,
+                    link: false,
+                }),
+            )
+            .await;
+        match r {
+            Ok(()) => {}
+            Err(e) if status_of(&e) == Some(404) => {}
+            Err(e) => return Err(docker_err("remove", session)(e)),
+        }
+        self.inner.forget(session);
+        match std::fs::remove_file(self.inner.record_path(session)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ProviderError::io("remove the record of", session)(e)),
+        }
+    }
+    async fn wait_healthy(
+        &self,
+        session: &str,
+        check: Option<&Health>,
+    ) -> Result<(), ProviderError> {
+        let p = self.placed("check health of", session).await?;
+        let mut f = self.inner.marker_filter();
+        f.insert("id".into(), vec![p.id.clone()]);
+        let mut last_look = tokio::time::Instant::now() - Duration::from_secs(10);
+        let mut target: Option<(String, Option<String>)> = None;
+        loop {
+            let every = if target.is_some() {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_millis(200)
+            };
+            if last_look.elapsed() >= every {
+                last_look = tokio::time::Instant::now();
+                let c = self
+                    .inner
+                    .list(p.host, f.clone())
+                    .await?
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| {
+                        ProviderError::failed("check health of", session, "its container went away")
+                    })?;
+                if !c.running() {
+                    return Err(ProviderError::failed(
+                        "check health of",
+                        session,
+                        format!(
+                            "its container is not running ({})",
+                            c.status
+                                .as_deref()
+                                .or(c.state.as_deref())
+                                .unwrap_or("unknown")
+                        ),
+                    ));
+                }
+                let spec: Option<RuntimeSpec> = c
+                    .label(convert::SPEC)
+                    .and_then(|s| serde_json::from_str(s).ok());
+                let ports = spec.as_ref().map(convert::port_numbers).unwrap_or_default();
+                let Some(port) = convert::health_port(&ports, check) else {
+                    return Ok(());
+                };
+                let endpoints = c.endpoints(&ports, &self.inner.config);
+                target = endpoints
+                    .get(&port)
+                    .map(|a| (a.clone(), check.map(|h| h.path.clone())));
+            }
+            if let Some((addr, path)) = &target
+                && super::probe(addr, path.as_deref()).await
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    async fn sync_source(
+        &self,
+        session: &str,
+        path: &Path,
+        exclude: &[String],
+        save_to: &Option<PathBuf>,
+    ) -> Result<(), ProviderError> {
+        no_symlinks("sync source into", session, path)?;
+        let p = self.placed("sync source into", session).await?;
+        let (from, prefix, ex) = (
+            path.to_path_buf(),
+            self.inner.config.workspace.clone(),
+            exclude.to_vec(),
+        );
+        let tar = tokio::task::spawn_blocking(move || archive::pack(&from, &prefix, &ex))
+            .await
+            .map_err(|e| ProviderError::failed("sync source into", session, e.to_string()))?
+            .map_err(ProviderError::io(
+                "sync source into",
+                format!("{session} from {}", path.display()),
+            ))?;
+        let d = self.inner.client(p.host).await?;
+        self.inner.count();
+        d.upload_to_container(
+            &p.id,
+            Some(UploadToContainerOptions {
+                path: "/".into(),
+                ..Default::default()
+            }),
+            bollard::body_full(tar.into()),
+        )
+        .await
+        .map_err(docker_err("sync source into", session))?;
+        self.inner.update_record(session, &p.id, |r| {
+            r.synced_source = Some(path.to_path_buf());
+            r.exclude = exclude.to_vec();
+            r.save_to = save_to.clone();
+        })
+    }
+    async fn save_work(&self, session: &str, path: &Path) -> Result<(), ProviderError> {
+        no_symlinks("save work of", session, path)?;
+        let p = self.placed("save work of", session).await?;
+        let exclude = self
+            .inner
+            .read_record(session)
+            .filter(|r| r.container == p.id)
+            .map(|r| r.exclude)
+            .unwrap_or_default();
+        let d = self.inner.client(p.host).await?;
+        self.inner.count();
+        let workspace = self.inner.config.workspace.clone();
+        let mut stream = d.download_from_container(
+            &p.id,
+            Some(DownloadFromContainerOptions {
+                path: workspace.clone(),
+            }),
+        );
+        let mut tar: Vec<u8> = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            tar.extend_from_slice(&chunk.map_err(docker_err("save work of", session))?);
+        }
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let tmp = self.inner.records.join(format!(
+            ".save-{session}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let dest = path.to_path_buf();
+        let base = Path::new(&workspace)
+            .file_name()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("workspace"));
+        let t = tmp.clone();
+        let r = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            std::fs::create_dir_all(&t)?;
+            archive::unpack(&tar, &t)?;
+            super::process::save_atomically(&t.join(base), &dest, &exclude)
+        })
+        .await;
+        let _ = std::fs::remove_dir_all(&tmp);
+        r.map_err(|e| ProviderError::failed("save work of", session, e.to_string()))?
+            .map_err(ProviderError::io(
+                "save work of",
+                format!("{session} to {}", path.display()),
+            ))
+    }
+}
+
+/// Follow `host`'s events for vessel's containers; every one pokes the loop. Reconnects with
+/// backoff while the provider lives; a reconnect pokes too (events may have been missed).
+async fn watch_events(weak: Weak<Inner>, host: usize) {
+    let mut backoff = Duration::from_millis(500);
+    let mut first = true;
+    loop {
+        let client: Option<(Docker, String)> = {
+            let Some(inner) = weak.upgrade() else { return };
+            let d = inner.client(host).await.ok().cloned();
+            if d.is_some() {
+                inner.count();
+            }
+            d.map(|d| (d, inner.config.instance.clone()))
+        };
+        if let Some((d, instance)) = client {
+            // Every container event: a foreign container named like vessel's matters too.
+            let filters = HashMap::from([("type".to_string(), vec!["container".to_string()])]);
+            let mut stream = d.events(Some(EventsOptions {
+                filters: Some(filters),
+                ..Default::default()
+            }));
+            with_cache(&weak, host, |c| {
+                c.streaming(Some(tokio::time::Instant::now()))
+            });
+            if !first {
+                poke(&weak);
+            }
+            first = false;
+            backoff = Duration::from_millis(500);
+            while let Some(event) = stream.next().await {
+                let Ok(event) = event else { break };
+                with_cache(&weak, host, HostCache::bump);
+                if concerns_vessel(&event, &instance) && !poke(&weak) {
+                    return;
+                }
+            }
+            with_cache(&weak, host, |c| c.streaming(None));
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+fn with_cache(weak: &Weak<Inner>, host: usize, f: impl FnOnce(&HostCache)) {
+    if let Some(inner) = weak.upgrade()
+        && let Some(c) = inner.cache.get(host)
+    {
+        f(c);
+    }
+}
+
+/// An event about one of this instance's containers, or one named like vessel's (or one that
+/// does not say which: better a pass too many than a change missed).
+fn concerns_vessel(e: &bollard::models::EventMessage, instance: &str) -> bool {
+    let Some(attrs) = e.actor.as_ref().and_then(|a| a.attributes.as_ref()) else {
+        return true;
+    };
+    let ours = attrs.get(MARKER).is_some_and(|v| v == instance);
+    let named = attrs
+        .get("name")
+        .is_none_or(|n| n.trim_start_matches('/').starts_with("vessel-"));
+    ours || named
+}
+
+fn poke(weak: &Weak<Inner>) -> bool {
+    match weak.upgrade() {
+        Some(inner) => {
+            inner.changes.send_modify(|v| *v += 1);
+            true
+        }
+        None => false,
+    }
+}
+
+impl ComputeProvider for DockerProvider {
+    fn kind(&self) -> ComputeKind {
+        ComputeKind::Docker
+    }
+
+    fn observe(&self) -> BoxFut<'_, Result<Vec<ObservedSession>, ProviderError>> {
+        Box::pin(self.observe_all())
+    }
+
+    fn apply<'a>(&'a self, action: &'a Action) -> BoxFut<'a, Result<(), ProviderError>> {
+        Box::pin(async move {
+            let r = super::run_session_step(self, action).await;
+            // vessel changed something: the next observation lists again.
+            for c in &self.inner.cache {
+                c.bump();
+            }
+            r
+        })
+    }
+
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.inner.changes.subscribe())
+    }
+}

@@ -1,0 +1,195 @@
+//! A real Podman engine for the docker provider's tests: one `podman system service` on a
+//! socket in a temporary directory, started once per test binary run (and stopped when the
+//! test binary exits), with the settings that work on these machines (runc, cgroupfs, file
+//! events, no default ulimits) in a containers.conf of its own, and a busybox image imported
+//! from a local rootfs (there is no registry).
+//!
+//! Podman that cannot start fails the tests that need it: they never skip (`.ci/run` installs
+//! podman, runc and busybox-static).
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub const IMAGE: &str = "localhost/busybox:test";
+
+pub struct Podman {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+}
+
+const CONTAINERS_CONF: &str = "[containers]\ndefault_ulimits = []\n\n[engine]\nruntime = \"runc\"\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n";
+
+/// The shared engine; panics (the test fails) when Podman cannot be started.
+pub fn podman() -> &'static Podman {
+    static POD: OnceLock<Result<Podman, String>> = OnceLock::new();
+    match POD.get_or_init(start) {
+        Ok(p) => p,
+        Err(e) => panic!(
+            "Podman cannot start, and the docker provider's tests need it (`bash .ci/run` installs podman, runc and busybox-static): {e}"
+        ),
+    }
+}
+
+impl Podman {
+    /// Run the podman CLI against the same storage and settings; its stdout, or the error.
+    pub fn try_cli(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("podman")
+            .args(args)
+            .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
+            .output()
+            .map_err(|e| format!("cannot run podman: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "podman {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    pub fn cli(&self, args: &[&str]) -> String {
+        self.try_cli(args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `podman inspect` of one container, as JSON.
+    pub fn inspect(&self, name: &str) -> Option<serde_json::Value> {
+        let out = self.try_cli(&["container", "inspect", name]).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        v.get(0).cloned()
+    }
+
+    /// Ids of the containers with `label=value`.
+    pub fn ids_with_label(&self, label: &str) -> Vec<String> {
+        self.cli(&[
+            "ps",
+            "-aq",
+            "--no-trunc",
+            "--filter",
+            &format!("label={label}"),
+        ])
+        .lines()
+        .map(str::to_string)
+        .collect()
+    }
+
+    pub fn state(&self, name: &str) -> Option<String> {
+        self.inspect(name)?
+            .pointer("/State/Status")?
+            .as_str()
+            .map(str::to_string)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+}
+
+/// Removes a test's containers (by the instance's marker, and by name) when dropped.
+pub struct Cleanup {
+    pub instance: String,
+    pub names: Vec<String>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let p = podman();
+        let mut ids = p.ids_with_label(&format!("vessel.managed-by={}", self.instance));
+        ids.extend(self.names.iter().cloned());
+        for id in ids {
+            let _ = p.try_cli(&["rm", "-f", "-t", "0", &id]);
+        }
+    }
+}
+
+fn start() -> Result<Podman, String> {
+    Command::new("podman")
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("podman is not installed: {e}"))?;
+    let dir = std::env::temp_dir().join(format!("vessel-podman-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("containers.conf"), CONTAINERS_CONF).map_err(|e| e.to_string())?;
+    let pod = Podman {
+        socket: dir.join("podman.sock"),
+        dir,
+    };
+    if pod.try_cli(&["image", "exists", IMAGE]).is_err() {
+        import_busybox(&pod)?;
+    }
+    // The service lives as long as this test binary: a shell watches our pid and ends it.
+    let log = std::fs::File::create(pod.dir.join("service.log")).map_err(|e| e.to_string())?;
+    Command::new("sh")
+        .arg("-c")
+        .arg(
+            "podman system service -t 0 \"unix://$1\" & p=$!; \
+             while kill -0 \"$2\" 2>/dev/null && kill -0 $p 2>/dev/null; do sleep 1; done; \
+             kill $p 2>/dev/null; rm -rf \"$3\"",
+        )
+        .arg("sh")
+        .arg(&pod.socket)
+        .arg(std::process::id().to_string())
+        .arg(&pod.dir)
+        .env("CONTAINERS_CONF", pod.dir.join("containers.conf"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("cannot start podman system service: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if ping(&pod.socket) {
+            return Ok(pod);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!(
+        "podman system service did not answer on {} within 30 s; its log:\n{}",
+        pod.socket.display(),
+        std::fs::read_to_string(pod.dir.join("service.log")).unwrap_or_default()
+    ))
+}
+
+fn ping(socket: &Path) -> bool {
+    let Ok(mut s) = UnixStream::connect(socket) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /_ping HTTP/1.0\r\nHost: d\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    buf.starts_with("HTTP/1.0 200") || buf.starts_with("HTTP/1.1 200")
+}
+
+/// An image with just busybox in it, from a local rootfs.
+fn import_busybox(pod: &Podman) -> Result<(), String> {
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .ok_or("busybox is not installed (apt-get install busybox-static)")?;
+    let root = pod.dir.join("rootfs");
+    std::fs::create_dir_all(root.join("bin")).map_err(|e| e.to_string())?;
+    std::fs::copy(busybox, root.join("bin/busybox")).map_err(|e| e.to_string())?;
+    let tar = pod.dir.join("busybox.tar");
+    let out = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    pod.try_cli(&["import", tar.to_str().unwrap_or_default(), IMAGE])
+        .map(|_| ())
+}
