@@ -236,7 +236,11 @@ fn docker_drift_is_repaired_at_once_through_events() {
     let name = format!("vessel-{s}");
 
     // Stopped by hand: started again.
-    pod.cli(&["stop", "-t", "0", &name]);
+    // vessel may start it again before the stop command has cleaned up after itself, which
+    // the command then reports as an error: the stop itself did happen.
+    if let Err(e) = pod.try_cli(&["stop", "-t", "0", &name]) {
+        assert!(e.contains("refusing to clean up"), "{e}");
+    }
     let took = wait(10, "a container stopped by hand runs again", &d, || {
         pod.state(&name).as_deref() == Some("running") && serves(&d, &s, "/index.html", &body)
     });
