@@ -181,6 +181,11 @@ async fn converge(s: &mut Setup) -> (Duration, usize, u64) {
         .await;
     let took = t.elapsed();
     if std::env::var_os("VESSEL_BENCH_STEPS").is_some() {
+        let passes: Vec<String> = reports
+            .iter()
+            .map(|r| format!("{} ms", r.duration_ms))
+            .collect();
+        eprintln!("    passes: {}", passes.join(", "));
         for (verb, (n, total, max)) in &steps {
             eprintln!(
                 "    {verb}: {n} steps, mean {} ms, max {max} ms",
