@@ -51,7 +51,7 @@ fn ms(d: Duration) -> String {
 fn remove_label(pod: &Podman, label: &str) {
     let ids = pod.ids_with_label(label);
     for chunk in ids.chunks(50) {
-        let mut args = vec!["rm", "-f", "-t", "0"];
+        let mut args = vec!["rm", "-f", "-v", "-t", "0"];
         args.extend(chunk.iter().map(String::as_str));
         let _ = pod.try_cli(&args);
     }
@@ -277,7 +277,7 @@ fn main() {
         );
         // Drift: 10% removed by hand.
         for i in 0..10 {
-            pod.cli(&["rm", "-f", "-t", "0", &format!("vessel-{}-{}", s.instance, i * 10)]);
+            pod.cli(&["rm", "-f", "-v", "-t", "0", &format!("vessel-{}-{}", s.instance, i * 10)]);
         }
         let (took, passes, calls) = converge(&mut s).await;
         println!(

@@ -250,7 +250,7 @@ fn docker_drift_is_repaired_at_once_through_events() {
     let before = pod
         .inspect(&name)
         .and_then(|c| c["Id"].as_str().map(str::to_string));
-    pod.cli(&["rm", "-f", "-t", "0", &name]);
+    pod.cli(&["rm", "-f", "-v", "-t", "0", &name]);
     let took = wait(10, "a container removed by hand is made again", &d, || {
         serves(&d, &s, "/index.html", &body)
     });
@@ -390,6 +390,16 @@ fn docker_containers_vessel_did_not_create_are_never_touched() {
         )),
         "{plan}"
     );
+    // The workspace volume of vessel's own session, which goes with it.
+    let volumes: Vec<String> = pod
+        .inspect(&format!("vessel-{forged}"))
+        .and_then(|c| c["Mounts"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter(|m| m["Type"] == "volume")
+        .filter_map(|m| m["Name"].as_str().map(str::to_string))
+        .collect();
+    assert!(!volumes.is_empty(), "the workspace is a volume");
     // Desired no longer: the forged one and the other instance's are not vessel's to destroy.
     for n in [&taken, &forged] {
         std::fs::remove_file(d.source().join(format!("{n}.yaml"))).expect("rm");
@@ -400,6 +410,12 @@ fn docker_containers_vessel_did_not_create_are_never_touched() {
         &d,
         || pod.state(&format!("vessel-{forged}")).is_none(),
     );
+    for v in &volumes {
+        assert!(
+            pod.try_cli(&["volume", "exists", v]).is_err(),
+            "the destroyed session's volume {v} is removed with it"
+        );
+    }
     std::thread::sleep(Duration::from_secs(2));
     let after = [
         ids(&format!("vessel-{taken}")),

@@ -101,7 +101,7 @@ impl Drop for Cleanup {
         let mut ids = p.ids_with_label(&format!("vessel.managed-by={}", self.instance));
         ids.extend(self.names.iter().cloned());
         for id in ids {
-            let _ = p.try_cli(&["rm", "-f", "-t", "0", &id]);
+            let _ = p.try_cli(&["rm", "-f", "-v", "-t", "0", &id]);
         }
     }
 }
