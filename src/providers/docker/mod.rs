@@ -1022,9 +1022,12 @@ impl ComputeProvider for DockerProvider {
     fn apply<'a>(&'a self, action: &'a Action) -> BoxFut<'a, Result<(), ProviderError>> {
         Box::pin(async move {
             let r = super::run_session_step(self, action).await;
-            // vessel changed something: the next observation lists again.
-            for c in &self.inner.cache {
-                c.bump();
+            // vessel changed something: the next observation lists again. A health check or
+            // a download of the workspace changes nothing a list shows.
+            if !matches!(action, Action::WaitHealthy { .. } | Action::SaveWork { .. }) {
+                for c in &self.inner.cache {
+                    c.bump();
+                }
             }
             r
         })
