@@ -339,6 +339,7 @@ fn watch_source(
             // Status says a change is waiting from the moment it is seen.
             if let Ok(mut s) = shared.lock() {
                 s.source_changed = true;
+                s.source_seq += 1;
                 s.version += 1;
             }
             let _ = raw_tx.send(());

@@ -107,8 +107,10 @@ pub struct Shared {
     pub conditions: BTreeMap<String, Vec<Condition>>,
     /// The last error of each session's steps, while it lasts.
     pub last_errors: BTreeMap<String, String>,
-    /// The source changed and no pass has loaded it yet.
+    /// The source changed and no finished pass has loaded it yet.
     pub source_changed: bool,
+    /// How many source changes have been seen (each sets `source_changed`).
+    pub source_seq: u64,
     /// Since when the source has been failing (a git fetch, a verification), while it fails.
     pub source_failing_since: Option<DateTime<Utc>>,
     /// Configured providers, for status.
@@ -124,6 +126,8 @@ pub struct Reconciler {
     state: StateDir,
     backoff: BTreeMap<Object, Backoff>,
     pass: u64,
+    /// `Shared::source_seq` when this pass began: a change seen after it is still waiting.
+    source_seq_seen: u64,
     seed: u64,
     pub shared: Arc<Mutex<Shared>>,
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -161,6 +165,7 @@ impl Reconciler {
             state,
             backoff: BTreeMap::new(),
             pass: 0,
+            source_seq_seen: 0,
             seed,
             shared: Arc::new(Mutex::new(shared)),
             metrics: Arc::default(),
@@ -211,8 +216,8 @@ impl Reconciler {
             error: None,
             next_due: None,
         };
-        if let Ok(mut s) = self.shared.lock() {
-            s.source_changed = false;
+        if let Ok(s) = self.shared.lock() {
+            self.source_seq_seen = s.source_seq;
         }
         let config = self.config.clone();
         let loaded =
@@ -371,6 +376,11 @@ impl Reconciler {
                 (false, _) => None,
             };
             s.last = Some(report.clone());
+            // The change that started this pass is loaded; one seen since still waits (until
+            // then, status must not call the previous pass's result converged).
+            if s.source_seq == self.source_seq_seen {
+                s.source_changed = false;
+            }
             s.passes = report.pass;
             s.version += 1;
             if desired.is_some() {

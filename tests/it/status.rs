@@ -327,8 +327,14 @@ fn vessel_status_waits_until_converged() {
         text.contains("converged") && text.contains("2 running"),
         "{text}"
     );
-    // A new file: --wait-converged returns only once it is applied.
+    // A new file: --wait-converged returns only once it is applied. (It waits on what the
+    // daemon knows: first let the daemon see the file, which takes a watcher event.)
+    let before = json(d.status, "/status")["revision"].clone();
     d.write("carol.yaml", &session("carol"));
+    wait_for(Duration::from_secs(20), || {
+        json(d.status, "/status")["revision"] != before
+    })
+    .expect("the daemon sees the new file");
     let out = run(&[
         "status",
         "--url",
