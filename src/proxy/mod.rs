@@ -401,9 +401,18 @@ impl Proxy {
         host: &str,
         entry: Arc<Entry>,
     ) -> Response<Body> {
-        let stream = match TcpStream::connect(&entry.route.upstream).await {
-            Ok(s) => s,
-            Err(e) => return page::bad_gateway(host, &entry.route, &e.to_string()),
+        // As for plain requests: an upstream that does not accept within 5 s is a bad gateway,
+        // and so is one that does not answer the upgrade within 30 s.
+        let connect = tokio::time::timeout(
+            Duration::from_secs(5),
+            TcpStream::connect(&entry.route.upstream),
+        );
+        let stream = match connect.await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return page::bad_gateway(host, &entry.route, &e.to_string()),
+            Err(_) => {
+                return page::bad_gateway(host, &entry.route, "connecting timed out after 5 s");
+            }
         };
         let (mut sender, conn) =
             match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
@@ -413,10 +422,18 @@ impl Proxy {
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
         });
-        let mut resp = match sender.send_request(req).await {
-            Ok(r) => r,
-            Err(e) => return page::bad_gateway(host, &entry.route, &error_chain(&e)),
-        };
+        let mut resp =
+            match tokio::time::timeout(Duration::from_secs(30), sender.send_request(req)).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => return page::bad_gateway(host, &entry.route, &error_chain(&e)),
+                Err(_) => {
+                    return page::bad_gateway(
+                        host,
+                        &entry.route,
+                        "the upgrade was not answered within 30 s",
+                    );
+                }
+            };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             let (parts, body) = resp.into_parts();
             return Response::from_parts(parts, body.boxed());
