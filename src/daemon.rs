@@ -95,8 +95,18 @@ pub async fn run(
                 _ = term.recv() => {}
                 _ = int.recv() => {}
             }
-            tracing::info!("signal received: finishing the steps in flight");
+            tracing::info!(
+                "signal received: finishing the steps in flight (a second signal exits at once)"
+            );
             c.cancel();
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            // Sessions outlive vessel by design, and every step is idempotent: the next start
+            // picks up where this one stopped.
+            tracing::warn!("second signal: exiting without waiting for the steps in flight");
+            std::process::exit(130);
         });
     }
 

@@ -407,3 +407,34 @@ fn a_source_path_through_a_symlink_is_refused_and_a_bad_record_holds_only_its_se
         "alice is held, not destroyed"
     );
 }
+
+#[test]
+fn a_second_signal_exits_at_once_while_a_step_is_in_flight() {
+    let mut d = Daemon::new();
+    // A health check that never passes keeps a step in flight.
+    d.write(
+        "plan.yaml",
+        "kind: Plan\nname: web\ncommand: [sleep, '60']\nports: {ide: 8080}\nhealth: {port: ide, path: /healthz}\nstop_timeout: 1s\n",
+    );
+    d.write("slow.yaml", &session("slow"));
+    d.start();
+    wait_for(LIMIT, || d.log().contains("action=create"))
+        .unwrap_or_else(|| panic!("the session is created: {}", d.log()));
+    std::thread::sleep(Duration::from_millis(300));
+    let child = d.child.as_ref().expect("running").id() as i32;
+    let pid = nix::unistd::Pid::from_raw(child);
+    nix::sys::signal::kill(pid, Signal::SIGTERM).expect("signal");
+    std::thread::sleep(Duration::from_millis(500));
+    let still_running = d
+        .child
+        .as_mut()
+        .and_then(|c| c.try_wait().ok())
+        .is_some_and(|s| s.is_none());
+    assert!(
+        still_running,
+        "the first signal waits for the step in flight: {}",
+        d.log()
+    );
+    assert_eq!(d.signal(Signal::SIGINT), Some(130), "{}", d.log());
+    assert!(d.log().contains("second signal"), "{}", d.log());
+}
