@@ -85,11 +85,26 @@ impl Pool {
         upstream: &str,
         req: Request<Incoming>,
     ) -> Result<Response<PooledBody>, PoolError> {
-        let mut sender = match self.take(upstream) {
-            Some(s) => s,
-            None => Self::connect(upstream).await?,
+        let (sender, resp) = match self.take(upstream) {
+            Some(mut s) => match s.try_send_request(req).await {
+                Ok(r) => (s, r),
+                // The upstream closed the idle connection just as it was taken: the request
+                // was not written, so it goes once more on a new connection.
+                Err(mut e) => match e.take_message() {
+                    Some(req) => {
+                        let mut fresh = Self::connect(upstream).await?;
+                        let r = fresh.send_request(req).await.map_err(PoolError::Send)?;
+                        (fresh, r)
+                    }
+                    None => return Err(PoolError::Send(e.into_error())),
+                },
+            },
+            None => {
+                let mut s = Self::connect(upstream).await?;
+                let r = s.send_request(req).await.map_err(PoolError::Send)?;
+                (s, r)
+            }
         };
-        let resp = sender.send_request(req).await.map_err(PoolError::Send)?;
         let (parts, body) = resp.into_parts();
         let done = body.is_end_stream();
         let mut pooled = PooledBody {

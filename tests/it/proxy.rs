@@ -123,3 +123,55 @@ fn swapping_routes_never_drops_an_open_connection() {
     cancel.cancel();
     wait_for(Duration::from_secs(1), || true);
 }
+
+/// An upstream that answers one request per connection with keep-alive, then closes the
+/// connection a moment later: the proxy's pooled connection dies under it.
+fn closing_upstream() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for s in l.incoming().take(1000) {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nok\n",
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn a_pooled_connection_the_upstream_closed_is_retried_not_a_502() {
+    let up = closing_upstream();
+    let proxy = Proxy::default();
+    proxy.apply(&[Change::Upsert {
+        host: "close.localhost".into(),
+        route: route(up),
+    }]);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let cancel = CancellationToken::new();
+    proxy
+        .serve_threads(listener, 1, cancel.clone())
+        .expect("serve");
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut reader = BufReader::new(s.try_clone().expect("clone"));
+    // Requests timed to land as the upstream closes the connection the last one used.
+    let mut bad = Vec::new();
+    for i in 0..60 {
+        let (code, _) = exchange(&mut s, &mut reader, "close.localhost", "/");
+        if code != 200 {
+            bad.push((i, code));
+        }
+        std::thread::sleep(Duration::from_micros(19_000 + (i % 20) * 100));
+    }
+    cancel.cancel();
+    assert!(bad.is_empty(), "requests that failed: {bad:?}");
+}
