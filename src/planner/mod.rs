@@ -90,10 +90,15 @@ impl Policy {
 
 /// The record type an address calls for: A for IPv4, AAAA for IPv6, CNAME for a name.
 pub fn record_for(address: &str) -> (RecordType, String) {
+    // In the canonical form DNS servers store (`2001:DB8:0::1` reads back as `2001:db8::1`,
+    // names case-insensitively), so what is read back compares equal to what is desired.
     match address.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(_)) => (RecordType::A, address.to_string()),
-        Ok(std::net::IpAddr::V6(_)) => (RecordType::AAAA, address.to_string()),
-        Err(_) => (RecordType::CNAME, address.trim_end_matches('.').to_string()),
+        Ok(ip @ std::net::IpAddr::V4(_)) => (RecordType::A, ip.to_string()),
+        Ok(ip @ std::net::IpAddr::V6(_)) => (RecordType::AAAA, ip.to_string()),
+        Err(_) => (
+            RecordType::CNAME,
+            address.trim_end_matches('.').to_ascii_lowercase(),
+        ),
     }
 }
 

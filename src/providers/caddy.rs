@@ -18,7 +18,7 @@
 //! addresses, as a plain-HTTP server (automatic HTTPS off); for TLS, define the server in
 //! Caddy's own config and vessel only adds its routes to it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use http::Method;
@@ -80,13 +80,12 @@ impl Caddy {
         Ok((config, r.etag))
     }
 
-    async fn write(&self, config: &Value, etag: Option<&str>) -> Result<Reply, String> {
-        let headers: Vec<(&str, &str)> = etag.map(|e| ("if-match", e)).into_iter().collect();
+    async fn write(&self, config: &Value, etag: &str) -> Result<Reply, String> {
         call(
             &self.addr,
             Method::POST,
             "/config/",
-            &headers,
+            &[("if-match", etag)],
             Some(Bytes::from(config.to_string())),
         )
         .await
@@ -145,7 +144,12 @@ impl Caddy {
     }
 
     /// `config` with `actions` applied to vessel's routes, everything else as it was.
-    fn merged(&self, config: Value, actions: &[&Action]) -> Result<Value, String> {
+    /// Also the hosts whose upserts were refused (a foreign route claims them).
+    fn merged(
+        &self,
+        config: Value,
+        actions: &[&Action],
+    ) -> Result<(Value, BTreeSet<String>), String> {
         let mut config = match config {
             Value::Null => Value::Object(Map::new()),
             Value::Object(m) => Value::Object(m),
@@ -201,30 +205,51 @@ impl Caddy {
                 None => others.push(r),
             }
         }
+        // Hosts a foreign route claims: vessel neither adds a route for one nor keeps its own
+        // (which, being first, would hide the foreign one).
+        let foreign: BTreeSet<String> = others.iter().flat_map(hosts).collect();
+        let mut refused = BTreeSet::new();
         for (host, after) in actions.iter().filter_map(|a| a.route_after()) {
             match after {
+                Some(_) if foreign.contains(&host.to_ascii_lowercase()) => {
+                    refused.insert(host.to_string());
+                }
                 Some(r) => {
                     let session = r.session.as_deref().unwrap_or_default();
                     let route = self.route(host, &r.upstream, session, r.route.as_deref());
-                    ours.insert(key(host), route)
+                    ours.insert(key(host), route);
                 }
-                None => ours.remove(&key(host)),
-            };
+                None => {
+                    ours.remove(&key(host));
+                }
+            }
         }
-        let mut all: Vec<Value> = ours.into_values().collect();
-        all.extend(others);
+        ours.retain(|(_, h), _| !foreign.contains(h));
+        // Leading foreign routes that only add behaviour to every request (authentication,
+        // headers, ...) and match everything stay in front of vessel's; everything else goes
+        // after them.
+        let lead = others.iter().take_while(|r| is_middleware(r)).count();
+        let rest = others.split_off(lead);
+        let mut all = others;
+        all.extend(ours.into_values());
+        all.extend(rest);
         server.insert("routes".into(), Value::Array(all));
-        Ok(config)
+        Ok((config, refused))
     }
 
-    async fn apply_batch(&self, actions: &[&Action]) -> Result<(), String> {
+    /// The hosts whose upserts were refused, on success.
+    async fn apply_batch(&self, actions: &[&Action]) -> Result<BTreeSet<String>, String> {
         let _guard = self.lock.lock().await;
         for _ in 0..TRIES {
             let (config, etag) = self.read().await?;
-            let new = self.merged(config, actions)?;
-            let r = self.write(&new, etag.as_deref()).await?;
+            // Without it the write could overwrite a change made since the read.
+            let etag = etag.ok_or(
+                "Caddy sent no ETag with its config (Caddy 2.6 or later is needed), so vessel cannot write safely",
+            )?;
+            let (new, refused) = self.merged(config, actions)?;
+            let r = self.write(&new, &etag).await?;
             match r.status {
-                200 => return Ok(()),
+                200 => return Ok(refused),
                 // Someone else changed the config since it was read: read it again.
                 412 => continue,
                 s => return Err(format!("Caddy refused the config ({s}): {}", r.brief())),
@@ -234,6 +259,35 @@ impl Caddy {
             "Caddy's config changed under vessel {TRIES} times in a row; trying again next pass"
         ))
     }
+}
+
+/// A route that matches every request and whose handlers only add behaviour to it
+/// (authentication, headers and the like) rather than answer it.
+fn is_middleware(route: &Value) -> bool {
+    const ADDS: &[&str] = &[
+        "authentication",
+        "headers",
+        "encode",
+        "vars",
+        "map",
+        "rewrite",
+        "request_body",
+        "tracing",
+        "log_append",
+    ];
+    route.get("match").is_none()
+        && route.get("terminal") != Some(&Value::Bool(true))
+        && route
+            .get("handle")
+            .and_then(Value::as_array)
+            .is_some_and(|h| {
+                !h.is_empty()
+                    && h.iter().all(|x| {
+                        x.get("handler")
+                            .and_then(Value::as_str)
+                            .is_some_and(|n| ADDS.contains(&n))
+                    })
+            })
 }
 
 fn key(host: &str) -> (bool, String) {
@@ -328,11 +382,24 @@ impl ProxyProvider for Caddy {
                 .filter(|a| a.route_after().is_some())
                 .collect();
             let outcome = if routes.is_empty() {
-                Ok(())
+                Ok(BTreeSet::new())
             } else {
                 self.apply_batch(&routes).await
             };
-            route_batch_results(actions, outcome)
+            let refused = outcome.clone().unwrap_or_default();
+            let mut results = route_batch_results(actions, outcome.map(|_| ()));
+            for (a, r) in actions.iter().zip(results.iter_mut()) {
+                if let Some((host, Some(_))) = a.route_after()
+                    && refused.contains(host)
+                {
+                    *r = Err(ProviderError::failed(
+                        "route",
+                        host,
+                        "a route vessel did not create serves this host in Caddy's config; left alone",
+                    ));
+                }
+            }
+            results
         })
     }
 }
@@ -366,7 +433,8 @@ mod tests {
         });
         let a = upsert("*.b.localhost", "127.0.0.1:2");
         let b = upsert("a.localhost", "127.0.0.1:1");
-        let new = c.merged(config.clone(), &[&a, &b]).expect("merge");
+        let (new, refused) = c.merged(config.clone(), &[&a, &b]).expect("merge");
+        assert!(refused.is_empty());
         let routes = server_routes(&new, "srv");
         assert_eq!(routes.len(), 3);
         assert_eq!(hosts(&routes[0]), ["a.localhost"], "specific hosts first");
@@ -391,7 +459,8 @@ mod tests {
                     host: "a.localhost".into(),
                 }],
             )
-            .expect("merge");
+            .expect("merge")
+            .0;
         assert_eq!(server_routes(&gone, "srv").len(), 2);
     }
 
@@ -400,7 +469,8 @@ mod tests {
         let c = caddy();
         let new = c
             .merged(Value::Null, &[&upsert("a.localhost", "127.0.0.1:1")])
-            .expect("merge");
+            .expect("merge")
+            .0;
         assert_eq!(
             new["apps"]["http"]["servers"]["srv"]["listen"],
             json!([":8080"])
@@ -412,5 +482,31 @@ mod tests {
 
         let no_listen = Caddy::new("http://127.0.0.1:2019", "srv", &[], "vessel").expect("caddy");
         assert!(no_listen.merged(Value::Null, &[]).is_err());
+    }
+
+    #[test]
+    fn a_host_a_foreign_route_claims_is_left_to_it_and_leading_middleware_stays_first() {
+        let c = caddy();
+        let auth = json!({"handle": [{"handler": "authentication", "providers": {}}]});
+        let theirs = json!({"match": [{"host": ["taken.localhost"]}], "handle": [{"handler": "static_response"}]});
+        let config = json!({"apps": {"http": {"servers": {"srv": {"listen": [":1"], "routes": [auth.clone(), theirs.clone()]}}}}});
+        let (new, refused) = c
+            .merged(
+                config,
+                &[
+                    &upsert("taken.localhost", "127.0.0.1:1"),
+                    &upsert("free.localhost", "127.0.0.1:2"),
+                ],
+            )
+            .expect("merge");
+        assert_eq!(refused, BTreeSet::from(["taken.localhost".to_string()]));
+        let routes = server_routes(&new, "srv");
+        assert_eq!(routes.len(), 3);
+        assert_eq!(
+            routes[0], auth,
+            "authentication still runs first for every host"
+        );
+        assert_eq!(hosts(&routes[1]), ["free.localhost"]);
+        assert_eq!(routes[2], theirs);
     }
 }

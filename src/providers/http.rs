@@ -35,6 +35,11 @@ pub fn authority(api: &str, what: &str) -> Result<String, String> {
         .strip_prefix("http://")
         .ok_or_else(|| format!("the {what} `{api}` must be an http:// URL"))?;
     let addr = rest.trim_end_matches('/');
+    if addr.contains('@') {
+        return Err(format!(
+            "the {what} must be just http://host:port: credentials go in their own setting, never in the URL"
+        ));
+    }
     if addr.is_empty() || addr.contains('/') {
         return Err(format!(
             "the {what} `{api}` must be just http://host:port, with no path"

@@ -404,8 +404,13 @@ pub(crate) fn write_atomically(file: &std::path::Path, bytes: &[u8]) -> std::io:
         .unwrap_or(std::path::Path::new("."));
     let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.vessel-{}", std::process::id()));
+    // A leftover of an interrupted write goes first; the new one never follows a symlink.
+    let _ = std::fs::remove_file(&tmp);
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         if let Ok(meta) = std::fs::metadata(file) {

@@ -16,9 +16,11 @@
 //! a step whose rrset exists without vessel's comment, then sends the changes as PATCHes of
 //! at most `CHUNK_BYTES` each (PowerDNS refuses bodies over 2 MB by default), in order. When
 //! all went through, the listing read plus the changes is cached with the export taken just
-//! after, so the pass that follows a change is cheap too. (A change someone else makes in the
-//! few milliseconds between that listing and that export is seen at the next full read, at
-//! most a minute later; a write in between is still checked against a fresh listing.)
+//! after, so the pass that follows a change is cheap too. (A change someone else makes between
+//! that listing and that export, the time of the PATCHes, is seen at the next full read, at
+//! most a minute later; a write in between is still checked against a fresh listing.) A step
+//! that would conflict (a foreign rrset of the same type, or a CNAME beside other records) is
+//! refused alone, since PowerDNS rejects a whole PATCH with one conflict in it.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -158,9 +160,30 @@ impl PowerDns {
 
     /// Every A, AAAA and CNAME rrset of `zone`, with its owner (from vessel's comment).
     async fn list(&self, zone: &str) -> Result<Vec<ObservedRecord>, String> {
+        Ok(self.list_all(zone).await?.1)
+    }
+
+    /// Every rrset of `zone`: (name, type, owned) of all of them, and the A, AAAA and CNAME
+    /// ones as records.
+    async fn list_all(
+        &self,
+        zone: &str,
+    ) -> Result<(Vec<(String, String, bool)>, Vec<ObservedRecord>), String> {
         let body = self.get(&self.zone_path(zone)).await?;
         let z: Zone = serde_json::from_slice(&body).map_err(|e| format!("not a zone: {e}"))?;
-        Ok(z.rrsets
+        let all = z
+            .rrsets
+            .iter()
+            .map(|rr| {
+                (
+                    rr.name.trim_end_matches('.').to_ascii_lowercase(),
+                    rr.rtype.clone(),
+                    rr.comments.iter().any(|c| c.account == ACCOUNT),
+                )
+            })
+            .collect();
+        let records = z
+            .rrsets
             .into_iter()
             .filter_map(|rr| {
                 let rtype = record_type(&rr.rtype)?;
@@ -181,7 +204,8 @@ impl PowerDns {
                     session,
                 })
             })
-            .collect())
+            .collect();
+        Ok((all, records))
     }
 
     /// `zone`'s records: the cached listing while its export is unchanged, else a full read.
@@ -224,7 +248,7 @@ impl PowerDns {
         items: Vec<Item<'_>>,
     ) -> Vec<(usize, Result<(), String>)> {
         self.forget(zone);
-        let existing = match self.list(zone).await {
+        let (all, existing) = match self.list_all(zone).await {
             Ok(r) => r,
             Err(m) => {
                 return items
@@ -241,13 +265,33 @@ impl PowerDns {
             BTreeMap::new();
         let mut out = Vec::new();
         let mut chunks: Vec<(Vec<usize>, String)> = Vec::new();
+        // Every rrset at each name, of any type: a CNAME cannot sit beside anything else, and
+        // PowerDNS refuses a whole PATCH that tries (one conflict would block the zone).
+        let mut at_name: BTreeMap<&str, Vec<(&str, bool)>> = BTreeMap::new();
+        for (n, t, owned) in &all {
+            at_name.entry(n).or_default().push((t, *owned));
+        }
         for (i, name, rtype, rrset, record) in items {
             let key = (name.trim_end_matches('.').to_ascii_lowercase(), rtype);
-            if listing.get(&key).is_some_and(|r| !r.owned) {
-                out.push((
-                    i,
-                    Err("an rrset without vessel's ownership comment is there; left alone".into()),
-                ));
+            let there = at_name
+                .get(key.0.as_str())
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let conflict = if listing.get(&key).is_some_and(|r| !r.owned) {
+                Some("an rrset without vessel's ownership comment is there; left alone")
+            } else if record.is_none() {
+                None
+            } else if rtype == RecordType::CNAME && there.iter().any(|(t, _)| *t != "CNAME") {
+                Some("other records exist at this name, and a CNAME cannot sit beside them")
+            } else if rtype != RecordType::CNAME
+                && there.iter().any(|(t, owned)| *t == "CNAME" && !owned)
+            {
+                Some("a CNAME vessel did not create is at this name; left alone")
+            } else {
+                None
+            };
+            if let Some(why) = conflict {
+                out.push((i, Err(why.into())));
                 continue;
             }
             after.insert(i, (key, record));

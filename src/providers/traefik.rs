@@ -51,6 +51,10 @@ pub struct Http {
 pub struct Router {
     pub rule: String,
     pub service: String,
+    /// Exact hosts rank above every wildcard (Traefik otherwise ranks by rule length, and a
+    /// wildcard's regexp is the longer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u64>,
     #[serde(rename = "entryPoints", default, skip_serializing_if = "Vec::is_empty")]
     pub entry_points: Vec<String>,
 }
@@ -81,6 +85,9 @@ pub fn rule(host: &str) -> String {
         None => format!("Host(`{host}`)"),
     }
 }
+
+/// Added to an exact host's router priority: above any wildcard rule's length.
+const EXACT_PRIORITY: u64 = 10_000;
 
 /// A route vessel keeps in the file: host -> (session, route, upstream).
 type Routes = BTreeMap<String, (String, Option<String>, String)>;
@@ -160,8 +167,14 @@ impl Traefik {
     }
 
     fn router(&self, name: &str, host: &str) -> Router {
+        let rule = rule(host);
         Router {
-            rule: rule(host),
+            priority: Some(if host.starts_with("*.") {
+                rule.len() as u64
+            } else {
+                EXACT_PRIORITY + rule.len() as u64
+            }),
+            rule,
             service: name.to_string(),
             entry_points: self.entrypoints.clone(),
         }
@@ -255,5 +268,13 @@ mod tests {
             rule("*.dev.example"),
             "HostRegexp(`^[^.]+\\.dev\\.example$`)"
         );
+    }
+
+    #[test]
+    fn exact_hosts_outrank_wildcards() {
+        let t = Traefik::new(PathBuf::from("f.yml"), &[], "vessel").expect("provider");
+        let wild = t.router("w", "*.dev.example");
+        let exact = t.router("e", "a-very-long-session-name.dev.example");
+        assert!(exact.priority > wild.priority, "{exact:?} {wild:?}");
     }
 }

@@ -111,8 +111,25 @@ fn the_provider_refuses_to_write_over_a_record_it_did_not_create() {
         name: "mail.dev.example.com".into(),
         rtype: RecordType::A,
     };
-    let results = rt.block_on(p.apply(&[&mail, &mine, &remove]));
-    assert!(results[0].is_err() && results[2].is_err(), "{results:?}");
+    // A foreign TXT where vessel would put a CNAME: PowerDNS refuses a whole PATCH with such a
+    // conflict, so that step alone must be refused, and the rest still go.
+    let (code, body) = pdns.call(
+        "PATCH",
+        "/api/v1/servers/localhost/zones/dev.example.com.",
+        r#"{"rrsets":[{"name":"note.dev.example.com.","type":"TXT","ttl":300,"changetype":"REPLACE","records":[{"content":"\"hello\"","disabled":false}]}]}"#,
+    );
+    assert_eq!(code, 204, "{body}");
+    let cname = Action::UpsertRecord {
+        name: "note.dev.example.com".into(),
+        rtype: RecordType::CNAME,
+        content: "proxy.dev.example.com".into(),
+        session: "alice".into(),
+    };
+    let results = rt.block_on(p.apply(&[&mail, &mine, &remove, &cname]));
+    assert!(
+        results[0].is_err() && results[2].is_err() && results[3].is_err(),
+        "{results:?}"
+    );
     assert!(results[1].is_ok(), "{results:?}");
     assert_eq!(
         dig(pdns.dns, "mail.dev.example.com"),
