@@ -39,7 +39,7 @@ use super::{BoxFut, DnsProvider, ProviderError};
 const ACCOUNT: &str = "vessel";
 const TTL: u32 = 60;
 /// The largest PATCH body vessel sends (PowerDNS's `webserver-max-bodysize` is 2 MB).
-const CHUNK_BYTES: usize = 1 << 20;
+const CHUNK_BYTES: usize = 3 << 19;
 /// The longest a zone's listing is reused without a full read.
 const REREAD_AFTER: Duration = Duration::from_secs(60);
 
@@ -412,7 +412,7 @@ impl DnsProvider for PowerDns {
                             *rtype,
                             json!({
                                 "name": fqdn(name), "type": rtype.as_str(), "ttl": TTL, "changetype": "REPLACE",
-                                "records": [{"content": content, "disabled": false}],
+                                "records": [{"content": content}],
                                 "comments": [{"content": format!("vessel session={session}"), "account": ACCOUNT}],
                             }),
                             Some(ObservedRecord {
