@@ -188,6 +188,32 @@ pub struct ObservedSession {
     pub host: Option<String>,
 }
 
+impl ObservedSession {
+    /// A session known only by name and state: no spec, fingerprint, endpoints or records
+    /// (one in the way, or one vessel cannot read).
+    pub fn bare(
+        name: impl Into<String>,
+        provider: ComputeKind,
+        state: SessionState,
+        owned: bool,
+    ) -> ObservedSession {
+        ObservedSession {
+            name: name.into(),
+            provider,
+            state,
+            owned,
+            fingerprint: String::new(),
+            spec: None,
+            endpoints: BTreeMap::new(),
+            source_file: None,
+            synced_source: None,
+            save_to: None,
+            healthy: None,
+            host: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ObservedRoute {
     /// Lower-cased host.

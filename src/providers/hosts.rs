@@ -158,21 +158,18 @@ impl DnsProvider for HostsDns {
     ) -> BoxFut<'a, Vec<Result<(), ProviderError>>> {
         Box::pin(async move {
             let _guard = self.lock.lock().await;
+            // The file cannot be read or written: every step of the batch fails with that.
+            let fail_all = |e: ProviderError| -> Vec<Result<(), ProviderError>> {
+                let msg = crate::error_chain(&e);
+                let file = self.file.display().to_string();
+                actions
+                    .iter()
+                    .map(|_| Err(ProviderError::failed("update", file.clone(), msg.clone())))
+                    .collect()
+            };
             let mut p = match self.read() {
                 Ok(t) => parse(&t),
-                Err(e) => {
-                    let msg = crate::error_chain(&e);
-                    return actions
-                        .iter()
-                        .map(|_| {
-                            Err(ProviderError::failed(
-                                "update",
-                                self.file.display().to_string(),
-                                msg.clone(),
-                            ))
-                        })
-                        .collect();
-                }
+                Err(e) => return fail_all(e),
             };
             let mut results = Vec::new();
             for a in actions {
@@ -202,17 +199,7 @@ impl DnsProvider for HostsDns {
                 });
             }
             if let Err(e) = self.write(&render(&p)) {
-                let msg = crate::error_chain(&e);
-                return actions
-                    .iter()
-                    .map(|_| {
-                        Err(ProviderError::failed(
-                            "update",
-                            self.file.display().to_string(),
-                            msg.clone(),
-                        ))
-                    })
-                    .collect();
+                return fail_all(e);
             }
             results
         })

@@ -91,6 +91,15 @@ pub struct CreateArgs<'a> {
 
 /// The session steps of a compute provider, one per kind of plan action on a session;
 /// `run_session_step` maps the plan's actions onto them.
+/// What vessel last asked of a session, kept in a compute provider's session record (so a
+/// session that is down against that wish reads as failed, not stopped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Intent {
+    Running,
+    Stopped,
+}
+
 pub(crate) trait SessionSteps: Sync {
     fn create(&self, a: &CreateArgs<'_>) -> impl Future<Output = Result<(), ProviderError>> + Send;
     fn start(&self, session: &str) -> impl Future<Output = Result<(), ProviderError>> + Send;

@@ -159,10 +159,6 @@ impl PowerDns {
     }
 
     /// Every A, AAAA and CNAME rrset of `zone`, with its owner (from vessel's comment).
-    async fn list(&self, zone: &str) -> Result<Vec<ObservedRecord>, String> {
-        Ok(self.list_all(zone).await?.1)
-    }
-
     /// Every rrset of `zone`: (name, type, owned) of all of them, and the A, AAAA and CNAME
     /// ones as records.
     async fn list_all(
@@ -220,7 +216,7 @@ impl PowerDns {
         {
             return Ok(c.records.clone());
         }
-        let records = self.list(zone).await?;
+        let (_, records) = self.list_all(zone).await?;
         if let Ok(mut cache) = self.cache.lock() {
             cache.insert(
                 zone.to_string(),

@@ -47,20 +47,14 @@ use crate::model::{ComputeKind, Health};
 use crate::observed::{ObservedSession, RuntimeSpec, SessionState};
 use crate::planner::Action;
 
-use super::{BoxFut, ComputeProvider, CreateArgs, ProviderError, SessionSteps, no_symlinks};
+use super::{
+    BoxFut, ComputeProvider, CreateArgs, Intent, ProviderError, SessionSteps, no_symlinks,
+};
 
 pub use convert::{MARKER, container_name};
 
 /// bollard's per-request timeout, in seconds (a workspace download can take a while).
 const REQUEST_TIMEOUT: u64 = 120;
-
-/// What vessel last asked of a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum Intent {
-    Running,
-    Stopped,
-}
 
 /// `<state>/docker/<session>.json`: what changes after creation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -533,18 +527,8 @@ impl DockerProvider {
                     out.insert(
                         session.clone(),
                         ObservedSession {
-                            name: session,
-                            provider: ComputeKind::Docker,
-                            state,
-                            owned: false,
-                            fingerprint: String::new(),
-                            spec: None,
-                            endpoints: BTreeMap::new(),
-                            source_file: None,
-                            synced_source: None,
-                            save_to: None,
-                            healthy: None,
                             host: Some(host_name),
+                            ..ObservedSession::bare(session, ComputeKind::Docker, state, false)
                         },
                     );
                     continue;

@@ -28,19 +28,13 @@ use crate::model::{ComputeKind, Health};
 use crate::observed::{ObservedSession, RuntimeSpec, SessionState};
 use crate::planner::Action;
 
-use super::{BoxFut, ComputeProvider, CreateArgs, ProviderError, SessionSteps, no_symlinks};
+use super::{
+    BoxFut, ComputeProvider, CreateArgs, Intent, ProviderError, SessionSteps, no_symlinks,
+};
 
 pub use files::{copy_tree, excluded, save_atomically, write_atomically};
 
 const RECORD: &str = "session.json";
-
-/// What vessel last asked of a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum Intent {
-    Running,
-    Stopped,
-}
 
 /// `session.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -264,20 +258,12 @@ impl ProcessProvider {
                         // Unreadable: vessel cannot tell what it is, so it is reported as not
                         // vessel's. The plan holds it as it is; the other sessions go on.
                         tracing::warn!(session = %name, "{}", crate::error_chain(&e));
-                        out.push(ObservedSession {
-                            name: name.clone(),
-                            provider: ComputeKind::Process,
-                            state: SessionState::Failed,
-                            owned: false,
-                            fingerprint: String::new(),
-                            spec: None,
-                            endpoints: BTreeMap::new(),
-                            source_file: None,
-                            synced_source: None,
-                            save_to: None,
-                            healthy: None,
-                            host: None,
-                        });
+                        out.push(ObservedSession::bare(
+                            name.clone(),
+                            ComputeKind::Process,
+                            SessionState::Failed,
+                            false,
+                        ));
                         continue;
                     }
                 };
@@ -285,18 +271,13 @@ impl ProcessProvider {
                     // Half made (vessel stopped between creating the directory and recording
                     // it): ours, broken, so the plan replaces or removes it.
                     out.push(ObservedSession {
-                        name: name.clone(),
-                        provider: ComputeKind::Process,
-                        state: SessionState::Failed,
-                        owned: true,
-                        fingerprint: String::new(),
-                        spec: None,
-                        endpoints: BTreeMap::new(),
-                        source_file: None,
-                        synced_source: None,
-                        save_to: None,
                         healthy: Some(false),
-                        host: None,
+                        ..ObservedSession::bare(
+                            name.clone(),
+                            ComputeKind::Process,
+                            SessionState::Failed,
+                            true,
+                        )
                     });
                     continue;
                 };
