@@ -55,6 +55,8 @@ pub struct Desired {
     pub routes: BTreeMap<String, Doc<RouteSpec>>,
     /// Every file read, relative to the root, in load order.
     pub files: Vec<PathBuf>,
+    /// A digest of each file's content as read (what a change to one file is told by).
+    pub digests: BTreeMap<PathBuf, String>,
     /// Files with errors, relative to the root.
     pub quarantined: BTreeMap<PathBuf, Quarantine>,
     pub warnings: Vec<Diagnostic>,

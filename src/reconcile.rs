@@ -20,6 +20,7 @@ use crate::model::ComputeKind;
 use crate::observed::Observed;
 use crate::planner::{Object, Plan, Policy, Summary, plan};
 use crate::providers::Providers;
+use crate::settle::{Root, SourceHistory};
 use crate::state::{Event, StateDir};
 
 /// What started a pass.
@@ -125,6 +126,8 @@ pub struct Reconciler {
     pub allow_destroy: bool,
     state: StateDir,
     backoff: BTreeMap<Object, Backoff>,
+    /// What earlier passes loaded: which files are settling.
+    history: SourceHistory,
     pass: u64,
     /// `Shared::source_seq` when this pass began: a change seen after it is still waiting.
     source_seq_seen: u64,
@@ -152,6 +155,7 @@ impl Reconciler {
         if providers.dns.is_some() {
             names.push("dns".into());
         }
+        let history = SourceHistory::new(config.policy.settle.std());
         let shared = Shared {
             providers: names,
             started: Some(Utc::now()),
@@ -164,6 +168,7 @@ impl Reconciler {
             allow_destroy: false,
             state,
             backoff: BTreeMap::new(),
+            history,
             pass: 0,
             source_seq_seen: 0,
             seed,
@@ -222,8 +227,8 @@ impl Reconciler {
         let config = self.config.clone();
         let loaded =
             tokio::task::spawn_blocking(move || crate::source::load(&config, Utc::now())).await;
-        let desired = match loaded {
-            Ok(Ok(d)) => Arc::new(d),
+        let mut desired = match loaded {
+            Ok(Ok(d)) => d,
             Ok(Err(e)) => {
                 // Unknown desired state: plan nothing, destroy nothing.
                 report.error = Some(crate::providers::chain(&e));
@@ -242,14 +247,24 @@ impl Reconciler {
         if let Some(e) = &desired.source_error {
             tracing::warn!(pass, "source: {e}");
         }
+        let needed: BTreeSet<ComputeKind> =
+            desired.plans.values().map(|p| p.spec.compute).collect();
+        let observed = Arc::new(self.providers.observe(&needed).await);
+        let now = Utc::now();
+        let settle = self.history.record(
+            &mut desired,
+            &observed,
+            &self.config.routes.templates,
+            &self.config.domain,
+            Root(self.config.source_dir()),
+            now,
+        );
+        let desired = Arc::new(desired);
         report.quarantined = desired
             .quarantined
             .keys()
             .map(|p| p.display().to_string())
             .collect();
-        let needed: BTreeSet<ComputeKind> =
-            desired.plans.values().map(|p| p.spec.compute).collect();
-        let observed = Arc::new(self.providers.observe(&needed).await);
         report.gaps = observed
             .gaps
             .iter()
@@ -258,8 +273,9 @@ impl Reconciler {
         if let Err(e) = self.state.write_observed(&observed) {
             tracing::warn!(error = %e, "cannot keep the observed snapshot");
         }
-        let mut policy = Policy::from_config(&self.config, Utc::now());
+        let mut policy = Policy::from_config(&self.config, now);
         policy.allow_destroy = self.allow_destroy;
+        policy.settle = Arc::new(settle);
         let p = Arc::new(plan(&desired, &observed, &policy));
         report.summary = p.summary;
         report.converged = p.is_empty();
@@ -518,11 +534,30 @@ impl Reconciler {
         let mut reports = Vec::new();
         let mut trigger = first;
         for _ in 0..max {
-            let (r, _, _) = self.pass(trigger, cancel, &mut on_step).await;
-            let stop = r.converged || !r.progressed || r.error.is_some() || cancel.is_cancelled();
+            let (r, p, _) = self.pass(trigger, cancel, &mut on_step).await;
+            // A change still settling: wait for it, then look again.
+            let settles = p
+                .held
+                .iter()
+                .filter_map(|h| match h.why {
+                    crate::planner::HoldReason::Settling { until, .. } => Some(until),
+                    _ => None,
+                })
+                .max();
+            let stop = (r.converged || !r.progressed) && settles.is_none()
+                || r.error.is_some()
+                || cancel.is_cancelled();
             reports.push(r);
             if stop {
                 break;
+            }
+            if let Some(until) = settles
+                && let Ok(wait) = (until - Utc::now()).to_std()
+            {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait + Duration::from_millis(10)) => {}
+                    _ = cancel.cancelled() => break,
+                }
             }
             trigger = Trigger::Followup;
         }

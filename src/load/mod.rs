@@ -414,6 +414,19 @@ fn content_revision(files: &[LoadedFile]) -> String {
     format!("dir:{}", &hex::encode(h.finalize())[..12])
 }
 
+/// A digest of one file as read: its text, or why it could not be read.
+fn file_digest(f: &LoadedFile) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(f.text.as_bytes());
+    if f.text.is_empty() {
+        for e in &f.errors {
+            h.update(e.message.as_bytes());
+        }
+    }
+    hex::encode(&h.finalize()[..12])
+}
+
 /// Build `Desired` from validated files: objects of error-free files, the rest quarantined.
 fn assemble(files: Vec<LoadedFile>, warnings: Vec<Diagnostic>) -> Desired {
     let mut d = Desired {
@@ -423,6 +436,7 @@ fn assemble(files: Vec<LoadedFile>, warnings: Vec<Diagnostic>) -> Desired {
     };
     for f in files {
         d.files.push(f.rel.clone());
+        d.digests.insert(f.rel.clone(), file_digest(&f));
         if !f.errors.is_empty() {
             let mut held = f.held;
             held.sort();

@@ -45,6 +45,65 @@ pub struct Policy {
     /// The hosts of compute providers that have several, sorted by name: where new sessions
     /// are placed.
     pub placement: BTreeMap<ComputeKind, Vec<PlacementHost>>,
+    /// Files that changed recently: what a change to them would take away waits.
+    pub settle: Arc<Settle>,
+}
+
+/// Which desired-state files are still settling, and where objects were last declared: a
+/// destroy, a replace, a route removal or a DNS removal whose file changed less than the
+/// settle time ago waits (an editor that truncates a file before writing it must not destroy
+/// what it declared). Built by the loop from the history of the files it loaded; empty for a
+/// one-off plan.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Settle {
+    /// Files still settling, by path relative to the tree's root: when each settles.
+    pub until: BTreeMap<PathBuf, DateTime<Utc>>,
+    /// The file each session (`Object::Session`) and each routed host (`Object::Route`) was
+    /// last declared in, including objects no longer declared.
+    pub origins: BTreeMap<Object, PathBuf>,
+}
+
+impl Settle {
+    /// When the last of `files` settles, if any of them is still settling at `now`. With no
+    /// file known, the last of all settling files counts (unknown is not settled).
+    pub fn wait_for<'a>(
+        &self,
+        files: impl IntoIterator<Item = &'a Path>,
+        now: DateTime<Utc>,
+    ) -> Option<(PathBuf, DateTime<Utc>)> {
+        let mut known = false;
+        let mut latest: Option<(PathBuf, DateTime<Utc>)> = None;
+        let mut consider = |f: &Path, at: DateTime<Utc>| {
+            if at > now && latest.as_ref().is_none_or(|(_, l)| at > *l) {
+                latest = Some((f.to_path_buf(), at));
+            }
+        };
+        for f in files {
+            known = true;
+            if let Some(at) = self.until.get(f) {
+                consider(f, *at);
+            }
+        }
+        if !known {
+            for (f, at) in &self.until {
+                consider(f, *at);
+            }
+        }
+        latest
+    }
+
+    /// The files `object` comes from: where it was last declared, and where its provider says
+    /// it was made from.
+    fn files_of<'a>(&'a self, object: &Object, made_from: Option<&'a Path>) -> Vec<&'a Path> {
+        let mut v: Vec<&Path> = self
+            .origins
+            .get(object)
+            .map(PathBuf::as_path)
+            .into_iter()
+            .collect();
+        v.extend(made_from);
+        v
+    }
 }
 
 /// A host a new session can be placed on.
@@ -84,6 +143,7 @@ impl Policy {
             allow_empty_source: config.policy.allow_empty_source,
             dns,
             placement,
+            settle: Arc::default(),
         }
     }
 }
@@ -405,6 +465,9 @@ pub enum HoldReason {
     NoAddress,
     /// No host of its compute provider is in the location it asks for.
     NoHost { location: String },
+    /// A file it comes from changed moments ago: what the change takes away waits until the
+    /// file has been unchanged for the settle time and a fresh pass still wants it.
+    Settling { file: PathBuf, until: DateTime<Utc> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -581,8 +644,8 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                     continue;
                 }
                 state = RunState::Stopped;
-            } else if out.next_wakeup.is_none_or(|w| at < w) {
-                out.next_wakeup = Some(at);
+            } else {
+                wake_at(&mut out.next_wakeup, at);
             }
         }
         let (spec, fingerprint) = if s.env.is_empty() {
@@ -733,6 +796,21 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 }
             }
         };
+        // What a source change takes away waits until its files have settled.
+        if matches!(fate, Fate::Destroy(_) | Fate::Replace(_)) {
+            let files = policy
+                .settle
+                .files_of(&obj, have.and_then(|o| o.source_file.as_deref()));
+            if let Some((file, until)) = policy.settle.wait_for(files, policy.now) {
+                wake_at(&mut out.next_wakeup, until);
+                out.held.push(Hold {
+                    object: obj,
+                    why: HoldReason::Settling { file, until },
+                });
+                held_session_names.insert(name);
+                continue;
+            }
+        }
         fates.insert(name, fate);
     }
 
@@ -943,6 +1021,23 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
         held_session_names.insert(name);
     }
 
+    // Whether removing a route or record (of `session`) waits for its files to settle.
+    let settling = |object: &Object, session: Option<&str>| {
+        let mut files = policy.settle.files_of(object, None);
+        if let Some(s) = session {
+            let made_from = observed
+                .sessions
+                .get(s)
+                .and_then(|o| o.source_file.as_deref());
+            files.extend(
+                policy
+                    .settle
+                    .files_of(&Object::Session(s.to_string()), made_from),
+            );
+        }
+        policy.settle.wait_for(files, policy.now)
+    };
+
     // 4. Routes: desired for sessions that are running or sleeping (not stopped, not held).
     let routed = |s: &str| {
         wants.get(s).is_some_and(|w| w.state != RunState::Stopped)
@@ -1058,11 +1153,22 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 );
             }
             (None, Some(_)) if hold_removals => {}
-            (None, Some(_)) => push(
-                Phase::RemoveRoute,
-                Action::RemoveRoute { host: host.into() },
-                Reason::NotDesired,
-            ),
+            (None, Some(o)) => {
+                if let Some((file, until)) = settling(&obj(), o.session.as_deref()) {
+                    wake_at(&mut out.next_wakeup, until);
+                    out.held.push(Hold {
+                        object: obj(),
+                        why: HoldReason::Settling { file, until },
+                    });
+                    held_hosts.insert(host);
+                    continue;
+                }
+                push(
+                    Phase::RemoveRoute,
+                    Action::RemoveRoute { host: host.into() },
+                    Reason::NotDesired,
+                )
+            }
             (None, None) => {}
         }
     }
@@ -1167,7 +1273,14 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 // the proxy was seen, and the record says whose it is (or nothing is held).
                 (None, Some(o)) => {
                     let attributable = o.session.is_some() || desired.quarantined.is_empty();
-                    if !hold_removals && proxy_gap.is_none() && attributable {
+                    let route = Object::Route(name.clone());
+                    if let Some((file, until)) = settling(&route, o.session.as_deref()) {
+                        wake_at(&mut out.next_wakeup, until);
+                        out.held.push(Hold {
+                            object: obj(),
+                            why: HoldReason::Settling { file, until },
+                        });
+                    } else if !hold_removals && proxy_gap.is_none() && attributable {
                         push(
                             Phase::RemoveRecord,
                             Action::RemoveRecord { name, rtype: ty },
@@ -1181,6 +1294,13 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
     }
 
     finish(out, drafts, observed)
+}
+
+/// Wake the loop at `at` at the latest.
+fn wake_at(next: &mut Option<DateTime<Utc>>, at: DateTime<Utc>) {
+    if next.is_none_or(|w| at < w) {
+        *next = Some(at);
+    }
 }
 
 fn state_str(s: SessionState) -> &'static str {

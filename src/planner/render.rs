@@ -397,6 +397,11 @@ fn hold_text(h: &super::HoldReason) -> String {
         super::HoldReason::NoHost { location } => {
             format!("no host of its compute provider is in location `{location}`")
         }
+        super::HoldReason::Settling { file, until } => format!(
+            "{} changed moments ago; what the change takes away waits until {} (it must stay unchanged that long)",
+            file.display(),
+            until.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        ),
     }
 }
 

@@ -17,6 +17,7 @@ mod proxy_caddy;
 mod proxy_traefik;
 mod reconciler;
 mod servers;
+mod settle;
 mod status;
 mod support;
 mod validate;

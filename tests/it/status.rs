@@ -34,7 +34,7 @@ fn call(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16
     (code, head.to_string(), body.to_string())
 }
 
-fn json(addr: SocketAddr, path: &str) -> Value {
+pub fn json(addr: SocketAddr, path: &str) -> Value {
     let (code, _, body) = call(addr, "GET", path, None);
     assert_eq!(code, 200, "{path}: {body}");
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path} is not JSON: {e}: {body}"))
