@@ -644,6 +644,14 @@ fn status_summary(url: &str, v: &serde_json::Value) -> String {
         let files: Vec<&str> = q.iter().filter_map(|f| f["file"].as_str()).collect();
         out.push_str(&format!("files with errors (held): {}\n", files.join(", ")));
     }
+    for k in v["kept_workspaces"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "kept workspace of {} ({}): until {}\n",
+            k["session"].as_str().unwrap_or("?"),
+            k["provider"].as_str().unwrap_or("?"),
+            k["until"].as_str().unwrap_or("?"),
+        ));
+    }
     for p in v["providers"].as_array().into_iter().flatten() {
         if p["observed"] != true {
             out.push_str(&format!(

@@ -77,9 +77,38 @@ pub struct PassReport {
     pub next_due: Option<DateTime<Utc>>,
 }
 
+/// An object's failures in a row, and until when its steps wait. A backoff is for one wish:
+/// it holds only steps of the same kind (making or taking away) against the same desired spec,
+/// so a fixed spec is tried at once and a destroy never waits for failed creates.
 struct Backoff {
     failures: u32,
     until: Instant,
+    wish: Wish,
+}
+
+/// What was being attempted when an object's step failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Wish {
+    removing: bool,
+    /// The fingerprint of the session's desired spec, for session steps.
+    spec: Option<String>,
+}
+
+/// The wish a step serves, given each desired session's spec fingerprint.
+fn wish_of(action: &crate::planner::Action, specs: &BTreeMap<&str, String>) -> Wish {
+    use crate::planner::Action as A;
+    let removing = matches!(
+        action,
+        A::DestroySession { .. }
+            | A::StopSession { .. }
+            | A::SaveWork { .. }
+            | A::RemoveRoute { .. }
+            | A::RemoveRecord { .. }
+    );
+    Wish {
+        removing,
+        spec: action.session().and_then(|s| specs.get(s).cloned()),
+    }
 }
 
 /// A session's condition, Kubernetes style: a type, whether it holds, why, and since when.
@@ -189,9 +218,16 @@ impl Reconciler {
         0.5 + (self.seed % 1_000) as f64 / 1_000.0
     }
 
-    /// The earliest moment a backoff ends.
+    /// The earliest moment a backoff that is still running ends: when a held step may run
+    /// again. A backoff that has run out wakes nothing (its object may be held for another
+    /// reason, and waking for it would spin the loop).
     pub fn next_retry(&self) -> Option<Instant> {
-        self.backoff.values().map(|b| b.until).min()
+        let now = Instant::now();
+        self.backoff
+            .values()
+            .map(|b| b.until)
+            .filter(|u| *u > now)
+            .min()
     }
 
     /// Run one pass. `on_step` sees every step outcome as it happens (for progress output).
@@ -279,19 +315,38 @@ impl Reconciler {
         let p = Arc::new(plan(&desired, &observed, &policy));
         report.summary = p.summary;
         report.converged = p.is_empty();
-        // Steps whose object is backing off wait; their dependents are skipped.
+        // Steps whose object is backing off for the same wish wait; their dependents are
+        // skipped. A backoff for another wish (the spec changed, or it failed making what is
+        // now being taken away) starts over.
         let now = Instant::now();
-        self.backoff.retain(|_, b| b.failures > 0);
-        let hold: BTreeSet<usize> = p
-            .steps
+        let specs: BTreeMap<&str, String> = desired
+            .sessions
             .iter()
-            .filter(|s| {
-                self.backoff
-                    .get(&s.action.object())
-                    .is_some_and(|b| b.until > now)
+            .filter_map(|(n, d)| {
+                let plan = desired.plans.get(&d.spec.plan)?;
+                let fp = crate::planner::runtime_spec(&d.spec, &plan.spec).fingerprint();
+                Some((n.as_str(), fp))
             })
-            .map(|s| s.id)
             .collect();
+        let mut stepping: BTreeSet<Object> = BTreeSet::new();
+        let mut hold: BTreeSet<usize> = BTreeSet::new();
+        for s in &p.steps {
+            let o = s.action.object();
+            let wish = wish_of(&s.action, &specs);
+            match self.backoff.get(&o) {
+                Some(b) if b.wish != wish => {
+                    self.backoff.remove(&o);
+                }
+                Some(b) if b.until > now => {
+                    hold.insert(s.id);
+                }
+                _ => {}
+            }
+            stepping.insert(o);
+        }
+        // An object with no step left, whose backoff has run out, is forgotten.
+        self.backoff
+            .retain(|o, b| b.until > now || stepping.contains(o));
         let mut events = Vec::new();
         let results = execute(&p, &self.providers, &self.exec, &hold, cancel, |step, outcome, d| {
             let e = Event {
@@ -314,25 +369,30 @@ impl Reconciler {
         })
         .await;
         // Backoff: per object, reset by success, grown by failure.
-        let mut failed: BTreeSet<Object> = BTreeSet::new();
+        let mut failed: BTreeMap<Object, Wish> = BTreeMap::new();
         let mut succeeded: BTreeSet<Object> = BTreeSet::new();
         for r in &results {
-            let o = p.steps[r.step].action.object();
+            let action = &p.steps[r.step].action;
+            let o = action.object();
             if r.outcome.is_failure() {
-                failed.insert(o);
+                failed.insert(o, wish_of(action, &specs));
             } else if r.outcome.is_success() {
                 succeeded.insert(o);
             }
         }
-        for o in succeeded.difference(&failed) {
-            self.backoff.remove(o);
+        for o in &succeeded {
+            if !failed.contains_key(o) {
+                self.backoff.remove(o);
+            }
         }
-        for o in failed {
+        for (o, wish) in failed {
             let j = self.jitter();
             let b = self.backoff.entry(o).or_insert(Backoff {
                 failures: 0,
                 until: now,
+                wish: wish.clone(),
             });
+            b.wish = wish;
             b.failures += 1;
             let base = Duration::from_millis(500) * 2u32.saturating_pow(b.failures.min(10) - 1);
             b.until = Instant::now() + base.min(Duration::from_secs(300)).mul_f64(j);

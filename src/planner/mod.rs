@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Config, DestroyBudget, DnsConfig, RouteTemplate};
 use crate::desired::{Desired, EffectiveRoute, effective_routes};
 use crate::model::{
-    ComputeKind, Duration, ExpiryAction, Health, Kind, PlanSpec, RunState, SessionSpec,
+    ComputeKind, Duration, ExpiryAction, FieldChange, Health, Kind, PlanSpec, RunState, SessionSpec,
 };
 use crate::observed::{
     Observed, ObservedSession, ProviderId, RecordType, RuntimeSpec, SessionState,
@@ -47,6 +47,9 @@ pub struct Policy {
     pub placement: BTreeMap<ComputeKind, Vec<PlacementHost>>,
     /// Files that changed recently: what a change to them would take away waits.
     pub settle: Arc<Settle>,
+    /// Compute kinds whose provider keeps a destroyed session's workspace (to restore it if
+    /// the session comes back, and across a replace).
+    pub keeps_workspaces: BTreeSet<ComputeKind>,
 }
 
 /// Which desired-state files are still settling, and where objects were last declared: a
@@ -121,6 +124,15 @@ impl Policy {
                 Some(record_for(address))
             }
         };
+        let mut keeps_workspaces = BTreeSet::new();
+        if !config.policy.workspace_retention.std().is_zero() {
+            if config.providers.compute.process.is_some() {
+                keeps_workspaces.insert(ComputeKind::Process);
+            }
+            if config.providers.compute.docker.is_some() {
+                keeps_workspaces.insert(ComputeKind::Docker);
+            }
+        }
         let mut placement = BTreeMap::new();
         if let Some(d) = &config.providers.compute.docker {
             let mut hosts: Vec<PlacementHost> = d
@@ -144,6 +156,7 @@ impl Policy {
             dns,
             placement,
             settle: Arc::default(),
+            keeps_workspaces,
         }
     }
 }
@@ -180,6 +193,19 @@ pub enum Action {
         /// The provider's host it is placed on, for providers with several (docker).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         host: Option<String>,
+        /// Restore the workspace its provider kept from an earlier session of this name.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        restore: bool,
+    },
+    /// Change a session's spec in place (fields its provider changes without a replace);
+    /// a running session restarts with it, its workspace kept.
+    UpdateSession {
+        session: String,
+        provider: ComputeKind,
+        spec: Arc<RuntimeSpec>,
+        fingerprint: String,
+        /// Restart it now (it is running and stays so).
+        restart: bool,
     },
     StartSession {
         session: String,
@@ -197,6 +223,9 @@ pub enum Action {
         provider: ComputeKind,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         stop_timeout: Option<Duration>,
+        /// Keep its workspace for the retention time (to restore it if it comes back).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        retain: bool,
     },
     WaitHealthy {
         session: String,
@@ -247,6 +276,7 @@ impl Action {
     pub fn object(&self) -> Object {
         match self {
             Action::CreateSession { session, .. }
+            | Action::UpdateSession { session, .. }
             | Action::StartSession { session, .. }
             | Action::StopSession { session, .. }
             | Action::DestroySession { session, .. }
@@ -302,6 +332,7 @@ impl Action {
     pub fn session(&self) -> Option<&str> {
         match self {
             Action::CreateSession { session, .. }
+            | Action::UpdateSession { session, .. }
             | Action::StartSession { session, .. }
             | Action::StopSession { session, .. }
             | Action::DestroySession { session, .. }
@@ -315,7 +346,8 @@ impl Action {
     pub fn provider(&self) -> ProviderId {
         match self {
             Action::CreateSession { spec, .. } => ProviderId::Compute(spec.compute),
-            Action::StartSession { provider, .. }
+            Action::UpdateSession { provider, .. }
+            | Action::StartSession { provider, .. }
             | Action::StopSession { provider, .. }
             | Action::DestroySession { provider, .. }
             | Action::WaitHealthy { provider, .. }
@@ -330,6 +362,7 @@ impl Action {
     pub fn verb(&self) -> &'static str {
         match self {
             Action::CreateSession { .. } => "create",
+            Action::UpdateSession { .. } => "update",
             Action::StartSession { .. } => "start",
             Action::StopSession { .. } => "stop",
             Action::DestroySession { .. } => "destroy",
@@ -371,7 +404,9 @@ impl std::fmt::Display for Object {
 pub enum DataFate {
     /// Its work is copied back to this path first.
     SavedTo(PathBuf),
-    /// Its workspace is discarded (no `save_on_stop`).
+    /// Its provider keeps the workspace and the new session gets it back.
+    Kept,
+    /// Its workspace is discarded (no `save_on_stop`, and its provider keeps nothing).
     Discarded,
 }
 
@@ -391,6 +426,8 @@ pub enum Reason {
     Failed,
     /// A mutable field differs; the changes are listed.
     Drifted { changes: Vec<String> },
+    /// Fields its provider changes in place differ; `restart` when it restarts for them.
+    Changed { changes: Vec<String>, restart: bool },
     /// An immutable field differs, so it is destroyed and created again.
     Replaced {
         changes: Vec<String>,
@@ -409,9 +446,19 @@ impl Reason {
             Reason::StateChanged { from, to } => format!("state {from} -> {to}"),
             Reason::Failed => "not running (exited or failed)".into(),
             Reason::Drifted { changes } => format!("drifted: {}", changes.join(", ")),
+            Reason::Changed { changes, restart } => format!(
+                "{}: {} changed",
+                if *restart {
+                    "update in place with a restart"
+                } else {
+                    "update in place"
+                },
+                changes.join(", ")
+            ),
             Reason::Replaced { changes, data } => {
                 let d = match data {
                     DataFate::SavedTo(p) => format!("work saved to {} first", p.display()),
+                    DataFate::Kept => "workspace kept".into(),
                     DataFate::Discarded => "workspace discarded".into(),
                 };
                 format!("replace: {} changed; {d}", changes.join(", "))
@@ -604,6 +651,7 @@ enum Phase {
     SaveWork,
     Stop,
     Destroy,
+    Update,
     Create,
     Start,
     Healthy,
@@ -717,6 +765,8 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
 
     // 1. Decide each session's fate.
     let mut fates: BTreeMap<&str, Fate> = BTreeMap::new();
+    // Sessions whose spec changes in place, and the fields that change.
+    let mut updates: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     let mut held_session_names: BTreeSet<&str> = BTreeSet::new();
     let joined = merge_join(
         wants.iter().map(|(k, v)| (*k, v)),
@@ -772,9 +822,16 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 None => Reason::NotDesired,
             }),
             (Some(w), Some(o)) => {
-                if *o.fingerprint != *w.fingerprint || o.provider != w.spec.compute {
-                    Fate::Replace(spec_changes(o.spec.as_ref(), &w.spec))
+                let diff = spec_diff(o, &w.spec, &w.fingerprint);
+                if !diff.replace.is_empty() {
+                    let mut changes = diff.replace;
+                    changes.extend(diff.restart);
+                    changes.sort();
+                    Fate::Replace(changes)
                 } else {
+                    if !diff.restart.is_empty() {
+                        updates.insert(name, diff.restart);
+                    }
                     let want_running = w.state == RunState::Running;
                     match (want_running, o.state) {
                         (true, SessionState::Running) | (false, SessionState::Stopped) => {
@@ -827,7 +884,7 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 && observed
                     .sessions
                     .get(**n)
-                    .is_none_or(|o| o.save_to.is_none())
+                    .is_none_or(|o| data_fate(o, policy) == DataFate::Discarded)
         })
         .map(|(n, _)| *n)
         .collect();
@@ -919,6 +976,38 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
         let follows = || Reason::Follows {
             object: Object::Session(name.to_string()),
         };
+        if let (Some(changes), Some(w), Some(o)) = (updates.get(name), want, have) {
+            // In place: a running session that stays so restarts with it.
+            let restart = matches!(fate, Fate::Keep) && o.state == SessionState::Running;
+            push(
+                Phase::Update,
+                Action::UpdateSession {
+                    session: name.into(),
+                    provider: o.provider,
+                    spec: w.spec.clone(),
+                    fingerprint: w.fingerprint.to_string(),
+                    restart,
+                },
+                Reason::Changed {
+                    changes: changes.clone(),
+                    restart,
+                },
+            );
+            if restart {
+                push(
+                    Phase::Healthy,
+                    Action::WaitHealthy {
+                        session: name.into(),
+                        provider: o.provider,
+                        check: w.spec.health.clone(),
+                    },
+                    follows(),
+                );
+                if changes.iter().any(|c| c == "ports") {
+                    address_pending.insert(name);
+                }
+            }
+        }
         match fate {
             Fate::Keep => {
                 if let (Some(w), Some(o)) = (want, have)
@@ -942,7 +1031,12 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 let Some(host) = placed.map_err(|l| no_host.push((name, l))).ok() else {
                     continue;
                 };
-                create_steps(&mut push, name, w, host, Reason::Missing);
+                let restore = observed.retained.get(name).is_some_and(|r| {
+                    r.provider == w.spec.compute
+                        && r.until > policy.now
+                        && policy.keeps_workspaces.contains(&r.provider)
+                });
+                create_steps(&mut push, name, w, host, restore, Reason::Missing);
                 address_pending.insert(name);
             }
             Fate::Replace(changes) => {
@@ -953,17 +1047,18 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 let Some(host) = placed.map_err(|l| no_host.push((name, l))).ok() else {
                     continue;
                 };
-                let save = save_path(o);
-                let data = match &save {
-                    Some(p) => DataFate::SavedTo(p.clone()),
-                    None => DataFate::Discarded,
-                };
+                let keep = policy.keeps_workspaces.contains(&o.provider);
                 let reason = Reason::Replaced {
                     changes: changes.clone(),
-                    data,
+                    data: data_fate(o, policy),
                 };
-                save_then_destroy(&mut push, name, o, &reason, stop_timeout(name));
-                create_steps(&mut push, name, w, host, reason);
+                let retain = Retain {
+                    keep,
+                    timeout: stop_timeout(name),
+                };
+                save_then_destroy(&mut push, name, o, &reason, retain);
+                let restore = keep && policy.keeps_workspaces.contains(&w.spec.compute);
+                create_steps(&mut push, name, w, host, restore, reason);
                 address_pending.insert(name);
             }
             Fate::Start(reason) => {
@@ -1008,7 +1103,11 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
             }
             Fate::Destroy(reason) => {
                 let Some(o) = have else { continue };
-                save_then_destroy(&mut push, name, o, reason, stop_timeout(name));
+                let retain = Retain {
+                    keep: policy.keeps_workspaces.contains(&o.provider),
+                    timeout: stop_timeout(name),
+                };
+                save_then_destroy(&mut push, name, o, reason, retain);
             }
         }
     }
@@ -1335,13 +1434,28 @@ fn save_first(
     }
 }
 
+/// How a session is destroyed: whether its workspace is kept, and its stop timeout.
+struct Retain {
+    keep: bool,
+    timeout: Option<Duration>,
+}
+
+/// What a replace does with a session's data.
+fn data_fate(o: &ObservedSession, policy: &Policy) -> DataFate {
+    match save_path(o) {
+        Some(p) => DataFate::SavedTo(p),
+        None if policy.keeps_workspaces.contains(&o.provider) => DataFate::Kept,
+        None => DataFate::Discarded,
+    }
+}
+
 /// Save a session's work (where it asked for that), then destroy it.
 fn save_then_destroy(
     push: &mut impl FnMut(Phase, Action, Reason),
     name: &str,
     o: &ObservedSession,
     reason: &Reason,
-    stop_timeout: Option<Duration>,
+    retain: Retain,
 ) {
     save_first(push, name, o, reason);
     push(
@@ -1349,7 +1463,8 @@ fn save_then_destroy(
         Action::DestroySession {
             session: name.into(),
             provider: o.provider,
-            stop_timeout,
+            stop_timeout: retain.timeout,
+            retain: retain.keep,
         },
         reason.clone(),
     );
@@ -1409,6 +1524,7 @@ fn create_steps(
     name: &str,
     w: &Want,
     host: Option<String>,
+    restore: bool,
     reason: Reason,
 ) {
     let start = w.state == RunState::Running;
@@ -1428,6 +1544,7 @@ fn create_steps(
             save_to,
             start,
             host,
+            restore,
         },
         reason,
     );
@@ -1450,11 +1567,46 @@ fn create_steps(
     }
 }
 
-/// Field names that differ between what a session was made from and what is desired now.
-fn spec_changes(old: Option<&RuntimeSpec>, new: &RuntimeSpec) -> Vec<String> {
-    let Some(old) = old else {
-        return vec!["spec fingerprint".into()];
+/// What differs between a session and its desired spec: fields that need a replace, and
+/// fields its provider changes in place with a restart (free and ignored fields need nothing).
+struct SpecDiff {
+    replace: Vec<String>,
+    restart: Vec<String>,
+}
+
+fn spec_diff(o: &ObservedSession, new: &RuntimeSpec, fingerprint: &str) -> SpecDiff {
+    let mut d = SpecDiff {
+        replace: Vec::new(),
+        restart: Vec::new(),
     };
+    if o.provider != new.compute {
+        d.replace.push("compute".into());
+        return d;
+    }
+    let Some(old) = &o.spec else {
+        // Only a fingerprint to go by: any change is a replace.
+        if o.fingerprint != fingerprint {
+            d.replace.push("spec fingerprint".into());
+        }
+        return d;
+    };
+    for field in spec_changes(old, new) {
+        match crate::model::field_change(new.compute, &field) {
+            FieldChange::Replace => d.replace.push(field),
+            FieldChange::Restart => d.restart.push(field),
+            FieldChange::Free | FieldChange::Ignored => {}
+        }
+    }
+    // Something differs that no field shows (a fingerprint of another version of vessel):
+    // fields are what count.
+    d
+}
+
+/// Field names that differ between what a session was made from and what is desired now.
+fn spec_changes(old: &RuntimeSpec, new: &RuntimeSpec) -> Vec<String> {
+    if old == new {
+        return Vec::new();
+    }
     let a = serde_json::to_value(old).unwrap_or_default();
     let b = serde_json::to_value(new).unwrap_or_default();
     let empty = serde_json::Map::new();
@@ -1463,16 +1615,10 @@ fn spec_changes(old: Option<&RuntimeSpec>, new: &RuntimeSpec) -> Vec<String> {
         b.as_object().unwrap_or(&empty),
     );
     let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-    let changed: Vec<String> = keys
-        .into_iter()
+    keys.into_iter()
         .filter(|k| a.get(*k) != b.get(*k))
         .cloned()
-        .collect();
-    if changed.is_empty() {
-        vec!["spec fingerprint".into()]
-    } else {
-        changed
-    }
+        .collect()
 }
 
 /// Order drafts by phase and object, number them, wire dependencies, and summarise.
@@ -1557,7 +1703,10 @@ fn dependencies(drafts: &[Draft], observed: &Observed) -> Vec<Vec<usize>> {
                 }
             }
             Action::CreateSession { session, .. } => deps.extend(sess(Phase::Destroy, session)),
+            Action::UpdateSession { session, .. } => deps.extend(sess(Phase::Stop, session)),
+            Action::StartSession { session, .. } => deps.extend(sess(Phase::Update, session)),
             Action::WaitHealthy { session, .. } => {
+                deps.extend(sess(Phase::Update, session));
                 deps.extend(sess(Phase::Create, session));
                 deps.extend(sess(Phase::Start, session));
             }
@@ -1572,7 +1721,7 @@ fn dependencies(drafts: &[Draft], observed: &Observed) -> Vec<Vec<usize>> {
                 deps.extend(sess(Phase::Source, session));
             }
             Action::UpsertRecord { name, .. } => deps.extend(host(Phase::UpsertRoute, name)),
-            Action::StartSession { .. } | Action::RemoveRecord { .. } => {}
+            Action::RemoveRecord { .. } => {}
         }
         debug_assert!(
             deps.iter().all(|d| *d < id),

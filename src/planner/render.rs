@@ -127,6 +127,9 @@ fn before_after(
                 Action::CreateSession { spec, host, .. } => {
                     Some(with_host(spec.lines(), host.as_ref()))
                 }
+                Action::UpdateSession { spec, .. } => {
+                    Some(with_host(spec.lines(), have.and_then(|s| s.host.as_ref())))
+                }
                 _ => None,
             });
             let destroyed = steps
@@ -373,9 +376,26 @@ fn step_target(a: &Action) -> String {
         Action::SaveWork { session, path, .. } => format!("{session} -> {}", path.display()),
         Action::CreateSession {
             session,
-            host: Some(h),
+            host,
+            restore,
             ..
-        } => format!("{session} on {h}"),
+        } => {
+            let on = host
+                .as_ref()
+                .map(|h| format!(" on {h}"))
+                .unwrap_or_default();
+            let kept = if *restore {
+                ", restoring its kept workspace"
+            } else {
+                ""
+            };
+            format!("{session}{on}{kept}")
+        }
+        Action::DestroySession {
+            session,
+            retain: true,
+            ..
+        } => format!("{session}, keeping its workspace"),
         other => match other.object() {
             Object::Session(n) | Object::Route(n) | Object::Record(n) => n,
         },

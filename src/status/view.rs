@@ -38,6 +38,16 @@ pub struct StatusView {
     pub counts: Counts,
     pub quarantined: Vec<QuarantinedFile>,
     pub providers: Vec<ProviderStatus>,
+    /// Workspaces of destroyed sessions, kept until `until` and restored if the session is
+    /// declared again before then.
+    pub kept_workspaces: Vec<KeptWorkspace>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct KeptWorkspace {
+    pub session: String,
+    #[serde(flatten)]
+    pub kept: crate::observed::RetainedWorkspace,
 }
 
 #[derive(Debug, Default, Serialize, JsonSchema)]
@@ -216,6 +226,15 @@ pub fn status(s: &Shared) -> StatusView {
         counts,
         quarantined,
         providers,
+        kept_workspaces: s
+            .observed
+            .iter()
+            .flat_map(|o| &o.retained)
+            .map(|(name, k)| KeptWorkspace {
+                session: name.clone(),
+                kept: k.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -404,6 +423,7 @@ mod tests {
                 save_to: None,
                 start: true,
                 host: None,
+                restore: false,
             },
             reason: crate::planner::Reason::Missing,
             depends_on: vec![],

@@ -124,6 +124,21 @@ impl Daemon {
         std::fs::rename(tmp, self.source().join(name)).expect("rename");
     }
 
+    /// Change the config file's text.
+    pub fn edit_config(&self, f: impl FnOnce(String) -> String) {
+        let path = self.dir.path().join("vessel.yaml");
+        let cfg = std::fs::read_to_string(&path).expect("config");
+        std::fs::write(&path, f(cfg)).expect("config");
+    }
+
+    /// How many passes the daemon has run, from its status endpoint.
+    pub fn passes(&self) -> u64 {
+        let (code, body) = get(self.status, "status", "/status").unwrap_or_default();
+        assert_eq!(code, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("status is JSON");
+        v["passes"].as_u64().expect("passes")
+    }
+
     /// Serve routes through another proxy provider: `yaml` is its config under `proxy:`
     /// (`caddy: {...}`, say), `serving` is where it serves them.
     pub fn use_proxy(&mut self, yaml: &str, serving: SocketAddr) {

@@ -130,3 +130,67 @@ fn a_genuine_deletion_waits_for_the_settle_time_then_takes_effect() {
     })
     .expect("the route goes");
 }
+
+#[test]
+fn a_destroyed_workspace_is_kept_restored_when_declared_again_and_gone_after_retention() {
+    let (d, _) = started();
+    let kept = d.state().join("retained/process/alice");
+    std::fs::remove_file(d.source().join("alice.yaml")).expect("rm");
+    wait_for(LIMIT, || alice_pid(&d).is_empty()).expect("alice goes");
+    wait_for(LIMIT, || !d.state().join("sessions/alice").exists()).expect("her directory goes");
+    assert_eq!(
+        std::fs::read_to_string(kept.join("workspace/notes.md"))
+            .ok()
+            .as_deref(),
+        Some("work in progress"),
+        "her workspace is kept in the state directory"
+    );
+    // Status lists it from the next observation on.
+    let mut status = serde_json::Value::Null;
+    wait_for(LIMIT, || {
+        status = crate::status::json(d.status, "/status");
+        status["kept_workspaces"][0]["session"] == "alice"
+    })
+    .unwrap_or_else(|| panic!("status lists the kept workspace: {status}"));
+    let listed = &status["kept_workspaces"];
+    assert_eq!(listed[0]["provider"], "process");
+    assert!(listed[0]["until"].is_string());
+
+    // Declared again: she comes back with her work, and the kept copy is gone.
+    d.write("alice.yaml", &session("alice"));
+    wait_for(LIMIT, || {
+        d.get("alice.localhost", "/notes.md")
+            .is_some_and(|(c, b)| c == 200 && b == "work in progress")
+    })
+    .expect("alice serves her restored work");
+    assert!(!kept.exists(), "the kept copy was used up");
+}
+
+#[test]
+fn nothing_is_kept_past_the_retention_time() {
+    let mut d = Daemon::new();
+    d.edit_config(|c| {
+        c.replace(
+            "resync_interval: 1s",
+            "resync_interval: 1s\n  workspace_retention: 3s",
+        )
+    });
+    d.write("zed.yaml", &session("zed"));
+    d.write("alice.yaml", &session("alice"));
+    d.start();
+    wait_for(LIMIT, || {
+        d.get("alice.localhost", "/healthz")
+            .is_some_and(|(c, _)| c == 200)
+    })
+    .expect("alice serves");
+    let kept = d.state().join("retained/process/alice");
+    std::fs::remove_file(d.source().join("alice.yaml")).expect("rm");
+    wait_for(LIMIT, || kept.exists()).expect("her workspace is kept");
+    let since = Instant::now();
+    wait_for(LIMIT, || !kept.exists()).expect("and deleted once its time is up");
+    assert!(
+        since.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        since.elapsed()
+    );
+}
