@@ -68,6 +68,24 @@ pub enum Command {
         #[command(flatten)]
         overrides: Overrides,
     },
+    /// Let a running vessel apply, once, the destroys a guard holds in the plan whose
+    /// approval hash `vessel plan` printed (`vessel approve HASH`). The approval is written
+    /// into the state directory; the daemon takes it on its next pass if its plan is still
+    /// exactly that one, and it expires unused after `--ttl`.
+    Approve {
+        /// The hash `vessel plan` printed under "Held".
+        hash: String,
+        /// A desired-state directory (with the embedded default config) or a config file: where
+        /// the state directory is.
+        #[arg(default_value = ".")]
+        target: PathBuf,
+        /// How long the approval stays valid.
+        #[arg(long, default_value = "1h")]
+        ttl: crate::model::Duration,
+        /// The state directory (overrides the config's).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
     /// The daemon: watch the source, reconcile forever, serve the embedded proxy.
     Run {
         /// A desired-state directory (with the embedded default config) or a config file.
@@ -214,6 +232,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             timeout,
             json,
         } => status_cmd(&url, wait_converged, timeout.std(), json),
+        Command::Approve {
+            hash,
+            target,
+            ttl,
+            state_dir,
+        } => approve_cmd(&hash, &target, ttl, state_dir),
         Command::Devserver { listen, root, name } => {
             runtime()?.block_on(crate::devserver::run(listen, root, name))?;
             Ok(ExitCode::SUCCESS)
@@ -533,6 +557,36 @@ fn apply_cmd(
         }
         Ok::<_, anyhow::Error>(if converged && desired.is_valid() { ExitCode::SUCCESS } else { ExitCode::from(1) })
     })
+}
+
+fn approve_cmd(
+    hash: &str,
+    target: &Path,
+    ttl: crate::model::Duration,
+    state_dir: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    if hash.len() != 16 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        eprintln!(
+            "error: `{hash}` is not an approval hash; `vessel plan` prints one (16 hex digits) under \"Held\""
+        );
+        return Ok(ExitCode::from(1));
+    }
+    let overrides = Overrides {
+        state_dir,
+        ..Overrides::default()
+    };
+    let config = match config_for(target, &overrides) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let state = crate::state::StateDir::open(&config.state_dir)?;
+    let expires = chrono::Utc::now() + chrono::Duration::from_std(ttl.std())?;
+    state.approve(&hash.to_ascii_lowercase(), expires)?;
+    println!(
+        "approved {hash} until {}: a running vessel applies the destroys it holds once, in its next pass, if its plan still holds exactly those",
+        expires.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// GET `path` from an `http://host:port` base; the body, or why not.

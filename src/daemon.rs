@@ -202,6 +202,7 @@ pub async fn run(
         )?),
         None => None,
     };
+    let _approvals = watch_approvals(&reconciler.state().approvals_dir(), tx.clone());
     // Every secret this process resolves is redacted from whatever the status endpoint serves.
     let mut secrets: Vec<String> = Vec::new();
     if let crate::config::DnsConfig::Powerdns { api_key, .. } = &reconciler.config.providers.dns
@@ -317,6 +318,29 @@ fn log_pass(r: &PassReport) {
     for (p, e) in &r.gaps {
         tracing::warn!(pass = r.pass, provider = %p, "could not observe: {e}");
     }
+}
+
+/// Watch the state directory's approvals: a new one runs a pass at once (a missing watch
+/// only means it is taken at the next pass).
+fn watch_approvals(
+    dir: &Path,
+    tx: mpsc::UnboundedSender<Trigger>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    std::fs::create_dir_all(dir).ok()?;
+    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if res.is_ok_and(|e| {
+            matches!(
+                e.kind,
+                notify::EventKind::Create(_) | notify::EventKind::Modify(_)
+            )
+        }) {
+            let _ = tx.send(Trigger::Approval);
+        }
+    })
+    .ok()?;
+    w.watch(dir, notify::RecursiveMode::NonRecursive).ok()?;
+    Some(w)
 }
 
 /// Watch the source tree; relevant events are debounced into `Trigger::Source`.

@@ -42,6 +42,10 @@ pub enum Trigger {
     Apply,
     /// A signed webhook asked for a fetch.
     Webhook,
+    /// `vessel approve` approved held destroys.
+    Approval,
+    /// The config file changed (or SIGHUP).
+    Config,
 }
 
 /// What one pass did.
@@ -312,7 +316,17 @@ impl Reconciler {
         let mut policy = Policy::from_config(&self.config, now);
         policy.allow_destroy = self.allow_destroy;
         policy.settle = Arc::new(settle);
-        let p = Arc::new(plan(&desired, &observed, &policy));
+        let mut p = plan(&desired, &observed, &policy);
+        // An approval of exactly what a guard holds lets it through, once.
+        if let Some(hash) = p.approval.clone()
+            && self.state.take_approval(&hash, now)
+        {
+            tracing::info!(pass, approval = %hash, "approval taken: applying the destroys it approved, once");
+            policy.allow_destroy = true;
+            policy.allow_empty_source = true;
+            p = plan(&desired, &observed, &policy);
+        }
+        let p = Arc::new(p);
         report.summary = p.summary;
         report.converged = p.is_empty();
         // Steps whose object is backing off for the same wish wait; their dependents are

@@ -589,6 +589,10 @@ pub struct Plan {
     /// The earliest future expiry: when the next pass must run at the latest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_wakeup: Option<DateTime<Utc>>,
+    /// Identifies what a destroy budget or empty-source guard holds: `vessel approve` with it
+    /// lets the daemon apply exactly these destroys, once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<String>,
     pub summary: Summary,
 }
 
@@ -1637,8 +1641,37 @@ fn finish(mut out: Plan, mut drafts: Vec<Draft>, observed: &Observed) -> Plan {
     }
     out.held.sort_by(|a, b| a.object.cmp(&b.object));
     out.held.dedup();
+    out.approval = approval_of(&out);
     out.summary = summarize(&out);
     out
+}
+
+/// The approval hash of what approvable guards hold: the guards' kinds and the objects they
+/// hold, sorted. None when no guard holds anything an approval could let through.
+fn approval_of(plan: &Plan) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let kinds: Vec<&str> = plan
+        .guards
+        .iter()
+        .filter_map(|g| match g {
+            Guard::DestroyBudget { .. } => Some("destroy-budget"),
+            Guard::EmptySource { .. } => Some("empty-source"),
+            Guard::UnknownObjects { .. } => None,
+        })
+        .collect();
+    if kinds.is_empty() {
+        return None;
+    }
+    let mut h = Sha256::new();
+    for k in kinds {
+        h.update(k.as_bytes());
+        h.update([0]);
+    }
+    for held in plan.held.iter().filter(|h| h.why == HoldReason::Guarded) {
+        h.update(held.object.to_string().as_bytes());
+        h.update([0]);
+    }
+    Some(hex::encode(&h.finalize()[..8]))
 }
 
 /// Each draft's dependencies, by index into the (sorted) drafts; always lower indices.

@@ -320,6 +320,13 @@ pub fn text(plan: &Plan, observed: &Observed, color: bool) -> String {
         for g in &plan.guards {
             let _ = writeln!(out, "  {}!{} {}", c.red, c.reset, g.describe());
         }
+        if let Some(a) = &plan.approval {
+            let _ = writeln!(
+                out,
+                "  {}!{} to let a running vessel apply exactly these once: vessel approve {a}",
+                c.red, c.reset
+            );
+        }
         for h in &plan.held {
             let _ = writeln!(
                 out,
@@ -488,6 +495,12 @@ pub fn markdown(plan: &Plan, observed: &Observed) -> String {
         let _ = writeln!(out, "**Held** (left exactly as they are)\n");
         for g in &plan.guards {
             let _ = writeln!(out, "- :warning: {}", md_escape(&g.describe()));
+        }
+        if let Some(a) = &plan.approval {
+            let _ = writeln!(
+                out,
+                "- :key: to let a running vessel apply exactly these once: `vessel approve {a}`"
+            );
         }
         for h in &plan.held {
             let _ = writeln!(

@@ -1,6 +1,7 @@
 //! vessel's one integration-test binary. Each module covers one capability; helpers live in
 //! `support`.
 
+mod approve;
 mod backoff;
 mod daemon_support;
 mod dns_hosts;
