@@ -114,12 +114,23 @@ pub enum Command {
     /// current source and converged, 1 on timeout. The token, if the endpoint needs one, is
     /// read from `VESSEL_STATUS_TOKEN`.
     Status {
-        /// The status endpoint.
-        #[arg(long, default_value = "http://127.0.0.1:9090")]
-        url: String,
-        /// Wait until the daemon has applied the current source and converged.
+        /// A config file (or desired-state directory): its `status.listen` (and token) is the
+        /// endpoint. Without one, `./vessel.yaml` if there is one, else the embedded default.
+        target: Option<PathBuf>,
+        /// The status endpoint (overrides the config's).
+        #[arg(long)]
+        url: Option<String>,
+        /// Wait until the daemon has applied the current source and converged: nothing to do,
+        /// nothing held, every provider observed, no file with errors.
         #[arg(long)]
         wait_converged: bool,
+        /// With --wait-converged: also wait until this git revision (a commit, branch or tag)
+        /// or a later one is applied (for a directory source: that content revision).
+        #[arg(long, value_name = "REV", requires = "wait_converged")]
+        revision: Option<String>,
+        /// With --wait-converged: files with errors (and what they hold) do not count.
+        #[arg(long, requires = "wait_converged")]
+        allow_quarantined: bool,
         /// How long to wait.
         #[arg(long, default_value = "60s")]
         timeout: crate::model::Duration,
@@ -227,11 +238,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             overrides,
         } => run_cmd(&target, allow_destroy, &overrides),
         Command::Status {
+            target,
             url,
             wait_converged,
+            revision,
+            allow_quarantined,
             timeout,
             json,
-        } => status_cmd(&url, wait_converged, timeout.std(), json),
+        } => {
+            let (url, token) = match status_endpoint(target.as_deref(), url) {
+                Ok(e) => e,
+                Err(code) => return Ok(code),
+            };
+            let wait = wait_converged.then_some(Wait {
+                revision,
+                allow_quarantined,
+            });
+            status_cmd(&url, token.as_deref(), wait, timeout.std(), json)
+        }
         Command::Approve {
             hash,
             target,
@@ -350,9 +374,14 @@ pub fn validation_json(d: &Desired) -> serde_json::Value {
     })
 }
 
-/// Exit code for a plan: 0 nothing to do, 2 changes (or destroys held by a guard).
+/// Exit code for a plan: 0 nothing to do, 2 changes (or something held back: the world
+/// still differs from what is declared).
 pub fn plan_exit(plan: &Plan) -> ExitCode {
-    if plan.has_changes() || !plan.guards.is_empty() {
+    let held = plan
+        .held
+        .iter()
+        .any(|h| h.why != crate::planner::HoldReason::NoAddress);
+    if plan.has_changes() || !plan.guards.is_empty() || held {
         ExitCode::from(2)
     } else {
         ExitCode::SUCCESS
@@ -516,7 +545,8 @@ fn apply_cmd(
         let first = crate::planner::plan(&desired, &observed, &policy);
         print!("{}", render::text(&first, &observed, color));
         if first.is_empty() {
-            return Ok(if desired.is_valid() { ExitCode::SUCCESS } else { ExitCode::from(1) });
+            let held = crate::status::view::not_converged(Some(&first), Some(&observed), Some(&desired));
+            return Ok(apply_exit(&held, 0));
         }
         let cancel = tokio_util::sync::CancellationToken::new();
         let c = cancel.clone();
@@ -544,7 +574,18 @@ fn apply_cmd(
             .iter()
             .map(|r| r.outcomes.get("failed").copied().unwrap_or(0) + r.outcomes.get("timed_out").copied().unwrap_or(0))
             .sum();
-        let converged = last.is_some_and(|r| r.converged);
+        let held = rec
+            .shared
+            .lock()
+            .map(|s| {
+                crate::status::view::not_converged(
+                    s.plan.as_deref(),
+                    s.observed.as_deref(),
+                    s.desired.as_deref(),
+                )
+            })
+            .unwrap_or_else(|_| vec![("the pass's result is unreadable".into(), false)]);
+        let converged = last.is_some_and(|r| r.converged && r.error.is_none()) && held.is_empty();
         println!(
             "\n{} after {} pass(es) in {:.1}s{}.",
             if converged { "Applied: the world matches the desired state" } else { "Not converged" },
@@ -555,7 +596,8 @@ fn apply_cmd(
         for p in rec.providers.compute.values() {
             p.shutdown().await;
         }
-        Ok::<_, anyhow::Error>(if converged && desired.is_valid() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        let stuck = last.is_none_or(|r| !r.converged || r.error.is_some());
+        Ok::<_, anyhow::Error>(apply_exit(&held, if failed > 0 || stuck { 1 } else { 0 }))
     })
 }
 
@@ -588,6 +630,25 @@ fn approve_cmd(
     );
     Ok(ExitCode::SUCCESS)
 }
+
+/// `vessel apply`'s exit code: 1 when something failed or was left undone (`failed`), else 3
+/// when something was held back (printed), else 0.
+fn apply_exit(held: &[(String, bool)], failed: u8) -> ExitCode {
+    if failed != 0 {
+        return ExitCode::from(failed);
+    }
+    if held.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    eprintln!("held back (exit 3):");
+    for (why, _) in held {
+        eprintln!("  {why}");
+    }
+    ExitCode::from(APPLY_HELD)
+}
+
+/// `vessel apply`'s exit code when nothing failed but something was held back.
+pub const APPLY_HELD: u8 = 3;
 
 /// GET `path` from an `http://host:port` base; the body, or why not.
 fn http_get(base: &str, path: &str, token: Option<&str>) -> Result<(u16, String), String> {
@@ -623,23 +684,90 @@ fn http_get(base: &str, path: &str, token: Option<&str>) -> Result<(u16, String)
     ))
 }
 
+/// What `vessel status --wait-converged` waits for.
+struct Wait {
+    revision: Option<String>,
+    allow_quarantined: bool,
+}
+
+/// The status endpoint and its token: `--url`, else the config's `status.listen` (the config
+/// named, or `./vessel.yaml`, or the embedded default); the token from `VESSEL_STATUS_TOKEN`,
+/// else the config's reference.
+fn status_endpoint(
+    target: Option<&Path>,
+    url: Option<String>,
+) -> Result<(String, Option<String>), ExitCode> {
+    let local = Path::new("vessel.yaml");
+    let config = match target {
+        Some(t) => Some(resolve_target(t).map_err(|d| {
+            print_diagnostics(&d);
+            ExitCode::from(1)
+        })?),
+        None if url.is_none() && local.is_file() => resolve_target(local).ok(),
+        None => None,
+    };
+    let url = url.unwrap_or_else(|| {
+        let listen = config
+            .as_ref()
+            .map(|c| c.status.listen)
+            .unwrap_or_else(|| Config::embedded_default(Path::new(".")).status.listen);
+        format!("http://{listen}")
+    });
+    let token = std::env::var("VESSEL_STATUS_TOKEN").ok().or_else(|| {
+        let r = config.as_ref()?.status.token.as_ref()?;
+        r.resolve().ok().map(|s| s.expose().to_string())
+    });
+    Ok((url, token))
+}
+
+/// Percent-encode a query value.
+fn query_value(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 fn status_cmd(
     url: &str,
-    wait: bool,
+    token: Option<&str>,
+    wait: Option<Wait>,
     timeout: std::time::Duration,
     raw: bool,
 ) -> anyhow::Result<ExitCode> {
-    let token = std::env::var("VESSEL_STATUS_TOKEN").ok();
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        let got = http_get(url, "/status", token.as_deref());
+        let got = http_get(url, "/status", token);
         let status: Option<serde_json::Value> = match &got {
             Ok((200, body)) => serde_json::from_str(body).ok(),
             _ => None,
         };
-        let done = status.as_ref().is_some_and(|v| v["converged"] == true);
+        let done = match (&wait, &status) {
+            (Some(w), Some(v)) => {
+                let key = if w.allow_quarantined {
+                    "converged_allowing_quarantine"
+                } else {
+                    "converged"
+                };
+                let applied = match &w.revision {
+                    None => true,
+                    Some(rev) => {
+                        let path = format!("/revision?contains={}", query_value(rev));
+                        matches!(http_get(url, &path, token), Ok((200, body))
+                            if serde_json::from_str::<serde_json::Value>(&body)
+                                .is_ok_and(|r| r["contains"] == true))
+                    }
+                };
+                v[key] == true && applied
+            }
+            _ => false,
+        };
         if let Some(v) = &status
-            && (!wait || done)
+            && (wait.is_none() || done)
         {
             if raw {
                 println!("{}", serde_json::to_string_pretty(v)?);
@@ -648,7 +776,7 @@ fn status_cmd(
             }
             return Ok(ExitCode::SUCCESS);
         }
-        if !wait {
+        if wait.is_none() {
             let why = match got {
                 Ok((code, body)) => format!("{url} answered {code}: {}", body.trim()),
                 Err(e) => e,
@@ -658,7 +786,26 @@ fn status_cmd(
         }
         if std::time::Instant::now() >= deadline {
             let why = match (&got, &status) {
-                (_, Some(v)) => format!("not converged: {}", status_summary(url, v).trim_end()),
+                (_, Some(v)) => {
+                    let reasons: Vec<&str> = v["not_converged"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|r| r.as_str())
+                        .collect();
+                    let revision = match wait.as_ref().and_then(|w| w.revision.as_deref()) {
+                        Some(rev) => format!(
+                            "; waiting for revision {rev} (applied: {})",
+                            v["revision"].as_str().unwrap_or("none")
+                        ),
+                        None => String::new(),
+                    };
+                    format!(
+                        "not converged{revision}: {}\n{}",
+                        reasons.join("; "),
+                        status_summary(url, v).trim_end()
+                    )
+                }
                 (Ok((code, body)), None) => format!("{url} answered {code}: {}", body.trim()),
                 (Err(e), None) => e.clone(),
             };

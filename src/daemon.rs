@@ -166,6 +166,8 @@ pub async fn run(
         proxy_port: proxy_addr.map(|a| a.port()),
         domain: config.domain.clone(),
         templates: config.routes.templates.clone(),
+        git_mirror: matches!(config.source, crate::config::SourceConfig::Git(_))
+            .then(|| config.state_dir.join("git")),
     };
     let source_dir = config.source_dir().map(Path::to_path_buf);
     // A git source is polled: every pass fetches, so passes come at least this often.

@@ -62,6 +62,11 @@ pub struct Desired {
     pub warnings: Vec<Diagnostic>,
     /// Which revision of the source this is: a commit for git, a content hash for a directory.
     pub revision: Option<String>,
+    /// The full commit id, for a git source.
+    pub commit: Option<String>,
+    /// Sessions whose `source.path` does not exist on this machine (checked when loaded):
+    /// they are not created until it does.
+    pub missing_sources: BTreeMap<String, PathBuf>,
     /// The source could not be refreshed (a git fetch failed): this is the last good revision.
     pub source_error: Option<String>,
 }

@@ -57,6 +57,9 @@ pub struct PassReport {
     /// The source revision the pass loaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
+    /// Its full commit id, for a git source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
     pub duration_ms: u64,
     /// The plan this pass found.
     pub summary: Summary,
@@ -250,6 +253,7 @@ impl Reconciler {
             trigger,
             started,
             revision: None,
+            commit: None,
             source_error: None,
             duration_ms: 0,
             summary: Summary::default(),
@@ -283,6 +287,7 @@ impl Reconciler {
             }
         };
         report.revision = desired.revision.clone();
+        report.commit = desired.commit.clone();
         report.source_error = desired.source_error.clone();
         if let Some(e) = &desired.source_error {
             tracing::warn!(pass, "source: {e}");

@@ -515,6 +515,8 @@ pub enum HoldReason {
     /// A file it comes from changed moments ago: what the change takes away waits until the
     /// file has been unchanged for the settle time and a fresh pass still wants it.
     Settling { file: PathBuf, until: DateTime<Utc> },
+    /// Its `source.path` does not exist: it is not made without its project.
+    SourceMissing { path: PathBuf },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -857,6 +859,17 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 }
             }
         };
+        // A session is not made without its project.
+        if matches!(fate, Fate::Create | Fate::Replace(_))
+            && let Some(path) = desired.missing_sources.get(name)
+        {
+            out.held.push(Hold {
+                object: obj,
+                why: HoldReason::SourceMissing { path: path.clone() },
+            });
+            held_session_names.insert(name);
+            continue;
+        }
         // What a source change takes away waits until its files have settled.
         if matches!(fate, Fate::Destroy(_) | Fate::Replace(_)) {
             let files = policy
@@ -1019,6 +1032,7 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                     && w.state == RunState::Running
                     && o.state == SessionState::Running
                     && o.synced_source.as_ref() != Some(&src.path)
+                    && !desired.missing_sources.contains_key(name)
                 {
                     push(
                         Phase::Source,
@@ -1087,6 +1101,7 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 if let Some(w) = want
                     && let Some(src) = &w.session.source
                     && o.synced_source.as_ref() != Some(&src.path)
+                    && !desired.missing_sources.contains_key(name)
                 {
                     push(Phase::Source, sync_action(name, w), follows());
                 }

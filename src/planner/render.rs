@@ -409,7 +409,8 @@ fn step_target(a: &Action) -> String {
     }
 }
 
-fn hold_text(h: &super::HoldReason) -> String {
+/// Why an object is held, in words.
+pub fn hold_text(h: &super::HoldReason) -> String {
     match h {
         super::HoldReason::Unobserved { provider, error } => {
             format!("{provider} could not be observed: {error}")
@@ -424,6 +425,10 @@ fn hold_text(h: &super::HoldReason) -> String {
         super::HoldReason::NoHost { location } => {
             format!("no host of its compute provider is in location `{location}`")
         }
+        super::HoldReason::SourceMissing { path } => format!(
+            "its source path {} does not exist on this machine; it is made once it does",
+            path.display()
+        ),
         super::HoldReason::Settling { file, until } => format!(
             "{} changed moments ago; what the change takes away waits until {} (it must stay unchanged that long)",
             file.display(),

@@ -22,4 +22,5 @@ mod servers;
 mod settle;
 mod status;
 mod support;
+mod truth;
 mod validate;

@@ -115,7 +115,12 @@ pub fn load(files: &BTreeMap<String, String>, now: DateTime<Utc>) -> Desired {
         }
         std::fs::write(p, text).expect("write");
     }
-    let cfg = Config::embedded_default(dir.path());
+    // The embedded default, with a docker provider too (cases use both kinds of plan).
+    let mut cfg = Config::embedded_default(dir.path());
+    cfg.providers.compute.docker = Some(
+        serde_saphyr::from_str("hosts: [{name: a, endpoint: 'unix:///run/docker.sock'}]")
+            .expect("docker config"),
+    );
     vessel::load::load_tree(dir.path(), &cfg, now).expect("load")
 }
 
