@@ -505,12 +505,32 @@ fn run_cmd(target: &Path, allow_destroy: bool, overrides: &Overrides) -> anyhow:
     };
     tracing::info!(source = %config.source_display(), state = %config.state_dir.display(), "vessel starting");
     let cancel = tokio_util::sync::CancellationToken::new();
+    // A config file is read again on SIGHUP and when it changes; a directory's embedded
+    // default has nothing to reload.
+    let reload = (!target.is_dir()).then(|| {
+        let (path, overrides) = (target.to_path_buf(), overrides.clone());
+        crate::daemon::Reload {
+            path: path.clone(),
+            read: Box::new(move || {
+                let mut c = load::load_config(&path).map_err(|diags| {
+                    diags
+                        .iter()
+                        .map(|d| d.render(false))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })?;
+                overrides.apply(&mut c);
+                Ok(c)
+            }),
+        }
+    });
     runtime()?.block_on(crate::daemon::run(
         config,
         allow_destroy,
         cancel,
         true,
         None,
+        reload,
     ))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -71,14 +71,23 @@ const DEBOUNCE_MAX: Duration = Duration::from_millis(500);
 /// Passes in a row that may follow one another at once before waiting for a trigger.
 const MAX_FOLLOWUPS: u32 = 10;
 
+/// How the daemon reads its config file again: on SIGHUP, and when the file changes.
+pub struct Reload {
+    /// The config file (its directory is watched for changes to it).
+    pub path: PathBuf,
+    /// Read it again, with the command line's overrides applied; or why it cannot be used.
+    pub read: Box<dyn Fn() -> Result<Config, String> + Send + Sync>,
+}
+
 /// Run until `cancel` (or SIGINT/SIGTERM when `signals`). `ready` is told the handles once the
-/// proxy listens.
+/// proxy listens. With `reload`, SIGHUP and changes to the config file reload it.
 pub async fn run(
     config: Config,
     allow_destroy: bool,
     cancel: CancellationToken,
     signals: bool,
     ready: Option<tokio::sync::oneshot::Sender<Handle>>,
+    reload: Option<Reload>,
 ) -> Result<(), DaemonError> {
     let state = StateDir::open(&config.state_dir)?;
     let _lock = state.lock()?;
@@ -144,18 +153,24 @@ pub async fn run(
     let status_addr = status_listener.local_addr().ok();
 
     let (tx, mut rx) = mpsc::unbounded_channel::<Trigger>();
-    for p in providers.compute.values() {
-        if let Some(mut changes) = p.changes() {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                while changes.changed().await.is_ok() {
-                    if tx.send(Trigger::Provider).is_err() {
-                        return;
-                    }
+    forward_changes(&providers, &tx);
+    if signals {
+        // SIGHUP reloads the config; it never ends the daemon.
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(DaemonError::Signals)?;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the config");
+                if tx.send(Trigger::Config).is_err() {
+                    return;
                 }
-            });
-        }
+            }
+        });
     }
+    let _config_watcher = reload
+        .as_ref()
+        .and_then(|r| watch_config(&r.path, tx.clone()));
 
     let resync = config
         .policy
@@ -195,7 +210,7 @@ pub async fn run(
         tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "webhook receiver listening");
         crate::webhook::serve_thread(listener, secret, tx.clone(), cancel.clone()).map_err(err)?;
     }
-    let _watcher = match &source_dir {
+    let mut source_watcher = match &source_dir {
         Some(dir) => Some(watch_source(
             dir,
             &state_dir,
@@ -279,14 +294,168 @@ pub async fn run(
             },
             _ = tokio::time::sleep(due) => if timer_is_resync { Trigger::Resync } else { Trigger::Timer },
         };
-        // Coalesce everything else that arrived meanwhile into this one pass.
-        while rx.try_recv().is_ok() {}
+        // Coalesce everything else that arrived meanwhile into this one pass (a config reload
+        // among them is done first).
+        let mut reload_now = trigger == Trigger::Config;
+        while let Ok(t) = rx.try_recv() {
+            reload_now |= t == Trigger::Config;
+        }
+        if reload_now && let Some(r) = &reload {
+            let before = reconciler.config.source.clone();
+            reload_config(&mut reconciler, r, &tx);
+            if reconciler.config.source != before {
+                source_watcher = match reconciler.config.source_dir() {
+                    Some(dir) => {
+                        match watch_source(dir, &state_dir, tx.clone(), reconciler.shared.clone()) {
+                            Ok(w) => Some(w),
+                            Err(e) => {
+                                tracing::warn!(
+                                    "cannot watch the new source, it is read on every periodic pass: {}",
+                                    crate::error_chain(&e)
+                                );
+                                None
+                            }
+                        }
+                    }
+                    None => None,
+                };
+            }
+        }
     }
+    drop(source_watcher);
     for p in reconciler.providers.compute.values() {
         p.shutdown().await;
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Pass every compute provider's own change notices on to the loop.
+fn forward_changes(providers: &Providers, tx: &mpsc::UnboundedSender<Trigger>) {
+    for p in providers.compute.values() {
+        if let Some(mut changes) = p.changes() {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while changes.changed().await.is_ok() {
+                    if tx.send(Trigger::Provider).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// Read the config again and take what can change while running: the source, domain, route
+/// templates, source roots, policy, and the compute and DNS providers (rebuilt). What only a
+/// restart changes (the state directory, listeners, the proxy provider, the status token, the
+/// webhook) keeps its running value, with a warning. An invalid config changes nothing and
+/// says why.
+fn reload_config(rec: &mut Reconciler, reload: &Reload, tx: &mpsc::UnboundedSender<Trigger>) {
+    let path = reload.path.display();
+    let mut new = match (reload.read)() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("{path} was not reloaded; the running config stays: {e}");
+            return;
+        }
+    };
+    let old = &rec.config;
+    if new == *old {
+        tracing::info!("{path} reloaded: nothing changed");
+        return;
+    }
+    let mut kept: Vec<&str> = Vec::new();
+    if new.state_dir != old.state_dir {
+        new.state_dir = old.state_dir.clone();
+        kept.push("state_dir");
+    }
+    if new.status != old.status {
+        new.status = old.status.clone();
+        kept.push("status");
+    }
+    if new.providers.proxy != old.providers.proxy {
+        new.providers.proxy = old.providers.proxy.clone();
+        kept.push("providers.proxy");
+    }
+    let webhook = |c: &Config| match &c.source {
+        crate::config::SourceConfig::Git(g) => g.webhook.clone(),
+        crate::config::SourceConfig::Dir(_) => None,
+    };
+    if webhook(&new) != webhook(old) {
+        kept.push("source.git.webhook");
+        if let crate::config::SourceConfig::Git(g) = &mut new.source {
+            g.webhook = webhook(old);
+        }
+    }
+    if !kept.is_empty() {
+        tracing::warn!(
+            "{path}: {} change only on restart; they keep their running values",
+            kept.join(", ")
+        );
+    }
+    let providers_changed =
+        new.providers.compute != old.providers.compute || new.providers.dns != old.providers.dns;
+    if providers_changed {
+        match Providers::from_config(&new) {
+            Ok(mut p) => {
+                // The proxy stays the one that is serving.
+                p.proxy = rec.providers.proxy.clone();
+                p.embedded = rec.providers.embedded.clone();
+                forward_changes(&p, tx);
+                rec.providers = p;
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "{path} was not reloaded; the running config stays: {}",
+                    crate::error_chain(&e)
+                );
+                return;
+            }
+        }
+    }
+    rec.set_config(new);
+    tracing::info!("{path} reloaded");
+}
+
+/// Watch the config file (through its directory, so a save that renames over it counts).
+fn watch_config(
+    path: &Path,
+    tx: mpsc::UnboundedSender<Trigger>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let name = path.file_name()?.to_os_string();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<()>();
+    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let Ok(ev) = res else { return };
+        if matches!(ev.kind, notify::EventKind::Access(_)) {
+            return;
+        }
+        if ev
+            .paths
+            .iter()
+            .any(|p| p.file_name() == Some(name.as_os_str()))
+        {
+            let _ = raw_tx.send(());
+        }
+    })
+    .ok()?;
+    w.watch(&dir, notify::RecursiveMode::NonRecursive).ok()?;
+    tokio::spawn(async move {
+        while raw_rx.recv().await.is_some() {
+            // A save is often several events: wait for a quiet moment.
+            while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, raw_rx.recv()).await {}
+            if tx.send(Trigger::Config).is_err() {
+                return;
+            }
+        }
+    });
+    Some(w)
 }
 
 fn log_pass(r: &PassReport) {

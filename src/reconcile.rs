@@ -217,6 +217,12 @@ impl Reconciler {
         &self.state
     }
 
+    /// Take a reloaded config (the providers are the caller's to rebuild).
+    pub fn set_config(&mut self, config: Config) {
+        self.history.set_settle(config.policy.settle.std());
+        self.config = config;
+    }
+
     /// A number in [0.5, 1.5) for jitter (xorshift; no need for more).
     fn jitter(&mut self) -> f64 {
         self.seed ^= self.seed << 13;

@@ -48,6 +48,11 @@ impl SourceHistory {
         }
     }
 
+    /// A new settle time (a reloaded config).
+    pub fn set_settle(&mut self, settle: std::time::Duration) {
+        self.settle = chrono::Duration::from_std(settle).unwrap_or_default();
+    }
+
     /// Take in what a pass loaded and observed: note which files changed, hold the objects of
     /// files that turned empty (adding them to `desired.quarantined`), and say which files
     /// are settling.

@@ -18,6 +18,7 @@ mod proxy;
 mod proxy_caddy;
 mod proxy_traefik;
 mod reconciler;
+mod reload;
 mod servers;
 mod settle;
 mod status;
