@@ -25,7 +25,19 @@ use crate::planner::{Plan, Policy, render};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// How `vessel run` and `vessel apply` write their log on stderr: lines for people, or one
+    /// JSON object per event for a log collector.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+static LOG_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
@@ -195,6 +207,14 @@ pub enum Format {
     Json,
 }
 
+/// Print to stdout, ignoring a closed pipe (`vessel apply | head` must not panic mid-apply).
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($t)*);
+    }};
+}
+
 pub fn main() -> ExitCode {
     crate::source::git::init_network_timeouts();
     let cli = Cli::parse();
@@ -212,6 +232,25 @@ fn color_stderr() -> bool {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if matches!(
+        cli.command,
+        Command::Validate { .. }
+            | Command::Plan { .. }
+            | Command::Status { .. }
+            | Command::Schema { .. }
+            | Command::Approve { .. }
+    ) {
+        // A reader that goes away (`vessel plan | head`) ends these at once, as it ends any
+        // filter, instead of a panic on the next write.
+        // SAFETY: no other thread exists yet, and SIG_DFL is a valid disposition.
+        let _ = unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            )
+        };
+    }
+    LOG_FORMAT.get_or_init(|| cli.log_format);
     match cli.command {
         Command::Validate { target, format } => validate(&target, format),
         Command::Plan {
@@ -295,7 +334,21 @@ fn print_diagnostics(diags: &[Diagnostic]) {
     }
 }
 
+/// Is `target` a file of desired-state documents (one has a `kind`) rather than a config?
+fn is_desired_file(target: &Path) -> bool {
+    use std::io::Read as _;
+    let mut text = String::new();
+    target.is_file()
+        && std::fs::File::open(target)
+            .and_then(|f| f.take(load::MAX_FILE_BYTES).read_to_string(&mut text))
+            .is_ok()
+        && load::yaml::scan(&text).is_ok_and(|docs| docs.iter().any(|d| d.kind.is_some()))
+}
+
 fn validate(target: &Path, format: Format) -> anyhow::Result<ExitCode> {
+    if is_desired_file(target) {
+        return validate_file(target, format);
+    }
     let config = match resolve_target(target) {
         Ok(c) => c,
         Err(diags) => {
@@ -323,6 +376,38 @@ fn validate(target: &Path, format: Format) -> anyhow::Result<ExitCode> {
         ),
     }
     Ok(if desired.is_valid() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// `vessel validate FILE.yaml`: the file in the context of its directory (the plans it names
+/// may be in other files there), reporting on that file alone.
+fn validate_file(target: &Path, format: Format) -> anyhow::Result<ExitCode> {
+    let root = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let rel = PathBuf::from(target.file_name().unwrap_or_default());
+    let config = Config::embedded_default(root);
+    let mut d = crate::source::load(&config, chrono::Utc::now())?;
+    let display = root.join(&rel);
+    d.quarantined.retain(|f, _| *f == rel);
+    d.warnings.retain(|w| w.file == display);
+    d.plans.retain(|_, x| x.file == rel);
+    d.sessions.retain(|_, x| x.file == rel);
+    d.routes.retain(|_, x| x.file == rel);
+    d.files.retain(|f| *f == rel);
+    match format {
+        Format::Text => {
+            print_diagnostics(&d.errors().cloned().collect::<Vec<_>>());
+            print_diagnostics(&d.warnings);
+            eprintln!("{}", summary(&d));
+        }
+        Format::Json => println!("{}", serde_json::to_string_pretty(&validation_json(&d))?),
+    }
+    Ok(if d.is_valid() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
@@ -374,13 +459,15 @@ pub fn validation_json(d: &Desired) -> serde_json::Value {
     })
 }
 
-/// Exit code for a plan: 0 nothing to do, 2 changes (or something held back: the world
-/// still differs from what is declared).
+/// Exit code for a plan: 0 nothing to do, 2 changes (or something held back that differs
+/// from what is declared: a guard, a missing source, an object in the way). What cannot be
+/// observed from here (the embedded proxy lives in the daemon) is listed, not counted.
 pub fn plan_exit(plan: &Plan) -> ExitCode {
+    use crate::planner::HoldReason;
     let held = plan
         .held
         .iter()
-        .any(|h| h.why != crate::planner::HoldReason::NoAddress);
+        .any(|h| !matches!(h.why, HoldReason::NoAddress | HoldReason::Unobserved { .. }));
     if plan.has_changes() || !plan.guards.is_empty() || held {
         ExitCode::from(2)
     } else {
@@ -476,12 +563,14 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("VESSEL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    let _ = match LOG_FORMAT.get().copied().unwrap_or(LogFormat::Text) {
+        LogFormat::Json => fmt.json().flatten_event(true).try_init(),
+        LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).try_init(),
+    };
 }
 
 fn config_for(target: &Path, overrides: &Overrides) -> Result<Config, ExitCode> {
@@ -541,6 +630,7 @@ fn apply_cmd(
     overrides: &Overrides,
 ) -> anyhow::Result<ExitCode> {
     use crate::reconcile::{Reconciler, Trigger};
+    init_logging();
     let config = match config_for(target, overrides) {
         Ok(c) => c,
         Err(code) => return Ok(code),
@@ -563,7 +653,7 @@ fn apply_cmd(
         let mut policy = Policy::from_config(&config, now);
         policy.allow_destroy = allow_destroy;
         let first = crate::planner::plan(&desired, &observed, &policy);
-        print!("{}", render::text(&first, &observed, color));
+        say!("{}", render::text(&first, &observed, color));
         if first.is_empty() {
             let held = crate::status::view::not_converged(Some(&first), Some(&observed), Some(&desired));
             return Ok(apply_exit(&held, 0));
@@ -579,14 +669,14 @@ fn apply_cmd(
         let mut rec = Reconciler::new(config, providers, state);
         rec.allow_destroy = allow_destroy;
         let started = std::time::Instant::now();
-        println!("\nApplying:");
+        say!("\nApplying:\n");
         let reports = rec
             .converge(Trigger::Apply, 10, &cancel, |e| {
                 let (mark, extra) = match &e.outcome {
                     crate::exec::Outcome::Succeeded => ("ok", String::new()),
                     other => (other.label(), crate::reconcile::failure_text(other).map(|t| format!(": {t}")).unwrap_or_default()),
                 };
-                println!("  [pass {}] {:<12} {} {} ({} ms){extra}", e.pass, e.action, e.object, mark, e.duration_ms);
+                say!("  [pass {}] {:<12} {} {} ({} ms){extra}\n", e.pass, e.action, e.object, mark, e.duration_ms);
             })
             .await;
         let last = reports.last();
@@ -606,8 +696,8 @@ fn apply_cmd(
             })
             .unwrap_or_else(|_| vec![("the pass's result is unreadable".into(), false)]);
         let converged = last.is_some_and(|r| r.converged && r.error.is_none()) && held.is_empty();
-        println!(
-            "\n{} after {} pass(es) in {:.1}s{}.",
+        say!(
+            "\n{} after {} pass(es) in {:.1}s{}.\n",
             if converged { "Applied: the world matches the desired state" } else { "Not converged" },
             reports.len(),
             started.elapsed().as_secs_f64(),

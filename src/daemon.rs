@@ -266,9 +266,15 @@ pub async fn run(
     }
     let mut trigger = Trigger::Startup;
     let mut followups = 0;
+    let mut said = Said::default();
     loop {
-        let (report, _, _) = reconciler.pass(trigger, &cancel, |_| {}).await;
-        log_pass(&report);
+        let (report, plan, _) = reconciler.pass(trigger, &cancel, |_| {}).await;
+        let desired = reconciler
+            .shared
+            .lock()
+            .ok()
+            .and_then(|s| s.desired.clone());
+        log_pass(&report, &plan, desired.as_deref(), &mut said);
         if cancel.is_cancelled() {
             break;
         }
@@ -458,11 +464,25 @@ fn watch_config(
     Some(w)
 }
 
-fn log_pass(r: &PassReport) {
+/// What the log last said about held objects and files with errors: each is said again only
+/// when it changes, not on every pass.
+#[derive(Default)]
+struct Said {
+    held: Vec<String>,
+    quarantined: Vec<String>,
+    gaps: Vec<String>,
+}
+
+fn log_pass(
+    r: &PassReport,
+    plan: &crate::planner::Plan,
+    desired: Option<&crate::desired::Desired>,
+    said: &mut Said,
+) {
     let outcomes: Vec<String> = r.outcomes.iter().map(|(k, v)| format!("{v} {k}")).collect();
     if let Some(e) = &r.error {
         tracing::error!(pass = r.pass, trigger = ?r.trigger, "pass could not plan: {e}");
-    } else if r.converged {
+    } else if plan.steps.is_empty() && plan.deferred.is_empty() {
         tracing::debug!(pass = r.pass, trigger = ?r.trigger, duration_ms = r.duration_ms, "converged");
     } else {
         tracing::info!(
@@ -479,15 +499,70 @@ fn log_pass(r: &PassReport) {
             outcomes.join(", ")
         );
     }
-    if !r.quarantined.is_empty() {
-        tracing::warn!(
-            pass = r.pass,
-            "files with errors (their objects are held): {}",
-            r.quarantined.join(", ")
-        );
+    let mut held: Vec<String> = plan
+        .guards
+        .iter()
+        .map(|g| g.describe())
+        .chain(
+            plan.held
+                .iter()
+                .filter(|h| h.why != crate::planner::HoldReason::NoAddress)
+                .map(|h| {
+                    format!(
+                        "{}: {}",
+                        h.object,
+                        crate::planner::render::hold_text(&h.why)
+                    )
+                }),
+        )
+        .collect();
+    held.sort();
+    if held != said.held {
+        for h in held.iter().filter(|h| !said.held.contains(h)) {
+            tracing::warn!(pass = r.pass, "held: {h}");
+        }
+        if held.is_empty() {
+            tracing::info!(pass = r.pass, "nothing is held any more");
+        }
+        said.held = held;
     }
-    for (p, e) in &r.gaps {
-        tracing::warn!(pass = r.pass, provider = %p, "could not observe: {e}");
+    // Files with errors: once per change, with their errors in words.
+    let quarantined: Vec<String> = desired
+        .map(|d| {
+            d.quarantined
+                .iter()
+                .map(|(f, q)| {
+                    let errors: Vec<String> = q
+                        .errors
+                        .iter()
+                        .map(|e| format!("{}:{}: {}", e.line, e.column, e.message))
+                        .collect();
+                    format!("{}: {}", f.display(), errors.join("; "))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if quarantined != said.quarantined {
+        for q in quarantined.iter().filter(|q| !said.quarantined.contains(q)) {
+            tracing::warn!(
+                pass = r.pass,
+                "file with errors (its objects are held): {q}"
+            );
+        }
+        if quarantined.is_empty() {
+            tracing::info!(pass = r.pass, "no file has errors any more");
+        }
+        said.quarantined = quarantined;
+    }
+    let gaps: Vec<String> = r.gaps.iter().map(|(p, e)| format!("{p}: {e}")).collect();
+    if gaps != said.gaps {
+        for g in gaps.iter().filter(|g| !said.gaps.contains(g)) {
+            tracing::warn!(pass = r.pass, "could not observe {g}");
+        }
+        if gaps.is_empty() {
+            tracing::info!(pass = r.pass, "every provider is observed again");
+        }
+        said.gaps = gaps;
     }
 }
 

@@ -192,6 +192,8 @@ impl Reconciler {
             names.push("dns".into());
         }
         let history = SourceHistory::new(config.policy.settle.std());
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        metrics.providers(&names);
         let shared = Shared {
             providers: names,
             started: Some(Utc::now()),
@@ -209,7 +211,7 @@ impl Reconciler {
             source_seq_seen: 0,
             seed,
             shared: Arc::new(Mutex::new(shared)),
-            metrics: Arc::default(),
+            metrics,
         }
     }
 
@@ -385,7 +387,17 @@ impl Reconciler {
                 revision: desired.revision.clone(),
             };
             if outcome.is_failure() {
-                tracing::warn!(pass, step = step.id, object = %e.object, action = %e.action, outcome = outcome.label(), "step failed: {:?}", outcome);
+                tracing::warn!(
+                    pass,
+                    step = step.id,
+                    object = %e.object,
+                    action = %e.action,
+                    outcome = outcome.label(),
+                    "{} {} failed: {}",
+                    e.action,
+                    e.object,
+                    failure_text(outcome).unwrap_or_default()
+                );
             } else {
                 tracing::debug!(pass, step = step.id, object = %e.object, action = %e.action, outcome = outcome.label(), "step done");
             }
@@ -537,7 +549,10 @@ impl Reconciler {
         let mut held: BTreeMap<String, String> = BTreeMap::new();
         for h in &plan.held {
             if let Object::Session(s) = &h.object {
-                held.insert(s.clone(), format!("held: {:?}", h.why));
+                held.insert(
+                    s.clone(),
+                    format!("held: {}", crate::planner::render::hold_text(&h.why)),
+                );
             }
         }
         let names: BTreeSet<&String> = desired

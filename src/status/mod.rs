@@ -345,9 +345,10 @@ async fn events(State(st): State<Arc<AppState>>, Query(q): Query<EventsQuery>) -
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    // The body is the OpenMetrics text format (`# EOF` at the end), and says so.
     respond(
         StatusCode::OK,
-        "text/plain; version=0.0.4; charset=utf-8",
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
         st.redact(st.metrics.encode()),
     )
 }

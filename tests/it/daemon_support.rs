@@ -79,6 +79,11 @@ impl Daemon {
 
     /// Start with one extra environment variable (a secret the config refers to, say).
     pub fn start_with_env(&mut self, env: Option<(&str, &str)>) {
+        self.start_with_args(&[], env)
+    }
+
+    /// Start with extra arguments after `run vessel.yaml`.
+    pub fn start_with_args(&mut self, args: &[&str], env: Option<(&str, &str)>) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -86,6 +91,7 @@ impl Daemon {
             .expect("log");
         let child = Command::new(env!("CARGO_BIN_EXE_vessel"))
             .args(["run", "vessel.yaml"])
+            .args(args)
             .current_dir(self.dir.path())
             .env("NO_COLOR", "1")
             .env("VESSEL_LOG", "debug")

@@ -10,6 +10,7 @@ mod docker;
 mod git_source;
 mod hostile;
 mod hygiene;
+mod papercuts;
 mod plan_cli;
 mod planner_cases;
 mod planner_props;

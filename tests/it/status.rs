@@ -158,7 +158,7 @@ fn every_endpoint_answers_and_nothing_but_get_is_allowed() {
     assert_eq!(code, 200);
     assert!(
         head.to_ascii_lowercase()
-            .contains("content-type: text/plain")
+            .contains("content-type: application/openmetrics-text")
     );
     for needle in [
         "vessel_passes_total{trigger=\"startup\"}",
