@@ -288,6 +288,21 @@ pub struct DockerConfig {
     /// another instance sharing an engine are foreign to this one.
     #[serde(default = "default_instance")]
     pub instance: String,
+    /// The longest any one Engine API call may take to answer (a stop gets its stop timeout on
+    /// top). A frozen engine costs at most this per call; the host then reads as unobserved.
+    #[serde(default = "default_call_timeout")]
+    pub call_timeout: Duration,
+    /// The longest a workspace upload (source sync, a kept workspace restored) may take.
+    #[serde(default = "default_transfer_timeout")]
+    pub transfer_timeout: Duration,
+}
+
+fn default_call_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_transfer_timeout() -> Duration {
+    Duration::from_secs(600)
 }
 
 fn default_instance() -> String {

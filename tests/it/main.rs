@@ -10,6 +10,7 @@ mod docker;
 mod git_source;
 mod hostile;
 mod hygiene;
+mod outage;
 mod papercuts;
 mod plan_cli;
 mod planner_cases;

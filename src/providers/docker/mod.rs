@@ -67,9 +67,6 @@ fn workspace_base(workspace: &str) -> String {
         .to_string()
 }
 
-/// bollard's per-request timeout, in seconds (a workspace download can take a while).
-const REQUEST_TIMEOUT: u64 = 120;
-
 /// `<state>/docker/<session>.json`: what changes after creation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Record {
@@ -297,17 +294,20 @@ fn endpoint_kind<'a>(endpoint: &'a str, tls: Option<&'a Path>) -> Result<Endpoin
     }
 }
 
-fn connect(h: &Host) -> Result<Docker, String> {
+/// A client whose every call must answer within `timeout` (bollard bounds the wait for the
+/// response's head; bodies are bounded by the step's own timeout).
+fn connect(h: &Host, timeout: Duration) -> Result<Docker, String> {
     let v = bollard::API_DEFAULT_VERSION;
+    let secs = timeout.as_secs().max(1);
     let r = match endpoint_kind(&h.endpoint, h.tls.as_deref())? {
-        EndpointKind::Unix(p) => Docker::connect_with_unix(p, REQUEST_TIMEOUT, v),
-        EndpointKind::Http(a) => Docker::connect_with_http(a, REQUEST_TIMEOUT, v),
+        EndpointKind::Unix(p) => Docker::connect_with_unix(p, secs, v),
+        EndpointKind::Http(a) => Docker::connect_with_http(a, secs, v),
         EndpointKind::Tls(a, dir) => Docker::connect_with_ssl(
             a,
             &dir.join("key.pem"),
             &dir.join("cert.pem"),
             &dir.join("ca.pem"),
-            REQUEST_TIMEOUT,
+            secs,
             v,
         ),
     };
@@ -326,7 +326,7 @@ impl Inner {
             .ok_or_else(|| ProviderError::failed("reach", "docker host", "no such host"))?;
         h.client
             .get_or_try_init(|| async {
-                let d = connect(h).map_err(|m| {
+                let d = connect(h, self.config.call_timeout.std()).map_err(|m| {
                     ProviderError::failed("connect to", format!("docker host {}", h.name), m)
                 })?;
                 self.count();
@@ -336,6 +336,12 @@ impl Inner {
                 ))
             })
             .await
+    }
+
+    /// The host's client for a workspace upload: `transfer_timeout` instead of `call_timeout`.
+    async fn transfer_client(&self, host: usize) -> Result<Docker, ProviderError> {
+        let d = self.client(host).await?;
+        Ok(d.clone().with_timeout(self.config.transfer_timeout.std()))
     }
 
     /// Containers on `host` matching `filters` (all states).
@@ -691,7 +697,7 @@ impl DockerProvider {
             .parent()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "/".into());
-        let d = self.inner.client(host).await?;
+        let d = self.inner.transfer_client(host).await?;
         self.inner.count();
         d.upload_to_container(
             id,
@@ -718,13 +724,17 @@ impl DockerProvider {
         p: &Placed,
         stop_timeout: Option<crate::model::Duration>,
     ) -> Result<(), ProviderError> {
-        let d = self.inner.client(p.host).await?;
+        let secs = convert::stop_seconds(stop_timeout);
+        // The engine answers once the container has stopped: its stop timeout, then the call's.
+        let d = self.inner.client(p.host).await?.clone().with_timeout(
+            self.inner.config.call_timeout.std() + Duration::from_secs(secs.max(0) as u64),
+        );
         self.inner.count();
         let r = d
             .stop_container(
                 &p.id,
                 Some(StopContainerOptions {
-                    t: Some(convert::stop_seconds(stop_timeout)),
+                    t: Some(secs),
                     signal: None,
                 }),
             )
@@ -984,7 +994,7 @@ impl SessionSteps for DockerProvider {
                 "sync source into",
                 format!("{session} from {}", path.display()),
             ))?;
-        let d = self.inner.client(p.host).await?;
+        let d = self.inner.transfer_client(p.host).await?;
         self.inner.count();
         d.upload_to_container(
             &p.id,
@@ -1058,7 +1068,13 @@ async fn watch_events(weak: Weak<Inner>, host: usize) {
     loop {
         let client: Option<(Docker, String)> = {
             let Some(inner) = weak.upgrade() else { return };
-            let d = inner.client(host).await.ok().cloned();
+            // Podman answers an events request only with its first event: the wait for the
+            // answer is not bounded by the call timeout, or a quiet engine would drop it.
+            let d = inner
+                .client(host)
+                .await
+                .ok()
+                .map(|d| d.clone().with_timeout(EVENTS_WAIT));
             if d.is_some() {
                 inner.count();
             }
@@ -1100,6 +1116,9 @@ async fn watch_events(weak: Weak<Inner>, host: usize) {
         tokio::time::sleep(backoff).await;
     }
 }
+
+/// How long an events request may wait for its first event before it is made again.
+const EVENTS_WAIT: Duration = Duration::from_secs(3600);
 
 /// An events stream that lasted this long was connected (the engine sends nothing while
 /// nothing happens, so silence alone says nothing).
