@@ -3,6 +3,7 @@
 
 mod approve;
 mod backoff;
+mod crash;
 mod daemon_support;
 mod dns_hosts;
 mod dns_powerdns;
