@@ -49,6 +49,14 @@ pub enum ProviderError {
         object: String,
         message: String,
     },
+    /// A typed cause, shared when one failure (a batch's file write, say) fails several steps.
+    #[error("{op} {object}")]
+    Caused {
+        op: &'static str,
+        object: String,
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
     #[error("{0} is not handled by this provider")]
     Unsupported(&'static str),
 }
@@ -60,6 +68,18 @@ impl ProviderError {
     ) -> impl FnOnce(std::io::Error) -> ProviderError {
         let object = object.into();
         move |source| ProviderError::Io { op, object, source }
+    }
+
+    pub fn caused(
+        op: &'static str,
+        object: impl Into<String>,
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    ) -> ProviderError {
+        ProviderError::Caused {
+            op,
+            object: object.into(),
+            source,
+        }
     }
 
     pub fn failed(
@@ -229,6 +249,8 @@ pub enum SetupError {
     NotAvailable(&'static str),
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Traefik(#[from] traefik::TraefikError),
     #[error("cannot prepare the process provider's directory {path}")]
     StateDir {
         path: std::path::PathBuf,
@@ -279,17 +301,7 @@ impl Providers {
                 ),
                 None,
             ),
-            ProxyConfig::Traefik {
-                file,
-                entrypoints,
-                name_prefix,
-            } => (
-                Arc::new(
-                    traefik::Traefik::new(file.clone(), entrypoints, name_prefix)
-                        .map_err(SetupError::Invalid)?,
-                ),
-                None,
-            ),
+            ProxyConfig::Traefik(t) => (Arc::new(traefik::Traefik::new(t)?), None),
         };
         let dns: Option<Arc<dyn DnsProvider>> = match &config.providers.dns {
             DnsConfig::None => None,
