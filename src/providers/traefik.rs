@@ -198,12 +198,17 @@ const EXACT_PRIORITY: u64 = 10_000;
 /// A route vessel keeps in the file: host -> (session, route, upstream).
 type Routes = BTreeMap<String, (String, Option<String>, String)>;
 
-/// What one step's route should look like in Traefik once it has loaded the file.
-struct Expected {
-    /// The router's name (without Traefik's `@file`).
-    router: String,
-    /// `None` for a removal: the router is gone.
-    loaded: Option<(String, String)>,
+/// What one step's route should look like in Traefik once it has loaded the file. Router
+/// names are without Traefik's `@file`.
+enum Expected {
+    Loaded {
+        router: String,
+        rule: String,
+        url: String,
+    },
+    Gone {
+        router: String,
+    },
 }
 
 impl Traefik {
@@ -343,16 +348,16 @@ impl Traefik {
             let e = match (after, before) {
                 (Some(r), _) => {
                     let session = r.session.unwrap_or_default();
-                    let e = Expected {
+                    let e = Expected::Loaded {
                         router: route_tag(&self.prefix, &session, r.route.as_deref(), host),
-                        loaded: Some((rule(host), service_url(&r.upstream))),
+                        rule: rule(host),
+                        url: service_url(&r.upstream),
                     };
                     routes.insert(host.to_string(), (session, r.route, r.upstream));
                     e
                 }
-                (None, Some((s, r, _))) => Expected {
+                (None, Some((s, r, _))) => Expected::Gone {
                     router: route_tag(&self.prefix, &s, r.as_deref(), host),
-                    loaded: None,
                 },
                 // Removing what the file does not have: nothing for Traefik to do.
                 (None, None) => continue,
@@ -388,21 +393,19 @@ impl Traefik {
                 Ok(Ok(raw)) => {
                     last_error = None;
                     pending.retain(|host, e| {
-                        let outcome = match (&e.loaded, raw.state(&e.router)) {
-                            (None, None) => Ok(()),
-                            (None, Some(_)) => return true,
-                            (Some(want), Some(RouterState { rule, url, errors }))
-                                if rule == want.0 && url == want.1 =>
-                            {
-                                match errors {
-                                    None => Ok(()),
-                                    Some(errors) => Err(Arc::new(TraefikError::Refused {
-                                        router: e.router.clone(),
+                        let outcome = match e {
+                            Expected::Gone { router } if raw.has(router) => return true,
+                            Expected::Gone { .. } => Ok(()),
+                            Expected::Loaded { router, rule, url } => {
+                                match raw.seen(router, rule, url) {
+                                    Seen::NotYet => return true,
+                                    Seen::Serving => Ok(()),
+                                    Seen::Refused(errors) => Err(Arc::new(TraefikError::Refused {
+                                        router: router.clone(),
                                         errors,
                                     })),
                                 }
                             }
-                            (Some(_), _) => return true,
                         };
                         done.insert(host.clone(), outcome);
                         false
@@ -424,16 +427,14 @@ impl Traefik {
             })
         });
         for (host, e) in pending {
-            let err = match (&last_error, e.loaded) {
+            let err = match (&last_error, e) {
                 (Some(shared), _) => shared.clone(),
-                (None, Some(_)) => Arc::new(TraefikError::NotLoaded {
-                    router: e.router,
-                    within,
-                }),
-                (None, None) => Arc::new(TraefikError::NotRemoved {
-                    router: e.router,
-                    within,
-                }),
+                (None, Expected::Loaded { router, .. }) => {
+                    Arc::new(TraefikError::NotLoaded { router, within })
+                }
+                (None, Expected::Gone { router }) => {
+                    Arc::new(TraefikError::NotRemoved { router, within })
+                }
             };
             done.insert(host, Err(err));
         }
@@ -458,23 +459,14 @@ impl Traefik {
         Ok(routes
             .into_iter()
             .map(|(host, (session, route, upstream))| {
-                let upstream = match &raw {
-                    Some(raw) => {
-                        let name = route_tag(&self.prefix, &session, route.as_deref(), &host);
-                        match raw.state(&name) {
-                            Some(RouterState {
-                                rule: r,
-                                url,
-                                errors,
-                            }) if r == rule(&host) && url == service_url(&upstream) => match errors
-                            {
-                                None => upstream,
-                                Some(e) => format!("{upstream} (refused by Traefik: {e})"),
-                            },
-                            _ => format!("{upstream} (not loaded by Traefik)"),
-                        }
-                    }
-                    None => upstream,
+                let name = route_tag(&self.prefix, &session, route.as_deref(), &host);
+                let seen = raw
+                    .as_ref()
+                    .map(|raw| raw.seen(&name, &rule(&host), &service_url(&upstream)));
+                let upstream = match seen {
+                    None | Some(Seen::Serving) => upstream,
+                    Some(Seen::Refused(e)) => format!("{upstream} (refused by Traefik: {e})"),
+                    Some(Seen::NotYet) => format!("{upstream} (not loaded by Traefik)"),
                 };
                 ObservedRoute {
                     host,
@@ -502,12 +494,14 @@ fn service_for(upstream: &str) -> Service {
     }
 }
 
-/// What Traefik's API says about one of vessel's routers it has loaded: its rule, its
-/// service's first server URL, and Traefik's errors when it refused it.
-struct RouterState {
-    rule: String,
-    url: String,
-    errors: Option<String>,
+/// How far Traefik has taken a router as vessel wrote it.
+enum Seen {
+    /// Loaded as written, and enabled.
+    Serving,
+    /// Loaded as written, and refused: Traefik's errors.
+    Refused(String),
+    /// Not there, or not as written (Traefik has not reloaded the file yet).
+    NotYet,
 }
 
 /// Traefik's `/api/rawdata`, as far as vessel reads it: the routers and services of the
@@ -518,17 +512,24 @@ struct RawData {
 }
 
 impl RawData {
-    /// The state of router `name` from the file provider; `None` when Traefik does not have it.
-    fn state(&self, name: &str) -> Option<RouterState> {
+    /// Does Traefik have router `name` from its file provider?
+    fn has(&self, name: &str) -> bool {
+        self.routers.contains_key(&format!("{name}@file"))
+    }
+
+    /// Router `name` (and its service of the same name) against the `rule` and server `url`
+    /// vessel wrote.
+    fn seen(&self, name: &str, rule: &str, url: &str) -> Seen {
         let key = format!("{name}@file");
-        let r = self.routers.get(&key)?;
-        let text = |v: Option<&serde_json::Value>| {
-            v.and_then(serde_json::Value::as_str)
-                .unwrap_or_default()
-                .to_string()
+        let Some(r) = self.routers.get(&key) else {
+            return Seen::NotYet;
         };
         let service = self.services.get(&key);
-        let url = text(service.and_then(|s| s.pointer("/loadBalancer/servers/0/url")));
+        if text(r.get("rule")) != Some(rule)
+            || text(service.and_then(|s| s.pointer("/loadBalancer/servers/0/url"))) != Some(url)
+        {
+            return Seen::NotYet;
+        }
         let mut errors: Vec<String> = [Some(r), service]
             .into_iter()
             .flatten()
@@ -538,16 +539,19 @@ impl RawData {
             .collect();
         errors.sort();
         errors.dedup();
-        let disabled = text(r.get("status")) == "disabled";
-        if disabled && errors.is_empty() {
+        if text(r.get("status")) == Some("disabled") && errors.is_empty() {
             errors.push("disabled, without a reason given".into());
         }
-        Some(RouterState {
-            rule: text(r.get("rule")),
-            url,
-            errors: (!errors.is_empty()).then(|| errors.join("; ")),
-        })
+        if errors.is_empty() {
+            Seen::Serving
+        } else {
+            Seen::Refused(errors.join("; "))
+        }
     }
+}
+
+fn text(v: Option<&serde_json::Value>) -> Option<&str> {
+    v.and_then(serde_json::Value::as_str)
 }
 
 /// One `GET /api/rawdata` from Traefik's API at `addr`.
@@ -671,6 +675,51 @@ mod tests {
                 .is_some_and(|e| e.contains("middleware `auth`")),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn traefiks_rawdata_reads_as_serving_refused_or_not_yet() {
+        let json = serde_json::json!({
+            "routers": {
+                "ok@file": {"rule": "Host(`a`)", "service": "ok", "status": "enabled"},
+                "bad@file": {"rule": "Host(`b`)", "service": "bad", "status": "disabled",
+                    "error": ["entryPoint \"x\" doesn't exist", "no valid entryPoint for this router"]},
+                "quiet@file": {"rule": "Host(`c`)", "service": "quiet", "status": "disabled"},
+                "ok@docker": {"rule": "Host(`d`)", "service": "ok", "status": "enabled"}
+            },
+            "services": {
+                "ok@file": {"loadBalancer": {"servers": [{"url": "http://127.0.0.1:1"}]}},
+                "bad@file": {"loadBalancer": {"servers": [{"url": "http://127.0.0.1:2"}]},
+                    "error": ["entryPoint \"x\" doesn't exist"]},
+                "quiet@file": {"loadBalancer": {"servers": [{"url": "http://127.0.0.1:3"}]}}
+            }
+        });
+        let map = |k: &str| json[k].as_object().cloned().unwrap_or_default();
+        let raw = RawData {
+            routers: map("routers"),
+            services: map("services"),
+        };
+        assert!(matches!(
+            raw.seen("ok", "Host(`a`)", "http://127.0.0.1:1"),
+            Seen::Serving
+        ));
+        assert!(matches!(
+            raw.seen("ok", "Host(`a`)", "http://127.0.0.1:9"),
+            Seen::NotYet
+        ));
+        assert!(matches!(
+            raw.seen("ok", "Host(`z`)", "http://127.0.0.1:1"),
+            Seen::NotYet
+        ));
+        assert!(matches!(
+            raw.seen("bad", "Host(`b`)", "http://127.0.0.1:2"),
+            Seen::Refused(e) if e == "entryPoint \"x\" doesn't exist; no valid entryPoint for this router"
+        ));
+        assert!(matches!(
+            raw.seen("quiet", "Host(`c`)", "http://127.0.0.1:3"),
+            Seen::Refused(_)
+        ));
+        assert!(raw.has("ok") && !raw.has("gone"));
     }
 
     #[test]
