@@ -418,11 +418,25 @@ pub(crate) fn route_batch_results(
 /// Replace `file` atomically: a temporary file beside it, synced, keeping the old file's
 /// permissions, then renamed over it. A reader sees the old file or the new, never half.
 pub(crate) fn write_atomically(file: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = file
-        .parent()
+    write_atomically_from(file, bytes, parent_dir(file))
+}
+
+/// The directory `file` is in (`.` for a bare name).
+pub(crate) fn parent_dir(file: &std::path::Path) -> &std::path::Path {
+    file.parent()
         .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."));
+        .unwrap_or(std::path::Path::new("."))
+}
+
+/// `write_atomically`, with the temporary file in `dir` (on `file`'s filesystem): for a file
+/// in a directory a watcher reloads on every event, where a temporary file beside it would be
+/// one more change.
+pub(crate) fn write_atomically_from(
+    file: &std::path::Path,
+    bytes: &[u8],
+    dir: &std::path::Path,
+) -> std::io::Result<()> {
+    use std::io::Write;
     let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.vessel-{}", std::process::id()));
     // A leftover of an interrupted write goes first; the new one never follows a symlink.

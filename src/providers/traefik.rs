@@ -2,8 +2,9 @@
 //!
 //! vessel owns one dynamic-configuration file (YAML) in a directory Traefik watches: for each
 //! route a router (`Host(...)` rule) and a load-balancer service of the same name,
-//! `<prefix>_<session>_<route>_<host>`. The file is replaced atomically (a temporary file,
-//! then a rename), so Traefik never reads half of it. Observe reads it back.
+//! `<prefix>_<session>_<route>_<host>`. The file is replaced atomically (a temporary file in
+//! `.vessel-tmp/` beside it, then a rename), so Traefik never reads half of it and sees one
+//! change per write. Observe reads it back.
 //!
 //! The file is vessel's alone: anything in it vessel would not write (another router, a
 //! middleware, an unknown key) makes the provider unobservable, so the planner changes
@@ -39,6 +40,8 @@ use super::{BoxFut, ProviderError, ProxyProvider, parse_route_tag, route_tag};
 
 /// How often a write asks Traefik's API whether it has loaded the file.
 const POLL: Duration = Duration::from_millis(50);
+/// The directory beside vessel's file that holds a write's temporary file.
+const TMP_DIR: &str = ".vessel-tmp";
 /// The bound on observe's one question to Traefik's API.
 const OBSERVE_API_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -368,13 +371,34 @@ impl Traefik {
         let text = format!(
             "# Written by vessel: edits here are overwritten, and anything added makes vessel stop changing this file.\n{text}"
         );
-        super::write_atomically(&self.file, text.as_bytes()).map_err(|source| {
-            TraefikError::Write {
-                file: self.file.clone(),
-                source,
-            }
-        })?;
+        let write = |source| TraefikError::Write {
+            file: self.file.clone(),
+            source,
+        };
+        let tmp = self.tmp_dir().map_err(write)?;
+        super::write_atomically_from(&self.file, text.as_bytes(), &tmp).map_err(write)?;
         Ok(expected)
+    }
+
+    /// Where the temporary file of a write goes: `.vessel-tmp/` beside the file (made on
+    /// the first write). Traefik's file provider reloads its directory on every event in it
+    /// and then waits out `providersThrottleDuration` (2 s) before the next reload, so a
+    /// temporary file beside vessel's would make each write wait 2 s behind a reload of the
+    /// old file; the watch does not reach into subdirectories, so only the rename is seen.
+    fn tmp_dir(&self) -> std::io::Result<PathBuf> {
+        let dir = super::parent_dir(&self.file).join(TMP_DIR);
+        match std::fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() => Ok(dir),
+            Ok(_) => Err(std::io::Error::other(format!(
+                "{} is not a directory (vessel keeps its temporary files there)",
+                dir.display()
+            ))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir(&dir)?;
+                Ok(dir)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Wait until Traefik's API shows every step of the batch as loaded (or refused), within
