@@ -143,7 +143,16 @@ fn setup(pod: &Podman, n: usize, instance: &str) -> Setup {
         .clone()
         .expect("docker config");
     let provider = Arc::new(
-        DockerProvider::new(docker_config, dir.path().join("state/docker")).expect("provider"),
+        DockerProvider::new(
+            docker_config,
+            dir.path().join("state/docker"),
+            vessel::providers::kept::Kept::new(
+                dir.path().join("state/retained/docker"),
+                vessel::model::ComputeKind::Docker,
+                std::time::Duration::ZERO,
+            ),
+        )
+        .expect("provider"),
     );
     let mut providers = Providers::for_planning(&config).expect("providers");
     let p: Arc<dyn ComputeProvider> = provider.clone();

@@ -25,7 +25,19 @@ use crate::planner::{Plan, Policy, render};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// How `vessel run` and `vessel apply` write their log on stderr: lines for people, or one
+    /// JSON object per event for a log collector.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+static LOG_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
@@ -68,6 +80,24 @@ pub enum Command {
         #[command(flatten)]
         overrides: Overrides,
     },
+    /// Let a running vessel apply, once, the destroys a guard holds in the plan whose
+    /// approval hash `vessel plan` printed (`vessel approve HASH`). The approval is written
+    /// into the state directory; the daemon takes it on its next pass if its plan is still
+    /// exactly that one, and it expires unused after `--ttl`.
+    Approve {
+        /// The hash `vessel plan` printed under "Held".
+        hash: String,
+        /// A desired-state directory (with the embedded default config) or a config file: where
+        /// the state directory is.
+        #[arg(default_value = ".")]
+        target: PathBuf,
+        /// How long the approval stays valid.
+        #[arg(long, default_value = "1h")]
+        ttl: crate::model::Duration,
+        /// The state directory (overrides the config's).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
     /// The daemon: watch the source, reconcile forever, serve the embedded proxy.
     Run {
         /// A desired-state directory (with the embedded default config) or a config file.
@@ -96,12 +126,23 @@ pub enum Command {
     /// current source and converged, 1 on timeout. The token, if the endpoint needs one, is
     /// read from `VESSEL_STATUS_TOKEN`.
     Status {
-        /// The status endpoint.
-        #[arg(long, default_value = "http://127.0.0.1:9090")]
-        url: String,
-        /// Wait until the daemon has applied the current source and converged.
+        /// A config file (or desired-state directory): its `status.listen` (and token) is the
+        /// endpoint. Without one, `./vessel.yaml` if there is one, else the embedded default.
+        target: Option<PathBuf>,
+        /// The status endpoint (overrides the config's).
+        #[arg(long)]
+        url: Option<String>,
+        /// Wait until the daemon has applied the current source and converged: nothing to do,
+        /// nothing held, every provider observed, no file with errors.
         #[arg(long)]
         wait_converged: bool,
+        /// With --wait-converged: also wait until this git revision (a commit, branch or tag)
+        /// or a later one is applied (for a directory source: that content revision).
+        #[arg(long, value_name = "REV", requires = "wait_converged")]
+        revision: Option<String>,
+        /// With --wait-converged: files with errors (and what they hold) do not count.
+        #[arg(long, requires = "wait_converged")]
+        allow_quarantined: bool,
         /// How long to wait.
         #[arg(long, default_value = "60s")]
         timeout: crate::model::Duration,
@@ -166,6 +207,14 @@ pub enum Format {
     Json,
 }
 
+/// Print to stdout, ignoring a closed pipe (`vessel apply | head` must not panic mid-apply).
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($t)*);
+    }};
+}
+
 pub fn main() -> ExitCode {
     crate::source::git::init_network_timeouts();
     let cli = Cli::parse();
@@ -183,6 +232,25 @@ fn color_stderr() -> bool {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if matches!(
+        cli.command,
+        Command::Validate { .. }
+            | Command::Plan { .. }
+            | Command::Status { .. }
+            | Command::Schema { .. }
+            | Command::Approve { .. }
+    ) {
+        // A reader that goes away (`vessel plan | head`) ends these at once, as it ends any
+        // filter, instead of a panic on the next write.
+        // SAFETY: no other thread exists yet, and SIG_DFL is a valid disposition.
+        let _ = unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            )
+        };
+    }
+    LOG_FORMAT.get_or_init(|| cli.log_format);
     match cli.command {
         Command::Validate { target, format } => validate(&target, format),
         Command::Plan {
@@ -209,11 +277,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             overrides,
         } => run_cmd(&target, allow_destroy, &overrides),
         Command::Status {
+            target,
             url,
             wait_converged,
+            revision,
+            allow_quarantined,
             timeout,
             json,
-        } => status_cmd(&url, wait_converged, timeout.std(), json),
+        } => {
+            let (url, token) = match status_endpoint(target.as_deref(), url) {
+                Ok(e) => e,
+                Err(code) => return Ok(code),
+            };
+            let wait = wait_converged.then_some(Wait {
+                revision,
+                allow_quarantined,
+            });
+            status_cmd(&url, token.as_deref(), wait, timeout.std(), json)
+        }
+        Command::Approve {
+            hash,
+            target,
+            ttl,
+            state_dir,
+        } => approve_cmd(&hash, &target, ttl, state_dir),
         Command::Devserver { listen, root, name } => {
             runtime()?.block_on(crate::devserver::run(listen, root, name))?;
             Ok(ExitCode::SUCCESS)
@@ -247,7 +334,21 @@ fn print_diagnostics(diags: &[Diagnostic]) {
     }
 }
 
+/// Is `target` a file of desired-state documents (one has a `kind`) rather than a config?
+fn is_desired_file(target: &Path) -> bool {
+    use std::io::Read as _;
+    let mut text = String::new();
+    target.is_file()
+        && std::fs::File::open(target)
+            .and_then(|f| f.take(load::MAX_FILE_BYTES).read_to_string(&mut text))
+            .is_ok()
+        && load::yaml::scan(&text).is_ok_and(|docs| docs.iter().any(|d| d.kind.is_some()))
+}
+
 fn validate(target: &Path, format: Format) -> anyhow::Result<ExitCode> {
+    if is_desired_file(target) {
+        return validate_file(target, format);
+    }
     let config = match resolve_target(target) {
         Ok(c) => c,
         Err(diags) => {
@@ -275,6 +376,38 @@ fn validate(target: &Path, format: Format) -> anyhow::Result<ExitCode> {
         ),
     }
     Ok(if desired.is_valid() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// `vessel validate FILE.yaml`: the file in the context of its directory (the plans it names
+/// may be in other files there), reporting on that file alone.
+fn validate_file(target: &Path, format: Format) -> anyhow::Result<ExitCode> {
+    let root = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let rel = PathBuf::from(target.file_name().unwrap_or_default());
+    let config = Config::embedded_default(root);
+    let mut d = crate::source::load(&config, chrono::Utc::now())?;
+    let display = root.join(&rel);
+    d.quarantined.retain(|f, _| *f == rel);
+    d.warnings.retain(|w| w.file == display);
+    d.plans.retain(|_, x| x.file == rel);
+    d.sessions.retain(|_, x| x.file == rel);
+    d.routes.retain(|_, x| x.file == rel);
+    d.files.retain(|f| *f == rel);
+    match format {
+        Format::Text => {
+            print_diagnostics(&d.errors().cloned().collect::<Vec<_>>());
+            print_diagnostics(&d.warnings);
+            eprintln!("{}", summary(&d));
+        }
+        Format::Json => println!("{}", serde_json::to_string_pretty(&validation_json(&d))?),
+    }
+    Ok(if d.is_valid() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
@@ -326,9 +459,16 @@ pub fn validation_json(d: &Desired) -> serde_json::Value {
     })
 }
 
-/// Exit code for a plan: 0 nothing to do, 2 changes (or destroys held by a guard).
+/// Exit code for a plan: 0 nothing to do, 2 changes (or something held back that differs
+/// from what is declared: a guard, a missing source, an object in the way). What cannot be
+/// observed from here (the embedded proxy lives in the daemon) is listed, not counted.
 pub fn plan_exit(plan: &Plan) -> ExitCode {
-    if plan.has_changes() || !plan.guards.is_empty() {
+    use crate::planner::HoldReason;
+    let held = plan
+        .held
+        .iter()
+        .any(|h| !matches!(h.why, HoldReason::NoAddress | HoldReason::Unobserved { .. }));
+    if plan.has_changes() || !plan.guards.is_empty() || held {
         ExitCode::from(2)
     } else {
         ExitCode::SUCCESS
@@ -423,12 +563,14 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("VESSEL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    let _ = match LOG_FORMAT.get().copied().unwrap_or(LogFormat::Text) {
+        LogFormat::Json => fmt.json().flatten_event(true).try_init(),
+        LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).try_init(),
+    };
 }
 
 fn config_for(target: &Path, overrides: &Overrides) -> Result<Config, ExitCode> {
@@ -452,12 +594,32 @@ fn run_cmd(target: &Path, allow_destroy: bool, overrides: &Overrides) -> anyhow:
     };
     tracing::info!(source = %config.source_display(), state = %config.state_dir.display(), "vessel starting");
     let cancel = tokio_util::sync::CancellationToken::new();
+    // A config file is read again on SIGHUP and when it changes; a directory's embedded
+    // default has nothing to reload.
+    let reload = (!target.is_dir()).then(|| {
+        let (path, overrides) = (target.to_path_buf(), overrides.clone());
+        crate::daemon::Reload {
+            path: path.clone(),
+            read: Box::new(move || {
+                let mut c = load::load_config(&path).map_err(|diags| {
+                    diags
+                        .iter()
+                        .map(|d| d.render(false))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })?;
+                overrides.apply(&mut c);
+                Ok(c)
+            }),
+        }
+    });
     runtime()?.block_on(crate::daemon::run(
         config,
         allow_destroy,
         cancel,
         true,
         None,
+        reload,
     ))?;
     Ok(ExitCode::SUCCESS)
 }
@@ -468,6 +630,7 @@ fn apply_cmd(
     overrides: &Overrides,
 ) -> anyhow::Result<ExitCode> {
     use crate::reconcile::{Reconciler, Trigger};
+    init_logging();
     let config = match config_for(target, overrides) {
         Ok(c) => c,
         Err(code) => return Ok(code),
@@ -490,9 +653,10 @@ fn apply_cmd(
         let mut policy = Policy::from_config(&config, now);
         policy.allow_destroy = allow_destroy;
         let first = crate::planner::plan(&desired, &observed, &policy);
-        print!("{}", render::text(&first, &observed, color));
+        say!("{}", render::text(&first, &observed, color));
         if first.is_empty() {
-            return Ok(if desired.is_valid() { ExitCode::SUCCESS } else { ExitCode::from(1) });
+            let held = crate::status::view::not_converged(Some(&first), Some(&observed), Some(&desired));
+            return Ok(apply_exit(&held, 0));
         }
         let cancel = tokio_util::sync::CancellationToken::new();
         let c = cancel.clone();
@@ -505,14 +669,14 @@ fn apply_cmd(
         let mut rec = Reconciler::new(config, providers, state);
         rec.allow_destroy = allow_destroy;
         let started = std::time::Instant::now();
-        println!("\nApplying:");
+        say!("\nApplying:\n");
         let reports = rec
             .converge(Trigger::Apply, 10, &cancel, |e| {
                 let (mark, extra) = match &e.outcome {
                     crate::exec::Outcome::Succeeded => ("ok", String::new()),
                     other => (other.label(), crate::reconcile::failure_text(other).map(|t| format!(": {t}")).unwrap_or_default()),
                 };
-                println!("  [pass {}] {:<12} {} {} ({} ms){extra}", e.pass, e.action, e.object, mark, e.duration_ms);
+                say!("  [pass {}] {:<12} {} {} ({} ms){extra}\n", e.pass, e.action, e.object, mark, e.duration_ms);
             })
             .await;
         let last = reports.last();
@@ -520,9 +684,20 @@ fn apply_cmd(
             .iter()
             .map(|r| r.outcomes.get("failed").copied().unwrap_or(0) + r.outcomes.get("timed_out").copied().unwrap_or(0))
             .sum();
-        let converged = last.is_some_and(|r| r.converged);
-        println!(
-            "\n{} after {} pass(es) in {:.1}s{}.",
+        let held = rec
+            .shared
+            .lock()
+            .map(|s| {
+                crate::status::view::not_converged(
+                    s.plan.as_deref(),
+                    s.observed.as_deref(),
+                    s.desired.as_deref(),
+                )
+            })
+            .unwrap_or_else(|_| vec![("the pass's result is unreadable".into(), false)]);
+        let converged = last.is_some_and(|r| r.converged && r.error.is_none()) && held.is_empty();
+        say!(
+            "\n{} after {} pass(es) in {:.1}s{}.\n",
             if converged { "Applied: the world matches the desired state" } else { "Not converged" },
             reports.len(),
             started.elapsed().as_secs_f64(),
@@ -531,9 +706,59 @@ fn apply_cmd(
         for p in rec.providers.compute.values() {
             p.shutdown().await;
         }
-        Ok::<_, anyhow::Error>(if converged && desired.is_valid() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        let stuck = last.is_none_or(|r| !r.converged || r.error.is_some());
+        Ok::<_, anyhow::Error>(apply_exit(&held, if failed > 0 || stuck { 1 } else { 0 }))
     })
 }
+
+fn approve_cmd(
+    hash: &str,
+    target: &Path,
+    ttl: crate::model::Duration,
+    state_dir: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    if hash.len() != 16 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        eprintln!(
+            "error: `{hash}` is not an approval hash; `vessel plan` prints one (16 hex digits) under \"Held\""
+        );
+        return Ok(ExitCode::from(1));
+    }
+    let overrides = Overrides {
+        state_dir,
+        ..Overrides::default()
+    };
+    let config = match config_for(target, &overrides) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let state = crate::state::StateDir::open(&config.state_dir)?;
+    let expires = chrono::Utc::now() + chrono::Duration::from_std(ttl.std())?;
+    state.approve(&hash.to_ascii_lowercase(), expires)?;
+    println!(
+        "approved {hash} until {}: a running vessel applies the destroys it holds once, in its next pass, if its plan still holds exactly those",
+        expires.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vessel apply`'s exit code: 1 when something failed or was left undone (`failed`), else 3
+/// when something was held back (printed), else 0.
+fn apply_exit(held: &[(String, bool)], failed: u8) -> ExitCode {
+    if failed != 0 {
+        return ExitCode::from(failed);
+    }
+    if held.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    eprintln!("held back (exit 3):");
+    for (why, _) in held {
+        eprintln!("  {why}");
+    }
+    ExitCode::from(APPLY_HELD)
+}
+
+/// `vessel apply`'s exit code when nothing failed but something was held back.
+pub const APPLY_HELD: u8 = 3;
 
 /// GET `path` from an `http://host:port` base; the body, or why not.
 fn http_get(base: &str, path: &str, token: Option<&str>) -> Result<(u16, String), String> {
@@ -569,23 +794,90 @@ fn http_get(base: &str, path: &str, token: Option<&str>) -> Result<(u16, String)
     ))
 }
 
+/// What `vessel status --wait-converged` waits for.
+struct Wait {
+    revision: Option<String>,
+    allow_quarantined: bool,
+}
+
+/// The status endpoint and its token: `--url`, else the config's `status.listen` (the config
+/// named, or `./vessel.yaml`, or the embedded default); the token from `VESSEL_STATUS_TOKEN`,
+/// else the config's reference.
+fn status_endpoint(
+    target: Option<&Path>,
+    url: Option<String>,
+) -> Result<(String, Option<String>), ExitCode> {
+    let local = Path::new("vessel.yaml");
+    let config = match target {
+        Some(t) => Some(resolve_target(t).map_err(|d| {
+            print_diagnostics(&d);
+            ExitCode::from(1)
+        })?),
+        None if url.is_none() && local.is_file() => resolve_target(local).ok(),
+        None => None,
+    };
+    let url = url.unwrap_or_else(|| {
+        let listen = config
+            .as_ref()
+            .map(|c| c.status.listen)
+            .unwrap_or_else(|| Config::embedded_default(Path::new(".")).status.listen);
+        format!("http://{listen}")
+    });
+    let token = std::env::var("VESSEL_STATUS_TOKEN").ok().or_else(|| {
+        let r = config.as_ref()?.status.token.as_ref()?;
+        r.resolve().ok().map(|s| s.expose().to_string())
+    });
+    Ok((url, token))
+}
+
+/// Percent-encode a query value.
+fn query_value(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 fn status_cmd(
     url: &str,
-    wait: bool,
+    token: Option<&str>,
+    wait: Option<Wait>,
     timeout: std::time::Duration,
     raw: bool,
 ) -> anyhow::Result<ExitCode> {
-    let token = std::env::var("VESSEL_STATUS_TOKEN").ok();
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        let got = http_get(url, "/status", token.as_deref());
+        let got = http_get(url, "/status", token);
         let status: Option<serde_json::Value> = match &got {
             Ok((200, body)) => serde_json::from_str(body).ok(),
             _ => None,
         };
-        let done = status.as_ref().is_some_and(|v| v["converged"] == true);
+        let done = match (&wait, &status) {
+            (Some(w), Some(v)) => {
+                let key = if w.allow_quarantined {
+                    "converged_allowing_quarantine"
+                } else {
+                    "converged"
+                };
+                let applied = match &w.revision {
+                    None => true,
+                    Some(rev) => {
+                        let path = format!("/revision?contains={}", query_value(rev));
+                        matches!(http_get(url, &path, token), Ok((200, body))
+                            if serde_json::from_str::<serde_json::Value>(&body)
+                                .is_ok_and(|r| r["contains"] == true))
+                    }
+                };
+                v[key] == true && applied
+            }
+            _ => false,
+        };
         if let Some(v) = &status
-            && (!wait || done)
+            && (wait.is_none() || done)
         {
             if raw {
                 println!("{}", serde_json::to_string_pretty(v)?);
@@ -594,7 +886,7 @@ fn status_cmd(
             }
             return Ok(ExitCode::SUCCESS);
         }
-        if !wait {
+        if wait.is_none() {
             let why = match got {
                 Ok((code, body)) => format!("{url} answered {code}: {}", body.trim()),
                 Err(e) => e,
@@ -604,7 +896,26 @@ fn status_cmd(
         }
         if std::time::Instant::now() >= deadline {
             let why = match (&got, &status) {
-                (_, Some(v)) => format!("not converged: {}", status_summary(url, v).trim_end()),
+                (_, Some(v)) => {
+                    let reasons: Vec<&str> = v["not_converged"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|r| r.as_str())
+                        .collect();
+                    let revision = match wait.as_ref().and_then(|w| w.revision.as_deref()) {
+                        Some(rev) => format!(
+                            "; waiting for revision {rev} (applied: {})",
+                            v["revision"].as_str().unwrap_or("none")
+                        ),
+                        None => String::new(),
+                    };
+                    format!(
+                        "not converged{revision}: {}\n{}",
+                        reasons.join("; "),
+                        status_summary(url, v).trim_end()
+                    )
+                }
                 (Ok((code, body)), None) => format!("{url} answered {code}: {}", body.trim()),
                 (Err(e), None) => e.clone(),
             };
@@ -643,6 +954,14 @@ fn status_summary(url: &str, v: &serde_json::Value) -> String {
     if let Some(q) = v["quarantined"].as_array().filter(|q| !q.is_empty()) {
         let files: Vec<&str> = q.iter().filter_map(|f| f["file"].as_str()).collect();
         out.push_str(&format!("files with errors (held): {}\n", files.join(", ")));
+    }
+    for k in v["kept_workspaces"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "kept workspace of {} ({}): until {}\n",
+            k["session"].as_str().unwrap_or("?"),
+            k["provider"].as_str().unwrap_or("?"),
+            k["until"].as_str().unwrap_or("?"),
+        ));
     }
     for p in v["providers"].as_array().into_iter().flatten() {
         if p["observed"] != true {

@@ -288,6 +288,21 @@ pub struct DockerConfig {
     /// another instance sharing an engine are foreign to this one.
     #[serde(default = "default_instance")]
     pub instance: String,
+    /// The longest any one Engine API call may take to answer (a stop gets its stop timeout on
+    /// top). A frozen engine costs at most this per call; the host then reads as unobserved.
+    #[serde(default = "default_call_timeout")]
+    pub call_timeout: Duration,
+    /// The longest a workspace upload (source sync, a kept workspace restored) may take.
+    #[serde(default = "default_transfer_timeout")]
+    pub transfer_timeout: Duration,
+}
+
+fn default_call_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_transfer_timeout() -> Duration {
+    Duration::from_secs(600)
 }
 
 fn default_instance() -> String {
@@ -539,6 +554,16 @@ pub struct Policy {
     /// A full pass at least this often, to repair drift.
     #[serde(default = "default_resync")]
     pub resync_interval: Duration,
+    /// What a change to the desired-state files takes away (a destroy, a replace, a route or
+    /// DNS removal) waits until the files involved have been unchanged this long; a file that
+    /// turns empty holds what it declared this long. Creates and updates do not wait. `0s`
+    /// turns it off.
+    #[serde(default = "default_settle")]
+    pub settle: Duration,
+    /// How long a destroyed session's workspace is kept in the state directory, to be restored
+    /// if the session is declared again. `0s` keeps nothing.
+    #[serde(default = "default_retention")]
+    pub workspace_retention: Duration,
 }
 
 impl Default for Policy {
@@ -547,8 +572,18 @@ impl Default for Policy {
             destroy_budget: DestroyBudget::default(),
             allow_empty_source: false,
             resync_interval: default_resync(),
+            settle: default_settle(),
+            workspace_retention: default_retention(),
         }
     }
+}
+
+fn default_settle() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn default_retention() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 
 fn default_resync() -> Duration {

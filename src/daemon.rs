@@ -71,14 +71,23 @@ const DEBOUNCE_MAX: Duration = Duration::from_millis(500);
 /// Passes in a row that may follow one another at once before waiting for a trigger.
 const MAX_FOLLOWUPS: u32 = 10;
 
+/// How the daemon reads its config file again: on SIGHUP, and when the file changes.
+pub struct Reload {
+    /// The config file (its directory is watched for changes to it).
+    pub path: PathBuf,
+    /// Read it again, with the command line's overrides applied; or why it cannot be used.
+    pub read: Box<dyn Fn() -> Result<Config, String> + Send + Sync>,
+}
+
 /// Run until `cancel` (or SIGINT/SIGTERM when `signals`). `ready` is told the handles once the
-/// proxy listens.
+/// proxy listens. With `reload`, SIGHUP and changes to the config file reload it.
 pub async fn run(
     config: Config,
     allow_destroy: bool,
     cancel: CancellationToken,
     signals: bool,
     ready: Option<tokio::sync::oneshot::Sender<Handle>>,
+    reload: Option<Reload>,
 ) -> Result<(), DaemonError> {
     let state = StateDir::open(&config.state_dir)?;
     let _lock = state.lock()?;
@@ -144,18 +153,24 @@ pub async fn run(
     let status_addr = status_listener.local_addr().ok();
 
     let (tx, mut rx) = mpsc::unbounded_channel::<Trigger>();
-    for p in providers.compute.values() {
-        if let Some(mut changes) = p.changes() {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                while changes.changed().await.is_ok() {
-                    if tx.send(Trigger::Provider).is_err() {
-                        return;
-                    }
+    forward_changes(&providers, &tx);
+    if signals {
+        // SIGHUP reloads the config; it never ends the daemon.
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(DaemonError::Signals)?;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the config");
+                if tx.send(Trigger::Config).is_err() {
+                    return;
                 }
-            });
-        }
+            }
+        });
     }
+    let _config_watcher = reload
+        .as_ref()
+        .and_then(|r| watch_config(&r.path, tx.clone()));
 
     let resync = config
         .policy
@@ -166,6 +181,8 @@ pub async fn run(
         proxy_port: proxy_addr.map(|a| a.port()),
         domain: config.domain.clone(),
         templates: config.routes.templates.clone(),
+        git_mirror: matches!(config.source, crate::config::SourceConfig::Git(_))
+            .then(|| config.state_dir.join("git")),
     };
     let source_dir = config.source_dir().map(Path::to_path_buf);
     // A git source is polled: every pass fetches, so passes come at least this often.
@@ -193,7 +210,7 @@ pub async fn run(
         tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "webhook receiver listening");
         crate::webhook::serve_thread(listener, secret, tx.clone(), cancel.clone()).map_err(err)?;
     }
-    let _watcher = match &source_dir {
+    let mut source_watcher = match &source_dir {
         Some(dir) => Some(watch_source(
             dir,
             &state_dir,
@@ -202,6 +219,7 @@ pub async fn run(
         )?),
         None => None,
     };
+    let _approvals = watch_approvals(&reconciler.state().approvals_dir(), tx.clone());
     // Every secret this process resolves is redacted from whatever the status endpoint serves.
     let mut secrets: Vec<String> = Vec::new();
     if let crate::config::DnsConfig::Powerdns { api_key, .. } = &reconciler.config.providers.dns
@@ -248,9 +266,15 @@ pub async fn run(
     }
     let mut trigger = Trigger::Startup;
     let mut followups = 0;
+    let mut said = Said::default();
     loop {
-        let (report, _, _) = reconciler.pass(trigger, &cancel, |_| {}).await;
-        log_pass(&report);
+        let (report, plan, _) = reconciler.pass(trigger, &cancel, |_| {}).await;
+        let desired = reconciler
+            .shared
+            .lock()
+            .ok()
+            .and_then(|s| s.desired.clone());
+        log_pass(&report, &plan, desired.as_deref(), &mut said);
         if cancel.is_cancelled() {
             break;
         }
@@ -276,9 +300,35 @@ pub async fn run(
             },
             _ = tokio::time::sleep(due) => if timer_is_resync { Trigger::Resync } else { Trigger::Timer },
         };
-        // Coalesce everything else that arrived meanwhile into this one pass.
-        while rx.try_recv().is_ok() {}
+        // Coalesce everything else that arrived meanwhile into this one pass (a config reload
+        // among them is done first).
+        let mut reload_now = trigger == Trigger::Config;
+        while let Ok(t) = rx.try_recv() {
+            reload_now |= t == Trigger::Config;
+        }
+        if reload_now && let Some(r) = &reload {
+            let before = reconciler.config.source.clone();
+            reload_config(&mut reconciler, r, &tx);
+            if reconciler.config.source != before {
+                source_watcher = match reconciler.config.source_dir() {
+                    Some(dir) => {
+                        match watch_source(dir, &state_dir, tx.clone(), reconciler.shared.clone()) {
+                            Ok(w) => Some(w),
+                            Err(e) => {
+                                tracing::warn!(
+                                    "cannot watch the new source, it is read on every periodic pass: {}",
+                                    crate::error_chain(&e)
+                                );
+                                None
+                            }
+                        }
+                    }
+                    None => None,
+                };
+            }
+        }
     }
+    drop(source_watcher);
     for p in reconciler.providers.compute.values() {
         p.shutdown().await;
     }
@@ -286,11 +336,153 @@ pub async fn run(
     Ok(())
 }
 
-fn log_pass(r: &PassReport) {
+/// Pass every compute provider's own change notices on to the loop.
+fn forward_changes(providers: &Providers, tx: &mpsc::UnboundedSender<Trigger>) {
+    for p in providers.compute.values() {
+        if let Some(mut changes) = p.changes() {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while changes.changed().await.is_ok() {
+                    if tx.send(Trigger::Provider).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// Read the config again and take what can change while running: the source, domain, route
+/// templates, source roots, policy, and the compute and DNS providers (rebuilt). What only a
+/// restart changes (the state directory, listeners, the proxy provider, the status token, the
+/// webhook) keeps its running value, with a warning. An invalid config changes nothing and
+/// says why.
+fn reload_config(rec: &mut Reconciler, reload: &Reload, tx: &mpsc::UnboundedSender<Trigger>) {
+    let path = reload.path.display();
+    let mut new = match (reload.read)() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("{path} was not reloaded; the running config stays: {e}");
+            return;
+        }
+    };
+    let old = &rec.config;
+    if new == *old {
+        tracing::info!("{path} reloaded: nothing changed");
+        return;
+    }
+    let mut kept: Vec<&str> = Vec::new();
+    if new.state_dir != old.state_dir {
+        new.state_dir = old.state_dir.clone();
+        kept.push("state_dir");
+    }
+    if new.status != old.status {
+        new.status = old.status.clone();
+        kept.push("status");
+    }
+    if new.providers.proxy != old.providers.proxy {
+        new.providers.proxy = old.providers.proxy.clone();
+        kept.push("providers.proxy");
+    }
+    let webhook = |c: &Config| match &c.source {
+        crate::config::SourceConfig::Git(g) => g.webhook.clone(),
+        crate::config::SourceConfig::Dir(_) => None,
+    };
+    if webhook(&new) != webhook(old) {
+        kept.push("source.git.webhook");
+        if let crate::config::SourceConfig::Git(g) = &mut new.source {
+            g.webhook = webhook(old);
+        }
+    }
+    if !kept.is_empty() {
+        tracing::warn!(
+            "{path}: {} change only on restart; they keep their running values",
+            kept.join(", ")
+        );
+    }
+    let providers_changed =
+        new.providers.compute != old.providers.compute || new.providers.dns != old.providers.dns;
+    if providers_changed {
+        match Providers::from_config(&new) {
+            Ok(mut p) => {
+                // The proxy stays the one that is serving.
+                p.proxy = rec.providers.proxy.clone();
+                p.embedded = rec.providers.embedded.clone();
+                forward_changes(&p, tx);
+                rec.providers = p;
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "{path} was not reloaded; the running config stays: {}",
+                    crate::error_chain(&e)
+                );
+                return;
+            }
+        }
+    }
+    rec.set_config(new);
+    tracing::info!("{path} reloaded");
+}
+
+/// Watch the config file (through its directory, so a save that renames over it counts).
+fn watch_config(
+    path: &Path,
+    tx: mpsc::UnboundedSender<Trigger>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let name = path.file_name()?.to_os_string();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<()>();
+    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let Ok(ev) = res else { return };
+        if matches!(ev.kind, notify::EventKind::Access(_)) {
+            return;
+        }
+        if ev
+            .paths
+            .iter()
+            .any(|p| p.file_name() == Some(name.as_os_str()))
+        {
+            let _ = raw_tx.send(());
+        }
+    })
+    .ok()?;
+    w.watch(&dir, notify::RecursiveMode::NonRecursive).ok()?;
+    tokio::spawn(async move {
+        while raw_rx.recv().await.is_some() {
+            // A save is often several events: wait for a quiet moment.
+            while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, raw_rx.recv()).await {}
+            if tx.send(Trigger::Config).is_err() {
+                return;
+            }
+        }
+    });
+    Some(w)
+}
+
+/// What the log last said about held objects and files with errors: each is said again only
+/// when it changes, not on every pass.
+#[derive(Default)]
+struct Said {
+    held: Vec<String>,
+    quarantined: Vec<String>,
+    gaps: Vec<String>,
+}
+
+fn log_pass(
+    r: &PassReport,
+    plan: &crate::planner::Plan,
+    desired: Option<&crate::desired::Desired>,
+    said: &mut Said,
+) {
     let outcomes: Vec<String> = r.outcomes.iter().map(|(k, v)| format!("{v} {k}")).collect();
     if let Some(e) = &r.error {
         tracing::error!(pass = r.pass, trigger = ?r.trigger, "pass could not plan: {e}");
-    } else if r.converged {
+    } else if plan.steps.is_empty() && plan.deferred.is_empty() {
         tracing::debug!(pass = r.pass, trigger = ?r.trigger, duration_ms = r.duration_ms, "converged");
     } else {
         tracing::info!(
@@ -307,16 +499,94 @@ fn log_pass(r: &PassReport) {
             outcomes.join(", ")
         );
     }
-    if !r.quarantined.is_empty() {
-        tracing::warn!(
-            pass = r.pass,
-            "files with errors (their objects are held): {}",
-            r.quarantined.join(", ")
-        );
+    let mut held: Vec<String> = plan
+        .guards
+        .iter()
+        .map(|g| g.describe())
+        .chain(
+            plan.held
+                .iter()
+                .filter(|h| h.why != crate::planner::HoldReason::NoAddress)
+                .map(|h| {
+                    format!(
+                        "{}: {}",
+                        h.object,
+                        crate::planner::render::hold_text(&h.why)
+                    )
+                }),
+        )
+        .collect();
+    held.sort();
+    if held != said.held {
+        for h in held.iter().filter(|h| !said.held.contains(h)) {
+            tracing::warn!(pass = r.pass, "held: {h}");
+        }
+        if held.is_empty() {
+            tracing::info!(pass = r.pass, "nothing is held any more");
+        }
+        said.held = held;
     }
-    for (p, e) in &r.gaps {
-        tracing::warn!(pass = r.pass, provider = %p, "could not observe: {e}");
+    // Files with errors: once per change, with their errors in words.
+    let quarantined: Vec<String> = desired
+        .map(|d| {
+            d.quarantined
+                .iter()
+                .map(|(f, q)| {
+                    let errors: Vec<String> = q
+                        .errors
+                        .iter()
+                        .map(|e| format!("{}:{}: {}", e.line, e.column, e.message))
+                        .collect();
+                    format!("{}: {}", f.display(), errors.join("; "))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if quarantined != said.quarantined {
+        for q in quarantined.iter().filter(|q| !said.quarantined.contains(q)) {
+            tracing::warn!(
+                pass = r.pass,
+                "file with errors (its objects are held): {q}"
+            );
+        }
+        if quarantined.is_empty() {
+            tracing::info!(pass = r.pass, "no file has errors any more");
+        }
+        said.quarantined = quarantined;
     }
+    let gaps: Vec<String> = r.gaps.iter().map(|(p, e)| format!("{p}: {e}")).collect();
+    if gaps != said.gaps {
+        for g in gaps.iter().filter(|g| !said.gaps.contains(g)) {
+            tracing::warn!(pass = r.pass, "could not observe {g}");
+        }
+        if gaps.is_empty() {
+            tracing::info!(pass = r.pass, "every provider is observed again");
+        }
+        said.gaps = gaps;
+    }
+}
+
+/// Watch the state directory's approvals: a new one runs a pass at once (a missing watch
+/// only means it is taken at the next pass).
+fn watch_approvals(
+    dir: &Path,
+    tx: mpsc::UnboundedSender<Trigger>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    std::fs::create_dir_all(dir).ok()?;
+    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if res.is_ok_and(|e| {
+            matches!(
+                e.kind,
+                notify::EventKind::Create(_) | notify::EventKind::Modify(_)
+            )
+        }) {
+            let _ = tx.send(Trigger::Approval);
+        }
+    })
+    .ok()?;
+    w.watch(dir, notify::RecursiveMode::NonRecursive).ok()?;
+    Some(w)
 }
 
 /// Watch the source tree; relevant events are debounced into `Trigger::Source`.

@@ -55,11 +55,18 @@ pub struct Desired {
     pub routes: BTreeMap<String, Doc<RouteSpec>>,
     /// Every file read, relative to the root, in load order.
     pub files: Vec<PathBuf>,
+    /// A digest of each file's content as read (what a change to one file is told by).
+    pub digests: BTreeMap<PathBuf, String>,
     /// Files with errors, relative to the root.
     pub quarantined: BTreeMap<PathBuf, Quarantine>,
     pub warnings: Vec<Diagnostic>,
     /// Which revision of the source this is: a commit for git, a content hash for a directory.
     pub revision: Option<String>,
+    /// The full commit id, for a git source.
+    pub commit: Option<String>,
+    /// Sessions whose `source.path` does not exist on this machine (checked when loaded):
+    /// they are not created until it does.
+    pub missing_sources: BTreeMap<String, PathBuf>,
     /// The source could not be refreshed (a git fetch failed): this is the last good revision.
     pub source_error: Option<String>,
 }

@@ -474,6 +474,7 @@ mod tests {
                 save_to: None,
                 start: true,
                 host: None,
+                restore: false,
             },
             Action::WaitHealthy {
                 session: session.into(),

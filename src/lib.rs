@@ -19,6 +19,7 @@ pub mod providers;
 pub mod proxy;
 pub mod reconcile;
 pub mod schema;
+pub mod settle;
 pub mod source;
 pub mod state;
 pub mod status;

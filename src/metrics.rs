@@ -106,6 +106,16 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Start each provider's error counter at 0, so every metric the README lists is served
+    /// from the first scrape (a family with no series would not show at all).
+    pub fn providers(&self, names: &[String]) {
+        for p in names {
+            let _ = self.provider_errors.get_or_create(&ProviderLabel {
+                provider: p.clone(),
+            });
+        }
+    }
+
     pub fn record(
         &self,
         report: &PassReport,

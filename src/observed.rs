@@ -262,6 +262,20 @@ pub struct ObservedRecord {
     pub session: Option<String>,
 }
 
+/// A destroyed session's workspace, kept by its compute provider to be restored if the
+/// session is declared again before `until`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RetainedWorkspace {
+    pub provider: ComputeKind,
+    /// When the session was destroyed.
+    pub since: chrono::DateTime<chrono::Utc>,
+    /// When the copy is deleted.
+    pub until: chrono::DateTime<chrono::Utc>,
+    /// Its size on disk, where the provider knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+}
+
 /// Everything observed in one pass.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[schemars(title = "vessel observed snapshot")]
@@ -278,6 +292,9 @@ pub struct Observed {
     /// Providers that could not be observed, with why.
     #[serde(default)]
     pub gaps: BTreeMap<ProviderId, String>,
+    /// Workspaces of destroyed sessions, kept for a while, by session name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub retained: BTreeMap<String, RetainedWorkspace>,
 }
 
 impl Observed {

@@ -20,6 +20,7 @@ use crate::model::ComputeKind;
 use crate::observed::Observed;
 use crate::planner::{Object, Plan, Policy, Summary, plan};
 use crate::providers::Providers;
+use crate::settle::{Root, SourceHistory};
 use crate::state::{Event, StateDir};
 
 /// What started a pass.
@@ -41,6 +42,10 @@ pub enum Trigger {
     Apply,
     /// A signed webhook asked for a fetch.
     Webhook,
+    /// `vessel approve` approved held destroys.
+    Approval,
+    /// The config file changed (or SIGHUP).
+    Config,
 }
 
 /// What one pass did.
@@ -52,6 +57,9 @@ pub struct PassReport {
     /// The source revision the pass loaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
+    /// Its full commit id, for a git source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
     pub duration_ms: u64,
     /// The plan this pass found.
     pub summary: Summary,
@@ -76,9 +84,38 @@ pub struct PassReport {
     pub next_due: Option<DateTime<Utc>>,
 }
 
+/// An object's failures in a row, and until when its steps wait. A backoff is for one wish:
+/// it holds only steps of the same kind (making or taking away) against the same desired spec,
+/// so a fixed spec is tried at once and a destroy never waits for failed creates.
 struct Backoff {
     failures: u32,
     until: Instant,
+    wish: Wish,
+}
+
+/// What was being attempted when an object's step failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Wish {
+    removing: bool,
+    /// The fingerprint of the session's desired spec, for session steps.
+    spec: Option<String>,
+}
+
+/// The wish a step serves, given each desired session's spec fingerprint.
+fn wish_of(action: &crate::planner::Action, specs: &BTreeMap<&str, String>) -> Wish {
+    use crate::planner::Action as A;
+    let removing = matches!(
+        action,
+        A::DestroySession { .. }
+            | A::StopSession { .. }
+            | A::SaveWork { .. }
+            | A::RemoveRoute { .. }
+            | A::RemoveRecord { .. }
+    );
+    Wish {
+        removing,
+        spec: action.session().and_then(|s| specs.get(s).cloned()),
+    }
 }
 
 /// A session's condition, Kubernetes style: a type, whether it holds, why, and since when.
@@ -125,6 +162,8 @@ pub struct Reconciler {
     pub allow_destroy: bool,
     state: StateDir,
     backoff: BTreeMap<Object, Backoff>,
+    /// What earlier passes loaded: which files are settling.
+    history: SourceHistory,
     pass: u64,
     /// `Shared::source_seq` when this pass began: a change seen after it is still waiting.
     source_seq_seen: u64,
@@ -152,6 +191,9 @@ impl Reconciler {
         if providers.dns.is_some() {
             names.push("dns".into());
         }
+        let history = SourceHistory::new(config.policy.settle.std());
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        metrics.providers(&names);
         let shared = Shared {
             providers: names,
             started: Some(Utc::now()),
@@ -164,16 +206,23 @@ impl Reconciler {
             allow_destroy: false,
             state,
             backoff: BTreeMap::new(),
+            history,
             pass: 0,
             source_seq_seen: 0,
             seed,
             shared: Arc::new(Mutex::new(shared)),
-            metrics: Arc::default(),
+            metrics,
         }
     }
 
     pub fn state(&self) -> &StateDir {
         &self.state
+    }
+
+    /// Take a reloaded config (the providers are the caller's to rebuild).
+    pub fn set_config(&mut self, config: Config) {
+        self.history.set_settle(config.policy.settle.std());
+        self.config = config;
     }
 
     /// A number in [0.5, 1.5) for jitter (xorshift; no need for more).
@@ -184,9 +233,16 @@ impl Reconciler {
         0.5 + (self.seed % 1_000) as f64 / 1_000.0
     }
 
-    /// The earliest moment a backoff ends.
+    /// The earliest moment a backoff that is still running ends: when a held step may run
+    /// again. A backoff that has run out wakes nothing (its object may be held for another
+    /// reason, and waking for it would spin the loop).
     pub fn next_retry(&self) -> Option<Instant> {
-        self.backoff.values().map(|b| b.until).min()
+        let now = Instant::now();
+        self.backoff
+            .values()
+            .map(|b| b.until)
+            .filter(|u| *u > now)
+            .min()
     }
 
     /// Run one pass. `on_step` sees every step outcome as it happens (for progress output).
@@ -205,6 +261,7 @@ impl Reconciler {
             trigger,
             started,
             revision: None,
+            commit: None,
             source_error: None,
             duration_ms: 0,
             summary: Summary::default(),
@@ -222,8 +279,8 @@ impl Reconciler {
         let config = self.config.clone();
         let loaded =
             tokio::task::spawn_blocking(move || crate::source::load(&config, Utc::now())).await;
-        let desired = match loaded {
-            Ok(Ok(d)) => Arc::new(d),
+        let mut desired = match loaded {
+            Ok(Ok(d)) => d,
             Ok(Err(e)) => {
                 // Unknown desired state: plan nothing, destroy nothing.
                 report.error = Some(crate::providers::chain(&e));
@@ -238,18 +295,29 @@ impl Reconciler {
             }
         };
         report.revision = desired.revision.clone();
+        report.commit = desired.commit.clone();
         report.source_error = desired.source_error.clone();
         if let Some(e) = &desired.source_error {
             tracing::warn!(pass, "source: {e}");
         }
+        let needed: BTreeSet<ComputeKind> =
+            desired.plans.values().map(|p| p.spec.compute).collect();
+        let observed = Arc::new(self.providers.observe(&needed).await);
+        let now = Utc::now();
+        let settle = self.history.record(
+            &mut desired,
+            &observed,
+            &self.config.routes.templates,
+            &self.config.domain,
+            Root(self.config.source_dir()),
+            now,
+        );
+        let desired = Arc::new(desired);
         report.quarantined = desired
             .quarantined
             .keys()
             .map(|p| p.display().to_string())
             .collect();
-        let needed: BTreeSet<ComputeKind> =
-            desired.plans.values().map(|p| p.spec.compute).collect();
-        let observed = Arc::new(self.providers.observe(&needed).await);
         report.gaps = observed
             .gaps
             .iter()
@@ -258,24 +326,54 @@ impl Reconciler {
         if let Err(e) = self.state.write_observed(&observed) {
             tracing::warn!(error = %e, "cannot keep the observed snapshot");
         }
-        let mut policy = Policy::from_config(&self.config, Utc::now());
+        let mut policy = Policy::from_config(&self.config, now);
         policy.allow_destroy = self.allow_destroy;
-        let p = Arc::new(plan(&desired, &observed, &policy));
+        policy.settle = Arc::new(settle);
+        let mut p = plan(&desired, &observed, &policy);
+        // An approval of exactly what a guard holds lets it through, once.
+        if let Some(hash) = p.approval.clone()
+            && self.state.take_approval(&hash, now)
+        {
+            tracing::info!(pass, approval = %hash, "approval taken: applying the destroys it approved, once");
+            policy.allow_destroy = true;
+            policy.allow_empty_source = true;
+            p = plan(&desired, &observed, &policy);
+        }
+        let p = Arc::new(p);
         report.summary = p.summary;
         report.converged = p.is_empty();
-        // Steps whose object is backing off wait; their dependents are skipped.
+        // Steps whose object is backing off for the same wish wait; their dependents are
+        // skipped. A backoff for another wish (the spec changed, or it failed making what is
+        // now being taken away) starts over.
         let now = Instant::now();
-        self.backoff.retain(|_, b| b.failures > 0);
-        let hold: BTreeSet<usize> = p
-            .steps
+        let specs: BTreeMap<&str, String> = desired
+            .sessions
             .iter()
-            .filter(|s| {
-                self.backoff
-                    .get(&s.action.object())
-                    .is_some_and(|b| b.until > now)
+            .filter_map(|(n, d)| {
+                let plan = desired.plans.get(&d.spec.plan)?;
+                let fp = crate::planner::runtime_spec(&d.spec, &plan.spec).fingerprint();
+                Some((n.as_str(), fp))
             })
-            .map(|s| s.id)
             .collect();
+        let mut stepping: BTreeSet<Object> = BTreeSet::new();
+        let mut hold: BTreeSet<usize> = BTreeSet::new();
+        for s in &p.steps {
+            let o = s.action.object();
+            let wish = wish_of(&s.action, &specs);
+            match self.backoff.get(&o) {
+                Some(b) if b.wish != wish => {
+                    self.backoff.remove(&o);
+                }
+                Some(b) if b.until > now => {
+                    hold.insert(s.id);
+                }
+                _ => {}
+            }
+            stepping.insert(o);
+        }
+        // An object with no step left, whose backoff has run out, is forgotten.
+        self.backoff
+            .retain(|o, b| b.until > now || stepping.contains(o));
         let mut events = Vec::new();
         let results = execute(&p, &self.providers, &self.exec, &hold, cancel, |step, outcome, d| {
             let e = Event {
@@ -289,7 +387,17 @@ impl Reconciler {
                 revision: desired.revision.clone(),
             };
             if outcome.is_failure() {
-                tracing::warn!(pass, step = step.id, object = %e.object, action = %e.action, outcome = outcome.label(), "step failed: {:?}", outcome);
+                tracing::warn!(
+                    pass,
+                    step = step.id,
+                    object = %e.object,
+                    action = %e.action,
+                    outcome = outcome.label(),
+                    "{} {} failed: {}",
+                    e.action,
+                    e.object,
+                    failure_text(outcome).unwrap_or_default()
+                );
             } else {
                 tracing::debug!(pass, step = step.id, object = %e.object, action = %e.action, outcome = outcome.label(), "step done");
             }
@@ -298,25 +406,30 @@ impl Reconciler {
         })
         .await;
         // Backoff: per object, reset by success, grown by failure.
-        let mut failed: BTreeSet<Object> = BTreeSet::new();
+        let mut failed: BTreeMap<Object, Wish> = BTreeMap::new();
         let mut succeeded: BTreeSet<Object> = BTreeSet::new();
         for r in &results {
-            let o = p.steps[r.step].action.object();
+            let action = &p.steps[r.step].action;
+            let o = action.object();
             if r.outcome.is_failure() {
-                failed.insert(o);
+                failed.insert(o, wish_of(action, &specs));
             } else if r.outcome.is_success() {
                 succeeded.insert(o);
             }
         }
-        for o in succeeded.difference(&failed) {
-            self.backoff.remove(o);
+        for o in &succeeded {
+            if !failed.contains_key(o) {
+                self.backoff.remove(o);
+            }
         }
-        for o in failed {
+        for (o, wish) in failed {
             let j = self.jitter();
             let b = self.backoff.entry(o).or_insert(Backoff {
                 failures: 0,
                 until: now,
+                wish: wish.clone(),
             });
+            b.wish = wish;
             b.failures += 1;
             let base = Duration::from_millis(500) * 2u32.saturating_pow(b.failures.min(10) - 1);
             b.until = Instant::now() + base.min(Duration::from_secs(300)).mul_f64(j);
@@ -436,7 +549,10 @@ impl Reconciler {
         let mut held: BTreeMap<String, String> = BTreeMap::new();
         for h in &plan.held {
             if let Object::Session(s) = &h.object {
-                held.insert(s.clone(), format!("held: {:?}", h.why));
+                held.insert(
+                    s.clone(),
+                    format!("held: {}", crate::planner::render::hold_text(&h.why)),
+                );
             }
         }
         let names: BTreeSet<&String> = desired
@@ -518,11 +634,30 @@ impl Reconciler {
         let mut reports = Vec::new();
         let mut trigger = first;
         for _ in 0..max {
-            let (r, _, _) = self.pass(trigger, cancel, &mut on_step).await;
-            let stop = r.converged || !r.progressed || r.error.is_some() || cancel.is_cancelled();
+            let (r, p, _) = self.pass(trigger, cancel, &mut on_step).await;
+            // A change still settling: wait for it, then look again.
+            let settles = p
+                .held
+                .iter()
+                .filter_map(|h| match h.why {
+                    crate::planner::HoldReason::Settling { until, .. } => Some(until),
+                    _ => None,
+                })
+                .max();
+            let stop = (r.converged || !r.progressed) && settles.is_none()
+                || r.error.is_some()
+                || cancel.is_cancelled();
             reports.push(r);
             if stop {
                 break;
+            }
+            if let Some(until) = settles
+                && let Ok(wait) = (until - Utc::now()).to_std()
+            {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait + Duration::from_millis(10)) => {}
+                    _ = cancel.cancelled() => break,
+                }
             }
             trigger = Trigger::Followup;
         }

@@ -30,6 +30,14 @@ pub struct Event {
     pub revision: Option<String>,
 }
 
+/// `vessel approve`'s record: one plan's held destroys may go ahead, once, until `expires`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Approval {
+    hash: String,
+    created: DateTime<Utc>,
+    expires: DateTime<Utc>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("cannot use state directory {path}")]
@@ -104,6 +112,54 @@ impl StateDir {
                 })
             }
         }
+    }
+
+    /// Where approvals of held destroys wait to be taken.
+    pub fn approvals_dir(&self) -> PathBuf {
+        self.path.join("approvals")
+    }
+
+    /// Approve the held destroys of the plan whose approval hash is `hash`, once, until
+    /// `expires` (`vessel approve`). Needs no lock: the daemon takes it on its next pass.
+    pub fn approve(&self, hash: &str, expires: DateTime<Utc>) -> Result<PathBuf, StateError> {
+        let dir = self.approvals_dir();
+        let err = |source| StateError::Dir {
+            path: dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(err)?;
+        let a = Approval {
+            hash: hash.to_string(),
+            created: Utc::now(),
+            expires,
+        };
+        let bytes = serde_json::to_vec_pretty(&a).map_err(|e| err(std::io::Error::other(e)))?;
+        let path = dir.join(format!("{hash}.json"));
+        crate::providers::write_atomically(&path, &bytes).map_err(err)?;
+        Ok(path)
+    }
+
+    /// Take the approval for `hash` if there is one that has not expired (it is used up: a
+    /// later plan needs its own). Expired approvals are deleted.
+    pub fn take_approval(&self, hash: &str, now: DateTime<Utc>) -> bool {
+        let dir = self.approvals_dir();
+        let mut taken = false;
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = e.path();
+            let a: Option<Approval> = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            match a {
+                Some(a) if a.expires > now && a.hash == hash => {
+                    taken = std::fs::remove_file(&path).is_ok();
+                }
+                Some(a) if a.expires > now => {}
+                _ => {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        taken
     }
 
     pub fn observed_path(&self) -> PathBuf {

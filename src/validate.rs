@@ -17,12 +17,15 @@ use crate::model::{ComputeKind, ExpiryAction, Kind, dns_label_problem, hostname_
 
 /// Validate `files` in place (errors go onto their file) and return warnings.
 pub fn check(files: &mut [LoadedFile], config: &Config, now: DateTime<Utc>) -> Vec<Diagnostic> {
-    for f in files.iter_mut() {
+    let mut notes: Vec<(usize, Diagnostic)> = Vec::new();
+    for (i, f) in files.iter_mut().enumerate() {
         let mut errs = Vec::new();
+        let mut warns = Vec::new();
         for o in &f.objects {
-            check_object(f, o, config, &mut errs);
+            check_object(f, o, config, &mut errs, &mut warns);
         }
         f.errors.extend(errs);
+        notes.extend(warns.into_iter().map(|w| (i, w)));
     }
     loop {
         let new = check_across(files, config);
@@ -35,7 +38,11 @@ pub fn check(files: &mut [LoadedFile], config: &Config, now: DateTime<Utc>) -> V
             }
         }
     }
-    let mut warnings = Vec::new();
+    let mut warnings: Vec<Diagnostic> = notes
+        .into_iter()
+        .filter(|(i, _)| files[*i].errors.is_empty())
+        .map(|(_, w)| w)
+        .collect();
     for f in files.iter().filter(|f| f.errors.is_empty()) {
         for o in &f.objects {
             if let Object::Session(s) = o
@@ -72,10 +79,17 @@ fn check_name<T>(f: &LoadedFile, kind: Kind, name: &str, doc: &Doc<T>, out: &mut
     }
 }
 
-fn check_object(f: &LoadedFile, o: &Object, config: &Config, out: &mut Vec<Diagnostic>) {
+fn check_object(
+    f: &LoadedFile,
+    o: &Object,
+    config: &Config,
+    out: &mut Vec<Diagnostic>,
+    warn: &mut Vec<Diagnostic>,
+) {
     match o {
         Object::Plan(p) => {
             check_name(f, Kind::Plan, &p.spec.name, p, out);
+            check_provider(f, p, config, out, warn);
             for name in p.spec.ports.keys() {
                 if let Some(problem) = dns_label_problem(name) {
                     out.push(f.error(
@@ -143,6 +157,88 @@ fn check_object(f: &LoadedFile, o: &Object, config: &Config, out: &mut Vec<Diagn
             if let Some(p) = hostname_problem(&r.spec.host) {
                 out.push(f.error("invalid-host", r.at("host"), p));
             }
+        }
+    }
+}
+
+/// A plan's compute kind must have a provider behind it; fields that provider ignores are
+/// worth a warning.
+fn check_provider(
+    f: &LoadedFile,
+    p: &Doc<crate::model::PlanSpec>,
+    config: &Config,
+    out: &mut Vec<Diagnostic>,
+    warn: &mut Vec<Diagnostic>,
+) {
+    let kind = p.spec.compute;
+    let c = &config.providers.compute;
+    let configured = match kind {
+        ComputeKind::Process => c.process.is_some(),
+        ComputeKind::Docker => c.docker.is_some(),
+        ComputeKind::Qemu | ComputeKind::Proxmox | ComputeKind::Kubernetes => {
+            out.push(
+                f.error(
+                    "no-provider",
+                    p.at("compute"),
+                    format!(
+                        "plan `{}` runs on `{}`, which this version of vessel has no provider for",
+                        p.spec.name,
+                        kind.as_str()
+                    ),
+                )
+                .with_help("use `compute: process` or `compute: docker`"),
+            );
+            return;
+        }
+    };
+    if !configured {
+        out.push(
+            f.error(
+                "no-provider",
+                p.at("compute"),
+                format!(
+                    "plan `{}` runs on `{}`, but the config has no {} provider",
+                    p.spec.name,
+                    kind.as_str(),
+                    kind.as_str()
+                ),
+            )
+            .with_help(format!(
+                "add `providers.compute.{}` to the config (examples/{} shows one)",
+                kind.as_str(),
+                if kind == ComputeKind::Docker {
+                    "docker/vessel.yaml"
+                } else {
+                    "full/vessel.yaml"
+                }
+            )),
+        );
+    }
+    let s = &p.spec;
+    let set = [
+        ("image", s.image.is_some()),
+        ("command", !s.command.is_empty()),
+        ("env", !s.env.is_empty()),
+        ("cpus", s.cpus.is_some()),
+        ("memory", s.memory.is_some()),
+        ("disk", s.disk.is_some()),
+    ];
+    for (field, present) in set {
+        if present && crate::model::field_change(kind, field) == crate::model::FieldChange::Ignored
+        {
+            warn.push(
+                Diagnostic::warning(
+                    "ignored-field",
+                    &f.display,
+                    p.at(field),
+                    format!(
+                        "`{field}` of plan `{}` is ignored: the {} provider does not use it",
+                        s.name,
+                        kind.as_str()
+                    ),
+                )
+                .with_source(&f.text),
+            );
         }
     }
 }

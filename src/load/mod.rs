@@ -414,6 +414,19 @@ fn content_revision(files: &[LoadedFile]) -> String {
     format!("dir:{}", &hex::encode(h.finalize())[..12])
 }
 
+/// A digest of one file as read: its text, or why it could not be read.
+fn file_digest(f: &LoadedFile) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(f.text.as_bytes());
+    if f.text.is_empty() {
+        for e in &f.errors {
+            h.update(e.message.as_bytes());
+        }
+    }
+    hex::encode(&h.finalize()[..12])
+}
+
 /// Build `Desired` from validated files: objects of error-free files, the rest quarantined.
 fn assemble(files: Vec<LoadedFile>, warnings: Vec<Diagnostic>) -> Desired {
     let mut d = Desired {
@@ -423,6 +436,7 @@ fn assemble(files: Vec<LoadedFile>, warnings: Vec<Diagnostic>) -> Desired {
     };
     for f in files {
         d.files.push(f.rel.clone());
+        d.digests.insert(f.rel.clone(), file_digest(&f));
         if !f.errors.is_empty() {
             let mut held = f.held;
             held.sort();
@@ -483,6 +497,32 @@ pub fn load_config(path: &Path) -> Result<Config, Vec<Diagnostic>> {
             ]);
         }
     };
+    // A route template may only use the placeholders it knows (`{owner}` would stay braces).
+    let doc = docs.first();
+    for (i, t) in config.routes.templates.iter().enumerate() {
+        if let Some(bad) = unknown_placeholder(&t.host) {
+            let pos = doc
+                .and_then(|d| {
+                    d.fields
+                        .get(&format!("routes.templates[{i}].host"))
+                        .copied()
+                })
+                .unwrap_or_default();
+            return Err(vec![
+                Diagnostic::error(
+                    "unknown-placeholder",
+                    &display,
+                    pos,
+                    format!(
+                        "route template `{}` uses `{{{bad}}}`, which is not a placeholder",
+                        t.host
+                    ),
+                )
+                .with_source(&text)
+                .with_help("the placeholders are {session}, {domain}, {port} and {port_name}"),
+            ]);
+        }
+    }
     // Credentials in an http(s) URL would travel into logs, status and the mirror's config.
     if let crate::config::SourceConfig::Git(g) = &config.source {
         let authority = g
@@ -508,6 +548,24 @@ pub fn load_config(path: &Path) -> Result<Config, Vec<Diagnostic>> {
         &dir
     });
     Ok(config)
+}
+
+/// The first `{name}` in a route template that is not one of its placeholders (or an
+/// unclosed `{`).
+fn unknown_placeholder(host: &str) -> Option<String> {
+    let mut rest = host;
+    while let Some(i) = rest.find('{') {
+        let tail = &rest[i + 1..];
+        let Some(end) = tail.find('}') else {
+            return Some(tail.to_string());
+        };
+        let name = &tail[..end];
+        if !matches!(name, "session" | "domain" | "port" | "port_name") {
+            return Some(name.to_string());
+        }
+        rest = &tail[end + 1..];
+    }
+    None
 }
 
 fn config_problem(display: &Path, text: &str, p: yaml::Problem) -> Diagnostic {

@@ -108,6 +108,58 @@ impl ComputeKind {
     }
 }
 
+/// How a change to one field of a session's spec is carried out, by compute kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FieldChange {
+    /// Nothing to do: it travels with the steps that use it.
+    Free,
+    /// This compute kind does not use it (validation warns).
+    Ignored,
+    /// Changed in place; a running session restarts, its workspace kept.
+    Restart,
+    /// Needs a new session: destroyed and created again.
+    Replace,
+}
+
+impl FieldChange {
+    pub fn describe(self) -> &'static str {
+        match self {
+            FieldChange::Free => "changes in place",
+            FieldChange::Ignored => "ignored",
+            FieldChange::Restart => "changes in place with a restart",
+            FieldChange::Replace => "replaces the session",
+        }
+    }
+}
+
+/// The fields of a plan that make a session's spec (the `RuntimeSpec`), in schema order.
+pub const SPEC_FIELDS: [&str; 10] = [
+    "compute",
+    "image",
+    "command",
+    "env",
+    "cpus",
+    "memory",
+    "disk",
+    "ports",
+    "health",
+    "stop_timeout",
+];
+
+/// How changing `field` of a session on `kind` is carried out. The schema docs of each plan
+/// field say the same (a hygiene test checks).
+pub fn field_change(kind: ComputeKind, field: &str) -> FieldChange {
+    use FieldChange::*;
+    match (kind, field) {
+        (_, "health" | "stop_timeout" | "idle_timeout") => Free,
+        (_, "compute") => Replace,
+        (ComputeKind::Process, "command" | "env" | "ports") => Restart,
+        (ComputeKind::Process, _) => Ignored,
+        (ComputeKind::Docker, "disk") => Ignored,
+        _ => Replace,
+    }
+}
+
 /// A TCP port number, 1..65535.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, JsonSchema)]
 #[schemars(transparent)]
@@ -140,37 +192,48 @@ pub struct PlanSpec {
     /// The plan's name, a DNS label that sessions refer to.
     pub name: String,
     /// Where sessions on this plan run.
+    /// Changing it (process: replaces the session; docker: replaces the session).
     #[serde(default)]
     pub compute: ComputeKind,
     /// The image to run (docker, kubernetes) or template to clone (proxmox, qemu).
+    /// Changing it (process: ignored; docker: replaces the session).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// The command and its arguments, run without a shell. `{port.NAME}` is replaced by the
     /// port a session was given for NAME, `{workspace}` by its workspace directory.
+    /// Changing it (process: changes in place with a restart; docker: replaces the session).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
     /// Environment for the session's processes.
+    /// Changing it (process: changes in place with a restart; docker: replaces the session).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
     /// CPU limit in cores, such as `1` or `0.5`.
+    /// Changing it (process: ignored; docker: replaces the session).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<f64>,
     /// Memory limit, such as `1GiB`.
+    /// Changing it (process: ignored; docker: replaces the session).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<Size>,
     /// Disk size, such as `10GiB`.
+    /// Changing it (process: ignored; docker: ignored).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<Size>,
     /// Named ports the session serves, such as `{ide: 8080, app: 5173}`.
+    /// Changing it (process: changes in place with a restart; docker: replaces the session).
     #[serde(default)]
     pub ports: BTreeMap<String, Port>,
     /// How vessel decides a session is healthy; by default, its first port answers.
+    /// Changing it (process: changes in place; docker: changes in place).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<Health>,
     /// Put a session to sleep after this long without traffic through its routes.
+    /// Changing it (process: changes in place; docker: changes in place).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<Duration>,
     /// How long a stopping session gets before it is killed.
+    /// Changing it (process: changes in place; docker: changes in place).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_timeout: Option<Duration>,
 }
@@ -294,6 +357,7 @@ pub struct SessionSpec {
     #[serde(default)]
     pub on_expiry: ExpiryAction,
     /// Environment added to the plan's.
+    /// Changing it (process: changes in place with a restart; docker: replaces the session).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
     /// Where a new session is placed: the `location` of one of its compute provider's hosts.

@@ -10,7 +10,8 @@ use std::str::FromStr;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// A size in bytes, written `512MiB`, `1GiB`, `10G`, `100k` or a bare number of bytes.
+/// A size in bytes, written `512MiB`, `1GiB` (binary), `10G`, `100K` (decimal), `512m`, `2g`
+/// (binary, as containers write them) or a bare number of bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Size(pub u64);
 
@@ -31,9 +32,18 @@ const SIZE_UNITS: &[(&str, u64)] = &[
     ("T", 1_000_000_000_000),
     ("G", 1_000_000_000),
     ("M", 1_000_000),
-    ("k", 1_000),
     ("K", 1_000),
     ("B", 1),
+    // As containers write them (`docker run -m 512m`): lower case is binary.
+    ("tb", 1 << 40),
+    ("gb", 1 << 30),
+    ("mb", 1 << 20),
+    ("kb", 1 << 10),
+    ("t", 1 << 40),
+    ("g", 1 << 30),
+    ("m", 1 << 20),
+    ("k", 1 << 10),
+    ("b", 1),
 ];
 
 impl Size {
@@ -64,7 +74,7 @@ impl FromStr for Size {
                 Some((_, m)) => *m,
                 None => {
                     return Err(format!(
-                        "`{s}` has an unknown size unit `{unit}`; use B, KiB, MiB, GiB, TiB (or k, M, G, T)"
+                        "`{s}` has an unknown size unit `{unit}`; use B, KiB, MiB, GiB, TiB (or K, M, G, T, or k, m, g, t as containers write them)"
                     ));
                 }
             }
@@ -227,8 +237,8 @@ macro_rules! string_quantity {
 string_quantity!(
     Size,
     "Size",
-    r"^\s*[0-9]+(\.[0-9]+)?\s*(B|[kKMGT]B?|[KMGT]i|[KMGT]iB)?\s*$",
-    "a size such as `512MiB`, `1GiB` or `10G`"
+    r"^\s*[0-9]+(\.[0-9]+)?\s*(B|[kKMGT]B?|[KMGT]i|[KMGT]iB|[bkmgt]|[kmgt]b)?\s*$",
+    "a size such as `512MiB`, `1GiB`, `10G` (decimal) or `512m` (binary, as containers write it)"
 );
 string_quantity!(
     Duration,
@@ -248,7 +258,11 @@ mod tests {
             ("1GiB", 1 << 30),
             ("1.5GiB", 3 << 29),
             ("10G", 10_000_000_000),
-            ("100k", 100_000),
+            ("100K", 100_000),
+            ("100k", 100 << 10),
+            ("512m", 512 << 20),
+            ("2g", 2 << 30),
+            ("1gb", 1 << 30),
             ("4096", 4096),
             ("2Gi", 2 << 30),
         ];

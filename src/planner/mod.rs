@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Config, DestroyBudget, DnsConfig, RouteTemplate};
 use crate::desired::{Desired, EffectiveRoute, effective_routes};
 use crate::model::{
-    ComputeKind, Duration, ExpiryAction, Health, Kind, PlanSpec, RunState, SessionSpec,
+    ComputeKind, Duration, ExpiryAction, FieldChange, Health, Kind, PlanSpec, RunState, SessionSpec,
 };
 use crate::observed::{
     Observed, ObservedSession, ProviderId, RecordType, RuntimeSpec, SessionState,
@@ -45,6 +45,68 @@ pub struct Policy {
     /// The hosts of compute providers that have several, sorted by name: where new sessions
     /// are placed.
     pub placement: BTreeMap<ComputeKind, Vec<PlacementHost>>,
+    /// Files that changed recently: what a change to them would take away waits.
+    pub settle: Arc<Settle>,
+    /// Compute kinds whose provider keeps a destroyed session's workspace (to restore it if
+    /// the session comes back, and across a replace).
+    pub keeps_workspaces: BTreeSet<ComputeKind>,
+}
+
+/// Which desired-state files are still settling, and where objects were last declared: a
+/// destroy, a replace, a route removal or a DNS removal whose file changed less than the
+/// settle time ago waits (an editor that truncates a file before writing it must not destroy
+/// what it declared). Built by the loop from the history of the files it loaded; empty for a
+/// one-off plan.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Settle {
+    /// Files still settling, by path relative to the tree's root: when each settles.
+    pub until: BTreeMap<PathBuf, DateTime<Utc>>,
+    /// The file each session (`Object::Session`) and each routed host (`Object::Route`) was
+    /// last declared in, including objects no longer declared.
+    pub origins: BTreeMap<Object, PathBuf>,
+}
+
+impl Settle {
+    /// When the last of `files` settles, if any of them is still settling at `now`. With no
+    /// file known, the last of all settling files counts (unknown is not settled).
+    pub fn wait_for<'a>(
+        &self,
+        files: impl IntoIterator<Item = &'a Path>,
+        now: DateTime<Utc>,
+    ) -> Option<(PathBuf, DateTime<Utc>)> {
+        let mut known = false;
+        let mut latest: Option<(PathBuf, DateTime<Utc>)> = None;
+        let mut consider = |f: &Path, at: DateTime<Utc>| {
+            if at > now && latest.as_ref().is_none_or(|(_, l)| at > *l) {
+                latest = Some((f.to_path_buf(), at));
+            }
+        };
+        for f in files {
+            known = true;
+            if let Some(at) = self.until.get(f) {
+                consider(f, *at);
+            }
+        }
+        if !known {
+            for (f, at) in &self.until {
+                consider(f, *at);
+            }
+        }
+        latest
+    }
+
+    /// The files `object` comes from: where it was last declared, and where its provider says
+    /// it was made from.
+    fn files_of<'a>(&'a self, object: &Object, made_from: Option<&'a Path>) -> Vec<&'a Path> {
+        let mut v: Vec<&Path> = self
+            .origins
+            .get(object)
+            .map(PathBuf::as_path)
+            .into_iter()
+            .collect();
+        v.extend(made_from);
+        v
+    }
 }
 
 /// A host a new session can be placed on.
@@ -62,6 +124,15 @@ impl Policy {
                 Some(record_for(address))
             }
         };
+        let mut keeps_workspaces = BTreeSet::new();
+        if !config.policy.workspace_retention.std().is_zero() {
+            if config.providers.compute.process.is_some() {
+                keeps_workspaces.insert(ComputeKind::Process);
+            }
+            if config.providers.compute.docker.is_some() {
+                keeps_workspaces.insert(ComputeKind::Docker);
+            }
+        }
         let mut placement = BTreeMap::new();
         if let Some(d) = &config.providers.compute.docker {
             let mut hosts: Vec<PlacementHost> = d
@@ -84,6 +155,8 @@ impl Policy {
             allow_empty_source: config.policy.allow_empty_source,
             dns,
             placement,
+            settle: Arc::default(),
+            keeps_workspaces,
         }
     }
 }
@@ -120,6 +193,19 @@ pub enum Action {
         /// The provider's host it is placed on, for providers with several (docker).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         host: Option<String>,
+        /// Restore the workspace its provider kept from an earlier session of this name.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        restore: bool,
+    },
+    /// Change a session's spec in place (fields its provider changes without a replace);
+    /// a running session restarts with it, its workspace kept.
+    UpdateSession {
+        session: String,
+        provider: ComputeKind,
+        spec: Arc<RuntimeSpec>,
+        fingerprint: String,
+        /// Restart it now (it is running and stays so).
+        restart: bool,
     },
     StartSession {
         session: String,
@@ -137,6 +223,9 @@ pub enum Action {
         provider: ComputeKind,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         stop_timeout: Option<Duration>,
+        /// Keep its workspace for the retention time (to restore it if it comes back).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        retain: bool,
     },
     WaitHealthy {
         session: String,
@@ -187,6 +276,7 @@ impl Action {
     pub fn object(&self) -> Object {
         match self {
             Action::CreateSession { session, .. }
+            | Action::UpdateSession { session, .. }
             | Action::StartSession { session, .. }
             | Action::StopSession { session, .. }
             | Action::DestroySession { session, .. }
@@ -242,6 +332,7 @@ impl Action {
     pub fn session(&self) -> Option<&str> {
         match self {
             Action::CreateSession { session, .. }
+            | Action::UpdateSession { session, .. }
             | Action::StartSession { session, .. }
             | Action::StopSession { session, .. }
             | Action::DestroySession { session, .. }
@@ -255,7 +346,8 @@ impl Action {
     pub fn provider(&self) -> ProviderId {
         match self {
             Action::CreateSession { spec, .. } => ProviderId::Compute(spec.compute),
-            Action::StartSession { provider, .. }
+            Action::UpdateSession { provider, .. }
+            | Action::StartSession { provider, .. }
             | Action::StopSession { provider, .. }
             | Action::DestroySession { provider, .. }
             | Action::WaitHealthy { provider, .. }
@@ -270,6 +362,7 @@ impl Action {
     pub fn verb(&self) -> &'static str {
         match self {
             Action::CreateSession { .. } => "create",
+            Action::UpdateSession { .. } => "update",
             Action::StartSession { .. } => "start",
             Action::StopSession { .. } => "stop",
             Action::DestroySession { .. } => "destroy",
@@ -311,7 +404,9 @@ impl std::fmt::Display for Object {
 pub enum DataFate {
     /// Its work is copied back to this path first.
     SavedTo(PathBuf),
-    /// Its workspace is discarded (no `save_on_stop`).
+    /// Its provider keeps the workspace and the new session gets it back.
+    Kept,
+    /// Its workspace is discarded (no `save_on_stop`, and its provider keeps nothing).
     Discarded,
 }
 
@@ -331,6 +426,8 @@ pub enum Reason {
     Failed,
     /// A mutable field differs; the changes are listed.
     Drifted { changes: Vec<String> },
+    /// Fields its provider changes in place differ; `restart` when it restarts for them.
+    Changed { changes: Vec<String>, restart: bool },
     /// An immutable field differs, so it is destroyed and created again.
     Replaced {
         changes: Vec<String>,
@@ -349,9 +446,19 @@ impl Reason {
             Reason::StateChanged { from, to } => format!("state {from} -> {to}"),
             Reason::Failed => "not running (exited or failed)".into(),
             Reason::Drifted { changes } => format!("drifted: {}", changes.join(", ")),
+            Reason::Changed { changes, restart } => format!(
+                "{}: {} changed",
+                if *restart {
+                    "update in place with a restart"
+                } else {
+                    "update in place"
+                },
+                changes.join(", ")
+            ),
             Reason::Replaced { changes, data } => {
                 let d = match data {
                     DataFate::SavedTo(p) => format!("work saved to {} first", p.display()),
+                    DataFate::Kept => "workspace kept".into(),
                     DataFate::Discarded => "workspace discarded".into(),
                 };
                 format!("replace: {} changed; {d}", changes.join(", "))
@@ -405,6 +512,11 @@ pub enum HoldReason {
     NoAddress,
     /// No host of its compute provider is in the location it asks for.
     NoHost { location: String },
+    /// A file it comes from changed moments ago: what the change takes away waits until the
+    /// file has been unchanged for the settle time and a fresh pass still wants it.
+    Settling { file: PathBuf, until: DateTime<Utc> },
+    /// Its `source.path` does not exist: it is not made without its project.
+    SourceMissing { path: PathBuf },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -479,6 +591,10 @@ pub struct Plan {
     /// The earliest future expiry: when the next pass must run at the latest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_wakeup: Option<DateTime<Utc>>,
+    /// Identifies what a destroy budget or empty-source guard holds: `vessel approve` with it
+    /// lets the daemon apply exactly these destroys, once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<String>,
     pub summary: Summary,
 }
 
@@ -541,6 +657,7 @@ enum Phase {
     SaveWork,
     Stop,
     Destroy,
+    Update,
     Create,
     Start,
     Healthy,
@@ -581,8 +698,8 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                     continue;
                 }
                 state = RunState::Stopped;
-            } else if out.next_wakeup.is_none_or(|w| at < w) {
-                out.next_wakeup = Some(at);
+            } else {
+                wake_at(&mut out.next_wakeup, at);
             }
         }
         let (spec, fingerprint) = if s.env.is_empty() {
@@ -654,6 +771,8 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
 
     // 1. Decide each session's fate.
     let mut fates: BTreeMap<&str, Fate> = BTreeMap::new();
+    // Sessions whose spec changes in place, and the fields that change.
+    let mut updates: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     let mut held_session_names: BTreeSet<&str> = BTreeSet::new();
     let joined = merge_join(
         wants.iter().map(|(k, v)| (*k, v)),
@@ -709,9 +828,16 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 None => Reason::NotDesired,
             }),
             (Some(w), Some(o)) => {
-                if *o.fingerprint != *w.fingerprint || o.provider != w.spec.compute {
-                    Fate::Replace(spec_changes(o.spec.as_ref(), &w.spec))
+                let diff = spec_diff(o, &w.spec, &w.fingerprint);
+                if !diff.replace.is_empty() {
+                    let mut changes = diff.replace;
+                    changes.extend(diff.restart);
+                    changes.sort();
+                    Fate::Replace(changes)
                 } else {
+                    if !diff.restart.is_empty() {
+                        updates.insert(name, diff.restart);
+                    }
                     let want_running = w.state == RunState::Running;
                     match (want_running, o.state) {
                         (true, SessionState::Running) | (false, SessionState::Stopped) => {
@@ -733,6 +859,32 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 }
             }
         };
+        // A session is not made without its project.
+        if matches!(fate, Fate::Create | Fate::Replace(_))
+            && let Some(path) = desired.missing_sources.get(name)
+        {
+            out.held.push(Hold {
+                object: obj,
+                why: HoldReason::SourceMissing { path: path.clone() },
+            });
+            held_session_names.insert(name);
+            continue;
+        }
+        // What a source change takes away waits until its files have settled.
+        if matches!(fate, Fate::Destroy(_) | Fate::Replace(_)) {
+            let files = policy
+                .settle
+                .files_of(&obj, have.and_then(|o| o.source_file.as_deref()));
+            if let Some((file, until)) = policy.settle.wait_for(files, policy.now) {
+                wake_at(&mut out.next_wakeup, until);
+                out.held.push(Hold {
+                    object: obj,
+                    why: HoldReason::Settling { file, until },
+                });
+                held_session_names.insert(name);
+                continue;
+            }
+        }
         fates.insert(name, fate);
     }
 
@@ -749,7 +901,7 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 && observed
                     .sessions
                     .get(**n)
-                    .is_none_or(|o| o.save_to.is_none())
+                    .is_none_or(|o| data_fate(o, policy) == DataFate::Discarded)
         })
         .map(|(n, _)| *n)
         .collect();
@@ -841,6 +993,38 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
         let follows = || Reason::Follows {
             object: Object::Session(name.to_string()),
         };
+        if let (Some(changes), Some(w), Some(o)) = (updates.get(name), want, have) {
+            // In place: a running session that stays so restarts with it.
+            let restart = matches!(fate, Fate::Keep) && o.state == SessionState::Running;
+            push(
+                Phase::Update,
+                Action::UpdateSession {
+                    session: name.into(),
+                    provider: o.provider,
+                    spec: w.spec.clone(),
+                    fingerprint: w.fingerprint.to_string(),
+                    restart,
+                },
+                Reason::Changed {
+                    changes: changes.clone(),
+                    restart,
+                },
+            );
+            if restart {
+                push(
+                    Phase::Healthy,
+                    Action::WaitHealthy {
+                        session: name.into(),
+                        provider: o.provider,
+                        check: w.spec.health.clone(),
+                    },
+                    follows(),
+                );
+                if changes.iter().any(|c| c == "ports") {
+                    address_pending.insert(name);
+                }
+            }
+        }
         match fate {
             Fate::Keep => {
                 if let (Some(w), Some(o)) = (want, have)
@@ -848,6 +1032,7 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                     && w.state == RunState::Running
                     && o.state == SessionState::Running
                     && o.synced_source.as_ref() != Some(&src.path)
+                    && !desired.missing_sources.contains_key(name)
                 {
                     push(
                         Phase::Source,
@@ -864,7 +1049,12 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 let Some(host) = placed.map_err(|l| no_host.push((name, l))).ok() else {
                     continue;
                 };
-                create_steps(&mut push, name, w, host, Reason::Missing);
+                let restore = observed.retained.get(name).is_some_and(|r| {
+                    r.provider == w.spec.compute
+                        && r.until > policy.now
+                        && policy.keeps_workspaces.contains(&r.provider)
+                });
+                create_steps(&mut push, name, w, host, restore, Reason::Missing);
                 address_pending.insert(name);
             }
             Fate::Replace(changes) => {
@@ -875,17 +1065,18 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 let Some(host) = placed.map_err(|l| no_host.push((name, l))).ok() else {
                     continue;
                 };
-                let save = save_path(o);
-                let data = match &save {
-                    Some(p) => DataFate::SavedTo(p.clone()),
-                    None => DataFate::Discarded,
-                };
+                let keep = policy.keeps_workspaces.contains(&o.provider);
                 let reason = Reason::Replaced {
                     changes: changes.clone(),
-                    data,
+                    data: data_fate(o, policy),
                 };
-                save_then_destroy(&mut push, name, o, &reason, stop_timeout(name));
-                create_steps(&mut push, name, w, host, reason);
+                let retain = Retain {
+                    keep,
+                    timeout: stop_timeout(name),
+                };
+                save_then_destroy(&mut push, name, o, &reason, retain);
+                let restore = keep && policy.keeps_workspaces.contains(&w.spec.compute);
+                create_steps(&mut push, name, w, host, restore, reason);
                 address_pending.insert(name);
             }
             Fate::Start(reason) => {
@@ -910,6 +1101,7 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 if let Some(w) = want
                     && let Some(src) = &w.session.source
                     && o.synced_source.as_ref() != Some(&src.path)
+                    && !desired.missing_sources.contains_key(name)
                 {
                     push(Phase::Source, sync_action(name, w), follows());
                 }
@@ -930,7 +1122,11 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
             }
             Fate::Destroy(reason) => {
                 let Some(o) = have else { continue };
-                save_then_destroy(&mut push, name, o, reason, stop_timeout(name));
+                let retain = Retain {
+                    keep: policy.keeps_workspaces.contains(&o.provider),
+                    timeout: stop_timeout(name),
+                };
+                save_then_destroy(&mut push, name, o, reason, retain);
             }
         }
     }
@@ -942,6 +1138,23 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
         });
         held_session_names.insert(name);
     }
+
+    // Whether removing a route or record (of `session`) waits for its files to settle.
+    let settling = |object: &Object, session: Option<&str>| {
+        let mut files = policy.settle.files_of(object, None);
+        if let Some(s) = session {
+            let made_from = observed
+                .sessions
+                .get(s)
+                .and_then(|o| o.source_file.as_deref());
+            files.extend(
+                policy
+                    .settle
+                    .files_of(&Object::Session(s.to_string()), made_from),
+            );
+        }
+        policy.settle.wait_for(files, policy.now)
+    };
 
     // 4. Routes: desired for sessions that are running or sleeping (not stopped, not held).
     let routed = |s: &str| {
@@ -1058,11 +1271,22 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 );
             }
             (None, Some(_)) if hold_removals => {}
-            (None, Some(_)) => push(
-                Phase::RemoveRoute,
-                Action::RemoveRoute { host: host.into() },
-                Reason::NotDesired,
-            ),
+            (None, Some(o)) => {
+                if let Some((file, until)) = settling(&obj(), o.session.as_deref()) {
+                    wake_at(&mut out.next_wakeup, until);
+                    out.held.push(Hold {
+                        object: obj(),
+                        why: HoldReason::Settling { file, until },
+                    });
+                    held_hosts.insert(host);
+                    continue;
+                }
+                push(
+                    Phase::RemoveRoute,
+                    Action::RemoveRoute { host: host.into() },
+                    Reason::NotDesired,
+                )
+            }
             (None, None) => {}
         }
     }
@@ -1167,7 +1391,14 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 // the proxy was seen, and the record says whose it is (or nothing is held).
                 (None, Some(o)) => {
                     let attributable = o.session.is_some() || desired.quarantined.is_empty();
-                    if !hold_removals && proxy_gap.is_none() && attributable {
+                    let route = Object::Route(name.clone());
+                    if let Some((file, until)) = settling(&route, o.session.as_deref()) {
+                        wake_at(&mut out.next_wakeup, until);
+                        out.held.push(Hold {
+                            object: obj(),
+                            why: HoldReason::Settling { file, until },
+                        });
+                    } else if !hold_removals && proxy_gap.is_none() && attributable {
                         push(
                             Phase::RemoveRecord,
                             Action::RemoveRecord { name, rtype: ty },
@@ -1181,6 +1412,13 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
     }
 
     finish(out, drafts, observed)
+}
+
+/// Wake the loop at `at` at the latest.
+fn wake_at(next: &mut Option<DateTime<Utc>>, at: DateTime<Utc>) {
+    if next.is_none_or(|w| at < w) {
+        *next = Some(at);
+    }
 }
 
 fn state_str(s: SessionState) -> &'static str {
@@ -1215,13 +1453,28 @@ fn save_first(
     }
 }
 
+/// How a session is destroyed: whether its workspace is kept, and its stop timeout.
+struct Retain {
+    keep: bool,
+    timeout: Option<Duration>,
+}
+
+/// What a replace does with a session's data.
+fn data_fate(o: &ObservedSession, policy: &Policy) -> DataFate {
+    match save_path(o) {
+        Some(p) => DataFate::SavedTo(p),
+        None if policy.keeps_workspaces.contains(&o.provider) => DataFate::Kept,
+        None => DataFate::Discarded,
+    }
+}
+
 /// Save a session's work (where it asked for that), then destroy it.
 fn save_then_destroy(
     push: &mut impl FnMut(Phase, Action, Reason),
     name: &str,
     o: &ObservedSession,
     reason: &Reason,
-    stop_timeout: Option<Duration>,
+    retain: Retain,
 ) {
     save_first(push, name, o, reason);
     push(
@@ -1229,7 +1482,8 @@ fn save_then_destroy(
         Action::DestroySession {
             session: name.into(),
             provider: o.provider,
-            stop_timeout,
+            stop_timeout: retain.timeout,
+            retain: retain.keep,
         },
         reason.clone(),
     );
@@ -1289,6 +1543,7 @@ fn create_steps(
     name: &str,
     w: &Want,
     host: Option<String>,
+    restore: bool,
     reason: Reason,
 ) {
     let start = w.state == RunState::Running;
@@ -1308,6 +1563,7 @@ fn create_steps(
             save_to,
             start,
             host,
+            restore,
         },
         reason,
     );
@@ -1330,11 +1586,46 @@ fn create_steps(
     }
 }
 
-/// Field names that differ between what a session was made from and what is desired now.
-fn spec_changes(old: Option<&RuntimeSpec>, new: &RuntimeSpec) -> Vec<String> {
-    let Some(old) = old else {
-        return vec!["spec fingerprint".into()];
+/// What differs between a session and its desired spec: fields that need a replace, and
+/// fields its provider changes in place with a restart (free and ignored fields need nothing).
+struct SpecDiff {
+    replace: Vec<String>,
+    restart: Vec<String>,
+}
+
+fn spec_diff(o: &ObservedSession, new: &RuntimeSpec, fingerprint: &str) -> SpecDiff {
+    let mut d = SpecDiff {
+        replace: Vec::new(),
+        restart: Vec::new(),
     };
+    if o.provider != new.compute {
+        d.replace.push("compute".into());
+        return d;
+    }
+    let Some(old) = &o.spec else {
+        // Only a fingerprint to go by: any change is a replace.
+        if o.fingerprint != fingerprint {
+            d.replace.push("spec fingerprint".into());
+        }
+        return d;
+    };
+    for field in spec_changes(old, new) {
+        match crate::model::field_change(new.compute, &field) {
+            FieldChange::Replace => d.replace.push(field),
+            FieldChange::Restart => d.restart.push(field),
+            FieldChange::Free | FieldChange::Ignored => {}
+        }
+    }
+    // Something differs that no field shows (a fingerprint of another version of vessel):
+    // fields are what count.
+    d
+}
+
+/// Field names that differ between what a session was made from and what is desired now.
+fn spec_changes(old: &RuntimeSpec, new: &RuntimeSpec) -> Vec<String> {
+    if old == new {
+        return Vec::new();
+    }
     let a = serde_json::to_value(old).unwrap_or_default();
     let b = serde_json::to_value(new).unwrap_or_default();
     let empty = serde_json::Map::new();
@@ -1343,16 +1634,10 @@ fn spec_changes(old: Option<&RuntimeSpec>, new: &RuntimeSpec) -> Vec<String> {
         b.as_object().unwrap_or(&empty),
     );
     let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-    let changed: Vec<String> = keys
-        .into_iter()
+    keys.into_iter()
         .filter(|k| a.get(*k) != b.get(*k))
         .cloned()
-        .collect();
-    if changed.is_empty() {
-        vec!["spec fingerprint".into()]
-    } else {
-        changed
-    }
+        .collect()
 }
 
 /// Order drafts by phase and object, number them, wire dependencies, and summarise.
@@ -1371,8 +1656,37 @@ fn finish(mut out: Plan, mut drafts: Vec<Draft>, observed: &Observed) -> Plan {
     }
     out.held.sort_by(|a, b| a.object.cmp(&b.object));
     out.held.dedup();
+    out.approval = approval_of(&out);
     out.summary = summarize(&out);
     out
+}
+
+/// The approval hash of what approvable guards hold: the guards' kinds and the objects they
+/// hold, sorted. None when no guard holds anything an approval could let through.
+fn approval_of(plan: &Plan) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let kinds: Vec<&str> = plan
+        .guards
+        .iter()
+        .filter_map(|g| match g {
+            Guard::DestroyBudget { .. } => Some("destroy-budget"),
+            Guard::EmptySource { .. } => Some("empty-source"),
+            Guard::UnknownObjects { .. } => None,
+        })
+        .collect();
+    if kinds.is_empty() {
+        return None;
+    }
+    let mut h = Sha256::new();
+    for k in kinds {
+        h.update(k.as_bytes());
+        h.update([0]);
+    }
+    for held in plan.held.iter().filter(|h| h.why == HoldReason::Guarded) {
+        h.update(held.object.to_string().as_bytes());
+        h.update([0]);
+    }
+    Some(hex::encode(&h.finalize()[..8]))
 }
 
 /// Each draft's dependencies, by index into the (sorted) drafts; always lower indices.
@@ -1437,7 +1751,10 @@ fn dependencies(drafts: &[Draft], observed: &Observed) -> Vec<Vec<usize>> {
                 }
             }
             Action::CreateSession { session, .. } => deps.extend(sess(Phase::Destroy, session)),
+            Action::UpdateSession { session, .. } => deps.extend(sess(Phase::Stop, session)),
+            Action::StartSession { session, .. } => deps.extend(sess(Phase::Update, session)),
             Action::WaitHealthy { session, .. } => {
+                deps.extend(sess(Phase::Update, session));
                 deps.extend(sess(Phase::Create, session));
                 deps.extend(sess(Phase::Start, session));
             }
@@ -1452,7 +1769,7 @@ fn dependencies(drafts: &[Draft], observed: &Observed) -> Vec<Vec<usize>> {
                 deps.extend(sess(Phase::Source, session));
             }
             Action::UpsertRecord { name, .. } => deps.extend(host(Phase::UpsertRoute, name)),
-            Action::StartSession { .. } | Action::RemoveRecord { .. } => {}
+            Action::RemoveRecord { .. } => {}
         }
         debug_assert!(
             deps.iter().all(|d| *d < id),

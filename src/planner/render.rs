@@ -127,6 +127,9 @@ fn before_after(
                 Action::CreateSession { spec, host, .. } => {
                     Some(with_host(spec.lines(), host.as_ref()))
                 }
+                Action::UpdateSession { spec, .. } => {
+                    Some(with_host(spec.lines(), have.and_then(|s| s.host.as_ref())))
+                }
                 _ => None,
             });
             let destroyed = steps
@@ -317,6 +320,13 @@ pub fn text(plan: &Plan, observed: &Observed, color: bool) -> String {
         for g in &plan.guards {
             let _ = writeln!(out, "  {}!{} {}", c.red, c.reset, g.describe());
         }
+        if let Some(a) = &plan.approval {
+            let _ = writeln!(
+                out,
+                "  {}!{} to let a running vessel apply exactly these once: vessel approve {a}",
+                c.red, c.reset
+            );
+        }
         for h in &plan.held {
             let _ = writeln!(
                 out,
@@ -373,16 +383,34 @@ fn step_target(a: &Action) -> String {
         Action::SaveWork { session, path, .. } => format!("{session} -> {}", path.display()),
         Action::CreateSession {
             session,
-            host: Some(h),
+            host,
+            restore,
             ..
-        } => format!("{session} on {h}"),
+        } => {
+            let on = host
+                .as_ref()
+                .map(|h| format!(" on {h}"))
+                .unwrap_or_default();
+            let kept = if *restore {
+                ", restoring its kept workspace"
+            } else {
+                ""
+            };
+            format!("{session}{on}{kept}")
+        }
+        Action::DestroySession {
+            session,
+            retain: true,
+            ..
+        } => format!("{session}, keeping its workspace"),
         other => match other.object() {
             Object::Session(n) | Object::Route(n) | Object::Record(n) => n,
         },
     }
 }
 
-fn hold_text(h: &super::HoldReason) -> String {
+/// Why an object is held, in words.
+pub fn hold_text(h: &super::HoldReason) -> String {
     match h {
         super::HoldReason::Unobserved { provider, error } => {
             format!("{provider} could not be observed: {error}")
@@ -397,6 +425,15 @@ fn hold_text(h: &super::HoldReason) -> String {
         super::HoldReason::NoHost { location } => {
             format!("no host of its compute provider is in location `{location}`")
         }
+        super::HoldReason::SourceMissing { path } => format!(
+            "its source path {} does not exist on this machine; it is made once it does",
+            path.display()
+        ),
+        super::HoldReason::Settling { file, until } => format!(
+            "{} changed moments ago; what the change takes away waits until {} (it must stay unchanged that long)",
+            file.display(),
+            until.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        ),
     }
 }
 
@@ -463,6 +500,12 @@ pub fn markdown(plan: &Plan, observed: &Observed) -> String {
         let _ = writeln!(out, "**Held** (left exactly as they are)\n");
         for g in &plan.guards {
             let _ = writeln!(out, "- :warning: {}", md_escape(&g.describe()));
+        }
+        if let Some(a) = &plan.approval {
+            let _ = writeln!(
+                out,
+                "- :key: to let a running vessel apply exactly these once: `vessel approve {a}`"
+            );
         }
         for h in &plan.held {
             let _ = writeln!(

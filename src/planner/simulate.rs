@@ -25,6 +25,7 @@ pub fn simulate(plan: &Plan, observed: &Observed) -> Observed {
                 save_to,
                 start,
                 host,
+                ..
             } => {
                 o.sessions.insert(
                     session.clone(),
@@ -51,6 +52,26 @@ pub fn simulate(plan: &Plan, observed: &Observed) -> Observed {
                         host: host.clone(),
                     },
                 );
+            }
+            Action::UpdateSession {
+                session,
+                spec,
+                fingerprint,
+                restart,
+                ..
+            } => {
+                if let Some(s) = o.sessions.get_mut(session) {
+                    s.fingerprint = fingerprint.clone();
+                    s.spec = Some((**spec).clone());
+                    s.endpoints = spec
+                        .ports
+                        .iter()
+                        .map(|(n, p)| (n.clone(), sim_endpoint(session, p.0)))
+                        .collect();
+                    if *restart {
+                        s.state = SessionState::Running;
+                    }
+                }
             }
             Action::StartSession { session, .. } => {
                 if let Some(s) = o.sessions.get_mut(session) {

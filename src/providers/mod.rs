@@ -14,6 +14,7 @@ pub mod docker;
 pub mod embedded;
 pub mod hosts;
 pub mod http;
+pub mod kept;
 pub mod powerdns;
 pub mod process;
 pub mod traefik;
@@ -107,6 +108,8 @@ pub struct CreateArgs<'a> {
     pub start: bool,
     /// The host the plan placed it on, for providers with several.
     pub host: Option<&'a str>,
+    /// Restore the workspace kept from an earlier session of this name, if it is still kept.
+    pub restore: bool,
 }
 
 /// The session steps of a compute provider, one per kind of plan action on a session;
@@ -122,16 +125,28 @@ pub(crate) enum Intent {
 
 pub(crate) trait SessionSteps: Sync {
     fn create(&self, a: &CreateArgs<'_>) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    /// Change a session's spec in place (the fields its kind changes without a replace);
+    /// with `restart`, a running session restarts with it.
+    fn update(
+        &self,
+        session: &str,
+        spec: &crate::observed::RuntimeSpec,
+        fingerprint: &str,
+        restart: bool,
+    ) -> impl Future<Output = Result<(), ProviderError>> + Send;
     fn start(&self, session: &str) -> impl Future<Output = Result<(), ProviderError>> + Send;
     fn stop(
         &self,
         session: &str,
         stop_timeout: Option<crate::model::Duration>,
     ) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    /// Destroy a session; with `retain`, keep its workspace for the retention time first
+    /// (failing rather than losing it when it cannot be kept).
     fn destroy(
         &self,
         session: &str,
         stop_timeout: Option<crate::model::Duration>,
+        retain: bool,
     ) -> impl Future<Output = Result<(), ProviderError>> + Send;
     fn wait_healthy(
         &self,
@@ -166,8 +181,10 @@ pub(crate) async fn run_session_step<P: SessionSteps>(
             save_to,
             start,
             host,
+            restore,
         } => {
             let args = CreateArgs {
+                restore: *restore,
                 session,
                 spec,
                 fingerprint,
@@ -178,6 +195,13 @@ pub(crate) async fn run_session_step<P: SessionSteps>(
             };
             p.create(&args).await
         }
+        Action::UpdateSession {
+            session,
+            spec,
+            fingerprint,
+            restart,
+            ..
+        } => p.update(session, spec, fingerprint, *restart).await,
         Action::StartSession { session, .. } => p.start(session).await,
         Action::StopSession {
             session,
@@ -187,8 +211,9 @@ pub(crate) async fn run_session_step<P: SessionSteps>(
         Action::DestroySession {
             session,
             stop_timeout,
+            retain,
             ..
-        } => p.destroy(session, *stop_timeout).await,
+        } => p.destroy(session, *stop_timeout, *retain).await,
         Action::WaitHealthy { session, check, .. } => p.wait_healthy(session, check.as_ref()).await,
         Action::SyncSource {
             session,
@@ -212,6 +237,12 @@ pub trait ComputeProvider: Send + Sync {
     /// without waiting for the periodic pass.
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
+    }
+    /// Workspaces of destroyed sessions it keeps, by session (dropping the expired ones).
+    fn retained(
+        &self,
+    ) -> BoxFut<'_, Result<Vec<(String, crate::observed::RetainedWorkspace)>, ProviderError>> {
+        Box::pin(async { Ok(Vec::new()) })
     }
     /// vessel is exiting.
     fn shutdown(&self) -> BoxFut<'_, ()> {
@@ -275,13 +306,24 @@ impl Providers {
         let mut compute: BTreeMap<ComputeKind, Arc<dyn ComputeProvider>> = BTreeMap::new();
         if let Some(p) = &config.providers.compute.process {
             let root = config.state_dir.join("sessions");
-            let provider = process::ProcessProvider::new(root.clone(), p.clone())
+            let kept = kept::Kept::new(
+                config.state_dir.join("retained/process"),
+                ComputeKind::Process,
+                config.policy.workspace_retention.std(),
+            );
+            let provider = process::ProcessProvider::new(root.clone(), p.clone(), kept)
                 .map_err(|source| SetupError::StateDir { path: root, source })?;
             compute.insert(ComputeKind::Process, Arc::new(provider));
         }
         if let Some(d) = &config.providers.compute.docker {
-            let provider = docker::DockerProvider::new(d.clone(), config.state_dir.join("docker"))
-                .map_err(SetupError::Invalid)?;
+            let kept = kept::Kept::new(
+                config.state_dir.join("retained/docker"),
+                ComputeKind::Docker,
+                config.policy.workspace_retention.std(),
+            );
+            let provider =
+                docker::DockerProvider::new(d.clone(), config.state_dir.join("docker"), kept)
+                    .map_err(SetupError::Invalid)?;
             compute.insert(ComputeKind::Docker, Arc::new(provider));
         }
         let (proxy, embedded): (Arc<dyn ProxyProvider>, _) = match &config.providers.proxy {
@@ -343,11 +385,14 @@ impl Providers {
     pub async fn observe(&self, needed: &BTreeSet<ComputeKind>) -> Observed {
         let t = self.observe_timeout;
         let mut o = Observed::default();
-        let compute = futures_util::future::join_all(
-            self.compute
-                .iter()
-                .map(|(k, p)| async move { (*k, tokio::time::timeout(t, p.observe()).await) }),
-        );
+        let compute =
+            futures_util::future::join_all(self.compute.iter().map(|(k, p)| async move {
+                let (sessions, kept) = tokio::join!(
+                    tokio::time::timeout(t, p.observe()),
+                    tokio::time::timeout(t, p.retained())
+                );
+                (*k, sessions, kept)
+            }));
         let proxy = tokio::time::timeout(t, self.proxy.observe());
         let dns = async {
             match &self.dns {
@@ -356,7 +401,14 @@ impl Providers {
             }
         };
         let (compute, proxy, dns) = tokio::join!(compute, proxy, dns);
-        for (kind, r) in compute {
+        for (kind, r, kept) in compute {
+            // What is kept is for status and restores only: not knowing it is no gap.
+            match flatten(kept, t) {
+                Ok(kept) => o.retained.extend(kept),
+                Err(e) => {
+                    tracing::warn!(provider = kind.as_str(), "cannot list kept workspaces: {e}")
+                }
+            }
             match flatten(r, t) {
                 Ok(sessions) => {
                     for s in sessions {

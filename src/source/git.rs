@@ -162,6 +162,31 @@ fn entries_of(repo: &Repository, sub: &git2::Tree<'_>, rev: &str) -> Result<Entr
     Ok(files)
 }
 
+/// Does the mirror at `dir` know `rev` (a commit, a branch or a tag) as `applied` itself or one
+/// of its ancestors? False when either is unknown to it (not fetched yet).
+pub fn contains(dir: &Path, applied: &str, rev: &str) -> bool {
+    let Ok(repo) = Repository::open_bare(dir) else {
+        return false;
+    };
+    let Ok(applied) = git2::Oid::from_str(applied) else {
+        return false;
+    };
+    let candidates = [
+        rev.to_string(),
+        format!("refs/remotes/origin/{rev}"),
+        format!("refs/tags/{rev}"),
+    ];
+    let Some(target) = candidates.iter().find_map(|c| {
+        repo.revparse_single(c)
+            .ok()
+            .and_then(|o| o.peel_to_commit().ok())
+            .map(|c| c.id())
+    }) else {
+        return false;
+    };
+    target == applied || repo.graph_descendant_of(applied, target).unwrap_or(false)
+}
+
 /// A bare mirror of the source repository in the state directory, fetched incrementally.
 pub struct Mirror {
     repo: Repository,

@@ -31,6 +31,19 @@ pub enum SourceError {
 /// the ref's commit; when the fetch fails, the last fetched commit is used and
 /// `Desired::source_error` says why.
 pub fn load(config: &Config, now: DateTime<Utc>) -> Result<Desired, SourceError> {
+    let mut d = load_source(config, now)?;
+    d.missing_sources = d
+        .sessions
+        .iter()
+        .filter_map(|(n, s)| {
+            let p = &s.spec.source.as_ref()?.path;
+            (!p.is_dir()).then(|| (n.clone(), p.clone()))
+        })
+        .collect();
+    Ok(d)
+}
+
+fn load_source(config: &Config, now: DateTime<Utc>) -> Result<Desired, SourceError> {
     match &config.source {
         SourceConfig::Dir(d) => Ok(load_tree(d, config, now)?),
         SourceConfig::Git(g) => {
@@ -79,6 +92,7 @@ pub fn load(config: &Config, now: DateTime<Utc>) -> Result<Desired, SourceError>
             let (revision, files) = mirror.entries_at(id)?;
             let display = std::path::Path::new(&g.path);
             let mut d = load_entries(display, files, config, now);
+            d.commit = Some(revision.id.clone());
             d.revision = Some(format!(
                 "{} {}",
                 &revision.id[..revision.id.len().min(12)],

@@ -116,6 +116,7 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/routes", get(routes))
         .route("/dns", get(dns))
         .route("/plan", get(plan))
+        .route("/revision", get(revision))
         .route("/events", get(events))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -178,6 +179,47 @@ async fn readyz(State(st): State<Arc<AppState>>) -> Response {
         ),
         None => unavailable(),
     }
+}
+
+#[derive(Deserialize)]
+struct RevisionQuery {
+    contains: Option<String>,
+}
+
+/// `GET /revision?contains=REV`: the revision the last pass applied, and whether it is REV or
+/// a later one (for git: REV is the applied commit or one of its ancestors; for a directory:
+/// the same content revision).
+async fn revision(State(st): State<Arc<AppState>>, Query(q): Query<RevisionQuery>) -> Response {
+    let Some((revision, commit)) = st.with(|s| {
+        let last = s.last.as_ref();
+        (
+            last.and_then(|l| l.revision.clone()),
+            last.and_then(|l| l.commit.clone()),
+        )
+    }) else {
+        return unavailable();
+    };
+    let contains = match (q.contains, &commit, &st.ctx.git_mirror) {
+        (None, _, _) => None,
+        (Some(rev), _, _) if rev.is_empty() || rev.len() > 256 => Some(false),
+        (Some(rev), Some(applied), Some(mirror)) => {
+            let (mirror, applied) = (mirror.clone(), applied.clone());
+            tokio::task::spawn_blocking(move || {
+                crate::source::git::contains(&mirror, &applied, &rev)
+            })
+            .await
+            .ok()
+        }
+        (Some(rev), _, _) => Some(
+            revision
+                .as_deref()
+                .is_some_and(|r| r == rev || r.split_whitespace().next() == Some(rev.as_str())),
+        ),
+    };
+    json(
+        &st,
+        &serde_json::json!({"revision": revision, "commit": commit, "contains": contains}),
+    )
 }
 
 async fn status(State(st): State<Arc<AppState>>) -> Response {
@@ -303,9 +345,10 @@ async fn events(State(st): State<Arc<AppState>>, Query(q): Query<EventsQuery>) -
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    // The body is the OpenMetrics text format (`# EOF` at the end), and says so.
     respond(
         StatusCode::OK,
-        "text/plain; version=0.0.4; charset=utf-8",
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
         st.redact(st.metrics.encode()),
     )
 }

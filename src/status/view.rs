@@ -25,8 +25,15 @@ pub struct StatusView {
     pub revision: Option<String>,
     /// The first full pass is done and the source loaded.
     pub ready: bool,
-    /// The last pass found nothing to do, and no source change is waiting.
+    /// The world is as declared: the last pass found nothing to do and held nothing back (no
+    /// guard, no quarantined file, no provider it could not observe, no change settling, no
+    /// object in the way), and no source change is waiting. Sessions asleep or stopped with
+    /// no address do not count against it.
     pub converged: bool,
+    /// As `converged`, except that files with errors (and what they hold) are allowed.
+    pub converged_allowing_quarantine: bool,
+    /// The full commit id the last pass applied, for a git source.
+    pub commit: Option<String>,
     /// A source change arrived that no pass has loaded yet.
     pub source_changed: bool,
     /// What is wrong with the source (a fetch, a signature), while it is wrong.
@@ -36,8 +43,20 @@ pub struct StatusView {
     pub passes: u64,
     pub last_pass: Option<PassReport>,
     pub counts: Counts,
+    /// Why it is not converged, in words (empty when it is).
+    pub not_converged: Vec<String>,
     pub quarantined: Vec<QuarantinedFile>,
     pub providers: Vec<ProviderStatus>,
+    /// Workspaces of destroyed sessions, kept until `until` and restored if the session is
+    /// declared again before then.
+    pub kept_workspaces: Vec<KeptWorkspace>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct KeptWorkspace {
+    pub session: String,
+    #[serde(flatten)]
+    pub kept: crate::observed::RetainedWorkspace,
 }
 
 #[derive(Debug, Default, Serialize, JsonSchema)]
@@ -128,6 +147,8 @@ pub struct Context {
     pub proxy_port: Option<u16>,
     pub domain: String,
     pub templates: Vec<crate::config::RouteTemplate>,
+    /// The git source's mirror, to tell whether a revision is applied (`/revision`).
+    pub git_mirror: Option<std::path::PathBuf>,
 }
 
 fn state_name(s: SessionState) -> &'static str {
@@ -199,12 +220,16 @@ pub fn status(s: &Shared) -> StatusView {
         })
         .collect();
     let ready = s.last.as_ref().is_some_and(|l| l.error.is_none());
+    let (strict, loose) = convergence(s, ready);
     StatusView {
         version: env!("CARGO_PKG_VERSION").to_string(),
         started: s.started,
         revision: s.last.as_ref().and_then(|l| l.revision.clone()),
         ready,
-        converged: ready && !s.source_changed && s.last.as_ref().is_some_and(|l| l.converged),
+        converged: strict.is_empty(),
+        converged_allowing_quarantine: loose.is_empty(),
+        commit: s.last.as_ref().and_then(|l| l.commit.clone()),
+        not_converged: strict,
         source_changed: s.source_changed,
         source_error: s
             .last
@@ -216,7 +241,93 @@ pub fn status(s: &Shared) -> StatusView {
         counts,
         quarantined,
         providers,
+        kept_workspaces: s
+            .observed
+            .iter()
+            .flat_map(|o| &o.retained)
+            .map(|(name, k)| KeptWorkspace {
+                session: name.clone(),
+                kept: k.clone(),
+            })
+            .collect(),
     }
+}
+
+/// Why the world is not as declared (empty: converged), strictly and allowing quarantine.
+fn convergence(s: &Shared, ready: bool) -> (Vec<String>, Vec<String>) {
+    let mut why: Vec<(String, bool)> = Vec::new();
+    if !ready {
+        why.push(("no pass has loaded the source yet".into(), false));
+    }
+    if s.source_changed {
+        why.push(("a source change is waiting for a pass".into(), false));
+    }
+    why.extend(not_converged(
+        s.plan.as_deref(),
+        s.observed.as_deref(),
+        s.desired.as_deref(),
+    ));
+    let loose = why
+        .iter()
+        .filter(|(_, q)| !q)
+        .map(|(w, _)| w.clone())
+        .collect();
+    (why.into_iter().map(|(w, _)| w).collect(), loose)
+}
+
+/// Why a plan against what was observed leaves the world not as declared, each reason with
+/// whether it comes only from a file with errors. Sessions asleep or stopped with no address
+/// do not count.
+pub fn not_converged(
+    plan: Option<&crate::planner::Plan>,
+    observed: Option<&crate::observed::Observed>,
+    desired: Option<&crate::desired::Desired>,
+) -> Vec<(String, bool)> {
+    use crate::planner::{Guard, HoldReason};
+    let mut why: Vec<(String, bool)> = Vec::new();
+    if let Some(p) = plan {
+        if !p.steps.is_empty() {
+            why.push((format!("{} step(s) pending", p.steps.len()), false));
+        }
+        if !p.deferred.is_empty() {
+            let n = p.deferred.len();
+            why.push((format!("{n} step(s) deferred to the next pass"), false));
+        }
+        for g in &p.guards {
+            let quarantine = matches!(g, Guard::UnknownObjects { .. });
+            why.push((g.describe(), quarantine));
+        }
+        for h in &p.held {
+            match &h.why {
+                HoldReason::NoAddress => {}
+                HoldReason::Quarantined { .. } => {
+                    why.push((format!("{} is held by a file with errors", h.object), true))
+                }
+                other => why.push((
+                    format!(
+                        "{} is held: {}",
+                        h.object,
+                        crate::planner::render::hold_text(other)
+                    ),
+                    false,
+                )),
+            }
+        }
+    }
+    if let Some(o) = observed {
+        for (p, e) in &o.gaps {
+            why.push((format!("{p} could not be observed: {e}"), false));
+        }
+    }
+    if let Some(d) = desired {
+        for f in d.quarantined.keys() {
+            why.push((
+                format!("{} has errors (its objects are held)", f.display()),
+                true,
+            ));
+        }
+    }
+    why
 }
 
 pub fn sessions(s: &Shared, ctx: &Context) -> Vec<SessionView> {
@@ -404,6 +515,7 @@ mod tests {
                 save_to: None,
                 start: true,
                 host: None,
+                restore: false,
             },
             reason: crate::planner::Reason::Missing,
             depends_on: vec![],

@@ -79,6 +79,11 @@ impl Daemon {
 
     /// Start with one extra environment variable (a secret the config refers to, say).
     pub fn start_with_env(&mut self, env: Option<(&str, &str)>) {
+        self.start_with_args(&[], env)
+    }
+
+    /// Start with extra arguments after `run vessel.yaml`.
+    pub fn start_with_args(&mut self, args: &[&str], env: Option<(&str, &str)>) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -86,6 +91,7 @@ impl Daemon {
             .expect("log");
         let child = Command::new(env!("CARGO_BIN_EXE_vessel"))
             .args(["run", "vessel.yaml"])
+            .args(args)
             .current_dir(self.dir.path())
             .env("NO_COLOR", "1")
             .env("VESSEL_LOG", "debug")
@@ -122,6 +128,21 @@ impl Daemon {
         let tmp = self.source().join(format!(".{name}.tmp"));
         std::fs::write(&tmp, text).expect("write");
         std::fs::rename(tmp, self.source().join(name)).expect("rename");
+    }
+
+    /// Change the config file's text.
+    pub fn edit_config(&self, f: impl FnOnce(String) -> String) {
+        let path = self.dir.path().join("vessel.yaml");
+        let cfg = std::fs::read_to_string(&path).expect("config");
+        std::fs::write(&path, f(cfg)).expect("config");
+    }
+
+    /// How many passes the daemon has run, from its status endpoint.
+    pub fn passes(&self) -> u64 {
+        let (code, body) = get(self.status, "status", "/status").unwrap_or_default();
+        assert_eq!(code, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("status is JSON");
+        v["passes"].as_u64().expect("passes")
     }
 
     /// Serve routes through another proxy provider: `yaml` is its config under `proxy:`

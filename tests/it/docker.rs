@@ -455,3 +455,70 @@ fn docker_an_unreachable_engine_is_a_gap_with_no_creates() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn docker_a_replace_and_a_destroy_keep_the_workspace_and_give_it_back() {
+    let pod = podman();
+    let instance = unique("kep");
+    let _cleanup = Cleanup {
+        instance: instance.clone(),
+        names: vec![],
+    };
+    let mut d = docker_daemon(&instance, "30s");
+    let s = format!("{instance}a");
+    // Another session, so removing this one does not empty the source.
+    d.write(&format!("{s}z.yaml"), &session_yaml(&format!("{s}z"), ""));
+    d.write(&format!("{s}.yaml"), &session_yaml(&s, ""));
+    d.start();
+    let name = format!("vessel-{s}");
+    wait(30, "the session runs", &d, || {
+        pod.state(&name).as_deref() == Some("running")
+    });
+    pod.cli(&[
+        "exec",
+        &name,
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "echo made-inside > /workspace/work.txt",
+    ]);
+    wait(30, "the work is served", &d, || {
+        serves(&d, &s, "/work.txt", "made-inside\n")
+    });
+    let id = pod
+        .inspect(&name)
+        .and_then(|c| c["Id"].as_str().map(str::to_string));
+
+    // A replace (a docker plan's memory changes a container): a new container, the same work.
+    std::fs::write(
+        d.source().join("plan.yaml"),
+        PLAN.replace("memory: 64MiB", "memory: 96MiB"),
+    )
+    .expect("plan");
+    wait(40, "the replaced session serves the same work", &d, || {
+        let id2 = pod
+            .inspect(&name)
+            .and_then(|c| c["Id"].as_str().map(str::to_string));
+        id2.is_some() && id2 != id && serves(&d, &s, "/work.txt", "made-inside\n")
+    });
+    assert!(
+        d.log().contains("restored its kept workspace"),
+        "{}",
+        d.log()
+    );
+
+    // Destroyed: the workspace is kept in the state directory; declared again, it is back.
+    std::fs::remove_file(d.source().join(format!("{s}.yaml"))).expect("rm");
+    let kept = d.state().join(format!("retained/docker/{s}/workspace.tar"));
+    wait(
+        30,
+        "the container goes and its workspace is kept",
+        &d,
+        || pod.inspect(&name).is_none() && kept.exists(),
+    );
+    d.write(&format!("{s}.yaml"), &session_yaml(&s, ""));
+    wait(40, "the session comes back with its work", &d, || {
+        serves(&d, &s, "/work.txt", "made-inside\n")
+    });
+    assert!(!kept.exists(), "the kept copy was used up");
+}

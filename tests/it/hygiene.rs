@@ -125,3 +125,24 @@ fn ci_installs_the_traefik_release_the_tests_pin() {
         crate::servers::TRAEFIK_VERSION
     );
 }
+
+/// Each plan field's schema description says how changing it is carried out, exactly as the
+/// planner decides it (`model::field_change`).
+#[test]
+fn the_schema_says_how_each_plan_field_changes() {
+    use vessel::model::{ComputeKind, SPEC_FIELDS, field_change};
+    let text = std::fs::read_to_string(crate::support::root().join("schemas/plan.schema.json"))
+        .expect("plan schema");
+    let schema: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    for field in SPEC_FIELDS.iter().chain(&["idle_timeout"]) {
+        let desc = schema["properties"][field]["description"]
+            .as_str()
+            .unwrap_or_default();
+        let want = format!(
+            "(process: {}; docker: {})",
+            field_change(ComputeKind::Process, field).describe(),
+            field_change(ComputeKind::Docker, field).describe()
+        );
+        assert!(desc.contains(&want), "{field}: `{desc}` should say {want}");
+    }
+}

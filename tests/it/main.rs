@@ -1,6 +1,9 @@
 //! vessel's one integration-test binary. Each module covers one capability; helpers live in
 //! `support`.
 
+mod approve;
+mod backoff;
+mod crash;
 mod daemon_support;
 mod dns_hosts;
 mod dns_powerdns;
@@ -8,6 +11,8 @@ mod docker;
 mod git_source;
 mod hostile;
 mod hygiene;
+mod outage;
+mod papercuts;
 mod plan_cli;
 mod planner_cases;
 mod planner_props;
@@ -16,7 +21,10 @@ mod proxy;
 mod proxy_caddy;
 mod proxy_traefik;
 mod reconciler;
+mod reload;
 mod servers;
+mod settle;
 mod status;
 mod support;
+mod truth;
 mod validate;

@@ -7,7 +7,9 @@
 //! now: 2026-06-01T00:00:00Z     # the clock
 //! world_now: ...                # the clock the world was converged at (default: now)
 //! policy: {dns: 192.0.2.1, allow_destroy: false, max_count: 10, max_percent: 50,
-//!          docker_hosts: [{name: a, location: eu}]}
+//!          docker_hosts: [{name: a, location: eu}],
+//!          keep_workspaces: true,    # process and docker keep destroyed workspaces (default)
+//!          settling: [alice.yaml]}   # files that changed a second ago (settle until now+1s)
 //! world: {FILE: YAML, ...}      # the tree the observed world was converged from
 //! world_passes: 1               # converge only this many passes (default: to the end)
 //! files: {FILE: YAML, ...}      # the desired tree now
@@ -43,6 +45,9 @@ struct CasePolicy {
     max_percent: Option<u8>,
     #[serde(default)]
     docker_hosts: Vec<CaseHost>,
+    keep_workspaces: Option<bool>,
+    #[serde(default)]
+    settling: Vec<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -78,11 +83,27 @@ enum Drift {
     Fail(String),
     RemoveSession(String),
     RemoveRoute(String),
-    Upstream { host: String, to: String },
-    Gap { provider: String, error: String },
-    ForeignSession { name: String },
-    ForeignRoute { host: String, upstream: String },
-    ForeignRecord { name: String, content: String },
+    Upstream {
+        host: String,
+        to: String,
+    },
+    Gap {
+        provider: String,
+        error: String,
+    },
+    ForeignSession {
+        name: String,
+    },
+    ForeignRoute {
+        host: String,
+        upstream: String,
+    },
+    ForeignRecord {
+        name: String,
+        content: String,
+    },
+    /// The session's provider keeps a workspace of an earlier session of this name.
+    Retained(String),
 }
 
 pub fn load(files: &BTreeMap<String, String>, now: DateTime<Utc>) -> Desired {
@@ -94,7 +115,12 @@ pub fn load(files: &BTreeMap<String, String>, now: DateTime<Utc>) -> Desired {
         }
         std::fs::write(p, text).expect("write");
     }
-    let cfg = Config::embedded_default(dir.path());
+    // The embedded default, with a docker provider too (cases use both kinds of plan).
+    let mut cfg = Config::embedded_default(dir.path());
+    cfg.providers.compute.docker = Some(
+        serde_saphyr::from_str("hosts: [{name: a, endpoint: 'unix:///run/docker.sock'}]")
+            .expect("docker config"),
+    );
     vessel::load::load_tree(dir.path(), &cfg, now).expect("load")
 }
 
@@ -108,6 +134,19 @@ fn policy_of(c: &CasePolicy, now: DateTime<Utc>) -> Policy {
         max_count: c.max_count.unwrap_or(d.max_count),
         max_percent: c.max_percent.unwrap_or(d.max_percent),
     };
+    p.keeps_workspaces = if c.keep_workspaces.unwrap_or(true) {
+        [ComputeKind::Process, ComputeKind::Docker].into()
+    } else {
+        Default::default()
+    };
+    p.settle = std::sync::Arc::new(vessel::planner::Settle {
+        until: c
+            .settling
+            .iter()
+            .map(|f| (f.clone(), now + chrono::Duration::seconds(1)))
+            .collect(),
+        origins: BTreeMap::new(),
+    });
     if !c.docker_hosts.is_empty() {
         p.placement.insert(
             ComputeKind::Docker,
@@ -178,6 +217,21 @@ fn apply_drift(o: &mut Observed, drift: &[Drift]) {
                         owned: false,
                         session: None,
                         route: None,
+                    },
+                );
+            }
+            Drift::Retained(name) => {
+                o.retained.insert(
+                    name.clone(),
+                    vessel::observed::RetainedWorkspace {
+                        provider: ComputeKind::Process,
+                        since: DateTime::parse_from_rfc3339("2026-05-31T12:00:00Z")
+                            .expect("ts")
+                            .with_timezone(&Utc),
+                        until: DateTime::parse_from_rfc3339("2026-06-01T12:00:00Z")
+                            .expect("ts")
+                            .with_timezone(&Utc),
+                        bytes: Some(1024),
                     },
                 );
             }

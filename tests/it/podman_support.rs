@@ -193,3 +193,162 @@ fn import_busybox(pod: &Podman) -> Result<(), String> {
     pod.try_cli(&["import", tar.to_str().unwrap_or_default(), IMAGE])
         .map(|_| ())
 }
+
+/// A Podman service of one test's own, with its own storage (`--root`, `--runroot`) and
+/// socket, that the test may stop, freeze and start again without touching the shared one.
+pub struct PrivatePodman {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    service: Option<std::process::Child>,
+}
+
+impl PrivatePodman {
+    pub fn start() -> PrivatePodman {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "vessel-podman-own-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join("containers.conf"), CONTAINERS_CONF).expect("conf");
+        let mut p = PrivatePodman {
+            socket: dir.join("podman.sock"),
+            dir,
+            service: None,
+        };
+        // The image, imported into this storage.
+        let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+            .into_iter()
+            .find(|b| Path::new(b).exists())
+            .expect("busybox is installed (apt-get install busybox-static)");
+        let root = p.dir.join("rootfs");
+        std::fs::create_dir_all(root.join("bin")).expect("mkdir");
+        std::fs::copy(busybox, root.join("bin/busybox")).expect("copy");
+        let tar = p.dir.join("busybox.tar");
+        let ok = Command::new("tar")
+            .arg("-C")
+            .arg(&root)
+            .arg("-cf")
+            .arg(&tar)
+            .arg(".")
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "tar");
+        p.cli(&["import", tar.to_str().unwrap_or_default(), IMAGE]);
+        p.resume();
+        p
+    }
+
+    fn args(&self) -> Vec<String> {
+        vec![
+            "--root".into(),
+            self.dir.join("storage").display().to_string(),
+            "--runroot".into(),
+            self.dir.join("run").display().to_string(),
+        ]
+    }
+
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("podman")
+            .args(self.args())
+            .args(args)
+            .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
+            .output()
+            .expect("podman runs");
+        assert!(
+            out.status.success(),
+            "podman {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Start the service (again) on the same socket, and wait until it answers.
+    pub fn resume(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+        let log = std::fs::File::create(self.dir.join("service.log")).expect("log");
+        let child = Command::new("podman")
+            .args(self.args())
+            .args(["system", "service", "-t", "0"])
+            .arg(format!("unix://{}", self.socket.display()))
+            .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("podman system service starts");
+        self.service = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ping(&self.socket) {
+            assert!(Instant::now() < deadline, "the private podman answers");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stop the service (its containers keep running under their monitors).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.service.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        if let Some(c) = &self.service {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig);
+        }
+    }
+
+    /// Freeze the service: it accepts connections and answers nothing.
+    pub fn freeze(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    pub fn thaw(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    /// Names of the containers in this storage, running or not.
+    pub fn containers(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .cli(&["ps", "-a", "--format", "{{.Names}}"])
+            .lines()
+            .map(str::to_string)
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub fn running(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .cli(&["ps", "--format", "{{.Names}}"])
+            .lines()
+            .map(str::to_string)
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for PrivatePodman {
+    fn drop(&mut self) {
+        self.thaw();
+        let _ = Command::new("podman")
+            .args(self.args())
+            .args(["rm", "-a", "-f", "-v", "-t", "0"])
+            .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
+            .output();
+        let _ = Command::new("podman")
+            .args(self.args())
+            .args(["rmi", "-a", "-f"])
+            .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
+            .output();
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

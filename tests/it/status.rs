@@ -34,7 +34,7 @@ fn call(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16
     (code, head.to_string(), body.to_string())
 }
 
-fn json(addr: SocketAddr, path: &str) -> Value {
+pub fn json(addr: SocketAddr, path: &str) -> Value {
     let (code, _, body) = call(addr, "GET", path, None);
     assert_eq!(code, 200, "{path}: {body}");
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path} is not JSON: {e}: {body}"))
@@ -158,7 +158,7 @@ fn every_endpoint_answers_and_nothing_but_get_is_allowed() {
     assert_eq!(code, 200);
     assert!(
         head.to_ascii_lowercase()
-            .contains("content-type: text/plain")
+            .contains("content-type: application/openmetrics-text")
     );
     for needle in [
         "vessel_passes_total{trigger=\"startup\"}",

@@ -149,3 +149,114 @@ mod tests {
         Ok(())
     }
 }
+
+/// Rewrite the engine's archive of a workspace so every entry is under `base` (the workspace
+/// directory's own name), as a running container's archive is. Podman gives the directory's
+/// contents at the root (`/a.txt`) for a container that is not running; restoring that into
+/// the workspace's parent would scatter the work. Streams from file to file.
+pub fn normalize(src: &Path, dst: &Path, base: &str) -> io::Result<()> {
+    let mut a = tar::Archive::new(io::BufReader::new(std::fs::File::open(src)?));
+    let mut b = tar::Builder::new(io::BufWriter::new(std::fs::File::create(dst)?));
+    for entry in a.entries()? {
+        let mut entry = entry?;
+        let path = under_base(&entry.path()?, base);
+        let mut header = entry.header().clone();
+        match entry.link_name()?.map(|l| l.into_owned()) {
+            Some(target) if header.entry_type().is_symlink() => {
+                b.append_link(&mut header, &path, &target)?;
+            }
+            // A hard link names another entry by its path: moved under `base` too.
+            Some(target) if header.entry_type().is_hard_link() => {
+                b.append_link(&mut header, &path, under_base(&target, base))?;
+            }
+            _ => b.append_data(&mut header, &path, &mut entry)?,
+        }
+    }
+    b.into_inner()?
+        .into_inner()
+        .map_err(|e| e.into_error())?
+        .sync_all()
+}
+
+/// `p` as a relative path under `base` (left as it is when it is under `base` already).
+fn under_base(p: &Path, base: &str) -> std::path::PathBuf {
+    let rel: std::path::PathBuf = p
+        .components()
+        .filter(|c| matches!(c, std::path::Component::Normal(_)))
+        .collect();
+    match rel.components().next() {
+        Some(std::path::Component::Normal(first)) if first == base => rel,
+        None => std::path::PathBuf::from(base),
+        _ => Path::new(base).join(rel),
+    }
+}
+
+#[cfg(test)]
+mod normalize_tests {
+    use super::*;
+
+    /// An archive with these raw names (Podman's `/a.txt` included, which `append_data`
+    /// refuses); names ending in `/` are directories.
+    fn archive(entries: &[(&str, &str)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, body) in entries {
+            let mut h = tar::Header::new_gnu();
+            let dir = name.ends_with('/');
+            h.set_entry_type(if dir {
+                tar::EntryType::Directory
+            } else {
+                tar::EntryType::Regular
+            });
+            h.set_size(body.len() as u64);
+            h.set_mode(if dir { 0o755 } else { 0o644 });
+            if let Some(g) = h.as_gnu_mut() {
+                g.name[..name.len()].copy_from_slice(name.as_bytes());
+            }
+            h.set_cksum();
+            b.append(&h, body.as_bytes()).expect("entry");
+        }
+        b.into_inner().expect("tar")
+    }
+
+    fn names(path: &Path) -> Vec<String> {
+        let mut a = tar::Archive::new(std::fs::File::open(path).expect("open"));
+        a.entries()
+            .expect("entries")
+            .map(|e| {
+                e.expect("entry")
+                    .path()
+                    .expect("path")
+                    .display()
+                    .to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn contents_at_the_root_move_under_the_workspace_and_good_archives_stay() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (src, dst) = (dir.path().join("a.tar"), dir.path().join("b.tar"));
+        std::fs::write(
+            &src,
+            archive(&[("/", ""), ("/a.txt", "hi"), ("/d/", ""), ("/d/b", "x")]),
+        )
+        .expect("write");
+        normalize(&src, &dst, "workspace").expect("normalize");
+        assert_eq!(
+            names(&dst),
+            [
+                "workspace",
+                "workspace/a.txt",
+                "workspace/d",
+                "workspace/d/b"
+            ]
+        );
+        std::fs::write(
+            &src,
+            archive(&[("workspace/", ""), ("workspace/a.txt", "hi")]),
+        )
+        .expect("write");
+        normalize(&src, &dst, "workspace").expect("normalize");
+        assert_eq!(names(&dst), ["workspace", "workspace/a.txt"]);
+    }
+}

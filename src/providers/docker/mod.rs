@@ -53,8 +53,19 @@ use super::{
 
 pub use convert::{MARKER, container_name};
 
-/// bollard's per-request timeout, in seconds (a workspace download can take a while).
-const REQUEST_TIMEOUT: u64 = 120;
+/// A kept workspace, as an archive of the workspace directory (entries under its name).
+const KEPT_TAR: &str = "workspace.tar";
+/// The engine's archive as downloaded, before `archive::normalize`.
+const KEPT_RAW: &str = "download.tar";
+
+/// The workspace directory's own name (`/workspace` -> `workspace`).
+fn workspace_base(workspace: &str) -> String {
+    Path::new(workspace)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("workspace")
+        .to_string()
+}
 
 /// `<state>/docker/<session>.json`: what changes after creation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -103,6 +114,8 @@ struct Inner {
     cancel: CancellationToken,
     /// Per host: the last list, reused while the events stream says nothing changed.
     cache: Vec<HostCache>,
+    /// Workspaces of destroyed sessions (`workspace.tar`), kept for a while.
+    kept: super::kept::Kept,
 }
 
 /// A host's last list, valid while its generation holds: every event on the host, every step
@@ -197,7 +210,11 @@ fn status_of(e: &bollard::errors::Error) -> Option<u16> {
 impl DockerProvider {
     /// A provider for `config`'s hosts, keeping its records under `records` (created if
     /// missing). Nothing is contacted until the first call.
-    pub fn new(config: DockerConfig, records: PathBuf) -> Result<DockerProvider, String> {
+    pub fn new(
+        config: DockerConfig,
+        records: PathBuf,
+        kept: super::kept::Kept,
+    ) -> Result<DockerProvider, String> {
         if config.hosts.is_empty() {
             return Err("the docker provider needs at least one host".into());
         }
@@ -238,6 +255,7 @@ impl DockerProvider {
                 changes: tokio::sync::watch::channel(0).0,
                 events_started: AtomicBool::new(false),
                 cancel: CancellationToken::new(),
+                kept,
             }),
         })
     }
@@ -276,17 +294,20 @@ fn endpoint_kind<'a>(endpoint: &'a str, tls: Option<&'a Path>) -> Result<Endpoin
     }
 }
 
-fn connect(h: &Host) -> Result<Docker, String> {
+/// A client whose every call must answer within `timeout` (bollard bounds the wait for the
+/// response's head; bodies are bounded by the step's own timeout).
+fn connect(h: &Host, timeout: Duration) -> Result<Docker, String> {
     let v = bollard::API_DEFAULT_VERSION;
+    let secs = timeout.as_secs().max(1);
     let r = match endpoint_kind(&h.endpoint, h.tls.as_deref())? {
-        EndpointKind::Unix(p) => Docker::connect_with_unix(p, REQUEST_TIMEOUT, v),
-        EndpointKind::Http(a) => Docker::connect_with_http(a, REQUEST_TIMEOUT, v),
+        EndpointKind::Unix(p) => Docker::connect_with_unix(p, secs, v),
+        EndpointKind::Http(a) => Docker::connect_with_http(a, secs, v),
         EndpointKind::Tls(a, dir) => Docker::connect_with_ssl(
             a,
             &dir.join("key.pem"),
             &dir.join("cert.pem"),
             &dir.join("ca.pem"),
-            REQUEST_TIMEOUT,
+            secs,
             v,
         ),
     };
@@ -305,7 +326,7 @@ impl Inner {
             .ok_or_else(|| ProviderError::failed("reach", "docker host", "no such host"))?;
         h.client
             .get_or_try_init(|| async {
-                let d = connect(h).map_err(|m| {
+                let d = connect(h, self.config.call_timeout.std()).map_err(|m| {
                     ProviderError::failed("connect to", format!("docker host {}", h.name), m)
                 })?;
                 self.count();
@@ -315,6 +336,12 @@ impl Inner {
                 ))
             })
             .await
+    }
+
+    /// The host's client for a workspace upload: `transfer_timeout` instead of `call_timeout`.
+    async fn transfer_client(&self, host: usize) -> Result<Docker, ProviderError> {
+        let d = self.client(host).await?;
+        Ok(d.clone().with_timeout(self.config.transfer_timeout.std()))
     }
 
     /// Containers on `host` matching `filters` (all states).
@@ -601,6 +628,89 @@ impl DockerProvider {
         }
     }
 
+    /// Download the container's workspace into its kept copy (`workspace.tar`), streamed to
+    /// disk.
+    async fn keep_workspace(&self, session: &str, p: &Placed) -> Result<(), ProviderError> {
+        use tokio::io::AsyncWriteExt;
+        let kept = &self.inner.kept;
+        let err = || ProviderError::io("keep the workspace of", session);
+        let tmp = kept.begin(session).map_err(err())?;
+        let result = async {
+            let d = self.inner.client(p.host).await?;
+            self.inner.count();
+            let mut stream = d.download_from_container(
+                &p.id,
+                Some(DownloadFromContainerOptions {
+                    path: self.inner.config.workspace.clone(),
+                }),
+            );
+            let mut f = tokio::fs::File::create(tmp.join(KEPT_RAW))
+                .await
+                .map_err(err())?;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(docker_err("keep the workspace of", session))?;
+                f.write_all(&chunk).await.map_err(err())?;
+            }
+            f.sync_all().await.map_err(err())?;
+            drop(f);
+            // One layout whatever the container's state (see `archive::normalize`).
+            let (raw, tar) = (tmp.join(KEPT_RAW), tmp.join(KEPT_TAR));
+            let base = workspace_base(&self.inner.config.workspace);
+            tokio::task::spawn_blocking(move || {
+                archive::normalize(&raw, &tar, &base)?;
+                std::fs::remove_file(&raw)
+            })
+            .await
+            .map_err(|e| ProviderError::failed("keep the workspace of", session, e.to_string()))?
+            .map_err(err())?;
+            kept.commit(session, &tmp, chrono::Utc::now())
+                .map_err(err())
+        }
+        .await;
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        result
+    }
+
+    /// Upload a kept `workspace.tar` into a new container (before it starts), streamed from
+    /// disk.
+    async fn restore_workspace(
+        &self,
+        session: &str,
+        host: usize,
+        id: &str,
+        tar: &Path,
+    ) -> Result<(), ProviderError> {
+        use tokio::io::AsyncReadExt;
+        let f = tokio::fs::File::open(tar)
+            .await
+            .map_err(ProviderError::io("restore the kept workspace of", session))?;
+        let chunks = futures_util::stream::try_unfold(f, |mut f| async move {
+            let mut buf = vec![0u8; 256 << 10];
+            let n = f.read(&mut buf).await?;
+            buf.truncate(n);
+            Ok::<_, std::io::Error>((n > 0).then(|| (bytes::Bytes::from(buf), f)))
+        });
+        // The archive holds the workspace directory by its own name: it goes in its parent.
+        let parent = Path::new(&self.inner.config.workspace)
+            .parent()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "/".into());
+        let d = self.inner.transfer_client(host).await?;
+        self.inner.count();
+        d.upload_to_container(
+            id,
+            Some(UploadToContainerOptions {
+                path: parent,
+                ..Default::default()
+            }),
+            bollard::body_try_stream(chunks),
+        )
+        .await
+        .map_err(docker_err("restore the kept workspace of", session))
+    }
+
     async fn placed(&self, op: &'static str, session: &str) -> Result<Placed, ProviderError> {
         self.inner
             .locate(session)
@@ -614,13 +724,17 @@ impl DockerProvider {
         p: &Placed,
         stop_timeout: Option<crate::model::Duration>,
     ) -> Result<(), ProviderError> {
-        let d = self.inner.client(p.host).await?;
+        let secs = convert::stop_seconds(stop_timeout);
+        // The engine answers once the container has stopped: its stop timeout, then the call's.
+        let d = self.inner.client(p.host).await?.clone().with_timeout(
+            self.inner.config.call_timeout.std() + Duration::from_secs(secs.max(0) as u64),
+        );
         self.inner.count();
         let r = d
             .stop_container(
                 &p.id,
                 Some(StopContainerOptions {
-                    t: Some(convert::stop_seconds(stop_timeout)),
+                    t: Some(secs),
                     signal: None,
                 }),
             )
@@ -707,10 +821,32 @@ impl SessionSteps for DockerProvider {
             r.intent = intent;
             r.save_to = req.save_to.map(Path::to_path_buf);
         })?;
+        if req.restore
+            && let Some(k) = inner.kept.get(session, chrono::Utc::now())
+        {
+            self.restore_workspace(session, host, &id, &k.join(KEPT_TAR))
+                .await?;
+            let _ = inner.kept.remove(session);
+            tracing::info!(%session, "restored its kept workspace");
+        }
         if start {
             self.start_container(session, host, &id).await?;
         }
         Ok(())
+    }
+    async fn update(
+        &self,
+        session: &str,
+        _spec: &RuntimeSpec,
+        _fingerprint: &str,
+        _restart: bool,
+    ) -> Result<(), ProviderError> {
+        // Every field a container is made from is fixed at create: the plan replaces.
+        Err(ProviderError::failed(
+            "update",
+            session,
+            "a docker session's spec does not change in place; it is replaced",
+        ))
     }
     async fn start(&self, session: &str) -> Result<(), ProviderError> {
         let p = self.placed("start", session).await?;
@@ -742,12 +878,17 @@ impl SessionSteps for DockerProvider {
         &self,
         session: &str,
         stop_timeout: Option<crate::model::Duration>,
+        retain: bool,
     ) -> Result<(), ProviderError> {
         let Some(p) = self.inner.locate(session).await? else {
             let _ = std::fs::remove_file(self.inner.record_path(session));
             return Ok(());
         };
         self.stop_container(session, &p, stop_timeout).await?;
+        if retain {
+            // Kept first: if it cannot be kept, nothing is destroyed.
+            self.keep_workspace(session, &p).await?;
+        }
         let d = self.inner.client(p.host).await?;
         self.inner.count();
         let r = d
@@ -853,7 +994,7 @@ impl SessionSteps for DockerProvider {
                 "sync source into",
                 format!("{session} from {}", path.display()),
             ))?;
-        let d = self.inner.client(p.host).await?;
+        let d = self.inner.transfer_client(p.host).await?;
         self.inner.count();
         d.upload_to_container(
             &p.id,
@@ -923,12 +1064,17 @@ impl SessionSteps for DockerProvider {
 /// Follow `host`'s events for vessel's containers; every one pokes the loop. Reconnects with
 /// backoff while the provider lives; a reconnect pokes too (events may have been missed).
 async fn watch_events(weak: Weak<Inner>, host: usize) {
-    let mut backoff = Duration::from_millis(500);
-    let mut first = true;
+    let mut backoff = Duration::from_millis(250);
     loop {
         let client: Option<(Docker, String)> = {
             let Some(inner) = weak.upgrade() else { return };
-            let d = inner.client(host).await.ok().cloned();
+            // Podman answers an events request only with its first event: the wait for the
+            // answer is not bounded by the call timeout, or a quiet engine would drop it.
+            let d = inner
+                .client(host)
+                .await
+                .ok()
+                .map(|d| d.clone().with_timeout(EVENTS_WAIT));
             if d.is_some() {
                 inner.count();
             }
@@ -941,27 +1087,42 @@ async fn watch_events(weak: Weak<Inner>, host: usize) {
                 filters: Some(filters),
                 ..Default::default()
             }));
-            with_cache(&weak, host, |c| {
-                c.streaming(Some(tokio::time::Instant::now()))
-            });
-            if !first {
-                poke(&weak);
-            }
-            first = false;
-            backoff = Duration::from_millis(500);
+            let connected = tokio::time::Instant::now();
+            with_cache(&weak, host, |c| c.streaming(Some(connected)));
+            let mut heard = false;
             while let Some(event) = stream.next().await {
                 let Ok(event) = event else { break };
+                heard = true;
                 with_cache(&weak, host, HostCache::bump);
                 if concerns_vessel(&event, &instance) && !poke(&weak) {
                     return;
                 }
             }
             with_cache(&weak, host, |c| c.streaming(None));
+            // A stream that worked for a while and then ended may have missed events: a pass
+            // looks. One that failed at once (the engine is down) backs off, and pokes nothing:
+            // a down engine must not drive passes.
+            if heard || connected.elapsed() >= EVENTS_HEALTHY {
+                backoff = Duration::from_millis(500);
+                if !poke(&weak) {
+                    return;
+                }
+            } else {
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        } else {
+            backoff = (backoff * 2).min(Duration::from_secs(30));
         }
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(30));
     }
 }
+
+/// How long an events request may wait for its first event before it is made again.
+const EVENTS_WAIT: Duration = Duration::from_secs(3600);
+
+/// An events stream that lasted this long was connected (the engine sends nothing while
+/// nothing happens, so silence alone says nothing).
+const EVENTS_HEALTHY: Duration = Duration::from_secs(5);
 
 fn with_cache(weak: &Weak<Inner>, host: usize, f: impl FnOnce(&HostCache)) {
     if let Some(inner) = weak.upgrade()
@@ -1019,5 +1180,11 @@ impl ComputeProvider for DockerProvider {
 
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         Some(self.inner.changes.subscribe())
+    }
+
+    fn retained(
+        &self,
+    ) -> BoxFut<'_, Result<Vec<(String, crate::observed::RetainedWorkspace)>, ProviderError>> {
+        Box::pin(self.inner.kept.list_now())
     }
 }

@@ -72,12 +72,18 @@ struct Inner {
     key_prefix: String,
     /// Serialises port allocation and record writes.
     lock: Mutex<()>,
+    /// Workspaces of destroyed sessions, kept for a while.
+    kept: super::kept::Kept,
     changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl ProcessProvider {
     /// A provider keeping its sessions under `root` (created if missing).
-    pub fn new(root: PathBuf, config: ProcessConfig) -> std::io::Result<ProcessProvider> {
+    pub fn new(
+        root: PathBuf,
+        config: ProcessConfig,
+        kept: super::kept::Kept,
+    ) -> std::io::Result<ProcessProvider> {
         std::fs::create_dir_all(&root)?;
         let root = root.canonicalize()?;
         let key_prefix = format!("{}#", root.display());
@@ -87,6 +93,7 @@ impl ProcessProvider {
                 config,
                 key_prefix,
                 lock: Mutex::new(()),
+                kept,
                 changes: tokio::sync::watch::channel(0).0,
             }),
         })
@@ -446,8 +453,24 @@ impl SessionSteps for ProcessProvider {
                     std::fs::remove_dir_all(&dir)
                         .map_err(ProviderError::io("clean", dir.display().to_string()))?;
                 }
-                std::fs::create_dir_all(dir.join("workspace"))
+                std::fs::create_dir_all(&dir)
                     .map_err(ProviderError::io("create", dir.display().to_string()))?;
+                let kept = if a.restore {
+                    self.inner.kept.get(session, chrono::Utc::now())
+                } else {
+                    None
+                };
+                match kept {
+                    // The workspace an earlier session of this name left: it comes back.
+                    Some(k) => {
+                        std::fs::rename(k.join("workspace"), dir.join("workspace"))
+                            .map_err(ProviderError::io("restore the kept workspace of", session))?;
+                        let _ = self.inner.kept.remove(session);
+                        tracing::info!(%session, "restored its kept workspace");
+                    }
+                    None => std::fs::create_dir_all(dir.join("workspace"))
+                        .map_err(ProviderError::io("create", dir.display().to_string()))?,
+                }
                 let ports = self.allocate(&spec.ports.keys().cloned().collect::<Vec<_>>())?;
                 let r = Record {
                     name: session.to_string(),
@@ -474,6 +497,46 @@ impl SessionSteps for ProcessProvider {
         } else {
             Ok(())
         }
+    }
+    /// The record takes the new spec; ports of names that stay keep their host port, new
+    /// names get new ones. With `restart`, the process is stopped (with its old spec's stop
+    /// timeout) and started again; the workspace stays as it is.
+    async fn update(
+        &self,
+        session: &str,
+        spec: &RuntimeSpec,
+        fingerprint: &str,
+        restart: bool,
+    ) -> Result<(), ProviderError> {
+        let dir = self.dir(session);
+        if restart {
+            self.stop(session, None).await?;
+        }
+        {
+            let _guard = self.inner.lock.lock().await;
+            let mut r = read_record(&dir)?
+                .ok_or_else(|| ProviderError::failed("update", session, "it does not exist"))?;
+            let mut ports: BTreeMap<String, u16> = std::mem::take(&mut r.ports)
+                .into_iter()
+                .filter(|(n, _)| spec.ports.contains_key(n))
+                .collect();
+            let new: Vec<String> = spec
+                .ports
+                .keys()
+                .filter(|n| !ports.contains_key(*n))
+                .cloned()
+                .collect();
+            // The record on disk still holds the old ports: none is handed out twice.
+            ports.extend(self.allocate(&new)?);
+            r.ports = ports;
+            r.spec = spec.clone();
+            r.fingerprint = fingerprint.to_string();
+            write_record(&dir, &r)?;
+        }
+        if restart {
+            self.start(session).await?;
+        }
+        Ok(())
     }
     async fn start(&self, session: &str) -> Result<(), ProviderError> {
         let dir = self.dir(session);
@@ -588,6 +651,7 @@ impl SessionSteps for ProcessProvider {
         &self,
         session: &str,
         stop_timeout: Option<crate::model::Duration>,
+        retain: bool,
     ) -> Result<(), ProviderError> {
         let dir = self.dir(session);
         if !dir.exists() {
@@ -597,6 +661,22 @@ impl SessionSteps for ProcessProvider {
             self.stop(session, stop_timeout).await?;
         }
         self.kill_orphans(session).await;
+        let workspace = dir.join("workspace");
+        if retain && workspace.is_dir() {
+            // Kept first: if it cannot be kept, nothing is destroyed.
+            let kept = &self.inner.kept;
+            let tmp = kept
+                .begin(session)
+                .map_err(ProviderError::io("keep the workspace of", session))?;
+            let moved = std::fs::rename(&workspace, tmp.join("workspace"))
+                .and_then(|()| kept.commit(session, &tmp, chrono::Utc::now()));
+            if let Err(e) = moved {
+                // Put it back where it was, so a later attempt finds it.
+                let _ = std::fs::rename(tmp.join("workspace"), &workspace);
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(ProviderError::io("keep the workspace of", session)(e));
+            }
+        }
         // Move it out of the way first, so a crash mid-delete never leaves a half-deleted
         // session that looks real.
         let trash = self
@@ -697,6 +777,12 @@ impl ComputeProvider for ProcessProvider {
 
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         Some(self.inner.changes.subscribe())
+    }
+
+    fn retained(
+        &self,
+    ) -> BoxFut<'_, Result<Vec<(String, crate::observed::RetainedWorkspace)>, ProviderError>> {
+        Box::pin(self.inner.kept.list_now())
     }
 
     fn shutdown(&self) -> BoxFut<'_, ()> {
