@@ -370,16 +370,36 @@ pub enum ProxyConfig {
         id_prefix: String,
     },
     /// Traefik, through its file provider: vessel owns one dynamic-configuration file.
-    Traefik {
-        /// The file, in a directory Traefik's file provider watches.
-        file: PathBuf,
-        /// The entry points vessel's routers attach to (all, when empty).
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        entrypoints: Vec<String>,
-        /// The prefix of vessel's router and service names.
-        #[serde(default = "default_route_prefix")]
-        name_prefix: String,
-    },
+    Traefik(TraefikConfig),
+}
+
+/// The `traefik` proxy provider's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TraefikConfig {
+    /// The file, in a directory Traefik's file provider watches.
+    pub file: PathBuf,
+    /// The entry points vessel's routers attach to (all, when empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entrypoints: Vec<String>,
+    /// The prefix of vessel's router and service names.
+    #[serde(default = "default_route_prefix")]
+    pub name_prefix: String,
+    /// Traefik's API, such as `http://127.0.0.1:8081` (`--api` on a loopback entry point). With
+    /// it, a write counts as done only once the API shows vessel's routers loaded and enabled
+    /// (a router Traefik refuses fails its step with Traefik's own error), and a route Traefik
+    /// has not loaded or has refused reads as drifted, so the next pass repairs it. Without
+    /// it, a write counts as done once the file is replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<String>,
+    /// How long a write waits for Traefik to load it (with `api`). Traefik applies a change at
+    /// most once per `providersThrottleDuration` (2 s unless set).
+    #[serde(default = "default_traefik_confirm")]
+    pub confirm_within: Duration,
+}
+
+fn default_traefik_confirm() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_route_prefix() -> String {
@@ -639,8 +659,8 @@ impl Config {
         if let DnsConfig::Hosts { file, .. } = &mut self.providers.dns {
             fix(file);
         }
-        if let ProxyConfig::Traefik { file, .. } = &mut self.providers.proxy {
-            fix(file);
+        if let ProxyConfig::Traefik(t) = &mut self.providers.proxy {
+            fix(&mut t.file);
         }
         if let Some(d) = &mut self.providers.compute.docker {
             for h in &mut d.hosts {

@@ -50,6 +50,14 @@ pub enum ProviderError {
         object: String,
         message: String,
     },
+    /// A typed cause, shared when one failure (a batch's file write, say) fails several steps.
+    #[error("{op} {object}")]
+    Caused {
+        op: &'static str,
+        object: String,
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
     #[error("{0} is not handled by this provider")]
     Unsupported(&'static str),
 }
@@ -61,6 +69,18 @@ impl ProviderError {
     ) -> impl FnOnce(std::io::Error) -> ProviderError {
         let object = object.into();
         move |source| ProviderError::Io { op, object, source }
+    }
+
+    pub fn caused(
+        op: &'static str,
+        object: impl Into<String>,
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    ) -> ProviderError {
+        ProviderError::Caused {
+            op,
+            object: object.into(),
+            source,
+        }
     }
 
     pub fn failed(
@@ -260,6 +280,8 @@ pub enum SetupError {
     NotAvailable(&'static str),
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Traefik(#[from] traefik::TraefikError),
     #[error("cannot prepare the process provider's directory {path}")]
     StateDir {
         path: std::path::PathBuf,
@@ -321,17 +343,7 @@ impl Providers {
                 ),
                 None,
             ),
-            ProxyConfig::Traefik {
-                file,
-                entrypoints,
-                name_prefix,
-            } => (
-                Arc::new(
-                    traefik::Traefik::new(file.clone(), entrypoints, name_prefix)
-                        .map_err(SetupError::Invalid)?,
-                ),
-                None,
-            ),
+            ProxyConfig::Traefik(t) => (Arc::new(traefik::Traefik::new(t)?), None),
         };
         let dns: Option<Arc<dyn DnsProvider>> = match &config.providers.dns {
             DnsConfig::None => None,
@@ -458,11 +470,25 @@ pub(crate) fn route_batch_results(
 /// Replace `file` atomically: a temporary file beside it, synced, keeping the old file's
 /// permissions, then renamed over it. A reader sees the old file or the new, never half.
 pub(crate) fn write_atomically(file: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = file
-        .parent()
+    write_atomically_from(file, bytes, parent_dir(file))
+}
+
+/// The directory `file` is in (`.` for a bare name).
+pub(crate) fn parent_dir(file: &std::path::Path) -> &std::path::Path {
+    file.parent()
         .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."));
+        .unwrap_or(std::path::Path::new("."))
+}
+
+/// `write_atomically`, with the temporary file in `dir` (on `file`'s filesystem): for a file
+/// in a directory a watcher reloads on every event, where a temporary file beside it would be
+/// one more change.
+pub(crate) fn write_atomically_from(
+    file: &std::path::Path,
+    bytes: &[u8],
+    dir: &std::path::Path,
+) -> std::io::Result<()> {
+    use std::io::Write;
     let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.vessel-{}", std::process::id()));
     // A leftover of an interrupted write goes first; the new one never follows a symlink.

@@ -2,31 +2,122 @@
 //!
 //! vessel owns one dynamic-configuration file (YAML) in a directory Traefik watches: for each
 //! route a router (`Host(...)` rule) and a load-balancer service of the same name,
-//! `<prefix>_<session>_<route>_<host>`. The file is replaced atomically (a temporary file,
-//! then a rename), so Traefik never reads half of it. Observe reads it back.
+//! `<prefix>_<session>_<route>_<host>`. The file is replaced atomically (a temporary file in
+//! `.vessel-tmp/` beside it, then a rename), so Traefik never reads half of it and sees one
+//! change per write. Observe reads it back.
 //!
 //! The file is vessel's alone: anything in it vessel would not write (another router, a
 //! middleware, an unknown key) makes the provider unobservable, so the planner changes
 //! nothing there rather than overwrite what someone put in. Rules use Traefik v3 syntax.
+//!
+//! Traefik reloads the file by itself (its watcher, then at most one change per
+//! `providersThrottleDuration`, 2 s by default), so a replaced file is not yet a served route.
+//! With `api` configured (Traefik's API on a loopback entry point), a batch counts as done only
+//! once `/api/rawdata` shows each of its routers as written (same rule, same server URL) and
+//! enabled, and each removed router gone, within `confirm_within`; a router Traefik refuses
+//! (an unknown entry point, say) fails its step with Traefik's own error. Observe then also
+//! asks the API, and a route Traefik has not loaded or has refused reads as drifted, so the
+//! next pass repairs it (or fails it again, visibly). Without `api`, a write counts as done
+//! once the file is replaced, and Traefik's answer is not checked.
+//!
+//! This module must not touch anything but its own file: other files in the directory, and
+//! whatever else Traefik serves, are someone else's.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
+use http::Method;
 use serde::{Deserialize, Serialize};
 
+use crate::config::TraefikConfig;
 use crate::observed::ObservedRoute;
 use crate::planner::Action;
 
-use super::{
-    BoxFut, ProviderError, ProxyProvider, parse_route_tag, route_batch_results, route_tag,
-};
+use super::http::{authority, call};
+use super::{BoxFut, ProviderError, ProxyProvider, parse_route_tag, route_tag};
+
+/// How often a write asks Traefik's API whether it has loaded the file.
+const POLL: Duration = Duration::from_millis(50);
+/// The directory beside vessel's file that holds a write's temporary file.
+const TMP_DIR: &str = ".vessel-tmp";
+/// The bound on observe's one question to Traefik's API.
+const OBSERVE_API_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Traefik {
     file: PathBuf,
     entrypoints: Vec<String>,
     prefix: String,
+    /// `host:port` of Traefik's API, when configured.
+    api: Option<String>,
+    confirm_within: Duration,
     /// Serialises read-modify-write of the file.
     lock: tokio::sync::Mutex<()>,
+}
+
+/// Why the traefik provider could not do something. Display names the operation and the
+/// object; the cause is in `source`.
+#[derive(Debug, thiserror::Error)]
+pub enum TraefikError {
+    #[error("the traefik `name_prefix` `{0}` must be non-empty and without `_` or `@`")]
+    Prefix(String),
+    #[error("the traefik `api`: {0}")]
+    ApiSetting(String),
+    #[error("cannot read {file}")]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file} holds something vessel did not write, and vessel owns that file alone")]
+    Unparsable {
+        file: PathBuf,
+        #[source]
+        source: Box<serde_saphyr::Error>,
+    },
+    #[error("{what} in {file} is not one vessel wrote, and vessel owns that file alone")]
+    Foreign { file: PathBuf, what: String },
+    #[error("cannot write the routes as YAML")]
+    Render(#[source] serde_saphyr::SerializeError),
+    #[error("cannot write {file}")]
+    Write {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Traefik's API at {addr}: {message}")]
+    Api { addr: String, message: String },
+    #[error("Traefik's API at {addr} answered {status} to /api/rawdata: {body}")]
+    ApiStatus {
+        addr: String,
+        status: u16,
+        body: String,
+    },
+    #[error("Traefik's API at {addr} answered /api/rawdata with something vessel cannot read")]
+    ApiBody {
+        addr: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("Traefik refused router `{router}`: {errors}")]
+    Refused { router: String, errors: String },
+    #[error(
+        "Traefik did not load router `{router}` within {} ms (Traefik's log says why: its file provider may not watch this file's directory, a file it cannot read is skipped whole, and a router of the same name in another file makes it drop both)",
+        .within.as_millis()
+    )]
+    NotLoaded { router: String, within: Duration },
+    #[error(
+        "Traefik still had router `{router}` {} ms after vessel removed it (Traefik's log says why)",
+        .within.as_millis()
+    )]
+    NotRemoved { router: String, within: Duration },
+    #[error("Traefik's API gave no answer within {} ms", .within.as_millis())]
+    NoAnswer {
+        within: Duration,
+        #[source]
+        last: Option<Box<TraefikError>>,
+    },
 }
 
 /// The part of Traefik's dynamic configuration vessel writes.
@@ -40,10 +131,28 @@ pub struct DynamicConfig {
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Http {
-    #[serde(default)]
+    /// Never written empty: Traefik refuses a whole file with an empty map in it ("routers
+    /// cannot be a standalone element") and keeps serving what it had before.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub routers: BTreeMap<String, Router>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub services: BTreeMap<String, Service>,
+    /// Only the placeholder, in a file without routes (see `placeholder`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub middlewares: BTreeMap<String, Middleware>,
+}
+
+/// A middleware that does nothing: a chain of none.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Middleware {
+    pub chain: Chain,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Chain {
+    pub middlewares: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,48 +201,68 @@ const EXACT_PRIORITY: u64 = 10_000;
 /// A route vessel keeps in the file: host -> (session, route, upstream).
 type Routes = BTreeMap<String, (String, Option<String>, String)>;
 
+/// What one step's route should look like in Traefik once it has loaded the file. Router
+/// names are without Traefik's `@file`.
+enum Expected {
+    Loaded {
+        router: String,
+        rule: String,
+        url: String,
+    },
+    Gone {
+        router: String,
+    },
+}
+
 impl Traefik {
-    pub fn new(file: PathBuf, entrypoints: &[String], prefix: &str) -> Result<Traefik, String> {
+    pub fn new(c: &TraefikConfig) -> Result<Traefik, TraefikError> {
+        let prefix = &c.name_prefix;
         if prefix.is_empty() || prefix.contains('_') || prefix.contains('@') {
-            return Err(format!(
-                "the traefik `name_prefix` `{prefix}` must be non-empty and without `_` or `@`"
-            ));
+            return Err(TraefikError::Prefix(prefix.clone()));
         }
+        let api = match &c.api {
+            Some(a) => Some(authority(a, "Traefik API").map_err(TraefikError::ApiSetting)?),
+            None => None,
+        };
         Ok(Traefik {
-            file,
-            entrypoints: entrypoints.to_vec(),
-            prefix: prefix.to_string(),
+            file: c.file.clone(),
+            entrypoints: c.entrypoints.clone(),
+            prefix: prefix.clone(),
+            api,
+            confirm_within: c.confirm_within.std(),
             lock: tokio::sync::Mutex::new(()),
         })
     }
 
-    fn read(&self) -> Result<DynamicConfig, String> {
+    fn read(&self) -> Result<DynamicConfig, TraefikError> {
         let text = match std::fs::read_to_string(&self.file) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
-            Err(e) => return Err(format!("cannot read {}: {e}", self.file.display())),
+            Err(source) => {
+                return Err(TraefikError::Read {
+                    file: self.file.clone(),
+                    source,
+                });
+            }
         };
         if text.trim().is_empty() {
             return Ok(Default::default());
         }
-        serde_saphyr::from_str(&text).map_err(|e| {
-            format!(
-                "{} holds something vessel did not write, and vessel owns that file alone: {e}",
-                self.file.display()
-            )
+        serde_saphyr::from_str(&text).map_err(|source| TraefikError::Unparsable {
+            file: self.file.clone(),
+            source: Box::new(source),
         })
     }
 
     /// The file's routes; an entry vessel would not have written is an error.
-    fn routes(&self, c: &DynamicConfig) -> Result<Routes, String> {
+    fn routes(&self, c: &DynamicConfig) -> Result<Routes, TraefikError> {
+        let foreign = |what: String| TraefikError::Foreign {
+            file: self.file.clone(),
+            what,
+        };
         let mut out = Routes::new();
         for (name, router) in &c.http.routers {
-            let alien = || {
-                format!(
-                    "router `{name}` in {} is not one vessel wrote, and vessel owns that file alone",
-                    self.file.display()
-                )
-            };
+            let alien = || foreign(format!("router `{name}`"));
             let (session, route, host) = parse_route_tag(&self.prefix, name).ok_or_else(alien)?;
             let service = c.http.services.get(name).ok_or_else(alien)?;
             let upstream = match service.load_balancer.servers.as_slice() {
@@ -158,10 +287,15 @@ impl Traefik {
             .keys()
             .find(|n| !c.http.routers.contains_key(*n))
         {
-            return Err(format!(
-                "service `{name}` in {} is not one vessel wrote, and vessel owns that file alone",
-                self.file.display()
-            ));
+            return Err(foreign(format!("service `{name}`")));
+        }
+        if let Some((name, _)) = c
+            .http
+            .middlewares
+            .iter()
+            .find(|(n, m)| **n != self.placeholder() || **m != Middleware::default())
+        {
+            return Err(foreign(format!("middleware `{name}`")));
         }
         Ok(out)
     }
@@ -180,9 +314,23 @@ impl Traefik {
         }
     }
 
+    /// The name of the middleware a file without routes holds. Traefik skips a provider's
+    /// configuration when it is empty (and refuses `http: {}` or an empty `routers:`), and
+    /// keeps serving the one before, so a file emptied of its last route would leave that
+    /// route served; an unused middleware that does nothing keeps the configuration
+    /// non-empty. Its name is not a route tag (one `_`).
+    fn placeholder(&self) -> String {
+        format!("{}_placeholder", self.prefix)
+    }
+
     /// The file for `routes`.
     pub fn render(&self, routes: &Routes) -> DynamicConfig {
         let mut c = DynamicConfig::default();
+        if routes.is_empty() {
+            c.http
+                .middlewares
+                .insert(self.placeholder(), Middleware::default());
+        }
         for (host, (session, route, upstream)) in routes {
             let name = route_tag(&self.prefix, session, route.as_deref(), host);
             c.http
@@ -193,56 +341,283 @@ impl Traefik {
         c
     }
 
-    fn apply_batch(&self, actions: &[&Action]) -> Result<(), String> {
+    /// Write the file with `actions` applied; what each step's route should then look like in
+    /// Traefik, by host.
+    fn write_batch(&self, actions: &[&Action]) -> Result<BTreeMap<String, Expected>, TraefikError> {
         let mut routes = self.routes(&self.read()?)?;
+        let mut expected = BTreeMap::new();
         for (host, after) in actions.iter().filter_map(|a| a.route_after()) {
-            match after {
-                Some(r) => routes.insert(
-                    host.to_string(),
-                    (r.session.unwrap_or_default(), r.route, r.upstream),
-                ),
-                None => routes.remove(host),
+            let before = routes.remove(host);
+            let e = match (after, before) {
+                (Some(r), _) => {
+                    let session = r.session.unwrap_or_default();
+                    let e = Expected::Loaded {
+                        router: route_tag(&self.prefix, &session, r.route.as_deref(), host),
+                        rule: rule(host),
+                        url: service_url(&r.upstream),
+                    };
+                    routes.insert(host.to_string(), (session, r.route, r.upstream));
+                    e
+                }
+                (None, Some((s, r, _))) => Expected::Gone {
+                    router: route_tag(&self.prefix, &s, r.as_deref(), host),
+                },
+                // Removing what the file does not have: nothing for Traefik to do.
+                (None, None) => continue,
             };
+            expected.insert(host.to_string(), e);
         }
-        let text = serde_saphyr::to_string(&self.render(&routes))
-            .map_err(|e| format!("cannot write the routes as YAML: {e}"))?;
+        let text = serde_saphyr::to_string(&self.render(&routes)).map_err(TraefikError::Render)?;
         let text = format!(
             "# Written by vessel: edits here are overwritten, and anything added makes vessel stop changing this file.\n{text}"
         );
-        super::write_atomically(&self.file, text.as_bytes())
-            .map_err(|e| format!("cannot write {}: {e}", self.file.display()))
+        let write = |source| TraefikError::Write {
+            file: self.file.clone(),
+            source,
+        };
+        let tmp = self.tmp_dir().map_err(write)?;
+        super::write_atomically_from(&self.file, text.as_bytes(), &tmp).map_err(write)?;
+        Ok(expected)
     }
+
+    /// Where the temporary file of a write goes: `.vessel-tmp/` beside the file (made on
+    /// the first write). Traefik's file provider reloads its directory on every event in it
+    /// and then waits out `providersThrottleDuration` (2 s) before the next reload, so a
+    /// temporary file beside vessel's would make each write wait 2 s behind a reload of the
+    /// old file; the watch does not reach into subdirectories, so only the rename is seen.
+    fn tmp_dir(&self) -> std::io::Result<PathBuf> {
+        let dir = super::parent_dir(&self.file).join(TMP_DIR);
+        match std::fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() => Ok(dir),
+            Ok(_) => Err(std::io::Error::other(format!(
+                "{} is not a directory (vessel keeps its temporary files there)",
+                dir.display()
+            ))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir(&dir)?;
+                Ok(dir)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Wait until Traefik's API shows every step of the batch as loaded (or refused), within
+    /// `confirm_within`: one result per host.
+    async fn confirm(
+        &self,
+        addr: &str,
+        mut pending: BTreeMap<String, Expected>,
+    ) -> BTreeMap<String, Result<(), Arc<TraefikError>>> {
+        let start = tokio::time::Instant::now();
+        let deadline = start + self.confirm_within;
+        let mut done = BTreeMap::new();
+        let mut last_error = None;
+        loop {
+            match tokio::time::timeout_at(deadline, raw_data(addr)).await {
+                Ok(Ok(raw)) => {
+                    last_error = None;
+                    pending.retain(|host, e| {
+                        let outcome = match e {
+                            Expected::Gone { router } if raw.has(router) => return true,
+                            Expected::Gone { .. } => Ok(()),
+                            Expected::Loaded { router, rule, url } => {
+                                match raw.seen(router, rule, url) {
+                                    Seen::NotYet => return true,
+                                    Seen::Serving => Ok(()),
+                                    Seen::Refused(errors) => Err(Arc::new(TraefikError::Refused {
+                                        router: router.clone(),
+                                        errors,
+                                    })),
+                                }
+                            }
+                        };
+                        done.insert(host.clone(), outcome);
+                        false
+                    });
+                }
+                Ok(Err(e)) => last_error = Some(e),
+                Err(_) => break,
+            }
+            if pending.is_empty() || tokio::time::Instant::now() + POLL >= deadline {
+                break;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        let within = start.elapsed();
+        let last_error = last_error.map(|e| {
+            Arc::new(TraefikError::NoAnswer {
+                within,
+                last: Some(Box::new(e)),
+            })
+        });
+        for (host, e) in pending {
+            let err = match (&last_error, e) {
+                (Some(shared), _) => shared.clone(),
+                (None, Expected::Loaded { router, .. }) => {
+                    Arc::new(TraefikError::NotLoaded { router, within })
+                }
+                (None, Expected::Gone { router }) => {
+                    Arc::new(TraefikError::NotRemoved { router, within })
+                }
+            };
+            done.insert(host, Err(err));
+        }
+        done
+    }
+
+    /// The routes in the file; with `api`, those Traefik has not loaded as written, or has
+    /// refused, read as drifted.
+    async fn observed(&self) -> Result<Vec<ObservedRoute>, TraefikError> {
+        let routes = self.routes(&self.read()?)?;
+        let raw = match &self.api {
+            Some(addr) => Some(
+                tokio::time::timeout(OBSERVE_API_TIMEOUT, raw_data(addr))
+                    .await
+                    .map_err(|_| TraefikError::NoAnswer {
+                        within: OBSERVE_API_TIMEOUT,
+                        last: None,
+                    })??,
+            ),
+            None => None,
+        };
+        Ok(routes
+            .into_iter()
+            .map(|(host, (session, route, upstream))| {
+                let name = route_tag(&self.prefix, &session, route.as_deref(), &host);
+                let seen = raw
+                    .as_ref()
+                    .map(|raw| raw.seen(&name, &rule(&host), &service_url(&upstream)));
+                let upstream = match seen {
+                    None | Some(Seen::Serving) => upstream,
+                    Some(Seen::Refused(e)) => format!("{upstream} (refused by Traefik: {e})"),
+                    Some(Seen::NotYet) => format!("{upstream} (not loaded by Traefik)"),
+                };
+                ObservedRoute {
+                    host,
+                    upstream,
+                    owned: true,
+                    session: Some(session),
+                    route,
+                }
+            })
+            .collect())
+    }
+}
+
+fn service_url(upstream: &str) -> String {
+    format!("http://{upstream}")
 }
 
 fn service_for(upstream: &str) -> Service {
     Service {
         load_balancer: LoadBalancer {
             servers: vec![Server {
-                url: format!("http://{upstream}"),
+                url: service_url(upstream),
             }],
         },
     }
 }
 
+/// How far Traefik has taken a router as vessel wrote it.
+enum Seen {
+    /// Loaded as written, and enabled.
+    Serving,
+    /// Loaded as written, and refused: Traefik's errors.
+    Refused(String),
+    /// Not there, or not as written (Traefik has not reloaded the file yet).
+    NotYet,
+}
+
+/// Traefik's `/api/rawdata`, as far as vessel reads it: the routers and services of the
+/// file provider, each kept as JSON until vessel asks about one.
+struct RawData {
+    routers: serde_json::Map<String, serde_json::Value>,
+    services: serde_json::Map<String, serde_json::Value>,
+}
+
+impl RawData {
+    /// Does Traefik have router `name` from its file provider?
+    fn has(&self, name: &str) -> bool {
+        self.routers.contains_key(&format!("{name}@file"))
+    }
+
+    /// Router `name` (and its service of the same name) against the `rule` and server `url`
+    /// vessel wrote.
+    fn seen(&self, name: &str, rule: &str, url: &str) -> Seen {
+        let key = format!("{name}@file");
+        let Some(r) = self.routers.get(&key) else {
+            return Seen::NotYet;
+        };
+        let service = self.services.get(&key);
+        if text(r.get("rule")) != Some(rule)
+            || text(service.and_then(|s| s.pointer("/loadBalancer/servers/0/url"))) != Some(url)
+        {
+            return Seen::NotYet;
+        }
+        let mut errors: Vec<String> = [Some(r), service]
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.get("error").and_then(serde_json::Value::as_array))
+            .flatten()
+            .filter_map(|e| e.as_str().map(str::to_string))
+            .collect();
+        errors.sort();
+        errors.dedup();
+        if text(r.get("status")) == Some("disabled") && errors.is_empty() {
+            errors.push("disabled, without a reason given".into());
+        }
+        if errors.is_empty() {
+            Seen::Serving
+        } else {
+            Seen::Refused(errors.join("; "))
+        }
+    }
+}
+
+fn text(v: Option<&serde_json::Value>) -> Option<&str> {
+    v.and_then(serde_json::Value::as_str)
+}
+
+/// One `GET /api/rawdata` from Traefik's API at `addr`.
+async fn raw_data(addr: &str) -> Result<RawData, TraefikError> {
+    let reply = call(addr, Method::GET, "/api/rawdata", &[], None)
+        .await
+        .map_err(|message| TraefikError::Api {
+            addr: addr.to_string(),
+            message,
+        })?;
+    if reply.status != 200 {
+        return Err(TraefikError::ApiStatus {
+            addr: addr.to_string(),
+            status: reply.status,
+            body: reply.brief(),
+        });
+    }
+    #[derive(Deserialize)]
+    struct Wire {
+        #[serde(default)]
+        routers: Option<serde_json::Map<String, serde_json::Value>>,
+        #[serde(default)]
+        services: Option<serde_json::Map<String, serde_json::Value>>,
+    }
+    let wire: Wire =
+        serde_json::from_slice(&reply.body).map_err(|source| TraefikError::ApiBody {
+            addr: addr.to_string(),
+            source,
+        })?;
+    Ok(RawData {
+        routers: wire.routers.unwrap_or_default(),
+        services: wire.services.unwrap_or_default(),
+    })
+}
+
 impl ProxyProvider for Traefik {
     fn observe(&self) -> BoxFut<'_, Result<Vec<ObservedRoute>, ProviderError>> {
-        let result = self
-            .read()
-            .and_then(|c| self.routes(&c))
-            .map(|routes| {
-                routes
-                    .into_iter()
-                    .map(|(host, (session, route, upstream))| ObservedRoute {
-                        host,
-                        upstream,
-                        owned: true,
-                        session: Some(session),
-                        route,
-                    })
-                    .collect()
-            })
-            .map_err(|m| ProviderError::failed("read", "the Traefik file", m));
-        Box::pin(async move { result })
+        Box::pin(async move {
+            self.observed()
+                .await
+                .map_err(|e| ProviderError::caused("observe", "traefik", Arc::new(e)))
+        })
     }
 
     fn apply<'a>(
@@ -251,8 +626,26 @@ impl ProxyProvider for Traefik {
     ) -> BoxFut<'a, Vec<Result<(), ProviderError>>> {
         Box::pin(async move {
             let _guard = self.lock.lock().await;
-            let outcome = self.apply_batch(actions);
-            route_batch_results(actions, outcome)
+            let outcomes = match self.write_batch(actions) {
+                Err(e) => Err(Arc::new(e)),
+                Ok(expected) => Ok(match &self.api {
+                    Some(addr) => self.confirm(addr, expected).await,
+                    None => expected.into_keys().map(|h| (h, Ok(()))).collect(),
+                }),
+            };
+            actions
+                .iter()
+                .map(|a| match a.route_after() {
+                    None => Err(ProviderError::Unsupported("a non-route step")),
+                    Some((host, _)) => {
+                        let outcome = match &outcomes {
+                            Err(e) => Err(e.clone()),
+                            Ok(by_host) => by_host.get(host).cloned().unwrap_or(Ok(())),
+                        };
+                        outcome.map_err(|e| ProviderError::caused("route", host, e))
+                    }
+                })
+                .collect()
         })
     }
 }
@@ -260,6 +653,16 @@ impl ProxyProvider for Traefik {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config(file: &str) -> TraefikConfig {
+        TraefikConfig {
+            file: PathBuf::from(file),
+            entrypoints: Vec::new(),
+            name_prefix: "vessel".into(),
+            api: None,
+            confirm_within: crate::model::Duration::from_secs(1),
+        }
+    }
 
     #[test]
     fn rules() {
@@ -271,8 +674,81 @@ mod tests {
     }
 
     #[test]
+    fn a_file_without_routes_holds_only_the_placeholder_and_reads_as_empty() {
+        let t = Traefik::new(&config("f.yml")).expect("provider");
+        let empty = t.render(&Routes::new());
+        assert_eq!(
+            empty.http.middlewares.keys().collect::<Vec<_>>(),
+            ["vessel_placeholder"]
+        );
+        assert_eq!(t.routes(&empty).map(|r| r.len()).ok(), Some(0));
+        let mut routes = Routes::new();
+        routes.insert(
+            "a.localhost".into(),
+            ("a".into(), None, "127.0.0.1:1".into()),
+        );
+        assert!(t.render(&routes).http.middlewares.is_empty());
+        let mut other = empty.clone();
+        other
+            .http
+            .middlewares
+            .insert("auth".into(), Middleware::default());
+        let err = t.routes(&other).err().map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("middleware `auth`")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn traefiks_rawdata_reads_as_serving_refused_or_not_yet() {
+        let json = serde_json::json!({
+            "routers": {
+                "ok@file": {"rule": "Host(`a`)", "service": "ok", "status": "enabled"},
+                "bad@file": {"rule": "Host(`b`)", "service": "bad", "status": "disabled",
+                    "error": ["entryPoint \"x\" doesn't exist", "no valid entryPoint for this router"]},
+                "quiet@file": {"rule": "Host(`c`)", "service": "quiet", "status": "disabled"},
+                "ok@docker": {"rule": "Host(`d`)", "service": "ok", "status": "enabled"}
+            },
+            "services": {
+                "ok@file": {"loadBalancer": {"servers": [{"url": "http://127.0.0.1:1"}]}},
+                "bad@file": {"loadBalancer": {"servers": [{"url": "http://127.0.0.1:2"}]},
+                    "error": ["entryPoint \"x\" doesn't exist"]},
+                "quiet@file": {"loadBalancer": {"servers": [{"url": "http://127.0.0.1:3"}]}}
+            }
+        });
+        let map = |k: &str| json[k].as_object().cloned().unwrap_or_default();
+        let raw = RawData {
+            routers: map("routers"),
+            services: map("services"),
+        };
+        assert!(matches!(
+            raw.seen("ok", "Host(`a`)", "http://127.0.0.1:1"),
+            Seen::Serving
+        ));
+        assert!(matches!(
+            raw.seen("ok", "Host(`a`)", "http://127.0.0.1:9"),
+            Seen::NotYet
+        ));
+        assert!(matches!(
+            raw.seen("ok", "Host(`z`)", "http://127.0.0.1:1"),
+            Seen::NotYet
+        ));
+        assert!(matches!(
+            raw.seen("bad", "Host(`b`)", "http://127.0.0.1:2"),
+            Seen::Refused(e) if e == "entryPoint \"x\" doesn't exist; no valid entryPoint for this router"
+        ));
+        assert!(matches!(
+            raw.seen("quiet", "Host(`c`)", "http://127.0.0.1:3"),
+            Seen::Refused(_)
+        ));
+        assert!(raw.has("ok") && !raw.has("gone"));
+    }
+
+    #[test]
     fn exact_hosts_outrank_wildcards() {
-        let t = Traefik::new(PathBuf::from("f.yml"), &[], "vessel").expect("provider");
+        let t = Traefik::new(&config("f.yml")).expect("provider");
         let wild = t.router("w", "*.dev.example");
         let exact = t.router("e", "a-very-long-session-name.dev.example");
         assert!(exact.priority > wild.priority, "{exact:?} {wild:?}");

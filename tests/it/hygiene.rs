@@ -115,6 +115,17 @@ fn the_planner_does_no_io() {
     }
 }
 
+#[test]
+fn ci_installs_the_traefik_release_the_tests_pin() {
+    let ci = std::fs::read_to_string(root().join(".ci/run")).expect(".ci/run");
+    let pin = format!("\nTRAEFIK_VERSION={}\n", crate::servers::TRAEFIK_VERSION);
+    assert!(
+        ci.contains(&pin),
+        ".ci/run installs Traefik {} (tests/it/servers.rs pins it)",
+        crate::servers::TRAEFIK_VERSION
+    );
+}
+
 /// Each plan field's schema description says how changing it is carried out, exactly as the
 /// planner decides it (`model::field_change`).
 #[test]

@@ -252,7 +252,18 @@ fn apply_drift(o: &mut Observed, drift: &[Drift]) {
     }
 }
 
-fn run_case(path: &Path) -> String {
+/// A case made ready to plan: the world as converged (what vessel had written), the world as
+/// observed (with the case's drift), what is desired now, and the policy.
+pub struct Prepared {
+    pub world: Observed,
+    pub observed: Observed,
+    pub desired: Desired,
+    pub policy: Policy,
+    /// Also snapshot the Markdown rendering.
+    pub markdown: bool,
+}
+
+pub fn prepare(path: &Path) -> Prepared {
     let text = std::fs::read_to_string(path).expect("read case");
     let case: Case =
         serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -268,14 +279,31 @@ fn run_case(path: &Path) -> String {
     world_policy.allow_destroy = true;
     world_policy.allow_empty_source = true;
     let world = load(&case.world, world_now);
-    let (mut observed, _) = converge(
+    let (world, _) = converge(
         &world,
         &Observed::default(),
         &world_policy,
         case.world_passes.unwrap_or(5),
     );
+    let mut observed = world.clone();
     apply_drift(&mut observed, &case.drift);
-    let desired = load(&case.files, now);
+    Prepared {
+        world,
+        observed,
+        desired: load(&case.files, now),
+        policy,
+        markdown: case.markdown,
+    }
+}
+
+fn run_case(path: &Path) -> String {
+    let Prepared {
+        observed,
+        desired,
+        policy,
+        markdown,
+        ..
+    } = prepare(path);
     let p = plan(&desired, &observed, &policy);
     let again = plan(&desired, &observed, &policy);
     assert_eq!(
@@ -285,15 +313,15 @@ fn run_case(path: &Path) -> String {
         path.display()
     );
     let mut out = render::text(&p, &observed, false);
-    if case.markdown {
+    if markdown {
         out.push_str("\n---- markdown ----\n");
         out.push_str(&render::markdown(&p, &observed));
     }
     out
 }
 
-#[test]
-fn planner_cases_match_their_snapshots() {
+/// Every planner case, in order.
+pub fn case_paths() -> Vec<PathBuf> {
     let dir = root().join("tests/planner");
     let mut cases: Vec<PathBuf> = std::fs::read_dir(&dir)
         .expect("tests/planner")
@@ -301,6 +329,12 @@ fn planner_cases_match_their_snapshots() {
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
     cases.sort();
+    cases
+}
+
+#[test]
+fn planner_cases_match_their_snapshots() {
+    let cases = case_paths();
     assert!(
         cases.len() >= 10,
         "expected the planner cases in tests/planner"

