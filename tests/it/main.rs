@@ -7,6 +7,7 @@ mod dns_powerdns;
 mod docker;
 mod git_source;
 mod hostile;
+mod hostile_http;
 mod hygiene;
 mod plan_cli;
 mod planner_cases;
