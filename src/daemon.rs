@@ -134,7 +134,9 @@ pub async fn run(
             .unwrap_or(2);
         let serving = crate::proxy::Serving {
             limits: Limits::new(&config.listeners, budget.proxy),
-            upstream_header_timeout: config.listeners.upstream_header_timeout.std(),
+            upstream_header_timeout: crate::listeners::timeout(
+                config.listeners.upstream_header_timeout,
+            ),
             pool_idle: budget.pool_idle,
         };
         proxy

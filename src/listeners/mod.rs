@@ -39,8 +39,15 @@ use crate::config::ListenersConfig;
 /// 431. Browsers' heads, cookies included, stay well below.
 pub const MAX_HEAD: usize = 64 * 1024;
 
-/// Timeouts shorter than this are raised to it (a zero timeout would close every connection).
+/// Timeouts are kept within these: a zero timeout would close every connection, and one of
+/// years would mean none.
 const MIN_TIMEOUT: Duration = Duration::from_millis(100);
+const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// A configured timeout, within `MIN_TIMEOUT..=MAX_TIMEOUT`.
+pub fn timeout(configured: crate::model::Duration) -> Duration {
+    configured.std().clamp(MIN_TIMEOUT, MAX_TIMEOUT)
+}
 
 /// One listener's bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,8 +76,8 @@ impl Limits {
         Limits {
             max_connections,
             per_client: (c.max_connections_per_client as usize).clamp(1, max_connections),
-            header_timeout: c.header_timeout.std().max(MIN_TIMEOUT),
-            idle_timeout: c.idle_timeout.std().max(MIN_TIMEOUT),
+            header_timeout: timeout(c.header_timeout),
+            idle_timeout: timeout(c.idle_timeout),
         }
     }
 }
@@ -135,6 +142,16 @@ pub enum Closed {
     MadeRoom,
     HeaderTimeout,
     IdleTimeout,
+}
+
+impl std::fmt::Display for Closed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Closed::MadeRoom => "idle, closed to make room",
+            Closed::HeaderTimeout => "no whole request head within the header timeout",
+            Closed::IdleTimeout => "idle past the idle timeout",
+        })
+    }
 }
 
 /// The key a client's connections are counted under: its address, an IPv6 address's /64.
@@ -340,13 +357,15 @@ impl Conn {
         let limits = self.inner.gate.inner.limits;
         let header = limits.header_timeout.as_millis() as u64;
         if !s.served.load(Ordering::Relaxed) {
-            return Some(s.accepted_ms + header);
+            return Some(s.accepted_ms.saturating_add(header));
         }
         match s.first_byte_ms.load(Ordering::Relaxed) {
             NONE => Some(
-                s.idle_since_ms.load(Ordering::Relaxed) + limits.idle_timeout.as_millis() as u64,
+                s.idle_since_ms
+                    .load(Ordering::Relaxed)
+                    .saturating_add(limits.idle_timeout.as_millis() as u64),
             ),
-            first => Some(first + header),
+            first => Some(first.saturating_add(header)),
         }
     }
 
@@ -554,7 +573,7 @@ where
     tokio::select! {
         _ = http.as_mut() => {}
         why = conn.closing() => {
-            tracing::trace!(listener = conn.inner.gate.inner.name, reason = ?why, "connection closed by its listener");
+            tracing::trace!(listener = conn.inner.gate.inner.name, reason = %why, "connection closed by its listener");
         }
         _ = shutdown.cancelled() => {
             http.as_mut().graceful_shutdown();
