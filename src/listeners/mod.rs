@@ -653,6 +653,10 @@ pub async fn accept_loop(
                     Some(conn) => serve(stream, peer, conn),
                     None => drop(stream),
                 }
+                // Let the connections just accepted read what they already sent before taking
+                // more: in a burst, a request already on its way becomes busy (and safe from
+                // making room) instead of waiting behind the burst as the longest idle.
+                tokio::task::yield_now().await;
             }
             Err(e) => {
                 let pause = backoff.after(&e);
