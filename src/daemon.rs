@@ -125,7 +125,7 @@ pub async fn run(
             addr: *listen,
             source,
         };
-        let listener = crate::listeners::bind(*listen).map_err(listen_err)?;
+        let listener = std::net::TcpListener::bind(listen).map_err(listen_err)?;
         proxy_addr = listener.local_addr().ok();
         // A thread per core, each with its own runtime and upstream pool (as nginx has a worker
         // per core): a request and its upstream connection never cross threads.
@@ -149,7 +149,7 @@ pub async fn run(
         Some(t) => Some(t.resolve().map_err(DaemonError::Token)?),
         None => None,
     };
-    let status_listener = crate::listeners::bind(config.status.listen).map_err(|source| {
+    let status_listener = std::net::TcpListener::bind(config.status.listen).map_err(|source| {
         DaemonError::StatusListen {
             addr: config.status.listen,
             source,
@@ -203,7 +203,7 @@ pub async fn run(
             addr: w.listen,
             source,
         };
-        let listener = crate::listeners::bind(w.listen).map_err(err)?;
+        let listener = std::net::TcpListener::bind(w.listen).map_err(err)?;
         tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "webhook receiver listening");
         let limits = Limits::new(&reconciler.config.listeners, budget.webhook);
         crate::webhook::serve_thread(listener, secret, tx.clone(), limits, cancel.clone())

@@ -49,22 +49,6 @@ pub fn timeout(configured: crate::model::Duration) -> Duration {
     configured.std().clamp(MIN_TIMEOUT, MAX_TIMEOUT)
 }
 
-/// Connections the kernel queues for `accept` (it caps this at `net.core.somaxconn`). The
-/// usual 128 overflows under a burst of connections, and a client whose SYN is dropped waits
-/// a second for its retry.
-const BACKLOG: u32 = 1024;
-
-/// Bind a listener with a deep accept queue. Call it within a Tokio runtime.
-pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(BACKLOG)?.into_std()
-}
-
 /// One listener's bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
