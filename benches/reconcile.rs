@@ -95,7 +95,11 @@ fn route_change_latency(rt: &tokio::runtime::Runtime) {
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let cancel = tokio_util::sync::CancellationToken::new();
-    rt.spawn(proxy.clone().serve(listener, cancel.clone()));
+    rt.spawn(
+        proxy
+            .clone()
+            .serve(listener, Default::default(), cancel.clone()),
+    );
     // 1,000 other routes, so the swap copies a real table.
     let mut changes: Vec<Change> = (0..1000)
         .map(|i| Change::Upsert {
@@ -178,7 +182,7 @@ fn throughput() {
         .map(|n| n.get())
         .unwrap_or(2);
     proxy
-        .serve_threads(listener, threads, cancel.clone())
+        .serve_threads(listener, threads, Default::default(), cancel.clone())
         .expect("serve");
     let line = |label: &str, r: Option<(f64, String)>| match r {
         Some((rps, extra)) => println!("  {label:<48} {rps:>9.0} req/s, {extra}"),

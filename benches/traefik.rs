@@ -171,11 +171,11 @@ fn embedded(rt: &tokio::runtime::Runtime) -> (EmbeddedProxy, SocketAddr) {
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    rt.spawn(
-        proxy
-            .clone()
-            .serve(listener, tokio_util::sync::CancellationToken::new()),
-    );
+    rt.spawn(proxy.clone().serve(
+        listener,
+        Default::default(),
+        tokio_util::sync::CancellationToken::new(),
+    ));
     (EmbeddedProxy::new(proxy), addr)
 }
 

@@ -38,6 +38,10 @@ pub struct Config {
     pub providers: Providers,
     #[serde(default)]
     pub status: StatusConfig,
+    /// Limits of every HTTP listener vessel has: the embedded proxy, the status endpoint and
+    /// the webhook receiver.
+    #[serde(default)]
+    pub listeners: ListenersConfig,
     #[serde(default)]
     pub policy: Policy,
 }
@@ -541,6 +545,74 @@ fn default_status_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9090))
 }
 
+/// Limits of vessel's HTTP listeners (the embedded proxy, the status endpoint, the webhook
+/// receiver). Each listener has them on its own: one full listener never starves another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ListenersConfig {
+    /// Open connections at most, per listener. `0` (the default) derives the number from the
+    /// open-file limit, which vessel raises to its hard limit at start: a quarter of it (at
+    /// least 256 files) always stays for the reconcile loop, providers and sessions, and a
+    /// number set here that the limit cannot carry is lowered (the log says so).
+    #[serde(default)]
+    pub max_connections: MaxConnections,
+    /// Open connections from one client address at most, per listener (an IPv6 /64 counts as
+    /// one address). At this bound, or the listener's, a new connection takes the place of
+    /// the connection idle the longest; when none is idle it is closed at once.
+    #[serde(default = "default_per_client")]
+    pub max_connections_per_client: u32,
+    /// A request's header must arrive whole within this, counted from the connection's start
+    /// or from the first byte of a later request (slowloris).
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout: Duration,
+    /// A keep-alive connection with no request for this long is closed.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: Duration,
+    /// The embedded proxy answers 502 when a session sends no response header within this.
+    #[serde(default = "default_upstream_header_timeout")]
+    pub upstream_header_timeout: Duration,
+}
+
+impl Default for ListenersConfig {
+    fn default() -> Self {
+        ListenersConfig {
+            max_connections: MaxConnections::default(),
+            max_connections_per_client: default_per_client(),
+            header_timeout: default_header_timeout(),
+            idle_timeout: default_idle_timeout(),
+            upstream_header_timeout: default_upstream_header_timeout(),
+        }
+    }
+}
+
+/// Open connections at most, per listener; `0` derives the number from the open-file limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MaxConnections {
+    #[serde(default)]
+    pub proxy: u32,
+    #[serde(default)]
+    pub status: u32,
+    #[serde(default)]
+    pub webhook: u32,
+}
+
+fn default_per_client() -> u32 {
+    128
+}
+
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_upstream_header_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
 /// Safety and timing policy for the reconciler.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -706,6 +778,7 @@ mod tests {
         assert_eq!(c.providers, Providers::default());
         assert_eq!(c.policy, Policy::default());
         assert_eq!(c.status, StatusConfig::default());
+        assert_eq!(c.listeners, ListenersConfig::default());
     }
 
     #[test]

@@ -3,6 +3,10 @@
 //! (expiry, backoff) and provider events (a session exited); each trigger only pokes the loop,
 //! and every pass plans from a fresh observation. SIGINT/SIGTERM: finish the steps in flight,
 //! start no new ones, exit 0.
+//!
+//! At start the open-file limit is raised to its hard limit and divided (`listeners::fds`):
+//! the listeners' connections get a share, and a reserve always stays for the loop, so a flood
+//! of connections can never make a pass fail for want of a file descriptor.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,6 +17,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ProxyConfig};
+use crate::listeners::Limits;
+use crate::listeners::fds::{self, Budget};
 use crate::providers::{Providers, SetupError};
 use crate::reconcile::{PassReport, Reconciler, Trigger};
 use crate::state::{STATE_MARKER, StateDir, StateError};
@@ -89,6 +95,7 @@ pub async fn run(
     ready: Option<tokio::sync::oneshot::Sender<Handle>>,
     reload: Option<Reload>,
 ) -> Result<(), DaemonError> {
+    let budget = file_budget(&config);
     let state = StateDir::open(&config.state_dir)?;
     let _lock = state.lock()?;
     let providers = Providers::from_config(&config)?;
@@ -134,8 +141,15 @@ pub async fn run(
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2);
+        let serving = crate::proxy::Serving {
+            limits: Limits::new(&config.listeners, budget.proxy),
+            upstream_header_timeout: crate::listeners::timeout(
+                config.listeners.upstream_header_timeout,
+            ),
+            pool_idle: budget.pool_idle,
+        };
         proxy
-            .serve_threads(listener, threads, cancel.clone())
+            .serve_threads(listener, threads, serving, cancel.clone())
             .map_err(listen_err)?;
         tracing::info!(listen = %proxy_addr.map(|a| a.to_string()).unwrap_or_default(), threads, "proxy listening");
     }
@@ -208,7 +222,9 @@ pub async fn run(
         };
         let listener = std::net::TcpListener::bind(w.listen).map_err(err)?;
         tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "webhook receiver listening");
-        crate::webhook::serve_thread(listener, secret, tx.clone(), cancel.clone()).map_err(err)?;
+        let limits = Limits::new(&reconciler.config.listeners, budget.webhook);
+        crate::webhook::serve_thread(listener, secret, tx.clone(), limits, cancel.clone())
+            .map_err(err)?;
     }
     let mut source_watcher = match &source_dir {
         Some(dir) => Some(watch_source(
@@ -250,7 +266,8 @@ pub async fn run(
         token,
         secrets,
     );
-    crate::status::serve_thread(status_listener, Arc::new(app), cancel.clone()).map_err(
+    let limits = Limits::new(&reconciler.config.listeners, budget.status);
+    crate::status::serve_thread(status_listener, Arc::new(app), limits, cancel.clone()).map_err(
         |source| DaemonError::StatusListen {
             addr: status_addr.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))),
             source,
@@ -334,6 +351,47 @@ pub async fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Raise the open-file limit to the hard one and divide it between the listeners and the
+/// reserve, saying so.
+fn file_budget(config: &Config) -> Budget {
+    let limit = match fds::raise_nofile() {
+        Ok(r) => {
+            if r.limit > r.before {
+                tracing::debug!(from = r.before, to = r.limit, "open-file limit raised");
+            }
+            r.limit
+        }
+        Err(e) => {
+            let limit = fds::current_limit().unwrap_or(1024);
+            tracing::warn!(error = %crate::error_chain(&e), limit, "the open-file limit stays as it is");
+            limit
+        }
+    };
+    let proxy = matches!(config.providers.proxy, ProxyConfig::Embedded { .. });
+    let webhook =
+        matches!(&config.source, crate::config::SourceConfig::Git(g) if g.webhook.is_some());
+    let b = Budget::split(limit, &config.listeners.max_connections, proxy, webhook);
+    for (listener, configured, given) in &b.lowered {
+        tracing::warn!(
+            "listeners.max_connections.{listener} is {configured}, more than an open-file limit of {limit} leaves room for; using {given}"
+        );
+    }
+    tracing::info!(
+        limit = b.limit,
+        reserve = b.reserve,
+        proxy = b.proxy,
+        pooled = b.pool_idle,
+        status = b.status,
+        webhook = b.webhook,
+        "open files: {} kept for the loop; connections at most: proxy {}, status {}, webhook {}",
+        b.reserve,
+        b.proxy,
+        b.status,
+        b.webhook
+    );
+    b
 }
 
 /// Pass every compute provider's own change notices on to the loop.

@@ -2,7 +2,8 @@
 //! HMAC-SHA256 over its body (`X-Hub-Signature-256: sha256=<hex>` as GitHub sends it, or the
 //! generic `X-Vessel-Signature` in the same form) pokes the loop to fetch now. It carries no
 //! data into the plan: the body is only checked, never read for content. A bad or missing
-//! signature gets 401 and changes nothing; every other method gets 405.
+//! signature gets 401 and changes nothing; every other method gets 405. Bodies are bounded
+//! (1 MiB), and connections as every listener's are (`listeners`).
 
 use std::sync::Arc;
 
@@ -85,18 +86,19 @@ async fn receive(
     (StatusCode::ACCEPTED, "fetching\n").into_response()
 }
 
-/// Serve on a thread of its own until `cancel`.
+/// Serve on a thread of its own, within `limits`, until `cancel`.
 pub fn serve_thread(
     listener: std::net::TcpListener,
     secret: Secret,
     poke: mpsc::UnboundedSender<Trigger>,
+    limits: crate::listeners::Limits,
     cancel: CancellationToken,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let app = Router::new()
         .fallback(receive)
         .layer(DefaultBodyLimit::max(1 << 20))
         .with_state(Arc::new(Hook { secret, poke }));
-    crate::status::serve_router_thread("vessel-webhook", listener, app, cancel)
+    crate::listeners::serve_router_thread("webhook", listener, app, limits, cancel)
 }
 
 #[cfg(test)]

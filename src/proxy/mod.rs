@@ -5,11 +5,19 @@
 //! Lookup is one hash probe, so the cost per request does not grow with the number of routes.
 //!
 //! HTTP/1.1 with keep-alive to upstreams, WebSocket upgrades passed through byte for byte,
-//! `X-Forwarded-*` headers, and pages that say what is wrong (404 no such host, 502 session
-//! not answering, 503 session not ready). Every route records its activity (requests and
-//! WebSocket bytes, not only new connections), and a request for a route that is not ready is
-//! held until it is (or a timeout), after poking a waker: what sleep-on-idle and
-//! wake-on-request need.
+//! `X-Forwarded-*` headers, and pages that say what is wrong (400 a request vessel will not
+//! pass on, 404 no such host, 405 CONNECT, 502 session not answering, 503 session not ready).
+//! Every route records its activity (requests and WebSocket bytes, not only new connections),
+//! and a request for a route that is not ready is held until it is (or a timeout), after poking
+//! a waker: what sleep-on-idle and wake-on-request need.
+//!
+//! Strict where leniency would let a request mean one thing to vessel and another upstream
+//! (RFC 9112): one Host, required; an absolute-form target's authority wins over Host and
+//! becomes the Host sent on; a `Connection` header cannot remove Host or Content-Length; only
+//! a GET asking for `Upgrade: websocket` is tunnelled (any other upgrade goes on as a plain
+//! request without it); CONNECT is refused; a request body that breaks its framing is the
+//! client's error (400), not the session's (502). Connections are bounded and timed out by
+//! `listeners`.
 
 mod page;
 mod pool;
@@ -28,16 +36,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri};
+use http::uri::Authority;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::error_chain;
+use crate::listeners::{self, Conn, Gate, Limits, OnRead};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -120,8 +129,33 @@ struct Inner {
 /// connection stay on one thread (no cross-thread wake-ups per request).
 pub type UpstreamClient = Pool;
 
-fn upstream_client() -> UpstreamClient {
-    Pool::default()
+/// How a proxy listener serves: its connection bounds and timeouts, how long a session may
+/// take to start answering, and how many idle upstream connections it keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Serving {
+    pub limits: Limits,
+    /// A session that sends no response head within this gets the client a 502.
+    pub upstream_header_timeout: Duration,
+    /// Idle upstream connections kept, across all serving threads.
+    pub pool_idle: usize,
+}
+
+impl Default for Serving {
+    fn default() -> Self {
+        Serving {
+            limits: Limits::default(),
+            upstream_header_timeout: Duration::from_secs(60),
+            pool_idle: 256,
+        }
+    }
+}
+
+/// What handling one request needs to know about its connection.
+struct Cx {
+    remote: SocketAddr,
+    client: UpstreamClient,
+    conn: Conn,
+    upstream_header_timeout: Duration,
 }
 
 /// A change to the route table.
@@ -151,19 +185,24 @@ impl Proxy {
     }
 
     /// Serve on `threads` threads, each with its own single-threaded runtime, accept loop and
-    /// upstream pool (as nginx runs a worker per core). Returns once they are running.
+    /// upstream pool (as nginx runs a worker per core), within one set of connection bounds.
+    /// Returns once they are running.
     pub fn serve_threads(
         &self,
         listener: std::net::TcpListener,
         threads: usize,
+        serving: Serving,
         shutdown: CancellationToken,
     ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
         listener.set_nonblocking(true)?;
+        let threads = threads.max(1);
+        let gate = Gate::new("proxy", serving.limits);
         let mut handles = Vec::new();
-        for i in 0..threads.max(1) {
+        for i in 0..threads {
             let l = listener.try_clone()?;
             let proxy = self.clone();
             let shutdown = shutdown.clone();
+            let gate = gate.clone();
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -173,7 +212,10 @@ impl Proxy {
                     .spawn(move || {
                         rt.block_on(async move {
                             match TcpListener::from_std(l) {
-                                Ok(l) => proxy.accept_loop(l, upstream_client(), shutdown).await,
+                                Ok(l) => {
+                                    let pool = Pool::new(serving.pool_idle / threads);
+                                    proxy.accept_loop(l, pool, gate, serving, shutdown).await
+                                }
                                 Err(e) => tracing::error!(error = %e, "proxy thread cannot listen"),
                             }
                         })
@@ -262,8 +304,10 @@ impl Proxy {
 
     /// Serve on `listener` until `shutdown` is cancelled. Connections already open finish the
     /// request they are on.
-    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
-        self.accept_loop(listener, upstream_client(), shutdown)
+    pub async fn serve(self, listener: TcpListener, serving: Serving, shutdown: CancellationToken) {
+        let gate = Gate::new("proxy", serving.limits);
+        let pool = Pool::new(serving.pool_idle);
+        self.accept_loop(listener, pool, gate, serving, shutdown)
             .await
     }
 
@@ -271,58 +315,39 @@ impl Proxy {
         &self,
         listener: TcpListener,
         client: UpstreamClient,
+        gate: Gate,
+        serving: Serving,
         shutdown: CancellationToken,
     ) {
-        loop {
-            let (stream, remote) = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "proxy accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
+        listeners::accept_loop(listener, gate, shutdown.clone(), |stream, remote, conn| {
             let _ = stream.set_nodelay(true);
             let proxy = self.clone();
-            let shutdown = shutdown.clone();
-            let client = client.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let proxy = proxy.clone();
-                    let client = client.clone();
-                    async move { Ok::<_, Infallible>(proxy.handle(req, remote, &client).await) }
-                });
-                // A client that sends no complete header within 60 s (an idle keep-alive
-                // connection included) is closed, so idle connections cannot pile up.
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(60))
-                    .keep_alive(true)
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .with_upgrades();
-                tokio::pin!(conn);
-                tokio::select! {
-                    _ = conn.as_mut() => {}
-                    _ = shutdown.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
-                    }
-                }
+            let cx = Arc::new(Cx {
+                remote,
+                client: client.clone(),
+                conn: conn.clone(),
+                upstream_header_timeout: serving.upstream_header_timeout,
             });
-        }
+            let svc = service_fn(move |req| {
+                let proxy = proxy.clone();
+                let cx = cx.clone();
+                async move { Ok::<_, Infallible>(proxy.handle(req, &cx).await) }
+            });
+            tokio::spawn(listeners::serve_http(stream, conn, svc, shutdown.clone()));
+        })
+        .await
     }
 
-    /// Handle one request: find the route, hold it if not ready, forward it.
-    pub async fn handle(
-        &self,
-        mut req: Request<Incoming>,
-        remote: SocketAddr,
-        client: &UpstreamClient,
-    ) -> Response<Body> {
-        let host = request_host(&req);
+    /// Handle one request: check it, find the route, hold it if not ready, forward it.
+    async fn handle(&self, mut req: Request<Incoming>, cx: &Cx) -> Response<Body> {
+        if req.method() == Method::CONNECT {
+            return page::connect_refused();
+        }
+        let target = match Target::of(&req) {
+            Ok(t) => t,
+            Err(why) => return page::bad_request(why),
+        };
+        let host = target.host;
         let Some(mut entry) = self.lookup(&host) else {
             return page::not_found(&host);
         };
@@ -334,10 +359,10 @@ impl Proxy {
         }
         entry.stats.requests.fetch_add(1, Ordering::Relaxed);
         entry.stats.touch();
-        let upgrade = is_upgrade(req.headers());
+        let upgrade = is_websocket_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        // Origin form on the wire; `Host` stays as the client sent it.
+        // Origin form on the wire, and the Host the request was routed by.
         if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
             let path = parts
                 .uri
@@ -346,27 +371,41 @@ impl Proxy {
                 .unwrap_or("/");
             parts.uri = match Uri::try_from(path) {
                 Ok(u) => u,
-                Err(e) => return page::bad_gateway(&host, &entry.route, &e.to_string()),
+                Err(_) => return page::bad_request("the request target is not a valid URI"),
             };
         }
-        parts.version = http::Version::HTTP_11;
+        parts.headers.insert(header::HOST, target.authority);
+        parts.version = Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers, upgrade);
-        forwarded_headers(&mut parts.headers, &host, remote);
+        forwarded_headers(&mut parts.headers, &host, cx.remote);
+        let (body, body_failed) = RequestBody::new(body);
         let upstream_req = Request::from_parts(parts, body);
-        match client_upgrade {
-            None => match client.send(&entry.route.upstream, upstream_req).await {
-                Ok(resp) => {
+        let Some(client_upgrade) = client_upgrade else {
+            let limit = cx.upstream_header_timeout;
+            let sent =
+                tokio::time::timeout(limit, cx.client.send(&entry.route.upstream, upstream_req));
+            return match sent.await {
+                Ok(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                    page::bad_gateway(&host, &entry.route, "it switched protocols unasked")
+                }
+                Ok(Ok(resp)) => {
                     let (mut parts, body) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers, false);
                     Response::from_parts(parts, body.boxed())
                 }
-                Err(e) => page::bad_gateway(&host, &entry.route, &error_chain(&e)),
-            },
-            Some(client_upgrade) => {
-                self.tunnel(upstream_req, client_upgrade, &host, entry)
-                    .await
-            }
-        }
+                Ok(Err(_)) if body_failed.load(Ordering::Relaxed) => {
+                    page::bad_request("the request body does not follow its framing")
+                }
+                Ok(Err(e)) => page::bad_gateway(&host, &entry.route, &error_chain(&e)),
+                Err(_) => page::bad_gateway(
+                    &host,
+                    &entry.route,
+                    &format!("no response within {}", crate::model::Duration(limit)),
+                ),
+            };
+        };
+        self.tunnel(upstream_req, client_upgrade, &host, entry, cx)
+            .await
     }
 
     /// Wait until the route for `host` is ready (poking the waker once), or time out.
@@ -396,13 +435,14 @@ impl Proxy {
     /// upgraded streams together, metering traffic as route activity.
     async fn tunnel(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         client_upgrade: hyper::upgrade::OnUpgrade,
         host: &str,
         entry: Arc<Entry>,
+        cx: &Cx,
     ) -> Response<Body> {
         // As for plain requests: an upstream that does not accept within 5 s is a bad gateway,
-        // and so is one that does not answer the upgrade within 30 s.
+        // and so is one that does not answer the upgrade within the upstream header timeout.
         let connect = tokio::time::timeout(
             Duration::from_secs(5),
             TcpStream::connect(&entry.route.upstream),
@@ -422,36 +462,44 @@ impl Proxy {
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
         });
-        let mut resp =
-            match tokio::time::timeout(Duration::from_secs(30), sender.send_request(req)).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => return page::bad_gateway(host, &entry.route, &error_chain(&e)),
-                Err(_) => {
-                    return page::bad_gateway(
-                        host,
-                        &entry.route,
-                        "the upgrade was not answered within 30 s",
-                    );
-                }
-            };
+        let limit = cx.upstream_header_timeout;
+        let mut resp = match tokio::time::timeout(limit, sender.send_request(req)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return page::bad_gateway(host, &entry.route, &error_chain(&e)),
+            Err(_) => {
+                return page::bad_gateway(
+                    host,
+                    &entry.route,
+                    &format!(
+                        "the upgrade was not answered within {}",
+                        crate::model::Duration(limit)
+                    ),
+                );
+            }
+        };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             let (parts, body) = resp.into_parts();
             return Response::from_parts(parts, body.boxed());
         }
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         let stats = entry.stats.clone();
+        // The tunnel keeps its connection's place in the listener, busy, while it lasts.
+        let conn = cx.conn.clone();
+        let busy = conn.busy();
         tokio::spawn(async move {
+            let _held = (conn, busy);
             let (Ok(client), Ok(upstream)) = tokio::join!(client_upgrade, upstream_upgrade) else {
                 return;
             };
-            let mut client = Metered {
-                inner: TokioIo::new(client),
-                stats: stats.clone(),
+            // Traffic either way is route activity.
+            let meter = |stats: Arc<RouteStats>| {
+                move |n: usize| {
+                    stats.ws_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    stats.touch();
+                }
             };
-            let mut upstream = Metered {
-                inner: TokioIo::new(upstream),
-                stats,
-            };
+            let mut client = OnRead::new(TokioIo::new(client), meter(stats.clone()));
+            let mut upstream = OnRead::new(TokioIo::new(upstream), meter(stats));
             let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
         });
         let (parts, _) = resp.into_parts();
@@ -464,52 +512,88 @@ impl Proxy {
     }
 }
 
-/// The request's host, lower-cased, without port or trailing dot.
-fn request_host<B>(req: &Request<B>) -> String {
-    let raw = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().host())
-        .unwrap_or("");
-    // Without the port: `[::1]:80` -> `[::1]`, `a.localhost:80` -> `a.localhost`.
-    let no_port = match raw.rfind([':', ']']) {
-        Some(i)
-            if raw.as_bytes()[i] == b':' && !raw[..i].contains(':')
-                || raw.starts_with('[') && raw[..i].ends_with(']') =>
-        {
-            &raw[..i]
-        }
-        _ => raw,
-    };
-    no_port.trim_end_matches('.').to_ascii_lowercase()
+/// Where a request goes: the host its route is looked up by (lower-cased, without port or
+/// trailing dot), and the authority sent on as its Host.
+#[derive(Debug)]
+struct Target {
+    host: String,
+    authority: HeaderValue,
 }
 
-fn is_upgrade(h: &HeaderMap) -> bool {
-    h.contains_key(header::UPGRADE)
-        && h.get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
+impl Target {
+    /// RFC 9112 3.2: exactly one Host (an HTTP/1.1 request without one is refused), and an
+    /// absolute-form target's authority wins over it (3.2.2). The error says why, for a 400.
+    fn of<B>(req: &Request<B>) -> Result<Target, &'static str> {
+        let mut hosts = req.headers().get_all(header::HOST).iter();
+        let host_header = hosts.next();
+        if hosts.next().is_some() {
+            return Err("the request has more than one Host header");
+        }
+        if host_header.is_none() && req.version() >= Version::HTTP_11 {
+            return Err("the request has no Host header");
+        }
+        let authority = match (req.uri().scheme_str(), req.uri().authority()) {
+            (Some(scheme), Some(a)) => {
+                if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+                    return Err("only http and https targets are served");
+                }
+                a.clone()
+            }
+            (None, None) => match host_header {
+                Some(h) => Authority::try_from(h.as_bytes())
+                    .map_err(|_| "the Host header is not a host name")?,
+                None => return Err("the request has no Host header"),
+            },
+            _ => return Err("the request target is not a valid URI"),
+        };
+        if authority.as_str().contains('@') {
+            return Err("the host carries user information");
+        }
+        let host = authority.host().trim_end_matches('.').to_ascii_lowercase();
+        if host.is_empty() {
+            return Err("the Host header is empty");
+        }
+        let authority = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| "the Host header is not a host name")?;
+        Ok(Target { host, authority })
+    }
 }
+
+/// A WebSocket handshake (RFC 6455 4.1): an HTTP/1.1 GET with `Connection: upgrade` and
+/// `Upgrade: websocket`. Nothing else is tunnelled.
+fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
+    let h = req.headers();
+    let mut upgrade = h.get_all(header::UPGRADE).iter();
+    let websocket = upgrade.next().is_some_and(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("websocket"))
+    }) && upgrade.next().is_none();
+    req.method() == Method::GET
+        && req.version() == Version::HTTP_11
+        && websocket
+        && connection_tokens(h).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+/// The tokens of every `Connection` header.
+fn connection_tokens(h: &HeaderMap) -> impl Iterator<Item = &str> {
+    h.get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Headers a `Connection` header may not remove: what routing and framing rest on.
+const END_TO_END: [HeaderName; 2] = [header::HOST, header::CONTENT_LENGTH];
 
 /// Remove hop-by-hop headers (RFC 9110 7.6.1), keeping `Connection: upgrade` and `Upgrade`
 /// for an upgrade.
 fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| {
-            v.split(',')
-                .map(|t| t.trim().to_ascii_lowercase())
-                .collect::<Vec<_>>()
-        })
-        .filter(|t| !(upgrade && t == "upgrade"))
-        .filter_map(|t| HeaderName::try_from(t).ok())
+    let named: Vec<HeaderName> = connection_tokens(h)
+        .filter(|t| !(upgrade && t.eq_ignore_ascii_case("upgrade")))
+        .filter_map(|t| HeaderName::try_from(t.to_ascii_lowercase()).ok())
+        .filter(|n| !END_TO_END.contains(n))
         .collect();
     for n in named {
         h.remove(n);
@@ -548,42 +632,45 @@ fn forwarded_headers(h: &mut HeaderMap, host: &str, remote: SocketAddr) {
     h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
 }
 
-/// A stream that records traffic as route activity.
-struct Metered<T> {
-    inner: T,
-    stats: Arc<RouteStats>,
+/// A request body on its way upstream that remembers whether it failed: a body that breaks its
+/// own framing (bad chunks, cut short) is the client's error, not the session's.
+pub struct RequestBody {
+    inner: Incoming,
+    failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Metered<T> {
-    fn poll_read(
+impl RequestBody {
+    fn new(inner: Incoming) -> (RequestBody, Arc<std::sync::atomic::AtomicBool>) {
+        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        (
+            RequestBody {
+                inner,
+                failed: failed.clone(),
+            },
+            failed,
+        )
+    }
+}
+
+impl hyper::body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            self.stats.ws_bytes.fetch_add(n as u64, Ordering::Relaxed);
-            self.stats.touch();
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &r {
+            self.failed.store(true, Ordering::Relaxed);
         }
         r
     }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
     }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -591,20 +678,49 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<T> {
 mod tests {
     use super::*;
 
+    fn target(uri: &str, version: Version, hosts: &[&str]) -> Result<(String, String), String> {
+        let mut b = Request::builder().uri(uri).version(version);
+        for h in hosts {
+            b = b.header("host", *h);
+        }
+        let req = b.body(()).map_err(|e| e.to_string())?;
+        Target::of(&req)
+            .map(|t| {
+                let a = t.authority.to_str().unwrap_or("?").to_string();
+                (t.host, a)
+            })
+            .map_err(str::to_string)
+    }
+
     #[test]
     fn hosts_are_normalised() {
-        let r = |h: &str| {
-            request_host(
-                &Request::builder()
-                    .header("host", h)
-                    .body(())
-                    .unwrap_or_default(),
-            )
-        };
-        assert_eq!(r("Alice.LocalHost:8080"), "alice.localhost");
-        assert_eq!(r("alice.localhost."), "alice.localhost");
-        assert_eq!(r("[::1]:8080"), "[::1]");
-        assert_eq!(r("5173-bob.localhost"), "5173-bob.localhost");
+        let r = |h: &str| target("/", Version::HTTP_11, &[h]).map(|(host, _)| host);
+        assert_eq!(r("Alice.LocalHost:8080"), Ok("alice.localhost".into()));
+        assert_eq!(r("alice.localhost."), Ok("alice.localhost".into()));
+        assert_eq!(r("[::1]:8080"), Ok("[::1]".into()));
+        assert_eq!(r("5173-bob.localhost"), Ok("5173-bob.localhost".into()));
+    }
+
+    #[test]
+    fn one_host_is_required_and_an_absolute_target_wins() {
+        let v11 = Version::HTTP_11;
+        assert!(target("/", v11, &["a.localhost", "b.localhost"]).is_err());
+        assert!(target("/", v11, &[]).is_err());
+        assert!(target("/", v11, &[""]).is_err());
+        assert!(target("/", v11, &["a b"]).is_err());
+        assert!(target("/", v11, &["user@a.localhost"]).is_err());
+        // HTTP/1.0 may leave Host out when the target says where it goes.
+        assert!(target("/", Version::HTTP_10, &[]).is_err());
+        assert_eq!(
+            target("http://b.localhost:8080/x", Version::HTTP_10, &[]),
+            Ok(("b.localhost".into(), "b.localhost:8080".into()))
+        );
+        assert_eq!(
+            target("http://B.localhost/x?y", v11, &["a.localhost"]),
+            Ok(("b.localhost".into(), "B.localhost".into()))
+        );
+        assert!(target("ftp://b.localhost/x", v11, &["a.localhost"]).is_err());
+        assert!(target("http://u:p@b.localhost/x", v11, &["a.localhost"]).is_err());
     }
 
     #[test]
@@ -661,10 +777,35 @@ mod tests {
                 && h.get("connection").is_none()
         );
         assert!(h.get("accept").is_some());
+        // Connection cannot take away what routing and framing need.
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("Host, content-length, x-a"),
+        );
+        h.insert("host", HeaderValue::from_static("a.localhost"));
+        h.insert("content-length", HeaderValue::from_static("3"));
+        h.insert("x-a", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.get("host").is_some() && h.get("content-length").is_some());
+        assert!(h.get("x-a").is_none());
+
+        let ws = |method: &str, upgrade: &str| {
+            Request::builder()
+                .method(method)
+                .header("connection", "keep-alive, Upgrade")
+                .header("upgrade", upgrade)
+                .body(())
+                .map(|r| is_websocket_upgrade(&r))
+                .unwrap_or(false)
+        };
+        assert!(ws("GET", "WebSocket"));
+        assert!(!ws("GET", "h2c"));
+        assert!(!ws("GET", "websocket, h2c"));
+        assert!(!ws("POST", "websocket"));
         let mut h = HeaderMap::new();
         h.insert("connection", HeaderValue::from_static("Upgrade"));
         h.insert("upgrade", HeaderValue::from_static("websocket"));
-        assert!(is_upgrade(&h));
         strip_hop_by_hop(&mut h, true);
         assert_eq!(
             h.get("upgrade").and_then(|v| v.to_str().ok()),

@@ -80,3 +80,37 @@ pub fn not_ready(host: &str, session: &str) -> Response<Body> {
         .insert(header::RETRY_AFTER, header::HeaderValue::from_static("2"));
     r
 }
+
+/// A request vessel will not pass on, and why. The connection closes after it: whatever
+/// follows on it cannot be trusted to be framed as the client meant.
+pub fn bad_request(why: &str) -> Response<Body> {
+    let mut r = page(
+        StatusCode::BAD_REQUEST,
+        "Bad request",
+        &format!("vessel does not pass this request on: {}.", escape(why)),
+    );
+    r.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    r
+}
+
+/// CONNECT: vessel routes requests to sessions by host; it is not a forward proxy.
+pub fn connect_refused() -> Response<Body> {
+    let mut r = page(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "CONNECT is not served",
+        "vessel routes requests to sessions by host; it opens no tunnels to other addresses.",
+    );
+    let h = r.headers_mut();
+    h.insert(
+        header::ALLOW,
+        header::HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+    );
+    h.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    r
+}

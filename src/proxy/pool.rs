@@ -3,7 +3,8 @@
 //! A connection is taken for one request and goes back to the pool when that response's body
 //! has been read to its end (HTTP/1.1 runs one exchange at a time). A response dropped before
 //! its end takes the connection with it. Pools never cross threads, so a request and its
-//! upstream connection live on one thread.
+//! upstream connection live on one thread. Idle connections are bounded per upstream and in
+//! all, since each holds a file descriptor (see `listeners::fds`).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -17,12 +18,28 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use super::RequestBody;
+
 /// Idle connections kept per upstream.
 const MAX_IDLE: usize = 256;
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Pool {
-    idle: Arc<Mutex<HashMap<String, Vec<SendRequest<Incoming>>>>>,
+    idle: Arc<Mutex<Idle>>,
+    /// Idle connections kept in all.
+    max_idle: usize,
+}
+
+#[derive(Default)]
+struct Idle {
+    by_upstream: HashMap<String, Vec<SendRequest<RequestBody>>>,
+    count: usize,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool::new(MAX_IDLE)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,10 +55,20 @@ pub enum PoolError {
 }
 
 impl Pool {
-    fn take(&self, upstream: &str) -> Option<SendRequest<Incoming>> {
+    /// A pool that keeps at most `max_idle` idle connections in all (at least one).
+    pub fn new(max_idle: usize) -> Pool {
+        Pool {
+            idle: Arc::default(),
+            max_idle: max_idle.max(1),
+        }
+    }
+
+    fn take(&self, upstream: &str) -> Option<SendRequest<RequestBody>> {
         let mut idle = self.idle.lock().ok()?;
-        let list = idle.get_mut(upstream)?;
+        let Idle { by_upstream, count } = &mut *idle;
+        let list = by_upstream.get_mut(upstream)?;
         while let Some(s) = list.pop() {
+            *count -= 1;
             if s.is_ready() {
                 return Some(s);
             }
@@ -49,19 +76,29 @@ impl Pool {
         None
     }
 
-    fn put(&self, upstream: &str, s: SendRequest<Incoming>) {
+    fn put(&self, upstream: &str, s: SendRequest<RequestBody>) {
         if s.is_closed() {
             return;
         }
         if let Ok(mut idle) = self.idle.lock() {
-            let list = idle.entry(upstream.to_string()).or_default();
-            if list.len() < MAX_IDLE {
+            let Idle { by_upstream, count } = &mut *idle;
+            if *count >= self.max_idle {
+                // Connections the upstreams closed meanwhile hold no file; drop them first.
+                for list in by_upstream.values_mut() {
+                    list.retain(|s| !s.is_closed());
+                }
+                by_upstream.retain(|_, l| !l.is_empty());
+                *count = by_upstream.values().map(Vec::len).sum();
+            }
+            let list = by_upstream.entry(upstream.to_string()).or_default();
+            if *count < self.max_idle && list.len() < MAX_IDLE {
                 list.push(s);
+                *count += 1;
             }
         }
     }
 
-    async fn connect(upstream: &str) -> Result<SendRequest<Incoming>, PoolError> {
+    async fn connect(upstream: &str) -> Result<SendRequest<RequestBody>, PoolError> {
         let stream = tokio::time::timeout(
             std::time::Duration::from_secs(5),
             TcpStream::connect(upstream),
@@ -83,7 +120,7 @@ impl Pool {
     pub async fn send(
         &self,
         upstream: &str,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
     ) -> Result<Response<PooledBody>, PoolError> {
         let (sender, resp) = match self.take(upstream) {
             Some(mut s) => match s.try_send_request(req).await {
@@ -121,7 +158,7 @@ impl Pool {
 /// A response body that hands its connection back to the pool at its end.
 pub struct PooledBody {
     inner: Incoming,
-    home: Option<(Pool, String, SendRequest<Incoming>)>,
+    home: Option<(Pool, String, SendRequest<RequestBody>)>,
 }
 
 impl PooledBody {

@@ -5,7 +5,7 @@
 //! reads) and the metrics; nothing it can reach changes state. Every method but GET and HEAD
 //! answers 405. An optional bearer token guards everything but `/healthz`. Known secret values
 //! are redacted from every body. It runs on a thread of its own, so a busy reconcile pass does
-//! not slow it down.
+//! not slow it down, with bounded connections and timeouts (`listeners`).
 
 mod page;
 pub mod view;
@@ -124,6 +124,15 @@ pub fn router(st: Arc<AppState>) -> Router {
         .with_state(st)
 }
 
+/// The token of an `Authorization: Bearer <token>` value. The scheme is case-insensitive
+/// (RFC 9110 11.1): `bearer x` and `BEARER x` are the same.
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start())
+}
+
 fn eq_constant_time(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -147,7 +156,7 @@ async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Res
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer)
             .unwrap_or("");
         if !eq_constant_time(given.as_bytes(), token.expose().as_bytes()) {
             let mut r = respond(
@@ -368,45 +377,27 @@ async fn not_found() -> Response {
     )
 }
 
-/// Serve on a thread of its own until `cancel`.
+/// Serve on a thread of its own, within `limits`, until `cancel`.
 pub fn serve_thread(
     listener: std::net::TcpListener,
     st: Arc<AppState>,
+    limits: crate::listeners::Limits,
     cancel: CancellationToken,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    serve_router_thread("vessel-status", listener, router(st), cancel)
+    crate::listeners::serve_router_thread("status", listener, router(st), limits, cancel)
 }
 
-/// Serve `app` on a thread of its own, with its own single-threaded runtime, until `cancel`:
-/// what vessel's side listeners (status, webhook) run on, so a busy pass never slows them.
-pub fn serve_router_thread(
-    name: &str,
-    listener: std::net::TcpListener,
-    app: Router,
-    cancel: CancellationToken,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    listener.set_nonblocking(true)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let label = name.to_string();
-    std::thread::Builder::new()
-        .name(label.clone())
-        .spawn(move || {
-            rt.block_on(async move {
-                let listener = match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::error!(error = %e, "{label} cannot listen");
-                        return;
-                    }
-                };
-                if let Err(e) = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { cancel.cancelled().await })
-                    .await
-                {
-                    tracing::error!(error = %e, "{label} stopped");
-                }
-            })
-        })
+#[cfg(test)]
+mod tests {
+    use super::bearer;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer abc"), Some("abc"));
+        assert_eq!(bearer("BEARER  abc"), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearerabc"), None);
+        assert_eq!(bearer("Bearer"), None);
+    }
 }

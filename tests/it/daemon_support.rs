@@ -79,27 +79,49 @@ impl Daemon {
 
     /// Start with one extra environment variable (a secret the config refers to, say).
     pub fn start_with_env(&mut self, env: Option<(&str, &str)>) {
-        self.start_with_args(&[], env)
+        self.spawn(&[], env, None)
     }
 
     /// Start with extra arguments after `run vessel.yaml`.
     pub fn start_with_args(&mut self, args: &[&str], env: Option<(&str, &str)>) {
+        self.spawn(args, env, None)
+    }
+
+    /// Start under an open-file limit of `soft` (and `hard`), as `ulimit -n` would set it.
+    pub fn start_with_file_limit(&mut self, soft: u64, hard: u64) {
+        self.spawn(&[], None, Some((soft, hard)))
+    }
+
+    fn spawn(&mut self, args: &[&str], env: Option<(&str, &str)>, nofile: Option<(u64, u64)>) {
+        use std::os::unix::process::CommandExt;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join("vessel.log"))
             .expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_vessel"))
-            .args(["run", "vessel.yaml"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vessel"));
+        cmd.args(["run", "vessel.yaml"])
             .args(args)
             .current_dir(self.dir.path())
             .env("NO_COLOR", "1")
             .env("VESSEL_LOG", "debug")
             .envs(env)
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("vessel runs");
+            .stderr(log);
+        if let Some((soft, hard)) = nofile {
+            // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::sys::resource::setrlimit(
+                        nix::sys::resource::Resource::RLIMIT_NOFILE,
+                        soft,
+                        hard,
+                    )
+                    .map_err(std::io::Error::from)
+                });
+            }
+        }
+        let child = cmd.spawn().expect("vessel runs");
         self.child = Some(child);
         if wait_for(Duration::from_secs(15), || {
             TcpStream::connect(self.proxy).is_ok()
@@ -122,6 +144,19 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(20));
         }
         None
+    }
+
+    /// Add `yaml` (top-level keys) to the config file, before starting.
+    pub fn configure(&self, yaml: &str) {
+        let path = self.dir.path().join("vessel.yaml");
+        let mut cfg = std::fs::read_to_string(&path).expect("config");
+        cfg.push_str(yaml);
+        std::fs::write(&path, cfg).expect("config");
+    }
+
+    /// The daemon's pid, while it runs.
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
     }
 
     pub fn write(&self, name: &str, text: &str) {

@@ -10,6 +10,7 @@ mod dns_powerdns;
 mod docker;
 mod git_source;
 mod hostile;
+mod hostile_http;
 mod hygiene;
 mod outage;
 mod papercuts;

@@ -5,7 +5,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use vessel::proxy::{Change, Proxy, Route};
+use vessel::proxy::{Change, Proxy, Route, Serving};
 
 use crate::daemon_support::{free_port, wait_for};
 
@@ -61,7 +61,7 @@ fn swapping_routes_never_drops_an_open_connection() {
     let addr = listener.local_addr().expect("addr");
     let cancel = CancellationToken::new();
     proxy
-        .serve_threads(listener, 2, cancel.clone())
+        .serve_threads(listener, 2, Serving::default(), cancel.clone())
         .expect("serve");
 
     let mut s = TcpStream::connect(addr).expect("connect");
@@ -157,7 +157,7 @@ fn a_pooled_connection_the_upstream_closed_is_retried_not_a_502() {
     let addr = listener.local_addr().expect("addr");
     let cancel = CancellationToken::new();
     proxy
-        .serve_threads(listener, 1, cancel.clone())
+        .serve_threads(listener, 1, Serving::default(), cancel.clone())
         .expect("serve");
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(5)))

@@ -255,10 +255,11 @@ fn plan_against_the_live_providers_and_the_daemons_snapshot() {
     })
     .expect("pia serves");
     std::thread::sleep(Duration::from_millis(300));
+    let dir = d.dir.path().to_path_buf();
     let run = |args: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_vessel"))
             .args(args)
-            .current_dir(d.dir.path())
+            .current_dir(&dir)
             .env("NO_COLOR", "1")
             .output()
             .expect("vessel")
@@ -282,7 +283,9 @@ fn plan_against_the_live_providers_and_the_daemons_snapshot() {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(text.contains("No changes."), "{text}");
-    // A new file is a change (exit 2).
+    // A new file is a change (exit 2). The daemon is stopped first: it would create the
+    // session and write a snapshot with it, racing the plan.
+    assert_eq!(d.signal(Signal::SIGTERM), Some(0));
     std::fs::write(d.source().join("quin.yaml"), session("quin")).expect("write");
     let out = run(&["plan", "vessel.yaml", "--observed", "state/observed.json"]);
     assert_eq!(out.status.code(), Some(2));
