@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::model::Duration;
+use crate::model::{Duration, Size};
 
 /// The embedded default config: local processes, the built-in proxy, no DNS.
 pub const DEFAULT_CONFIG_YAML: &str = include_str!("default-config.yaml");
@@ -40,6 +40,9 @@ pub struct Config {
     pub status: StatusConfig,
     #[serde(default)]
     pub policy: Policy,
+    /// Limits on reading the desired-state tree.
+    #[serde(default)]
+    pub load: LoadLimits,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -506,6 +509,38 @@ fn default_status_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9090))
 }
 
+/// Limits on one load of the desired-state tree, so a hostile or mistaken source (a git
+/// repository of many files sharing one large blob, say) cannot take the memory of the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoadLimits {
+    /// A file larger than this is refused unread (its objects are held).
+    #[serde(default = "default_max_file_bytes")]
+    pub max_file_bytes: Size,
+    /// At most this many bytes are read in one load, all files together, in path order. The
+    /// files past it are refused unread and quarantined as unreadable: their objects are held
+    /// and nothing anywhere is destroyed while any are.
+    #[serde(default = "default_max_total_bytes")]
+    pub max_total_bytes: Size,
+}
+
+impl Default for LoadLimits {
+    fn default() -> Self {
+        LoadLimits {
+            max_file_bytes: default_max_file_bytes(),
+            max_total_bytes: default_max_total_bytes(),
+        }
+    }
+}
+
+fn default_max_file_bytes() -> Size {
+    Size(4 << 20)
+}
+
+fn default_max_total_bytes() -> Size {
+    Size(64 << 20)
+}
+
 /// Safety and timing policy for the reconciler.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -651,6 +686,7 @@ mod tests {
         assert_eq!(c.providers, Providers::default());
         assert_eq!(c.policy, Policy::default());
         assert_eq!(c.status, StatusConfig::default());
+        assert_eq!(c.load, LoadLimits::default());
     }
 
     #[test]
