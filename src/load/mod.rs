@@ -99,7 +99,7 @@ pub enum ReadError {
     NotRegular(&'static str),
     #[error("file is {size} bytes, over the {limit} limit for one desired-state file; split it")]
     TooLarge { size: u64, limit: Size },
-    #[error("file grew past {limit} while being read")]
+    #[error("file grew past {limit} bytes while being read")]
     Grew { limit: u64 },
     #[error(
         "not read: its {size} bytes would take this load past its budget of {budget} ({used} bytes read before it, in path order); raise `load.max_total_bytes` or make the tree smaller"

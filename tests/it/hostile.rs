@@ -356,3 +356,20 @@ fn a_long_port_name_gets_no_suggestion_and_a_bounded_message() {
     );
     assert!(t.elapsed() < std::time::Duration::from_secs(10));
 }
+
+#[test]
+fn a_config_that_is_a_fifo_is_refused_without_blocking() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("vessel.yaml");
+    nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(vessel::load::load_config(&path).map(|_| ()));
+    });
+    let err = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("reading the config finishes")
+        .expect_err("a FIFO is not a config");
+    assert_eq!(err[0].code, "unreadable");
+    assert!(err[0].message.contains("a FIFO"), "{}", err[0].message);
+}
