@@ -522,6 +522,12 @@ pub struct LoadLimits {
     /// and nothing anywhere is destroyed while any are.
     #[serde(default = "default_max_total_bytes")]
     pub max_total_bytes: Size,
+    /// At most this many YAML nodes in one load, all files together, in path order: what the
+    /// loaded objects take in memory grows with their nodes more than with their bytes (a
+    /// megabyte of one-line map entries is some 100,000 of them). A file that would take the
+    /// load past it is refused (`too-large`) and quarantined as incomplete.
+    #[serde(default = "default_max_total_nodes")]
+    pub max_total_nodes: u64,
 }
 
 impl Default for LoadLimits {
@@ -529,6 +535,7 @@ impl Default for LoadLimits {
         LoadLimits {
             max_file_bytes: default_max_file_bytes(),
             max_total_bytes: default_max_total_bytes(),
+            max_total_nodes: default_max_total_nodes(),
         }
     }
 }
@@ -539,6 +546,10 @@ fn default_max_file_bytes() -> Size {
 
 fn default_max_total_bytes() -> Size {
     Size(64 << 20)
+}
+
+fn default_max_total_nodes() -> u64 {
+    1_000_000
 }
 
 /// Safety and timing policy for the reconciler.

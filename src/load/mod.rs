@@ -118,16 +118,28 @@ pub enum ReadError {
 pub struct Budget {
     limits: LoadLimits,
     used: u64,
+    nodes: u64,
 }
 
 impl Budget {
     pub fn new(limits: LoadLimits) -> Budget {
-        Budget { limits, used: 0 }
+        Budget {
+            limits,
+            used: 0,
+            nodes: 0,
+        }
     }
 
     /// Bytes read so far.
     pub fn used(&self) -> u64 {
         self.used
+    }
+
+    /// How many YAML nodes the next file may have: what is left of the load's node budget,
+    /// and never more than `yaml::MAX_EVENTS`.
+    fn nodes_left(&self) -> usize {
+        let left = self.limits.max_total_nodes.saturating_sub(self.nodes);
+        usize::try_from(left).map_or(yaml::MAX_EVENTS, |l| l.min(yaml::MAX_EVENTS))
     }
 
     /// Admit a file of `size` bytes (as known before reading it): reserves them and returns how
@@ -180,7 +192,7 @@ pub fn load_tree(root: &Path, config: &Config, now: DateTime<Utc>) -> Result<Des
         .map(|rel| {
             let display = root.join(rel);
             let bytes = read_limited(&display, &mut budget);
-            load_bytes(&display, rel, bytes)
+            load_bytes(&display, rel, bytes, &mut budget)
         })
         .collect();
     let warnings = validate::check(&mut loaded, config, now);
@@ -240,7 +252,7 @@ pub fn load_entries(
                 }
                 Ok(bytes)
             });
-            load_bytes(&display_root.join(&e.rel), &e.rel, bytes)
+            load_bytes(&display_root.join(&e.rel), &e.rel, bytes, &mut budget)
         })
         .collect();
     let warnings = validate::check(&mut loaded, config, now);
@@ -390,7 +402,12 @@ fn libc_flags() -> i32 {
 /// Turn a file's bytes (or why they could not be read) into a parsed file; problems become
 /// its errors. The text is dropped once parsed: only the lines later diagnostics may point at
 /// are kept.
-fn load_bytes(display: &Path, rel: &Path, bytes: Result<Vec<u8>, ReadError>) -> LoadedFile {
+fn load_bytes(
+    display: &Path,
+    rel: &Path,
+    bytes: Result<Vec<u8>, ReadError>,
+    budget: &mut Budget,
+) -> LoadedFile {
     use sha2::{Digest, Sha256};
     let mut lf = LoadedFile {
         rel: rel.to_path_buf(),
@@ -422,7 +439,7 @@ fn load_bytes(display: &Path, rel: &Path, bytes: Result<Vec<u8>, ReadError>) -> 
             return lf;
         }
     };
-    parse(&mut lf, &text);
+    parse(&mut lf, &text, budget);
     attach_snippets(&mut lf.errors, &text);
     lf.lines = SourceLines::pick(&text, lf.objects.iter().flat_map(Object::lines));
     lf
@@ -464,11 +481,25 @@ fn decode(display: &Path, bytes: Vec<u8>) -> Result<String, Box<Diagnostic>> {
 
 /// Parse the documents of a file's text into its objects, errors (without snippets yet) and
 /// the names it holds.
-fn parse(lf: &mut LoadedFile, text: &str) {
+fn parse(lf: &mut LoadedFile, text: &str, budget: &mut Budget) {
     lf.complete = true;
-    let docs = match yaml::scan(text) {
-        Ok(d) => d,
-        Err(p) => {
+    let limit = budget.nodes_left();
+    let docs = match yaml::scan_within(text, limit) {
+        Ok((docs, events)) => {
+            budget.nodes += events as u64;
+            docs
+        }
+        Err(mut p) => {
+            let nodes = p.code == "too-large"
+                && p.message
+                    .ends_with("YAML nodes; split it into smaller files");
+            if nodes && limit < yaml::MAX_EVENTS {
+                p.message = format!(
+                    "this file would take the load past its budget of {} YAML nodes ({} in the files before it, in path order)",
+                    budget.limits.max_total_nodes, budget.nodes
+                );
+                p.help = Some("raise `load.max_total_nodes`, or make the tree smaller".into());
+            }
             let d = problem(lf, p);
             lf.errors.push(d);
             lf.complete = false;
@@ -543,20 +574,13 @@ fn parse(lf: &mut LoadedFile, text: &str) {
     }
 }
 
-/// A document's object. It keeps the positions of its fields at most two levels deep outside
-/// lists (`name`, `ports.ide#key`, `source.path`: what later diagnostics point at), not every
-/// node of a large map or list.
+/// A document's object, with the positions `yaml::scan` kept (what later diagnostics point at).
 fn with<T>(doc: &yaml::RawDoc, rel: &Path, spec: T) -> Doc<T> {
     Doc {
         spec,
         file: rel.to_path_buf(),
         pos: doc.pos,
-        fields: doc
-            .fields
-            .iter()
-            .filter(|(path, _)| path.matches('.').count() <= 1 && !path.contains('['))
-            .map(|(path, pos)| (path.clone(), *pos))
-            .collect(),
+        fields: doc.fields.clone(),
     }
 }
 

@@ -373,3 +373,44 @@ fn a_config_that_is_a_fifo_is_refused_without_blocking() {
     assert_eq!(err[0].code, "unreadable");
     assert!(err[0].message.contains("a FIFO"), "{}", err[0].message);
 }
+
+#[test]
+fn a_tree_past_its_node_budget_is_quarantined_past_the_budget() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Each file: one session with 40 environment variables (some 90 YAML nodes).
+    for i in 0..5 {
+        let env: String = (0..40).map(|k| format!("  K{k}: v\n")).collect();
+        let y = format!("kind: Session\nname: s{i}\nplan: small\nenv:\n{env}");
+        std::fs::write(dir.path().join(format!("s{i}.yaml")), y).expect("write");
+    }
+    std::fs::write(
+        dir.path().join("a-plan.yaml"),
+        "kind: Plan\nname: small\ncommand: [sleep, '1']\nports: {ide: 8080}\n",
+    )
+    .expect("write");
+    let mut cfg = Config::embedded_default(dir.path());
+    cfg.load.max_total_nodes = 250;
+    let d = load_tree(dir.path(), &cfg, chrono::Utc::now()).expect("load");
+    let loaded: Vec<&str> = d.sessions.keys().map(String::as_str).collect();
+    assert_eq!(loaded, ["s0", "s1"]);
+    let q = &d.quarantined[Path::new("s2.yaml")];
+    assert_eq!(q.errors[0].code, "too-large");
+    assert!(
+        q.errors[0].message.contains("budget of 250 YAML nodes"),
+        "{}",
+        q.errors[0].message
+    );
+    assert!(
+        !q.complete,
+        "what it holds is unknown: nothing is destroyed"
+    );
+    assert_eq!(d.quarantined.len(), 3);
+    // The environment's entries are objects' data, not positions kept for diagnostics.
+    let s0 = &d.sessions["s0"];
+    assert_eq!(s0.spec.env.len(), 40);
+    assert!(
+        s0.fields.keys().all(|k| !k.starts_with("env.")),
+        "{:?}",
+        s0.fields.keys()
+    );
+}
