@@ -36,6 +36,7 @@ pub fn abort_on_panic() {
 /// The loader's limits under fuzzing: small, so inputs reach them.
 pub const FUZZ_MAX_FILE: u64 = 64 << 10;
 pub const FUZZ_MAX_TOTAL: u64 = 96 << 10;
+pub const FUZZ_MAX_NODES: u64 = 10_000;
 
 const PLANS: &str = "kind: Plan\nname: small\ncommand: [sleep, '1000']\nports: {ide: 8080, app: 5173}\n";
 const SESSION: &str = "kind: Session\nname: fixed\nplan: small\n";
@@ -50,6 +51,7 @@ fn config() -> Config {
     let mut c = Config::embedded_default(Path::new("tree"));
     c.load.max_file_bytes = Size(FUZZ_MAX_FILE);
     c.load.max_total_bytes = Size(FUZZ_MAX_TOTAL);
+    c.load.max_total_nodes = FUZZ_MAX_NODES;
     c
 }
 
