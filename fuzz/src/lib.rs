@@ -76,7 +76,13 @@ pub fn load(data: &[u8]) {
         assert_eq!(q.errors[0].code, "unreadable");
         assert!(!q.complete);
     }
-    let lines = data.split(|b| *b == b'\n').count() as u32;
+    // Lines as YAML counts them: `\r\n`, a lone `\r` and `\n` each end one.
+    let breaks = data
+        .iter()
+        .enumerate()
+        .filter(|(i, b)| **b == b'\n' || (**b == b'\r' && data.get(i + 1) != Some(&b'\n')))
+        .count();
+    let lines = breaks as u32 + 1;
     for (file, q) in &d.quarantined {
         assert!(!q.errors.is_empty(), "{} is quarantined without an error", file.display());
         assert!(q.errors.len() <= MAX_ERRORS_PER_FILE + 1, "errors are capped");

@@ -445,7 +445,9 @@ fn load_bytes(
     lf
 }
 
-/// A file's bytes as text: UTF-8 without NUL bytes, a leading byte-order mark dropped.
+/// A file's bytes as text: UTF-8 without NUL bytes, a leading byte-order mark dropped, and line
+/// breaks made `\n`. YAML counts a lone `\r` as a line break too (as `\r\n`): with them all
+/// made `\n`, the parser's line numbers, the documents' byte ranges and the snippets agree.
 fn decode(display: &Path, bytes: Vec<u8>) -> Result<String, Box<Diagnostic>> {
     let binary = |pos, message| {
         Box::new(
@@ -453,30 +455,40 @@ fn decode(display: &Path, bytes: Vec<u8>) -> Result<String, Box<Diagnostic>> {
                 .with_help("desired-state files are YAML text; is this a binary file?"),
         )
     };
-    let position = |before: &[u8]| Pos {
-        line: before.iter().filter(|b| **b == b'\n').count() as u32 + 1,
-        column: String::from_utf8_lossy(before.rsplit(|b| *b == b'\n').next().unwrap_or(&[]))
-            .chars()
-            .count() as u32
-            + 1,
-    };
     let mut text = match String::from_utf8(bytes) {
         Ok(t) => t,
         Err(e) => {
             let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
-            return Err(binary(position(good), "the file is not UTF-8 text"));
+            let good = String::from_utf8_lossy(good);
+            return Err(binary(
+                end_of(&unify_breaks(&good)),
+                "the file is not UTF-8 text",
+            ));
         }
     };
     if text.starts_with('\u{feff}') {
         text.drain(..'\u{feff}'.len_utf8());
     }
+    if text.contains('\r') {
+        text = unify_breaks(&text);
+    }
     if let Some(i) = text.find('\0') {
-        return Err(binary(
-            position(&text.as_bytes()[..i]),
-            "the file contains NUL bytes",
-        ));
+        return Err(binary(end_of(&text[..i]), "the file contains NUL bytes"));
     }
     Ok(text)
+}
+
+/// `\r\n` and a lone `\r` made `\n`.
+fn unify_breaks(text: &str) -> String {
+    text.replace("\r\n", "\n").replace('\r', "\n")
+}
+
+/// The position just after `before` (whose line breaks are `\n`).
+fn end_of(before: &str) -> Pos {
+    Pos {
+        line: before.matches('\n').count() as u32 + 1,
+        column: before.rsplit('\n').next().unwrap_or("").chars().count() as u32 + 1,
+    }
 }
 
 /// Parse the documents of a file's text into its objects, errors (without snippets yet) and

@@ -414,3 +414,27 @@ fn a_tree_past_its_node_budget_is_quarantined_past_the_budget() {
         s0.fields.keys()
     );
 }
+
+/// Found by the fuzzer: YAML counts a lone `\r` as a line break, and the loader counted only
+/// `\n`, so positions past one pointed past the end of the file, snippets showed the wrong line
+/// and a document's text could be cut at the wrong place.
+#[test]
+fn lone_carriage_returns_are_line_breaks_everywhere() {
+    let y = "kind: Plan\rname: small\r\ncommand: [sleep, '1']\rports: {ide: 8080}\r---\rkind: Session\rname: s\rplan: small\rcolour: red\r";
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("cr.yaml"), y).expect("write");
+    let d = load(dir.path());
+    let q = &d.quarantined[Path::new("cr.yaml")];
+    assert_eq!(q.errors.len(), 1, "{:?}", q.errors);
+    let e = &q.errors[0];
+    assert_eq!(e.code, "unknown-field");
+    assert_eq!((e.line, e.column), (9, 1));
+    assert_eq!(e.snippet.as_deref(), Some("colour: red"));
+    // Both documents were read as the two documents they are.
+    assert_eq!(q.held.len(), 2, "{:?}", q.held);
+    let fixed = y.replace("colour: red\r", "");
+    std::fs::write(dir.path().join("cr.yaml"), fixed).expect("write");
+    let d = load(dir.path());
+    assert!(d.is_valid(), "{:?}", d.quarantined);
+    assert_eq!(d.sessions["s"].pos.line, 6);
+}
