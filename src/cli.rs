@@ -511,7 +511,8 @@ fn plan_cmd(
             let dir = config.source_dir().ok_or_else(|| {
                 anyhow::anyhow!("--against-ref compares a checkout's tree: use a directory source")
             })?;
-            let (revision, files) = crate::source::git::tree_at(dir, rev)?;
+            let checkout = crate::source::git::Checkout::discover(dir)?;
+            let (revision, files) = checkout.tree_at(dir, rev)?;
             let before = load::load_entries(dir, files, &config, now);
             let mut world = policy.clone();
             world.allow_destroy = true;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::model::Duration;
+use crate::model::{Duration, Size};
 
 /// The embedded default config: local processes, the built-in proxy, no DNS.
 pub const DEFAULT_CONFIG_YAML: &str = include_str!("default-config.yaml");
@@ -44,6 +44,9 @@ pub struct Config {
     pub listeners: ListenersConfig,
     #[serde(default)]
     pub policy: Policy,
+    /// Limits on reading the desired-state tree.
+    #[serde(default)]
+    pub load: LoadLimits,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -585,6 +588,37 @@ impl Default for ListenersConfig {
     }
 }
 
+/// Limits on one load of the desired-state tree, so a hostile or mistaken source (a git
+/// repository of many files sharing one large blob, say) cannot take the memory of the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoadLimits {
+    /// A file larger than this is refused unread (its objects are held).
+    #[serde(default = "default_max_file_bytes")]
+    pub max_file_bytes: Size,
+    /// At most this many bytes are read in one load, all files together, in path order. The
+    /// files past it are refused unread and quarantined as unreadable: their objects are held
+    /// and nothing anywhere is destroyed while any are.
+    #[serde(default = "default_max_total_bytes")]
+    pub max_total_bytes: Size,
+    /// At most this many YAML nodes in one load, all files together, in path order: what the
+    /// loaded objects take in memory grows with their nodes more than with their bytes (a
+    /// megabyte of one-line map entries is some 100,000 of them). A file that would take the
+    /// load past it is refused (`too-large`) and quarantined as incomplete.
+    #[serde(default = "default_max_total_nodes")]
+    pub max_total_nodes: u64,
+}
+
+impl Default for LoadLimits {
+    fn default() -> Self {
+        LoadLimits {
+            max_file_bytes: default_max_file_bytes(),
+            max_total_bytes: default_max_total_bytes(),
+            max_total_nodes: default_max_total_nodes(),
+        }
+    }
+}
+
 /// Open connections at most, per listener; `0` derives the number from the open-file limit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -611,6 +645,18 @@ fn default_idle_timeout() -> Duration {
 
 fn default_upstream_header_timeout() -> Duration {
     Duration::from_secs(60)
+}
+
+fn default_max_file_bytes() -> Size {
+    Size(4 << 20)
+}
+
+fn default_max_total_bytes() -> Size {
+    Size(64 << 20)
+}
+
+fn default_max_total_nodes() -> u64 {
+    1_000_000
 }
 
 /// Safety and timing policy for the reconciler.
@@ -779,6 +825,7 @@ mod tests {
         assert_eq!(c.policy, Policy::default());
         assert_eq!(c.status, StatusConfig::default());
         assert_eq!(c.listeners, ListenersConfig::default());
+        assert_eq!(c.load, LoadLimits::default());
     }
 
     #[test]

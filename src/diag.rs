@@ -3,6 +3,7 @@
 //! A `Diagnostic` is plain data, rendered rustc-style for terminals or as JSON for machines.
 //! It carries the offending source line so rendering needs no file access.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
@@ -89,13 +90,17 @@ impl Diagnostic {
         self
     }
 
-    /// Attach the source line this diagnostic points at, taken from the file's text.
+    /// Attach the source line this diagnostic points at, taken from the file's text. Scans the
+    /// text: for many diagnostics of one file use `attach_snippets` or `SourceLines`.
     pub fn with_source(mut self, text: &str) -> Self {
+        attach_snippets(std::slice::from_mut(&mut self), text);
+        self
+    }
+
+    /// Attach the source line this diagnostic points at, from the lines kept of its file.
+    pub fn with_lines(mut self, lines: &SourceLines) -> Self {
         if self.line > 0 {
-            self.snippet = text
-                .lines()
-                .nth(self.line as usize - 1)
-                .map(|l| l.chars().take(200).collect());
+            self.snippet = lines.get(self.line).map(str::to_string);
         }
         self
     }
@@ -176,6 +181,48 @@ impl Diagnostic {
     }
 }
 
+/// How many characters of a source line a snippet shows.
+pub const SNIPPET_CHARS: usize = 200;
+
+/// Source lines kept for snippets after a file's text is gone: only the lines asked for, each
+/// cut to what a snippet shows, so holding them costs what rendering needs and no more.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceLines(BTreeMap<u32, String>);
+
+impl SourceLines {
+    /// The lines of `text` numbered in `wanted` (1-based; 0 is ignored), in one pass.
+    pub fn pick(text: &str, wanted: impl IntoIterator<Item = u32>) -> SourceLines {
+        let mut wanted: Vec<u32> = wanted.into_iter().filter(|l| *l > 0).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let mut out = BTreeMap::new();
+        let mut want = wanted.into_iter().peekable();
+        for (i, line) in text.lines().enumerate() {
+            let Some(&next) = want.peek() else { break };
+            let n = i as u32 + 1;
+            if n == next {
+                out.insert(n, line.chars().take(SNIPPET_CHARS).collect());
+                want.next();
+            }
+        }
+        SourceLines(out)
+    }
+
+    /// Line `line` (1-based), as far as a snippet shows it, if it was kept.
+    pub fn get(&self, line: u32) -> Option<&str> {
+        self.0.get(&line).map(String::as_str)
+    }
+}
+
+/// Attach to each of `diags` the source line it points at, reading `text` once for all of them
+/// (linear in the text and the number of diagnostics, however many there are).
+pub fn attach_snippets(diags: &mut [Diagnostic], text: &str) {
+    let lines = SourceLines::pick(text, diags.iter().map(|d| d.line));
+    for d in diags.iter_mut().filter(|d| d.line > 0) {
+        d.snippet = lines.get(d.line).map(str::to_string);
+    }
+}
+
 /// How many characters the token starting at `col` spans (at least one).
 fn token_width(line: &str, col: usize) -> usize {
     let rest: String = line.chars().skip(col).collect();
@@ -194,40 +241,101 @@ fn token_width(line: &str, col: usize) -> usize {
     n.max(1)
 }
 
+/// A list of names for a message, bounded: at most `max` names, each cut to
+/// `SUGGEST_MAX_CHARS` characters, then how many more there are. (A diagnostic that listed
+/// every name would make many diagnostics quadratic in size.)
+pub fn name_list<'a>(names: impl IntoIterator<Item = &'a str>, max: usize) -> String {
+    let mut out = String::new();
+    let mut more = 0usize;
+    for (i, n) in names.into_iter().enumerate() {
+        if i >= max {
+            more += 1;
+            continue;
+        }
+        if i > 0 {
+            out.push_str(", ");
+        }
+        let mut chars = n.chars();
+        out.extend(chars.by_ref().take(SUGGEST_MAX_CHARS));
+        if chars.next().is_some() {
+            out.push_str("...");
+        }
+    }
+    if more > 0 {
+        let _ = write!(out, ", and {more} more");
+    }
+    out
+}
+
+/// "Did you mean" compares words of at most this many characters: typos are in names people
+/// type, and the comparison is quadratic in the lengths.
+pub const SUGGEST_MAX_CHARS: usize = 64;
+
+/// "Did you mean" looks at no more than this many candidates for one word.
+pub const SUGGEST_MAX_CANDIDATES: usize = 256;
+
 /// The closest of `candidates` to `word`, if it is close enough to be a likely typo.
+///
+/// Bounded: a word or candidate longer than `SUGGEST_MAX_CHARS` is never compared, at most
+/// `SUGGEST_MAX_CANDIDATES` candidates are looked at, and each comparison stops as soon as it
+/// cannot come within the limit, so one call costs at most about 256 x 64 x 64 steps whatever
+/// the input.
 pub fn did_you_mean<'a>(
     word: &str,
     candidates: impl IntoIterator<Item = &'a str>,
 ) -> Option<&'a str> {
+    let w: Vec<char> = word.chars().take(SUGGEST_MAX_CHARS + 1).collect();
+    if w.len() > SUGGEST_MAX_CHARS {
+        return None;
+    }
     let mut best: Option<(usize, &str)> = None;
-    for c in candidates {
-        let d = edit_distance(word, c);
-        let limit = (c.len().max(word.len()) / 3).max(1);
-        if d <= limit && best.is_none_or(|(bd, _)| d < bd) {
+    let mut buf: Vec<char> = Vec::with_capacity(SUGGEST_MAX_CHARS + 1);
+    for c in candidates.into_iter().take(SUGGEST_MAX_CANDIDATES) {
+        buf.clear();
+        buf.extend(c.chars().take(SUGGEST_MAX_CHARS + 1));
+        if buf.len() > SUGGEST_MAX_CHARS {
+            continue;
+        }
+        let mut limit = (buf.len().max(w.len()) / 3).max(1);
+        if let Some((bd, _)) = best {
+            // Only a strictly closer candidate replaces the best one.
+            limit = limit.min(bd.saturating_sub(1));
+        }
+        if let Some(d) = edit_distance_within(&w, &buf, limit) {
             best = Some((d, c));
         }
     }
     best.map(|(_, c)| c)
 }
 
-fn edit_distance(a: &str, b: &str) -> usize {
-    let a: Vec<char> = a.chars().collect();
-    let b: Vec<char> = b.chars().collect();
+/// The edit distance of `a` and `b` (insertions, deletions, substitutions, and a transposition
+/// of neighbours counting as one) if it is at most `limit`; `None` as soon as it cannot be.
+fn edit_distance_within(a: &[char], b: &[char], limit: usize) -> Option<usize> {
+    if a.len().abs_diff(b.len()) > limit {
+        return None;
+    }
+    let mut prev2: Vec<usize> = vec![0; b.len() + 1];
     let mut prev: Vec<usize> = (0..=b.len()).collect();
     let mut cur = vec![0; b.len() + 1];
     for i in 1..=a.len() {
         cur[0] = i;
+        let mut row_min = cur[0];
         for j in 1..=b.len() {
             let sub = prev[j - 1] + usize::from(a[i - 1] != b[j - 1]);
             cur[j] = sub.min(prev[j] + 1).min(cur[j - 1] + 1);
             // Transposition counts as one edit (`plna` -> `plan`).
             if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
-                cur[j] = cur[j].min(prev[j - 1]); // prev row, two back, approximated
+                cur[j] = cur[j].min(prev2[j - 2] + 1);
             }
+            row_min = row_min.min(cur[j]);
         }
+        if row_min > limit {
+            return None;
+        }
+        std::mem::swap(&mut prev2, &mut prev);
         std::mem::swap(&mut prev, &mut cur);
     }
-    prev[b.len()]
+    Some(prev[b.len()]).filter(|d| *d <= limit)
 }
 
 #[cfg(test)]
@@ -241,6 +349,69 @@ mod tests {
         assert_eq!(did_you_mean("expirse", fields), Some("expires"));
         assert_eq!(did_you_mean("ownr", fields), Some("owner"));
         assert_eq!(did_you_mean("colour", fields), None);
+        // Ties keep the first candidate; a closer later one wins.
+        assert_eq!(did_you_mean("nam", ["nap", "name"]), Some("nap"));
+        assert_eq!(did_you_mean("sourc", ["souce", "source"]), Some("source"));
+    }
+
+    #[test]
+    fn did_you_mean_is_bounded() {
+        // Long words are not compared at all (this took 40 s per pass at 100,000 characters).
+        let long = "p".repeat(100_000);
+        let near = format!("{long}q");
+        let t = std::time::Instant::now();
+        assert_eq!(did_you_mean(&long, [near.as_str()]), None);
+        assert_eq!(did_you_mean("plan", [near.as_str(), "plam"]), Some("plam"));
+        // Only the first candidates are looked at.
+        let many = |at: usize| -> Vec<String> {
+            (0..10_000)
+                .map(|i| match i == at {
+                    true => "needle".to_string(),
+                    false => format!("zzzzzzzzzz{i}"),
+                })
+                .collect()
+        };
+        let early = many(3);
+        assert_eq!(
+            did_you_mean("neddle", early.iter().map(String::as_str)),
+            Some("needle")
+        );
+        let late = many(9_999);
+        assert_eq!(
+            did_you_mean("neddle", late.iter().map(String::as_str)),
+            None
+        );
+        assert!(t.elapsed() < std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn name_lists_are_bounded() {
+        assert_eq!(name_list(["a", "b"], 3), "a, b");
+        assert_eq!(
+            name_list(["a", "b", "c", "d", "e"], 3),
+            "a, b, c, and 2 more"
+        );
+        let long = "x".repeat(1000);
+        assert_eq!(
+            name_list([long.as_str()], 3),
+            format!("{}...", "x".repeat(64))
+        );
+    }
+
+    #[test]
+    fn snippets_for_many_diagnostics_come_from_one_pass() {
+        let text = "a: 1\nb: 2\n\nd: 4\n";
+        let mut diags: Vec<Diagnostic> = [4, 1, 0, 9, 2]
+            .into_iter()
+            .map(|line| Diagnostic::error("x", "f.yaml", Pos { line, column: 1 }, "m"))
+            .collect();
+        attach_snippets(&mut diags, text);
+        let got: Vec<Option<&str>> = diags.iter().map(|d| d.snippet.as_deref()).collect();
+        assert_eq!(got, [Some("d: 4"), Some("a: 1"), None, None, Some("b: 2")]);
+        let lines = SourceLines::pick(&format!("{}\nk: v\n", "x".repeat(1000)), [1, 2]);
+        assert_eq!(lines.get(1).map(|l| l.len()), Some(SNIPPET_CHARS));
+        assert_eq!(lines.get(2), Some("k: v"));
+        assert_eq!(lines.get(3), None);
     }
 
     #[test]

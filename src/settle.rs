@@ -239,7 +239,7 @@ mod tests {
     fn load(files: &[(&str, &str)]) -> Desired {
         let entries = files
             .iter()
-            .map(|(p, t)| (PathBuf::from(p), Ok(t.as_bytes().to_vec())))
+            .map(|(p, t)| crate::load::Entry::bytes(*p, t.as_bytes().to_vec()))
             .collect();
         let cfg = Config::embedded_default(Path::new("."));
         crate::load::load_entries(Path::new("."), entries, &cfg, Utc::now())

@@ -50,6 +50,11 @@ pub enum StateError {
     Locked { path: PathBuf, pid: Option<u32> },
 }
 
+/// `events.jsonl` is trimmed when it grows past this many bytes...
+pub const EVENTS_MAX_BYTES: u64 = 4 << 20;
+/// ...to its last this many events.
+pub const EVENTS_KEEP: usize = 5_000;
+
 /// The file that marks a directory as a state directory.
 pub const STATE_MARKER: &str = ".vessel-state";
 
@@ -174,28 +179,135 @@ impl StateDir {
         std::fs::rename(tmp, self.observed_path())
     }
 
-    /// Append events to `events.jsonl`, keeping the file under about 4 MiB.
+    /// Append events to `events.jsonl`. Past `EVENTS_MAX_BYTES` the file is replaced, never
+    /// rewritten in place: its last `EVENTS_KEEP` events plus the new ones go to a temporary
+    /// file, which is synced and renamed over it, so a reader sees the old file or the new one,
+    /// never a truncated or half-written one.
     pub fn append_events(&self, events: &[Event]) -> std::io::Result<()> {
         if events.is_empty() {
             return Ok(());
         }
         let p = self.path.join("events.jsonl");
-        if std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0) > 4 << 20 {
-            let text = std::fs::read_to_string(&p).unwrap_or_default();
-            let keep: Vec<&str> = text.lines().rev().take(5_000).collect();
-            let mut kept: String = keep.into_iter().rev().collect::<Vec<_>>().join("\n");
-            kept.push('\n');
-            std::fs::write(&p, kept)?;
-        }
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&p)?;
         let mut buf = Vec::new();
         for e in events {
             serde_json::to_writer(&mut buf, e).map_err(std::io::Error::other)?;
             buf.push(b'\n');
         }
+        let len = match std::fs::metadata(&p) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        };
+        if len > EVENTS_MAX_BYTES {
+            return self.replace_events(&p, &buf);
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)?;
         f.write_all(&buf)
+    }
+
+    /// Replace `events.jsonl` atomically with its last `EVENTS_KEEP` complete lines and `new`.
+    fn replace_events(&self, path: &Path, new: &[u8]) -> std::io::Result<()> {
+        let old = std::fs::read(path)?;
+        // Complete lines only: a crash mid-append can leave a torn last line.
+        let complete = &old[..old.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1)];
+        let mut start = complete.len();
+        let mut kept = 0;
+        while kept < EVENTS_KEEP && start > 0 {
+            start = complete[..start - 1]
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map_or(0, |i| i + 1);
+            kept += 1;
+        }
+        let tmp = self.path.join(".events.jsonl.tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&tmp)?;
+        f.write_all(&complete[start..])?;
+        f.write_all(new)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        // The rename itself is durable once the directory is synced.
+        File::open(&self.path)?.sync_all()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(pass: u64, step: usize) -> Event {
+        Event {
+            time: DateTime::<Utc>::UNIX_EPOCH,
+            pass,
+            step,
+            action: "create".into(),
+            object: format!("session/user-{step}"),
+            outcome: Outcome::Failed {
+                error: "x".repeat(1000),
+            },
+            duration_ms: 1,
+            revision: None,
+        }
+    }
+
+    /// A reader polling `events.jsonl` while passes append and trim it never sees a torn file:
+    /// every complete line is an event, and once it held the trimmed length it never holds
+    /// fewer lines (a rewrite in place shows an empty or half-written file).
+    #[test]
+    fn a_reader_never_sees_a_torn_events_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = StateDir::open(dir.path()).expect("state dir");
+        let path = dir.path().join("events.jsonl");
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                let (mut reads, mut most) = (0usize, 0usize);
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let Ok(text) = std::fs::read_to_string(&path) else {
+                        assert_eq!(most, 0, "the file vanished");
+                        continue;
+                    };
+                    // An append in progress may show an unterminated last line.
+                    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+                    let lines = complete.lines().count();
+                    // A torn file shows at its ends.
+                    for l in [complete.lines().next(), complete.lines().last()] {
+                        let l = l.unwrap_or_default();
+                        assert!(
+                            l.is_empty() || serde_json::from_str::<Event>(l).is_ok(),
+                            "torn line {l:?}"
+                        );
+                    }
+                    assert!(lines >= most.min(EVENTS_KEEP), "{lines} lines after {most}");
+                    most = most.max(lines);
+                    reads += 1;
+                }
+                (reads, most)
+            });
+            // Events of about 1 kB: past the first trim, every pass replaces the file.
+            for pass in 0..80 {
+                let batch: Vec<Event> = (0..100).map(|i| event(pass, i)).collect();
+                state.append_events(&batch).expect("append");
+            }
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            let (reads, most) = reader.join().expect("reader");
+            assert!(reads > 10, "{reads} reads");
+            assert!(most >= EVENTS_KEEP);
+        });
+        let size = std::fs::metadata(&path).expect("events").len();
+        assert!(size <= 6 << 20, "{size} bytes");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().contains("tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "no temporary file is left behind");
     }
 }

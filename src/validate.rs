@@ -4,14 +4,17 @@
 //! quarantined object are quarantined in turn (checked to a fixpoint), so a broken file can
 //! never make vessel act on a half-known world. Pure: no I/O, the clock passed in.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path};
 
 use chrono::{DateTime, Utc};
 
 use crate::config::Config;
 use crate::desired::{Doc, Held, template_routes};
-use crate::diag::{Diagnostic, Pos, did_you_mean};
+use crate::diag::{Diagnostic, Pos, did_you_mean, name_list};
+
+/// How many names a diagnostic lists (known plans, ports, other claimants) before "and N more".
+const LISTED: usize = 10;
 use crate::load::{LoadedFile, Object};
 use crate::model::{ComputeKind, ExpiryAction, Kind, dns_label_problem, hostname_problem};
 
@@ -32,8 +35,11 @@ pub fn check(files: &mut [LoadedFile], config: &Config, now: DateTime<Utc>) -> V
         if new.is_empty() {
             break;
         }
+        // A file gets new errors only while it has none, so each pass's are deduplicated
+        // among themselves (a set per file: a linear search would be quadratic).
+        let mut seen: BTreeSet<(usize, u32, u32, &'static str, String)> = BTreeSet::new();
         for (i, d) in new {
-            if !files[i].errors.contains(&d) {
+            if seen.insert((i, d.line, d.column, d.code, d.message.clone())) {
                 files[i].errors.push(d);
             }
         }
@@ -64,7 +70,7 @@ pub fn check(files: &mut [LoadedFile], config: &Config, now: DateTime<Utc>) -> V
                             exp.to_rfc3339()
                         ),
                     )
-                    .with_source(&f.text)
+                    .with_lines(&f.lines)
                     .with_help("move `expires` into the future, or remove the session"),
                 );
             }
@@ -237,7 +243,7 @@ fn check_provider(
                         kind.as_str()
                     ),
                 )
-                .with_source(&f.text),
+                .with_lines(&f.lines),
             );
         }
     }
@@ -252,10 +258,7 @@ fn unknown_port<'a>(
 ) -> Diagnostic {
     let help = match did_you_mean(port, known.clone()) {
         Some(k) => format!("did you mean `{k}`?"),
-        None => format!(
-            "plan `{plan}` has ports: {}",
-            known.collect::<Vec<_>>().join(", ")
-        ),
+        None => format!("plan `{plan}` has ports: {}", name_list(known, LISTED)),
     };
     f.error(
         "unknown-port",
@@ -399,7 +402,7 @@ fn check_across(files: &[LoadedFile], config: &Config) -> Vec<(usize, Diagnostic
                             let help = match did_you_mean(plan, plans.keys().copied()) {
                                 Some(p) => format!("did you mean `{p}`?"),
                                 None if plans.is_empty() => "no plans are defined; add a `kind: Plan` document".into(),
-                                None => format!("known plans: {}", plans.keys().copied().collect::<Vec<_>>().join(", ")),
+                                None => format!("known plans: {}", name_list(plans.keys().copied(), LISTED)),
                             };
                             f.error("missing-plan", s.at("plan"), format!("session `{}` names plan `{plan}`, which does not exist", s.spec.name))
                                 .with_label("no such plan")
@@ -484,22 +487,28 @@ fn check_across(files: &[LoadedFile], config: &Config) -> Vec<(usize, Diagnostic
         // One error per file involved, at that file's first claim.
         // A route that claims a host a template gives a session is the one at fault.
         let blame_routes_only = claims.iter().any(|c| c.3) && claims.iter().any(|c| !c.3);
-        let mut seen = Vec::new();
+        let mut seen = BTreeSet::new();
         for (n, (i, pos, who, explicit)) in claims.iter().enumerate() {
-            if seen.contains(i) || (blame_routes_only && !explicit) {
+            if (blame_routes_only && !explicit) || !seen.insert(*i) {
                 continue;
             }
-            seen.push(*i);
-            let others: Vec<&str> = claims
-                .iter()
-                .enumerate()
-                .filter(|(m, _)| *m != n)
-                .map(|(_, c)| c.2.as_str())
-                .collect();
+            // The first others by name (taking them all for each claim would be quadratic).
+            let mut others = name_list(
+                claims
+                    .iter()
+                    .enumerate()
+                    .filter(|(m, _)| *m != n)
+                    .map(|(_, c)| c.2.as_str())
+                    .take(LISTED),
+                LISTED,
+            );
+            if claims.len() - 1 > LISTED {
+                others.push_str(&format!(", and {} more", claims.len() - 1 - LISTED));
+            }
             new.push((
                 *i,
                 files[*i]
-                    .error("host-conflict", *pos, format!("host `{host}` is claimed by {who} and by {}", others.join(", ")))
+                    .error("host-conflict", *pos, format!("host `{host}` is claimed by {who} and by {others}"))
                     .with_help("each host routes to one place; rename a session or route, or change the template"),
             ));
         }

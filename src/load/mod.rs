@@ -11,14 +11,18 @@ use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 
-use crate::config::Config;
+use crate::config::{Config, LoadLimits};
 use crate::desired::{Desired, Doc, Held, Quarantine};
-use crate::diag::{Diagnostic, Pos, did_you_mean};
+use crate::diag::{Diagnostic, Pos, SourceLines, attach_snippets, did_you_mean};
+use crate::model::Size;
 use crate::model::{Kind, PlanSpec, RouteSpec, SessionSpec};
 use crate::validate;
 
-/// Files larger than this are refused without being read.
+/// The default limit on one file (`load.max_file_bytes`); larger files are refused unread.
 pub const MAX_FILE_BYTES: u64 = 4 << 20;
+
+/// At most this many errors of one file are kept; the rest are counted in one last diagnostic.
+pub const MAX_ERRORS_PER_FILE: usize = 100;
 
 /// A parsed document of any kind.
 #[derive(Debug, Clone)]
@@ -44,6 +48,16 @@ impl Object {
             Object::Route(d) => &d.spec.name,
         }
     }
+
+    /// The lines the object and its fields are on.
+    fn lines(&self) -> impl Iterator<Item = u32> + '_ {
+        let (pos, fields) = match self {
+            Object::Plan(d) => (d.pos, &d.fields),
+            Object::Session(d) => (d.pos, &d.fields),
+            Object::Route(d) => (d.pos, &d.fields),
+        };
+        std::iter::once(pos.line).chain(fields.values().map(|p| p.line))
+    }
 }
 
 /// One file as read and parsed, before cross-file validation.
@@ -53,7 +67,11 @@ pub struct LoadedFile {
     pub rel: PathBuf,
     /// As diagnostics show it (the root as given, joined with `rel`).
     pub display: PathBuf,
-    pub text: String,
+    /// The lines the objects' fields are on (for the snippets of later diagnostics): the text
+    /// itself is not kept once the file is parsed.
+    pub lines: SourceLines,
+    /// A hash of the file's bytes (for the revision of a directory source).
+    pub digest: [u8; 32],
     pub objects: Vec<Object>,
     pub errors: Vec<Diagnostic>,
     /// Kind and name of every document that had them, even ones that failed to parse.
@@ -65,7 +83,91 @@ pub struct LoadedFile {
 impl LoadedFile {
     /// A diagnostic in this file, with its source line attached.
     pub fn error(&self, code: &'static str, pos: Pos, message: impl Into<String>) -> Diagnostic {
-        Diagnostic::error(code, &self.display, pos, message).with_source(&self.text)
+        Diagnostic::error(code, &self.display, pos, message).with_lines(&self.lines)
+    }
+}
+
+/// Why a file was not read. It becomes the file's `unreadable` error, which quarantines it
+/// incompletely (what it holds is unknown, so nothing anywhere is destroyed).
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("cannot open the file")]
+    Open(#[source] std::io::Error),
+    #[error("cannot read the file")]
+    Read(#[source] std::io::Error),
+    #[error("not a regular file but {0}; desired-state files are plain files")]
+    NotRegular(&'static str),
+    #[error("file is {size} bytes, over the {limit} limit for one desired-state file; split it")]
+    TooLarge { size: u64, limit: Size },
+    #[error("file grew past {limit} bytes while being read")]
+    Grew { limit: u64 },
+    #[error(
+        "not read: its {size} bytes would take this load past its budget of {budget} ({used} bytes read before it, in path order); raise `load.max_total_bytes` or make the tree smaller"
+    )]
+    OverBudget { size: u64, used: u64, budget: Size },
+    #[error("cannot read {what}")]
+    Source {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// What one load may still read: `LoadLimits` applied to the files in path order.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    limits: LoadLimits,
+    used: u64,
+    nodes: u64,
+}
+
+impl Budget {
+    pub fn new(limits: LoadLimits) -> Budget {
+        Budget {
+            limits,
+            used: 0,
+            nodes: 0,
+        }
+    }
+
+    /// Bytes read so far.
+    pub fn used(&self) -> u64 {
+        self.used
+    }
+
+    /// How many YAML nodes the next file may have: what is left of the load's node budget,
+    /// and never more than `yaml::MAX_EVENTS`.
+    fn nodes_left(&self) -> usize {
+        let left = self.limits.max_total_nodes.saturating_sub(self.nodes);
+        usize::try_from(left).map_or(yaml::MAX_EVENTS, |l| l.min(yaml::MAX_EVENTS))
+    }
+
+    /// Admit a file of `size` bytes (as known before reading it): reserves them and returns how
+    /// many bytes it may be read up to, or why it must not be read at all.
+    pub fn admit(&mut self, size: u64) -> Result<u64, ReadError> {
+        let per_file = self.limits.max_file_bytes;
+        if size > per_file.bytes() {
+            return Err(ReadError::TooLarge {
+                size,
+                limit: per_file,
+            });
+        }
+        let total = self.limits.max_total_bytes;
+        let left = total.bytes().saturating_sub(self.used);
+        if size > left {
+            return Err(ReadError::OverBudget {
+                size,
+                used: self.used,
+                budget: total,
+            });
+        }
+        self.used += size;
+        Ok(per_file.bytes().min(left))
+    }
+
+    /// Settle an admitted file that turned out to have `read` bytes instead of `size`.
+    pub fn settle(&mut self, size: u64, read: u64) {
+        self.used = self.used.saturating_sub(size).saturating_add(read);
     }
 }
 
@@ -81,37 +183,76 @@ pub enum LoadError {
     NotADirectory(PathBuf),
 }
 
-/// Load and validate the tree under `root`.
+/// Load and validate the tree under `root`, reading at most `config.load`'s budget.
 pub fn load_tree(root: &Path, config: &Config, now: DateTime<Utc>) -> Result<Desired, LoadError> {
     let files = find_files(root)?;
-    let mut loaded: Vec<LoadedFile> = files.iter().map(|rel| load_file(root, rel)).collect();
+    let mut budget = Budget::new(config.load);
+    let mut loaded: Vec<LoadedFile> = files
+        .iter()
+        .map(|rel| {
+            let display = root.join(rel);
+            let bytes = read_limited(&display, &mut budget);
+            load_bytes(&display, rel, bytes, &mut budget)
+        })
+        .collect();
     let warnings = validate::check(&mut loaded, config, now);
     Ok(assemble(loaded, warnings))
 }
 
-/// Files given in memory: (path relative to the tree's root, bytes or why they could not be read).
-pub type Entries = Vec<(PathBuf, Result<Vec<u8>, String>)>;
+/// One file of a tree given from elsewhere (a git commit, memory): its path relative to the
+/// tree's root, its size as known before reading it, and how to read it. Nothing is read
+/// before the budget admits the file.
+pub struct Entry<'a> {
+    pub rel: PathBuf,
+    /// The size, or why the file cannot be read at all.
+    pub size: Result<u64, ReadError>,
+    pub read: Box<dyn FnOnce() -> Result<Vec<u8>, ReadError> + 'a>,
+}
 
-/// Load and validate files given in memory (from a git tree, say): `(relative path, bytes or
-/// why they could not be read)`. Diagnostics show paths under `display_root`.
+impl Entry<'static> {
+    /// A file whose bytes are at hand.
+    pub fn bytes(rel: impl Into<PathBuf>, bytes: Vec<u8>) -> Entry<'static> {
+        Entry {
+            rel: rel.into(),
+            size: Ok(bytes.len() as u64),
+            read: Box::new(move || Ok(bytes)),
+        }
+    }
+}
+
+impl std::fmt::Debug for Entry<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("rel", &self.rel)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Load and validate files given from elsewhere (a git tree, say), reading them one at a time
+/// in path order within `config.load`'s budget. Diagnostics show paths under `display_root`.
 pub fn load_entries(
     display_root: &Path,
-    mut entries: Entries,
+    mut entries: Vec<Entry<'_>>,
     config: &Config,
     now: DateTime<Utc>,
 ) -> Desired {
-    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    entries.sort_by(|a, b| a.rel.cmp(&b.rel));
+    let mut budget = Budget::new(config.load);
     let mut loaded: Vec<LoadedFile> = entries
         .into_iter()
-        .map(|(rel, bytes)| {
-            let bytes = bytes.and_then(|b| {
-                if b.len() as u64 > MAX_FILE_BYTES {
-                    Err(format!("file is {} bytes, over the {} MiB limit for one desired-state file; split it", b.len(), MAX_FILE_BYTES >> 20))
-                } else {
-                    Ok(b)
+        .map(|e| {
+            let bytes = e.size.and_then(|size| {
+                let cap = budget.admit(size)?;
+                let bytes = (e.read)()?;
+                let n = bytes.len() as u64;
+                budget.settle(size, n);
+                if n > cap {
+                    return Err(ReadError::Grew { limit: cap });
                 }
+                Ok(bytes)
             });
-            parse(text_of(&display_root.join(&rel), &rel, bytes))
+            load_bytes(&display_root.join(&e.rel), &e.rel, bytes, &mut budget)
         })
         .collect();
     let warnings = validate::check(&mut loaded, config, now);
@@ -188,7 +329,9 @@ pub fn find_files(root: &Path) -> Result<Vec<PathBuf>, LoadError> {
                     Err(_) if is_desired_name(&name, false) => out.push(child),
                     Err(_) => {}
                 }
-            } else if is_desired_name(&name, false) && ft.is_file() {
+            } else if is_desired_name(&name, false) {
+                // Regular or not: reading refuses a FIFO, socket or device, which quarantines it
+                // with an error that says so.
                 out.push(child);
             }
         }
@@ -197,119 +340,182 @@ pub fn find_files(root: &Path) -> Result<Vec<PathBuf>, LoadError> {
     Ok(out)
 }
 
-fn read_limited(path: &Path) -> Result<Vec<u8>, String> {
-    let f = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    if len > MAX_FILE_BYTES {
-        return Err(format!(
-            "file is {} bytes, over the {} MiB limit for one desired-state file; split it",
-            len,
-            MAX_FILE_BYTES >> 20
-        ));
+/// Read one file within the budget. The file is opened without blocking and checked to be a
+/// regular file on the opened descriptor (a FIFO would block the load for ever; a separate
+/// `metadata` call would race with a swap of the file).
+pub fn read_limited(path: &Path, budget: &mut Budget) -> Result<Vec<u8>, ReadError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_flags())
+        .open(path)
+    {
+        Ok(f) => f,
+        // Opening a socket fails (ENXIO): say what it is. (The decision is the failed open; the
+        // look here only names the reason.)
+        Err(e) => {
+            return Err(match std::fs::metadata(path) {
+                Ok(m) if !m.is_file() => ReadError::NotRegular(special_kind(m.file_type())),
+                _ => ReadError::Open(e),
+            });
+        }
+    };
+    let meta = f.metadata().map_err(ReadError::Read)?;
+    if !meta.is_file() {
+        return Err(ReadError::NotRegular(special_kind(meta.file_type())));
     }
-    let mut buf = Vec::with_capacity(len as usize);
-    f.take(MAX_FILE_BYTES + 1)
-        .read_to_end(&mut buf)
-        .map_err(|e| format!("cannot read: {e}"))?;
-    if buf.len() as u64 > MAX_FILE_BYTES {
-        return Err(format!(
-            "file grew past the {} MiB limit while being read",
-            MAX_FILE_BYTES >> 20
-        ));
+    let size = meta.len();
+    let cap = budget.admit(size)?;
+    let mut buf = Vec::with_capacity(size as usize);
+    let read = f.take(cap + 1).read_to_end(&mut buf);
+    budget.settle(size, buf.len() as u64);
+    read.map_err(ReadError::Read)?;
+    if buf.len() as u64 > cap {
+        return Err(ReadError::Grew { limit: cap });
     }
     Ok(buf)
 }
 
-/// Read one file as text within the limits; problems become the file's errors.
-fn load_text(root: &Path, rel: &Path) -> LoadedFile {
-    let display = root.join(rel);
-    let bytes = read_limited(&display);
-    text_of(&display, rel, bytes)
+/// What a file that is not a regular file is, for a message.
+fn special_kind(ft: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_dir() {
+        "a directory"
+    } else {
+        "a special file"
+    }
 }
 
-/// Turn a file's bytes (or why they could not be read) into text; problems become errors.
-fn text_of(display: &Path, rel: &Path, bytes: Result<Vec<u8>, String>) -> LoadedFile {
-    let display = display.to_path_buf();
+/// `O_NONBLOCK` (opening a FIFO does not wait for a writer) and `O_NOCTTY`.
+fn libc_flags() -> i32 {
+    (nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_NOCTTY).bits()
+}
+
+/// Turn a file's bytes (or why they could not be read) into a parsed file; problems become
+/// its errors. The text is dropped once parsed: only the lines later diagnostics may point at
+/// are kept.
+fn load_bytes(
+    display: &Path,
+    rel: &Path,
+    bytes: Result<Vec<u8>, ReadError>,
+    budget: &mut Budget,
+) -> LoadedFile {
+    use sha2::{Digest, Sha256};
     let mut lf = LoadedFile {
         rel: rel.to_path_buf(),
-        display: display.clone(),
-        text: String::new(),
+        display: display.to_path_buf(),
+        lines: SourceLines::default(),
+        digest: [0; 32],
         objects: Vec::new(),
         errors: Vec::new(),
         held: Vec::new(),
         complete: false,
     };
-    let whole = Pos::default();
     let bytes = match bytes {
         Ok(b) => b,
-        Err(msg) => {
-            lf.errors
-                .push(Diagnostic::error("unreadable", &display, whole, msg));
-            return lf;
-        }
-    };
-    let text = match String::from_utf8(bytes) {
-        Ok(t) => t,
         Err(e) => {
-            let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
-            let line = good.iter().filter(|b| **b == b'\n').count() as u32 + 1;
-            let col = good.iter().rev().take_while(|b| **b != b'\n').count() as u32 + 1;
-            lf.errors.push(
-                Diagnostic::error(
-                    "not-utf8",
-                    &display,
-                    Pos { line, column: col },
-                    "the file is not UTF-8 text",
-                )
-                .with_help("desired-state files are YAML text; is this a binary file?"),
-            );
+            lf.errors.push(Diagnostic::error(
+                "unreadable",
+                display,
+                Pos::default(),
+                crate::error_chain(&e),
+            ));
             return lf;
         }
     };
-    lf.text = text
-        .strip_prefix('\u{feff}')
-        .map(str::to_string)
-        .unwrap_or(text);
-    if let Some(i) = lf.text.find('\0') {
-        let before = &lf.text[..i];
-        let line = before.matches('\n').count() as u32 + 1;
-        let col = before
-            .rsplit('\n')
-            .next()
-            .map(|l| l.chars().count())
-            .unwrap_or(0) as u32
-            + 1;
-        lf.errors.push(
-            Diagnostic::error(
-                "not-utf8",
-                &display,
-                Pos { line, column: col },
-                "the file contains NUL bytes",
-            )
-            .with_help("desired-state files are YAML text; is this a binary file?"),
-        );
-    }
+    lf.digest = Sha256::digest(&bytes).into();
+    let text = match decode(display, bytes) {
+        Ok(t) => t,
+        Err(d) => {
+            lf.errors.push(*d);
+            return lf;
+        }
+    };
+    parse(&mut lf, &text, budget);
+    attach_snippets(&mut lf.errors, &text);
+    lf.lines = SourceLines::pick(&text, lf.objects.iter().flat_map(Object::lines));
     lf
 }
 
-/// Read and parse one file. Never fails: problems become the file's errors.
-pub fn load_file(root: &Path, rel: &Path) -> LoadedFile {
-    parse(load_text(root, rel))
+/// A file's bytes as text: UTF-8 without NUL bytes, a leading byte-order mark dropped, and line
+/// breaks made `\n`. YAML counts a lone `\r` as a line break too (as `\r\n`): with them all
+/// made `\n`, the parser's line numbers, the documents' byte ranges and the snippets agree.
+fn decode(display: &Path, bytes: Vec<u8>) -> Result<String, Box<Diagnostic>> {
+    let binary = |pos, message| {
+        Box::new(
+            Diagnostic::error("not-utf8", display, pos, message)
+                .with_help("desired-state files are YAML text; is this a binary file?"),
+        )
+    };
+    let mut text = match String::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+            let good = String::from_utf8_lossy(good);
+            return Err(binary(
+                end_of(&unify_breaks(&good)),
+                "the file is not UTF-8 text",
+            ));
+        }
+    };
+    if text.starts_with('\u{feff}') {
+        text.drain(..'\u{feff}'.len_utf8());
+    }
+    if text.contains('\r') {
+        text = unify_breaks(&text);
+    }
+    if let Some(i) = text.find('\0') {
+        return Err(binary(end_of(&text[..i]), "the file contains NUL bytes"));
+    }
+    Ok(text)
 }
 
-/// Parse the documents of a file whose text was read.
-fn parse(mut lf: LoadedFile) -> LoadedFile {
-    if !lf.errors.is_empty() {
-        return lf;
+/// `\r\n` and a lone `\r` made `\n`.
+fn unify_breaks(text: &str) -> String {
+    text.replace("\r\n", "\n").replace('\r', "\n")
+}
+
+/// The position just after `before` (whose line breaks are `\n`).
+fn end_of(before: &str) -> Pos {
+    Pos {
+        line: before.matches('\n').count() as u32 + 1,
+        column: before.rsplit('\n').next().unwrap_or("").chars().count() as u32 + 1,
     }
+}
+
+/// Parse the documents of a file's text into its objects, errors (without snippets yet) and
+/// the names it holds.
+fn parse(lf: &mut LoadedFile, text: &str, budget: &mut Budget) {
     lf.complete = true;
-    let docs = match yaml::scan(&lf.text) {
-        Ok(d) => d,
-        Err(p) => {
-            let d = problem(&lf, p);
+    let limit = budget.nodes_left();
+    let docs = match yaml::scan_within(text, limit) {
+        Ok((docs, events)) => {
+            budget.nodes += events as u64;
+            docs
+        }
+        Err(mut p) => {
+            let nodes = p.code == "too-large"
+                && p.message
+                    .ends_with("YAML nodes; split it into smaller files");
+            if nodes && limit < yaml::MAX_EVENTS {
+                p.message = format!(
+                    "this file would take the load past its budget of {} YAML nodes ({} in the files before it, in path order)",
+                    budget.limits.max_total_nodes, budget.nodes
+                );
+                p.help = Some("raise `load.max_total_nodes`, or make the tree smaller".into());
+            }
+            let d = problem(lf, p);
             lf.errors.push(d);
             lf.complete = false;
-            return lf;
+            return;
         }
     };
     for doc in &docs {
@@ -363,24 +569,24 @@ fn parse(mut lf: LoadedFile) -> LoadedFile {
             continue;
         };
         let parsed = match kind {
-            Kind::Plan => yaml::deserialize::<PlanSpec>(&lf.text, doc)
+            Kind::Plan => yaml::deserialize::<PlanSpec>(text, doc)
                 .map(|s| Object::Plan(with(doc, &lf.rel, s))),
-            Kind::Session => yaml::deserialize::<SessionSpec>(&lf.text, doc)
+            Kind::Session => yaml::deserialize::<SessionSpec>(text, doc)
                 .map(|s| Object::Session(with(doc, &lf.rel, s))),
-            Kind::Route => yaml::deserialize::<RouteSpec>(&lf.text, doc)
+            Kind::Route => yaml::deserialize::<RouteSpec>(text, doc)
                 .map(|s| Object::Route(with(doc, &lf.rel, s))),
         };
         match parsed {
             Ok(o) => lf.objects.push(o),
             Err(p) => {
-                let d = problem(&lf, p);
+                let d = problem(lf, p);
                 lf.errors.push(d);
             }
         }
     }
-    lf
 }
 
+/// A document's object, with the positions `yaml::scan` kept (what later diagnostics point at).
 fn with<T>(doc: &yaml::RawDoc, rel: &Path, spec: T) -> Doc<T> {
     Doc {
         spec,
@@ -405,8 +611,7 @@ fn content_revision(files: &[LoadedFile]) -> String {
     for f in files {
         h.update(f.rel.to_string_lossy().as_bytes());
         h.update([0]);
-        h.update(f.text.as_bytes());
-        h.update([0]);
+        h.update(f.digest);
         for e in &f.errors {
             h.update(e.message.as_bytes());
         }
@@ -414,12 +619,12 @@ fn content_revision(files: &[LoadedFile]) -> String {
     format!("dir:{}", &hex::encode(h.finalize())[..12])
 }
 
-/// A digest of one file as read: its text, or why it could not be read.
+/// A digest of one file as read: its bytes, or why it could not be read.
 fn file_digest(f: &LoadedFile) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
-    h.update(f.text.as_bytes());
-    if f.text.is_empty() {
+    h.update(f.digest);
+    if f.digest == [0; 32] {
         for e in &f.errors {
             h.update(e.message.as_bytes());
         }
@@ -438,13 +643,24 @@ fn assemble(files: Vec<LoadedFile>, warnings: Vec<Diagnostic>) -> Desired {
         d.files.push(f.rel.clone());
         d.digests.insert(f.rel.clone(), file_digest(&f));
         if !f.errors.is_empty() {
+            let mut errors = f.errors;
+            if errors.len() > MAX_ERRORS_PER_FILE {
+                let more = errors.len() - MAX_ERRORS_PER_FILE;
+                errors.truncate(MAX_ERRORS_PER_FILE);
+                errors.push(Diagnostic::error(
+                    "more-errors",
+                    &f.display,
+                    Pos::default(),
+                    format!("and {more} more errors in this file, not shown"),
+                ));
+            }
             let mut held = f.held;
             held.sort();
             held.dedup();
             d.quarantined.insert(
                 f.rel,
                 Quarantine {
-                    errors: f.errors,
+                    errors,
                     held,
                     complete: f.complete,
                 },
@@ -474,11 +690,19 @@ pub fn load_config(path: &Path) -> Result<Config, Vec<Diagnostic>> {
         (Some(d), Some(n)) => (d.to_path_buf(), PathBuf::from(n)),
         _ => (PathBuf::from("."), path.to_path_buf()),
     };
-    let lf = load_file_raw(&dir, &rel);
-    let (text, display) = match lf {
-        Ok(t) => t,
-        Err(d) => return Err(vec![*d]),
-    };
+    let display = dir.join(&rel);
+    let mut budget = Budget::new(LoadLimits::default());
+    let text = read_limited(&display, &mut budget)
+        .map_err(|e| {
+            Box::new(Diagnostic::error(
+                "unreadable",
+                &display,
+                Pos::default(),
+                crate::error_chain(&e),
+            ))
+        })
+        .and_then(|bytes| decode(&display, bytes))
+        .map_err(|d| vec![*d])?;
     let docs = yaml::scan(&text).map_err(|p| vec![config_problem(&display, &text, p)])?;
     let docs: Vec<_> = docs.into_iter().filter(|d| !d.empty).collect();
     let mut config = match docs.as_slice() {
@@ -573,13 +797,5 @@ fn config_problem(display: &Path, text: &str, p: yaml::Problem) -> Diagnostic {
     match p.help {
         Some(h) => d.with_help(h),
         None => d,
-    }
-}
-
-fn load_file_raw(root: &Path, rel: &Path) -> Result<(String, PathBuf), Box<Diagnostic>> {
-    let lf = load_text(root, rel);
-    match lf.errors.into_iter().next() {
-        Some(d) => Err(Box::new(d)),
-        None => Ok((lf.text, lf.display)),
     }
 }

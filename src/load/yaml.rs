@@ -84,8 +84,27 @@ fn line_starts(text: &str) -> Vec<usize> {
     v
 }
 
-/// Pass 1: split `text` into documents and index their fields.
+/// Is the position of the value at `path` worth keeping? Those diagnostics point at: top-level
+/// fields, and the fields of `source`, `health` and `ports` (a port's name too); not list items
+/// nor the entries of free-form maps such as `env`, which can be many.
+fn keeps_position(path: &str) -> bool {
+    if path.contains('[') {
+        return false;
+    }
+    match path.split_once('.') {
+        None => true,
+        Some((top, _)) => matches!(top, "source" | "health" | "ports"),
+    }
+}
+
+/// Pass 1: split `text` into documents and index their fields, within `MAX_EVENTS` nodes.
 pub fn scan(text: &str) -> Result<Vec<RawDoc>, Problem> {
+    scan_within(text, MAX_EVENTS).map(|(docs, _)| docs)
+}
+
+/// `scan` within at most `max_events` parser events (the load's node budget may leave fewer
+/// than `MAX_EVENTS`); also returns how many it took.
+pub fn scan_within(text: &str, max_events: usize) -> Result<(Vec<RawDoc>, usize), Problem> {
     let starts = line_starts(text);
     let line_start = |line: u32| {
         starts
@@ -106,12 +125,12 @@ pub fn scan(text: &str) -> Result<Vec<RawDoc>, Problem> {
         let (event, span) =
             ev.map_err(|e| Problem::new("yaml-syntax", pos_of(e.marker()), e.info()))?;
         events += 1;
-        if events > MAX_EVENTS {
+        if events > max_events {
             return Err(Problem::new(
                 "too-large",
                 pos_of(&span.start),
                 format!(
-                    "the file has more than {MAX_EVENTS} YAML nodes; split it into smaller files"
+                    "the file has more than {max_events} YAML nodes; split it into smaller files"
                 ),
             ));
         }
@@ -204,7 +223,9 @@ pub fn scan(text: &str) -> Result<Vec<RawDoc>, Problem> {
                         }
                         p.push_str(k);
                         p.push_str("#key");
-                        doc.fields.insert(p, at);
+                        if keeps_position(&p) {
+                            doc.fields.insert(p, at);
+                        }
                     }
                     if matches!(event, Event::MappingStart(..) | Event::SequenceStart(..)) {
                         // A complex key: walk it without recording positions.
@@ -214,7 +235,9 @@ pub fn scan(text: &str) -> Result<Vec<RawDoc>, Problem> {
                     continue;
                 }
                 let depth_path = path.join(".");
-                doc.fields.entry(depth_path.clone()).or_insert(at);
+                if keeps_position(&depth_path) {
+                    doc.fields.entry(depth_path).or_insert(at);
+                }
                 if stack.len() == 1
                     && path.len() == 1
                     && let Event::Scalar(v, ..) = &event
@@ -242,7 +265,7 @@ pub fn scan(text: &str) -> Result<Vec<RawDoc>, Problem> {
     if let Some(d) = cur.take() {
         docs.push(d);
     }
-    Ok(docs)
+    Ok((docs, events))
 }
 
 fn push_frame(stack: &mut Vec<Frame>, event: &Event<'_>, at: Pos) -> Result<(), Problem> {
@@ -429,11 +452,13 @@ mod tests {
             docs[1].fields.get("source.path"),
             Some(&Pos { line: 9, column: 9 })
         );
+        // Positions of list items and of free-form maps' entries are not kept.
+        assert_eq!(docs[1].fields.get("source.exclude[1]"), None);
         assert_eq!(
-            docs[1].fields.get("source.exclude[1]"),
+            docs[1].fields.get("source.exclude"),
             Some(&Pos {
                 line: 10,
-                column: 16
+                column: 12
             })
         );
         assert_eq!(

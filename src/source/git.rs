@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use git2::{ObjectType, Repository, TreeWalkMode, TreeWalkResult};
 
 use crate::config::GitSourceConfig;
-use crate::load::{Entries, MAX_FILE_BYTES, is_desired_name};
+use crate::load::{Entry, ReadError, is_desired_name};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {
@@ -52,43 +52,54 @@ pub struct Revision {
     pub summary: String,
 }
 
-/// The files of the desired-state tree at `dir` as of revision `rev` of the repository that
-/// contains `dir`: `(path relative to dir, bytes or why not)`. A directory absent at `rev`
-/// gives no files.
-pub fn tree_at(dir: &Path, rev: &str) -> Result<(Revision, Entries), GitError> {
-    let repo = Repository::discover(dir).map_err(|source| GitError::NotARepo {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    let workdir = repo
-        .workdir()
-        .ok_or_else(|| GitError::Bare(dir.to_path_buf()))?;
-    let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
-    let (wd, d) = (canon(workdir), canon(dir));
-    let rel = d
-        .strip_prefix(&wd)
-        .map_err(|_| GitError::Outside {
-            path: d.clone(),
-            workdir: wd.clone(),
-        })?
-        .to_path_buf();
-    let commit = repo
-        .revparse_single(rev)
-        .and_then(|o| o.peel_to_commit())
-        .map_err(|source| GitError::Revision {
-            rev: rev.to_string(),
-            source,
-        })?;
-    commit_files(&repo, &commit, &rel)
+/// A checkout's repository, for reading trees out of its commits (`plan --against-ref`).
+pub struct Checkout(Repository);
+
+impl Checkout {
+    /// The repository that contains `dir`.
+    pub fn discover(dir: &Path) -> Result<Checkout, GitError> {
+        Repository::discover(dir)
+            .map(Checkout)
+            .map_err(|source| GitError::NotARepo {
+                path: dir.to_path_buf(),
+                source,
+            })
+    }
+
+    /// The files of the desired-state tree at `dir` as of revision `rev`: read on demand, so a
+    /// load reads only what its budget admits. A directory absent at `rev` gives no files.
+    pub fn tree_at(&self, dir: &Path, rev: &str) -> Result<(Revision, Vec<Entry<'_>>), GitError> {
+        let repo = &self.0;
+        let workdir = repo
+            .workdir()
+            .ok_or_else(|| GitError::Bare(dir.to_path_buf()))?;
+        let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        let (wd, d) = (canon(workdir), canon(dir));
+        let rel = d
+            .strip_prefix(&wd)
+            .map_err(|_| GitError::Outside {
+                path: d.clone(),
+                workdir: wd.clone(),
+            })?
+            .to_path_buf();
+        let commit = repo
+            .revparse_single(rev)
+            .and_then(|o| o.peel_to_commit())
+            .map_err(|source| GitError::Revision {
+                rev: rev.to_string(),
+                source,
+            })?;
+        commit_files(repo, &commit, &rel)
+    }
 }
 
 /// A commit's revision and the desired-state files under `rel` in its tree (none when `rel`
 /// is not a directory there).
-fn commit_files(
-    repo: &Repository,
+fn commit_files<'r>(
+    repo: &'r Repository,
     commit: &git2::Commit<'_>,
     rel: &Path,
-) -> Result<(Revision, Entries), GitError> {
+) -> Result<(Revision, Vec<Entry<'r>>), GitError> {
     let rev = commit.id().to_string();
     let revision = Revision {
         id: rev.clone(),
@@ -124,42 +135,56 @@ fn commit_files(
     Ok((revision, files))
 }
 
-/// The desired-state files of `tree`: `(path, bytes or why not)`.
-fn entries_of(repo: &Repository, sub: &git2::Tree<'_>, rev: &str) -> Result<Entries, GitError> {
-    let mut files = Vec::new();
-    {
-        sub.walk(TreeWalkMode::PreOrder, |root, entry| {
-            let name = entry.name().unwrap_or("");
-            let is_dir = entry.kind() == Some(ObjectType::Tree);
-            if !is_desired_name(name, is_dir) {
-                return if is_dir {
-                    TreeWalkResult::Skip
-                } else {
-                    TreeWalkResult::Ok
-                };
-            }
-            if is_dir || entry.kind() != Some(ObjectType::Blob) {
-                return TreeWalkResult::Ok;
-            }
-            let path = PathBuf::from(root).join(name);
-            let bytes = match repo.find_blob(entry.id()) {
-                Ok(b) if b.size() as u64 > MAX_FILE_BYTES => Err(format!(
-                    "file is {} bytes, over the {} MiB limit for one desired-state file; split it",
-                    b.size(),
-                    MAX_FILE_BYTES >> 20
-                )),
-                Ok(b) => Ok(b.content().to_vec()),
-                Err(e) => Err(format!("cannot read blob {}: {}", entry.id(), e.message())),
+/// The desired-state files of `tree`, each with its size from the object's header (nothing is
+/// inflated here) and a reader for its bytes.
+fn entries_of<'r>(
+    repo: &'r Repository,
+    sub: &git2::Tree<'_>,
+    rev: &str,
+) -> Result<Vec<Entry<'r>>, GitError> {
+    let mut blobs: Vec<(PathBuf, git2::Oid)> = Vec::new();
+    sub.walk(TreeWalkMode::PreOrder, |root, entry| {
+        let name = entry.name().unwrap_or("");
+        let is_dir = entry.kind() == Some(ObjectType::Tree);
+        if !is_desired_name(name, is_dir) {
+            return if is_dir {
+                TreeWalkResult::Skip
+            } else {
+                TreeWalkResult::Ok
             };
-            files.push((path, bytes));
-            TreeWalkResult::Ok
+        }
+        if !is_dir && entry.kind() == Some(ObjectType::Blob) {
+            blobs.push((PathBuf::from(root).join(name), entry.id()));
+        }
+        TreeWalkResult::Ok
+    })
+    .map_err(|source| GitError::Tree {
+        rev: rev.to_string(),
+        source,
+    })?;
+    let odb = repo.odb().map_err(|source| GitError::Tree {
+        rev: rev.to_string(),
+        source,
+    })?;
+    let blob_error = |id: git2::Oid, e: git2::Error| ReadError::Source {
+        what: format!("git blob {id}"),
+        source: Box::new(e),
+    };
+    Ok(blobs
+        .into_iter()
+        .map(|(rel, id)| Entry {
+            rel,
+            size: odb
+                .read_header(id)
+                .map(|(size, _)| size as u64)
+                .map_err(|e| blob_error(id, e)),
+            read: Box::new(move || {
+                repo.find_blob(id)
+                    .map(|b| b.content().to_vec())
+                    .map_err(|e| blob_error(id, e))
+            }),
         })
-        .map_err(|source| GitError::Tree {
-            rev: rev.to_string(),
-            source,
-        })?;
-    }
-    Ok(files)
+        .collect())
 }
 
 /// Does the mirror at `dir` know `rev` (a commit, a branch or a tag) as `applied` itself or one
@@ -343,8 +368,8 @@ impl Mirror {
         self.commit().map(|c| c.id())
     }
 
-    /// The desired-state files at `id` (a commit of this mirror).
-    pub fn entries_at(&self, id: git2::Oid) -> Result<(Revision, Entries), GitError> {
+    /// The desired-state files at `id` (a commit of this mirror), read on demand.
+    pub fn entries_at(&self, id: git2::Oid) -> Result<(Revision, Vec<Entry<'_>>), GitError> {
         let rev = id.to_string();
         let commit = self
             .repo
