@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use vessel::config::{Config, DockerConfig};
 use vessel::model::ComputeKind;
-use vessel::providers::docker::DockerProvider;
+use vessel::providers::compute::docker::DockerProvider;
 use vessel::providers::{ComputeProvider, Providers};
 use vessel::reconcile::{Reconciler, Trigger};
 use vessel::state::StateDir;
@@ -146,7 +146,7 @@ fn setup(pod: &Podman, n: usize, instance: &str) -> Setup {
         DockerProvider::new(
             docker_config,
             dir.path().join("state/docker"),
-            vessel::providers::kept::Kept::new(
+            vessel::providers::compute::kept::Kept::new(
                 dir.path().join("state/retained/docker"),
                 vessel::model::ComputeKind::Docker,
                 std::time::Duration::ZERO,
@@ -159,7 +159,9 @@ fn setup(pod: &Podman, n: usize, instance: &str) -> Setup {
     providers.compute = BTreeMap::from([(ComputeKind::Docker, p)]);
     // The embedded proxy as the daemon has it (its table lives in this process).
     let proxy = vessel::proxy::Proxy::default();
-    providers.proxy = Arc::new(vessel::providers::embedded::EmbeddedProxy::new(proxy));
+    providers.proxy = Arc::new(vessel::providers::proxy::embedded::EmbeddedProxy::new(
+        proxy,
+    ));
     let state = StateDir::open(&dir.path().join("state")).expect("state dir");
     let reconciler = Reconciler::new(config, providers, state);
     Setup {

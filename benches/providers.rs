@@ -137,7 +137,7 @@ async fn caddy(dir: &std::path::Path) {
     })
     .to_string();
     let server = Caddy::start(dir, admin, &base);
-    let p = vessel::providers::caddy::Caddy::new(
+    let p = vessel::providers::proxy::caddy::Caddy::new(
         &format!("http://127.0.0.1:{admin}"),
         "vessel",
         &[],
@@ -182,7 +182,7 @@ async fn caddy(dir: &std::path::Path) {
 
 async fn powerdns(dir: &std::path::Path) {
     let server = Pdns::start(dir, free_port(), free_port(), "bench.example");
-    let p = vessel::providers::powerdns::PowerDns::new(
+    let p = vessel::providers::dns::powerdns::PowerDns::new(
         &format!("http://127.0.0.1:{}", server.api),
         "localhost",
         Secret::new(PDNS_KEY),

@@ -32,9 +32,9 @@ use support::{Kill, devserver, free_port, get, ms, nginx, percentile, wait_for, 
 use vessel::config::TraefikConfig;
 use vessel::planner::Action;
 use vessel::providers::ProxyProvider;
-use vessel::providers::caddy::Caddy as CaddyProvider;
-use vessel::providers::embedded::EmbeddedProxy;
-use vessel::providers::traefik::Traefik;
+use vessel::providers::proxy::caddy::Caddy as CaddyProvider;
+use vessel::providers::proxy::embedded::EmbeddedProxy;
+use vessel::providers::proxy::traefik::Traefik;
 
 const CHANGES: usize = 20;
 const LIMIT: Duration = Duration::from_secs(20);

@@ -24,7 +24,7 @@ pub mod settle;
 pub mod source;
 pub mod state;
 pub mod status;
-pub mod validate;
+
 pub mod webhook;
 
 /// An error and all its causes on one line (`a: b: c`), for logs, events and pages.

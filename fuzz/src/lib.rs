@@ -38,7 +38,8 @@ pub const FUZZ_MAX_FILE: u64 = 64 << 10;
 pub const FUZZ_MAX_TOTAL: u64 = 96 << 10;
 pub const FUZZ_MAX_NODES: u64 = 10_000;
 
-const PLANS: &str = "kind: Plan\nname: small\ncommand: [sleep, '1000']\nports: {ide: 8080, app: 5173}\n";
+const PLANS: &str =
+    "kind: Plan\nname: small\ncommand: [sleep, '1000']\nports: {ide: 8080, app: 5173}\n";
 const SESSION: &str = "kind: Session\nname: fixed\nplan: small\n";
 
 fn now() -> DateTime<Utc> {
@@ -72,7 +73,10 @@ pub fn load(data: &[u8]) {
     assert_eq!(d.files.len(), 3, "every file is listed");
     let fuzz = Path::new("fuzz.yaml");
     if data.len() as u64 > FUZZ_MAX_FILE {
-        let q = d.quarantined.get(fuzz).expect("an oversized file is quarantined");
+        let q = d
+            .quarantined
+            .get(fuzz)
+            .expect("an oversized file is quarantined");
         assert_eq!(q.errors[0].code, "unreadable");
         assert!(!q.complete);
     }
@@ -84,8 +88,15 @@ pub fn load(data: &[u8]) {
         .count();
     let lines = breaks as u32 + 1;
     for (file, q) in &d.quarantined {
-        assert!(!q.errors.is_empty(), "{} is quarantined without an error", file.display());
-        assert!(q.errors.len() <= MAX_ERRORS_PER_FILE + 1, "errors are capped");
+        assert!(
+            !q.errors.is_empty(),
+            "{} is quarantined without an error",
+            file.display()
+        );
+        assert!(
+            q.errors.len() <= MAX_ERRORS_PER_FILE + 1,
+            "errors are capped"
+        );
         for e in &q.errors {
             assert!(e.is_error());
             if file == fuzz {
@@ -146,7 +157,10 @@ fn check_plan(desired: &Desired, observed: &Observed, p: &vessel::planner::Plan)
     let unknown = desired.has_unknown_objects();
     for step in &p.steps {
         let a = &step.action;
-        assert!(observed.is_observed(&a.provider()), "a step in a gap: {a:?}");
+        assert!(
+            observed.is_observed(&a.provider()),
+            "a step in a gap: {a:?}"
+        );
         if let Some(s) = a.session().and_then(|s| observed.sessions.get(s)) {
             assert!(s.owned, "a step on a foreign session: {a:?}");
         }
@@ -170,7 +184,10 @@ fn check_plan(desired: &Desired, observed: &Observed, p: &vessel::planner::Plan)
             let removes = matches!(a, Action::RemoveRoute { .. } | Action::RemoveRecord { .. })
                 || (matches!(a, Action::DestroySession { .. })
                     && !matches!(step.reason, Reason::Replaced { .. }));
-            assert!(!removes, "a file with unknown contents holds every destroy: {a:?}");
+            assert!(
+                !removes,
+                "a file with unknown contents holds every destroy: {a:?}"
+            );
         }
     }
 }
@@ -223,7 +240,11 @@ fn harness() -> &'static ProxyHarness {
                 .await
                 .expect("bind proxy");
             let addr = listener.local_addr().expect("proxy address");
-            tokio::spawn(proxy.serve(listener, tokio_util::sync::CancellationToken::new()));
+            tokio::spawn(proxy.serve(
+                listener,
+                Default::default(),
+                tokio_util::sync::CancellationToken::new(),
+            ));
             addr
         });
         ProxyHarness { rt, addr }
@@ -238,13 +259,15 @@ async fn serve_upstream(listener: tokio::net::TcpListener) {
             continue;
         };
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                let line = format!("{} {}\n", req.method(), req.uri());
-                let _ = req.into_body().collect().await;
-                Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                    http_body_util::Full::new(hyper::body::Bytes::from(line)),
-                ))
-            });
+            let svc = hyper::service::service_fn(
+                |req: hyper::Request<hyper::body::Incoming>| async move {
+                    let line = format!("{} {}\n", req.method(), req.uri());
+                    let _ = req.into_body().collect().await;
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(hyper::body::Bytes::from(line)),
+                    ))
+                },
+            );
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                 .with_upgrades()
@@ -278,7 +301,11 @@ pub fn proxy(data: &[u8]) {
         .await;
         assert!(read.is_ok(), "the proxy kept a finished client waiting 5 s");
         if !out.is_empty() {
-            assert!(out.starts_with(b"HTTP/1."), "not an HTTP response: {:?}", &out[..out.len().min(64)]);
+            assert!(
+                out.starts_with(b"HTTP/1."),
+                "not an HTTP response: {:?}",
+                &out[..out.len().min(64)]
+            );
         }
     });
 }

@@ -4,6 +4,7 @@
 //! Reads files; never writes. Problems are data (diagnostics on quarantined files), never
 //! panics: a broken file only quarantines itself and the objects that depend on it.
 
+pub mod validate;
 pub mod yaml;
 
 use std::io::Read;
@@ -16,7 +17,6 @@ use crate::desired::{Desired, Doc, Held, Quarantine};
 use crate::diag::{Diagnostic, Pos, SourceLines, attach_snippets, did_you_mean};
 use crate::model::Size;
 use crate::model::{Kind, PlanSpec, RouteSpec, SessionSpec};
-use crate::validate;
 
 /// The default limit on one file (`load.max_file_bytes`); larger files are refused unread.
 pub const MAX_FILE_BYTES: u64 = 4 << 20;

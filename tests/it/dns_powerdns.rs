@@ -86,7 +86,7 @@ fn the_provider_refuses_to_write_over_a_record_it_did_not_create() {
     use vessel::providers::DnsProvider;
     let dir = tempfile::tempdir().expect("tempdir");
     let pdns = start_pdns(dir.path());
-    let p = vessel::providers::powerdns::PowerDns::new(
+    let p = vessel::providers::dns::powerdns::PowerDns::new(
         &format!("http://127.0.0.1:{}", pdns.api),
         "localhost",
         vessel::config::Secret::new(KEY),

@@ -95,7 +95,7 @@ fn the_planner_does_no_io() {
         "src/planner/mod.rs",
         "src/planner/render.rs",
         "src/planner/simulate.rs",
-        "src/validate.rs",
+        "src/load/validate.rs",
     ] {
         let text = std::fs::read_to_string(root().join(f)).expect("read");
         for word in io {

@@ -8,6 +8,7 @@ mod daemon_support;
 mod dns_hosts;
 mod dns_powerdns;
 mod docker;
+mod fuzz_corpus;
 mod git_source;
 mod hostile;
 mod hostile_http;

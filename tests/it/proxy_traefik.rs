@@ -25,7 +25,7 @@ use serde_json::Value;
 use vessel::config::TraefikConfig;
 use vessel::planner::Action;
 use vessel::providers::ProxyProvider;
-use vessel::providers::traefik::Traefik;
+use vessel::providers::proxy::traefik::Traefik;
 
 use crate::daemon_support::{
     Daemon, free_port, get, session, spawn_devserver, wait_for, websocket_echo,

@@ -35,8 +35,8 @@ use crate::config::TraefikConfig;
 use crate::observed::ObservedRoute;
 use crate::planner::Action;
 
-use super::http::{authority, call};
 use super::{BoxFut, ProviderError, ProxyProvider, parse_route_tag, route_tag};
+use crate::providers::http::{authority, call};
 
 /// How often a write asks Traefik's API whether it has loaded the file.
 const POLL: Duration = Duration::from_millis(50);
@@ -376,7 +376,8 @@ impl Traefik {
             source,
         };
         let tmp = self.tmp_dir().map_err(write)?;
-        super::write_atomically_from(&self.file, text.as_bytes(), &tmp).map_err(write)?;
+        crate::providers::write_atomically_from(&self.file, text.as_bytes(), &tmp)
+            .map_err(write)?;
         Ok(expected)
     }
 
@@ -386,7 +387,7 @@ impl Traefik {
     /// temporary file beside vessel's would make each write wait 2 s behind a reload of the
     /// old file; the watch does not reach into subdirectories, so only the rename is seen.
     fn tmp_dir(&self) -> std::io::Result<PathBuf> {
-        let dir = super::parent_dir(&self.file).join(TMP_DIR);
+        let dir = crate::providers::parent_dir(&self.file).join(TMP_DIR);
         match std::fs::symlink_metadata(&dir) {
             Ok(m) if m.is_dir() => Ok(dir),
             Ok(_) => Err(std::io::Error::other(format!(

@@ -27,10 +27,10 @@ use serde_json::{Map, Value, json};
 use crate::observed::ObservedRoute;
 use crate::planner::Action;
 
-use super::http::{Reply, authority, call};
 use super::{
     BoxFut, ProviderError, ProxyProvider, parse_route_tag, route_batch_results, route_tag,
 };
+use crate::providers::http::{Reply, authority, call};
 
 /// Tries of one batch when someone else changes Caddy's config at the same time.
 const TRIES: usize = 3;

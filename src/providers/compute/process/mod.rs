@@ -703,7 +703,7 @@ impl SessionSteps for ProcessProvider {
             return Ok(());
         };
         loop {
-            if super::probe(&format!("127.0.0.1:{port}"), path.as_deref()).await {
+            if super::health::probe(&format!("127.0.0.1:{port}"), path.as_deref()).await {
                 return Ok(());
             }
             let r = read_record(&dir)?

@@ -119,7 +119,7 @@ impl PowerDns {
         key: Secret,
         zones: &[String],
     ) -> Result<PowerDns, String> {
-        let addr = super::http::authority(api, "PowerDNS API")?;
+        let addr = crate::providers::http::authority(api, "PowerDNS API")?;
         Ok(PowerDns {
             addr,
             server_id: server_id.to_string(),
@@ -134,8 +134,8 @@ impl PowerDns {
         method: Method,
         path: &str,
         body: Option<Bytes>,
-    ) -> Result<super::http::Reply, String> {
-        super::http::call(
+    ) -> Result<crate::providers::http::Reply, String> {
+        crate::providers::http::call(
             &self.addr,
             method,
             path,

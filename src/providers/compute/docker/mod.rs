@@ -966,7 +966,7 @@ impl SessionSteps for DockerProvider {
                     .map(|a| (a.clone(), check.map(|h| h.path.clone())));
             }
             if let Some((addr, path)) = &target
-                && super::probe(addr, path.as_deref()).await
+                && super::health::probe(addr, path.as_deref()).await
             {
                 return Ok(());
             }

@@ -194,7 +194,7 @@ pub fn health_port(ports: &BTreeMap<String, u16>, check: Option<&Health>) -> Opt
 
 /// The container body for a session: image, command, environment, limits, labels, ports.
 pub fn create_body(
-    r: &crate::providers::CreateArgs,
+    r: &crate::providers::compute::CreateArgs,
     host: &str,
     config: &DockerConfig,
 ) -> Result<ContainerCreateBody, String> {
@@ -205,16 +205,19 @@ pub fn create_body(
         .command
         .iter()
         .map(|a| {
-            crate::providers::expand(a, |key| match key {
+            crate::providers::compute::expand(a, |key| match key {
                 "workspace" => Some(Ok(workspace.to_string())),
                 "session" => Some(Ok(r.session.to_string())),
-                k => crate::providers::port_placeholder(k, &ports),
+                k => crate::providers::compute::port_placeholder(k, &ports),
             })
         })
         .collect::<Result<_, _>>()?;
     let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     for (name, port) in &ports {
-        env.push(format!("PORT_{}={port}", crate::providers::env_name(name)));
+        env.push(format!(
+            "PORT_{}={port}",
+            crate::providers::compute::env_name(name)
+        ));
     }
     if let Some(p) = health_port(&ports, spec.health.as_ref()).and_then(|n| ports.get(&n)) {
         env.push(format!("PORT={p}"));

@@ -121,7 +121,7 @@ impl HostsDns {
     }
 
     fn write(&self, text: &str) -> Result<(), ProviderError> {
-        super::write_atomically(&self.file, text.as_bytes())
+        crate::providers::write_atomically(&self.file, text.as_bytes())
             .map_err(ProviderError::io("write", self.file.display().to_string()))
     }
 }

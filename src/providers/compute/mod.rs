@@ -1,0 +1,250 @@
+//! Compute providers: a session is a process, a container, a VM or a pod. Each provider is a
+//! folder here (`process/`, `docker/`) implementing `SessionSteps`; what they all need is
+//! written once beside them: the dispatch of the plan's session steps (`run_session_step`),
+//! the record of what vessel last asked (`Intent`), health probes (`health.rs`), kept
+//! workspaces (`kept.rs`), command placeholders and the symlink check on source paths.
+
+pub mod docker;
+pub mod health;
+pub mod kept;
+pub mod process;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::Path;
+
+use crate::model::ComputeKind;
+use crate::observed::ObservedSession;
+use crate::planner::Action;
+
+use super::{BoxFut, ProviderError};
+
+/// What a create step gives a compute provider.
+pub struct CreateArgs<'a> {
+    pub session: &'a str,
+    pub spec: &'a crate::observed::RuntimeSpec,
+    pub fingerprint: &'a str,
+    pub source_file: &'a Path,
+    pub save_to: Option<&'a Path>,
+    pub start: bool,
+    /// The host the plan placed it on, for providers with several.
+    pub host: Option<&'a str>,
+    /// Restore the workspace kept from an earlier session of this name, if it is still kept.
+    pub restore: bool,
+}
+
+/// The session steps of a compute provider, one per kind of plan action on a session;
+/// `run_session_step` maps the plan's actions onto them.
+/// What vessel last asked of a session, kept in a compute provider's session record (so a
+/// session that is down against that wish reads as failed, not stopped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Intent {
+    Running,
+    Stopped,
+}
+
+pub(crate) trait SessionSteps: Sync {
+    fn create(&self, a: &CreateArgs<'_>) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    /// Change a session's spec in place (the fields its kind changes without a replace);
+    /// with `restart`, a running session restarts with it.
+    fn update(
+        &self,
+        session: &str,
+        spec: &crate::observed::RuntimeSpec,
+        fingerprint: &str,
+        restart: bool,
+    ) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    fn start(&self, session: &str) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    fn stop(
+        &self,
+        session: &str,
+        stop_timeout: Option<crate::model::Duration>,
+    ) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    /// Destroy a session; with `retain`, keep its workspace for the retention time first
+    /// (failing rather than losing it when it cannot be kept).
+    fn destroy(
+        &self,
+        session: &str,
+        stop_timeout: Option<crate::model::Duration>,
+        retain: bool,
+    ) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    fn wait_healthy(
+        &self,
+        session: &str,
+        check: Option<&crate::model::Health>,
+    ) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    fn sync_source(
+        &self,
+        session: &str,
+        path: &Path,
+        exclude: &[String],
+        save_to: &Option<std::path::PathBuf>,
+    ) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    fn save_work(
+        &self,
+        session: &str,
+        path: &Path,
+    ) -> impl Future<Output = Result<(), ProviderError>> + Send;
+}
+
+/// Carry out one session step of the plan with `p`'s steps.
+pub(crate) async fn run_session_step<P: SessionSteps>(
+    p: &P,
+    action: &Action,
+) -> Result<(), ProviderError> {
+    match action {
+        Action::CreateSession {
+            session,
+            spec,
+            fingerprint,
+            source_file,
+            save_to,
+            start,
+            host,
+            restore,
+        } => {
+            let args = CreateArgs {
+                restore: *restore,
+                session,
+                spec,
+                fingerprint,
+                source_file,
+                save_to: save_to.as_deref(),
+                start: *start,
+                host: host.as_deref(),
+            };
+            p.create(&args).await
+        }
+        Action::UpdateSession {
+            session,
+            spec,
+            fingerprint,
+            restart,
+            ..
+        } => p.update(session, spec, fingerprint, *restart).await,
+        Action::StartSession { session, .. } => p.start(session).await,
+        Action::StopSession {
+            session,
+            stop_timeout,
+            ..
+        } => p.stop(session, *stop_timeout).await,
+        Action::DestroySession {
+            session,
+            stop_timeout,
+            retain,
+            ..
+        } => p.destroy(session, *stop_timeout, *retain).await,
+        Action::WaitHealthy { session, check, .. } => p.wait_healthy(session, check.as_ref()).await,
+        Action::SyncSource {
+            session,
+            path,
+            exclude,
+            save_to,
+            ..
+        } => p.sync_source(session, path, exclude, save_to).await,
+        Action::SaveWork { session, path, .. } => p.save_work(session, path).await,
+        _ => Err(ProviderError::Unsupported("a non-session step")),
+    }
+}
+
+pub trait ComputeProvider: Send + Sync {
+    fn kind(&self) -> ComputeKind;
+    /// Every session carrying vessel's marker (and any in the way, marked foreign).
+    fn observe(&self) -> BoxFut<'_, Result<Vec<ObservedSession>, ProviderError>>;
+    /// Carry out one session step. Idempotent: applying it twice is applying it once.
+    fn apply<'a>(&'a self, action: &'a Action) -> BoxFut<'a, Result<(), ProviderError>>;
+    /// Ticks when something changed by itself (a session exited), so the loop can repair it
+    /// without waiting for the periodic pass.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+    /// Workspaces of destroyed sessions it keeps, by session (dropping the expired ones).
+    fn retained(
+        &self,
+    ) -> BoxFut<'_, Result<Vec<(String, crate::observed::RetainedWorkspace)>, ProviderError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+    /// vessel is exiting.
+    fn shutdown(&self) -> BoxFut<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// Expand `{key}` placeholders in one command argument. `value` says what a key stands for:
+/// `None` leaves the placeholder as written, `Some(Err)` refuses the argument.
+pub(crate) fn expand(
+    arg: &str,
+    value: impl Fn(&str) -> Option<Result<String, String>>,
+) -> Result<String, String> {
+    let mut out = String::with_capacity(arg.len());
+    let mut rest = arg;
+    while let Some(i) = rest.find('{') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        let Some(end) = tail.find('}') else {
+            out.push_str(tail);
+            return Ok(out);
+        };
+        match value(&tail[1..end]) {
+            Some(v) => out.push_str(&v?),
+            None => out.push_str(&tail[..=end]),
+        }
+        rest = &tail[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// What `{port.NAME}` stands for, given the port each name has.
+pub(crate) fn port_placeholder(
+    key: &str,
+    ports: &BTreeMap<String, u16>,
+) -> Option<Result<String, String>> {
+    let name = key.strip_prefix("port.")?;
+    Some(match ports.get(name) {
+        Some(p) => Ok(p.to_string()),
+        None => Err(format!(
+            "the command uses `{{{key}}}` but the plan has no port `{name}`"
+        )),
+    })
+}
+
+/// `PORT_<NAME>` for a port name.
+pub(crate) fn env_name(port: &str) -> String {
+    port.to_ascii_uppercase().replace('-', "_")
+}
+
+/// Refuse a source or save path that resolves through a symlink: the validated path must be
+/// the path that is read and written (a link could lead outside `source_roots`, and a save
+/// would replace the link itself). A path that does not exist yet (a first save) is checked
+/// up to its nearest existing ancestor.
+pub(crate) fn no_symlinks(
+    op: &'static str,
+    session: &str,
+    path: &Path,
+) -> Result<(), ProviderError> {
+    let mut existing = path;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(p) => existing = p,
+            None => return Ok(()),
+        }
+    }
+    let real = existing.canonicalize().map_err(ProviderError::io(
+        op,
+        format!("{session}: {}", path.display()),
+    ))?;
+    if real != existing {
+        return Err(ProviderError::failed(
+            op,
+            session,
+            format!(
+                "{} resolves through a symlink to {}; write the real path",
+                existing.display(),
+                real.display()
+            ),
+        ));
+    }
+    Ok(())
+}

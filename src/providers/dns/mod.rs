@@ -1,0 +1,16 @@
+//! DNS providers: records for routes with `dns: true`. `hosts` (a managed block in a hosts
+//! file), `powerdns` (its HTTP API). Record steps come in batches.
+
+pub mod hosts;
+pub mod powerdns;
+
+use crate::observed::ObservedRecord;
+use crate::planner::Action;
+
+use super::{BoxFut, ProviderError};
+
+pub trait DnsProvider: Send + Sync {
+    fn observe(&self) -> BoxFut<'_, Result<Vec<ObservedRecord>, ProviderError>>;
+    fn apply<'a>(&'a self, actions: &'a [&'a Action])
+    -> BoxFut<'a, Vec<Result<(), ProviderError>>>;
+}
