@@ -18,11 +18,11 @@ mod servers;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
+use vessel::model::plan::{RecordAction, RouteAction};
 
 use servers::{Caddy, PDNS_KEY, Pdns};
 use vessel::config::Secret;
 use vessel::observed::RecordType;
-use vessel::planner::Action;
 use vessel::providers::{DnsProvider, ProxyProvider};
 
 const RUNS: usize = 5;
@@ -59,7 +59,7 @@ async fn route_pass(p: &dyn ProxyProvider, want: &BTreeMap<String, String>) -> u
     let mut actions = Vec::new();
     for (host, upstream) in want {
         if have.get(host) != Some(upstream) {
-            actions.push(Action::UpsertRoute {
+            actions.push(RouteAction::UpsertRoute {
                 host: host.clone(),
                 upstream: upstream.clone(),
                 session: host.split('.').next().unwrap_or("s").to_string(),
@@ -69,9 +69,9 @@ async fn route_pass(p: &dyn ProxyProvider, want: &BTreeMap<String, String>) -> u
         }
     }
     for host in have.keys().filter(|h| !want.contains_key(*h)) {
-        actions.push(Action::RemoveRoute { host: host.clone() });
+        actions.push(RouteAction::RemoveRoute { host: host.clone() });
     }
-    let refs: Vec<&Action> = actions.iter().collect();
+    let refs: Vec<&RouteAction> = actions.iter().collect();
     if !refs.is_empty() {
         for r in p.apply(&refs).await {
             r.expect("apply");
@@ -93,7 +93,7 @@ async fn record_pass(p: &dyn DnsProvider, want: &BTreeMap<String, String>) -> us
     let mut actions = Vec::new();
     for (name, content) in want {
         if have.get(name) != Some(content) {
-            actions.push(Action::UpsertRecord {
+            actions.push(RecordAction::UpsertRecord {
                 name: name.clone(),
                 rtype: RecordType::A,
                 content: content.clone(),
@@ -102,12 +102,12 @@ async fn record_pass(p: &dyn DnsProvider, want: &BTreeMap<String, String>) -> us
         }
     }
     for name in have.keys().filter(|n| !want.contains_key(*n)) {
-        actions.push(Action::RemoveRecord {
+        actions.push(RecordAction::RemoveRecord {
             name: name.clone(),
             rtype: RecordType::A,
         });
     }
-    let refs: Vec<&Action> = actions.iter().collect();
+    let refs: Vec<&RecordAction> = actions.iter().collect();
     if !refs.is_empty() {
         for r in p.apply(&refs).await {
             r.expect("apply");

@@ -26,11 +26,11 @@ mod support;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
+use vessel::model::plan::RouteAction;
 
 use servers::{Caddy, Traefik as TraefikServer};
 use support::{Kill, devserver, free_port, get, ms, nginx, percentile, wait_for, wrk};
 use vessel::config::TraefikConfig;
-use vessel::planner::Action;
 use vessel::providers::ProxyProvider;
 use vessel::providers::proxy::caddy::Caddy as CaddyProvider;
 use vessel::providers::proxy::embedded::EmbeddedProxy;
@@ -39,8 +39,8 @@ use vessel::providers::proxy::traefik::Traefik;
 const CHANGES: usize = 20;
 const LIMIT: Duration = Duration::from_secs(20);
 
-fn upsert(host: &str, port: u16) -> Action {
-    Action::UpsertRoute {
+fn upsert(host: &str, port: u16) -> RouteAction {
+    RouteAction::UpsertRoute {
         host: host.into(),
         upstream: format!("127.0.0.1:{port}"),
         session: host.split('.').next().unwrap_or("s").into(),
@@ -49,8 +49,8 @@ fn upsert(host: &str, port: u16) -> Action {
     }
 }
 
-fn apply(rt: &tokio::runtime::Runtime, p: &dyn ProxyProvider, actions: &[Action]) {
-    let refs: Vec<&Action> = actions.iter().collect();
+fn apply(rt: &tokio::runtime::Runtime, p: &dyn ProxyProvider, actions: &[RouteAction]) {
+    let refs: Vec<&RouteAction> = actions.iter().collect();
     for r in rt.block_on(p.apply(&refs)) {
         if let Err(e) = r {
             panic!("apply: {}", vessel::error_chain(&e));
@@ -59,7 +59,7 @@ fn apply(rt: &tokio::runtime::Runtime, p: &dyn ProxyProvider, actions: &[Action]
 }
 
 /// `n` routes `r0.localhost`.. to `port`.
-fn routes(prefix: &str, n: usize, port: u16) -> Vec<Action> {
+fn routes(prefix: &str, n: usize, port: u16) -> Vec<RouteAction> {
     (0..n)
         .map(|i| upsert(&format!("{prefix}{i}.localhost"), port))
         .collect()

@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::desired::Desired;
 use crate::diag::Diagnostic;
 use crate::load;
-use crate::observed::Observed;
+use crate::model::observed::Observed;
 use crate::planner::simulate::converge;
 use crate::planner::{Plan, Policy, render};
 

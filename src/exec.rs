@@ -7,6 +7,7 @@
 //! only the steps that depend on it. Cancelling starts nothing new and lets running steps
 //! finish.
 
+use crate::model::plan::{RecordAction, RouteAction, SessionAction};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::observed::ProviderId;
+use crate::model::observed::ProviderId;
 use crate::planner::{Action, Plan, Step};
 use crate::providers::{Providers, chain};
 
@@ -187,21 +188,22 @@ pub async fn execute(
                         .all(|d| results[*d].as_ref().is_some_and(|r| r.outcome.is_success()))
                 })
                 .collect();
-            let mut batches: BTreeMap<ProviderId, Vec<usize>> = BTreeMap::new();
+            let mut routes = Batch::default();
+            let mut records = Batch::default();
             for id in ready {
                 if running.len() >= opts.concurrency {
                     break;
                 }
                 let step = &plan.steps[id];
                 let provider = step.action.provider();
-                match provider {
-                    ProviderId::Proxy | ProviderId::Dns => {
-                        if !batch_running.contains(&provider) {
-                            batches.entry(provider).or_default().push(id);
-                        }
-                    }
-                    ProviderId::Compute(_) => {
-                        let session = step.action.session().unwrap_or_default().to_string();
+                if batch_running.contains(&provider) {
+                    continue;
+                }
+                match &step.action {
+                    Action::Route(a) => routes.push(id, a),
+                    Action::Record(a) => records.push(id, a),
+                    Action::Session(a) => {
+                        let session = a.session().to_string();
                         let count = per_provider.get(&provider).copied().unwrap_or(0);
                         if busy_sessions.contains(&session) || count >= opts.per_provider {
                             continue;
@@ -209,17 +211,48 @@ pub async fn execute(
                         busy_sessions.insert(session);
                         *per_provider.entry(provider.clone()).or_default() += 1;
                         status[id] = Status::Running;
-                        let task = spawn_compute(&mut running, providers, step, opts);
+                        let task = spawn_compute(&mut running, providers, id, a.clone(), opts);
                         tasks.insert(task, vec![id]);
                     }
                 }
             }
-            for (provider, ids) in batches {
+            if !routes.ids.is_empty() {
+                let ids = routes.ids.clone();
                 for id in &ids {
                     status[*id] = Status::Running;
                 }
-                batch_running.insert(provider.clone());
-                let task = spawn_batch(&mut running, providers, plan, provider, ids.clone(), opts);
+                batch_running.insert(ProviderId::Proxy);
+                let proxy = providers.proxy.clone();
+                let task = spawn_batch(&mut running, ids.clone(), opts, async move {
+                    let refs: Vec<&RouteAction> = routes.actions.iter().collect();
+                    proxy.apply(&refs).await
+                });
+                tasks.insert(task, ids);
+            }
+            if !records.ids.is_empty() {
+                let ids = records.ids.clone();
+                for id in &ids {
+                    status[*id] = Status::Running;
+                }
+                batch_running.insert(ProviderId::Dns);
+                let dns = providers.dns.clone();
+                let task = spawn_batch(&mut running, ids.clone(), opts, async move {
+                    let refs: Vec<&RecordAction> = records.actions.iter().collect();
+                    match &dns {
+                        Some(d) => d.apply(&refs).await,
+                        // The plan has DNS steps only where a DNS provider is configured.
+                        None => refs
+                            .iter()
+                            .map(|a| {
+                                Err(crate::providers::ProviderError::failed(
+                                    "publish",
+                                    a.name().0,
+                                    "no DNS provider is configured",
+                                ))
+                            })
+                            .collect(),
+                    }
+                });
                 tasks.insert(task, ids);
             }
         }
@@ -265,31 +298,50 @@ pub async fn execute(
     results.into_iter().flatten().collect()
 }
 
-fn timeout_for(action: &Action, opts: &ExecOptions) -> Duration {
+fn timeout_for(action: &SessionAction, opts: &ExecOptions) -> Duration {
     match action {
-        Action::WaitHealthy { .. } => opts.health_timeout,
+        SessionAction::WaitHealthy { .. } => opts.health_timeout,
         _ => opts.step_timeout,
+    }
+}
+
+/// The route or record steps that go to their provider together, with their step ids.
+struct Batch<A> {
+    ids: Vec<usize>,
+    actions: Vec<A>,
+}
+
+impl<A> Default for Batch<A> {
+    fn default() -> Self {
+        Batch {
+            ids: Vec::new(),
+            actions: Vec::new(),
+        }
+    }
+}
+
+impl<A: Clone> Batch<A> {
+    fn push(&mut self, id: usize, a: &A) {
+        self.ids.push(id);
+        self.actions.push(a.clone());
     }
 }
 
 fn spawn_compute(
     set: &mut JoinSet<Finished>,
     providers: &Providers,
-    step: &Step,
+    id: usize,
+    action: SessionAction,
     opts: &ExecOptions,
 ) -> tokio::task::Id {
-    let id = step.id;
-    let action = step.action.clone();
     let timeout = timeout_for(&action, opts);
-    let provider = match &action.provider() {
-        ProviderId::Compute(k) => providers.compute.get(k).cloned(),
-        _ => None,
-    };
+    let kind = action.provider();
+    let provider = providers.compute.get(&kind).cloned();
     set.spawn(async move {
         let t = Instant::now();
         let outcome = match provider {
             None => Outcome::Failed {
-                error: format!("no {} provider is configured", action.provider()),
+                error: format!("no {} provider is configured", kind.as_str()),
             },
             Some(p) => match tokio::time::timeout(timeout, p.apply(&action)).await {
                 Ok(Ok(())) => Outcome::Succeeded,
@@ -304,42 +356,20 @@ fn spawn_compute(
     .id()
 }
 
+/// Run one batch (`apply`, a provider's call for all of `ids` at once) within the step
+/// timeout; one outcome per id, in order.
 fn spawn_batch(
     set: &mut JoinSet<Finished>,
-    providers: &Providers,
-    plan: &Plan,
-    provider: ProviderId,
     ids: Vec<usize>,
     opts: &ExecOptions,
+    apply: impl std::future::Future<Output = Vec<Result<(), crate::providers::ProviderError>>>
+    + Send
+    + 'static,
 ) -> tokio::task::Id {
-    let actions: Vec<Action> = ids
-        .iter()
-        .map(|id| plan.steps[*id].action.clone())
-        .collect();
     let timeout = opts.step_timeout;
-    let proxy = providers.proxy.clone();
-    let dns = providers.dns.clone();
     set.spawn(async move {
         let t = Instant::now();
-        let refs: Vec<&Action> = actions.iter().collect();
-        let fut = async {
-            match provider {
-                ProviderId::Proxy => proxy.apply(&refs).await,
-                ProviderId::Dns => match &dns {
-                    Some(d) => d.apply(&refs).await,
-                    None => refs
-                        .iter()
-                        .map(|_| {
-                            Err(crate::providers::ProviderError::Unsupported(
-                                "a DNS step with no DNS provider",
-                            ))
-                        })
-                        .collect(),
-                },
-                ProviderId::Compute(_) => Vec::new(),
-            }
-        };
-        let outcomes: Vec<Outcome> = match tokio::time::timeout(timeout, fut).await {
+        let outcomes: Vec<Outcome> = match tokio::time::timeout(timeout, apply).await {
             Ok(rs) => (0..ids.len())
                 .map(|i| match rs.get(i) {
                     Some(Ok(())) => Outcome::Succeeded,
@@ -377,7 +407,7 @@ mod tests {
 
     use super::*;
     use crate::model::ComputeKind;
-    use crate::observed::{ObservedRoute, ObservedSession, RuntimeSpec};
+    use crate::model::observed::{ObservedRoute, ObservedSession, RuntimeSpec};
     use crate::planner::{Reason, Step};
     use crate::providers::{BoxFut, ComputeProvider, ProviderError, ProxyProvider};
 
@@ -396,9 +426,9 @@ mod tests {
         fn observe(&self) -> BoxFut<'_, Result<Vec<ObservedSession>, ProviderError>> {
             Box::pin(async { Ok(vec![]) })
         }
-        fn apply<'a>(&'a self, action: &'a Action) -> BoxFut<'a, Result<(), ProviderError>> {
+        fn apply<'a>(&'a self, action: &'a SessionAction) -> BoxFut<'a, Result<(), ProviderError>> {
             Box::pin(async move {
-                let s = action.session().unwrap_or_default().to_string();
+                let s = action.session().to_string();
                 {
                     let mut a = self.active.lock().unwrap_or_else(|e| e.into_inner());
                     let n = a.entry(s.clone()).or_default();
@@ -437,7 +467,7 @@ mod tests {
         }
         fn apply<'a>(
             &'a self,
-            actions: &'a [&'a Action],
+            actions: &'a [&'a RouteAction],
         ) -> BoxFut<'a, Vec<Result<(), ProviderError>>> {
             self.0
                 .lock()
@@ -466,7 +496,7 @@ mod tests {
         let base = plan.steps.len();
         let p = ComputeKind::Process;
         let actions = [
-            Action::CreateSession {
+            Action::Session(SessionAction::CreateSession {
                 session: session.into(),
                 spec: Arc::new(spec()),
                 fingerprint: "f".into(),
@@ -475,19 +505,19 @@ mod tests {
                 start: true,
                 host: None,
                 restore: false,
-            },
-            Action::WaitHealthy {
+            }),
+            Action::Session(SessionAction::WaitHealthy {
                 session: session.into(),
                 provider: p,
                 check: None,
-            },
-            Action::SyncSource {
+            }),
+            Action::Session(SessionAction::SyncSource {
                 session: session.into(),
                 provider: p,
                 path: "/x".into(),
                 exclude: vec![],
                 save_to: None,
-            },
+            }),
         ];
         for (i, action) in actions.into_iter().enumerate() {
             let depends_on = if i == 0 { vec![] } else { vec![base + i - 1] };
@@ -501,13 +531,13 @@ mod tests {
         let id = plan.steps.len();
         plan.steps.push(Step {
             id,
-            action: Action::UpsertRoute {
+            action: Action::Route(RouteAction::UpsertRoute {
                 host: format!("{session}.localhost"),
                 upstream: "127.0.0.1:1".into(),
                 session: session.into(),
                 port: "ide".into(),
                 route: None,
-            },
+            }),
             reason: Reason::Missing,
             depends_on: vec![base + 1],
         });

@@ -14,7 +14,7 @@ pub mod listeners;
 pub mod load;
 pub mod metrics;
 pub mod model;
-pub mod observed;
+pub use model::observed;
 pub mod planner;
 pub mod providers;
 pub mod proxy;

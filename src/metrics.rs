@@ -10,7 +10,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::exec::StepResult;
-use crate::observed::{Observed, SessionState};
+use crate::model::observed::{Observed, SessionState};
 use crate::planner::{Plan, Reason};
 use crate::reconcile::PassReport;
 

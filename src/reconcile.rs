@@ -4,6 +4,7 @@
 //! Retrying is this loop's job: an object whose step failed backs off (exponentially, with
 //! jitter, per object), so one broken session never slows the others.
 
+use crate::model::plan::{Action, Object, Plan, RecordAction, RouteAction, SessionAction, Summary};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,8 +18,8 @@ use crate::config::Config;
 use crate::desired::Desired;
 use crate::exec::{ExecOptions, Outcome, StepResult, execute};
 use crate::model::ComputeKind;
-use crate::observed::Observed;
-use crate::planner::{Object, Plan, Policy, Summary, plan};
+use crate::model::observed::Observed;
+use crate::planner::{Policy, plan};
 use crate::providers::Providers;
 use crate::settle::{Root, SourceHistory};
 use crate::state::{Event, StateDir};
@@ -102,15 +103,15 @@ struct Wish {
 }
 
 /// The wish a step serves, given each desired session's spec fingerprint.
-fn wish_of(action: &crate::planner::Action, specs: &BTreeMap<&str, String>) -> Wish {
-    use crate::planner::Action as A;
+fn wish_of(action: &Action, specs: &BTreeMap<&str, String>) -> Wish {
     let removing = matches!(
         action,
-        A::DestroySession { .. }
-            | A::StopSession { .. }
-            | A::SaveWork { .. }
-            | A::RemoveRoute { .. }
-            | A::RemoveRecord { .. }
+        Action::Session(
+            SessionAction::DestroySession { .. }
+                | SessionAction::StopSession { .. }
+                | SessionAction::SaveWork { .. }
+        ) | Action::Route(RouteAction::RemoveRoute { .. })
+            | Action::Record(RecordAction::RemoveRecord { .. })
     );
     Wish {
         removing,
@@ -185,7 +186,7 @@ impl Reconciler {
         let mut names: Vec<String> = providers
             .compute
             .keys()
-            .map(|k| crate::observed::ProviderId::Compute(*k).to_string())
+            .map(|k| crate::model::observed::ProviderId::Compute(*k).to_string())
             .collect();
         names.push("proxy".into());
         if providers.dns.is_some() {
@@ -438,7 +439,7 @@ impl Reconciler {
             r.outcome.is_success()
                 && !matches!(
                     p.steps[r.step].action,
-                    crate::planner::Action::WaitHealthy { .. }
+                    crate::planner::Action::Session(SessionAction::WaitHealthy { .. })
                 )
         }) || (!p.deferred.is_empty()
             && results.iter().any(|r| r.outcome.is_success()));
@@ -528,8 +529,10 @@ impl Reconciler {
         for r in results {
             let action = &plan.steps[r.step].action;
             let session = match action {
-                crate::planner::Action::UpsertRoute { session, .. }
-                | crate::planner::Action::UpsertRecord { session, .. } => Some(session.as_str()),
+                crate::planner::Action::Route(RouteAction::UpsertRoute { session, .. })
+                | crate::planner::Action::Record(RecordAction::UpsertRecord { session, .. }) => {
+                    Some(session.as_str())
+                }
                 other => other.session(),
             };
             if let (Some(s), Some(e)) = (session, failure_text(&r.outcome)) {

@@ -20,7 +20,7 @@ pub fn all() -> Vec<(&'static str, String)> {
         ),
         (
             "observed.schema.json",
-            render::<crate::observed::Observed>("observed"),
+            render::<crate::model::observed::Observed>("observed"),
         ),
         (
             "status.schema.json",

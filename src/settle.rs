@@ -16,7 +16,7 @@ use crate::config::RouteTemplate;
 use crate::desired::{Desired, Held, Quarantine, RouteOrigin, effective_routes};
 use crate::diag::{Diagnostic, Pos};
 use crate::model::Kind;
-use crate::observed::Observed;
+use crate::model::observed::Observed;
 use crate::planner::{Object, Settle};
 
 /// What the loop remembers of the files it has loaded.

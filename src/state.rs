@@ -12,7 +12,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::exec::Outcome;
-use crate::observed::Observed;
+use crate::model::observed::Observed;
 
 /// One step's outcome, as recorded and served.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::OnceLock;
 use std::time::Duration;
+use vessel::model::plan::{RecordAction, RouteAction, SessionAction};
 
 use chrono::{DateTime, TimeZone, Utc};
 use vessel::config::Config;
@@ -165,12 +166,14 @@ fn check_plan(desired: &Desired, observed: &Observed, p: &vessel::planner::Plan)
             assert!(s.owned, "a step on a foreign session: {a:?}");
         }
         match a {
-            Action::UpsertRoute { host, .. } | Action::RemoveRoute { host } => {
+            Action::Route(RouteAction::UpsertRoute { host, .. })
+            | Action::Route(RouteAction::RemoveRoute { host }) => {
                 if let Some(r) = observed.routes.get(host) {
                     assert!(r.owned, "a step on a foreign route: {a:?}");
                 }
             }
-            Action::UpsertRecord { name, .. } | Action::RemoveRecord { name, .. } => {
+            Action::Record(RecordAction::UpsertRecord { name, .. })
+            | Action::Record(RecordAction::RemoveRecord { name, .. }) => {
                 for r in observed.records.values().filter(|r| &r.name == name) {
                     assert!(r.owned, "a step on a foreign record: {a:?}");
                 }
@@ -181,9 +184,12 @@ fn check_plan(desired: &Desired, observed: &Observed, p: &vessel::planner::Plan)
             assert!(*d < step.id, "dependencies point backwards");
         }
         if unknown {
-            let removes = matches!(a, Action::RemoveRoute { .. } | Action::RemoveRecord { .. })
-                || (matches!(a, Action::DestroySession { .. })
-                    && !matches!(step.reason, Reason::Replaced { .. }));
+            let removes = matches!(
+                a,
+                Action::Route(RouteAction::RemoveRoute { .. })
+                    | Action::Record(RecordAction::RemoveRecord { .. })
+            ) || (matches!(a, Action::Session(SessionAction::DestroySession { .. }))
+                && !matches!(step.reason, Reason::Replaced { .. }));
             assert!(
                 !removes,
                 "a file with unknown contents holds every destroy: {a:?}"

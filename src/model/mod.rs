@@ -3,6 +3,8 @@
 //! Owns the shape of the YAML, its JSON Schema and the small value types inside it. It does no
 //! I/O and knows nothing of files; the loader attaches each document to where it came from.
 
+pub mod observed;
+pub mod plan;
 pub mod units;
 
 use std::collections::BTreeMap;

@@ -17,16 +17,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
+
+pub use crate::model::plan::{
+    Action, DataFate, Deferred, Guard, Hold, HoldReason, Object, Plan, Reason, RecordAction,
+    RouteAction, SessionAction, Step, Summary,
+};
 
 use crate::config::{Config, DestroyBudget, DnsConfig, RouteTemplate};
 use crate::desired::{Desired, EffectiveRoute, effective_routes};
-use crate::model::{
-    ComputeKind, Duration, ExpiryAction, FieldChange, Health, Kind, PlanSpec, RunState, SessionSpec,
-};
-use crate::observed::{
+use crate::model::observed::{
     Observed, ObservedSession, ProviderId, RecordType, RuntimeSpec, SessionState,
+};
+use crate::model::{
+    ComputeKind, Duration, ExpiryAction, FieldChange, Kind, PlanSpec, RunState, SessionSpec,
 };
 
 /// Everything besides desired and observed state that decides a plan.
@@ -172,440 +175,6 @@ pub fn record_for(address: &str) -> (RecordType, String) {
             RecordType::CNAME,
             address.trim_end_matches('.').to_ascii_lowercase(),
         ),
-    }
-}
-
-/// What one step does. Carries everything its execution needs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(tag = "action", rename_all = "snake_case")]
-pub enum Action {
-    CreateSession {
-        session: String,
-        spec: Arc<RuntimeSpec>,
-        fingerprint: String,
-        /// The desired-state file it comes from, recorded on the session.
-        source_file: PathBuf,
-        /// Where its work is saved before it stops or goes away, if anywhere.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        save_to: Option<PathBuf>,
-        /// Start it once created (otherwise it is created stopped).
-        start: bool,
-        /// The provider's host it is placed on, for providers with several (docker).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        host: Option<String>,
-        /// Restore the workspace its provider kept from an earlier session of this name.
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-        restore: bool,
-    },
-    /// Change a session's spec in place (fields its provider changes without a replace);
-    /// a running session restarts with it, its workspace kept.
-    UpdateSession {
-        session: String,
-        provider: ComputeKind,
-        spec: Arc<RuntimeSpec>,
-        fingerprint: String,
-        /// Restart it now (it is running and stays so).
-        restart: bool,
-    },
-    StartSession {
-        session: String,
-        provider: ComputeKind,
-    },
-    StopSession {
-        session: String,
-        provider: ComputeKind,
-        /// How long it gets before it is killed.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        stop_timeout: Option<Duration>,
-    },
-    DestroySession {
-        session: String,
-        provider: ComputeKind,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        stop_timeout: Option<Duration>,
-        /// Keep its workspace for the retention time (to restore it if it comes back).
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-        retain: bool,
-    },
-    WaitHealthy {
-        session: String,
-        provider: ComputeKind,
-        /// The check to run; by default, the `ide` port (or the first) answers.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        check: Option<Health>,
-    },
-    SyncSource {
-        session: String,
-        provider: ComputeKind,
-        path: PathBuf,
-        exclude: Vec<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        save_to: Option<PathBuf>,
-    },
-    SaveWork {
-        session: String,
-        provider: ComputeKind,
-        path: PathBuf,
-    },
-    UpsertRoute {
-        host: String,
-        upstream: String,
-        session: String,
-        port: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        route: Option<String>,
-    },
-    RemoveRoute {
-        host: String,
-    },
-    UpsertRecord {
-        name: String,
-        rtype: RecordType,
-        content: String,
-        /// The session the record serves (recorded as its owner).
-        session: String,
-    },
-    RemoveRecord {
-        name: String,
-        rtype: RecordType,
-    },
-}
-
-impl Action {
-    /// The object a step acts on, as `kind name`; steps on one object render together.
-    pub fn object(&self) -> Object {
-        match self {
-            Action::CreateSession { session, .. }
-            | Action::UpdateSession { session, .. }
-            | Action::StartSession { session, .. }
-            | Action::StopSession { session, .. }
-            | Action::DestroySession { session, .. }
-            | Action::WaitHealthy { session, .. }
-            | Action::SyncSource { session, .. }
-            | Action::SaveWork { session, .. } => Object::Session(session.clone()),
-            Action::UpsertRoute { host, .. } | Action::RemoveRoute { host } => {
-                Object::Route(host.clone())
-            }
-            Action::UpsertRecord { name, rtype, .. } | Action::RemoveRecord { name, rtype } => {
-                Object::Record(format!("{name} {}", rtype.as_str()))
-            }
-        }
-    }
-
-    /// What a route step leaves in the proxy: its host, and the route (vessel's) for an
-    /// upsert or None for a removal. None for steps that are not route steps.
-    pub fn route_after(&self) -> Option<(&str, Option<crate::observed::ObservedRoute>)> {
-        match self {
-            Action::UpsertRoute {
-                host,
-                upstream,
-                session,
-                route,
-                ..
-            } => Some((
-                host,
-                Some(crate::observed::ObservedRoute {
-                    host: host.clone(),
-                    upstream: upstream.clone(),
-                    owned: true,
-                    session: Some(session.clone()),
-                    route: route.clone(),
-                }),
-            )),
-            Action::RemoveRoute { host } => Some((host, None)),
-            _ => None,
-        }
-    }
-
-    /// The object's identity without allocating: (kind, name, record type).
-    pub fn key(&self) -> (u8, &str, Option<RecordType>) {
-        match self {
-            Action::UpsertRoute { host, .. } | Action::RemoveRoute { host } => (1, host, None),
-            Action::UpsertRecord { name, rtype, .. } | Action::RemoveRecord { name, rtype } => {
-                (2, name, Some(*rtype))
-            }
-            other => (0, other.session().unwrap_or_default(), None),
-        }
-    }
-
-    /// The session a step acts on, if it acts on one (the executor never runs two at once).
-    pub fn session(&self) -> Option<&str> {
-        match self {
-            Action::CreateSession { session, .. }
-            | Action::UpdateSession { session, .. }
-            | Action::StartSession { session, .. }
-            | Action::StopSession { session, .. }
-            | Action::DestroySession { session, .. }
-            | Action::WaitHealthy { session, .. }
-            | Action::SyncSource { session, .. }
-            | Action::SaveWork { session, .. } => Some(session),
-            _ => None,
-        }
-    }
-
-    pub fn provider(&self) -> ProviderId {
-        match self {
-            Action::CreateSession { spec, .. } => ProviderId::Compute(spec.compute),
-            Action::UpdateSession { provider, .. }
-            | Action::StartSession { provider, .. }
-            | Action::StopSession { provider, .. }
-            | Action::DestroySession { provider, .. }
-            | Action::WaitHealthy { provider, .. }
-            | Action::SyncSource { provider, .. }
-            | Action::SaveWork { provider, .. } => ProviderId::Compute(*provider),
-            Action::UpsertRoute { .. } | Action::RemoveRoute { .. } => ProviderId::Proxy,
-            Action::UpsertRecord { .. } | Action::RemoveRecord { .. } => ProviderId::Dns,
-        }
-    }
-
-    /// A short verb for listings and events.
-    pub fn verb(&self) -> &'static str {
-        match self {
-            Action::CreateSession { .. } => "create",
-            Action::UpdateSession { .. } => "update",
-            Action::StartSession { .. } => "start",
-            Action::StopSession { .. } => "stop",
-            Action::DestroySession { .. } => "destroy",
-            Action::WaitHealthy { .. } => "wait-healthy",
-            Action::SyncSource { .. } => "sync-source",
-            Action::SaveWork { .. } => "save-work",
-            Action::UpsertRoute { .. } => "upsert-route",
-            Action::RemoveRoute { .. } => "remove-route",
-            Action::UpsertRecord { .. } => "upsert-record",
-            Action::RemoveRecord { .. } => "remove-record",
-        }
-    }
-}
-
-/// An object the plan talks about.
-#[derive(
-    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
-)]
-#[serde(tag = "kind", content = "name", rename_all = "lowercase")]
-pub enum Object {
-    Session(String),
-    Route(String),
-    Record(String),
-}
-
-impl std::fmt::Display for Object {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Object::Session(n) => write!(f, "session {n}"),
-            Object::Route(h) => write!(f, "route {h}"),
-            Object::Record(r) => write!(f, "dns {r}"),
-        }
-    }
-}
-
-/// What happens to a replaced session's data.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum DataFate {
-    /// Its work is copied back to this path first.
-    SavedTo(PathBuf),
-    /// Its provider keeps the workspace and the new session gets it back.
-    Kept,
-    /// Its workspace is discarded (no `save_on_stop`, and its provider keeps nothing).
-    Discarded,
-}
-
-/// Why a step is in the plan.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(tag = "reason", rename_all = "snake_case")]
-pub enum Reason {
-    /// Desired but absent.
-    Missing,
-    /// Present but no longer desired.
-    NotDesired,
-    /// Past its `expires`.
-    Expired { at: DateTime<Utc> },
-    /// Its run state differs from the desired one.
-    StateChanged { from: String, to: String },
-    /// It exited or crashed and is desired running.
-    Failed,
-    /// A mutable field differs; the changes are listed.
-    Drifted { changes: Vec<String> },
-    /// Fields its provider changes in place differ; `restart` when it restarts for them.
-    Changed { changes: Vec<String>, restart: bool },
-    /// An immutable field differs, so it is destroyed and created again.
-    Replaced {
-        changes: Vec<String>,
-        data: DataFate,
-    },
-    /// Part of another step's chain (health after start, source after create).
-    Follows { object: Object },
-}
-
-impl Reason {
-    pub fn describe(&self) -> String {
-        match self {
-            Reason::Missing => "missing".into(),
-            Reason::NotDesired => "no longer desired".into(),
-            Reason::Expired { at } => format!("expired at {}", at.to_rfc3339()),
-            Reason::StateChanged { from, to } => format!("state {from} -> {to}"),
-            Reason::Failed => "not running (exited or failed)".into(),
-            Reason::Drifted { changes } => format!("drifted: {}", changes.join(", ")),
-            Reason::Changed { changes, restart } => format!(
-                "{}: {} changed",
-                if *restart {
-                    "update in place with a restart"
-                } else {
-                    "update in place"
-                },
-                changes.join(", ")
-            ),
-            Reason::Replaced { changes, data } => {
-                let d = match data {
-                    DataFate::SavedTo(p) => format!("work saved to {} first", p.display()),
-                    DataFate::Kept => "workspace kept".into(),
-                    DataFate::Discarded => "workspace discarded".into(),
-                };
-                format!("replace: {} changed; {d}", changes.join(", "))
-            }
-            Reason::Follows { object } => format!("follows {object}"),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-pub struct Step {
-    pub id: usize,
-    #[serde(flatten)]
-    pub action: Action,
-    #[serde(flatten)]
-    pub reason: Reason,
-    /// Steps that must succeed first (always lower ids).
-    pub depends_on: Vec<usize>,
-}
-
-/// Something the plan will do once an input exists (a route waits for its session's address).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-pub struct Deferred {
-    pub object: Object,
-    /// What it waits for: a session's address (for a route), or a route (for a record).
-    pub after: Object,
-}
-
-impl Deferred {
-    pub fn waiting_for(&self) -> String {
-        match &self.after {
-            Object::Session(s) => format!("an address for session {s}"),
-            other => other.to_string(),
-        }
-    }
-}
-
-/// Why an object is deliberately left as it is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum HoldReason {
-    /// Its provider could not be observed.
-    Unobserved { provider: ProviderId, error: String },
-    /// It comes from a file with errors.
-    Quarantined { file: Option<PathBuf> },
-    /// An object vessel does not own is in the way.
-    Foreign,
-    /// A guard held its destroy.
-    Guarded,
-    /// Its session has no address to route to (stopped or asleep, and never started).
-    NoAddress,
-    /// No host of its compute provider is in the location it asks for.
-    NoHost { location: String },
-    /// A file it comes from changed moments ago: what the change takes away waits until the
-    /// file has been unchanged for the settle time and a fresh pass still wants it.
-    Settling { file: PathBuf, until: DateTime<Utc> },
-    /// Its `source.path` does not exist: it is not made without its project.
-    SourceMissing { path: PathBuf },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-pub struct Hold {
-    pub object: Object,
-    #[serde(flatten)]
-    pub why: HoldReason,
-}
-
-/// A safety guard that held destroys.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(tag = "guard", rename_all = "snake_case")]
-pub enum Guard {
-    /// The plan would destroy more sessions than the budget allows.
-    DestroyBudget {
-        destroys: usize,
-        existing: usize,
-        max_count: u32,
-        max_percent: u8,
-    },
-    /// The source has no sessions at all.
-    EmptySource { destroys: usize },
-    /// A file could not be read far enough to know what it declares: anything missing might
-    /// be in it, so nothing is destroyed or removed.
-    UnknownObjects { files: Vec<PathBuf> },
-}
-
-impl Guard {
-    pub fn describe(&self) -> String {
-        match self {
-            Guard::DestroyBudget {
-                destroys,
-                existing,
-                max_count,
-                max_percent,
-            } => format!(
-                "destroy budget: {destroys} of {existing} sessions would be destroyed or replaced without saving their work (limit {max_count}, or {max_percent}%); held: pass --allow-destroy to apply"
-            ),
-            Guard::EmptySource { destroys } => format!(
-                "empty source: it has no sessions, and {destroys} would be destroyed; held: set policy.allow_empty_source to apply"
-            ),
-            Guard::UnknownObjects { files } => format!(
-                "{} could not be read far enough to know what it declares; nothing is destroyed or removed until it is fixed",
-                files
-                    .iter()
-                    .map(|f| f.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-pub struct Summary {
-    pub create: usize,
-    pub update: usize,
-    pub replace: usize,
-    pub destroy: usize,
-    pub deferred: usize,
-    pub held: usize,
-}
-
-/// The plan: what to do, in order, and everything deliberately not done.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[schemars(title = "vessel plan")]
-pub struct Plan {
-    pub steps: Vec<Step>,
-    pub deferred: Vec<Deferred>,
-    pub held: Vec<Hold>,
-    pub guards: Vec<Guard>,
-    /// The earliest future expiry: when the next pass must run at the latest.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_wakeup: Option<DateTime<Utc>>,
-    /// Identifies what a destroy budget or empty-source guard holds: `vessel approve` with it
-    /// lets the daemon apply exactly these destroys, once.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub approval: Option<String>,
-    pub summary: Summary,
-}
-
-impl Plan {
-    /// No steps and nothing waiting: the world matches.
-    pub fn is_empty(&self) -> bool {
-        self.steps.is_empty() && self.deferred.is_empty()
-    }
-
-    pub fn has_changes(&self) -> bool {
-        !self.is_empty()
     }
 }
 
@@ -998,13 +567,13 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
             let restart = matches!(fate, Fate::Keep) && o.state == SessionState::Running;
             push(
                 Phase::Update,
-                Action::UpdateSession {
+                Action::Session(SessionAction::UpdateSession {
                     session: name.into(),
                     provider: o.provider,
                     spec: w.spec.clone(),
                     fingerprint: w.fingerprint.to_string(),
                     restart,
-                },
+                }),
                 Reason::Changed {
                     changes: changes.clone(),
                     restart,
@@ -1013,11 +582,11 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
             if restart {
                 push(
                     Phase::Healthy,
-                    Action::WaitHealthy {
+                    Action::Session(SessionAction::WaitHealthy {
                         session: name.into(),
                         provider: o.provider,
                         check: w.spec.health.clone(),
-                    },
+                    }),
                     follows(),
                 );
                 if changes.iter().any(|c| c == "ports") {
@@ -1083,19 +652,19 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 let Some(o) = have else { continue };
                 push(
                     Phase::Start,
-                    Action::StartSession {
+                    Action::Session(SessionAction::StartSession {
                         session: name.into(),
                         provider: o.provider,
-                    },
+                    }),
                     reason.clone(),
                 );
                 push(
                     Phase::Healthy,
-                    Action::WaitHealthy {
+                    Action::Session(SessionAction::WaitHealthy {
                         session: name.into(),
                         provider: o.provider,
                         check: want.and_then(|w| w.spec.health.clone()),
-                    },
+                    }),
                     follows(),
                 );
                 if let Some(w) = want
@@ -1112,11 +681,11 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 save_first(&mut push, name, o, reason);
                 push(
                     Phase::Stop,
-                    Action::StopSession {
+                    Action::Session(SessionAction::StopSession {
                         session: name.into(),
                         provider: o.provider,
                         stop_timeout: stop_timeout(name),
-                    },
+                    }),
                     reason.clone(),
                 );
             }
@@ -1260,13 +829,13 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 };
                 push(
                     Phase::UpsertRoute,
-                    Action::UpsertRoute {
+                    Action::Route(RouteAction::UpsertRoute {
                         host: host.into(),
                         upstream,
                         session: r.session.to_string(),
                         port: r.port_name.to_string(),
                         route: route_name.map(str::to_string),
-                    },
+                    }),
                     reason,
                 );
             }
@@ -1283,7 +852,7 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 }
                 push(
                     Phase::RemoveRoute,
-                    Action::RemoveRoute { host: host.into() },
+                    Action::Route(RouteAction::RemoveRoute { host: host.into() }),
                     Reason::NotDesired,
                 )
             }
@@ -1357,12 +926,12 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                 }
                 (Some(r), None) => push(
                     Phase::UpsertRecord,
-                    Action::UpsertRecord {
+                    Action::Record(RecordAction::UpsertRecord {
                         name,
                         rtype: ty,
                         content: content.clone(),
                         session: r.session.to_string(),
-                    },
+                    }),
                     Reason::Missing,
                 ),
                 (Some(r), Some(o))
@@ -1375,12 +944,12 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                     };
                     push(
                         Phase::UpsertRecord,
-                        Action::UpsertRecord {
+                        Action::Record(RecordAction::UpsertRecord {
                             name,
                             rtype: ty,
                             content: content.clone(),
                             session: r.session.to_string(),
-                        },
+                        }),
                         Reason::Drifted {
                             changes: vec![change],
                         },
@@ -1401,7 +970,7 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
                     } else if !hold_removals && proxy_gap.is_none() && attributable {
                         push(
                             Phase::RemoveRecord,
-                            Action::RemoveRecord { name, rtype: ty },
+                            Action::Record(RecordAction::RemoveRecord { name, rtype: ty }),
                             Reason::NotDesired,
                         );
                     }
@@ -1443,11 +1012,11 @@ fn save_first(
     if let (Some(p), SessionState::Running) = (save_path(o), o.state) {
         push(
             Phase::SaveWork,
-            Action::SaveWork {
+            Action::Session(SessionAction::SaveWork {
                 session: name.into(),
                 provider: o.provider,
                 path: p,
-            },
+            }),
             reason.clone(),
         );
     }
@@ -1479,25 +1048,25 @@ fn save_then_destroy(
     save_first(push, name, o, reason);
     push(
         Phase::Destroy,
-        Action::DestroySession {
+        Action::Session(SessionAction::DestroySession {
             session: name.into(),
             provider: o.provider,
             stop_timeout: retain.timeout,
             retain: retain.keep,
-        },
+        }),
         reason.clone(),
     );
 }
 
 fn sync_action(name: &str, w: &Want) -> Action {
     let src = w.session.source.as_ref();
-    Action::SyncSource {
+    Action::Session(SessionAction::SyncSource {
         session: name.into(),
         provider: w.spec.compute,
         path: src.map(|s| s.path.clone()).unwrap_or_default(),
         exclude: src.map(|s| s.exclude.clone()).unwrap_or_default(),
         save_to: src.filter(|s| s.save_on_stop).map(|s| s.path.clone()),
-    }
+    })
 }
 
 /// The host a session goes on, for compute providers with several: the one it is on already
@@ -1555,7 +1124,7 @@ fn create_steps(
         .map(|s| s.path.clone());
     push(
         Phase::Create,
-        Action::CreateSession {
+        Action::Session(SessionAction::CreateSession {
             session: name.into(),
             spec: w.spec.clone(),
             fingerprint: w.fingerprint.to_string(),
@@ -1564,7 +1133,7 @@ fn create_steps(
             start,
             host,
             restore,
-        },
+        }),
         reason,
     );
     let follows = Reason::Follows {
@@ -1573,11 +1142,11 @@ fn create_steps(
     if start {
         push(
             Phase::Healthy,
-            Action::WaitHealthy {
+            Action::Session(SessionAction::WaitHealthy {
                 session: name.into(),
                 provider: w.spec.compute,
                 check: w.spec.health.clone(),
-            },
+            }),
             follows.clone(),
         );
     }
@@ -1699,10 +1268,12 @@ fn dependencies(drafts: &[Draft], observed: &Observed) -> Vec<Vec<usize>> {
             by_session.entry((d.phase, s)).or_default().push(id);
         }
         match &d.action {
-            Action::UpsertRoute { host, .. } | Action::RemoveRoute { host } => {
+            Action::Route(RouteAction::UpsertRoute { host, .. })
+            | Action::Route(RouteAction::RemoveRoute { host }) => {
                 by_host.insert((d.phase, host), id);
             }
-            Action::UpsertRecord { name, .. } | Action::RemoveRecord { name, .. } => {
+            Action::Record(RecordAction::UpsertRecord { name, .. })
+            | Action::Record(RecordAction::RemoveRecord { name, .. }) => {
                 by_host.insert((d.phase, name), id);
             }
             _ => {}
@@ -1736,10 +1307,12 @@ fn dependencies(drafts: &[Draft], observed: &Observed) -> Vec<Vec<usize>> {
     for (id, d) in drafts.iter().enumerate() {
         let mut deps: Vec<usize> = Vec::new();
         match &d.action {
-            Action::RemoveRoute { host: h } => deps.extend(host(Phase::RemoveRecord, h)),
-            Action::SaveWork { session, .. }
-            | Action::StopSession { session, .. }
-            | Action::DestroySession { session, .. } => {
+            Action::Route(RouteAction::RemoveRoute { host: h }) => {
+                deps.extend(host(Phase::RemoveRecord, h))
+            }
+            Action::Session(SessionAction::SaveWork { session, .. })
+            | Action::Session(SessionAction::StopSession { session, .. })
+            | Action::Session(SessionAction::DestroySession { session, .. }) => {
                 for h in routes_of.get(session.as_str()).into_iter().flatten() {
                     deps.extend(host(Phase::RemoveRoute, h));
                 }
@@ -1750,26 +1323,34 @@ fn dependencies(drafts: &[Draft], observed: &Observed) -> Vec<Vec<usize>> {
                     deps.extend(sess(Phase::SaveWork, session));
                 }
             }
-            Action::CreateSession { session, .. } => deps.extend(sess(Phase::Destroy, session)),
-            Action::UpdateSession { session, .. } => deps.extend(sess(Phase::Stop, session)),
-            Action::StartSession { session, .. } => deps.extend(sess(Phase::Update, session)),
-            Action::WaitHealthy { session, .. } => {
+            Action::Session(SessionAction::CreateSession { session, .. }) => {
+                deps.extend(sess(Phase::Destroy, session))
+            }
+            Action::Session(SessionAction::UpdateSession { session, .. }) => {
+                deps.extend(sess(Phase::Stop, session))
+            }
+            Action::Session(SessionAction::StartSession { session, .. }) => {
+                deps.extend(sess(Phase::Update, session))
+            }
+            Action::Session(SessionAction::WaitHealthy { session, .. }) => {
                 deps.extend(sess(Phase::Update, session));
                 deps.extend(sess(Phase::Create, session));
                 deps.extend(sess(Phase::Start, session));
             }
-            Action::SyncSource { session, .. } => {
+            Action::Session(SessionAction::SyncSource { session, .. }) => {
                 deps.extend(sess(Phase::Healthy, session));
                 if deps.is_empty() {
                     deps.extend(sess(Phase::Create, session));
                 }
             }
-            Action::UpsertRoute { session, .. } => {
+            Action::Route(RouteAction::UpsertRoute { session, .. }) => {
                 deps.extend(sess(Phase::Healthy, session));
                 deps.extend(sess(Phase::Source, session));
             }
-            Action::UpsertRecord { name, .. } => deps.extend(host(Phase::UpsertRoute, name)),
-            Action::RemoveRecord { .. } => {}
+            Action::Record(RecordAction::UpsertRecord { name, .. }) => {
+                deps.extend(host(Phase::UpsertRoute, name))
+            }
+            Action::Record(RecordAction::RemoveRecord { .. }) => {}
         }
         debug_assert!(
             deps.iter().all(|d| *d < id),
@@ -1807,17 +1388,25 @@ fn change_of(s: &Step) -> Change {
     match (&s.action, &s.reason) {
         (_, Reason::Replaced { .. }) => Change::Replace,
         (
-            Action::CreateSession { .. } | Action::UpsertRoute { .. } | Action::UpsertRecord { .. },
+            Action::Session(SessionAction::CreateSession { .. })
+            | Action::Route(RouteAction::UpsertRoute { .. })
+            | Action::Record(RecordAction::UpsertRecord { .. }),
             Reason::Missing,
         ) => Change::Create,
         (
-            Action::DestroySession { .. }
-            | Action::RemoveRoute { .. }
-            | Action::RemoveRecord { .. },
+            Action::Session(SessionAction::DestroySession { .. })
+            | Action::Route(RouteAction::RemoveRoute { .. })
+            | Action::Record(RecordAction::RemoveRecord { .. }),
             _,
         ) => Change::Destroy,
-        (Action::WaitHealthy { .. } | Action::SaveWork { .. }, _) => Change::Follow,
-        (Action::SyncSource { .. }, Reason::Follows { .. }) => Change::Follow,
+        (
+            Action::Session(SessionAction::WaitHealthy { .. })
+            | Action::Session(SessionAction::SaveWork { .. }),
+            _,
+        ) => Change::Follow,
+        (Action::Session(SessionAction::SyncSource { .. }), Reason::Follows { .. }) => {
+            Change::Follow
+        }
         _ => Change::Update,
     }
 }

@@ -1,12 +1,13 @@
 //! Rendering a plan: terraform-like text for people, stable JSON for machines, Markdown for
 //! pull-request comments. Pure functions of the plan and the observed state (for field diffs).
 
+use crate::model::plan::{RecordAction, RouteAction, SessionAction};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use similar::TextDiff;
 
-use crate::observed::{Observed, RuntimeSpec};
+use crate::model::observed::{Observed, RuntimeSpec};
 
 use super::{Action, Change, Object, Plan, Reason, Step, object_changes};
 
@@ -124,17 +125,20 @@ fn before_after(
                 .map(|l| with_host(l, have.and_then(|s| s.host.as_ref())))
                 .unwrap_or_default();
             let created = steps.iter().find_map(|s| match &s.action {
-                Action::CreateSession { spec, host, .. } => {
+                Action::Session(SessionAction::CreateSession { spec, host, .. }) => {
                     Some(with_host(spec.lines(), host.as_ref()))
                 }
-                Action::UpdateSession { spec, .. } => {
+                Action::Session(SessionAction::UpdateSession { spec, .. }) => {
                     Some(with_host(spec.lines(), have.and_then(|s| s.host.as_ref())))
                 }
                 _ => None,
             });
-            let destroyed = steps
-                .iter()
-                .any(|s| matches!(s.action, Action::DestroySession { .. }));
+            let destroyed = steps.iter().any(|s| {
+                matches!(
+                    s.action,
+                    Action::Session(SessionAction::DestroySession { .. })
+                )
+            });
             let after = match created {
                 Some(l) => l,
                 None if destroyed => Vec::new(),
@@ -149,12 +153,12 @@ fn before_after(
                 .map(|r| vec![format!("upstream: {}", r.upstream)])
                 .unwrap_or_default();
             let after = steps.iter().find_map(|s| match &s.action {
-                Action::UpsertRoute {
+                Action::Route(RouteAction::UpsertRoute {
                     upstream,
                     session,
                     port,
                     ..
-                } => Some(vec![
+                }) => Some(vec![
                     format!("upstream: {upstream}"),
                     format!("session: {session}:{port}"),
                 ]),
@@ -182,16 +186,17 @@ fn before_after(
         }
         Object::Record(_) => {
             let after = steps.iter().find_map(|s| match &s.action {
-                Action::UpsertRecord { content, .. } => Some(vec![format!("content: {content}")]),
+                Action::Record(RecordAction::UpsertRecord { content, .. }) => {
+                    Some(vec![format!("content: {content}")])
+                }
                 _ => None,
             });
             let before = steps.iter().find_map(|s| match &s.action {
-                Action::UpsertRecord { name, rtype, .. } | Action::RemoveRecord { name, rtype } => {
-                    observed
-                        .records
-                        .get(&Observed::record_key(name, *rtype))
-                        .map(|r| vec![format!("content: {}", r.content)])
-                }
+                Action::Record(RecordAction::UpsertRecord { name, rtype, .. })
+                | Action::Record(RecordAction::RemoveRecord { name, rtype }) => observed
+                    .records
+                    .get(&Observed::record_key(name, *rtype))
+                    .map(|r| vec![format!("content: {}", r.content)]),
                 _ => None,
             });
             (before.unwrap_or_default(), after.unwrap_or_default())
@@ -371,22 +376,30 @@ pub fn text(plan: &Plan, observed: &Observed, color: bool) -> String {
 
 fn step_target(a: &Action) -> String {
     match a {
-        Action::UpsertRoute { host, upstream, .. } => format!("{host} -> {upstream}"),
-        Action::UpsertRecord {
+        Action::Route(RouteAction::UpsertRoute { host, upstream, .. }) => {
+            format!("{host} -> {upstream}")
+        }
+        Action::Record(RecordAction::UpsertRecord {
             name,
             rtype,
             content,
             ..
-        } => format!("{name} {} {content}", rtype.as_str()),
-        Action::RemoveRecord { name, rtype } => format!("{name} {}", rtype.as_str()),
-        Action::SyncSource { session, path, .. } => format!("{session} <- {}", path.display()),
-        Action::SaveWork { session, path, .. } => format!("{session} -> {}", path.display()),
-        Action::CreateSession {
+        }) => format!("{name} {} {content}", rtype.as_str()),
+        Action::Record(RecordAction::RemoveRecord { name, rtype }) => {
+            format!("{name} {}", rtype.as_str())
+        }
+        Action::Session(SessionAction::SyncSource { session, path, .. }) => {
+            format!("{session} <- {}", path.display())
+        }
+        Action::Session(SessionAction::SaveWork { session, path, .. }) => {
+            format!("{session} -> {}", path.display())
+        }
+        Action::Session(SessionAction::CreateSession {
             session,
             host,
             restore,
             ..
-        } => {
+        }) => {
             let on = host
                 .as_ref()
                 .map(|h| format!(" on {h}"))
@@ -398,11 +411,11 @@ fn step_target(a: &Action) -> String {
             };
             format!("{session}{on}{kept}")
         }
-        Action::DestroySession {
+        Action::Session(SessionAction::DestroySession {
             session,
             retain: true,
             ..
-        } => format!("{session}, keeping its workspace"),
+        }) => format!("{session}, keeping its workspace"),
         other => match other.object() {
             Object::Session(n) | Object::Route(n) | Object::Record(n) => n,
         },

@@ -3,7 +3,8 @@
 //! plans a change against the world another revision would have made. Pure.
 
 use crate::desired::Desired;
-use crate::observed::{Observed, ObservedRecord, ObservedSession, SessionState};
+use crate::model::observed::{Observed, ObservedRecord, ObservedSession, SessionState};
+use crate::model::plan::{RecordAction, SessionAction};
 
 use super::{Action, Plan, Policy, plan};
 
@@ -17,7 +18,7 @@ pub fn simulate(plan: &Plan, observed: &Observed) -> Observed {
     let mut o = observed.clone();
     for step in &plan.steps {
         match &step.action {
-            Action::CreateSession {
+            Action::Session(SessionAction::CreateSession {
                 session,
                 spec,
                 fingerprint,
@@ -26,7 +27,7 @@ pub fn simulate(plan: &Plan, observed: &Observed) -> Observed {
                 start,
                 host,
                 ..
-            } => {
+            }) => {
                 o.sessions.insert(
                     session.clone(),
                     ObservedSession {
@@ -53,13 +54,13 @@ pub fn simulate(plan: &Plan, observed: &Observed) -> Observed {
                     },
                 );
             }
-            Action::UpdateSession {
+            Action::Session(SessionAction::UpdateSession {
                 session,
                 spec,
                 fingerprint,
                 restart,
                 ..
-            } => {
+            }) => {
                 if let Some(s) = o.sessions.get_mut(session) {
                     s.fingerprint = fingerprint.clone();
                     s.spec = Some((**spec).clone());
@@ -73,45 +74,44 @@ pub fn simulate(plan: &Plan, observed: &Observed) -> Observed {
                     }
                 }
             }
-            Action::StartSession { session, .. } => {
+            Action::Session(SessionAction::StartSession { session, .. }) => {
                 if let Some(s) = o.sessions.get_mut(session) {
                     s.state = SessionState::Running;
                 }
             }
-            Action::StopSession { session, .. } => {
+            Action::Session(SessionAction::StopSession { session, .. }) => {
                 if let Some(s) = o.sessions.get_mut(session) {
                     s.state = SessionState::Stopped;
                 }
             }
-            Action::DestroySession { session, .. } => {
+            Action::Session(SessionAction::DestroySession { session, .. }) => {
                 o.sessions.remove(session);
             }
-            Action::SyncSource {
+            Action::Session(SessionAction::SyncSource {
                 session,
                 path,
                 save_to,
                 ..
-            } => {
+            }) => {
                 if let Some(s) = o.sessions.get_mut(session) {
                     s.synced_source = Some(path.clone());
                     s.save_to = save_to.clone();
                 }
             }
-            Action::WaitHealthy { .. } | Action::SaveWork { .. } => {}
-            Action::UpsertRoute { .. } | Action::RemoveRoute { .. } => {
-                if let Some((host, after)) = step.action.route_after() {
-                    match after {
-                        Some(r) => o.routes.insert(host.to_string(), r),
-                        None => o.routes.remove(host),
-                    };
-                }
+            Action::Session(SessionAction::WaitHealthy { .. })
+            | Action::Session(SessionAction::SaveWork { .. }) => {}
+            Action::Route(a) => {
+                match a.after() {
+                    Some(r) => o.routes.insert(a.host().to_string(), r),
+                    None => o.routes.remove(a.host()),
+                };
             }
-            Action::UpsertRecord {
+            Action::Record(RecordAction::UpsertRecord {
                 name,
                 rtype,
                 content,
                 session,
-            } => {
+            }) => {
                 o.records.insert(
                     Observed::record_key(name, *rtype),
                     ObservedRecord {
@@ -123,7 +123,7 @@ pub fn simulate(plan: &Plan, observed: &Observed) -> Observed {
                     },
                 );
             }
-            Action::RemoveRecord { name, rtype } => {
+            Action::Record(RecordAction::RemoveRecord { name, rtype }) => {
                 o.records.remove(&Observed::record_key(name, *rtype));
             }
         }

@@ -54,8 +54,6 @@ pub enum ProviderError {
         #[source]
         source: Arc<dyn std::error::Error + Send + Sync>,
     },
-    #[error("{0} is not handled by this provider")]
-    Unsupported(&'static str),
 }
 
 impl ProviderError {

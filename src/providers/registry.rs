@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::config::{Config, DnsConfig, ProxyConfig};
 use crate::model::ComputeKind;
-use crate::observed::{Observed, ProviderId};
+use crate::model::observed::{Observed, ProviderId};
 
 use super::compute::{ComputeProvider, docker, kept, process};
 use super::dns::{DnsProvider, hosts, powerdns};

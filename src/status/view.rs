@@ -1,6 +1,7 @@
 //! What the status endpoint serves, as types (their JSON Schemas are in `schemas/`). Built
 //! from the reconciler's shared view; secret-bearing values (environment values) redacted.
 
+use crate::model::plan::SessionAction;
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
@@ -9,7 +10,7 @@ use serde::Serialize;
 
 use crate::desired::effective_routes;
 use crate::diag::Diagnostic;
-use crate::observed::{RecordType, RuntimeSpec, SessionState};
+use crate::model::observed::{RecordType, RuntimeSpec, SessionState};
 use crate::reconcile::{Condition, PassReport, Shared};
 use crate::state::Event;
 
@@ -56,7 +57,7 @@ pub struct StatusView {
 pub struct KeptWorkspace {
     pub session: String,
     #[serde(flatten)]
-    pub kept: crate::observed::RetainedWorkspace,
+    pub kept: crate::model::observed::RetainedWorkspace,
 }
 
 #[derive(Debug, Default, Serialize, JsonSchema)]
@@ -280,7 +281,7 @@ fn convergence(s: &Shared, ready: bool) -> (Vec<String>, Vec<String>) {
 /// do not count.
 pub fn not_converged(
     plan: Option<&crate::planner::Plan>,
-    observed: Option<&crate::observed::Observed>,
+    observed: Option<&crate::model::observed::Observed>,
     desired: Option<&crate::desired::Desired>,
 ) -> Vec<(String, bool)> {
     use crate::planner::{Guard, HoldReason};
@@ -460,7 +461,9 @@ pub fn records(s: &Shared) -> Vec<RecordView> {
 pub fn redact_plan(plan: &crate::planner::Plan) -> crate::planner::Plan {
     let mut p = plan.clone();
     for step in &mut p.steps {
-        if let crate::planner::Action::CreateSession { spec, .. } = &mut step.action {
+        if let crate::planner::Action::Session(SessionAction::CreateSession { spec, .. }) =
+            &mut step.action
+        {
             let mut redacted = (**spec).clone();
             for v in redacted.env.values_mut() {
                 *v = REDACTED.to_string();
@@ -472,7 +475,9 @@ pub fn redact_plan(plan: &crate::planner::Plan) -> crate::planner::Plan {
 }
 
 /// The observed state with environment values redacted.
-pub fn redact_observed(observed: &crate::observed::Observed) -> crate::observed::Observed {
+pub fn redact_observed(
+    observed: &crate::model::observed::Observed,
+) -> crate::model::observed::Observed {
     let mut o = observed.clone();
     for s in o.sessions.values_mut() {
         if let Some(spec) = &mut s.spec {
@@ -507,7 +512,7 @@ mod tests {
         let mut plan = crate::planner::Plan::default();
         plan.steps.push(crate::planner::Step {
             id: 0,
-            action: crate::planner::Action::CreateSession {
+            action: crate::planner::Action::Session(SessionAction::CreateSession {
                 session: "a".into(),
                 spec: std::sync::Arc::new(spec.clone()),
                 fingerprint: "f".into(),
@@ -516,7 +521,7 @@ mod tests {
                 start: true,
                 host: None,
                 restore: false,
-            },
+            }),
             reason: crate::planner::Reason::Missing,
             depends_on: vec![],
         });
@@ -525,10 +530,10 @@ mod tests {
             json.contains("API_KEY") && !json.contains("hunter2"),
             "{json}"
         );
-        let mut observed = crate::observed::Observed::default();
+        let mut observed = crate::model::observed::Observed::default();
         observed.sessions.insert(
             "b".into(),
-            crate::observed::ObservedSession {
+            crate::model::observed::ObservedSession {
                 name: "b".into(),
                 provider: crate::model::ComputeKind::Process,
                 state: SessionState::Running,

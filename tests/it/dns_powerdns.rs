@@ -4,6 +4,7 @@
 
 use std::process::Command;
 use std::time::Duration;
+use vessel::model::plan::RecordAction;
 
 use crate::daemon_support::{Daemon, free_port, session, wait_for};
 use crate::servers::{PDNS_KEY as KEY, Pdns};
@@ -82,7 +83,6 @@ fn records_are_served_by_dig_and_foreign_ones_stay() {
 #[test]
 fn the_provider_refuses_to_write_over_a_record_it_did_not_create() {
     use vessel::observed::RecordType;
-    use vessel::planner::Action;
     use vessel::providers::DnsProvider;
     let dir = tempfile::tempdir().expect("tempdir");
     let pdns = start_pdns(dir.path());
@@ -97,7 +97,7 @@ fn the_provider_refuses_to_write_over_a_record_it_did_not_create() {
         .enable_all()
         .build()
         .expect("runtime");
-    let upsert = |name: &str| Action::UpsertRecord {
+    let upsert = |name: &str| RecordAction::UpsertRecord {
         name: name.into(),
         rtype: RecordType::A,
         content: "192.0.2.10".into(),
@@ -107,7 +107,7 @@ fn the_provider_refuses_to_write_over_a_record_it_did_not_create() {
         upsert("mail.dev.example.com"),
         upsert("mine.dev.example.com"),
     );
-    let remove = Action::RemoveRecord {
+    let remove = RecordAction::RemoveRecord {
         name: "mail.dev.example.com".into(),
         rtype: RecordType::A,
     };
@@ -119,7 +119,7 @@ fn the_provider_refuses_to_write_over_a_record_it_did_not_create() {
         r#"{"rrsets":[{"name":"note.dev.example.com.","type":"TXT","ttl":300,"changetype":"REPLACE","records":[{"content":"\"hello\"","disabled":false}]}]}"#,
     );
     assert_eq!(code, 204, "{body}");
-    let cname = Action::UpsertRecord {
+    let cname = RecordAction::UpsertRecord {
         name: "note.dev.example.com".into(),
         rtype: RecordType::CNAME,
         content: "proxy.dev.example.com".into(),

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use vessel::model::plan::{RecordAction, RouteAction, SessionAction};
 
 use chrono::{DateTime, Utc};
 use proptest::prelude::*;
@@ -247,10 +248,10 @@ fn foreign(o: &mut Observed, n: u8) {
 /// (session, route host, record name) a step acts on.
 fn step_touches(a: &Action) -> (Option<String>, Option<String>, Option<String>) {
     match a {
-        Action::UpsertRoute { host, .. } | Action::RemoveRoute { host } => {
-            (None, Some(host.clone()), None)
-        }
-        Action::UpsertRecord { name, .. } | Action::RemoveRecord { name, .. } => {
+        Action::Route(RouteAction::UpsertRoute { host, .. })
+        | Action::Route(RouteAction::RemoveRoute { host }) => (None, Some(host.clone()), None),
+        Action::Record(RecordAction::UpsertRecord { name, .. })
+        | Action::Record(RecordAction::RemoveRecord { name, .. }) => {
             (None, None, Some(name.clone()))
         }
         other => (other.session().map(str::to_string), None, None),
@@ -340,13 +341,13 @@ proptest! {
                 prop_assert!(*d < step.id, "dependencies point backwards");
             }
             if incomplete {
-                let removes = matches!(step.action, Action::RemoveRoute { .. } | Action::RemoveRecord { .. })
-                    || (matches!(step.action, Action::DestroySession { .. }) && !matches!(step.reason, vessel::planner::Reason::Replaced { .. }));
+                let removes = matches!(step.action, Action::Route(RouteAction::RemoveRoute { .. }) | Action::Record(RecordAction::RemoveRecord { .. }))
+                    || (matches!(step.action, Action::Session(SessionAction::DestroySession { .. })) && !matches!(step.reason, vessel::planner::Reason::Replaced { .. }));
                 prop_assert!(!removes, "a file with unknown contents holds every destroy: {:?}", step.action);
             }
         }
         if !allow {
-            let destroys = p.steps.iter().filter(|s| matches!(s.action, Action::DestroySession { .. }) && !matches!(s.reason, vessel::planner::Reason::Replaced { .. })).count();
+            let destroys = p.steps.iter().filter(|s| matches!(s.action, Action::Session(SessionAction::DestroySession { .. })) && !matches!(s.reason, vessel::planner::Reason::Replaced { .. })).count();
             prop_assert!(destroys <= 3, "the destroy budget holds: {destroys}");
         }
     }

@@ -20,10 +20,10 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use vessel::model::plan::RouteAction;
 
 use serde_json::Value;
 use vessel::config::TraefikConfig;
-use vessel::planner::Action;
 use vessel::providers::ProxyProvider;
 use vessel::providers::proxy::traefik::Traefik;
 
@@ -410,8 +410,8 @@ fn a_foreign_entry_in_vessels_file_stops_vessel_and_the_file_stays_byte_for_byte
         .unwrap_or_else(|| panic!("bob's route follows:\n{}", s.logs()));
 }
 
-fn flip(port: u16) -> Action {
-    Action::UpsertRoute {
+fn flip(port: u16) -> RouteAction {
+    RouteAction::UpsertRoute {
         host: "flip.localhost".into(),
         upstream: format!("127.0.0.1:{port}"),
         session: "flip".into(),
@@ -495,7 +495,7 @@ fn a_write_is_done_once_traefik_serves_it_and_what_traefik_refuses_fails_its_ste
     );
 
     // A removal is done once Traefik stops serving the host.
-    let results = rt.block_on(confirmed.apply(&[&Action::RemoveRoute {
+    let results = rt.block_on(confirmed.apply(&[&RouteAction::RemoveRoute {
         host: "flip.localhost".into(),
     }]));
     assert!(results[0].is_ok(), "{results:?}");
@@ -573,8 +573,8 @@ fn odd_hosts() -> Vec<String> {
     ]
 }
 
-fn upsert_for(host: &str, session: &str, route: Option<&str>, upstream: &str) -> Action {
-    Action::UpsertRoute {
+fn upsert_for(host: &str, session: &str, route: Option<&str>, upstream: &str) -> RouteAction {
+    RouteAction::UpsertRoute {
         host: host.into(),
         upstream: upstream.into(),
         session: session.into(),
@@ -599,11 +599,11 @@ fn every_file_vessel_writes_is_one_traefik_accepts() {
     let file = watched.join("vessel.yml");
     let p = Traefik::new(&settings(&file, Some(traefik.api))).expect("provider");
     let rt = runtime();
-    let apply = |what: &str, actions: &[Action]| {
+    let apply = |what: &str, actions: &[RouteAction]| {
         if actions.is_empty() {
             return;
         }
-        let refs: Vec<&Action> = actions.iter().collect();
+        let refs: Vec<&RouteAction> = actions.iter().collect();
         let results = rt.block_on(p.apply(&refs));
         let failed: Vec<String> = results
             .iter()
@@ -625,9 +625,9 @@ fn every_file_vessel_writes_is_one_traefik_accepts() {
     };
     let clear = |what: &str| {
         let observed = rt.block_on(p.observe()).expect("observe");
-        let removals: Vec<Action> = observed
+        let removals: Vec<RouteAction> = observed
             .into_iter()
-            .map(|r| Action::RemoveRoute { host: r.host })
+            .map(|r| RouteAction::RemoveRoute { host: r.host })
             .collect();
         apply(what, &removals);
         assert!(traefik.file_routers("vessel_").is_empty(), "{what}");
@@ -639,7 +639,7 @@ fn every_file_vessel_writes_is_one_traefik_accepts() {
     for path in crate::planner_cases::case_paths() {
         let case = crate::planner_cases::prepare(&path);
         let name = path.display().to_string();
-        let world: Vec<Action> = case
+        let world: Vec<RouteAction> = case
             .world
             .routes
             .values()
@@ -655,11 +655,13 @@ fn every_file_vessel_writes_is_one_traefik_accepts() {
             .collect();
         apply(&format!("{name} (world)"), &world);
         let plan = vessel::planner::plan(&case.desired, &case.observed, &case.policy);
-        let steps: Vec<Action> = plan
+        let steps: Vec<RouteAction> = plan
             .steps
             .iter()
-            .filter(|s| s.action.route_after().is_some())
-            .map(|s| s.action.clone())
+            .filter_map(|s| match &s.action {
+                vessel::planner::Action::Route(a) => Some(a.clone()),
+                _ => None,
+            })
             .collect();
         batches += usize::from(!world.is_empty()) + usize::from(!steps.is_empty());
         apply(&format!("{name} (plan)"), &steps);
@@ -671,14 +673,14 @@ fn every_file_vessel_writes_is_one_traefik_accepts() {
     );
 
     // Odd hostnames, and 1,000 routes with wildcards among them, in one write.
-    let odd: Vec<Action> = odd_hosts()
+    let odd: Vec<RouteAction> = odd_hosts()
         .iter()
         .enumerate()
         .map(|(i, h)| upsert_for(h, &format!("s{i}"), Some("r"), "127.0.0.1:9"))
         .collect();
     apply("odd hostnames", &odd);
     clear("odd hostnames");
-    let many: Vec<Action> = (0..1000)
+    let many: Vec<RouteAction> = (0..1000)
         .map(|i| {
             let host = if i % 10 == 0 {
                 format!("*.w{i}.dev.example")
@@ -705,8 +707,8 @@ fn every_file_vessel_writes_is_one_traefik_accepts() {
     assert!(left.is_empty(), "{left:?}");
 }
 
-fn upsert(host: &str, port: u16) -> Action {
-    Action::UpsertRoute {
+fn upsert(host: &str, port: u16) -> RouteAction {
+    RouteAction::UpsertRoute {
         host: host.into(),
         upstream: format!("127.0.0.1:{port}"),
         session: "s".into(),
@@ -742,10 +744,10 @@ fn writes_are_atomic_and_anything_foreign_in_the_file_stops_vessel() {
         })
     };
     for i in 0..300u16 {
-        let hosts: Vec<Action> = (0..20)
+        let hosts: Vec<RouteAction> = (0..20)
             .map(|j| upsert(&format!("h{j}.localhost"), 20000 + i + j))
             .collect();
-        let refs: Vec<&Action> = hosts.iter().collect();
+        let refs: Vec<&RouteAction> = hosts.iter().collect();
         let results = rt.block_on(t.apply(&refs));
         assert!(results.iter().all(Result::is_ok), "{results:?}");
     }

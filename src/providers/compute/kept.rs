@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::model::ComputeKind;
-use crate::observed::RetainedWorkspace;
+use crate::model::observed::RetainedWorkspace;
 
 const META: &str = "kept.json";
 

@@ -14,15 +14,15 @@ use std::future::Future;
 use std::path::Path;
 
 use crate::model::ComputeKind;
-use crate::observed::ObservedSession;
-use crate::planner::Action;
+use crate::model::observed::ObservedSession;
+use crate::model::plan::SessionAction;
 
 use super::{BoxFut, ProviderError};
 
 /// What a create step gives a compute provider.
 pub struct CreateArgs<'a> {
     pub session: &'a str,
-    pub spec: &'a crate::observed::RuntimeSpec,
+    pub spec: &'a crate::model::observed::RuntimeSpec,
     pub fingerprint: &'a str,
     pub source_file: &'a Path,
     pub save_to: Option<&'a Path>,
@@ -51,7 +51,7 @@ pub(crate) trait SessionSteps: Sync {
     fn update(
         &self,
         session: &str,
-        spec: &crate::observed::RuntimeSpec,
+        spec: &crate::model::observed::RuntimeSpec,
         fingerprint: &str,
         restart: bool,
     ) -> impl Future<Output = Result<(), ProviderError>> + Send;
@@ -91,10 +91,10 @@ pub(crate) trait SessionSteps: Sync {
 /// Carry out one session step of the plan with `p`'s steps.
 pub(crate) async fn run_session_step<P: SessionSteps>(
     p: &P,
-    action: &Action,
+    action: &SessionAction,
 ) -> Result<(), ProviderError> {
     match action {
-        Action::CreateSession {
+        SessionAction::CreateSession {
             session,
             spec,
             fingerprint,
@@ -116,35 +116,36 @@ pub(crate) async fn run_session_step<P: SessionSteps>(
             };
             p.create(&args).await
         }
-        Action::UpdateSession {
+        SessionAction::UpdateSession {
             session,
             spec,
             fingerprint,
             restart,
             ..
         } => p.update(session, spec, fingerprint, *restart).await,
-        Action::StartSession { session, .. } => p.start(session).await,
-        Action::StopSession {
+        SessionAction::StartSession { session, .. } => p.start(session).await,
+        SessionAction::StopSession {
             session,
             stop_timeout,
             ..
         } => p.stop(session, *stop_timeout).await,
-        Action::DestroySession {
+        SessionAction::DestroySession {
             session,
             stop_timeout,
             retain,
             ..
         } => p.destroy(session, *stop_timeout, *retain).await,
-        Action::WaitHealthy { session, check, .. } => p.wait_healthy(session, check.as_ref()).await,
-        Action::SyncSource {
+        SessionAction::WaitHealthy { session, check, .. } => {
+            p.wait_healthy(session, check.as_ref()).await
+        }
+        SessionAction::SyncSource {
             session,
             path,
             exclude,
             save_to,
             ..
         } => p.sync_source(session, path, exclude, save_to).await,
-        Action::SaveWork { session, path, .. } => p.save_work(session, path).await,
-        _ => Err(ProviderError::Unsupported("a non-session step")),
+        SessionAction::SaveWork { session, path, .. } => p.save_work(session, path).await,
     }
 }
 
@@ -153,7 +154,7 @@ pub trait ComputeProvider: Send + Sync {
     /// Every session carrying vessel's marker (and any in the way, marked foreign).
     fn observe(&self) -> BoxFut<'_, Result<Vec<ObservedSession>, ProviderError>>;
     /// Carry out one session step. Idempotent: applying it twice is applying it once.
-    fn apply<'a>(&'a self, action: &'a Action) -> BoxFut<'a, Result<(), ProviderError>>;
+    fn apply<'a>(&'a self, action: &'a SessionAction) -> BoxFut<'a, Result<(), ProviderError>>;
     /// Ticks when something changed by itself (a session exited), so the loop can repair it
     /// without waiting for the periodic pass.
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
@@ -162,7 +163,8 @@ pub trait ComputeProvider: Send + Sync {
     /// Workspaces of destroyed sessions it keeps, by session (dropping the expired ones).
     fn retained(
         &self,
-    ) -> BoxFut<'_, Result<Vec<(String, crate::observed::RetainedWorkspace)>, ProviderError>> {
+    ) -> BoxFut<'_, Result<Vec<(String, crate::model::observed::RetainedWorkspace)>, ProviderError>>
+    {
         Box::pin(async { Ok(Vec::new()) })
     }
     /// vessel is exiting.

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use crate::observed::{ObservedRecord, RecordType};
-use crate::planner::Action;
+use crate::model::observed::{ObservedRecord, RecordType};
+use crate::model::plan::RecordAction;
 
 use super::{BoxFut, DnsProvider, ProviderError};
 
@@ -154,7 +154,7 @@ impl DnsProvider for HostsDns {
 
     fn apply<'a>(
         &'a self,
-        actions: &'a [&'a Action],
+        actions: &'a [&'a RecordAction],
     ) -> BoxFut<'a, Vec<Result<(), ProviderError>>> {
         Box::pin(async move {
             let _guard = self.lock.lock().await;
@@ -174,7 +174,7 @@ impl DnsProvider for HostsDns {
             let mut results = Vec::new();
             for a in actions {
                 results.push(match a {
-                    Action::UpsertRecord {
+                    RecordAction::UpsertRecord {
                         name,
                         content,
                         session,
@@ -186,16 +186,15 @@ impl DnsProvider for HostsDns {
                         );
                         Ok(())
                     }
-                    Action::UpsertRecord { name, .. } => Err(ProviderError::failed(
+                    RecordAction::UpsertRecord { name, .. } => Err(ProviderError::failed(
                         "upsert",
                         name.clone(),
                         "a hosts file holds only addresses (A or AAAA)",
                     )),
-                    Action::RemoveRecord { name, .. } => {
+                    RecordAction::RemoveRecord { name, .. } => {
                         p.block.remove(&name.to_ascii_lowercase());
                         Ok(())
                     }
-                    _ => Err(ProviderError::Unsupported("a non-DNS step")),
                 });
             }
             if let Err(e) = self.write(&render(&p)) {

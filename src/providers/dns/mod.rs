@@ -4,13 +4,15 @@
 pub mod hosts;
 pub mod powerdns;
 
-use crate::observed::ObservedRecord;
-use crate::planner::Action;
+use crate::model::observed::ObservedRecord;
+use crate::model::plan::RecordAction;
 
 use super::{BoxFut, ProviderError};
 
 pub trait DnsProvider: Send + Sync {
     fn observe(&self) -> BoxFut<'_, Result<Vec<ObservedRecord>, ProviderError>>;
-    fn apply<'a>(&'a self, actions: &'a [&'a Action])
-    -> BoxFut<'a, Vec<Result<(), ProviderError>>>;
+    fn apply<'a>(
+        &'a self,
+        actions: &'a [&'a RecordAction],
+    ) -> BoxFut<'a, Vec<Result<(), ProviderError>>>;
 }

@@ -31,8 +31,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::config::Secret;
-use crate::observed::{ObservedRecord, RecordType};
-use crate::planner::Action;
+use crate::model::observed::{ObservedRecord, RecordType};
+use crate::model::plan::RecordAction;
 
 use super::{BoxFut, DnsProvider, ProviderError};
 
@@ -384,7 +384,7 @@ impl DnsProvider for PowerDns {
 
     fn apply<'a>(
         &'a self,
-        actions: &'a [&'a Action],
+        actions: &'a [&'a RecordAction],
     ) -> BoxFut<'a, Vec<Result<(), ProviderError>>> {
         Box::pin(async move {
             let mut results: Vec<Option<Result<(), ProviderError>>> =
@@ -392,7 +392,7 @@ impl DnsProvider for PowerDns {
             let mut by_zone: BTreeMap<&str, Vec<Item<'_>>> = BTreeMap::new();
             for (i, a) in actions.iter().enumerate() {
                 let (name, rtype, rrset, record) = match a {
-                    Action::UpsertRecord {
+                    RecordAction::UpsertRecord {
                         name,
                         rtype,
                         content,
@@ -420,16 +420,12 @@ impl DnsProvider for PowerDns {
                             }),
                         )
                     }
-                    Action::RemoveRecord { name, rtype } => (
+                    RecordAction::RemoveRecord { name, rtype } => (
                         name,
                         *rtype,
                         json!({"name": fqdn(name), "type": rtype.as_str(), "changetype": "DELETE"}),
                         None,
                     ),
-                    _ => {
-                        results[i] = Some(Err(ProviderError::Unsupported("a non-DNS step")));
-                        continue;
-                    }
                 };
                 match self.zone_of(name) {
                     Some(zone) => by_zone
@@ -447,14 +443,24 @@ impl DnsProvider for PowerDns {
             }
             for (zone, items) in by_zone {
                 for (i, outcome) in self.apply_zone(zone, items).await {
-                    let name = actions[i].object().to_string();
+                    let (name, rtype) = actions[i].name();
+                    let name = format!("{name} {}", rtype.as_str());
                     results[i] =
                         Some(outcome.map_err(|m| ProviderError::failed("update", name, m)));
                 }
             }
             results
                 .into_iter()
-                .map(|r| r.unwrap_or(Err(ProviderError::Unsupported("an unplanned step"))))
+                .zip(actions)
+                .map(|(r, a)| {
+                    r.unwrap_or_else(|| {
+                        Err(ProviderError::failed(
+                            "update",
+                            a.name().0,
+                            "no zone update answered for it",
+                        ))
+                    })
+                })
                 .collect()
         })
     }

@@ -24,8 +24,8 @@ use bytes::Bytes;
 use http::Method;
 use serde_json::{Map, Value, json};
 
-use crate::observed::ObservedRoute;
-use crate::planner::Action;
+use crate::model::observed::ObservedRoute;
+use crate::model::plan::RouteAction;
 
 use super::{
     BoxFut, ProviderError, ProxyProvider, parse_route_tag, route_batch_results, route_tag,
@@ -148,7 +148,7 @@ impl Caddy {
     fn merged(
         &self,
         config: Value,
-        actions: &[&Action],
+        actions: &[&RouteAction],
     ) -> Result<(Value, BTreeSet<String>), String> {
         let mut config = match config {
             Value::Null => Value::Object(Map::new()),
@@ -209,7 +209,7 @@ impl Caddy {
         // (which, being first, would hide the foreign one).
         let foreign: BTreeSet<String> = others.iter().flat_map(hosts).collect();
         let mut refused = BTreeSet::new();
-        for (host, after) in actions.iter().filter_map(|a| a.route_after()) {
+        for (host, after) in actions.iter().map(|a| a.route_after()) {
             match after {
                 Some(_) if foreign.contains(&host.to_ascii_lowercase()) => {
                     refused.insert(host.to_string());
@@ -238,7 +238,7 @@ impl Caddy {
     }
 
     /// The hosts whose upserts were refused, on success.
-    async fn apply_batch(&self, actions: &[&Action]) -> Result<BTreeSet<String>, String> {
+    async fn apply_batch(&self, actions: &[&RouteAction]) -> Result<BTreeSet<String>, String> {
         let _guard = self.lock.lock().await;
         for _ in 0..TRIES {
             let (config, etag) = self.read().await?;
@@ -373,14 +373,10 @@ impl ProxyProvider for Caddy {
 
     fn apply<'a>(
         &'a self,
-        actions: &'a [&'a Action],
+        actions: &'a [&'a RouteAction],
     ) -> BoxFut<'a, Vec<Result<(), ProviderError>>> {
         Box::pin(async move {
-            let routes: Vec<&Action> = actions
-                .iter()
-                .copied()
-                .filter(|a| a.route_after().is_some())
-                .collect();
+            let routes: Vec<&RouteAction> = actions.to_vec();
             let outcome = if routes.is_empty() {
                 Ok(BTreeSet::new())
             } else {
@@ -389,7 +385,7 @@ impl ProxyProvider for Caddy {
             let refused = outcome.clone().unwrap_or_default();
             let mut results = route_batch_results(actions, outcome.map(|_| ()));
             for (a, r) in actions.iter().zip(results.iter_mut()) {
-                if let Some((host, Some(_))) = a.route_after()
+                if let (host, Some(_)) = a.route_after()
                     && refused.contains(host)
                 {
                     *r = Err(ProviderError::failed(
@@ -412,8 +408,8 @@ mod tests {
         Caddy::new("http://127.0.0.1:2019", "srv", &[":8080".into()], "vessel").expect("caddy")
     }
 
-    fn upsert(host: &str, upstream: &str) -> Action {
-        Action::UpsertRoute {
+    fn upsert(host: &str, upstream: &str) -> RouteAction {
+        RouteAction::UpsertRoute {
             host: host.into(),
             upstream: upstream.into(),
             session: "alice".into(),
@@ -455,7 +451,7 @@ mod tests {
         let gone = c
             .merged(
                 new,
-                &[&Action::RemoveRoute {
+                &[&RouteAction::RemoveRoute {
                     host: "a.localhost".into(),
                 }],
             )

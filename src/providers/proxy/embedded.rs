@@ -2,8 +2,8 @@
 //! route in it is vessel's. A route counts as applied as soon as the swap is done, which is
 //! also when it serves.
 
-use crate::observed::ObservedRoute;
-use crate::planner::Action;
+use crate::model::observed::ObservedRoute;
+use crate::model::plan::RouteAction;
 use crate::proxy::{Change, Proxy, Route};
 
 use super::{BoxFut, ProviderError, ProxyProvider};
@@ -59,33 +59,26 @@ impl ProxyProvider for EmbeddedProxy {
 
     fn apply<'a>(
         &'a self,
-        actions: &'a [&'a Action],
+        actions: &'a [&'a RouteAction],
     ) -> BoxFut<'a, Vec<Result<(), ProviderError>>> {
-        let mut changes = Vec::new();
-        let mut results = Vec::new();
-        for a in actions {
-            match a.route_after() {
-                Some((host, Some(r))) => {
-                    changes.push(Change::Upsert {
-                        host: host.to_string(),
-                        route: Route {
-                            upstream: r.upstream,
-                            session: r.session.unwrap_or_default(),
-                            route: r.route,
-                            ready: true,
-                        },
-                    });
-                    results.push(Ok(()));
-                }
-                Some((host, None)) => {
-                    changes.push(Change::Remove {
-                        host: host.to_string(),
-                    });
-                    results.push(Ok(()));
-                }
-                None => results.push(Err(ProviderError::Unsupported("a non-route step"))),
-            }
-        }
+        let changes: Vec<Change> = actions
+            .iter()
+            .map(|a| match a.route_after() {
+                (host, Some(r)) => Change::Upsert {
+                    host: host.to_string(),
+                    route: Route {
+                        upstream: r.upstream,
+                        session: r.session.unwrap_or_default(),
+                        route: r.route,
+                        ready: true,
+                    },
+                },
+                (host, None) => Change::Remove {
+                    host: host.to_string(),
+                },
+            })
+            .collect();
+        let results = actions.iter().map(|_| Ok(())).collect();
         self.proxy.apply(&changes);
         Box::pin(async move { results })
     }

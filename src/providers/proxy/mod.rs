@@ -6,31 +6,32 @@ pub mod caddy;
 pub mod embedded;
 pub mod traefik;
 
-use crate::observed::ObservedRoute;
-use crate::planner::Action;
+use crate::model::observed::ObservedRoute;
+use crate::model::plan::RouteAction;
 
 use super::{BoxFut, ProviderError};
 
 pub trait ProxyProvider: Send + Sync {
     fn observe(&self) -> BoxFut<'_, Result<Vec<ObservedRoute>, ProviderError>>;
     /// Carry out route steps as one batch; one result per action, in order.
-    fn apply<'a>(&'a self, actions: &'a [&'a Action])
-    -> BoxFut<'a, Vec<Result<(), ProviderError>>>;
+    fn apply<'a>(
+        &'a self,
+        actions: &'a [&'a RouteAction],
+    ) -> BoxFut<'a, Vec<Result<(), ProviderError>>>;
 }
 
 /// One result per action for a route batch that succeeded or failed as a whole (one config
 /// write): route steps share the outcome, anything else is not a proxy's.
 pub(crate) fn route_batch_results(
-    actions: &[&Action],
+    actions: &[&RouteAction],
     outcome: Result<(), String>,
 ) -> Vec<Result<(), ProviderError>> {
     actions
         .iter()
-        .map(|a| match a.route_after() {
-            Some((host, _)) => outcome
+        .map(|a| {
+            outcome
                 .clone()
-                .map_err(|m| ProviderError::failed("route", host, m)),
-            None => Err(ProviderError::Unsupported("a non-route step")),
+                .map_err(|m| ProviderError::failed("route", a.host(), m))
         })
         .collect()
 }

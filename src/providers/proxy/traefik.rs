@@ -32,8 +32,8 @@ use http::Method;
 use serde::{Deserialize, Serialize};
 
 use crate::config::TraefikConfig;
-use crate::observed::ObservedRoute;
-use crate::planner::Action;
+use crate::model::observed::ObservedRoute;
+use crate::model::plan::RouteAction;
 
 use super::{BoxFut, ProviderError, ProxyProvider, parse_route_tag, route_tag};
 use crate::providers::http::{authority, call};
@@ -343,10 +343,13 @@ impl Traefik {
 
     /// Write the file with `actions` applied; what each step's route should then look like in
     /// Traefik, by host.
-    fn write_batch(&self, actions: &[&Action]) -> Result<BTreeMap<String, Expected>, TraefikError> {
+    fn write_batch(
+        &self,
+        actions: &[&RouteAction],
+    ) -> Result<BTreeMap<String, Expected>, TraefikError> {
         let mut routes = self.routes(&self.read()?)?;
         let mut expected = BTreeMap::new();
-        for (host, after) in actions.iter().filter_map(|a| a.route_after()) {
+        for (host, after) in actions.iter().map(|a| a.route_after()) {
             let before = routes.remove(host);
             let e = match (after, before) {
                 (Some(r), _) => {
@@ -623,7 +626,7 @@ impl ProxyProvider for Traefik {
 
     fn apply<'a>(
         &'a self,
-        actions: &'a [&'a Action],
+        actions: &'a [&'a RouteAction],
     ) -> BoxFut<'a, Vec<Result<(), ProviderError>>> {
         Box::pin(async move {
             let _guard = self.lock.lock().await;
@@ -636,9 +639,9 @@ impl ProxyProvider for Traefik {
             };
             actions
                 .iter()
-                .map(|a| match a.route_after() {
-                    None => Err(ProviderError::Unsupported("a non-route step")),
-                    Some((host, _)) => {
+                .map(|a| {
+                    let host = a.host();
+                    {
                         let outcome = match &outcomes {
                             Err(e) => Err(e.clone()),
                             Ok(by_host) => by_host.get(host).cloned().unwrap_or(Ok(())),

@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use crate::config::{DockerConfig, DockerPorts};
 use crate::model::Health;
-use crate::observed::RuntimeSpec;
+use crate::model::observed::RuntimeSpec;
 
 /// The ownership marker: vessel touches only containers carrying this label with its
 /// instance name (`vessel` by default) as the value.

@@ -43,9 +43,9 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DockerConfig;
+use crate::model::observed::{ObservedSession, RuntimeSpec, SessionState};
+use crate::model::plan::SessionAction;
 use crate::model::{ComputeKind, Health};
-use crate::observed::{ObservedSession, RuntimeSpec, SessionState};
-use crate::planner::Action;
 
 use super::{
     BoxFut, ComputeProvider, CreateArgs, Intent, ProviderError, SessionSteps, no_symlinks,
@@ -1164,12 +1164,15 @@ impl ComputeProvider for DockerProvider {
         Box::pin(self.observe_all())
     }
 
-    fn apply<'a>(&'a self, action: &'a Action) -> BoxFut<'a, Result<(), ProviderError>> {
+    fn apply<'a>(&'a self, action: &'a SessionAction) -> BoxFut<'a, Result<(), ProviderError>> {
         Box::pin(async move {
             let r = super::run_session_step(self, action).await;
             // vessel changed something: the next observation lists again. A health check or
             // a download of the workspace changes nothing a list shows.
-            if !matches!(action, Action::WaitHealthy { .. } | Action::SaveWork { .. }) {
+            if !matches!(
+                action,
+                SessionAction::WaitHealthy { .. } | SessionAction::SaveWork { .. }
+            ) {
                 for c in &self.inner.cache {
                     c.bump();
                 }
@@ -1184,7 +1187,8 @@ impl ComputeProvider for DockerProvider {
 
     fn retained(
         &self,
-    ) -> BoxFut<'_, Result<Vec<(String, crate::observed::RetainedWorkspace)>, ProviderError>> {
+    ) -> BoxFut<'_, Result<Vec<(String, crate::model::observed::RetainedWorkspace)>, ProviderError>>
+    {
         Box::pin(self.inner.kept.list_now())
     }
 }

@@ -24,9 +24,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use crate::config::ProcessConfig;
+use crate::model::observed::{ObservedSession, RuntimeSpec, SessionState};
+use crate::model::plan::SessionAction;
 use crate::model::{ComputeKind, Health};
-use crate::observed::{ObservedSession, RuntimeSpec, SessionState};
-use crate::planner::Action;
 
 use super::{
     BoxFut, ComputeProvider, CreateArgs, Intent, ProviderError, SessionSteps, no_symlinks,
@@ -771,7 +771,7 @@ impl ComputeProvider for ProcessProvider {
         Box::pin(self.observe_all())
     }
 
-    fn apply<'a>(&'a self, action: &'a Action) -> BoxFut<'a, Result<(), ProviderError>> {
+    fn apply<'a>(&'a self, action: &'a SessionAction) -> BoxFut<'a, Result<(), ProviderError>> {
         Box::pin(super::run_session_step(self, action))
     }
 
@@ -781,7 +781,8 @@ impl ComputeProvider for ProcessProvider {
 
     fn retained(
         &self,
-    ) -> BoxFut<'_, Result<Vec<(String, crate::observed::RetainedWorkspace)>, ProviderError>> {
+    ) -> BoxFut<'_, Result<Vec<(String, crate::model::observed::RetainedWorkspace)>, ProviderError>>
+    {
         Box::pin(self.inner.kept.list_now())
     }
 

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{ComputeKind, Duration, Health, Port, Size};
+use super::{ComputeKind, Duration, Health, Port, Size};
 
 /// Which provider an object belongs to, as it appears in gaps and in the plan.
 /// Written `compute/<kind>`, `proxy` or `dns`.

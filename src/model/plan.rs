@@ -1,0 +1,518 @@
+//! The plan's data: what a plan is (`Plan`), its steps and what each does (`Action`, in three
+//! families: session, route and record steps, so a provider can only be handed its own), why
+//! (`Reason`), and what is deliberately left alone (`Hold`, `Guard`). The planner makes plans;
+//! the executor, the providers, the renderers and the status endpoint read them, and import
+//! nothing from the planner.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::observed::{ProviderId, RecordType, RuntimeSpec};
+use super::{ComputeKind, Duration, Health};
+
+/// What one step does. Carries everything its execution needs. Each family goes to its own
+/// kind of provider: a compute provider can only be handed a `SessionAction`, a proxy a
+/// `RouteAction`, a DNS provider a `RecordAction`. In JSON, a step's `action` names it either
+/// way (`create_session`, `upsert_route`, ...).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Action {
+    Session(SessionAction),
+    Route(RouteAction),
+    Record(RecordAction),
+}
+
+/// A step on one session, for its compute provider.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum SessionAction {
+    CreateSession {
+        session: String,
+        spec: Arc<RuntimeSpec>,
+        fingerprint: String,
+        /// The desired-state file it comes from, recorded on the session.
+        source_file: PathBuf,
+        /// Where its work is saved before it stops or goes away, if anywhere.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        save_to: Option<PathBuf>,
+        /// Start it once created (otherwise it is created stopped).
+        start: bool,
+        /// The provider's host it is placed on, for providers with several (docker).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        host: Option<String>,
+        /// Restore the workspace its provider kept from an earlier session of this name.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        restore: bool,
+    },
+    /// Change a session's spec in place (fields its provider changes without a replace);
+    /// a running session restarts with it, its workspace kept.
+    UpdateSession {
+        session: String,
+        provider: ComputeKind,
+        spec: Arc<RuntimeSpec>,
+        fingerprint: String,
+        /// Restart it now (it is running and stays so).
+        restart: bool,
+    },
+    StartSession {
+        session: String,
+        provider: ComputeKind,
+    },
+    StopSession {
+        session: String,
+        provider: ComputeKind,
+        /// How long it gets before it is killed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stop_timeout: Option<Duration>,
+    },
+    DestroySession {
+        session: String,
+        provider: ComputeKind,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stop_timeout: Option<Duration>,
+        /// Keep its workspace for the retention time (to restore it if it comes back).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        retain: bool,
+    },
+    WaitHealthy {
+        session: String,
+        provider: ComputeKind,
+        /// The check to run; by default, the `ide` port (or the first) answers.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        check: Option<Health>,
+    },
+    SyncSource {
+        session: String,
+        provider: ComputeKind,
+        path: PathBuf,
+        exclude: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        save_to: Option<PathBuf>,
+    },
+    SaveWork {
+        session: String,
+        provider: ComputeKind,
+        path: PathBuf,
+    },
+}
+
+/// A step on one route, for the proxy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum RouteAction {
+    UpsertRoute {
+        host: String,
+        upstream: String,
+        session: String,
+        port: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        route: Option<String>,
+    },
+    RemoveRoute {
+        host: String,
+    },
+}
+
+/// A step on one DNS record, for the DNS provider.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum RecordAction {
+    UpsertRecord {
+        name: String,
+        rtype: RecordType,
+        content: String,
+        /// The session the record serves (recorded as its owner).
+        session: String,
+    },
+    RemoveRecord {
+        name: String,
+        rtype: RecordType,
+    },
+}
+
+impl Action {
+    /// The object a step acts on, as `kind name`; steps on one object render together.
+    pub fn object(&self) -> Object {
+        match self {
+            Action::Session(a) => Object::Session(a.session().to_string()),
+            Action::Route(a) => Object::Route(a.host().to_string()),
+            Action::Record(a) => {
+                let (name, rtype) = a.name();
+                Object::Record(format!("{name} {}", rtype.as_str()))
+            }
+        }
+    }
+
+    /// The object's identity without allocating: (kind, name, record type).
+    pub fn key(&self) -> (u8, &str, Option<RecordType>) {
+        match self {
+            Action::Session(a) => (0, a.session(), None),
+            Action::Route(a) => (1, a.host(), None),
+            Action::Record(a) => {
+                let (name, rtype) = a.name();
+                (2, name, Some(rtype))
+            }
+        }
+    }
+
+    /// The session a step acts on, if it acts on one (the executor never runs two at once).
+    pub fn session(&self) -> Option<&str> {
+        match self {
+            Action::Session(a) => Some(a.session()),
+            Action::Route(_) | Action::Record(_) => None,
+        }
+    }
+
+    pub fn provider(&self) -> ProviderId {
+        match self {
+            Action::Session(a) => ProviderId::Compute(a.provider()),
+            Action::Route(_) => ProviderId::Proxy,
+            Action::Record(_) => ProviderId::Dns,
+        }
+    }
+
+    /// A short verb for listings and events.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Action::Session(a) => a.verb(),
+            Action::Route(a) => a.verb(),
+            Action::Record(a) => a.verb(),
+        }
+    }
+}
+
+impl SessionAction {
+    pub fn session(&self) -> &str {
+        match self {
+            SessionAction::CreateSession { session, .. }
+            | SessionAction::UpdateSession { session, .. }
+            | SessionAction::StartSession { session, .. }
+            | SessionAction::StopSession { session, .. }
+            | SessionAction::DestroySession { session, .. }
+            | SessionAction::WaitHealthy { session, .. }
+            | SessionAction::SyncSource { session, .. }
+            | SessionAction::SaveWork { session, .. } => session,
+        }
+    }
+
+    /// The compute provider it is for.
+    pub fn provider(&self) -> ComputeKind {
+        match self {
+            SessionAction::CreateSession { spec, .. } => spec.compute,
+            SessionAction::UpdateSession { provider, .. }
+            | SessionAction::StartSession { provider, .. }
+            | SessionAction::StopSession { provider, .. }
+            | SessionAction::DestroySession { provider, .. }
+            | SessionAction::WaitHealthy { provider, .. }
+            | SessionAction::SyncSource { provider, .. }
+            | SessionAction::SaveWork { provider, .. } => *provider,
+        }
+    }
+
+    pub fn verb(&self) -> &'static str {
+        match self {
+            SessionAction::CreateSession { .. } => "create",
+            SessionAction::UpdateSession { .. } => "update",
+            SessionAction::StartSession { .. } => "start",
+            SessionAction::StopSession { .. } => "stop",
+            SessionAction::DestroySession { .. } => "destroy",
+            SessionAction::WaitHealthy { .. } => "wait-healthy",
+            SessionAction::SyncSource { .. } => "sync-source",
+            SessionAction::SaveWork { .. } => "save-work",
+        }
+    }
+}
+
+impl RouteAction {
+    pub fn host(&self) -> &str {
+        match self {
+            RouteAction::UpsertRoute { host, .. } | RouteAction::RemoveRoute { host } => host,
+        }
+    }
+
+    pub fn verb(&self) -> &'static str {
+        match self {
+            RouteAction::UpsertRoute { .. } => "upsert-route",
+            RouteAction::RemoveRoute { .. } => "remove-route",
+        }
+    }
+
+    /// Its host, and what the step leaves in the proxy there: vessel's route for an upsert,
+    /// None for a removal.
+    pub fn route_after(&self) -> (&str, Option<super::observed::ObservedRoute>) {
+        (self.host(), self.after())
+    }
+
+    /// What the step leaves in the proxy: vessel's route for an upsert, None for a removal.
+    pub fn after(&self) -> Option<super::observed::ObservedRoute> {
+        match self {
+            RouteAction::UpsertRoute {
+                host,
+                upstream,
+                session,
+                route,
+                ..
+            } => Some(super::observed::ObservedRoute {
+                host: host.clone(),
+                upstream: upstream.clone(),
+                owned: true,
+                session: Some(session.clone()),
+                route: route.clone(),
+            }),
+            RouteAction::RemoveRoute { .. } => None,
+        }
+    }
+}
+
+impl RecordAction {
+    /// The record's name and type.
+    pub fn name(&self) -> (&str, RecordType) {
+        match self {
+            RecordAction::UpsertRecord { name, rtype, .. }
+            | RecordAction::RemoveRecord { name, rtype } => (name, *rtype),
+        }
+    }
+
+    pub fn verb(&self) -> &'static str {
+        match self {
+            RecordAction::UpsertRecord { .. } => "upsert-record",
+            RecordAction::RemoveRecord { .. } => "remove-record",
+        }
+    }
+}
+
+/// An object the plan talks about.
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(tag = "kind", content = "name", rename_all = "lowercase")]
+pub enum Object {
+    Session(String),
+    Route(String),
+    Record(String),
+}
+
+impl std::fmt::Display for Object {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Object::Session(n) => write!(f, "session {n}"),
+            Object::Route(h) => write!(f, "route {h}"),
+            Object::Record(r) => write!(f, "dns {r}"),
+        }
+    }
+}
+
+/// What happens to a replaced session's data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFate {
+    /// Its work is copied back to this path first.
+    SavedTo(PathBuf),
+    /// Its provider keeps the workspace and the new session gets it back.
+    Kept,
+    /// Its workspace is discarded (no `save_on_stop`, and its provider keeps nothing).
+    Discarded,
+}
+
+/// Why a step is in the plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum Reason {
+    /// Desired but absent.
+    Missing,
+    /// Present but no longer desired.
+    NotDesired,
+    /// Past its `expires`.
+    Expired { at: DateTime<Utc> },
+    /// Its run state differs from the desired one.
+    StateChanged { from: String, to: String },
+    /// It exited or crashed and is desired running.
+    Failed,
+    /// A mutable field differs; the changes are listed.
+    Drifted { changes: Vec<String> },
+    /// Fields its provider changes in place differ; `restart` when it restarts for them.
+    Changed { changes: Vec<String>, restart: bool },
+    /// An immutable field differs, so it is destroyed and created again.
+    Replaced {
+        changes: Vec<String>,
+        data: DataFate,
+    },
+    /// Part of another step's chain (health after start, source after create).
+    Follows { object: Object },
+}
+
+impl Reason {
+    pub fn describe(&self) -> String {
+        match self {
+            Reason::Missing => "missing".into(),
+            Reason::NotDesired => "no longer desired".into(),
+            Reason::Expired { at } => format!("expired at {}", at.to_rfc3339()),
+            Reason::StateChanged { from, to } => format!("state {from} -> {to}"),
+            Reason::Failed => "not running (exited or failed)".into(),
+            Reason::Drifted { changes } => format!("drifted: {}", changes.join(", ")),
+            Reason::Changed { changes, restart } => format!(
+                "{}: {} changed",
+                if *restart {
+                    "update in place with a restart"
+                } else {
+                    "update in place"
+                },
+                changes.join(", ")
+            ),
+            Reason::Replaced { changes, data } => {
+                let d = match data {
+                    DataFate::SavedTo(p) => format!("work saved to {} first", p.display()),
+                    DataFate::Kept => "workspace kept".into(),
+                    DataFate::Discarded => "workspace discarded".into(),
+                };
+                format!("replace: {} changed; {d}", changes.join(", "))
+            }
+            Reason::Follows { object } => format!("follows {object}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Step {
+    pub id: usize,
+    #[serde(flatten)]
+    pub action: Action,
+    #[serde(flatten)]
+    pub reason: Reason,
+    /// Steps that must succeed first (always lower ids).
+    pub depends_on: Vec<usize>,
+}
+
+/// Something the plan will do once an input exists (a route waits for its session's address).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Deferred {
+    pub object: Object,
+    /// What it waits for: a session's address (for a route), or a route (for a record).
+    pub after: Object,
+}
+
+impl Deferred {
+    pub fn waiting_for(&self) -> String {
+        match &self.after {
+            Object::Session(s) => format!("an address for session {s}"),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// Why an object is deliberately left as it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldReason {
+    /// Its provider could not be observed.
+    Unobserved { provider: ProviderId, error: String },
+    /// It comes from a file with errors.
+    Quarantined { file: Option<PathBuf> },
+    /// An object vessel does not own is in the way.
+    Foreign,
+    /// A guard held its destroy.
+    Guarded,
+    /// Its session has no address to route to (stopped or asleep, and never started).
+    NoAddress,
+    /// No host of its compute provider is in the location it asks for.
+    NoHost { location: String },
+    /// A file it comes from changed moments ago: what the change takes away waits until the
+    /// file has been unchanged for the settle time and a fresh pass still wants it.
+    Settling { file: PathBuf, until: DateTime<Utc> },
+    /// Its `source.path` does not exist: it is not made without its project.
+    SourceMissing { path: PathBuf },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Hold {
+    pub object: Object,
+    #[serde(flatten)]
+    pub why: HoldReason,
+}
+
+/// A safety guard that held destroys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "guard", rename_all = "snake_case")]
+pub enum Guard {
+    /// The plan would destroy more sessions than the budget allows.
+    DestroyBudget {
+        destroys: usize,
+        existing: usize,
+        max_count: u32,
+        max_percent: u8,
+    },
+    /// The source has no sessions at all.
+    EmptySource { destroys: usize },
+    /// A file could not be read far enough to know what it declares: anything missing might
+    /// be in it, so nothing is destroyed or removed.
+    UnknownObjects { files: Vec<PathBuf> },
+}
+
+impl Guard {
+    pub fn describe(&self) -> String {
+        match self {
+            Guard::DestroyBudget {
+                destroys,
+                existing,
+                max_count,
+                max_percent,
+            } => format!(
+                "destroy budget: {destroys} of {existing} sessions would be destroyed or replaced without saving their work (limit {max_count}, or {max_percent}%); held: pass --allow-destroy to apply"
+            ),
+            Guard::EmptySource { destroys } => format!(
+                "empty source: it has no sessions, and {destroys} would be destroyed; held: set policy.allow_empty_source to apply"
+            ),
+            Guard::UnknownObjects { files } => format!(
+                "{} could not be read far enough to know what it declares; nothing is destroyed or removed until it is fixed",
+                files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Summary {
+    pub create: usize,
+    pub update: usize,
+    pub replace: usize,
+    pub destroy: usize,
+    pub deferred: usize,
+    pub held: usize,
+}
+
+/// The plan: what to do, in order, and everything deliberately not done.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[schemars(title = "vessel plan")]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    pub deferred: Vec<Deferred>,
+    pub held: Vec<Hold>,
+    pub guards: Vec<Guard>,
+    /// The earliest future expiry: when the next pass must run at the latest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_wakeup: Option<DateTime<Utc>>,
+    /// Identifies what a destroy budget or empty-source guard holds: `vessel approve` with it
+    /// lets the daemon apply exactly these destroys, once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<String>,
+    pub summary: Summary,
+}
+
+impl Plan {
+    /// No steps and nothing waiting: the world matches.
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty() && self.deferred.is_empty()
+    }
+
+    pub fn has_changes(&self) -> bool {
+        !self.is_empty()
+    }
+}
