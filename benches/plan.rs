@@ -11,7 +11,7 @@ use vessel::config::{Config, RouteTemplate};
 use vessel::desired::{Desired, Doc};
 use vessel::model::{PlanSpec, Port, SessionSpec, tag};
 use vessel::observed::{Observed, RecordType, SessionState};
-use vessel::planner::{Policy, plan, simulate::converge};
+use vessel::planner::{plan, simulate::converge};
 
 const SESSIONS: usize = 10_000;
 const RUNS: usize = 7;
@@ -65,10 +65,7 @@ fn main() {
         d.sessions
             .insert(name.clone(), doc(s, format!("{name}.yaml")));
     }
-    let mut policy = Policy::from_config(
-        &Config::embedded_default(std::path::Path::new(".")),
-        chrono::Utc::now(),
-    );
+    let mut policy = Config::embedded_default(std::path::Path::new(".")).policy(chrono::Utc::now());
     // {session}.{domain} with DNS, {port}-{session}.{domain} for both ports: 3 routes, 1 record.
     policy.templates = vec![
         RouteTemplate {

@@ -13,8 +13,9 @@ use crate::desired::Desired;
 use crate::diag::Diagnostic;
 use crate::load;
 use crate::model::observed::Observed;
+use crate::model::plan::Plan;
+use crate::planner::render;
 use crate::planner::simulate::converge;
-use crate::planner::{Plan, Policy, render};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -463,7 +464,7 @@ pub fn validation_json(d: &Desired) -> serde_json::Value {
 /// from what is declared: a guard, a missing source, an object in the way). What cannot be
 /// observed from here (the embedded proxy lives in the daemon) is listed, not counted.
 pub fn plan_exit(plan: &Plan) -> ExitCode {
-    use crate::planner::HoldReason;
+    use crate::model::plan::HoldReason;
     let held = plan
         .held
         .iter()
@@ -490,7 +491,7 @@ fn plan_cmd(
         }
     };
     let now = chrono::Utc::now();
-    let mut policy = Policy::from_config(&config, now);
+    let mut policy = config.policy(now);
     policy.allow_destroy = allow_destroy;
     let desired = crate::source::load(&config, now)?;
     let observed: Observed = match (observed, against) {
@@ -651,7 +652,7 @@ fn apply_cmd(
         print_diagnostics(&desired.errors().cloned().collect::<Vec<_>>());
         let needed = desired.plans.values().map(|p| p.spec.compute).collect();
         let observed = providers.observe(&needed).await;
-        let mut policy = Policy::from_config(&config, now);
+        let mut policy = config.policy(now);
         policy.allow_destroy = allow_destroy;
         let first = crate::planner::plan(&desired, &observed, &policy);
         say!("{}", render::text(&first, &observed, color));
@@ -685,17 +686,12 @@ fn apply_cmd(
             .iter()
             .map(|r| r.outcomes.get("failed").copied().unwrap_or(0) + r.outcomes.get("timed_out").copied().unwrap_or(0))
             .sum();
-        let held = rec
-            .shared
-            .lock()
-            .map(|s| {
-                crate::status::view::not_converged(
-                    s.plan.as_deref(),
-                    s.observed.as_deref(),
-                    s.desired.as_deref(),
-                )
-            })
-            .unwrap_or_else(|_| vec![("the pass's result is unreadable".into(), false)]);
+        let snap = rec.latest();
+        let held = crate::status::view::not_converged(
+            snap.plan.as_deref(),
+            snap.observed.as_deref(),
+            snap.desired.as_deref(),
+        );
         let converged = last.is_some_and(|r| r.converged && r.error.is_none()) && held.is_empty();
         say!(
             "\n{} after {} pass(es) in {:.1}s{}.\n",

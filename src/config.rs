@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use crate::model::{DestroyBudget, RouteTemplate};
 use crate::model::{Duration, Size};
 
 /// The embedded default config: local processes, the built-in proxy, no DNS.
@@ -195,18 +196,6 @@ fn default_templates() -> Vec<RouteTemplate> {
     ]
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RouteTemplate {
-    /// The host, such as `{port}-{session}.{domain}`.
-    pub host: String,
-    /// The port name this template applies to, or `"*"` for every port of the plan.
-    pub port: String,
-    /// Publish DNS records for these hosts.
-    #[serde(default)]
-    pub dns: bool,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Providers {
@@ -310,6 +299,22 @@ fn default_call_timeout() -> Duration {
 
 fn default_transfer_timeout() -> Duration {
     Duration::from_secs(600)
+}
+
+impl DockerConfig {
+    /// The hosts a new session may be placed on, sorted by name.
+    pub fn placement_hosts(&self) -> Vec<crate::planner::PlacementHost> {
+        let mut hosts: Vec<crate::planner::PlacementHost> = self
+            .hosts
+            .iter()
+            .map(|h| crate::planner::PlacementHost {
+                name: h.name.clone(),
+                location: h.location.clone(),
+            })
+            .collect();
+        hosts.sort_by(|a, b| a.name.cmp(&b.name));
+        hosts
+    }
 }
 
 fn default_instance() -> String {
@@ -708,35 +713,46 @@ fn default_resync() -> Duration {
     Duration::from_secs(30)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct DestroyBudget {
-    /// At most this many session destroys in one plan.
-    #[serde(default = "default_max_count")]
-    pub max_count: u32,
-    /// At most this share (percent) of existing sessions destroyed in one plan.
-    #[serde(default = "default_max_percent")]
-    pub max_percent: u8,
-}
-
-impl Default for DestroyBudget {
-    fn default() -> Self {
-        DestroyBudget {
-            max_count: default_max_count(),
-            max_percent: default_max_percent(),
+impl Config {
+    /// The planner's policy for a plan made at `now` (the planner reads no config): the
+    /// domain and templates, the guards' limits, DNS records' content, where sessions may be
+    /// placed, and which compute providers keep destroyed workspaces.
+    pub fn policy(&self, now: chrono::DateTime<chrono::Utc>) -> crate::planner::Policy {
+        use crate::model::ComputeKind;
+        let dns = match &self.providers.dns {
+            DnsConfig::None => None,
+            DnsConfig::Hosts { address, .. } | DnsConfig::Powerdns { address, .. } => {
+                Some(crate::planner::record_for(address))
+            }
+        };
+        let c = &self.providers.compute;
+        let mut keeps_workspaces = std::collections::BTreeSet::new();
+        if !self.policy.workspace_retention.std().is_zero() {
+            if c.process.is_some() {
+                keeps_workspaces.insert(ComputeKind::Process);
+            }
+            if c.docker.is_some() {
+                keeps_workspaces.insert(ComputeKind::Docker);
+            }
+        }
+        let mut placement = std::collections::BTreeMap::new();
+        if let Some(d) = &c.docker {
+            placement.insert(ComputeKind::Docker, d.placement_hosts());
+        }
+        crate::planner::Policy {
+            now,
+            domain: self.domain.clone(),
+            templates: self.routes.templates.clone(),
+            destroy_budget: self.policy.destroy_budget,
+            allow_destroy: false,
+            allow_empty_source: self.policy.allow_empty_source,
+            dns,
+            placement,
+            settle: std::sync::Arc::default(),
+            keeps_workspaces,
         }
     }
-}
 
-fn default_max_count() -> u32 {
-    10
-}
-
-fn default_max_percent() -> u8 {
-    50
-}
-
-impl Config {
     /// The embedded default, with its source directory set to `dir`.
     pub fn embedded_default(dir: &Path) -> Config {
         let mut c: Config = serde_saphyr::from_str(DEFAULT_CONFIG_YAML)

@@ -65,7 +65,7 @@ pub enum DaemonError {
 
 /// A running daemon's handles, for callers that embed it (tests, the status server).
 pub struct Handle {
-    pub shared: Arc<std::sync::Mutex<crate::reconcile::Shared>>,
+    pub published: crate::reconcile::Published,
     pub proxy_addr: Option<SocketAddr>,
     pub status_addr: Option<SocketAddr>,
 }
@@ -231,7 +231,7 @@ pub async fn run(
             dir,
             &state_dir,
             tx.clone(),
-            reconciler.shared.clone(),
+            reconciler.source_changes(),
         )?),
         None => None,
     };
@@ -259,13 +259,12 @@ pub async fn run(
             secrets.push(v.expose().to_string());
         }
     }
-    let app = crate::status::AppState::new(
-        reconciler.shared.clone(),
-        reconciler.metrics.clone(),
-        ctx,
-        token,
-        secrets,
-    );
+    // Metrics count what each pass published.
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    metrics.providers(reconciler.provider_names());
+    let m = metrics.clone();
+    reconciler.on_pass(Box::new(move |snap| m.record(snap)));
+    let app = crate::status::AppState::new(reconciler.published(), metrics, ctx, token, secrets);
     let limits = Limits::new(&reconciler.config.listeners, budget.status);
     crate::status::serve_thread(status_listener, Arc::new(app), limits, cancel.clone()).map_err(
         |source| DaemonError::StatusListen {
@@ -276,7 +275,7 @@ pub async fn run(
     tracing::info!(listen = %status_addr.map(|a| a.to_string()).unwrap_or_default(), "status endpoint listening");
     if let Some(ready) = ready {
         let _ = ready.send(Handle {
-            shared: reconciler.shared.clone(),
+            published: reconciler.published(),
             proxy_addr,
             status_addr,
         });
@@ -286,11 +285,7 @@ pub async fn run(
     let mut said = Said::default();
     loop {
         let (report, plan, _) = reconciler.pass(trigger, &cancel, |_| {}).await;
-        let desired = reconciler
-            .shared
-            .lock()
-            .ok()
-            .and_then(|s| s.desired.clone());
+        let desired = reconciler.latest().desired.clone();
         log_pass(&report, &plan, desired.as_deref(), &mut said);
         if cancel.is_cancelled() {
             break;
@@ -329,7 +324,8 @@ pub async fn run(
             if reconciler.config.source != before {
                 source_watcher = match reconciler.config.source_dir() {
                     Some(dir) => {
-                        match watch_source(dir, &state_dir, tx.clone(), reconciler.shared.clone()) {
+                        match watch_source(dir, &state_dir, tx.clone(), reconciler.source_changes())
+                        {
                             Ok(w) => Some(w),
                             Err(e) => {
                                 tracing::warn!(
@@ -533,19 +529,19 @@ struct Said {
 
 fn log_pass(
     r: &PassReport,
-    plan: &crate::planner::Plan,
+    plan: &crate::model::plan::Plan,
     desired: Option<&crate::desired::Desired>,
     said: &mut Said,
 ) {
+    // The same span as the pass's own lines.
+    let _span = tracing::info_span!("pass", n = r.pass, trigger = ?r.trigger).entered();
     let outcomes: Vec<String> = r.outcomes.iter().map(|(k, v)| format!("{v} {k}")).collect();
     if let Some(e) = &r.error {
-        tracing::error!(pass = r.pass, trigger = ?r.trigger, "pass could not plan: {e}");
+        tracing::error!("pass could not plan: {e}");
     } else if plan.steps.is_empty() && plan.deferred.is_empty() {
-        tracing::debug!(pass = r.pass, trigger = ?r.trigger, duration_ms = r.duration_ms, "converged");
+        tracing::debug!(duration_ms = r.duration_ms, "converged");
     } else {
         tracing::info!(
-            pass = r.pass,
-            trigger = ?r.trigger,
             duration_ms = r.duration_ms,
             "{} create, {} update, {} replace, {} destroy, {} deferred, {} held: {}",
             r.summary.create,
@@ -564,7 +560,7 @@ fn log_pass(
         .chain(
             plan.held
                 .iter()
-                .filter(|h| h.why != crate::planner::HoldReason::NoAddress)
+                .filter(|h| h.why != crate::model::plan::HoldReason::NoAddress)
                 .map(|h| {
                     format!(
                         "{}: {}",
@@ -577,10 +573,10 @@ fn log_pass(
     held.sort();
     if held != said.held {
         for h in held.iter().filter(|h| !said.held.contains(h)) {
-            tracing::warn!(pass = r.pass, "held: {h}");
+            tracing::warn!("held: {h}");
         }
         if held.is_empty() {
-            tracing::info!(pass = r.pass, "nothing is held any more");
+            tracing::info!("nothing is held any more");
         }
         said.held = held;
     }
@@ -602,23 +598,20 @@ fn log_pass(
         .unwrap_or_default();
     if quarantined != said.quarantined {
         for q in quarantined.iter().filter(|q| !said.quarantined.contains(q)) {
-            tracing::warn!(
-                pass = r.pass,
-                "file with errors (its objects are held): {q}"
-            );
+            tracing::warn!("file with errors (its objects are held): {q}");
         }
         if quarantined.is_empty() {
-            tracing::info!(pass = r.pass, "no file has errors any more");
+            tracing::info!("no file has errors any more");
         }
         said.quarantined = quarantined;
     }
     let gaps: Vec<String> = r.gaps.iter().map(|(p, e)| format!("{p}: {e}")).collect();
     if gaps != said.gaps {
         for g in gaps.iter().filter(|g| !said.gaps.contains(g)) {
-            tracing::warn!(pass = r.pass, "could not observe {g}");
+            tracing::warn!("could not observe {g}");
         }
         if gaps.is_empty() {
-            tracing::info!(pass = r.pass, "every provider is observed again");
+            tracing::info!("every provider is observed again");
         }
         said.gaps = gaps;
     }
@@ -652,7 +645,7 @@ fn watch_source(
     dir: &Path,
     state_dir: &Path,
     tx: mpsc::UnboundedSender<Trigger>,
-    shared: Arc<std::sync::Mutex<crate::reconcile::Shared>>,
+    changes: Arc<crate::reconcile::SourceChanges>,
 ) -> Result<notify::RecommendedWatcher, DaemonError> {
     use notify::Watcher;
     let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<()>();
@@ -675,11 +668,7 @@ fn watch_source(
         });
         if relevant {
             // Status says a change is waiting from the moment it is seen.
-            if let Ok(mut s) = shared.lock() {
-                s.source_changed = true;
-                s.source_seq += 1;
-                s.version += 1;
-            }
+            changes.seen();
             let _ = raw_tx.send(());
         }
     })

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::config::RouteTemplate;
 use crate::diag::{Diagnostic, Pos};
+use crate::model::RouteTemplate;
 use crate::model::{Kind, PlanSpec, Port, RouteSpec, SessionSpec};
 
 /// A document and where it came from.

@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::model::observed::ProviderId;
-use crate::planner::{Action, Plan, Step};
+use crate::model::plan::{Action, Plan, Step};
 use crate::providers::{Providers, chain};
 
 #[derive(Debug, Clone)]
@@ -408,7 +408,7 @@ mod tests {
     use super::*;
     use crate::model::ComputeKind;
     use crate::model::observed::{ObservedRoute, ObservedSession, RuntimeSpec};
-    use crate::planner::{Reason, Step};
+    use crate::model::plan::{Reason, Step};
     use crate::providers::{BoxFut, ComputeProvider, ProviderError, ProxyProvider};
 
     /// Records calls; fails every step on session `bad`; tracks concurrency per session.

@@ -1,6 +1,6 @@
 //! Prometheus metrics: passes, pass duration, steps by kind and outcome, sessions by state,
-//! provider errors and drift repairs. Updated by the reconciler after each pass; encoded by
-//! the status server.
+//! provider errors and drift repairs. Counted from each snapshot the reconciler publishes (the
+//! daemon subscribes them); encoded by the status server. The reconciler knows nothing of it.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -10,9 +10,9 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::exec::StepResult;
-use crate::model::observed::{Observed, SessionState};
-use crate::planner::{Plan, Reason};
-use crate::reconcile::PassReport;
+use crate::model::observed::SessionState;
+use crate::model::plan::{Plan, Reason};
+use crate::reconcile::Snapshot;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TriggerLabel {
@@ -116,13 +116,13 @@ impl Metrics {
         }
     }
 
-    pub fn record(
-        &self,
-        report: &PassReport,
-        plan: &Plan,
-        observed: Option<&Observed>,
-        results: &[StepResult],
-    ) {
+    /// Count what one pass published.
+    pub fn record(&self, snap: &Snapshot) {
+        let Some(report) = &snap.last else { return };
+        let empty = Plan::default();
+        let plan = snap.plan.as_deref().unwrap_or(&empty);
+        let observed = snap.observed.as_deref();
+        let results: &[StepResult] = &snap.results;
         let trigger = serde_json::to_value(report.trigger)
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))

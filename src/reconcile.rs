@@ -6,12 +6,14 @@
 
 use crate::model::plan::{Action, Object, Plan, RecordAction, RouteAction, SessionAction, Summary};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -19,7 +21,7 @@ use crate::desired::Desired;
 use crate::exec::{ExecOptions, Outcome, StepResult, execute};
 use crate::model::ComputeKind;
 use crate::model::observed::Observed;
-use crate::planner::{Policy, plan};
+use crate::planner::plan;
 use crate::providers::Providers;
 use crate::settle::{Root, SourceHistory};
 use crate::state::{Event, StateDir};
@@ -130,31 +132,72 @@ pub struct Condition {
     pub since: DateTime<Utc>,
 }
 
-/// Everything a status reader may look at, updated after every pass.
-#[derive(Default)]
-pub struct Shared {
+/// What a pass leaves for its readers (the status endpoint, metrics, `vessel apply`): one
+/// typed snapshot, published whole after every pass on a `watch` channel. Readers never lock
+/// the reconciler and never see half a pass.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
     pub last: Option<PassReport>,
     pub desired: Option<Arc<Desired>>,
     pub observed: Option<Arc<Observed>>,
     pub plan: Option<Arc<Plan>>,
-    pub events: VecDeque<Event>,
+    /// The step outcomes of the last pass (indices into its plan's steps).
+    pub results: Arc<Vec<StepResult>>,
+    /// Recent step outcomes, oldest first.
+    pub events: Arc<VecDeque<Event>>,
     pub passes: u64,
-    /// Bumped on every change, so readers can cache what they render.
-    pub version: u64,
     /// Conditions by session name.
-    pub conditions: BTreeMap<String, Vec<Condition>>,
+    pub conditions: Arc<BTreeMap<String, Vec<Condition>>>,
     /// The last error of each session's steps, while it lasts.
-    pub last_errors: BTreeMap<String, String>,
-    /// The source changed and no finished pass has loaded it yet.
-    pub source_changed: bool,
-    /// How many source changes have been seen (each sets `source_changed`).
-    pub source_seq: u64,
+    pub last_errors: Arc<BTreeMap<String, String>>,
+    /// How many source changes had been seen when the last pass began (see `SourceChanges`).
+    pub loaded_changes: u64,
     /// Since when the source has been failing (a git fetch, a verification), while it fails.
     pub source_failing_since: Option<DateTime<Utc>>,
     /// Configured providers, for status.
     pub providers: Vec<String>,
     pub started: Option<DateTime<Utc>>,
 }
+
+/// Source changes the watcher has seen, counted. A change is waiting (status must not call the
+/// previous pass's result converged) while the count is past the latest snapshot's
+/// `loaded_changes`.
+#[derive(Debug, Default)]
+pub struct SourceChanges(AtomicU64);
+
+impl SourceChanges {
+    pub fn seen(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// What a reader holds: the latest snapshot, and the count of source changes seen.
+#[derive(Debug, Clone)]
+pub struct Published {
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    changes: Arc<SourceChanges>,
+}
+
+impl Published {
+    /// The latest snapshot, and whether a source change is waiting for a pass.
+    pub fn latest(&self) -> (Arc<Snapshot>, bool) {
+        let snap = self.snapshot.borrow().clone();
+        let waiting = self.changes.count() > snap.loaded_changes;
+        (snap, waiting)
+    }
+
+    /// A number that changes whenever what readers see may have changed (for caches).
+    pub fn version(&self) -> (u64, u64) {
+        (self.snapshot.borrow().passes, self.changes.count())
+    }
+}
+
+/// Called with each snapshot as it is published (metrics count passes and steps with it).
+pub type OnPass = Box<dyn Fn(&Snapshot) + Send + Sync>;
 
 pub struct Reconciler {
     pub config: Config,
@@ -166,11 +209,14 @@ pub struct Reconciler {
     /// What earlier passes loaded: which files are settling.
     history: SourceHistory,
     pass: u64,
-    /// `Shared::source_seq` when this pass began: a change seen after it is still waiting.
-    source_seq_seen: u64,
+    /// `SourceChanges::count` when this pass began.
+    changes_at_start: u64,
     seed: u64,
-    pub shared: Arc<Mutex<Shared>>,
-    pub metrics: Arc<crate::metrics::Metrics>,
+    /// What the next snapshot is built from.
+    current: Snapshot,
+    tx: watch::Sender<Arc<Snapshot>>,
+    changes: Arc<SourceChanges>,
+    on_pass: Vec<OnPass>,
 }
 
 /// How many recent events are kept in memory.
@@ -193,13 +239,12 @@ impl Reconciler {
             names.push("dns".into());
         }
         let history = SourceHistory::new(config.policy.settle.std());
-        let metrics = Arc::new(crate::metrics::Metrics::default());
-        metrics.providers(&names);
-        let shared = Shared {
+        let current = Snapshot {
             providers: names,
             started: Some(Utc::now()),
-            ..Shared::default()
+            ..Snapshot::default()
         };
+        let (tx, _) = watch::channel(Arc::new(current.clone()));
         Reconciler {
             config,
             providers,
@@ -209,11 +254,41 @@ impl Reconciler {
             backoff: BTreeMap::new(),
             history,
             pass: 0,
-            source_seq_seen: 0,
+            changes_at_start: 0,
             seed,
-            shared: Arc::new(Mutex::new(shared)),
-            metrics,
+            current,
+            tx,
+            changes: Arc::default(),
+            on_pass: Vec::new(),
         }
+    }
+
+    /// What readers subscribe to.
+    pub fn published(&self) -> Published {
+        Published {
+            snapshot: self.tx.subscribe(),
+            changes: self.changes.clone(),
+        }
+    }
+
+    /// Where the source watcher counts the changes it sees.
+    pub fn source_changes(&self) -> Arc<SourceChanges> {
+        self.changes.clone()
+    }
+
+    /// The providers configured, by name, as status shows them.
+    pub fn provider_names(&self) -> &[String] {
+        &self.current.providers
+    }
+
+    /// Call `f` with every snapshot as it is published.
+    pub fn on_pass(&mut self, f: OnPass) {
+        self.on_pass.push(f);
+    }
+
+    /// The latest snapshot.
+    pub fn latest(&self) -> Arc<Snapshot> {
+        self.tx.borrow().clone()
     }
 
     pub fn state(&self) -> &StateDir {
@@ -251,11 +326,28 @@ impl Reconciler {
         &mut self,
         trigger: Trigger,
         cancel: &CancellationToken,
+        on_step: impl FnMut(&Event),
+    ) -> (PassReport, Arc<Plan>, Vec<StepResult>) {
+        use tracing::Instrument;
+        self.pass += 1;
+        // One span per pass: every line it logs carries the pass number and the trigger.
+        let span = tracing::info_span!("pass", n = self.pass, trigger = ?trigger);
+        self.run_pass(trigger, cancel, on_step)
+            .instrument(span)
+            .await
+    }
+
+    async fn run_pass(
+        &mut self,
+        trigger: Trigger,
+        cancel: &CancellationToken,
         mut on_step: impl FnMut(&Event),
     ) -> (PassReport, Arc<Plan>, Vec<StepResult>) {
-        self.pass += 1;
         let pass = self.pass;
-        let started = Utc::now();
+        // The pass's one reading of the clock: what it loads, settles, plans and reports
+        // against. (Events carry the time each step ended; backoffs use the monotonic clock.)
+        let now = Utc::now();
+        let started = now;
         let t0 = Instant::now();
         let mut report = PassReport {
             pass,
@@ -274,24 +366,21 @@ impl Reconciler {
             error: None,
             next_due: None,
         };
-        if let Ok(s) = self.shared.lock() {
-            self.source_seq_seen = s.source_seq;
-        }
+        self.changes_at_start = self.changes.count();
         let config = self.config.clone();
-        let loaded =
-            tokio::task::spawn_blocking(move || crate::source::load(&config, Utc::now())).await;
+        let loaded = tokio::task::spawn_blocking(move || crate::source::load(&config, now)).await;
         let mut desired = match loaded {
             Ok(Ok(d)) => d,
             Ok(Err(e)) => {
                 // Unknown desired state: plan nothing, destroy nothing.
                 report.error = Some(crate::providers::chain(&e));
                 report.duration_ms = t0.elapsed().as_millis() as u64;
-                self.publish(&report, None, None, None, Vec::new());
+                self.publish(&report, None, None, None, Vec::new(), Vec::new());
                 return (report, Arc::new(Plan::default()), Vec::new());
             }
             Err(e) => {
                 report.error = Some(format!("loading the source failed: {e}"));
-                self.publish(&report, None, None, None, Vec::new());
+                self.publish(&report, None, None, None, Vec::new(), Vec::new());
                 return (report, Arc::new(Plan::default()), Vec::new());
             }
         };
@@ -299,12 +388,11 @@ impl Reconciler {
         report.commit = desired.commit.clone();
         report.source_error = desired.source_error.clone();
         if let Some(e) = &desired.source_error {
-            tracing::warn!(pass, "source: {e}");
+            tracing::warn!("source: {e}");
         }
         let needed: BTreeSet<ComputeKind> =
             desired.plans.values().map(|p| p.spec.compute).collect();
         let observed = Arc::new(self.providers.observe(&needed).await);
-        let now = Utc::now();
         let settle = self.history.record(
             &mut desired,
             &observed,
@@ -327,7 +415,7 @@ impl Reconciler {
         if let Err(e) = self.state.write_observed(&observed) {
             tracing::warn!(error = %e, "cannot keep the observed snapshot");
         }
-        let mut policy = Policy::from_config(&self.config, now);
+        let mut policy = self.config.policy(now);
         policy.allow_destroy = self.allow_destroy;
         policy.settle = Arc::new(settle);
         let mut p = plan(&desired, &observed, &policy);
@@ -335,7 +423,7 @@ impl Reconciler {
         if let Some(hash) = p.approval.clone()
             && self.state.take_approval(&hash, now)
         {
-            tracing::info!(pass, approval = %hash, "approval taken: applying the destroys it approved, once");
+            tracing::info!(approval = %hash, "approval taken: applying the destroys it approved, once");
             policy.allow_destroy = true;
             policy.allow_empty_source = true;
             p = plan(&desired, &observed, &policy);
@@ -346,7 +434,7 @@ impl Reconciler {
         // Steps whose object is backing off for the same wish wait; their dependents are
         // skipped. A backoff for another wish (the spec changed, or it failed making what is
         // now being taken away) starts over.
-        let now = Instant::now();
+        let clock = Instant::now();
         let specs: BTreeMap<&str, String> = desired
             .sessions
             .iter()
@@ -365,7 +453,7 @@ impl Reconciler {
                 Some(b) if b.wish != wish => {
                     self.backoff.remove(&o);
                 }
-                Some(b) if b.until > now => {
+                Some(b) if b.until > clock => {
                     hold.insert(s.id);
                 }
                 _ => {}
@@ -374,7 +462,7 @@ impl Reconciler {
         }
         // An object with no step left, whose backoff has run out, is forgotten.
         self.backoff
-            .retain(|o, b| b.until > now || stepping.contains(o));
+            .retain(|o, b| b.until > clock || stepping.contains(o));
         let mut events = Vec::new();
         let results = execute(&p, &self.providers, &self.exec, &hold, cancel, |step, outcome, d| {
             let e = Event {
@@ -389,7 +477,6 @@ impl Reconciler {
             };
             if outcome.is_failure() {
                 tracing::warn!(
-                    pass,
                     step = step.id,
                     object = %e.object,
                     action = %e.action,
@@ -400,7 +487,7 @@ impl Reconciler {
                     failure_text(outcome).unwrap_or_default()
                 );
             } else {
-                tracing::debug!(pass, step = step.id, object = %e.object, action = %e.action, outcome = outcome.label(), "step done");
+                tracing::debug!(step = step.id, object = %e.object, action = %e.action, outcome = outcome.label(), "step done");
             }
             on_step(&e);
             events.push(e);
@@ -427,7 +514,7 @@ impl Reconciler {
             let j = self.jitter();
             let b = self.backoff.entry(o).or_insert(Backoff {
                 failures: 0,
-                until: now,
+                until: clock,
                 wish: wish.clone(),
             });
             b.wish = wish;
@@ -439,7 +526,7 @@ impl Reconciler {
             r.outcome.is_success()
                 && !matches!(
                     p.steps[r.step].action,
-                    crate::planner::Action::Session(SessionAction::WaitHealthy { .. })
+                    crate::model::plan::Action::Session(SessionAction::WaitHealthy { .. })
                 )
         }) || (!p.deferred.is_empty()
             && results.iter().any(|r| r.outcome.is_success()));
@@ -450,9 +537,7 @@ impl Reconciler {
                 .or_default() += 1;
         }
         let retry = self.next_retry().map(|i| {
-            Utc::now()
-                + chrono::Duration::from_std(i.saturating_duration_since(Instant::now()))
-                    .unwrap_or_default()
+            now + chrono::Duration::from_std(i.saturating_duration_since(clock)).unwrap_or_default()
         });
         report.next_due = match (p.next_wakeup, retry) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -462,77 +547,83 @@ impl Reconciler {
         if let Err(e) = self.state.append_events(&events) {
             tracing::warn!(error = %e, "cannot record events");
         }
-        self.metrics.record(&report, &p, Some(&observed), &results);
-        self.update_conditions(&desired, &observed, &p, &results);
+        self.update_conditions(&desired, &observed, &p, &results, now);
         self.publish(
             &report,
             Some(desired),
             Some(observed),
             Some(p.clone()),
             events,
+            results.clone(),
         );
         (report, p, results)
     }
 
+    /// Build the pass's snapshot, publish it, and tell the subscribers.
     fn publish(
-        &self,
+        &mut self,
         report: &PassReport,
         desired: Option<Arc<Desired>>,
         observed: Option<Arc<Observed>>,
         plan: Option<Arc<Plan>>,
         events: Vec<Event>,
+        results: Vec<StepResult>,
     ) {
-        if let Ok(mut s) = self.shared.lock() {
-            let failing = report.source_error.is_some() || report.error.is_some();
-            s.source_failing_since = match (failing, s.source_failing_since) {
-                (true, Some(since)) => Some(since),
-                (true, None) => Some(report.started),
-                (false, _) => None,
-            };
-            s.last = Some(report.clone());
-            // The change that started this pass is loaded; one seen since still waits (until
-            // then, status must not call the previous pass's result converged).
-            if s.source_seq == self.source_seq_seen {
-                s.source_changed = false;
-            }
-            s.passes = report.pass;
-            s.version += 1;
-            if desired.is_some() {
-                s.desired = desired;
-            }
-            if observed.is_some() {
-                s.observed = observed;
-            }
-            if plan.is_some() {
-                s.plan = plan;
-            }
+        let c = &mut self.current;
+        let failing = report.source_error.is_some() || report.error.is_some();
+        c.source_failing_since = match (failing, c.source_failing_since) {
+            (true, Some(since)) => Some(since),
+            (true, None) => Some(report.started),
+            (false, _) => None,
+        };
+        c.last = Some(report.clone());
+        // The changes seen before this pass began are loaded; one seen since still waits.
+        c.loaded_changes = self.changes_at_start;
+        c.passes = report.pass;
+        if desired.is_some() {
+            c.desired = desired;
+        }
+        if observed.is_some() {
+            c.observed = observed;
+        }
+        if plan.is_some() {
+            c.plan = plan;
+        }
+        c.results = Arc::new(results);
+        if !events.is_empty() {
+            let recent = Arc::make_mut(&mut c.events);
             for e in events {
-                if s.events.len() >= RECENT_EVENTS {
-                    s.events.pop_front();
+                if recent.len() >= RECENT_EVENTS {
+                    recent.pop_front();
                 }
-                s.events.push_back(e);
+                recent.push_back(e);
             }
         }
+        let snap = Arc::new(c.clone());
+        for f in &self.on_pass {
+            f(&snap);
+        }
+        self.tx.send_replace(snap);
     }
 
     /// Conditions per session after a pass: Stalled (its step failed, or it is held),
     /// Reconciling (the plan has work for it), Ready (neither, and it is in its desired state).
     fn update_conditions(
-        &self,
+        &mut self,
         desired: &Desired,
         observed: &Observed,
         plan: &Plan,
         results: &[StepResult],
+        now: DateTime<Utc>,
     ) {
-        let now = Utc::now();
         let mut failures: BTreeMap<String, String> = BTreeMap::new();
         for r in results {
             let action = &plan.steps[r.step].action;
             let session = match action {
-                crate::planner::Action::Route(RouteAction::UpsertRoute { session, .. })
-                | crate::planner::Action::Record(RecordAction::UpsertRecord { session, .. }) => {
-                    Some(session.as_str())
-                }
+                crate::model::plan::Action::Route(RouteAction::UpsertRoute { session, .. })
+                | crate::model::plan::Action::Record(RecordAction::UpsertRecord {
+                    session, ..
+                }) => Some(session.as_str()),
                 other => other.session(),
             };
             if let (Some(s), Some(e)) = (session, failure_text(&r.outcome)) {
@@ -569,9 +660,8 @@ impl Reconciler {
                     .map(|(k, _)| k),
             )
             .collect();
-        let Ok(mut shared) = self.shared.lock() else {
-            return;
-        };
+        let shared = &mut self.current;
+        let last_errors = Arc::make_mut(&mut shared.last_errors);
         let mut next: BTreeMap<String, Vec<Condition>> = BTreeMap::new();
         for name in names {
             let stalled = failures.get(name).or(held.get(name)).cloned();
@@ -615,15 +705,15 @@ impl Reconciler {
             );
             match stalled {
                 Some(e) if failures.contains_key(name.as_str()) => {
-                    shared.last_errors.insert(name.clone(), e);
+                    last_errors.insert(name.clone(), e);
                 }
                 _ if ready => {
-                    shared.last_errors.remove(name.as_str());
+                    last_errors.remove(name.as_str());
                 }
                 _ => {}
             }
         }
-        shared.conditions = next;
+        shared.conditions = Arc::new(next);
     }
 
     /// Pass after pass until nothing is left to do, nothing progresses, or `max` passes.
@@ -643,7 +733,7 @@ impl Reconciler {
                 .held
                 .iter()
                 .filter_map(|h| match h.why {
-                    crate::planner::HoldReason::Settling { until, .. } => Some(until),
+                    crate::model::plan::HoldReason::Settling { until, .. } => Some(until),
                     _ => None,
                 })
                 .max();

@@ -16,7 +16,7 @@ pub fn all() -> Vec<(&'static str, String)> {
         ("config.schema.json", render::<Config>("config")),
         (
             "plan-output.schema.json",
-            render::<crate::planner::Plan>("plan-output"),
+            render::<crate::model::plan::Plan>("plan-output"),
         ),
         (
             "observed.schema.json",

@@ -12,12 +12,13 @@ use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 
-use crate::config::RouteTemplate;
 use crate::desired::{Desired, Held, Quarantine, RouteOrigin, effective_routes};
 use crate::diag::{Diagnostic, Pos};
 use crate::model::Kind;
+use crate::model::RouteTemplate;
 use crate::model::observed::Observed;
-use crate::planner::{Object, Settle};
+use crate::model::plan::Object;
+use crate::planner::Settle;
 
 /// What the loop remembers of the files it has loaded.
 pub struct SourceHistory {

@@ -23,7 +23,7 @@ use vessel::desired::Desired;
 use vessel::load::{Entry, MAX_ERRORS_PER_FILE, load_entries};
 use vessel::model::Size;
 use vessel::observed::{Observed, RecordType};
-use vessel::planner::{Action, Policy, Reason, plan as make_plan, render};
+use vessel::planner::{Action, Reason, plan as make_plan, render};
 
 /// Any panic, on any thread (tokio catches panics in tasks), is a crash.
 pub fn abort_on_panic() {
@@ -134,7 +134,7 @@ pub fn plan(data: &[u8]) {
     let desired = tree(&config, yaml);
     let observed: Observed = serde_json::from_slice(json).unwrap_or_default();
     for (allow, dns) in [(false, false), (true, true)] {
-        let mut policy = Policy::from_config(&config, now());
+        let mut policy = config.policy(now());
         policy.allow_destroy = allow;
         policy.allow_empty_source = allow;
         if dns {

@@ -162,6 +162,49 @@ pub fn field_change(kind: ComputeKind, field: &str) -> FieldChange {
     }
 }
 
+/// A route template of the config: a host pattern for one port (or every port) of every
+/// session's plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTemplate {
+    /// The host, such as `{port}-{session}.{domain}`.
+    pub host: String,
+    /// The port name this template applies to, or `"*"` for every port of the plan.
+    pub port: String,
+    /// Publish DNS records for these hosts.
+    #[serde(default)]
+    pub dns: bool,
+}
+
+/// How many sessions one plan may destroy before the plan is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DestroyBudget {
+    /// At most this many session destroys in one plan.
+    #[serde(default = "default_max_count")]
+    pub max_count: u32,
+    /// At most this share (percent) of existing sessions destroyed in one plan.
+    #[serde(default = "default_max_percent")]
+    pub max_percent: u8,
+}
+
+impl Default for DestroyBudget {
+    fn default() -> Self {
+        DestroyBudget {
+            max_count: default_max_count(),
+            max_percent: default_max_percent(),
+        }
+    }
+}
+
+fn default_max_count() -> u32 {
+    10
+}
+
+fn default_max_percent() -> u8 {
+    50
+}
+
 /// A TCP port number, 1..65535.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, JsonSchema)]
 #[schemars(transparent)]

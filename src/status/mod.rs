@@ -25,24 +25,25 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Secret;
 use crate::metrics::Metrics;
 use crate::planner::render;
-use crate::reconcile::Shared;
+use crate::reconcile::{Published, Snapshot};
 
 pub use view::Context;
 
 pub struct AppState {
-    pub shared: Arc<Mutex<Shared>>,
+    /// The reconciler's latest snapshot.
+    pub published: Published,
     pub metrics: Arc<Metrics>,
     pub ctx: Context,
     pub token: Option<Secret>,
     /// Values never to be served: resolved secrets.
     pub secrets: Vec<String>,
-    /// `/status` rendered once per shared version.
-    cache: Mutex<Option<(u64, Bytes)>>,
+    /// `/status` rendered once per published version.
+    cache: Mutex<Option<((u64, u64), Bytes)>>,
 }
 
 impl AppState {
     pub fn new(
-        shared: Arc<Mutex<Shared>>,
+        published: Published,
         metrics: Arc<Metrics>,
         ctx: Context,
         token: Option<Secret>,
@@ -53,7 +54,7 @@ impl AppState {
         }
         secrets.retain(|s| s.len() >= 4);
         AppState {
-            shared,
+            published,
             metrics,
             ctx,
             token,
@@ -71,8 +72,15 @@ impl AppState {
         body
     }
 
-    fn with<T>(&self, f: impl FnOnce(&Shared) -> T) -> Option<T> {
-        self.shared.lock().ok().map(|s| f(&s))
+    fn with<T>(&self, f: impl FnOnce(&Snapshot) -> T) -> Option<T> {
+        let (snap, _) = self.published.latest();
+        Some(f(&snap))
+    }
+
+    /// The status view of the latest snapshot.
+    fn status_view(&self) -> view::StatusView {
+        let (snap, waiting) = self.published.latest();
+        view::status(&snap, waiting)
     }
 }
 
@@ -179,14 +187,13 @@ async fn healthz() -> Response {
 }
 
 async fn readyz(State(st): State<Arc<AppState>>) -> Response {
-    match st.with(|s| view::status(s).ready) {
-        Some(true) => respond(StatusCode::OK, "text/plain", "ready\n"),
-        Some(false) => respond(
+    match st.status_view().ready {
+        true => respond(StatusCode::OK, "text/plain", "ready\n"),
+        false => respond(
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
             "not ready: the first full pass has not completed\n",
         ),
-        None => unavailable(),
     }
 }
 
@@ -232,18 +239,14 @@ async fn revision(State(st): State<Arc<AppState>>, Query(q): Query<RevisionQuery
 }
 
 async fn status(State(st): State<Arc<AppState>>) -> Response {
-    let Some(version) = st.with(|s| s.version) else {
-        return unavailable();
-    };
+    let version = st.published.version();
     if let Ok(cache) = st.cache.lock()
         && let Some((v, body)) = cache.as_ref()
         && *v == version
     {
         return respond(StatusCode::OK, "application/json", body.clone());
     }
-    let Some(v) = st.with(view::status) else {
-        return unavailable();
-    };
+    let v = st.status_view();
     let body: Bytes = match serde_json::to_string_pretty(&v) {
         Ok(s) => Bytes::from(st.redact(s) + "\n"),
         Err(e) => {
@@ -363,7 +366,8 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn index(State(st): State<Arc<AppState>>) -> Response {
-    match st.with(|s| page::render(s, &st.ctx)) {
+    let (snap, waiting) = st.published.latest();
+    match Some(page::render(&snap, waiting, &st.ctx)) {
         Some(html) => respond(StatusCode::OK, "text/html; charset=utf-8", st.redact(html)),
         None => unavailable(),
     }

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use crate::planner::render;
-use crate::reconcile::Shared;
+use crate::reconcile::Snapshot;
 
 use super::view::{self, Context};
 
@@ -15,8 +15,8 @@ fn esc(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-pub fn render(s: &Shared, ctx: &Context) -> String {
-    let st = view::status(s);
+pub fn render(s: &Snapshot, source_changed: bool, ctx: &Context) -> String {
+    let st = view::status(s, source_changed);
     let mut h = String::new();
     let badge = if st.converged {
         "<span class=ok>converged</span>"

@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::desired::effective_routes;
 use crate::diag::Diagnostic;
 use crate::model::observed::{RecordType, RuntimeSpec, SessionState};
-use crate::reconcile::{Condition, PassReport, Shared};
+use crate::reconcile::{Condition, PassReport, Snapshot};
 use crate::state::Event;
 
 pub const REDACTED: &str = "<redacted>";
@@ -147,7 +147,7 @@ pub struct Context {
     /// The proxy's port, for URLs (`http://host:port/`).
     pub proxy_port: Option<u16>,
     pub domain: String,
-    pub templates: Vec<crate::config::RouteTemplate>,
+    pub templates: Vec<crate::model::RouteTemplate>,
     /// The git source's mirror, to tell whether a revision is applied (`/revision`).
     pub git_mirror: Option<std::path::PathBuf>,
 }
@@ -167,7 +167,7 @@ fn url(host: &str, port: Option<u16>) -> String {
     }
 }
 
-pub fn status(s: &Shared) -> StatusView {
+pub fn status(s: &Snapshot, source_changed: bool) -> StatusView {
     let mut counts = Counts::default();
     if let Some(d) = &s.desired {
         counts.sessions_desired = d.sessions.len();
@@ -221,7 +221,7 @@ pub fn status(s: &Shared) -> StatusView {
         })
         .collect();
     let ready = s.last.as_ref().is_some_and(|l| l.error.is_none());
-    let (strict, loose) = convergence(s, ready);
+    let (strict, loose) = convergence(s, ready, source_changed);
     StatusView {
         version: env!("CARGO_PKG_VERSION").to_string(),
         started: s.started,
@@ -231,7 +231,7 @@ pub fn status(s: &Shared) -> StatusView {
         converged_allowing_quarantine: loose.is_empty(),
         commit: s.last.as_ref().and_then(|l| l.commit.clone()),
         not_converged: strict,
-        source_changed: s.source_changed,
+        source_changed,
         source_error: s
             .last
             .as_ref()
@@ -255,12 +255,12 @@ pub fn status(s: &Shared) -> StatusView {
 }
 
 /// Why the world is not as declared (empty: converged), strictly and allowing quarantine.
-fn convergence(s: &Shared, ready: bool) -> (Vec<String>, Vec<String>) {
+fn convergence(s: &Snapshot, ready: bool, source_changed: bool) -> (Vec<String>, Vec<String>) {
     let mut why: Vec<(String, bool)> = Vec::new();
     if !ready {
         why.push(("no pass has loaded the source yet".into(), false));
     }
-    if s.source_changed {
+    if source_changed {
         why.push(("a source change is waiting for a pass".into(), false));
     }
     why.extend(not_converged(
@@ -280,11 +280,11 @@ fn convergence(s: &Shared, ready: bool) -> (Vec<String>, Vec<String>) {
 /// whether it comes only from a file with errors. Sessions asleep or stopped with no address
 /// do not count.
 pub fn not_converged(
-    plan: Option<&crate::planner::Plan>,
+    plan: Option<&crate::model::plan::Plan>,
     observed: Option<&crate::model::observed::Observed>,
     desired: Option<&crate::desired::Desired>,
 ) -> Vec<(String, bool)> {
-    use crate::planner::{Guard, HoldReason};
+    use crate::model::plan::{Guard, HoldReason};
     let mut why: Vec<(String, bool)> = Vec::new();
     if let Some(p) = plan {
         if !p.steps.is_empty() {
@@ -331,7 +331,7 @@ pub fn not_converged(
     why
 }
 
-pub fn sessions(s: &Shared, ctx: &Context) -> Vec<SessionView> {
+pub fn sessions(s: &Snapshot, ctx: &Context) -> Vec<SessionView> {
     let mut names: Vec<String> = s
         .desired
         .iter()
@@ -377,7 +377,7 @@ pub fn sessions(s: &Shared, ctx: &Context) -> Vec<SessionView> {
         .collect()
 }
 
-pub fn session(s: &Shared, ctx: &Context, name: &str) -> Option<SessionDetail> {
+pub fn session(s: &Snapshot, ctx: &Context, name: &str) -> Option<SessionDetail> {
     let summary = sessions(s, ctx).into_iter().find(|v| v.name == name)?;
     let have = s.observed.as_ref().and_then(|o| o.sessions.get(name));
     let spec = have.and_then(|h| h.spec.clone()).map(|mut spec| {
@@ -404,7 +404,7 @@ pub fn session(s: &Shared, ctx: &Context, name: &str) -> Option<SessionDetail> {
     })
 }
 
-pub fn routes(s: &Shared, ctx: &Context) -> Vec<RouteView> {
+pub fn routes(s: &Snapshot, ctx: &Context) -> Vec<RouteView> {
     let mut out: BTreeMap<String, RouteView> = BTreeMap::new();
     if let Some(d) = &s.desired {
         for r in effective_routes(d, &ctx.templates, &ctx.domain, |_| true) {
@@ -443,7 +443,7 @@ pub fn routes(s: &Shared, ctx: &Context) -> Vec<RouteView> {
     out.into_values().collect()
 }
 
-pub fn records(s: &Shared) -> Vec<RecordView> {
+pub fn records(s: &Snapshot) -> Vec<RecordView> {
     s.observed
         .iter()
         .flat_map(|o| o.records.values())
@@ -458,10 +458,10 @@ pub fn records(s: &Shared) -> Vec<RecordView> {
 }
 
 /// The plan with environment values redacted (they may hold secrets).
-pub fn redact_plan(plan: &crate::planner::Plan) -> crate::planner::Plan {
+pub fn redact_plan(plan: &crate::model::plan::Plan) -> crate::model::plan::Plan {
     let mut p = plan.clone();
     for step in &mut p.steps {
-        if let crate::planner::Action::Session(SessionAction::CreateSession { spec, .. }) =
+        if let crate::model::plan::Action::Session(SessionAction::CreateSession { spec, .. }) =
             &mut step.action
         {
             let mut redacted = (**spec).clone();
@@ -509,10 +509,10 @@ mod tests {
             health: None,
             stop_timeout: None,
         };
-        let mut plan = crate::planner::Plan::default();
-        plan.steps.push(crate::planner::Step {
+        let mut plan = crate::model::plan::Plan::default();
+        plan.steps.push(crate::model::plan::Step {
             id: 0,
-            action: crate::planner::Action::Session(SessionAction::CreateSession {
+            action: crate::model::plan::Action::Session(SessionAction::CreateSession {
                 session: "a".into(),
                 spec: std::sync::Arc::new(spec.clone()),
                 fingerprint: "f".into(),
@@ -522,7 +522,7 @@ mod tests {
                 host: None,
                 restore: false,
             }),
-            reason: crate::planner::Reason::Missing,
+            reason: crate::model::plan::Reason::Missing,
             depends_on: vec![],
         });
         let json = crate::planner::render::json(&redact_plan(&plan));

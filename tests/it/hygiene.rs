@@ -146,3 +146,143 @@ fn the_schema_says_how_each_plan_field_changes() {
         assert!(desc.contains(&want), "{field}: `{desc}` should say {want}");
     }
 }
+
+/// The module a source file is, as a path under the crate (`providers::compute::process`).
+fn module_of(rel: &std::path::Path) -> Vec<String> {
+    let mut parts: Vec<String> = rel
+        .iter()
+        .map(|p| p.to_string_lossy().trim_end_matches(".rs").to_string())
+        .collect();
+    if parts.first().is_some_and(|p| p == "src") {
+        parts.remove(0);
+    }
+    if parts
+        .last()
+        .is_some_and(|p| p == "mod" || p == "lib" || p == "main")
+    {
+        parts.pop();
+    }
+    parts
+}
+
+/// Every module path a file refers to (`crate::a::b`, and `super::` resolved against the
+/// file's own module), outside comments.
+fn references(text: &str, me: &[String]) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let code = line.split("//").next().unwrap_or("");
+        let mut rest = code;
+        while let Some(i) = rest.find(['c', 's']) {
+            let tail = &rest[i..];
+            let start_ok = i == 0
+                || !rest[..i]
+                    .chars()
+                    .last()
+                    .is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':');
+            let (base, after): (Vec<String>, &str) = if start_ok && tail.starts_with("crate::") {
+                (Vec::new(), &tail[7..])
+            } else if start_ok && tail.starts_with("super::") {
+                let mut b = me.to_vec();
+                let mut t = tail;
+                while let Some(r) = t.strip_prefix("super::") {
+                    b.pop();
+                    t = r;
+                }
+                (b, t)
+            } else {
+                rest = &tail[1..];
+                continue;
+            };
+            let path: Vec<String> = after
+                .split("::")
+                .map_while(|seg| {
+                    let ident: String = seg
+                        .chars()
+                        .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                        .collect();
+                    (!ident.is_empty() && ident.len() == seg.len()).then_some(ident)
+                })
+                .collect();
+            let mut full = base;
+            full.extend(path);
+            if !full.is_empty() {
+                out.push(full);
+            }
+            rest = &tail[1..];
+        }
+    }
+    out
+}
+
+/// Module dependencies among the crate's files, by module path: no two modules import each
+/// other (at the top level, and among the provider families and the compute providers), and
+/// the planner imports nothing from the config, the loader, the sources or the providers.
+#[test]
+fn modules_never_import_each_other_and_the_planner_stays_pure() {
+    let src = root().join("src");
+    let mut files = Vec::new();
+    let mut stack = vec![src.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read src").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                files.push(p);
+            }
+        }
+    }
+    // Edges between modules of the same parent: (parent, from, to).
+    let mut edges: std::collections::BTreeSet<(String, String, String)> = Default::default();
+    let mut planner_refs: Vec<String> = Vec::new();
+    for f in &files {
+        let rel = f.strip_prefix(root()).expect("under the root");
+        let me = module_of(rel);
+        let text = std::fs::read_to_string(f).expect("read");
+        for r in references(&text, &me) {
+            // The first level where the two paths part: a dependency between siblings.
+            let common = me.iter().zip(&r).take_while(|(a, b)| a == b).count();
+            if let (Some(from), Some(to)) = (me.get(common), r.get(common)) {
+                let parent = me[..common].join("::");
+                edges.insert((parent, from.clone(), to.clone()));
+            }
+            if me.first().is_some_and(|m| m == "planner") {
+                planner_refs.push(format!("{}: {}", rel.display(), r.join("::")));
+            }
+        }
+    }
+    let known: std::collections::BTreeSet<&str> = ["", "providers", "providers::compute"].into();
+    let cycles: Vec<String> = edges
+        .iter()
+        .filter(|(p, a, b)| {
+            known.contains(p.as_str()) && edges.contains(&(p.clone(), b.clone(), a.clone()))
+        })
+        .map(|(p, a, b)| format!("{p}: {a} <-> {b}"))
+        .collect();
+    assert!(
+        cycles.is_empty(),
+        "modules that import each other: {cycles:#?}"
+    );
+    let bad: Vec<&String> = planner_refs
+        .iter()
+        .filter(|r| {
+            let path = r.split(": ").nth(1).unwrap_or("");
+            [
+                "config",
+                "load",
+                "source",
+                "providers",
+                "exec",
+                "reconcile",
+                "daemon",
+                "state",
+            ]
+            .iter()
+            .any(|m| path == *m || path.starts_with(&format!("{m}::")))
+        })
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "the planner sees only Desired, Observed and its Policy: {bad:#?}"
+    );
+}

@@ -125,7 +125,7 @@ pub fn load(files: &BTreeMap<String, String>, now: DateTime<Utc>) -> Desired {
 }
 
 fn policy_of(c: &CasePolicy, now: DateTime<Utc>) -> Policy {
-    let mut p = Policy::from_config(&Config::embedded_default(Path::new(".")), now);
+    let mut p = Config::embedded_default(Path::new(".")).policy(now);
     p.dns = c.dns.as_deref().map(record_for);
     p.allow_destroy = c.allow_destroy;
     p.allow_empty_source = c.allow_empty_source;

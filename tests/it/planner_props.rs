@@ -132,7 +132,7 @@ fn now() -> DateTime<Utc> {
 }
 
 fn policy(allow: bool) -> Policy {
-    let mut p = Policy::from_config(&Config::embedded_default(std::path::Path::new(".")), now());
+    let mut p = Config::embedded_default(std::path::Path::new(".")).policy(now());
     p.dns = Some((RecordType::A, "192.0.2.1".into()));
     p.allow_destroy = allow;
     p.allow_empty_source = allow;
