@@ -1,0 +1,278 @@
+//! Phase 1: each desired session as the plan wants it (expiry applied), and each session's
+//! fate: create, replace, update in place, start, stop, destroy, keep; or held, and why.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use crate::model::observed::{ObservedSession, ProviderId, RuntimeSpec, SessionState};
+use crate::model::{ExpiryAction, FieldChange, Kind, PlanSpec, RunState, SessionSpec};
+
+use super::{Fate, HoldReason, Object, Planner, Reason, Want};
+
+/// The merged, resolved spec a session on `plan` runs with.
+pub fn runtime_spec(session: &SessionSpec, plan: &PlanSpec) -> RuntimeSpec {
+    let mut env = plan.env.clone();
+    env.extend(session.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    RuntimeSpec {
+        compute: plan.compute,
+        image: plan.image.clone(),
+        command: plan.command.clone(),
+        env,
+        cpus: plan.cpus,
+        memory: plan.memory,
+        disk: plan.disk,
+        ports: plan.ports.clone(),
+        health: plan.health.clone(),
+        stop_timeout: plan.stop_timeout,
+    }
+}
+
+impl<'a> Planner<'a> {
+    /// Desired sessions with expiry applied (and the earliest future expiry to wake for);
+    /// what files with errors hold.
+    pub(super) fn wants(&mut self) {
+        let (desired, policy) = (self.desired, self.policy);
+        // Sessions without env of their own share their plan's spec and fingerprint.
+        let mut per_plan: std::collections::BTreeMap<&str, (Arc<RuntimeSpec>, Arc<str>)> =
+            Default::default();
+        for (name, doc) in &desired.sessions {
+            let Some(plan) = desired.plans.get(&doc.spec.plan) else {
+                // No plan (validation prevents it): held, never destroyed.
+                self.held.quarantined.insert(name);
+                continue;
+            };
+            let s = &doc.spec;
+            let mut state = s.state;
+            let mut expired = None;
+            if let Some(at) = s.expires {
+                if at <= policy.now {
+                    if s.on_expiry == ExpiryAction::Destroy {
+                        self.expired.insert(name, at);
+                        continue;
+                    }
+                    expired = Some(at);
+                    state = RunState::Stopped;
+                } else {
+                    self.wake_at(at);
+                }
+            }
+            let (spec, fingerprint) = if s.env.is_empty() {
+                per_plan
+                    .entry(plan.spec.name.as_str())
+                    .or_insert_with(|| {
+                        let spec = runtime_spec(s, &plan.spec);
+                        let fp = spec.fingerprint();
+                        (Arc::new(spec), fp.into())
+                    })
+                    .clone()
+            } else {
+                let spec = runtime_spec(s, &plan.spec);
+                let fp = spec.fingerprint();
+                (Arc::new(spec), fp.into())
+            };
+            self.wants.insert(
+                name,
+                Want {
+                    spec,
+                    fingerprint,
+                    session: s,
+                    file: &doc.file,
+                    state,
+                    expired,
+                },
+            );
+        }
+        // Held by quarantine: the names broken files hold. A file of unknown contents holds
+        // every removal anywhere.
+        self.held.quarantined.extend(desired.held(Kind::Session));
+        self.held.quarantined_routes = desired.held(Kind::Route);
+        self.held.unknown_files = desired
+            .quarantined
+            .iter()
+            .filter(|(_, q)| !q.complete)
+            .map(|(f, _)| f.clone())
+            .collect();
+    }
+
+    /// The file with errors that holds this session, if one does (`Some(None)`: a file with
+    /// errors names it, but which is not known).
+    fn quarantined_file(&self, o: &ObservedSession) -> Option<Option<std::path::PathBuf>> {
+        let desired = self.desired;
+        if self.held.quarantined.contains(o.name.as_str()) {
+            return Some(
+                desired
+                    .quarantined
+                    .iter()
+                    .find(|(_, q)| {
+                        q.held
+                            .iter()
+                            .any(|h| h.kind == Kind::Session && h.name == o.name)
+                    })
+                    .map(|(f, _)| f.clone()),
+            );
+        }
+        match &o.source_file {
+            Some(f) if desired.quarantined.contains_key(f) => Some(Some(f.clone())),
+            _ => None,
+        }
+    }
+
+    /// Decide each session's fate, or hold it: a file with errors, an unobserved provider, an
+    /// object in the way, a missing project, a change still settling.
+    pub(super) fn fates(&mut self) {
+        let observed = self.observed;
+        let wants = std::mem::take(&mut self.wants);
+        let joined = super::order::merge_join(
+            wants.iter().map(|(k, v)| (*k, v)),
+            observed.sessions.iter().map(|(k, v)| (k.as_str(), v)),
+        );
+        for (name, want, have) in joined {
+            if let Some(o) = have {
+                if let Some(file) = self.quarantined_file(o) {
+                    self.hold_session(name, HoldReason::Quarantined { file });
+                    continue;
+                }
+            } else if self.held.quarantined.contains(name) {
+                continue;
+            }
+            let providers: BTreeSet<ProviderId> = want
+                .map(|w| ProviderId::Compute(w.spec.compute))
+                .into_iter()
+                .chain(have.map(|o| ProviderId::Compute(o.provider)))
+                .collect();
+            if let Some(why) = providers.iter().find_map(|p| self.unobserved(p)) {
+                self.hold_session(name, why);
+                continue;
+            }
+            let fate = match (want, have) {
+                (None, None) => continue,
+                (Some(_), Some(o)) if !o.owned => {
+                    self.hold_session(name, HoldReason::Foreign);
+                    continue;
+                }
+                (None, Some(o)) if !o.owned => continue,
+                (Some(_), None) => Fate::Create,
+                (None, Some(_)) => Fate::Destroy(match self.expired.get(name) {
+                    Some(at) => Reason::Expired { at: *at },
+                    None => Reason::NotDesired,
+                }),
+                (Some(w), Some(o)) => self.fate_of(name, w, o),
+            };
+            // A session is not made without its project.
+            if matches!(fate, Fate::Create | Fate::Replace(_))
+                && let Some(path) = self.desired.missing_sources.get(name)
+            {
+                self.hold_session(name, HoldReason::SourceMissing { path: path.clone() });
+                continue;
+            }
+            // What a source change takes away waits until its files have settled.
+            if matches!(fate, Fate::Destroy(_) | Fate::Replace(_)) {
+                let obj = Object::Session(name.to_string());
+                let files = self
+                    .policy
+                    .settle
+                    .files_of(&obj, have.and_then(|o| o.source_file.as_deref()));
+                if let Some((file, until)) = self.policy.settle.wait_for(files, self.policy.now) {
+                    self.wake_at(until);
+                    self.hold_session(name, HoldReason::Settling { file, until });
+                    continue;
+                }
+            }
+            self.fates.insert(name, fate);
+        }
+        self.wants = wants;
+    }
+
+    /// The fate of a session that is both desired and there: replaced for what it cannot
+    /// change in place, else updated in place (noted) and brought to its desired state.
+    fn fate_of(&mut self, name: &'a str, w: &Want, o: &ObservedSession) -> Fate {
+        let diff = spec_diff(o, &w.spec, &w.fingerprint);
+        if !diff.replace.is_empty() {
+            let mut changes = diff.replace;
+            changes.extend(diff.restart);
+            changes.sort();
+            return Fate::Replace(changes);
+        }
+        if !diff.restart.is_empty() {
+            self.updates.insert(name, diff.restart);
+        }
+        let want_running = w.state == RunState::Running;
+        match (want_running, o.state) {
+            (true, SessionState::Running) | (false, SessionState::Stopped) => Fate::Keep,
+            (true, SessionState::Failed) => Fate::Start(Reason::Failed),
+            (true, SessionState::Stopped) => Fate::Start(Reason::StateChanged {
+                from: "stopped".into(),
+                to: w.state.as_str().into(),
+            }),
+            (false, _) => Fate::Stop(match w.expired {
+                Some(at) => Reason::Expired { at },
+                None => Reason::StateChanged {
+                    from: state_str(o.state).into(),
+                    to: w.state.as_str().into(),
+                },
+            }),
+        }
+    }
+}
+
+fn state_str(s: SessionState) -> &'static str {
+    match s {
+        SessionState::Running => "running",
+        SessionState::Stopped => "stopped",
+        SessionState::Failed => "failed",
+    }
+}
+
+/// What differs between a session and its desired spec: fields that need a replace, and
+/// fields its provider changes in place with a restart (free and ignored fields need nothing).
+pub(super) struct SpecDiff {
+    replace: Vec<String>,
+    restart: Vec<String>,
+}
+
+pub(super) fn spec_diff(o: &ObservedSession, new: &RuntimeSpec, fingerprint: &str) -> SpecDiff {
+    let mut d = SpecDiff {
+        replace: Vec::new(),
+        restart: Vec::new(),
+    };
+    if o.provider != new.compute {
+        d.replace.push("compute".into());
+        return d;
+    }
+    let Some(old) = &o.spec else {
+        // Only a fingerprint to go by: any change is a replace.
+        if o.fingerprint != fingerprint {
+            d.replace.push("spec fingerprint".into());
+        }
+        return d;
+    };
+    for field in spec_changes(old, new) {
+        match crate::model::field_change(new.compute, &field) {
+            FieldChange::Replace => d.replace.push(field),
+            FieldChange::Restart => d.restart.push(field),
+            FieldChange::Free | FieldChange::Ignored => {}
+        }
+    }
+    // Something differs that no field shows (a fingerprint of another version of vessel):
+    // fields are what count.
+    d
+}
+
+/// Field names that differ between what a session was made from and what is desired now.
+fn spec_changes(old: &RuntimeSpec, new: &RuntimeSpec) -> Vec<String> {
+    if old == new {
+        return Vec::new();
+    }
+    let a = serde_json::to_value(old).unwrap_or_default();
+    let b = serde_json::to_value(new).unwrap_or_default();
+    let empty = serde_json::Map::new();
+    let (a, b) = (
+        a.as_object().unwrap_or(&empty),
+        b.as_object().unwrap_or(&empty),
+    );
+    let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .cloned()
+        .collect()
+}
