@@ -26,8 +26,36 @@ pub struct ExecOptions {
     /// Steps running at once against one provider.
     pub per_provider: usize,
     pub step_timeout: Duration,
-    /// For waiting until a session is healthy.
+    /// For waiting until a session is healthy, when its plan does not say (`health.timeout`).
     pub health_timeout: Duration,
+    /// Where the executor publishes its progress (steps done of total, the ones in flight),
+    /// for `vessel apply`'s progress display. Readers subscribe; nothing reads back.
+    pub progress: Option<tokio::sync::watch::Sender<Progress>>,
+}
+
+/// How far one execution is: published on `ExecOptions::progress` whenever a step starts or
+/// ends.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Progress {
+    /// Steps in the plan.
+    pub total: usize,
+    /// Steps ended (whatever their outcome).
+    pub done: usize,
+    /// Steps running, in step order.
+    pub running: Vec<InFlight>,
+}
+
+/// A step in flight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InFlight {
+    pub step: usize,
+    /// Its verb (`create`, `wait-healthy`, ...).
+    pub action: &'static str,
+    /// What it acts on.
+    pub object: String,
+    pub started: Instant,
+    /// When it times out.
+    pub timeout: Duration,
 }
 
 impl Default for ExecOptions {
@@ -37,6 +65,7 @@ impl Default for ExecOptions {
             per_provider: 8,
             step_timeout: Duration::from_secs(300),
             health_timeout: Duration::from_secs(60),
+            progress: None,
         }
     }
 }
@@ -112,6 +141,17 @@ pub async fn execute(
     let n = plan.steps.len();
     let mut status = vec![Status::Pending; n];
     let mut results: Vec<Option<StepResult>> = vec![None; n];
+    let mut in_flight: BTreeMap<usize, InFlight> = BTreeMap::new();
+    let publish = |status: &[Status], in_flight: &BTreeMap<usize, InFlight>| {
+        if let Some(tx) = &opts.progress {
+            tx.send_replace(Progress {
+                total: n,
+                done: status.iter().filter(|s| **s == Status::Done).count(),
+                running: in_flight.values().cloned().collect(),
+            });
+        }
+    };
+    publish(&status, &in_flight);
     let mut finish = |id: usize,
                       outcome: Outcome,
                       d: Duration,
@@ -209,6 +249,7 @@ pub async fn execute(
                         busy_sessions.insert(session);
                         *per_provider.entry(provider.clone()).or_default() += 1;
                         status[id] = Status::Running;
+                        in_flight.insert(id, in_flight_of(step, opts));
                         let task = spawn_compute(&mut running, providers, step, opts);
                         tasks.insert(task, vec![id]);
                     }
@@ -217,12 +258,14 @@ pub async fn execute(
             for (provider, ids) in batches {
                 for id in &ids {
                     status[*id] = Status::Running;
+                    in_flight.insert(*id, in_flight_of(&plan.steps[*id], opts));
                 }
                 batch_running.insert(provider.clone());
                 let task = spawn_batch(&mut running, providers, plan, provider, ids.clone(), opts);
                 tasks.insert(task, ids);
             }
         }
+        publish(&status, &in_flight);
         let Some(joined) = running.join_next_with_id().await else {
             break;
         };
@@ -259,15 +302,31 @@ pub async fn execute(
                     batch_running.remove(&provider);
                 }
             }
+            in_flight.remove(&id);
             finish(id, outcome, d, &mut status, &mut results);
         }
     }
+    publish(&status, &in_flight);
     results.into_iter().flatten().collect()
+}
+
+fn in_flight_of(step: &Step, opts: &ExecOptions) -> InFlight {
+    InFlight {
+        step: step.id,
+        action: step.action.verb(),
+        object: step.action.object().to_string(),
+        started: Instant::now(),
+        timeout: timeout_for(&step.action, opts),
+    }
 }
 
 fn timeout_for(action: &Action, opts: &ExecOptions) -> Duration {
     match action {
-        Action::WaitHealthy { .. } => opts.health_timeout,
+        // The plan's own (`health.timeout`), carried in the step; else the default.
+        Action::WaitHealthy { check, .. } => check
+            .as_ref()
+            .and_then(|h| h.timeout)
+            .map_or(opts.health_timeout, |t| t.std()),
         _ => opts.step_timeout,
     }
 }

@@ -12,6 +12,7 @@ mod git_source;
 mod hostile;
 mod hostile_http;
 mod hygiene;
+mod operator;
 mod outage;
 mod papercuts;
 mod plan_cli;
