@@ -1,6 +1,7 @@
 //! vessel's one integration-test binary. Each module covers one capability; helpers live in
 //! `support`.
 
+mod action;
 mod approve;
 mod backoff;
 mod crash;
