@@ -157,6 +157,20 @@ pub enum Command {
         #[arg(long, default_value = "schemas")]
         out: PathBuf,
     },
+    /// Start a new vessel directory: a commented config (`vessel.yaml`), one example session
+    /// (`sessions/example.yaml`) and the JSON Schemas (`schemas/`). Never overwrites a file.
+    Init {
+        /// The directory (created if missing).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Print a shell completion script: `vessel completions bash > /etc/bash_completion.d/vessel`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): `vessel man > /usr/local/share/man/man1/vessel.1`.
+    Man,
 }
 
 /// Settings that override the config file's, for one run.
@@ -240,6 +254,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             | Command::Status { .. }
             | Command::Schema { .. }
             | Command::Approve { .. }
+            | Command::Completions { .. }
+            | Command::Man
     ) {
         // A reader that goes away (`vessel plan | head`) ends these at once, as it ends any
         // filter, instead of a panic on the next write.
@@ -304,6 +320,42 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => approve_cmd(&hash, &target, ttl, state_dir),
         Command::Devserver { listen, root, name } => {
             runtime()?.block_on(crate::devserver::run(listen, root, name))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Init { dir } => match crate::init::init(&dir) {
+            Ok(written) => {
+                for p in written {
+                    println!("wrote {}", p.display());
+                }
+                println!(
+                    "next: vessel validate {0}/vessel.yaml && vessel run {0}/vessel.yaml",
+                    dir.display()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("error: {}", crate::error_chain(&e));
+                Ok(ExitCode::from(1))
+            }
+        },
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "vessel", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut out)?;
+            // Each subcommand gets a section of the one page: what it does, its options.
+            for sub in <Cli as clap::CommandFactory>::command().get_subcommands() {
+                let name = format!("VESSEL {}", sub.get_name().to_uppercase());
+                out.extend_from_slice(format!(".SH \"{name}\"\n").as_bytes());
+                let man = clap_mangen::Man::new(sub.clone());
+                man.render_description_section(&mut out)?;
+                man.render_options_section(&mut out)?;
+            }
+            std::io::Write::write_all(&mut std::io::stdout(), &out)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Schema { out } => {
@@ -670,6 +722,12 @@ fn apply_cmd(
         });
         let mut rec = Reconciler::new(config, providers, state);
         rec.allow_destroy = allow_destroy;
+        // Progress: one line redrawn in place on a terminal, plain lines otherwise.
+        let tty = std::io::stdout().is_terminal();
+        let (progress_tx, progress_rx) = tokio::sync::watch::channel(crate::exec::Progress::default());
+        rec.exec.progress = Some(progress_tx);
+        let stop_progress = tokio_util::sync::CancellationToken::new();
+        let shown = tokio::spawn(crate::progress::show(progress_rx, tty, stop_progress.clone()));
         let started = std::time::Instant::now();
         say!("\nApplying:\n");
         let reports = rec
@@ -678,9 +736,11 @@ fn apply_cmd(
                     crate::exec::Outcome::Succeeded => ("ok", String::new()),
                     other => (other.label(), crate::reconcile::failure_text(other).map(|t| format!(": {t}")).unwrap_or_default()),
                 };
-                say!("  [pass {}] {:<12} {} {} ({} ms){extra}\n", e.pass, e.action, e.object, mark, e.duration_ms);
+                say!("{}  [pass {}] {:<12} {} {} ({} ms){extra}\n", crate::progress::clear_line(tty), e.pass, e.action, e.object, mark, e.duration_ms);
             })
             .await;
+        stop_progress.cancel();
+        let _ = shown.await;
         let last = reports.last();
         let failed: usize = reports
             .iter()

@@ -27,8 +27,36 @@ pub struct ExecOptions {
     /// Steps running at once against one provider.
     pub per_provider: usize,
     pub step_timeout: Duration,
-    /// For waiting until a session is healthy.
+    /// For waiting until a session is healthy, when its plan does not say (`health.timeout`).
     pub health_timeout: Duration,
+    /// Where the executor publishes its progress (steps done of total, the ones in flight),
+    /// for `vessel apply`'s progress display. Readers subscribe; nothing reads back.
+    pub progress: Option<tokio::sync::watch::Sender<Progress>>,
+}
+
+/// How far one execution is: published on `ExecOptions::progress` whenever a step starts or
+/// ends.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Progress {
+    /// Steps in the plan.
+    pub total: usize,
+    /// Steps ended (whatever their outcome).
+    pub done: usize,
+    /// Steps running, in step order.
+    pub running: Vec<InFlight>,
+}
+
+/// A step in flight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InFlight {
+    pub step: usize,
+    /// Its verb (`create`, `wait-healthy`, ...).
+    pub action: &'static str,
+    /// What it acts on.
+    pub object: String,
+    pub started: Instant,
+    /// When it times out.
+    pub timeout: Duration,
 }
 
 impl Default for ExecOptions {
@@ -38,6 +66,7 @@ impl Default for ExecOptions {
             per_provider: 8,
             step_timeout: Duration::from_secs(300),
             health_timeout: Duration::from_secs(60),
+            progress: None,
         }
     }
 }
@@ -113,6 +142,17 @@ pub async fn execute(
     let n = plan.steps.len();
     let mut status = vec![Status::Pending; n];
     let mut results: Vec<Option<StepResult>> = vec![None; n];
+    let mut in_flight: BTreeMap<usize, InFlight> = BTreeMap::new();
+    let publish = |status: &[Status], in_flight: &BTreeMap<usize, InFlight>| {
+        if let Some(tx) = &opts.progress {
+            tx.send_replace(Progress {
+                total: n,
+                done: status.iter().filter(|s| **s == Status::Done).count(),
+                running: in_flight.values().cloned().collect(),
+            });
+        }
+    };
+    publish(&status, &in_flight);
     let mut finish = |id: usize,
                       outcome: Outcome,
                       d: Duration,
@@ -211,6 +251,7 @@ pub async fn execute(
                         busy_sessions.insert(session);
                         *per_provider.entry(provider.clone()).or_default() += 1;
                         status[id] = Status::Running;
+                        in_flight.insert(id, in_flight_of(step, opts));
                         let task = spawn_compute(&mut running, providers, id, a.clone(), opts);
                         tasks.insert(task, vec![id]);
                     }
@@ -220,6 +261,7 @@ pub async fn execute(
                 let ids = routes.ids.clone();
                 for id in &ids {
                     status[*id] = Status::Running;
+                    in_flight.insert(*id, in_flight_of(&plan.steps[*id], opts));
                 }
                 batch_running.insert(ProviderId::Proxy);
                 let proxy = providers.proxy.clone();
@@ -233,6 +275,7 @@ pub async fn execute(
                 let ids = records.ids.clone();
                 for id in &ids {
                     status[*id] = Status::Running;
+                    in_flight.insert(*id, in_flight_of(&plan.steps[*id], opts));
                 }
                 batch_running.insert(ProviderId::Dns);
                 let dns = providers.dns.clone();
@@ -256,6 +299,7 @@ pub async fn execute(
                 tasks.insert(task, ids);
             }
         }
+        publish(&status, &in_flight);
         let Some(joined) = running.join_next_with_id().await else {
             break;
         };
@@ -292,15 +336,34 @@ pub async fn execute(
                     batch_running.remove(&provider);
                 }
             }
+            in_flight.remove(&id);
             finish(id, outcome, d, &mut status, &mut results);
         }
     }
+    publish(&status, &in_flight);
     results.into_iter().flatten().collect()
+}
+
+fn in_flight_of(step: &Step, opts: &ExecOptions) -> InFlight {
+    InFlight {
+        step: step.id,
+        action: step.action.verb(),
+        object: step.action.object().to_string(),
+        started: Instant::now(),
+        timeout: match &step.action {
+            Action::Session(a) => timeout_for(a, opts),
+            _ => opts.step_timeout,
+        },
+    }
 }
 
 fn timeout_for(action: &SessionAction, opts: &ExecOptions) -> Duration {
     match action {
-        SessionAction::WaitHealthy { .. } => opts.health_timeout,
+        // The plan's own (`health.timeout`), carried in the step; else the default.
+        SessionAction::WaitHealthy { check, .. } => check
+            .as_ref()
+            .and_then(|h| h.timeout)
+            .map_or(opts.health_timeout, |t| t.std()),
         _ => opts.step_timeout,
     }
 }

@@ -126,13 +126,13 @@ fn check_object(
                     .with_help("add `image: ...`"),
                 );
             }
-            if let Some(h) = &p.spec.health
-                && !p.spec.ports.contains_key(&h.port)
+            if let Some(port) = p.spec.health.as_ref().and_then(|h| h.port.as_ref())
+                && !p.spec.ports.contains_key(port)
             {
                 out.push(unknown_port(
                     f,
                     p.at("health.port"),
-                    &h.port,
+                    port,
                     &p.spec.name,
                     p.spec.ports.keys().map(String::as_str),
                 ));

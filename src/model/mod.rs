@@ -287,11 +287,15 @@ pub struct PlanSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Health {
-    /// The port name to check.
-    pub port: String,
+    /// The port name to check; by default `ide`, else the plan's first port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<String>,
     /// The HTTP path to request; any answer below 500 counts as healthy.
     #[serde(default = "default_health_path")]
     pub path: String,
+    /// How long a start may take to become healthy before its step fails (default 60s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
 }
 
 fn default_health_path() -> String {

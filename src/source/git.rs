@@ -264,11 +264,8 @@ impl Mirror {
         let mut opts = git2::FetchOptions::new();
         opts.prune(git2::FetchPrune::On)
             .download_tags(git2::AutotagOption::All);
-        if let Some(auth) = &self.config.auth {
-            opts.remote_callbacks(self.callbacks(auth)?);
-        }
-        remote
-            .fetch(
+        super::transport::with_auth(self.auth()?, || {
+            remote.fetch(
                 &[
                     "+refs/heads/*:refs/remotes/origin/*",
                     "+refs/tags/*:refs/tags/*",
@@ -276,10 +273,11 @@ impl Mirror {
                 Some(&mut opts),
                 None,
             )
-            .map_err(|source| GitError::Fetch {
-                url: self.config.url.clone(),
-                source,
-            })
+        })
+        .map_err(|source| GitError::Fetch {
+            url: self.config.url.clone(),
+            source,
+        })
     }
 
     /// The commit the configured ref names: a branch, a tag, or a commit id.
@@ -319,6 +317,9 @@ pub fn init_network_timeouts() {
         unsafe {
             let _ = git2::opts::set_server_connect_timeout_in_milliseconds(10_000);
             let _ = git2::opts::set_server_timeout_in_milliseconds(15_000);
+            if let Err(e) = super::transport::register() {
+                eprintln!("warning: cannot register vessel's git transports: {e}");
+            }
         }
     });
 }
@@ -466,21 +467,15 @@ fn short(id: git2::Oid) -> String {
 }
 
 impl Mirror {
-    /// Credentials (answered once: libgit2 asks again after a refusal) and, for SSH, a host
-    /// key check against the configured known_hosts file.
-    fn callbacks(
-        &self,
-        auth: &crate::config::GitAuth,
-    ) -> Result<git2::RemoteCallbacks<'static>, GitError> {
+    /// The credentials for this fetch's transport (`transport.rs`), resolved now so a rotated
+    /// token or password is picked up.
+    fn auth(&self) -> Result<Option<super::transport::Auth>, GitError> {
+        use super::transport::Auth;
         use crate::config::GitAuth;
-        let url = self.config.url.clone();
-        let fail = |m: String| GitError::Fetch {
-            url: url.clone(),
-            source: git2::Error::from_str(&m),
+        let Some(auth) = &self.config.auth else {
+            return Ok(None);
         };
-        let mut callbacks = git2::RemoteCallbacks::new();
-        let mut tries = 0;
-        match auth {
+        Ok(Some(match auth {
             GitAuth::Token {
                 token: secret,
                 username,
@@ -488,116 +483,22 @@ impl Mirror {
             | GitAuth::Basic {
                 username,
                 password: secret,
-            } => {
-                // Resolved for each fetch (a rotated token is picked up); never printed.
-                let secret = secret.resolve().map_err(|e| fail(e.to_string()))?;
-                let user = username.clone();
-                callbacks.credentials(move |_url, _user_from_url, _allowed| {
-                    tries += 1;
-                    if tries > 1 {
-                        return Err(git2::Error::from_str(
-                            "the remote refused the configured credentials",
-                        ));
-                    }
-                    git2::Cred::userpass_plaintext(&user, secret.expose())
-                });
-            }
+            } => Auth::Basic {
+                username: username.clone(),
+                secret: secret.resolve().map_err(|e| GitError::Fetch {
+                    url: self.config.url.clone(),
+                    source: git2::Error::from_str(&e.to_string()),
+                })?,
+            },
             GitAuth::Ssh {
                 key,
                 known_hosts,
                 username,
-            } => {
-                let known = std::fs::read_to_string(known_hosts).map_err(|e| {
-                    fail(format!(
-                        "cannot read known_hosts {}: {e}",
-                        known_hosts.display()
-                    ))
-                })?;
-                let (key, user) = (key.clone(), username.clone());
-                callbacks.credentials(move |_url, user_from_url, _allowed| {
-                    tries += 1;
-                    if tries > 1 {
-                        return Err(git2::Error::from_str(
-                            "the remote refused the configured SSH key",
-                        ));
-                    }
-                    git2::Cred::ssh_key(user_from_url.unwrap_or(&user), None, &key, None)
-                });
-                callbacks.certificate_check(move |cert, host| {
-                    let Some(hk) = cert.as_hostkey() else {
-                        return Ok(git2::CertificateCheckStatus::CertificatePassthrough);
-                    };
-                    let (Some(raw), Some(kind)) = (hk.hostkey(), hk.hostkey_type()) else {
-                        return Err(git2::Error::from_str(
-                            "the server's host key cannot be read",
-                        ));
-                    };
-                    if known_host(&known, host, kind.name(), &base64(raw)) {
-                        Ok(git2::CertificateCheckStatus::CertificateOk)
-                    } else {
-                        Err(git2::Error::from_str(&format!(
-                            "the host key of {host} is not in the configured known_hosts"
-                        )))
-                    }
-                });
-            }
-        }
-        Ok(callbacks)
-    }
-}
-
-/// Is (`kind`, `key`) listed for `host` (as `host` or `[host]:port`) in known_hosts text?
-/// Hashed host names are not supported.
-fn known_host(known_hosts: &str, host: &str, kind: &str, key: &str) -> bool {
-    known_hosts
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .any(|l| {
-            let mut f = l.split_whitespace();
-            let (Some(hosts), Some(k), Some(b)) = (f.next(), f.next(), f.next()) else {
-                return false;
-            };
-            let host_ok = hosts
-                .split(',')
-                .any(|h| h == host || h.strip_prefix(&format!("[{host}]:")).is_some());
-            host_ok && k == kind && b == key
-        })
-}
-
-fn base64(input: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            out.push(if i <= chunk.len() {
-                T[((n >> (18 - 6 * i)) & 63) as usize] as char
-            } else {
-                '='
-            });
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn base64_and_known_hosts() {
-        assert_eq!(base64(b"hello"), "aGVsbG8=");
-        assert_eq!(base64(b"hi!"), "aGkh");
-        let known = "# comment\n[127.0.0.1]:2222 ssh-ed25519 AAAAkey\nother.example ssh-rsa BBBB\n";
-        assert!(known_host(known, "127.0.0.1", "ssh-ed25519", "AAAAkey"));
-        assert!(!known_host(known, "127.0.0.1", "ssh-ed25519", "AAAAother"));
-        assert!(!known_host(known, "10.0.0.1", "ssh-ed25519", "AAAAkey"));
-        assert!(known_host(known, "other.example", "ssh-rsa", "BBBB"));
+            } => Auth::Ssh {
+                key: key.clone(),
+                known_hosts: known_hosts.clone(),
+                username: username.clone(),
+            },
+        }))
     }
 }

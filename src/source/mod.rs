@@ -3,6 +3,7 @@
 //! daemon get a `Desired`.
 
 pub mod git;
+pub mod transport;
 
 use chrono::{DateTime, Utc};
 

@@ -506,6 +506,15 @@ fn http_backend(root: PathBuf, user: &str, pass: &str) -> u16 {
                     }
                 }
                 let mut out = stream;
+                // Only vessel's own transport (rustls-capable, src/source/transport.rs) is
+                // served: libgit2's built-in HTTP client would say `git/2.0 (libgit2 ...)`.
+                if !headers
+                    .get("user-agent")
+                    .is_some_and(|ua| ua.starts_with("git/2.0 (vessel "))
+                {
+                    let _ = out.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                    return;
+                }
                 if headers.get("authorization") != Some(&expected) {
                     let _ = out.write_all(b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"git\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
                     return;

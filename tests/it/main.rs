@@ -1,6 +1,7 @@
 //! vessel's one integration-test binary. Each module covers one capability; helpers live in
 //! `support`.
 
+mod action;
 mod approve;
 mod backoff;
 mod crash;
@@ -13,6 +14,7 @@ mod git_source;
 mod hostile;
 mod hostile_http;
 mod hygiene;
+mod operator;
 mod outage;
 mod papercuts;
 mod plan_cli;

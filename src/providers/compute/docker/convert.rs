@@ -183,8 +183,8 @@ pub fn port_numbers(spec: &RuntimeSpec) -> BTreeMap<String, u16> {
 
 /// The port a health check probes: the check's, else `ide`, else the first.
 pub fn health_port(ports: &BTreeMap<String, u16>, check: Option<&Health>) -> Option<String> {
-    if let Some(h) = check {
-        return ports.contains_key(&h.port).then(|| h.port.clone());
+    if let Some(port) = check.and_then(|h| h.port.as_ref()) {
+        return ports.contains_key(port).then(|| port.clone());
     }
     if ports.contains_key("ide") {
         return Some("ide".into());

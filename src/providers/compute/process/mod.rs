@@ -229,13 +229,16 @@ fn find_by_key(key: &str) -> Vec<i32> {
 
 /// The port a health check probes: the plan's `health.port`, else `ide`, else the first.
 fn health_port(r: &Record, check: Option<&Health>) -> Option<(u16, Option<String>)> {
-    if let Some(h) = check {
-        return r.ports.get(&h.port).map(|p| (*p, Some(h.path.clone())));
+    if let Some(port) = check.and_then(|h| h.port.as_ref()) {
+        return r
+            .ports
+            .get(port)
+            .map(|p| (*p, check.map(|h| h.path.clone())));
     }
     r.ports
         .get("ide")
         .or_else(|| r.ports.values().next())
-        .map(|p| (*p, None))
+        .map(|p| (*p, check.map(|h| h.path.clone())))
 }
 
 /// Expand `{port.NAME}`, `{workspace}`, `{session}` and `{vessel}` in one argument.
