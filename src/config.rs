@@ -36,7 +36,7 @@ pub struct Config {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub source_roots: Vec<PathBuf>,
     #[serde(default)]
-    pub providers: Providers,
+    pub providers: ProvidersConfig,
     #[serde(default)]
     pub status: StatusConfig,
     /// Limits of every HTTP listener vessel has: the embedded proxy, the status endpoint and
@@ -44,7 +44,7 @@ pub struct Config {
     #[serde(default)]
     pub listeners: ListenersConfig,
     #[serde(default)]
-    pub policy: Policy,
+    pub policy: PolicyConfig,
     /// Limits on reading the desired-state tree.
     #[serde(default)]
     pub load: LoadLimits,
@@ -198,7 +198,7 @@ fn default_templates() -> Vec<RouteTemplate> {
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct Providers {
+pub struct ProvidersConfig {
     #[serde(default)]
     pub compute: ComputeProviders,
     #[serde(default)]
@@ -667,7 +667,7 @@ fn default_max_total_nodes() -> u64 {
 /// Safety and timing policy for the reconciler.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct Policy {
+pub struct PolicyConfig {
     /// Hold a plan that destroys more sessions than this, unless allowed explicitly.
     #[serde(default)]
     pub destroy_budget: DestroyBudget,
@@ -689,9 +689,9 @@ pub struct Policy {
     pub workspace_retention: Duration,
 }
 
-impl Default for Policy {
+impl Default for PolicyConfig {
     fn default() -> Self {
-        Policy {
+        PolicyConfig {
             destroy_budget: DestroyBudget::default(),
             allow_empty_source: false,
             resync_interval: default_resync(),
@@ -837,8 +837,8 @@ mod tests {
         let c = Config::embedded_default(Path::new("/tmp/x"));
         assert_eq!(c.source_dir(), Some(Path::new("/tmp/x")));
         assert_eq!(c.routes, RoutesConfig::default());
-        assert_eq!(c.providers, Providers::default());
-        assert_eq!(c.policy, Policy::default());
+        assert_eq!(c.providers, ProvidersConfig::default());
+        assert_eq!(c.policy, PolicyConfig::default());
         assert_eq!(c.status, StatusConfig::default());
         assert_eq!(c.listeners, ListenersConfig::default());
         assert_eq!(c.load, LoadLimits::default());

@@ -26,35 +26,35 @@ pub const MAX_ERRORS_PER_FILE: usize = 100;
 
 /// A parsed document of any kind.
 #[derive(Debug, Clone)]
-pub enum Object {
+pub enum Document {
     Plan(Doc<PlanSpec>),
     Session(Doc<SessionSpec>),
     Route(Doc<RouteSpec>),
 }
 
-impl Object {
+impl Document {
     pub fn kind(&self) -> Kind {
         match self {
-            Object::Plan(_) => Kind::Plan,
-            Object::Session(_) => Kind::Session,
-            Object::Route(_) => Kind::Route,
+            Document::Plan(_) => Kind::Plan,
+            Document::Session(_) => Kind::Session,
+            Document::Route(_) => Kind::Route,
         }
     }
 
     pub fn name(&self) -> &str {
         match self {
-            Object::Plan(d) => &d.spec.name,
-            Object::Session(d) => &d.spec.name,
-            Object::Route(d) => &d.spec.name,
+            Document::Plan(d) => &d.spec.name,
+            Document::Session(d) => &d.spec.name,
+            Document::Route(d) => &d.spec.name,
         }
     }
 
     /// The lines the object and its fields are on.
     fn lines(&self) -> impl Iterator<Item = u32> + '_ {
         let (pos, fields) = match self {
-            Object::Plan(d) => (d.pos, &d.fields),
-            Object::Session(d) => (d.pos, &d.fields),
-            Object::Route(d) => (d.pos, &d.fields),
+            Document::Plan(d) => (d.pos, &d.fields),
+            Document::Session(d) => (d.pos, &d.fields),
+            Document::Route(d) => (d.pos, &d.fields),
         };
         std::iter::once(pos.line).chain(fields.values().map(|p| p.line))
     }
@@ -72,7 +72,7 @@ pub struct LoadedFile {
     pub lines: SourceLines,
     /// A hash of the file's bytes (for the revision of a directory source).
     pub digest: [u8; 32],
-    pub objects: Vec<Object>,
+    pub objects: Vec<Document>,
     pub errors: Vec<Diagnostic>,
     /// Kind and name of every document that had them, even ones that failed to parse.
     pub held: Vec<Held>,
@@ -441,7 +441,7 @@ fn load_bytes(
     };
     parse(&mut lf, &text, budget);
     attach_snippets(&mut lf.errors, &text);
-    lf.lines = SourceLines::pick(&text, lf.objects.iter().flat_map(Object::lines));
+    lf.lines = SourceLines::pick(&text, lf.objects.iter().flat_map(Document::lines));
     lf
 }
 
@@ -570,11 +570,11 @@ fn parse(lf: &mut LoadedFile, text: &str, budget: &mut Budget) {
         };
         let parsed = match kind {
             Kind::Plan => yaml::deserialize::<PlanSpec>(text, doc)
-                .map(|s| Object::Plan(with(doc, &lf.rel, s))),
+                .map(|s| Document::Plan(with(doc, &lf.rel, s))),
             Kind::Session => yaml::deserialize::<SessionSpec>(text, doc)
-                .map(|s| Object::Session(with(doc, &lf.rel, s))),
+                .map(|s| Document::Session(with(doc, &lf.rel, s))),
             Kind::Route => yaml::deserialize::<RouteSpec>(text, doc)
-                .map(|s| Object::Route(with(doc, &lf.rel, s))),
+                .map(|s| Document::Route(with(doc, &lf.rel, s))),
         };
         match parsed {
             Ok(o) => lf.objects.push(o),
@@ -669,13 +669,13 @@ fn assemble(files: Vec<LoadedFile>, warnings: Vec<Diagnostic>) -> Desired {
         }
         for o in f.objects {
             match o {
-                Object::Plan(p) => {
+                Document::Plan(p) => {
                     d.plans.insert(p.spec.name.clone(), p);
                 }
-                Object::Session(s) => {
+                Document::Session(s) => {
                     d.sessions.insert(s.spec.name.clone(), s);
                 }
-                Object::Route(r) => {
+                Document::Route(r) => {
                     d.routes.insert(r.spec.name.clone(), r);
                 }
             }

@@ -15,7 +15,7 @@ use crate::diag::{Diagnostic, Pos, did_you_mean, name_list};
 
 /// How many names a diagnostic lists (known plans, ports, other claimants) before "and N more".
 const LISTED: usize = 10;
-use crate::load::{LoadedFile, Object};
+use crate::load::{LoadedFile, Document};
 use crate::model::{ComputeKind, ExpiryAction, Kind, dns_label_problem, hostname_problem};
 
 /// Validate `files` in place (errors go onto their file) and return warnings.
@@ -51,7 +51,7 @@ pub fn check(files: &mut [LoadedFile], config: &Config, now: DateTime<Utc>) -> V
         .collect();
     for f in files.iter().filter(|f| f.errors.is_empty()) {
         for o in &f.objects {
-            if let Object::Session(s) = o
+            if let Document::Session(s) = o
                 && let Some(exp) = s.spec.expires
                 && exp <= now
             {
@@ -87,13 +87,13 @@ fn check_name<T>(f: &LoadedFile, kind: Kind, name: &str, doc: &Doc<T>, out: &mut
 
 fn check_object(
     f: &LoadedFile,
-    o: &Object,
+    o: &Document,
     config: &Config,
     out: &mut Vec<Diagnostic>,
     warn: &mut Vec<Diagnostic>,
 ) {
     match o {
-        Object::Plan(p) => {
+        Document::Plan(p) => {
             check_name(f, Kind::Plan, &p.spec.name, p, out);
             check_provider(f, p, config, out, warn);
             for name in p.spec.ports.keys() {
@@ -147,7 +147,7 @@ fn check_object(
                 ));
             }
         }
-        Object::Session(s) => {
+        Document::Session(s) => {
             check_name(f, Kind::Session, &s.spec.name, s, out);
             if let Some(src) = &s.spec.source
                 && let Some(problem) = source_path_problem(&src.path, &config.source_roots)
@@ -158,7 +158,7 @@ fn check_object(
                 );
             }
         }
-        Object::Route(r) => {
+        Document::Route(r) => {
             check_name(f, Kind::Route, &r.spec.name, r, out);
             if let Some(p) = hostname_problem(&r.spec.host) {
                 out.push(f.error("invalid-host", r.at("host"), p));
@@ -321,9 +321,9 @@ fn check_across(files: &[LoadedFile], config: &Config) -> Vec<(usize, Diagnostic
     for &i in &valid {
         for o in &files[i].objects {
             let pos = match o {
-                Object::Plan(d) => d.at("name"),
-                Object::Session(d) => d.at("name"),
-                Object::Route(d) => d.at("name"),
+                Document::Plan(d) => d.at("name"),
+                Document::Session(d) => d.at("name"),
+                Document::Route(d) => d.at("name"),
             };
             by_name
                 .entry((o.kind(), o.name()))
@@ -373,7 +373,7 @@ fn check_across(files: &[LoadedFile], config: &Config) -> Vec<(usize, Diagnostic
         .iter()
         .flat_map(|i| files[*i].objects.iter())
         .filter_map(|o| match o {
-            Object::Plan(p) => Some((p.spec.name.as_str(), p)),
+            Document::Plan(p) => Some((p.spec.name.as_str(), p)),
             _ => None,
         })
         .collect();
@@ -381,7 +381,7 @@ fn check_across(files: &[LoadedFile], config: &Config) -> Vec<(usize, Diagnostic
         .iter()
         .flat_map(|i| files[*i].objects.iter().map(move |o| (*i, o)))
         .filter_map(|(i, o)| match o {
-            Object::Session(s) => Some((s.spec.name.as_str(), (i, s))),
+            Document::Session(s) => Some((s.spec.name.as_str(), (i, s))),
             _ => None,
         })
         .collect();
@@ -389,7 +389,7 @@ fn check_across(files: &[LoadedFile], config: &Config) -> Vec<(usize, Diagnostic
         let f = &files[i];
         for o in &f.objects {
             match o {
-                Object::Session(s) => {
+                Document::Session(s) => {
                     let plan = s.spec.plan.as_str();
                     if plans.contains_key(plan) {
                         continue;
@@ -411,7 +411,7 @@ fn check_across(files: &[LoadedFile], config: &Config) -> Vec<(usize, Diagnostic
                     };
                     new.push((i, d));
                 }
-                Object::Route(r) => {
+                Document::Route(r) => {
                     let sess = r.spec.session.as_str();
                     match sessions.get(sess) {
                         Some((_, s)) => {
@@ -449,7 +449,7 @@ fn check_across(files: &[LoadedFile], config: &Config) -> Vec<(usize, Diagnostic
                         }
                     }
                 }
-                Object::Plan(_) => {}
+                Document::Plan(_) => {}
             }
         }
     }
@@ -472,7 +472,7 @@ fn check_across(files: &[LoadedFile], config: &Config) -> Vec<(usize, Diagnostic
     }
     for &i in &valid {
         for o in &files[i].objects {
-            if let Object::Route(r) = o {
+            if let Document::Route(r) = o {
                 hosts
                     .entry(r.spec.host.to_ascii_lowercase())
                     .or_default()

@@ -8,6 +8,7 @@ pub mod docker;
 pub mod health;
 pub mod kept;
 pub mod process;
+pub mod workspace;
 
 use std::collections::BTreeMap;
 use std::future::Future;

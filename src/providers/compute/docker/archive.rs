@@ -5,7 +5,7 @@
 use std::io;
 use std::path::Path;
 
-use crate::providers::compute::process::excluded;
+use crate::providers::compute::workspace::excluded;
 
 /// Pack the tree at `from` under `prefix` (the container's workspace path without its leading
 /// `/`, so the archive is unpacked at `/`), leaving out entries `exclude` names at any depth.

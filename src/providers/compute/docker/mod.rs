@@ -422,7 +422,7 @@ impl Inner {
         let bytes = serde_json::to_vec_pretty(r).map_err(|e| {
             ProviderError::failed("write", path.display().to_string(), e.to_string())
         })?;
-        super::process::write_atomically(&tmp, &path, &bytes)
+        super::workspace::write_atomically(&tmp, &path, &bytes)
             .map_err(ProviderError::io("write", path.display().to_string()))
     }
 
@@ -1049,7 +1049,7 @@ impl SessionSteps for DockerProvider {
         let r = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             std::fs::create_dir_all(&t)?;
             archive::unpack(&tar, &t)?;
-            super::process::save_atomically(&t.join(base), &dest, &exclude)
+            super::workspace::save_atomically(&t.join(base), &dest, &exclude)
         })
         .await;
         let _ = std::fs::remove_dir_all(&tmp);

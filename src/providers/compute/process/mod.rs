@@ -11,7 +11,7 @@
 //! `VESSEL_SESSION_KEY` in their environment: a session whose pid was not recorded (vessel
 //! killed between spawn and write) is found and adopted, never started twice.
 
-mod files;
+
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -32,7 +32,7 @@ use super::{
     BoxFut, ComputeProvider, CreateArgs, Intent, ProviderError, SessionSteps, no_symlinks,
 };
 
-pub use files::{copy_tree, excluded, save_atomically, write_atomically};
+use super::workspace::{copy_tree, save_atomically};
 
 const RECORD: &str = "session.json";
 
@@ -160,7 +160,7 @@ fn write_record(dir: &Path, r: &Record) -> Result<(), ProviderError> {
     ));
     let bytes = serde_json::to_vec_pretty(r)
         .map_err(|e| ProviderError::failed("write", path.display().to_string(), e.to_string()))?;
-    files::write_atomically(&tmp, &path, &bytes)
+    super::workspace::write_atomically(&tmp, &path, &bytes)
         .map_err(ProviderError::io("write", path.display().to_string()))
 }
 

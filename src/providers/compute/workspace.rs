@@ -1,4 +1,4 @@
-//! Copying a project into a workspace and saving the work back out, honouring excludes.
+//! Workspaces, for every compute provider: copying a project into a workspace and saving the work back out, honouring excludes.
 //!
 //! Saving is atomic: the new tree is built beside the target and swapped in with
 //! `renameat2(RENAME_EXCHANGE)`, so the target is always either the old project or the new
