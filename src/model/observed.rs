@@ -101,6 +101,19 @@ pub struct RuntimeSpec {
 }
 
 impl RuntimeSpec {
+    /// The port a session's health is judged by: the plan's `health.port`, else `ide`, else
+    /// the first by name. The planner puts it in each wait step; a provider that hands a
+    /// session its main port (`PORT`) uses the same one.
+    pub fn health_port(&self) -> Option<&str> {
+        if let Some(p) = self.health.as_ref().and_then(|h| h.port.as_deref()) {
+            return Some(p);
+        }
+        if self.ports.contains_key("ide") {
+            return Some("ide");
+        }
+        self.ports.keys().next().map(String::as_str)
+    }
+
     /// A short, stable fingerprint of everything that cannot change without a replace.
     /// `health` and `stop_timeout` are left out: they travel with the steps that use them and
     /// never need a replace.
@@ -295,6 +308,11 @@ pub struct Observed {
     /// Workspaces of destroyed sessions, kept for a while, by session name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub retained: BTreeMap<String, RetainedWorkspace>,
+    /// Session names that more than one compute provider reports, with the providers: such a
+    /// session is left as it is everywhere (`sessions` holds the first report) until all but
+    /// one are removed by hand.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub duplicates: BTreeMap<String, Vec<ComputeKind>>,
 }
 
 impl Observed {

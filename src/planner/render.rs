@@ -442,6 +442,15 @@ pub fn hold_text(h: &super::HoldReason) -> String {
             "its source path {} does not exist on this machine; it is made once it does",
             path.display()
         ),
+        super::HoldReason::Duplicate { providers } => format!(
+            "{} compute providers each report a session of this name ({}); remove all but one by hand",
+            providers.len(),
+            providers
+                .iter()
+                .map(|k| k.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
         super::HoldReason::Settling { file, until } => format!(
             "{} changed moments ago; what the change takes away waits until {} (it must stay unchanged that long)",
             file.display(),

@@ -110,6 +110,11 @@ impl<'a> Planner<'a> {
                         Action::Session(SessionAction::WaitHealthy {
                             session: name.into(),
                             provider: o.provider,
+                            port: want
+                                .map(|w| w.spec.as_ref())
+                                .or(o.spec.as_ref())
+                                .and_then(|s| s.health_port())
+                                .map(String::from),
                             check: want.and_then(|w| w.spec.health.clone()),
                         }),
                         follows(),
@@ -184,6 +189,7 @@ fn update_steps(
         Action::Session(SessionAction::WaitHealthy {
             session: name.into(),
             provider: o.provider,
+            port: w.spec.health_port().map(String::from),
             check: w.spec.health.clone(),
         }),
         Reason::Follows {
@@ -335,6 +341,7 @@ fn create_steps(
             Action::Session(SessionAction::WaitHealthy {
                 session: name.into(),
                 provider: w.spec.compute,
+                port: w.spec.health_port().map(String::from),
                 check: w.spec.health.clone(),
             }),
             follows.clone(),

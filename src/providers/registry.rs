@@ -164,7 +164,19 @@ impl Providers {
             match flatten(r, t) {
                 Ok(sessions) => {
                     for s in sessions {
-                        o.sessions.insert(s.name.clone(), s);
+                        match o.sessions.get(&s.name) {
+                            Some(first) if first.provider != kind => {
+                                let kinds = o.duplicates.entry(s.name.clone()).or_default();
+                                for k in [first.provider, kind] {
+                                    if !kinds.contains(&k) {
+                                        kinds.push(k);
+                                    }
+                                }
+                            }
+                            _ => {
+                                o.sessions.insert(s.name.clone(), s);
+                            }
+                        }
                     }
                 }
                 Err(e) => {

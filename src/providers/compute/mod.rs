@@ -8,6 +8,7 @@ pub mod docker;
 pub mod health;
 pub mod kept;
 pub mod process;
+pub(crate) mod record;
 pub mod workspace;
 
 use std::collections::BTreeMap;
@@ -36,14 +37,7 @@ pub struct CreateArgs<'a> {
 
 /// The session steps of a compute provider, one per kind of plan action on a session;
 /// `run_session_step` maps the plan's actions onto them.
-/// What vessel last asked of a session, kept in a compute provider's session record (so a
-/// session that is down against that wish reads as failed, not stopped).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum Intent {
-    Running,
-    Stopped,
-}
+pub(crate) use record::{Intent, Synced};
 
 pub(crate) trait SessionSteps: Sync {
     fn create(&self, a: &CreateArgs<'_>) -> impl Future<Output = Result<(), ProviderError>> + Send;
@@ -70,9 +64,11 @@ pub(crate) trait SessionSteps: Sync {
         stop_timeout: Option<crate::model::Duration>,
         retain: bool,
     ) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    /// Wait until the session's `port` (by name, chosen by the plan) answers the check.
     fn wait_healthy(
         &self,
         session: &str,
+        port: &str,
         check: Option<&crate::model::Health>,
     ) -> impl Future<Output = Result<(), ProviderError>> + Send;
     fn sync_source(
@@ -136,9 +132,16 @@ pub(crate) async fn run_session_step<P: SessionSteps>(
             retain,
             ..
         } => p.destroy(session, *stop_timeout, *retain).await,
-        SessionAction::WaitHealthy { session, check, .. } => {
-            p.wait_healthy(session, check.as_ref()).await
-        }
+        SessionAction::WaitHealthy {
+            session,
+            port,
+            check,
+            ..
+        } => match port {
+            Some(port) => p.wait_healthy(session, port, check.as_ref()).await,
+            // No port: nothing answers or can be waited for.
+            None => Ok(()),
+        },
         SessionAction::SyncSource {
             session,
             path,

@@ -12,7 +12,6 @@ use bollard::models::{ContainerCreateBody, HostConfig, PortBinding};
 use serde::Deserialize;
 
 use crate::config::{DockerConfig, DockerPorts};
-use crate::model::Health;
 use crate::model::observed::RuntimeSpec;
 
 /// The ownership marker: vessel touches only containers carrying this label with its
@@ -181,17 +180,6 @@ pub fn port_numbers(spec: &RuntimeSpec) -> BTreeMap<String, u16> {
     spec.ports.iter().map(|(n, p)| (n.clone(), p.0)).collect()
 }
 
-/// The port a health check probes: the check's, else `ide`, else the first.
-pub fn health_port(ports: &BTreeMap<String, u16>, check: Option<&Health>) -> Option<String> {
-    if let Some(port) = check.and_then(|h| h.port.as_ref()) {
-        return ports.contains_key(port).then(|| port.clone());
-    }
-    if ports.contains_key("ide") {
-        return Some("ide".into());
-    }
-    ports.keys().next().cloned()
-}
-
 /// The container body for a session: image, command, environment, limits, labels, ports.
 pub fn create_body(
     r: &crate::providers::compute::CreateArgs,
@@ -219,7 +207,7 @@ pub fn create_body(
             crate::providers::compute::env_name(name)
         ));
     }
-    if let Some(p) = health_port(&ports, spec.health.as_ref()).and_then(|n| ports.get(&n)) {
+    if let Some(p) = spec.health_port().and_then(|n| ports.get(n)) {
         env.push(format!("PORT={p}"));
     }
     env.push(format!("VESSEL_SESSION={}", r.session));
