@@ -655,13 +655,7 @@ fn run_cmd(target: &Path, allow_destroy: bool, overrides: &Overrides) -> anyhow:
         crate::daemon::Reload {
             path: path.clone(),
             read: Box::new(move || {
-                let mut c = load::load_config(&path).map_err(|diags| {
-                    diags
-                        .iter()
-                        .map(|d| d.render(false))
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                })?;
+                let mut c = load::load_config(&path)?;
                 overrides.apply(&mut c);
                 Ok(c)
             }),

@@ -82,7 +82,7 @@ pub struct Reload {
     /// The config file (its directory is watched for changes to it).
     pub path: PathBuf,
     /// Read it again, with the command line's overrides applied; or why it cannot be used.
-    pub read: Box<dyn Fn() -> Result<Config, String> + Send + Sync>,
+    pub read: Box<dyn Fn() -> Result<Config, Vec<crate::diag::Diagnostic>> + Send + Sync>,
 }
 
 /// Run until `cancel` (or SIGINT/SIGTERM when `signals`). `ready` is told the handles once the
@@ -415,8 +415,12 @@ fn reload_config(rec: &mut Reconciler, reload: &Reload, tx: &mpsc::UnboundedSend
     let path = reload.path.display();
     let mut new = match (reload.read)() {
         Ok(c) => c,
-        Err(e) => {
-            tracing::warn!("{path} was not reloaded; the running config stays: {e}");
+        Err(diags) => {
+            let why: Vec<String> = diags.iter().map(|d| d.render(false)).collect();
+            tracing::warn!(
+                "{path} was not reloaded; the running config stays: {}",
+                why.join("\n")
+            );
             return;
         }
     };
@@ -534,7 +538,7 @@ fn log_pass(
     said: &mut Said,
 ) {
     // The same span as the pass's own lines.
-    let _span = tracing::info_span!("pass", n = r.pass, trigger = ?r.trigger).entered();
+    let _span = tracing::info_span!("pass", n = r.pass, trigger = %r.trigger).entered();
     let outcomes: Vec<String> = r.outcomes.iter().map(|(k, v)| format!("{v} {k}")).collect();
     if let Some(e) = &r.error {
         tracing::error!("pass could not plan: {e}");

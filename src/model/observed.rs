@@ -34,19 +34,28 @@ impl std::fmt::Display for ProviderId {
     }
 }
 
+/// A provider id that names no provider.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProviderIdError {
+    #[error("unknown provider `{0}`")]
+    Unknown(String),
+    #[error("unknown compute provider `{0}`")]
+    UnknownCompute(String),
+}
+
 impl std::str::FromStr for ProviderId {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = ProviderIdError;
+    fn from_str(s: &str) -> Result<Self, ProviderIdError> {
         match s {
             "proxy" => Ok(ProviderId::Proxy),
             "dns" => Ok(ProviderId::Dns),
             _ => {
                 let kind = s
                     .strip_prefix("compute/")
-                    .ok_or_else(|| format!("unknown provider `{s}`"))?;
+                    .ok_or_else(|| ProviderIdError::Unknown(s.into()))?;
                 serde_json::from_value(serde_json::Value::String(kind.into()))
                     .map(ProviderId::Compute)
-                    .map_err(|_| format!("unknown compute provider `{kind}`"))
+                    .map_err(|_| ProviderIdError::UnknownCompute(kind.into()))
             }
         }
     }

@@ -158,7 +158,11 @@ impl Providers {
             match flatten(kept, t) {
                 Ok(kept) => o.retained.extend(kept),
                 Err(e) => {
-                    tracing::warn!(provider = kind.as_str(), "cannot list kept workspaces: {e}")
+                    tracing::warn!(
+                        provider = kind.as_str(),
+                        "cannot list kept workspaces: {}",
+                        e.text()
+                    )
                 }
             }
             match flatten(r, t) {
@@ -180,7 +184,7 @@ impl Providers {
                     }
                 }
                 Err(e) => {
-                    o.gaps.insert(ProviderId::Compute(kind), e);
+                    o.gaps.insert(ProviderId::Compute(kind), e.text());
                 }
             }
         }
@@ -195,7 +199,7 @@ impl Providers {
         match flatten(proxy, t) {
             Ok(routes) => o.routes = routes.into_iter().map(|r| (r.host.clone(), r)).collect(),
             Err(e) => {
-                o.gaps.insert(ProviderId::Proxy, e);
+                o.gaps.insert(ProviderId::Proxy, e.text());
             }
         }
         match dns.map(|r| flatten(r, t)) {
@@ -206,7 +210,7 @@ impl Providers {
                     .collect()
             }
             Some(Err(e)) => {
-                o.gaps.insert(ProviderId::Dns, e);
+                o.gaps.insert(ProviderId::Dns, e.text());
             }
             None => {}
         }
@@ -214,13 +218,29 @@ impl Providers {
     }
 }
 
+/// Why a provider could not be observed: what `Observed::gaps` says, in words.
+#[derive(Debug, thiserror::Error)]
+enum ObserveError {
+    #[error(transparent)]
+    Failed(ProviderError),
+    #[error("no answer within {}s", .0.as_secs())]
+    NoAnswer(Duration),
+}
+
+impl ObserveError {
+    /// The whole chain of causes, for a gap.
+    fn text(&self) -> String {
+        chain(self)
+    }
+}
+
 fn flatten<T>(
     r: Result<Result<T, ProviderError>, tokio::time::error::Elapsed>,
     t: Duration,
-) -> Result<T, String> {
+) -> Result<T, ObserveError> {
     match r {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(chain(&e)),
-        Err(_) => Err(format!("no answer within {}s", t.as_secs())),
+        Ok(Err(e)) => Err(ObserveError::Failed(e)),
+        Err(_) => Err(ObserveError::NoAnswer(t)),
     }
 }

@@ -44,7 +44,7 @@ pub fn render(s: &Snapshot, source_changed: bool, ctx: &Context) -> String {
     if let Some(l) = &st.last_pass {
         let _ = write!(
             h,
-            " &middot; last pass {} ({:?}, {} ms): {} to create, {} to update, {} to replace, {} to destroy",
+            " &middot; last pass {} ({}, {} ms): {} to create, {} to update, {} to replace, {} to destroy",
             l.started.format("%Y-%m-%d %H:%M:%S UTC"),
             l.trigger,
             l.duration_ms,

@@ -177,12 +177,19 @@ pub trait ComputeProvider: Send + Sync {
     }
 }
 
+/// A command argument that cannot be expanded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlaceholderError {
+    #[error("the command uses `{{{key}}}` but the plan has no port `{name}`")]
+    NoPort { key: String, name: String },
+}
+
 /// Expand `{key}` placeholders in one command argument. `value` says what a key stands for:
 /// `None` leaves the placeholder as written, `Some(Err)` refuses the argument.
 pub(crate) fn expand(
     arg: &str,
-    value: impl Fn(&str) -> Option<Result<String, String>>,
-) -> Result<String, String> {
+    value: impl Fn(&str) -> Option<Result<String, PlaceholderError>>,
+) -> Result<String, PlaceholderError> {
     let mut out = String::with_capacity(arg.len());
     let mut rest = arg;
     while let Some(i) = rest.find('{') {
@@ -206,13 +213,14 @@ pub(crate) fn expand(
 pub(crate) fn port_placeholder(
     key: &str,
     ports: &BTreeMap<String, u16>,
-) -> Option<Result<String, String>> {
+) -> Option<Result<String, PlaceholderError>> {
     let name = key.strip_prefix("port.")?;
     Some(match ports.get(name) {
         Some(p) => Ok(p.to_string()),
-        None => Err(format!(
-            "the command uses `{{{key}}}` but the plan has no port `{name}`"
-        )),
+        None => Err(PlaceholderError::NoPort {
+            key: key.into(),
+            name: name.into(),
+        }),
     })
 }
 

@@ -199,7 +199,8 @@ pub fn create_body(
                 k => crate::providers::compute::port_placeholder(k, &ports),
             })
         })
-        .collect::<Result<_, _>>()?;
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
     let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     for (name, port) in &ports {
         env.push(format!(

@@ -200,7 +200,12 @@ fn find_by_key(key: &str) -> Vec<i32> {
 }
 
 /// Expand `{port.NAME}`, `{workspace}`, `{session}` and `{vessel}` in one argument.
-fn expand(arg: &str, r: &Record, workspace: &Path, vessel: &Path) -> Result<String, String> {
+fn expand(
+    arg: &str,
+    r: &Record,
+    workspace: &Path,
+    vessel: &Path,
+) -> Result<String, super::PlaceholderError> {
     super::expand(arg, |key| match key {
         "workspace" => Some(Ok(workspace.display().to_string())),
         "session" => Some(Ok(r.name.clone())),
@@ -522,7 +527,7 @@ impl SessionSteps for ProcessProvider {
             .iter()
             .map(|a| expand(a, &r, &workspace, &vessel))
             .collect::<Result<_, _>>()
-            .map_err(|m| ProviderError::failed("start", session, m))?;
+            .map_err(|e| ProviderError::caused("start", session, Arc::new(e)))?;
         let Some((program, args)) = argv.split_first() else {
             return Err(ProviderError::failed(
                 "start",
@@ -600,7 +605,13 @@ impl SessionSteps for ProcessProvider {
             return Err(ProviderError::failed(
                 "stop",
                 session,
-                format!("processes {left:?} survived SIGKILL"),
+                format!(
+                    "processes {} survived SIGKILL",
+                    left.iter()
+                        .map(i32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             ));
         }
         let _guard = self.inner.lock.lock().await;
@@ -800,7 +811,12 @@ mod tests {
         assert_eq!(e("{vessel}"), Ok("/bin/vessel".into()));
         assert_eq!(e("{session}"), Ok("alice".into()));
         assert_eq!(e("{other}"), Ok("{other}".into()));
-        assert!(e("{port.app}").unwrap_err().contains("no port `app`"));
+        assert!(
+            e("{port.app}")
+                .unwrap_err()
+                .to_string()
+                .contains("no port `app`")
+        );
     }
 
     #[test]
