@@ -98,7 +98,7 @@ pub async fn run(
     let budget = file_budget(&config);
     let state = StateDir::open(&config.state_dir)?;
     let _lock = state.lock()?;
-    let providers = Providers::from_config(&config)?;
+    let providers = Providers::new(&config.providers, &config.provider_env())?;
 
     if signals {
         let c = cancel.clone();
@@ -461,7 +461,7 @@ fn reload_config(rec: &mut Reconciler, reload: &Reload, tx: &mpsc::UnboundedSend
     let providers_changed =
         new.providers.compute != old.providers.compute || new.providers.dns != old.providers.dns;
     if providers_changed {
-        match Providers::from_config(&new) {
+        match Providers::new(&new.providers, &new.provider_env()) {
             Ok(mut p) => {
                 // The proxy stays the one that is serving.
                 p.proxy = rec.providers.proxy.clone();

@@ -1,19 +1,45 @@
-//! The set of providers a config chooses (`Providers`), and observing them all at once: a
-//! provider that fails or does not answer in time becomes a gap, never an empty list.
-//! Registering a provider is one line in `from_config`.
+//! The set of providers a config chooses (`Providers`) and that config (`ProvidersConfig`, the
+//! `providers:` section), and observing them all at once: a provider that fails or does not
+//! answer in time becomes a gap, never an empty list. A compute provider registers in one line
+//! (`compute_providers!` in `compute/mod.rs`); proxies and DNS providers are one variant of
+//! their family's config each.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{Config, DnsConfig, ProxyConfig};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
 use crate::model::ComputeKind;
 use crate::model::observed::{Observed, ProviderId};
 
-use super::compute::{ComputeProvider, docker, kept, process};
-use super::dns::{DnsProvider, hosts, powerdns};
-use super::proxy::{ProxyProvider, caddy, embedded, traefik};
+use super::compute::{ComputeProvider, ComputeProviders};
+use super::dns::{DnsConfig, DnsProvider, hosts, powerdns};
+use super::proxy::{ProxyConfig, ProxyProvider, caddy, embedded, traefik};
 use super::{ProviderError, chain};
+
+/// The `providers:` section of the config.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProvidersConfig {
+    #[serde(default)]
+    pub compute: ComputeProviders,
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    #[serde(default)]
+    pub dns: DnsConfig,
+}
+
+/// What providers are given besides their own config.
+#[derive(Debug, Clone)]
+pub struct Env {
+    /// vessel's state directory: each provider keeps its records in a folder of its own.
+    pub state_dir: PathBuf,
+    /// How long destroyed sessions' workspaces are kept.
+    pub workspace_retention: Duration,
+}
 
 /// The providers a config chooses.
 #[derive(Clone)]
@@ -42,11 +68,22 @@ pub enum SetupError {
     },
 }
 
+impl ProvidersConfig {
+    /// Make relative paths relative to `base` (the config file's directory).
+    pub fn rebase(&mut self, base: &std::path::Path) {
+        for c in self.compute.each_mut() {
+            c.rebase(base);
+        }
+        self.proxy.rebase(base);
+        self.dns.rebase(base);
+    }
+}
+
 impl Providers {
     /// The providers `config` names, for a process that is not the daemon (`vessel plan`):
     /// the embedded proxy's table lives in the daemon, so it is reported as unobservable.
-    pub fn for_planning(config: &Config) -> Result<Providers, SetupError> {
-        let mut p = Providers::from_config(config)?;
+    pub fn for_planning(config: &ProvidersConfig, env: &Env) -> Result<Providers, SetupError> {
+        let mut p = Providers::new(config, env)?;
         if let Some(proxy) = p.embedded.take() {
             p.proxy = Arc::new(embedded::EmbeddedProxy::outside_daemon(proxy));
         }
@@ -54,31 +91,12 @@ impl Providers {
     }
 
     /// The providers `config` names.
-    pub fn from_config(config: &Config) -> Result<Providers, SetupError> {
+    pub fn new(config: &ProvidersConfig, env: &Env) -> Result<Providers, SetupError> {
         let mut compute: BTreeMap<ComputeKind, Arc<dyn ComputeProvider>> = BTreeMap::new();
-        if let Some(p) = &config.providers.compute.process {
-            let root = config.state_dir.join("sessions");
-            let kept = kept::Kept::new(
-                config.state_dir.join("retained/process"),
-                ComputeKind::Process,
-                config.policy.workspace_retention.std(),
-            );
-            let provider = process::ProcessProvider::new(root.clone(), p.clone(), kept)
-                .map_err(|source| SetupError::StateDir { path: root, source })?;
-            compute.insert(ComputeKind::Process, Arc::new(provider));
+        for c in config.compute.each() {
+            compute.insert(c.kind(), c.build(env)?);
         }
-        if let Some(d) = &config.providers.compute.docker {
-            let kept = kept::Kept::new(
-                config.state_dir.join("retained/docker"),
-                ComputeKind::Docker,
-                config.policy.workspace_retention.std(),
-            );
-            let provider =
-                docker::DockerProvider::new(d.clone(), config.state_dir.join("docker"), kept)
-                    .map_err(SetupError::Invalid)?;
-            compute.insert(ComputeKind::Docker, Arc::new(provider));
-        }
-        let (proxy, embedded): (Arc<dyn ProxyProvider>, _) = match &config.providers.proxy {
+        let (proxy, embedded): (Arc<dyn ProxyProvider>, _) = match &config.proxy {
             ProxyConfig::Embedded { .. } => {
                 let p = crate::proxy::Proxy::default();
                 (Arc::new(embedded::EmbeddedProxy::new(p.clone())), Some(p))
@@ -97,7 +115,7 @@ impl Providers {
             ),
             ProxyConfig::Traefik(t) => (Arc::new(traefik::Traefik::new(t)?), None),
         };
-        let dns: Option<Arc<dyn DnsProvider>> = match &config.providers.dns {
+        let dns: Option<Arc<dyn DnsProvider>> = match &config.dns {
             DnsConfig::None => None,
             DnsConfig::Hosts { file, address } => {
                 if address.parse::<std::net::IpAddr>().is_err() {

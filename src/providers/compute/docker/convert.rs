@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use bollard::models::{ContainerCreateBody, HostConfig, PortBinding};
 use serde::Deserialize;
 
-use crate::config::{DockerConfig, DockerPorts};
+use super::{DockerConfig, DockerPorts};
 use crate::model::observed::RuntimeSpec;
 
 /// The ownership marker: vessel touches only containers carrying this label with its

@@ -25,7 +25,10 @@
 //! removed by hand is repaired at once.
 
 mod archive;
+mod config;
 mod convert;
+
+pub use config::{DockerConfig, DockerHost, DockerPorts};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -42,7 +45,6 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::DockerConfig;
 use crate::model::observed::{ObservedSession, RuntimeSpec, SessionState};
 use crate::model::plan::SessionAction;
 use crate::model::{ComputeKind, Health};

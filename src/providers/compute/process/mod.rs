@@ -11,6 +11,10 @@
 //! `VESSEL_SESSION_KEY` in their environment: a session whose pid was not recorded (vessel
 //! killed between spawn and write) is found and adopted, never started twice.
 
+mod config;
+
+pub use config::ProcessConfig;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,7 +25,6 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use crate::config::ProcessConfig;
 use crate::model::observed::{ObservedSession, RuntimeSpec, SessionState};
 use crate::model::plan::SessionAction;
 use crate::model::{ComputeKind, Health};
