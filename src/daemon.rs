@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ProxyConfig};
 use crate::listeners::Limits;
-use crate::listeners::fds::{self, Budget};
+use crate::listeners::fds::{self, FileBudget};
 use crate::providers::{Providers, SetupError};
 use crate::reconcile::{PassReport, Reconciler, Trigger};
 use crate::state::{STATE_MARKER, StateDir, StateError};
@@ -351,7 +351,7 @@ pub async fn run(
 
 /// Raise the open-file limit to the hard one and divide it between the listeners and the
 /// reserve, saying so.
-fn file_budget(config: &Config) -> Budget {
+fn file_budget(config: &Config) -> FileBudget {
     let limit = match fds::raise_nofile() {
         Ok(r) => {
             if r.limit > r.before {
@@ -368,7 +368,7 @@ fn file_budget(config: &Config) -> Budget {
     let proxy = matches!(config.providers.proxy, ProxyConfig::Embedded { .. });
     let webhook =
         matches!(&config.source, crate::config::SourceConfig::Git(g) if g.webhook.is_some());
-    let b = Budget::split(limit, &config.listeners.max_connections, proxy, webhook);
+    let b = FileBudget::split(limit, &config.listeners.max_connections, proxy, webhook);
     for (listener, configured, given) in &b.lowered {
         tracing::warn!(
             "listeners.max_connections.{listener} is {configured}, more than an open-file limit of {limit} leaves room for; using {given}"

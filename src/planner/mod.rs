@@ -24,7 +24,7 @@ pub mod simulate;
 mod steps;
 
 pub use crate::model::PlacementHost;
-pub use order::{Change, object_changes};
+pub use order::{ObjectChange, object_changes};
 pub use policy::{Policy, Settle, record_for};
 pub use sessions::runtime_spec;
 
