@@ -380,6 +380,9 @@ pub enum ProxyConfig {
         /// Two vessels sharing one Caddy need different prefixes.
         #[serde(default = "default_route_prefix")]
         id_prefix: String,
+        /// How to trust an `https://` admin API.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls: Option<TlsConfig>,
     },
     /// Traefik, through its file provider: vessel owns one dynamic-configuration file.
     Traefik(TraefikConfig),
@@ -408,6 +411,27 @@ pub struct TraefikConfig {
     /// most once per `providersThrottleDuration` (2 s unless set).
     #[serde(default = "default_traefik_confirm")]
     pub confirm_within: Duration,
+    /// How to trust an `https://` `api`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+}
+
+/// How vessel trusts an API it reaches over `https://`. Without it, the system's root
+/// certificates. Only for `https://` URLs: with `http://` it is refused, since it would never
+/// be used.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// A PEM file of the CA certificates to trust instead of the system's (a Proxmox node's
+    /// `pve-root-ca.pem`, say). Relative to the config file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// The SHA-256 fingerprint of the server's own (leaf) certificate, 64 hex digits (`:`
+    /// between pairs allowed, as `openssl x509 -fingerprint -sha256` prints it). When set, a
+    /// connection succeeds only if the server presents that certificate, whatever CA signed
+    /// it (or none) and whatever names or dates it carries; `ca_file` is then not consulted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_sha256: Option<String>,
 }
 
 fn default_traefik_confirm() -> Duration {
@@ -453,6 +477,9 @@ pub enum DnsConfig {
         zones: Vec<String>,
         /// The address A/AAAA records point at.
         address: String,
+        /// How to trust an `https://` API.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls: Option<TlsConfig>,
     },
 }
 
@@ -793,8 +820,25 @@ impl Config {
         if let DnsConfig::Hosts { file, .. } = &mut self.providers.dns {
             fix(file);
         }
-        if let ProxyConfig::Traefik(t) = &mut self.providers.proxy {
-            fix(&mut t.file);
+        let tls = match &mut self.providers.proxy {
+            ProxyConfig::Traefik(t) => {
+                fix(&mut t.file);
+                t.tls.as_mut()
+            }
+            ProxyConfig::Caddy { tls, .. } => tls.as_mut(),
+            ProxyConfig::Embedded { .. } => None,
+        };
+        if let Some(ca) = tls.and_then(|t| t.ca_file.as_mut()) {
+            fix(ca);
+        }
+        if let DnsConfig::Powerdns {
+            tls: Some(TlsConfig {
+                ca_file: Some(ca), ..
+            }),
+            ..
+        } = &mut self.providers.dns
+        {
+            fix(ca);
         }
         if let Some(d) = &mut self.providers.compute.docker {
             for h in &mut d.hosts {
@@ -842,6 +886,57 @@ mod tests {
         assert_eq!(c.status, StatusConfig::default());
         assert_eq!(c.listeners, ListenersConfig::default());
         assert_eq!(c.load, LoadLimits::default());
+    }
+
+    #[test]
+    fn tls_ca_files_are_relative_to_the_config_file() {
+        let tls = |ca: &str| {
+            Some(TlsConfig {
+                ca_file: Some(PathBuf::from(ca)),
+                pin_sha256: None,
+            })
+        };
+        let mut c = Config::embedded_default(Path::new("/tmp/x"));
+        c.providers.proxy = ProxyConfig::Caddy {
+            admin: "https://caddy:2019".into(),
+            server: "srv".into(),
+            listen: Vec::new(),
+            id_prefix: "vessel".into(),
+            tls: tls("caddy-ca.pem"),
+        };
+        c.providers.dns = DnsConfig::Powerdns {
+            api: "https://pdns:8081".into(),
+            server_id: "localhost".into(),
+            api_key: SecretRef::Env("K".into()),
+            zones: Vec::new(),
+            address: "192.0.2.1".into(),
+            tls: tls("/etc/pdns-ca.pem"),
+        };
+        c.rebase(Path::new("/etc/vessel"));
+        let ProxyConfig::Caddy { tls: Some(t), .. } = &c.providers.proxy else {
+            panic!("caddy")
+        };
+        assert_eq!(
+            t.ca_file.as_deref(),
+            Some(Path::new("/etc/vessel/caddy-ca.pem"))
+        );
+        let DnsConfig::Powerdns { tls: Some(t), .. } = &c.providers.dns else {
+            panic!("powerdns")
+        };
+        assert_eq!(t.ca_file.as_deref(), Some(Path::new("/etc/pdns-ca.pem")));
+        let mut t = TraefikConfig {
+            file: "dynamic/vessel.yml".into(),
+            entrypoints: Vec::new(),
+            name_prefix: "vessel".into(),
+            api: Some("https://traefik:8081".into()),
+            confirm_within: default_traefik_confirm(),
+            tls: tls("traefik-ca.pem"),
+        };
+        c.providers.proxy = ProxyConfig::Traefik(t.clone());
+        c.rebase(Path::new("/etc/vessel"));
+        t.file = "/etc/vessel/dynamic/vessel.yml".into();
+        t.tls = tls("/etc/vessel/traefik-ca.pem");
+        assert_eq!(c.providers.proxy, ProxyConfig::Traefik(t));
     }
 
     #[test]

@@ -6,6 +6,8 @@ pub mod caddy;
 pub mod embedded;
 pub mod traefik;
 
+use std::sync::Arc;
+
 use crate::model::observed::ObservedRoute;
 use crate::model::plan::RouteAction;
 
@@ -24,14 +26,14 @@ pub trait ProxyProvider: Send + Sync {
 /// write): route steps share the outcome, anything else is not a proxy's.
 pub(crate) fn route_batch_results(
     actions: &[&RouteAction],
-    outcome: Result<(), String>,
+    outcome: Result<(), Arc<dyn std::error::Error + Send + Sync>>,
 ) -> Vec<Result<(), ProviderError>> {
     actions
         .iter()
         .map(|a| {
             outcome
                 .clone()
-                .map_err(|m| ProviderError::failed("route", a.host(), m))
+                .map_err(|e| ProviderError::caused("route", a.host(), e))
         })
         .collect()
 }
