@@ -1,6 +1,7 @@
 //! The one HTTP client against a real HTTPS server (tokio-rustls on 127.0.0.1:0) with
 //! certificates made in the test (rcgen): a CA and a leaf it signed, as Proxmox ships them.
-//! Trust by CA file, by pin, and neither; answers too large; a server that never answers.
+//! Trust by CA file, by pin, and neither; answers too large; a server that never answers;
+//! `vessel status` and the Caddy, PowerDNS and Traefik providers with their `tls` setting.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -310,4 +311,83 @@ fn vessel_status_reaches_an_https_endpoint_by_pin_or_ca_file() {
     let (code, _, err) = status(&[]);
     assert_eq!(code, Some(1));
     assert!(err.contains("UnknownIssuer"), "{err}");
+}
+
+#[test]
+fn the_api_providers_take_their_tls_setting() {
+    use vessel::providers::{DnsProvider, ProxyProvider};
+    let c = certs();
+    let rt = runtime();
+    // Caddy-shaped (an empty config) and PowerDNS-shaped (an empty zone) answers, over HTTPS.
+    let caddy_port = rt.block_on(serve(&c, Answer::Json("null")));
+    let pdns_port = rt.block_on(serve(&c, Answer::Json(r#"{"rrsets":[]}"#)));
+    let (leaf, wrong) = (fingerprint(&c.leaf_der), fingerprint(&c.ca_der));
+    let caddy = |p: &str| {
+        vessel::providers::proxy::caddy::Caddy::new(
+            &format!("https://127.0.0.1:{caddy_port}"),
+            "srv",
+            &[],
+            "vessel",
+            pin(p.to_string()).as_ref(),
+        )
+        .expect("caddy provider")
+    };
+    let pdns = |p: &str| {
+        vessel::providers::dns::powerdns::PowerDns::new(
+            &format!("https://127.0.0.1:{pdns_port}"),
+            "localhost",
+            vessel::config::Secret::new("hunter2"),
+            &["dev.example.com".to_string()],
+            pin(p.to_string()).as_ref(),
+        )
+        .expect("powerdns provider")
+    };
+    let traefik_port = rt.block_on(serve(&c, Answer::Json(r#"{"routers":{},"services":{}}"#)));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let traefik = |p: &str| {
+        vessel::providers::proxy::traefik::Traefik::new(&vessel::config::TraefikConfig {
+            file: dir.path().join("vessel.yml"),
+            entrypoints: Vec::new(),
+            name_prefix: "vessel".into(),
+            api: Some(format!("https://127.0.0.1:{traefik_port}")),
+            confirm_within: vessel::model::Duration::from_secs(1),
+            tls: pin(p.to_string()),
+        })
+        .expect("traefik provider")
+    };
+    // Each provider: with the right pin it observes (nothing there); with a wrong one it
+    // fails naming both fingerprints, and never the API key.
+    let observed = |p: &str| -> [(&str, Result<usize, String>); 3] {
+        let text = |e: vessel::providers::ProviderError| vessel::error_chain(&e);
+        [
+            (
+                "caddy",
+                rt.block_on(caddy(p).observe())
+                    .map(|v| v.len())
+                    .map_err(text),
+            ),
+            (
+                "powerdns",
+                rt.block_on(pdns(p).observe())
+                    .map(|v| v.len())
+                    .map_err(text),
+            ),
+            (
+                "traefik",
+                rt.block_on(traefik(p).observe())
+                    .map(|v| v.len())
+                    .map_err(text),
+            ),
+        ]
+    };
+    for (provider, got) in observed(&leaf) {
+        assert_eq!(got, Ok(0), "{provider} over https with the right pin");
+    }
+    for (provider, got) in observed(&wrong) {
+        let text = got.expect_err("a wrong pin");
+        assert!(
+            text.contains(&wrong) && text.contains(&leaf) && !text.contains("hunter2"),
+            "{provider}: {text}"
+        );
+    }
 }
