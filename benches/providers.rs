@@ -142,6 +142,7 @@ async fn caddy(dir: &std::path::Path) {
         "vessel",
         &[],
         "vessel",
+        None,
     )
     .expect("provider");
     let want: BTreeMap<String, String> = (0..1000)
@@ -187,6 +188,7 @@ async fn powerdns(dir: &std::path::Path) {
         "localhost",
         Secret::new(PDNS_KEY),
         &["bench.example".to_string()],
+        None,
     )
     .expect("provider");
     let want: BTreeMap<String, String> = (0..10_000)

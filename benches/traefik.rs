@@ -116,6 +116,7 @@ fn settings(watched: &Path, api: Option<u16>) -> TraefikConfig {
         name_prefix: "vessel".into(),
         api: api.map(|p| format!("http://127.0.0.1:{p}")),
         confirm_within: vessel::model::Duration::from_secs(10),
+        tls: None,
     }
 }
 
@@ -160,6 +161,7 @@ fn caddy(dir: &Path) -> (Caddy, CaddyProvider, SocketAddr) {
         "vessel",
         &[],
         "vessel",
+        None,
     )
     .expect("provider");
     (server, p, SocketAddr::from(([127, 0, 0, 1], listen)))

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
-use crate::config::Config;
+use crate::config::{Config, TlsConfig};
 use crate::desired::Desired;
 use crate::diag::Diagnostic;
 use crate::load;
@@ -150,6 +150,14 @@ pub enum Command {
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
+        /// For an https:// endpoint: a PEM file of the CA certificates to trust instead of the
+        /// system's.
+        #[arg(long, value_name = "PATH")]
+        ca_file: Option<PathBuf>,
+        /// For an https:// endpoint: trust exactly the certificate with this SHA-256
+        /// fingerprint (64 hex digits, `:` allowed), whoever signed it.
+        #[arg(long, value_name = "HEX")]
+        pin_sha256: Option<String>,
     },
     /// Write the JSON Schemas of every document kind and the config file.
     Schema {
@@ -301,6 +309,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             allow_quarantined,
             timeout,
             json,
+            ca_file,
+            pin_sha256,
         } => {
             let (url, token) = match status_endpoint(target.as_deref(), url) {
                 Ok(e) => e,
@@ -310,7 +320,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 revision,
                 allow_quarantined,
             });
-            status_cmd(&url, token.as_deref(), wait, timeout.std(), json)
+            let tls = (ca_file.is_some() || pin_sha256.is_some()).then_some(TlsConfig {
+                ca_file,
+                pin_sha256,
+            });
+            let endpoint = match StatusClient::new(&url, tls.as_ref(), token.as_deref()) {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("error: {}", crate::error_chain(&e));
+                    return Ok(ExitCode::from(1));
+                }
+            };
+            status_cmd(&endpoint, wait, timeout.std(), json)
         }
         Command::Approve {
             hash,
@@ -814,38 +835,69 @@ fn apply_exit(held: &[(String, bool)], failed: u8) -> ExitCode {
 /// `vessel apply`'s exit code when nothing failed but something was held back.
 pub const APPLY_HELD: u8 = 3;
 
-/// GET `path` from an `http://host:port` base; the body, or why not.
-fn http_get(base: &str, path: &str, token: Option<&str>) -> Result<(u16, String), String> {
-    use std::io::{Read, Write};
-    let hostport = base
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("`{base}` is not an http:// URL"))?
-        .trim_end_matches('/');
-    let addr = std::net::ToSocketAddrs::to_socket_addrs(hostport)
-        .map_err(|e| format!("cannot resolve {hostport}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("cannot resolve {hostport}"))?;
-    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))
-        .map_err(|e| format!("cannot connect to {hostport}: {e}"))?;
-    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {hostport}\r\n{auth}\r\n")
-        .map_err(|e| e.to_string())?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&buf);
-    let code = text
-        .get(9..12)
-        .and_then(|c| c.parse().ok())
-        .ok_or("not an HTTP answer")?;
-    Ok((
-        code,
-        text.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default(),
-    ))
+/// `vessel status`'s way to the status endpoint: the one HTTP client (`http_client`), on a
+/// runtime of its own, with the token if there is one.
+struct StatusClient {
+    url: String,
+    api: crate::http_client::Api,
+    runtime: tokio::runtime::Runtime,
+    /// `Bearer <token>`; sent as a sensitive header, never printed.
+    authorization: Option<String>,
+}
+
+/// Why `vessel status` could not ask the endpoint.
+#[derive(Debug, thiserror::Error)]
+enum StatusClientError {
+    #[error("cannot start an HTTP client")]
+    Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    Http(#[from] crate::http_client::HttpError),
+}
+
+impl StatusClient {
+    fn new(
+        url: &str,
+        tls: Option<&TlsConfig>,
+        token: Option<&str>,
+    ) -> Result<StatusClient, StatusClientError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(StatusClientError::Runtime)?;
+        let limits = crate::http_client::Limits {
+            connect: std::time::Duration::from_secs(2),
+            answer: std::time::Duration::from_secs(5),
+            max_body: 32 << 20,
+        };
+        // The client's connector needs the runtime it will run on.
+        let api = {
+            let _entered = runtime.enter();
+            crate::http_client::Api::new(url, "status endpoint", tls, limits)?
+        };
+        Ok(StatusClient {
+            url: url.to_string(),
+            api,
+            runtime,
+            authorization: token.map(|t| format!("Bearer {t}")),
+        })
+    }
+
+    /// GET `path`: the status code and the body.
+    fn get(&self, path: &str) -> Result<(u16, String), crate::http_client::HttpError> {
+        let headers: Vec<(&'static str, &str)> = self
+            .authorization
+            .as_deref()
+            .map(|a| ("authorization", a))
+            .into_iter()
+            .collect();
+        let reply =
+            self.runtime
+                .block_on(self.api.call(http::Method::GET, path, &headers, None))?;
+        Ok((
+            reply.status,
+            String::from_utf8_lossy(&reply.body).into_owned(),
+        ))
+    }
 }
 
 /// What `vessel status --wait-converged` waits for.
@@ -897,15 +949,15 @@ fn query_value(v: &str) -> String {
 }
 
 fn status_cmd(
-    url: &str,
-    token: Option<&str>,
+    endpoint: &StatusClient,
     wait: Option<Wait>,
     timeout: std::time::Duration,
     raw: bool,
 ) -> anyhow::Result<ExitCode> {
+    let url = endpoint.url.as_str();
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        let got = http_get(url, "/status", token);
+        let got = endpoint.get("/status");
         let status: Option<serde_json::Value> = match &got {
             Ok((200, body)) => serde_json::from_str(body).ok(),
             _ => None,
@@ -921,7 +973,7 @@ fn status_cmd(
                     None => true,
                     Some(rev) => {
                         let path = format!("/revision?contains={}", query_value(rev));
-                        matches!(http_get(url, &path, token), Ok((200, body))
+                        matches!(endpoint.get(&path), Ok((200, body))
                             if serde_json::from_str::<serde_json::Value>(&body)
                                 .is_ok_and(|r| r["contains"] == true))
                     }
@@ -943,7 +995,7 @@ fn status_cmd(
         if wait.is_none() {
             let why = match got {
                 Ok((code, body)) => format!("{url} answered {code}: {}", body.trim()),
-                Err(e) => e,
+                Err(e) => crate::error_chain(&e),
             };
             eprintln!("error: {why}");
             return Ok(ExitCode::from(1));
@@ -971,7 +1023,7 @@ fn status_cmd(
                     )
                 }
                 (Ok((code, body)), None) => format!("{url} answered {code}: {}", body.trim()),
-                (Err(e), None) => e.clone(),
+                (Err(e), None) => crate::error_chain(e),
             };
             eprintln!("error: timed out after {}s; {why}", timeout.as_secs());
             return Ok(ExitCode::from(1));

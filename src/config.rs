@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use crate::http_client::TlsConfig;
 pub use crate::model::{DestroyBudget, RouteTemplate};
 use crate::model::{Duration, Size};
 pub use crate::providers::ProvidersConfig;
@@ -498,6 +499,57 @@ mod tests {
         assert_eq!(c.status, StatusConfig::default());
         assert_eq!(c.listeners, ListenersConfig::default());
         assert_eq!(c.load, LoadLimits::default());
+    }
+
+    #[test]
+    fn tls_ca_files_are_relative_to_the_config_file() {
+        let tls = |ca: &str| {
+            Some(TlsConfig {
+                ca_file: Some(PathBuf::from(ca)),
+                pin_sha256: None,
+            })
+        };
+        let mut c = Config::embedded_default(Path::new("/tmp/x"));
+        c.providers.proxy = ProxyConfig::Caddy {
+            admin: "https://caddy:2019".into(),
+            server: "srv".into(),
+            listen: Vec::new(),
+            id_prefix: "vessel".into(),
+            tls: tls("caddy-ca.pem"),
+        };
+        c.providers.dns = DnsConfig::Powerdns {
+            api: "https://pdns:8081".into(),
+            server_id: "localhost".into(),
+            api_key: SecretRef::Env("K".into()),
+            zones: Vec::new(),
+            address: "192.0.2.1".into(),
+            tls: tls("/etc/pdns-ca.pem"),
+        };
+        c.rebase(Path::new("/etc/vessel"));
+        let ProxyConfig::Caddy { tls: Some(t), .. } = &c.providers.proxy else {
+            panic!("caddy")
+        };
+        assert_eq!(
+            t.ca_file.as_deref(),
+            Some(Path::new("/etc/vessel/caddy-ca.pem"))
+        );
+        let DnsConfig::Powerdns { tls: Some(t), .. } = &c.providers.dns else {
+            panic!("powerdns")
+        };
+        assert_eq!(t.ca_file.as_deref(), Some(Path::new("/etc/pdns-ca.pem")));
+        let mut t = TraefikConfig {
+            file: "dynamic/vessel.yml".into(),
+            entrypoints: Vec::new(),
+            name_prefix: "vessel".into(),
+            api: Some("https://traefik:8081".into()),
+            confirm_within: Duration::from_secs(10),
+            tls: tls("traefik-ca.pem"),
+        };
+        c.providers.proxy = ProxyConfig::Traefik(t.clone());
+        c.rebase(Path::new("/etc/vessel"));
+        t.file = "/etc/vessel/dynamic/vessel.yml".into();
+        t.tls = tls("/etc/vessel/traefik-ca.pem");
+        assert_eq!(c.providers.proxy, ProxyConfig::Traefik(t));
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod desired;
 pub mod devserver;
 pub mod diag;
 pub mod exec;
+pub mod http_client;
 pub mod init;
 pub mod listeners;
 pub mod load;

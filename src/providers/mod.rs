@@ -14,7 +14,6 @@
 
 pub mod compute;
 pub mod dns;
-pub mod http;
 pub mod proxy;
 pub mod registry;
 

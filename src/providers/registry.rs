@@ -60,6 +60,12 @@ pub enum SetupError {
     Invalid(String),
     #[error(transparent)]
     Traefik(#[from] traefik::TraefikError),
+    #[error(transparent)]
+    Caddy(#[from] caddy::CaddyError),
+    #[error(transparent)]
+    PowerDns(#[from] powerdns::PowerDnsError),
+    #[error("cannot read the PowerDNS API key")]
+    PowerDnsKey(#[source] crate::secret::SecretError),
     #[error("cannot prepare the process provider's directory {path}")]
     StateDir {
         path: std::path::PathBuf,
@@ -106,11 +112,15 @@ impl Providers {
                 server,
                 listen,
                 id_prefix,
+                tls,
             } => (
-                Arc::new(
-                    caddy::Caddy::new(admin, server, listen, id_prefix)
-                        .map_err(SetupError::Invalid)?,
-                ),
+                Arc::new(caddy::Caddy::new(
+                    admin,
+                    server,
+                    listen,
+                    id_prefix,
+                    tls.as_ref(),
+                )?),
                 None,
             ),
             ProxyConfig::Traefik(t) => (Arc::new(traefik::Traefik::new(t)?), None),
@@ -130,15 +140,17 @@ impl Providers {
                 server_id,
                 api_key,
                 zones,
+                tls,
                 ..
             } => {
-                let key = api_key.resolve().map_err(|e| {
-                    SetupError::Invalid(format!("cannot read the PowerDNS API key: {e}"))
-                })?;
-                Some(Arc::new(
-                    powerdns::PowerDns::new(api, server_id, key, zones)
-                        .map_err(SetupError::Invalid)?,
-                ))
+                let key = api_key.resolve().map_err(SetupError::PowerDnsKey)?;
+                Some(Arc::new(powerdns::PowerDns::new(
+                    api,
+                    server_id,
+                    key,
+                    zones,
+                    tls.as_ref(),
+                )?))
             }
         };
         Ok(Providers {

@@ -635,7 +635,8 @@ fn forwarded_headers(h: &mut HeaderMap, host: &str, remote: SocketAddr) {
 /// A request body on its way upstream that remembers whether it failed: a body that breaks its
 /// own framing (bad chunks, cut short) is the client's error, not the session's.
 pub struct RequestBody {
-    inner: Incoming,
+    /// `None`: no body (a request sent again, which had none).
+    inner: Option<Incoming>,
     failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -644,11 +645,19 @@ impl RequestBody {
         let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         (
             RequestBody {
-                inner,
+                inner: Some(inner),
                 failed: failed.clone(),
             },
             failed,
         )
+    }
+
+    /// No body at all.
+    pub(crate) fn empty() -> RequestBody {
+        RequestBody {
+            inner: None,
+            failed: Arc::default(),
+        }
     }
 }
 
@@ -660,17 +669,22 @@ impl hyper::body::Body for RequestBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        let Some(inner) = &mut self.inner else {
+            return Poll::Ready(None);
+        };
+        let r = Pin::new(inner).poll_frame(cx);
         if let Poll::Ready(Some(Err(_))) = &r {
             self.failed.store(true, Ordering::Relaxed);
         }
         r
     }
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
     }
 }
 

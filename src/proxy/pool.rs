@@ -122,18 +122,41 @@ impl Pool {
         upstream: &str,
         req: Request<RequestBody>,
     ) -> Result<Response<PooledBody>, PoolError> {
+        // A request without a body whose method is idempotent may be sent again when a reused
+        // connection dies before any answer (the upstream closed it as the request went out),
+        // as browsers and nginx do: nothing of it can have been acted on twice that the method
+        // does not allow.
+        let again = (req.method().is_idempotent() && req.body().is_end_stream()).then(|| {
+            let mut b = Request::builder()
+                .method(req.method().clone())
+                .uri(req.uri().clone())
+                .version(req.version());
+            if let Some(h) = b.headers_mut() {
+                *h = req.headers().clone();
+            }
+            b
+        });
         let (sender, resp) = match self.take(upstream) {
             Some(mut s) => match s.try_send_request(req).await {
                 Ok(r) => (s, r),
                 // The upstream closed the idle connection just as it was taken: the request
                 // was not written, so it goes once more on a new connection.
-                Err(mut e) => match e.take_message() {
-                    Some(req) => {
+                Err(mut e) => match (e.take_message(), again) {
+                    (Some(req), _) => {
                         let mut fresh = Self::connect(upstream).await?;
                         let r = fresh.send_request(req).await.map_err(PoolError::Send)?;
                         (fresh, r)
                     }
-                    None => return Err(PoolError::Send(e.into_error())),
+                    // Written, but the connection ended with no answer at all.
+                    (None, Some(b)) if closed_unanswered(e.error()) => {
+                        let req = b
+                            .body(RequestBody::empty())
+                            .map_err(|_| PoolError::Send(e.into_error()))?;
+                        let mut fresh = Self::connect(upstream).await?;
+                        let r = fresh.send_request(req).await.map_err(PoolError::Send)?;
+                        (fresh, r)
+                    }
+                    (None, _) => return Err(PoolError::Send(e.into_error())),
                 },
             },
             None => {
@@ -153,6 +176,21 @@ impl Pool {
         }
         Ok(Response::from_parts(parts, pooled))
     }
+}
+
+/// Did the connection end (closed or reset) before any of an answer came?
+fn closed_unanswered(e: &hyper::Error) -> bool {
+    use std::error::Error as _;
+    e.is_incomplete_message()
+        || e.is_canceled()
+        || e.source()
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                )
+            })
 }
 
 /// A response body that hands its connection back to the pool at its end.

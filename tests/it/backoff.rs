@@ -43,7 +43,7 @@ fn failures(d: &Daemon) -> usize {
 #[test]
 fn a_held_failing_session_does_not_spin_the_loop() {
     let d = daemon();
-    wait_for(LIMIT, || failures(&d) >= 2).expect("crash fails and is retried");
+    wait_for(FAILING, || failures(&d) >= 2).expect("crash fails and is retried");
     // Its file breaks: it is held, and its backoff must not drive passes.
     d.write(
         "crash.yaml",

@@ -91,6 +91,7 @@ fn the_provider_refuses_to_write_over_a_record_it_did_not_create() {
         "localhost",
         vessel::config::Secret::new(KEY),
         &["dev.example.com".to_string()],
+        None,
     )
     .expect("provider");
     let rt = tokio::runtime::Builder::new_current_thread()

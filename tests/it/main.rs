@@ -13,6 +13,7 @@ mod fuzz_corpus;
 mod git_source;
 mod hostile;
 mod hostile_http;
+mod http_client;
 mod hygiene;
 mod loop_fake;
 mod operator;

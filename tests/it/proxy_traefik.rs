@@ -154,6 +154,7 @@ fn settings(file: &Path, api: Option<u16>) -> TraefikConfig {
         name_prefix: "vessel".into(),
         api: api.map(|p| format!("http://127.0.0.1:{p}")),
         confirm_within: vessel::model::Duration::from_secs(10),
+        tls: None,
     }
 }
 

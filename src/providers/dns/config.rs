@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::http_client::TlsConfig;
 use crate::secret::SecretRef;
 
 /// Where DNS records for routes with `dns: true` go.
@@ -30,6 +31,9 @@ pub enum DnsConfig {
         zones: Vec<String>,
         /// The address A/AAAA records point at.
         address: String,
+        /// How to trust an `https://` API.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls: Option<TlsConfig>,
     },
 }
 
@@ -40,10 +44,10 @@ fn default_pdns_server() -> String {
 impl DnsConfig {
     /// Make relative paths relative to `base` (the config file's directory).
     pub fn rebase(&mut self, base: &std::path::Path) {
-        if let DnsConfig::Hosts { file, .. } = self
-            && file.is_relative()
-        {
-            *file = base.join(&*file);
+        match self {
+            DnsConfig::Hosts { file, .. } if file.is_relative() => *file = base.join(&*file),
+            DnsConfig::Powerdns { tls: Some(t), .. } => t.rebase(base),
+            _ => {}
         }
     }
 }

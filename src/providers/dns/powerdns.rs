@@ -3,8 +3,9 @@
 //! Ownership: every rrset vessel writes carries a comment with account `vessel` and content
 //! `vessel session=<name>`; rrsets without it are foreign and never changed. Comments are
 //! invisible in DNS answers and need no extra records (external-dns's TXT registry doubles
-//! the records and shows in DNS). The API key goes only into the `X-API-Key` header. Plain
-//! http only (the API is expected on loopback or a private network).
+//! the records and shows in DNS). The API key goes only into the `X-API-Key` header, never
+//! into an error or a log. The API is `http://` (loopback or a private network) or `https://`
+//! (with the config's `tls`: a CA file or a pinned certificate).
 //!
 //! Reads are cheap when nothing changed: a zone's full listing with comments costs PowerDNS
 //! about 100 ms for 10,000 records, its zone-file export about 20 ms. Observe fetches the
@@ -23,6 +24,7 @@
 //! refused alone, since PowerDNS rejects a whole PATCH with one conflict in it.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -30,6 +32,7 @@ use http::Method;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::http_client::{Api, HttpError, Limits, Reply, TlsConfig};
 use crate::model::observed::{ObservedRecord, RecordType};
 use crate::model::plan::RecordAction;
 use crate::secret::Secret;
@@ -44,8 +47,7 @@ const CHUNK_BYTES: usize = 3 << 19;
 const REREAD_AFTER: Duration = Duration::from_secs(60);
 
 pub struct PowerDns {
-    /// `host:port` of the API.
-    addr: String,
+    api: Api,
     server_id: String,
     key: Secret,
     /// Zones, lower-cased, with the trailing dot.
@@ -62,6 +64,28 @@ type Item<'n> = (
     serde_json::Value,
     Option<ObservedRecord>,
 );
+
+/// Why the powerdns provider could not do something. Display names what failed; the cause is
+/// in `source`. Never holds the API key.
+#[derive(Debug, thiserror::Error)]
+pub enum PowerDnsError {
+    #[error("the powerdns `api` setting")]
+    Setting(#[source] HttpError),
+    #[error("the PowerDNS API")]
+    Api(#[source] HttpError),
+    #[error("PowerDNS answered {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("PowerDNS sent something that is not a zone")]
+    NotZone(#[source] serde_json::Error),
+    #[error("an rrset without vessel's ownership comment is there; left alone")]
+    Foreign,
+    #[error("other records exist at this name, and a CNAME cannot sit beside them")]
+    CnameBesideOthers,
+    #[error("a CNAME vessel did not create is at this name; left alone")]
+    ForeignCname,
+    #[error("not sent after an earlier failure")]
+    NotSent(#[source] Arc<PowerDnsError>),
+}
 
 struct Cached {
     export: Bytes,
@@ -112,16 +136,17 @@ fn record_type(t: &str) -> Option<RecordType> {
 }
 
 impl PowerDns {
-    /// `api` is `http://host:port`.
+    /// `api` is `http://host:port` or `https://host:port` (with `tls` if given).
     pub fn new(
         api: &str,
         server_id: &str,
         key: Secret,
         zones: &[String],
-    ) -> Result<PowerDns, String> {
-        let addr = crate::providers::http::authority(api, "PowerDNS API")?;
+        tls: Option<&TlsConfig>,
+    ) -> Result<PowerDns, PowerDnsError> {
         Ok(PowerDns {
-            addr,
+            api: Api::new(api, "PowerDNS API", tls, Limits::default())
+                .map_err(PowerDnsError::Setting)?,
             server_id: server_id.to_string(),
             key,
             zones: zones.iter().map(|z| fqdn(z)).collect(),
@@ -134,26 +159,21 @@ impl PowerDns {
         method: Method,
         path: &str,
         body: Option<Bytes>,
-    ) -> Result<crate::providers::http::Reply, String> {
-        crate::providers::http::call(
-            &self.addr,
-            method,
-            path,
-            &[("x-api-key", self.key.expose())],
-            body,
-        )
-        .await
+    ) -> Result<Reply, PowerDnsError> {
+        self.api
+            .call(method, path, &[("x-api-key", self.key.expose())], body)
+            .await
+            .map_err(PowerDnsError::Api)
     }
 
     /// GET `path`, expecting 200.
-    async fn get(&self, path: &str) -> Result<Bytes, String> {
+    async fn get(&self, path: &str) -> Result<Bytes, PowerDnsError> {
         let reply = self.call(Method::GET, path, None).await?;
         if reply.status != 200 {
-            return Err(format!(
-                "PowerDNS answered {}: {}",
-                reply.status,
-                reply.brief()
-            ));
+            return Err(PowerDnsError::Status {
+                status: reply.status,
+                body: reply.brief(),
+            });
         }
         Ok(reply.body)
     }
@@ -164,9 +184,9 @@ impl PowerDns {
     async fn list_all(
         &self,
         zone: &str,
-    ) -> Result<(Vec<(String, String, bool)>, Vec<ObservedRecord>), String> {
+    ) -> Result<(Vec<(String, String, bool)>, Vec<ObservedRecord>), PowerDnsError> {
         let body = self.get(&self.zone_path(zone)).await?;
-        let z: Zone = serde_json::from_slice(&body).map_err(|e| format!("not a zone: {e}"))?;
+        let z: Zone = serde_json::from_slice(&body).map_err(PowerDnsError::NotZone)?;
         let all = z
             .rrsets
             .iter()
@@ -205,7 +225,7 @@ impl PowerDns {
     }
 
     /// `zone`'s records: the cached listing while its export is unchanged, else a full read.
-    async fn observe_zone(&self, zone: &str) -> Result<Vec<ObservedRecord>, String> {
+    async fn observe_zone(&self, zone: &str) -> Result<Vec<ObservedRecord>, PowerDnsError> {
         let export = self
             .get(&format!("{}/export", self.zone_path(zone)))
             .await?;
@@ -242,14 +262,15 @@ impl PowerDns {
         &self,
         zone: &str,
         items: Vec<Item<'_>>,
-    ) -> Vec<(usize, Result<(), String>)> {
+    ) -> Vec<(usize, Result<(), Arc<PowerDnsError>>)> {
         self.forget(zone);
         let (all, existing) = match self.list_all(zone).await {
             Ok(r) => r,
-            Err(m) => {
+            Err(e) => {
+                let e = Arc::new(e);
                 return items
                     .into_iter()
-                    .map(|(i, ..)| (i, Err(m.clone())))
+                    .map(|(i, ..)| (i, Err(e.clone())))
                     .collect();
             }
         };
@@ -274,20 +295,20 @@ impl PowerDns {
                 .map(Vec::as_slice)
                 .unwrap_or_default();
             let conflict = if listing.get(&key).is_some_and(|r| !r.owned) {
-                Some("an rrset without vessel's ownership comment is there; left alone")
+                Some(PowerDnsError::Foreign)
             } else if record.is_none() {
                 None
             } else if rtype == RecordType::CNAME && there.iter().any(|(t, _)| *t != "CNAME") {
-                Some("other records exist at this name, and a CNAME cannot sit beside them")
+                Some(PowerDnsError::CnameBesideOthers)
             } else if rtype != RecordType::CNAME
                 && there.iter().any(|(t, owned)| *t == "CNAME" && !owned)
             {
-                Some("a CNAME vessel did not create is at this name; left alone")
+                Some(PowerDnsError::ForeignCname)
             } else {
                 None
             };
             if let Some(why) = conflict {
-                out.push((i, Err(why.into())));
+                out.push((i, Err(Arc::new(why))));
                 continue;
             }
             after.insert(i, (key, record));
@@ -302,11 +323,11 @@ impl PowerDns {
             }
         }
         let path = self.zone_path(zone);
-        let mut failed: Option<String> = None;
+        let mut failed: Option<Arc<PowerDnsError>> = None;
         for (idx, body) in chunks {
             // After a failed chunk, later ones are not sent: the steps stay for the next pass.
             let outcome = match &failed {
-                Some(m) => Err(format!("not sent after an earlier failure: {m}")),
+                Some(e) => Err(Arc::new(PowerDnsError::NotSent(e.clone()))),
                 None => match self
                     .call(
                         Method::PATCH,
@@ -316,14 +337,17 @@ impl PowerDns {
                     .await
                 {
                     Ok(r) if r.status == 204 => Ok(()),
-                    Ok(r) => Err(format!("PowerDNS answered {}: {}", r.status, r.brief())),
-                    Err(m) => Err(m),
+                    Ok(r) => Err(Arc::new(PowerDnsError::Status {
+                        status: r.status,
+                        body: r.brief(),
+                    })),
+                    Err(e) => Err(Arc::new(e)),
                 },
             };
-            if let Err(m) = &outcome
+            if let Err(e) = &outcome
                 && failed.is_none()
             {
-                failed = Some(m.clone());
+                failed = Some(e.clone());
             }
             out.extend(idx.into_iter().map(|i| (i, outcome.clone())));
         }
@@ -375,7 +399,7 @@ impl DnsProvider for PowerDns {
                 let records = self
                     .observe_zone(zone)
                     .await
-                    .map_err(|m| ProviderError::failed("read zone", zone.clone(), m))?;
+                    .map_err(|e| ProviderError::caused("read zone", zone.clone(), Arc::new(e)))?;
                 out.extend(records);
             }
             Ok(out)
@@ -446,7 +470,7 @@ impl DnsProvider for PowerDns {
                     let (name, rtype) = actions[i].name();
                     let name = format!("{name} {}", rtype.as_str());
                     results[i] =
-                        Some(outcome.map_err(|m| ProviderError::failed("update", name, m)));
+                        Some(outcome.map_err(|e| ProviderError::caused("update", name, e)));
                 }
             }
             results
@@ -477,12 +501,13 @@ mod tests {
             "localhost",
             Secret::new("k"),
             &["example.com".into(), "dev.example.com.".into()],
+            None,
         )
         .expect("api");
         assert_eq!(p.zone_of("a.dev.example.com"), Some("dev.example.com."));
         assert_eq!(p.zone_of("b.example.com"), Some("example.com."));
         assert_eq!(p.zone_of("example.com"), Some("example.com."));
         assert_eq!(p.zone_of("notexample.com"), None);
-        assert!(PowerDns::new("https://x", "localhost", Secret::new("k"), &[]).is_err());
+        assert!(PowerDns::new("ftp://x", "localhost", Secret::new("k"), &[], None).is_err());
     }
 }

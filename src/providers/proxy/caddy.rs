@@ -19,6 +19,7 @@
 //! Caddy's own config and vessel only adds its routes to it.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::Method;
@@ -30,19 +31,54 @@ use crate::model::plan::RouteAction;
 use super::{
     BoxFut, ProviderError, ProxyProvider, parse_route_tag, route_batch_results, route_tag,
 };
-use crate::providers::http::{Reply, authority, call};
+use crate::http_client::TlsConfig;
+use crate::http_client::{Api, HttpError, Limits, Reply};
 
 /// Tries of one batch when someone else changes Caddy's config at the same time.
 const TRIES: usize = 3;
 
 pub struct Caddy {
-    /// `host:port` of the admin API.
-    addr: String,
+    /// The admin API.
+    api: Api,
     server: String,
     listen: Vec<String>,
     prefix: String,
     /// Serialises vessel's own read-modify-writes.
     lock: tokio::sync::Mutex<()>,
+}
+
+/// Why the caddy provider could not do something. Display names the operation and the
+/// object; the cause is in `source`.
+#[derive(Debug, thiserror::Error)]
+pub enum CaddyError {
+    #[error("the caddy proxy provider needs the name of a `server`")]
+    NoServerName,
+    #[error("the caddy `id_prefix` `{0}` must be non-empty and without `_`")]
+    Prefix(String),
+    #[error("the caddy `admin` setting")]
+    Setting(#[source] HttpError),
+    #[error("Caddy's admin API")]
+    Api(#[source] HttpError),
+    #[error("Caddy answered {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("Caddy's config is not JSON")]
+    NotJson(#[source] serde_json::Error),
+    #[error(
+        "Caddy sent no ETag with its config (Caddy 2.6 or later is needed), so vessel cannot write safely"
+    )]
+    NoEtag,
+    #[error("{0} in Caddy's config is not an object")]
+    NotObject(String),
+    #[error("Caddy's config has no server `{0}`, and no `listen` is configured to create it")]
+    NoServer(String),
+    #[error("the routes of server `{0}` in Caddy's config are not a list")]
+    RoutesNotList(String),
+    #[error("Caddy refused the config ({status}): {body}")]
+    Refused { status: u16, body: String },
+    #[error("Caddy's config changed under vessel {0} times in a row; trying again next pass")]
+    Raced(usize),
+    #[error("a route vessel did not create serves this host in Caddy's config; left alone")]
+    Foreign,
 }
 
 impl Caddy {
@@ -51,17 +87,17 @@ impl Caddy {
         server: &str,
         listen: &[String],
         prefix: &str,
-    ) -> Result<Caddy, String> {
+        tls: Option<&TlsConfig>,
+    ) -> Result<Caddy, CaddyError> {
         if server.is_empty() {
-            return Err("the caddy proxy provider needs the name of a `server`".into());
+            return Err(CaddyError::NoServerName);
         }
         if prefix.is_empty() || prefix.contains('_') {
-            return Err(format!(
-                "the caddy `id_prefix` `{prefix}` must be non-empty and without `_`"
-            ));
+            return Err(CaddyError::Prefix(prefix.to_string()));
         }
         Ok(Caddy {
-            addr: authority(admin, "Caddy admin API")?,
+            api: Api::new(admin, "Caddy admin API", tls, Limits::default())
+                .map_err(CaddyError::Setting)?,
             server: server.to_string(),
             listen: listen.to_vec(),
             prefix: prefix.to_string(),
@@ -70,25 +106,32 @@ impl Caddy {
     }
 
     /// The whole config (`null` when Caddy has none) and its ETag.
-    async fn read(&self) -> Result<(Value, Option<String>), String> {
-        let r = call(&self.addr, Method::GET, "/config/", &[], None).await?;
+    async fn read(&self) -> Result<(Value, Option<String>), CaddyError> {
+        let r = self
+            .api
+            .call(Method::GET, "/config/", &[], None)
+            .await
+            .map_err(CaddyError::Api)?;
         if r.status != 200 {
-            return Err(format!("Caddy answered {}: {}", r.status, r.brief()));
+            return Err(CaddyError::Status {
+                status: r.status,
+                body: r.brief(),
+            });
         }
-        let config = serde_json::from_slice(&r.body)
-            .map_err(|e| format!("Caddy's config is not JSON: {e}"))?;
+        let config = serde_json::from_slice(&r.body).map_err(CaddyError::NotJson)?;
         Ok((config, r.etag))
     }
 
-    async fn write(&self, config: &Value, etag: &str) -> Result<Reply, String> {
-        call(
-            &self.addr,
-            Method::POST,
-            "/config/",
-            &[("if-match", etag)],
-            Some(Bytes::from(config.to_string())),
-        )
-        .await
+    async fn write(&self, config: &Value, etag: &str) -> Result<Reply, CaddyError> {
+        self.api
+            .call(
+                Method::POST,
+                "/config/",
+                &[("if-match", etag)],
+                Some(Bytes::from(config.to_string())),
+            )
+            .await
+            .map_err(CaddyError::Api)
     }
 
     /// The route vessel writes for `host`.
@@ -149,19 +192,16 @@ impl Caddy {
         &self,
         config: Value,
         actions: &[&RouteAction],
-    ) -> Result<(Value, BTreeSet<String>), String> {
+    ) -> Result<(Value, BTreeSet<String>), CaddyError> {
         let mut config = match config {
             Value::Null => Value::Object(Map::new()),
             Value::Object(m) => Value::Object(m),
-            _ => return Err("Caddy's config is not a JSON object".into()),
+            _ => return Err(CaddyError::NotObject("the whole".into())),
         };
         let servers = object_at(&mut config, &["apps", "http", "servers"])?;
         if !servers.contains_key(&self.server) {
             if self.listen.is_empty() {
-                return Err(format!(
-                    "Caddy's config has no server `{}`, and no `listen` is configured to create it",
-                    self.server
-                ));
+                return Err(CaddyError::NoServer(self.server.clone()));
             }
             servers.insert(
                 self.server.clone(),
@@ -173,21 +213,11 @@ impl Caddy {
         let server = servers
             .get_mut(&self.server)
             .and_then(Value::as_object_mut)
-            .ok_or_else(|| {
-                format!(
-                    "server `{}` in Caddy's config is not an object",
-                    self.server
-                )
-            })?;
+            .ok_or_else(|| CaddyError::NotObject(format!("server `{}`", self.server)))?;
         let routes = match server.remove("routes") {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::Array(a)) => a,
-            Some(_) => {
-                return Err(format!(
-                    "the routes of server `{}` in Caddy's config are not a list",
-                    self.server
-                ));
-            }
+            Some(_) => return Err(CaddyError::RoutesNotList(self.server.clone())),
         };
         // Vessel's routes by (wildcard last, host); foreign ones in their order.
         let mut ours: BTreeMap<(bool, String), Value> = BTreeMap::new();
@@ -238,26 +268,27 @@ impl Caddy {
     }
 
     /// The hosts whose upserts were refused, on success.
-    async fn apply_batch(&self, actions: &[&RouteAction]) -> Result<BTreeSet<String>, String> {
+    async fn apply_batch(&self, actions: &[&RouteAction]) -> Result<BTreeSet<String>, CaddyError> {
         let _guard = self.lock.lock().await;
         for _ in 0..TRIES {
             let (config, etag) = self.read().await?;
             // Without it the write could overwrite a change made since the read.
-            let etag = etag.ok_or(
-                "Caddy sent no ETag with its config (Caddy 2.6 or later is needed), so vessel cannot write safely",
-            )?;
+            let etag = etag.ok_or(CaddyError::NoEtag)?;
             let (new, refused) = self.merged(config, actions)?;
             let r = self.write(&new, &etag).await?;
             match r.status {
                 200 => return Ok(refused),
                 // Someone else changed the config since it was read: read it again.
                 412 => continue,
-                s => return Err(format!("Caddy refused the config ({s}): {}", r.brief())),
+                status => {
+                    return Err(CaddyError::Refused {
+                        status,
+                        body: r.brief(),
+                    });
+                }
             }
         }
-        Err(format!(
-            "Caddy's config changed under vessel {TRIES} times in a row; trying again next pass"
-        ))
+        Err(CaddyError::Raced(TRIES))
     }
 }
 
@@ -295,15 +326,15 @@ fn key(host: &str) -> (bool, String) {
 }
 
 /// The object at `path` inside `v`, created (empty) where missing.
-fn object_at<'a>(v: &'a mut Value, path: &[&str]) -> Result<&'a mut Map<String, Value>, String> {
+fn object_at<'a>(
+    v: &'a mut Value,
+    path: &[&str],
+) -> Result<&'a mut Map<String, Value>, CaddyError> {
     let mut cur = v;
     for (i, p) in path.iter().enumerate() {
-        let map = cur.as_object_mut().ok_or_else(|| {
-            format!(
-                "`{}` in Caddy's config is not an object",
-                path[..i].join(".")
-            )
-        })?;
+        let map = cur
+            .as_object_mut()
+            .ok_or_else(|| CaddyError::NotObject(format!("`{}`", path[..i].join("."))))?;
         let next = map
             .entry(p.to_string())
             .or_insert_with(|| Value::Object(Map::new()));
@@ -313,7 +344,7 @@ fn object_at<'a>(v: &'a mut Value, path: &[&str]) -> Result<&'a mut Map<String, 
         cur = next;
     }
     cur.as_object_mut()
-        .ok_or_else(|| format!("`{}` in Caddy's config is not an object", path.join(".")))
+        .ok_or_else(|| CaddyError::NotObject(format!("`{}`", path.join("."))))
 }
 
 fn server_routes<'a>(config: &'a Value, server: &str) -> &'a [Value] {
@@ -366,7 +397,7 @@ impl ProxyProvider for Caddy {
             let (config, _) = self
                 .read()
                 .await
-                .map_err(|m| ProviderError::failed("read the config of", "Caddy", m))?;
+                .map_err(|e| ProviderError::caused("read the config of", "Caddy", Arc::new(e)))?;
             Ok(self.observed(&config))
         })
     }
@@ -382,16 +413,22 @@ impl ProxyProvider for Caddy {
             } else {
                 self.apply_batch(&routes).await
             };
-            let refused = outcome.clone().unwrap_or_default();
-            let mut results = route_batch_results(actions, outcome.map(|_| ()));
+            let (refused, outcome) = match outcome {
+                Ok(refused) => (refused, Ok(())),
+                Err(e) => {
+                    let e: Arc<dyn std::error::Error + Send + Sync> = Arc::new(e);
+                    (BTreeSet::new(), Err(e))
+                }
+            };
+            let mut results = route_batch_results(actions, outcome);
             for (a, r) in actions.iter().zip(results.iter_mut()) {
                 if let (host, Some(_)) = a.route_after()
                     && refused.contains(host)
                 {
-                    *r = Err(ProviderError::failed(
+                    *r = Err(ProviderError::caused(
                         "route",
                         host,
-                        "a route vessel did not create serves this host in Caddy's config; left alone",
+                        Arc::new(CaddyError::Foreign),
                     ));
                 }
             }
@@ -405,7 +442,14 @@ mod tests {
     use super::*;
 
     fn caddy() -> Caddy {
-        Caddy::new("http://127.0.0.1:2019", "srv", &[":8080".into()], "vessel").expect("caddy")
+        Caddy::new(
+            "http://127.0.0.1:2019",
+            "srv",
+            &[":8080".into()],
+            "vessel",
+            None,
+        )
+        .expect("caddy")
     }
 
     fn upsert(host: &str, upstream: &str) -> RouteAction {
@@ -476,7 +520,8 @@ mod tests {
         assert_eq!(c.observed(&new)[0].upstream, "127.0.0.1:1");
         assert_ne!(c.observed(&edited)[0].upstream, "127.0.0.1:1");
 
-        let no_listen = Caddy::new("http://127.0.0.1:2019", "srv", &[], "vessel").expect("caddy");
+        let no_listen =
+            Caddy::new("http://127.0.0.1:2019", "srv", &[], "vessel", None).expect("caddy");
         assert!(no_listen.merged(Value::Null, &[]).is_err());
     }
 

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::http_client::TlsConfig;
 use crate::model::Duration;
 
 /// The reverse proxy that serves session routes.
@@ -32,6 +33,9 @@ pub enum ProxyConfig {
         /// Two vessels sharing one Caddy need different prefixes.
         #[serde(default = "default_route_prefix")]
         id_prefix: String,
+        /// How to trust an `https://` admin API.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls: Option<TlsConfig>,
     },
     /// Traefik, through its file provider: vessel owns one dynamic-configuration file.
     Traefik(TraefikConfig),
@@ -60,6 +64,9 @@ pub struct TraefikConfig {
     /// most once per `providersThrottleDuration` (2 s unless set).
     #[serde(default = "default_traefik_confirm")]
     pub confirm_within: Duration,
+    /// How to trust an `https://` `api`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
 }
 
 fn default_traefik_confirm() -> Duration {
@@ -85,10 +92,18 @@ fn default_proxy_listen() -> SocketAddr {
 impl ProxyConfig {
     /// Make relative paths relative to `base` (the config file's directory).
     pub fn rebase(&mut self, base: &std::path::Path) {
-        if let ProxyConfig::Traefik(t) = self
-            && t.file.is_relative()
-        {
-            t.file = base.join(&t.file);
+        let tls = match self {
+            ProxyConfig::Traefik(t) => {
+                if t.file.is_relative() {
+                    t.file = base.join(&t.file);
+                }
+                t.tls.as_mut()
+            }
+            ProxyConfig::Caddy { tls, .. } => tls.as_mut(),
+            ProxyConfig::Embedded { .. } => None,
+        };
+        if let Some(t) = tls {
+            t.rebase(base);
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod embedded;
 pub mod traefik;
 
 pub use config::{ProxyConfig, TraefikConfig};
+use std::sync::Arc;
 
 use crate::model::observed::ObservedRoute;
 use crate::model::plan::RouteAction;
@@ -27,14 +28,14 @@ pub trait ProxyProvider: Send + Sync {
 /// write): route steps share the outcome, anything else is not a proxy's.
 pub(crate) fn route_batch_results(
     actions: &[&RouteAction],
-    outcome: Result<(), String>,
+    outcome: Result<(), Arc<dyn std::error::Error + Send + Sync>>,
 ) -> Vec<Result<(), ProviderError>> {
     actions
         .iter()
         .map(|a| {
             outcome
                 .clone()
-                .map_err(|m| ProviderError::failed("route", a.host(), m))
+                .map_err(|e| ProviderError::caused("route", a.host(), e))
         })
         .collect()
 }

@@ -36,7 +36,7 @@ use crate::model::observed::ObservedRoute;
 use crate::model::plan::RouteAction;
 
 use super::{BoxFut, ProviderError, ProxyProvider, parse_route_tag, route_tag};
-use crate::providers::http::{authority, call};
+use crate::http_client::{Api, HttpError, Limits};
 
 /// How often a write asks Traefik's API whether it has loaded the file.
 const POLL: Duration = Duration::from_millis(50);
@@ -49,8 +49,8 @@ pub struct Traefik {
     file: PathBuf,
     entrypoints: Vec<String>,
     prefix: String,
-    /// `host:port` of Traefik's API, when configured.
-    api: Option<String>,
+    /// Traefik's API, when configured.
+    api: Option<Api>,
     confirm_within: Duration,
     /// Serialises read-modify-write of the file.
     lock: tokio::sync::Mutex<()>,
@@ -62,8 +62,8 @@ pub struct Traefik {
 pub enum TraefikError {
     #[error("the traefik `name_prefix` `{0}` must be non-empty and without `_` or `@`")]
     Prefix(String),
-    #[error("the traefik `api`: {0}")]
-    ApiSetting(String),
+    #[error("the traefik `api` setting")]
+    ApiSetting(#[source] HttpError),
     #[error("cannot read {file}")]
     Read {
         file: PathBuf,
@@ -86,8 +86,12 @@ pub enum TraefikError {
         #[source]
         source: std::io::Error,
     },
-    #[error("Traefik's API at {addr}: {message}")]
-    Api { addr: String, message: String },
+    #[error("Traefik's API at {addr}")]
+    Api {
+        addr: String,
+        #[source]
+        source: HttpError,
+    },
     #[error("Traefik's API at {addr} answered {status} to /api/rawdata: {body}")]
     ApiStatus {
         addr: String,
@@ -221,7 +225,10 @@ impl Traefik {
             return Err(TraefikError::Prefix(prefix.clone()));
         }
         let api = match &c.api {
-            Some(a) => Some(authority(a, "Traefik API").map_err(TraefikError::ApiSetting)?),
+            Some(a) => Some(
+                Api::new(a, "Traefik API", c.tls.as_ref(), Limits::default())
+                    .map_err(TraefikError::ApiSetting)?,
+            ),
             None => None,
         };
         Ok(Traefik {
@@ -409,7 +416,7 @@ impl Traefik {
     /// `confirm_within`: one result per host.
     async fn confirm(
         &self,
-        addr: &str,
+        api: &Api,
         mut pending: BTreeMap<String, Expected>,
     ) -> BTreeMap<String, Result<(), Arc<TraefikError>>> {
         let start = tokio::time::Instant::now();
@@ -417,7 +424,7 @@ impl Traefik {
         let mut done = BTreeMap::new();
         let mut last_error = None;
         loop {
-            match tokio::time::timeout_at(deadline, raw_data(addr)).await {
+            match tokio::time::timeout_at(deadline, raw_data(api)).await {
                 Ok(Ok(raw)) => {
                     last_error = None;
                     pending.retain(|host, e| {
@@ -474,8 +481,8 @@ impl Traefik {
     async fn observed(&self) -> Result<Vec<ObservedRoute>, TraefikError> {
         let routes = self.routes(&self.read()?)?;
         let raw = match &self.api {
-            Some(addr) => Some(
-                tokio::time::timeout(OBSERVE_API_TIMEOUT, raw_data(addr))
+            Some(api) => Some(
+                tokio::time::timeout(OBSERVE_API_TIMEOUT, raw_data(api))
                     .await
                     .map_err(|_| TraefikError::NoAnswer {
                         within: OBSERVE_API_TIMEOUT,
@@ -582,13 +589,15 @@ fn text(v: Option<&serde_json::Value>) -> Option<&str> {
     v.and_then(serde_json::Value::as_str)
 }
 
-/// One `GET /api/rawdata` from Traefik's API at `addr`.
-async fn raw_data(addr: &str) -> Result<RawData, TraefikError> {
-    let reply = call(addr, Method::GET, "/api/rawdata", &[], None)
+/// One `GET /api/rawdata` from Traefik's API.
+async fn raw_data(api: &Api) -> Result<RawData, TraefikError> {
+    let addr = api.addr();
+    let reply = api
+        .call(Method::GET, "/api/rawdata", &[], None)
         .await
-        .map_err(|message| TraefikError::Api {
+        .map_err(|source| TraefikError::Api {
             addr: addr.to_string(),
-            message,
+            source,
         })?;
     if reply.status != 200 {
         return Err(TraefikError::ApiStatus {
@@ -633,7 +642,7 @@ impl ProxyProvider for Traefik {
             let outcomes = match self.write_batch(actions) {
                 Err(e) => Err(Arc::new(e)),
                 Ok(expected) => Ok(match &self.api {
-                    Some(addr) => self.confirm(addr, expected).await,
+                    Some(api) => self.confirm(api, expected).await,
                     None => expected.into_keys().map(|h| (h, Ok(()))).collect(),
                 }),
             };
@@ -665,6 +674,7 @@ mod tests {
             name_prefix: "vessel".into(),
             api: None,
             confirm_within: crate::model::Duration::from_secs(1),
+            tls: None,
         }
     }
 
