@@ -288,9 +288,26 @@ pub struct DockerConfig {
     /// top). A frozen engine costs at most this per call; the host then reads as unobserved.
     #[serde(default = "default_call_timeout")]
     pub call_timeout: Duration,
-    /// The longest a workspace upload (source sync, a kept workspace restored) may take.
+    /// The longest a workspace upload (source sync, a kept workspace restored) or an image
+    /// pull may take.
     #[serde(default = "default_transfer_timeout")]
     pub transfer_timeout: Duration,
+    /// Credentials for pulling from private registries, by registry as image names spell it
+    /// (`registry.example.com`, `127.0.0.1:5000`; `docker.io` for Docker Hub): a user name and
+    /// a password or token by reference. Resolved for each pull and sent only to the engine
+    /// with that pull; never logged, shown in status or written to the state directory.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub registries: std::collections::BTreeMap<String, RegistryAuth>,
+}
+
+/// Credentials for one container registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryAuth {
+    /// The user name.
+    pub username: String,
+    /// The password or access token: `{env: NAME}` or `{file: PATH}`.
+    pub password: SecretRef,
 }
 
 fn default_call_timeout() -> Duration {
@@ -797,6 +814,11 @@ impl Config {
             fix(&mut t.file);
         }
         if let Some(d) = &mut self.providers.compute.docker {
+            for r in d.registries.values_mut() {
+                if let SecretRef::File(p) = &mut r.password {
+                    fix(p);
+                }
+            }
             for h in &mut d.hosts {
                 if let Some(p) = &mut h.tls_cert_path {
                     fix(p);

@@ -175,11 +175,22 @@ impl SourceChanges {
     }
 }
 
-/// What a reader holds: the latest snapshot, and the count of source changes seen.
+/// What is happening to sessions while a pass runs its steps, in words (an image pull's
+/// progress), as the compute providers say it; empty between passes. Display only.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Activity {
+    /// Moves on with every change (for caches).
+    pub seq: u64,
+    pub sessions: BTreeMap<String, String>,
+}
+
+/// What a reader holds: the latest snapshot, the count of source changes seen, and what is
+/// happening now.
 #[derive(Debug, Clone)]
 pub struct Published {
     snapshot: watch::Receiver<Arc<Snapshot>>,
     changes: Arc<SourceChanges>,
+    activity: watch::Receiver<Activity>,
 }
 
 impl Published {
@@ -193,6 +204,11 @@ impl Published {
     /// A number that changes whenever what readers see may have changed (for caches).
     pub fn version(&self) -> (u64, u64) {
         (self.snapshot.borrow().passes, self.changes.count())
+    }
+
+    /// What is happening to sessions now (while a pass runs its steps).
+    pub fn activity(&self) -> Activity {
+        self.activity.borrow().clone()
     }
 }
 
@@ -217,6 +233,8 @@ pub struct Reconciler {
     tx: watch::Sender<Arc<Snapshot>>,
     changes: Arc<SourceChanges>,
     on_pass: Vec<OnPass>,
+    /// What the compute providers say is happening, forwarded while steps run.
+    activity: Arc<watch::Sender<Activity>>,
 }
 
 /// How many recent events are kept in memory.
@@ -260,6 +278,7 @@ impl Reconciler {
             tx,
             changes: Arc::default(),
             on_pass: Vec::new(),
+            activity: Arc::new(watch::channel(Activity::default()).0),
         }
     }
 
@@ -268,6 +287,7 @@ impl Reconciler {
         Published {
             snapshot: self.tx.subscribe(),
             changes: self.changes.clone(),
+            activity: self.activity.subscribe(),
         }
     }
 
@@ -319,6 +339,44 @@ impl Reconciler {
             .map(|b| b.until)
             .filter(|u| *u > now)
             .min()
+    }
+
+    /// Forward what the compute providers say is happening to their sessions (an image pull's
+    /// progress) to readers while steps run, at most five times a second; aborted after them.
+    fn forward_activity(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let mut feeds: Vec<_> = self
+            .providers
+            .compute
+            .values()
+            .filter_map(|p| p.activity())
+            .collect();
+        if feeds.is_empty() {
+            return None;
+        }
+        let tx = self.activity.clone();
+        Some(tokio::spawn(async move {
+            loop {
+                let mut now = BTreeMap::new();
+                for f in &mut feeds {
+                    now.extend(f.borrow_and_update().clone());
+                }
+                tx.send_if_modified(|a| {
+                    let changed = a.sessions != now;
+                    if changed {
+                        a.sessions = now;
+                        a.seq += 1;
+                    }
+                    changed
+                });
+                let any = futures_util::future::select_all(
+                    feeds.iter_mut().map(|f| Box::pin(f.changed())),
+                );
+                if any.await.0.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }))
     }
 
     /// Run one pass. `on_step` sees every step outcome as it happens (for progress output).
@@ -464,6 +522,7 @@ impl Reconciler {
         self.backoff
             .retain(|o, b| b.until > clock || stepping.contains(o));
         let mut events = Vec::new();
+        let forwarding = self.forward_activity();
         let results = execute(&p, &self.providers, &self.exec, &hold, cancel, |step, outcome, d| {
             let e = Event {
                 time: Utc::now(),
@@ -493,6 +552,17 @@ impl Reconciler {
             events.push(e);
         })
         .await;
+        if let Some(f) = forwarding {
+            f.abort();
+        }
+        self.activity.send_if_modified(|a| {
+            let busy = !a.sessions.is_empty();
+            if busy {
+                a.sessions.clear();
+                a.seq += 1;
+            }
+            busy
+        });
         // Backoff: per object, reset by success, grown by failure.
         let mut failed: BTreeMap<Object, Wish> = BTreeMap::new();
         let mut succeeded: BTreeSet<Object> = BTreeSet::new();
@@ -526,7 +596,9 @@ impl Reconciler {
             r.outcome.is_success()
                 && !matches!(
                     p.steps[r.step].action,
-                    crate::model::plan::Action::Session(SessionAction::WaitHealthy { .. })
+                    crate::model::plan::Action::Session(
+                        SessionAction::WaitHealthy { .. } | SessionAction::PullImage { .. }
+                    )
                 )
         }) || (!p.deferred.is_empty()
             && results.iter().any(|r| r.outcome.is_success()));
@@ -663,9 +735,32 @@ impl Reconciler {
         let shared = &mut self.current;
         let last_errors = Arc::make_mut(&mut shared.last_errors);
         let mut next: BTreeMap<String, Vec<Condition>> = BTreeMap::new();
+        let clock = Instant::now();
         for name in names {
-            let stalled = failures.get(name).or(held.get(name)).cloned();
-            let reconciling = pending.get(name).cloned();
+            // A session whose steps keep failing is Stalled while it backs off between tries
+            // too (its steps then wait, so they do not fail again in that pass).
+            let failing = self
+                .backoff
+                .get(&Object::Session(name.clone()))
+                .filter(|b| b.failures > 0)
+                .map(|b| {
+                    let last = last_errors
+                        .get(name.as_str())
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default();
+                    format!(
+                        "failing ({} in a row; the next try in {} s){last}",
+                        if b.failures == 1 {
+                            "1 failure".to_string()
+                        } else {
+                            format!("{} failures", b.failures)
+                        },
+                        b.until.saturating_duration_since(clock).as_secs()
+                    )
+                });
+            let stalled = failures.get(name).or(held.get(name)).cloned().or(failing);
+            // Stalled and Reconciling exclude each other: work that cannot progress is stalled.
+            let reconciling = pending.get(name).cloned().filter(|_| stalled.is_none());
             let ready = stalled.is_none()
                 && reconciling.is_none()
                 && desired.sessions.contains_key(name.as_str());

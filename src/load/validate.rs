@@ -15,7 +15,7 @@ use crate::diag::{Diagnostic, Pos, did_you_mean, name_list};
 
 /// How many names a diagnostic lists (known plans, ports, other claimants) before "and N more".
 const LISTED: usize = 10;
-use crate::load::{LoadedFile, Document};
+use crate::load::{Document, LoadedFile};
 use crate::model::{ComputeKind, ExpiryAction, Kind, dns_label_problem, hostname_problem};
 
 /// Validate `files` in place (errors go onto their file) and return warnings.

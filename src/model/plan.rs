@@ -78,6 +78,18 @@ pub enum SessionAction {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         retain: bool,
     },
+    /// Pull a session's image before a replace takes the old session away, so that an image
+    /// that cannot be pulled destroys nothing (a create pulls by itself, by the same policy).
+    PullImage {
+        session: String,
+        provider: ComputeKind,
+        image: String,
+        /// When to pull: `missing` (only if the engine lacks it) or `always`.
+        pull: super::PullPolicy,
+        /// The provider's host the new session goes on.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        host: Option<String>,
+    },
     WaitHealthy {
         session: String,
         provider: ComputeKind,
@@ -194,6 +206,7 @@ impl SessionAction {
             | SessionAction::StopSession { session, .. }
             | SessionAction::DestroySession { session, .. }
             | SessionAction::WaitHealthy { session, .. }
+            | SessionAction::PullImage { session, .. }
             | SessionAction::SyncSource { session, .. }
             | SessionAction::SaveWork { session, .. } => session,
         }
@@ -208,6 +221,7 @@ impl SessionAction {
             | SessionAction::StopSession { provider, .. }
             | SessionAction::DestroySession { provider, .. }
             | SessionAction::WaitHealthy { provider, .. }
+            | SessionAction::PullImage { provider, .. }
             | SessionAction::SyncSource { provider, .. }
             | SessionAction::SaveWork { provider, .. } => *provider,
         }
@@ -221,6 +235,7 @@ impl SessionAction {
             SessionAction::StopSession { .. } => "stop",
             SessionAction::DestroySession { .. } => "destroy",
             SessionAction::WaitHealthy { .. } => "wait-healthy",
+            SessionAction::PullImage { .. } => "pull-image",
             SessionAction::SyncSource { .. } => "sync-source",
             SessionAction::SaveWork { .. } => "save-work",
         }

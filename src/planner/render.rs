@@ -394,6 +394,19 @@ fn step_target(a: &Action) -> String {
         Action::Session(SessionAction::SaveWork { session, path, .. }) => {
             format!("{session} -> {}", path.display())
         }
+        Action::Session(SessionAction::PullImage {
+            session,
+            image,
+            pull,
+            host,
+            ..
+        }) => {
+            let on = host
+                .as_ref()
+                .map(|h| format!(" on {h}"))
+                .unwrap_or_default();
+            format!("{session}: {image}{on} (pull: {pull})")
+        }
         Action::Session(SessionAction::CreateSession {
             session,
             host,

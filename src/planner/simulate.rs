@@ -99,6 +99,7 @@ pub fn simulate(plan: &Plan, observed: &Observed) -> Observed {
                 }
             }
             Action::Session(SessionAction::WaitHealthy { .. })
+            | Action::Session(SessionAction::PullImage { .. })
             | Action::Session(SessionAction::SaveWork { .. }) => {}
             Action::Route(a) => {
                 match a.after() {

@@ -34,6 +34,8 @@ pub enum SetupError {
     Invalid(String),
     #[error(transparent)]
     Traefik(#[from] traefik::TraefikError),
+    #[error(transparent)]
+    Docker(#[from] docker::DockerSetupError),
     #[error("cannot prepare the process provider's directory {path}")]
     StateDir {
         path: std::path::PathBuf,
@@ -74,8 +76,7 @@ impl Providers {
                 config.policy.workspace_retention.std(),
             );
             let provider =
-                docker::DockerProvider::new(d.clone(), config.state_dir.join("docker"), kept)
-                    .map_err(SetupError::Invalid)?;
+                docker::DockerProvider::new(d.clone(), config.state_dir.join("docker"), kept)?;
             compute.insert(ComputeKind::Docker, Arc::new(provider));
         }
         let (proxy, embedded): (Arc<dyn ProxyProvider>, _) = match &config.providers.proxy {

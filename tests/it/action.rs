@@ -148,8 +148,7 @@ fn answer(
 ) -> (&'static str, String, Value) {
     let mut api = api.lock().expect("api");
     api.log.push((method.to_string(), target.to_string()));
-    let violate =
-        |api: &mut Api, m: String| api.violations.push(format!("{method} {target}: {m}"));
+    let violate = |api: &mut Api, m: String| api.violations.push(format!("{method} {target}: {m}"));
     let not_found = json!({"message": "Not Found", "documentation_url": "https://docs.github.com/rest", "status": "404"});
     // Headers every request needs.
     if headers.get("authorization").map(String::as_str) != Some(&format!("Bearer {TOKEN}")) {

@@ -29,6 +29,7 @@ mod reload;
 mod servers;
 mod settle;
 mod status;
+mod status_browser;
 mod support;
 mod truth;
 mod validate;
