@@ -4,7 +4,9 @@
 //! Retrying is this loop's job: an object whose step failed backs off (exponentially, with
 //! jitter, per object), so one broken session never slows the others.
 
-use crate::model::plan::{Action, Object, Plan, RecordAction, RouteAction, SessionAction, Summary};
+use crate::model::plan::{
+    Action, Object, Plan, Reason, RecordAction, RouteAction, SessionAction, Step, Summary,
+};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -104,17 +106,21 @@ struct Wish {
     spec: Option<String>,
 }
 
-/// The wish a step serves, given each desired session's spec fingerprint.
-fn wish_of(action: &Action, specs: &BTreeMap<&str, String>) -> Wish {
-    let removing = matches!(
-        action,
-        Action::Session(
-            SessionAction::DestroySession { .. }
-                | SessionAction::StopSession { .. }
-                | SessionAction::SaveWork { .. }
-        ) | Action::Route(RouteAction::RemoveRoute { .. })
-            | Action::Record(RecordAction::RemoveRecord { .. })
-    );
+/// The wish a step serves, given each desired session's spec fingerprint. The steps of a
+/// replace (its pull, save and destroy too) all serve making the new session, so a replace
+/// that keeps failing backs off as one wish.
+fn wish_of(step: &Step, specs: &BTreeMap<&str, String>) -> Wish {
+    let action = &step.action;
+    let removing = !matches!(step.reason, Reason::Replaced { .. })
+        && matches!(
+            action,
+            Action::Session(
+                SessionAction::DestroySession { .. }
+                    | SessionAction::StopSession { .. }
+                    | SessionAction::SaveWork { .. }
+            ) | Action::Route(RouteAction::RemoveRoute { .. })
+                | Action::Record(RecordAction::RemoveRecord { .. })
+        );
     Wish {
         removing,
         spec: action.session().and_then(|s| specs.get(s).cloned()),
@@ -506,7 +512,7 @@ impl Reconciler {
         let mut hold: BTreeSet<usize> = BTreeSet::new();
         for s in &p.steps {
             let o = s.action.object();
-            let wish = wish_of(&s.action, &specs);
+            let wish = wish_of(s, &specs);
             match self.backoff.get(&o) {
                 Some(b) if b.wish != wish => {
                     self.backoff.remove(&o);
@@ -570,7 +576,7 @@ impl Reconciler {
             let action = &p.steps[r.step].action;
             let o = action.object();
             if r.outcome.is_failure() {
-                failed.insert(o, wish_of(action, &specs));
+                failed.insert(o, wish_of(&p.steps[r.step], &specs));
             } else if r.outcome.is_success() {
                 succeeded.insert(o);
             }

@@ -25,6 +25,7 @@ mod proxy;
 mod proxy_caddy;
 mod proxy_traefik;
 mod reconciler;
+mod registry;
 mod reload;
 mod servers;
 mod settle;
