@@ -359,6 +359,9 @@ pub fn sessions(s: &Snapshot, ctx: &Context, now: &Activity) -> Vec<SessionView>
         }
     }
     names.extend(quarantined.keys().cloned());
+    // Sessions something is happening to now (a first pass pulling their image, before any
+    // snapshot lists them).
+    names.extend(now.sessions.keys().cloned());
     if let Some(o) = &s.observed {
         names.extend(
             o.sessions

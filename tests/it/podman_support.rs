@@ -231,14 +231,25 @@ impl PrivatePodman {
             service: None,
         };
         // The image, imported into this storage.
+        p.import_busybox_with(IMAGE, &[]);
+        p.resume();
+        p
+    }
+
+    /// Import an image of busybox plus `files` (path in the image, contents) as `image`.
+    pub fn import_busybox_with(&self, image: &str, files: &[(&str, &[u8])]) {
         let busybox = ["/bin/busybox", "/usr/bin/busybox"]
             .into_iter()
             .find(|b| Path::new(b).exists())
             .expect("busybox is installed (apt-get install busybox-static)");
-        let root = p.dir.join("rootfs");
+        let work = tempfile::tempdir_in(&self.dir).expect("tempdir");
+        let root = work.path().join("rootfs");
         std::fs::create_dir_all(root.join("bin")).expect("mkdir");
         std::fs::copy(busybox, root.join("bin/busybox")).expect("copy");
-        let tar = p.dir.join("busybox.tar");
+        for (path, bytes) in files {
+            std::fs::write(root.join(path), bytes).expect("write");
+        }
+        let tar = work.path().join("image.tar");
         let ok = Command::new("tar")
             .arg("-C")
             .arg(&root)
@@ -248,9 +259,7 @@ impl PrivatePodman {
             .status()
             .is_ok_and(|s| s.success());
         assert!(ok, "tar");
-        p.cli(&["import", tar.to_str().unwrap_or_default(), IMAGE]);
-        p.resume();
-        p
+        self.cli(&["import", tar.to_str().unwrap_or_default(), image]);
     }
 
     /// `podman` on this storage, with this test's settings.

@@ -404,3 +404,89 @@ fn registry_pull_policies_missing_always_never_and_an_unknown_image() {
     );
     assert!(d.log().contains("pulled image"), "{}", d.log());
 }
+
+/// A loopback relay to `target` that sends what comes back slowly (16 KiB per 10 ms), so a
+/// pull through it takes long enough to be watched. It lives as long as the test process.
+fn slow_relay(target: &str) -> String {
+    let port = free_low_port();
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("relay binds");
+    let target = target.to_string();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(upstream) = std::net::TcpStream::connect(&target) else {
+                continue;
+            };
+            let (Ok(mut c_read), Ok(mut u_write)) = (client.try_clone(), upstream.try_clone())
+            else {
+                continue;
+            };
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c_read, &mut u_write);
+                let _ = u_write.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut u_read, mut c_write) = (upstream, client);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 16 << 10];
+                while let Ok(n) = u_read.read(&mut buf) {
+                    if n == 0 || c_write.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let _ = c_write.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    format!("127.0.0.1:{port}")
+}
+
+#[test]
+fn registry_pull_progress_shows_in_status_while_it_runs() {
+    let reg = Registry::start(None);
+    let relay = slow_relay(&reg.addr);
+    let pod = PrivatePodman::start_with_insecure_registries(&[reg.addr.as_str(), relay.as_str()]);
+    // An image of about 6 MB: busybox and 4 MiB of noise, so the slow pull takes seconds.
+    let mut noise = vec![0u8; 4 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for b in noise.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    pod.import_busybox_with("localhost/big:1", &[("noise", &noise)]);
+    let pushed = format!("{}/open/big:1", reg.addr);
+    pod.cli(&["push", "--tls-verify=false", "localhost/big:1", &pushed]);
+    pod.cli(&["rmi", "-f", "localhost/big:1", IMAGE]);
+    let image = format!("{relay}/open/big:1");
+    let mut d = daemon(&pod, "");
+    d.write("plan.yaml", &plan("web", &image, ""));
+    d.write("a.yaml", "kind: Session\nname: slow\nplan: web\n");
+    d.start();
+    let mut progress: Vec<String> = Vec::new();
+    wait(&d, "the session runs the slowly pulled image", || {
+        if let Some(a) = session_view(&d, "slow")["activity"].as_str()
+            && progress.last().map(String::as_str) != Some(a)
+        {
+            progress.push(a.to_string());
+        }
+        image_of(&pod, "vessel-slow").is_some()
+    });
+    assert!(
+        progress
+            .iter()
+            .any(|p| p.starts_with(&format!("pulling {image} on local"))),
+        "the pull's progress was in status while it ran: {progress:?}; vessel's log:\n{}",
+        d.log()
+    );
+    assert!(
+        progress.iter().any(|p| p.contains(" MB")),
+        "layers and megabytes done: {progress:?}"
+    );
+    // Once done, nothing is said to be happening.
+    assert!(
+        session_view(&d, "slow")["activity"].is_null(),
+        "{}",
+        session_view(&d, "slow")
+    );
+}
