@@ -36,18 +36,28 @@ pub fn call_auth(
     path: &str,
     authorization: Option<&str>,
 ) -> (u16, String, String) {
+    let auth = authorization
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
+    call_with(addr, method, path, &auth)
+}
+
+/// (status, headers, body) of `METHOD path` with `headers` (whole lines, each ending in CRLF).
+pub fn call_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+) -> (u16, String, String) {
     // Not listening yet (the daemon binds it a moment after the proxy): status 0, polled again.
     let Ok(mut s) = TcpStream::connect(addr) else {
         return (0, String::new(), String::new());
     };
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
-    let auth = authorization
-        .map(|a| format!("Authorization: {a}\r\n"))
-        .unwrap_or_default();
     write!(
         s,
-        "{method} {path} HTTP/1.0\r\nHost: status\r\nContent-Length: 0\r\n{auth}\r\n"
+        "{method} {path} HTTP/1.0\r\nHost: status\r\nContent-Length: 0\r\n{headers}\r\n"
     )
     .expect("write");
     let mut buf = String::new();

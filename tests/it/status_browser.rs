@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::daemon_support::{Daemon, PLAN, session};
-use crate::status::{CHROMIUM_FLAGS, call_auth};
+use crate::status::{CHROMIUM_FLAGS, call_auth, call_with};
 use crate::support::base64;
 
 const TOKEN: &str = "page-token-Zq81";
@@ -255,6 +255,21 @@ fn the_page_opens_with_basic_auth_and_updates_itself_keeping_the_scroll_position
     assert_eq!(call_auth(d.status, "GET", "/", Some(&bearer)).0, 200);
     let wrong = format!("Basic {}", base64(b"someone:not-the-token"));
     assert_eq!(call_auth(d.status, "GET", "/", Some(&wrong)).0, 401);
+    // The page's refresh names the version it shows: 304, no body, while nothing changed
+    // (passes move the version on, so a few tries may be needed).
+    let unchanged = (0..20).any(|_| {
+        let (_, head, _) = call_auth(d.status, "GET", "/", Some(&bearer));
+        let Some(etag) = head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("etag").then(|| v.trim().to_string())
+        }) else {
+            return false;
+        };
+        let again = format!("Authorization: {bearer}\r\nIf-None-Match: {etag}\r\n");
+        let (code, _, body) = call_with(d.status, "GET", "/", &again);
+        code == 304 && body.is_empty()
+    });
+    assert!(unchanged, "a refresh of an unchanged page is a 304");
 
     let profile = tempfile::tempdir().expect("profile");
     let (_browser, page) = chromium(profile.path());
