@@ -1280,3 +1280,47 @@ impl ComputeProvider for DockerProvider {
         Box::pin(self.inner.kept.list_now())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provider(config: &str) -> Result<DockerProvider, DockerSetupError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config: DockerConfig = serde_saphyr::from_str(config).expect("config");
+        let kept = super::super::kept::Kept::new(
+            dir.path().join("kept"),
+            ComputeKind::Docker,
+            Duration::from_secs(60),
+        );
+        DockerProvider::new(config, dir.path().join("records"), kept)
+    }
+
+    #[test]
+    fn setup_errors_are_typed_and_keep_their_cause() {
+        let e = provider("hosts: [{name: a, endpoint: 'ftp://x'}]\n")
+            .err()
+            .expect("an unknown scheme is refused");
+        assert!(matches!(
+            &e,
+            DockerSetupError::Endpoint {
+                source: EndpointError::Scheme(_),
+                ..
+            }
+        ));
+        assert_eq!(
+            crate::error_chain(&e),
+            "docker host `a`: `ftp://x` is not a unix://, tcp://, http:// or https:// endpoint"
+        );
+        let e = provider("hosts: [{name: a, endpoint: 'https://x:2376'}]\n")
+            .err()
+            .expect("TLS without certificates is refused");
+        assert!(crate::error_chain(&e).contains("set tls_cert_path"));
+        let e = provider(
+            "hosts: [{name: a, endpoint: 'unix:///x'}, {name: a, endpoint: 'unix:///y'}]\n",
+        )
+        .err()
+        .expect("a host twice is refused");
+        assert_eq!(e.to_string(), "docker host `a` is configured twice");
+    }
+}
