@@ -84,7 +84,8 @@ pub enum SessionAction {
         session: String,
         provider: ComputeKind,
         image: String,
-        /// When to pull: `missing` (only if the engine lacks it) or `always`.
+        /// When to pull: `missing` (only if the engine lacks it), `always`, or `never` (only
+        /// check that the engine has it).
         pull: super::PullPolicy,
         /// The provider's host the new session goes on.
         #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -405,7 +405,11 @@ fn step_target(a: &Action) -> String {
                 .as_ref()
                 .map(|h| format!(" on {h}"))
                 .unwrap_or_default();
-            format!("{session}: {image}{on} (pull: {pull})")
+            let how = match pull {
+                crate::model::PullPolicy::Never => "pull: never; only looked for".to_string(),
+                other => format!("pull: {other}"),
+            };
+            format!("{session}: {image}{on} ({how})")
         }
         Action::Session(SessionAction::CreateSession {
             session,

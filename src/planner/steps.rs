@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use crate::model::observed::{ObservedSession, SessionState};
-use crate::model::{ComputeKind, Duration, PullPolicy, RunState};
+use crate::model::{ComputeKind, Duration, RunState};
 
 use super::{
     Action, DataFate, Drafts, Fate, HoldReason, Object, Phase, PlacementHost, Planner, Policy,
@@ -251,12 +251,11 @@ fn save_then_destroy(
 
 /// A replace pulls the new image before anything of the old session is taken away: an image
 /// that cannot be pulled then destroys nothing (`order.rs` makes every removal of the session
-/// wait for it). Only for providers that run images, and not with `pull: never`.
+/// wait for it). Only for providers that run images; with `pull: never` the step only checks
+/// that the image is there, so a missing one destroys nothing either.
 fn pull_first(drafts: &mut Drafts, name: &str, w: &Want, host: &Option<String>, reason: &Reason) {
     let pull = w.spec.pull.unwrap_or_default();
-    if let (ComputeKind::Docker, Some(image)) = (w.spec.compute, &w.spec.image)
-        && pull != PullPolicy::Never
-    {
+    if let (ComputeKind::Docker, Some(image)) = (w.spec.compute, &w.spec.image) {
         drafts.push(
             Phase::Pull,
             Action::Session(SessionAction::PullImage {

@@ -137,6 +137,18 @@ fn track(layers: &mut BTreeMap<String, Layer>, info: &bollard::models::CreateIma
     }
 }
 
+/// Clears what `session` is said to be doing when dropped.
+struct Noted<'a> {
+    inner: &'a Inner,
+    session: &'a str,
+}
+
+impl Drop for Noted<'_> {
+    fn drop(&mut self) {
+        self.inner.note(self.session, None);
+    }
+}
+
 impl Inner {
     /// Make sure `image` is on `host` by `policy`, for `session`'s create or replace.
     pub(super) async fn ensure_image(
@@ -218,6 +230,11 @@ impl Inner {
         };
         let label = format!("pulling {image} on {host_name}");
         self.note(session, Some(format!("{label}: starting")));
+        // Cleared however the pull ends, even when the step's timeout drops it midway.
+        let _noted = Noted {
+            inner: self,
+            session,
+        };
         tracing::info!(%session, %image, host = %host_name, "pulling image");
         let started = std::time::Instant::now();
         self.count();
@@ -260,7 +277,6 @@ impl Inner {
         })
         .await
         .unwrap_or(Err(PullError::TimedOut(limit.as_secs())));
-        self.note(session, None);
         if let Err(e) = outcome {
             tracing::warn!(%session, %image, host = %host_name, "pull failed: {e}");
             return Err(failed(e));
