@@ -403,6 +403,30 @@ fn registry_pull_policies_missing_always_never_and_an_unknown_image() {
         reg.log()
     );
     assert!(d.log().contains("pulled image"), "{}", d.log());
+
+    // `never` on a replace: the new image is looked for first, and as the engine lacks it,
+    // the old container stays as it is.
+    d.write("pinned.yaml", &plan("pinned", &image, "pull: never\n"));
+    d.write("f.yaml", "kind: Session\nname: pf\nplan: pinned\n");
+    wait(&d, "pf runs the image already there", || {
+        image_of(&pod, "vessel-pf").is_some()
+    });
+    let absent = format!("{}/open/absent:1", reg.addr);
+    d.write("pinned.yaml", &plan("pinned", &absent, "pull: never\n"));
+    wait(&d, "pf's replace is held: its image is not there", || {
+        session_view(&d, "pf")["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("pull: never") && e.contains(&absent))
+    });
+    assert_eq!(
+        image_of(&pod, "vessel-pf").as_deref(),
+        Some(image.as_str()),
+        "nothing was destroyed"
+    );
+    assert!(
+        !reg.log().contains("/v2/open/absent/manifests"),
+        "never pulled"
+    );
 }
 
 /// A loopback relay to `target` that sends what comes back slowly (16 KiB per 10 ms), so a
