@@ -154,7 +154,8 @@ fn setup(pod: &Podman, n: usize, instance: &str) -> Setup {
         )
         .expect("provider"),
     );
-    let mut providers = Providers::for_planning(&config).expect("providers");
+    let mut providers =
+        Providers::for_planning(&config.providers, &config.provider_env()).expect("providers");
     let p: Arc<dyn ComputeProvider> = provider.clone();
     providers.compute = BTreeMap::from([(ComputeKind::Docker, p)]);
     // The embedded proxy as the daemon has it (its table lives in this process).

@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vessel::proxy::{Change, Proxy, Route};
+use vessel::proxy::{Proxy, Route, RouteChange};
 
 mod support;
 use support::{Kill, devserver, free_port, get, ms, nginx, percentile, vessel, wait_for, wrk};
@@ -101,8 +101,8 @@ fn route_change_latency(rt: &tokio::runtime::Runtime) {
             .serve(listener, Default::default(), cancel.clone()),
     );
     // 1,000 other routes, so the swap copies a real table.
-    let mut changes: Vec<Change> = (0..1000)
-        .map(|i| Change::Upsert {
+    let mut changes: Vec<RouteChange> = (0..1000)
+        .map(|i| RouteChange::Upsert {
             host: format!("r{i}.localhost"),
             route: Route {
                 upstream: format!("127.0.0.1:{a}"),
@@ -112,7 +112,7 @@ fn route_change_latency(rt: &tokio::runtime::Runtime) {
             },
         })
         .collect();
-    changes.push(Change::Upsert {
+    changes.push(RouteChange::Upsert {
         host: "flip.localhost".into(),
         route: Route {
             upstream: format!("127.0.0.1:{a}"),
@@ -127,7 +127,7 @@ fn route_change_latency(rt: &tokio::runtime::Runtime) {
     for i in 0..20 {
         let port = if i % 2 == 0 { b } else { a };
         let t = Instant::now();
-        proxy.apply(&[Change::Upsert {
+        proxy.apply(&[RouteChange::Upsert {
             host: "flip.localhost".into(),
             route: Route {
                 upstream: format!("127.0.0.1:{port}"),
@@ -162,8 +162,8 @@ fn throughput() {
     let up = free_port();
     let _upstream = devserver(up, dir.path());
     let proxy = Proxy::default();
-    let changes: Vec<Change> = (0..1000)
-        .map(|i| Change::Upsert {
+    let changes: Vec<RouteChange> = (0..1000)
+        .map(|i| RouteChange::Upsert {
             host: format!("r{i}.localhost"),
             route: Route {
                 upstream: format!("127.0.0.1:{up}"),

@@ -580,7 +580,10 @@ fn plan_cmd(
         }
         (None, None) => {
             // The live providers. The embedded proxy's table lives in the daemon: a gap here.
-            let providers = crate::providers::Providers::for_planning(&config)?;
+            let providers = crate::providers::Providers::for_planning(
+                &config.providers,
+                &config.provider_env(),
+            )?;
             let needed = desired.plans.values().map(|p| p.spec.compute).collect();
             runtime()?.block_on(providers.observe(&needed))
         }
@@ -655,13 +658,7 @@ fn run_cmd(target: &Path, allow_destroy: bool, overrides: &Overrides) -> anyhow:
         crate::daemon::Reload {
             path: path.clone(),
             read: Box::new(move || {
-                let mut c = load::load_config(&path).map_err(|diags| {
-                    diags
-                        .iter()
-                        .map(|d| d.render(false))
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                })?;
+                let mut c = load::load_config(&path)?;
                 overrides.apply(&mut c);
                 Ok(c)
             }),
@@ -694,7 +691,7 @@ fn apply_cmd(
     rt.block_on(async move {
         let state = crate::state::StateDir::open(&config.state_dir)?;
         let _lock = state.lock()?;
-        let providers = crate::providers::Providers::from_config(&config)?;
+        let providers = crate::providers::Providers::new(&config.providers, &config.provider_env())?;
         if providers.embedded.is_some() {
             eprintln!("note: the embedded proxy serves routes only while vessel runs; `vessel run` keeps them up");
         }

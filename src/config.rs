@@ -12,6 +12,13 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::model::{DestroyBudget, RouteTemplate};
 use crate::model::{Duration, Size};
+pub use crate::providers::ProvidersConfig;
+pub use crate::providers::compute::ComputeProviders;
+pub use crate::providers::compute::docker::{DockerConfig, DockerHost, DockerPorts};
+pub use crate::providers::compute::process::ProcessConfig;
+pub use crate::providers::dns::DnsConfig;
+pub use crate::providers::proxy::{ProxyConfig, TraefikConfig};
+pub use crate::secret::{Secret, SecretError, SecretRef};
 
 /// The embedded default config: local processes, the built-in proxy, no DNS.
 pub const DEFAULT_CONFIG_YAML: &str = include_str!("default-config.yaml");
@@ -194,356 +201,6 @@ fn default_templates() -> Vec<RouteTemplate> {
             dns: false,
         },
     ]
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ProvidersConfig {
-    #[serde(default)]
-    pub compute: ComputeProviders,
-    #[serde(default)]
-    pub proxy: ProxyConfig,
-    #[serde(default)]
-    pub dns: DnsConfig,
-}
-
-/// The compute providers sessions can use; a plan's `compute` names one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ComputeProviders {
-    /// Local child processes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub process: Option<ProcessConfig>,
-    /// Docker Engine API hosts (Docker or Podman).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub docker: Option<DockerConfig>,
-}
-
-impl Default for ComputeProviders {
-    fn default() -> Self {
-        ComputeProviders {
-            process: Some(ProcessConfig::default()),
-            docker: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ProcessConfig {
-    /// The first host port handed to sessions; ports are allocated upward from here.
-    #[serde(default = "default_port_base")]
-    pub port_base: u16,
-    /// Leave sessions running when vessel exits (a restarted vessel adopts them).
-    #[serde(default = "yes")]
-    pub keep_on_exit: bool,
-}
-
-impl Default for ProcessConfig {
-    fn default() -> Self {
-        ProcessConfig {
-            port_base: default_port_base(),
-            keep_on_exit: true,
-        }
-    }
-}
-
-fn default_port_base() -> u16 {
-    20000
-}
-
-fn yes() -> bool {
-    true
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct DockerConfig {
-    /// Engine hosts by name. A new session is placed on one deterministically.
-    pub hosts: Vec<DockerHost>,
-    /// How routes reach a session's ports.
-    #[serde(default)]
-    pub ports: DockerPorts,
-    /// The address published ports bind to on the engine's host (`ports: published`).
-    #[serde(default = "loopback")]
-    pub publish_address: std::net::IpAddr,
-    /// The network sessions join (default: the engine's default, `podman` or `bridge`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub network: Option<String>,
-    /// Where the workspace (the synced source) lives in the container.
-    #[serde(default = "default_container_workspace")]
-    pub workspace: String,
-    /// Run an init process as PID 1, so the command gets signals even if it ignores them as
-    /// PID 1 (busybox httpd does) and a stop does not wait out its timeout.
-    #[serde(default = "yes")]
-    pub init: bool,
-    /// Remove a session's anonymous volumes with it.
-    #[serde(default = "yes")]
-    pub remove_volumes: bool,
-    /// This vessel's name on the engines: the value of its ownership label. Containers of
-    /// another instance sharing an engine are foreign to this one.
-    #[serde(default = "default_instance")]
-    pub instance: String,
-    /// The longest any one Engine API call may take to answer (a stop gets its stop timeout on
-    /// top). A frozen engine costs at most this per call; the host then reads as unobserved.
-    #[serde(default = "default_call_timeout")]
-    pub call_timeout: Duration,
-    /// The longest a workspace upload (source sync, a kept workspace restored) or an image
-    /// pull may take.
-    #[serde(default = "default_transfer_timeout")]
-    pub transfer_timeout: Duration,
-    /// Credentials for pulling from private registries, by registry as image names spell it
-    /// (`registry.example.com`, `127.0.0.1:5000`; `docker.io` for Docker Hub): a user name and
-    /// a password or token by reference. Resolved for each pull and sent only to the engine
-    /// with that pull; never logged, shown in status or written to the state directory.
-    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub registries: std::collections::BTreeMap<String, RegistryAuth>,
-}
-
-/// Credentials for one container registry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RegistryAuth {
-    /// The user name.
-    pub username: String,
-    /// The password or access token: `{env: NAME}` or `{file: PATH}`.
-    pub password: SecretRef,
-}
-
-fn default_call_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-
-fn default_transfer_timeout() -> Duration {
-    Duration::from_secs(600)
-}
-
-impl DockerConfig {
-    /// The hosts a new session may be placed on, sorted by name.
-    pub fn placement_hosts(&self) -> Vec<crate::planner::PlacementHost> {
-        let mut hosts: Vec<crate::planner::PlacementHost> = self
-            .hosts
-            .iter()
-            .map(|h| crate::planner::PlacementHost {
-                name: h.name.clone(),
-                location: h.location.clone(),
-            })
-            .collect();
-        hosts.sort_by(|a, b| a.name.cmp(&b.name));
-        hosts
-    }
-}
-
-fn default_instance() -> String {
-    "vessel".into()
-}
-
-/// How routes reach a container's ports.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum DockerPorts {
-    /// Host ports the engine picks, published on `publish_address`.
-    #[default]
-    Published,
-    /// The container's own address on its network (the engine's host must route to it).
-    Container,
-}
-
-fn loopback() -> std::net::IpAddr {
-    std::net::IpAddr::from([127, 0, 0, 1])
-}
-
-fn default_container_workspace() -> String {
-    "/workspace".into()
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct DockerHost {
-    /// The host's name, recorded on its containers (a label).
-    pub name: String,
-    /// `unix:///run/podman/podman.sock`, `tcp://host:2375`, or `https://host:2376` with
-    /// `tls_cert_path` (DOCKER_HOST style).
-    pub endpoint: String,
-    /// Where it is; a session's `location` places it on a host here.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub location: Option<String>,
-    /// A directory with `ca.pem`, `cert.pem` and `key.pem` (as DOCKER_CERT_PATH) for TLS.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls_cert_path: Option<PathBuf>,
-}
-
-/// The reverse proxy that serves session routes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase", deny_unknown_fields)]
-pub enum ProxyConfig {
-    /// vessel's own reverse proxy.
-    Embedded {
-        /// The address it listens on.
-        #[serde(default = "default_proxy_listen")]
-        listen: SocketAddr,
-    },
-    /// Caddy, through its admin API.
-    Caddy {
-        /// The admin API, such as `http://127.0.0.1:2019`.
-        admin: String,
-        /// The HTTP server in Caddy's config that vessel's routes go into.
-        server: String,
-        /// The addresses that server listens on, such as `[":8080"]`, used only to create it
-        /// when Caddy's config does not have it (after Caddy restarted with an empty config).
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        listen: Vec<String>,
-        /// The prefix of the `@id` that marks vessel's routes (`<prefix>_<session>_<route>_<host>`).
-        /// Two vessels sharing one Caddy need different prefixes.
-        #[serde(default = "default_route_prefix")]
-        id_prefix: String,
-    },
-    /// Traefik, through its file provider: vessel owns one dynamic-configuration file.
-    Traefik(TraefikConfig),
-}
-
-/// The `traefik` proxy provider's settings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct TraefikConfig {
-    /// The file, in a directory Traefik's file provider watches.
-    pub file: PathBuf,
-    /// The entry points vessel's routers attach to (all, when empty).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub entrypoints: Vec<String>,
-    /// The prefix of vessel's router and service names.
-    #[serde(default = "default_route_prefix")]
-    pub name_prefix: String,
-    /// Traefik's API, such as `http://127.0.0.1:8081` (`--api` on a loopback entry point). With
-    /// it, a write counts as done only once the API shows vessel's routers loaded and enabled
-    /// (a router Traefik refuses fails its step with Traefik's own error), and a route Traefik
-    /// has not loaded or has refused reads as drifted, so the next pass repairs it. Without
-    /// it, a write counts as done once the file is replaced.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub api: Option<String>,
-    /// How long a write waits for Traefik to load it (with `api`). Traefik applies a change at
-    /// most once per `providersThrottleDuration` (2 s unless set).
-    #[serde(default = "default_traefik_confirm")]
-    pub confirm_within: Duration,
-}
-
-fn default_traefik_confirm() -> Duration {
-    Duration::from_secs(10)
-}
-
-fn default_route_prefix() -> String {
-    "vessel".into()
-}
-
-impl Default for ProxyConfig {
-    fn default() -> Self {
-        ProxyConfig::Embedded {
-            listen: default_proxy_listen(),
-        }
-    }
-}
-
-fn default_proxy_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 8080))
-}
-
-/// Where DNS records for routes with `dns: true` go.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase", deny_unknown_fields)]
-pub enum DnsConfig {
-    /// No DNS: `*.localhost` resolves to the loopback by itself.
-    #[default]
-    None,
-    /// A managed block in a hosts file.
-    Hosts {
-        file: PathBuf,
-        /// The address the names resolve to.
-        address: String,
-    },
-    /// An authoritative PowerDNS server through its HTTP API.
-    Powerdns {
-        /// The API base, such as `http://127.0.0.1:8081`.
-        api: String,
-        #[serde(default = "default_pdns_server")]
-        server_id: String,
-        api_key: SecretRef,
-        zones: Vec<String>,
-        /// The address A/AAAA records point at.
-        address: String,
-    },
-}
-
-fn default_pdns_server() -> String {
-    "localhost".into()
-}
-
-/// A secret, by reference: `{env: NAME}` or `{file: /path}`. Never the secret itself.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase", deny_unknown_fields)]
-pub enum SecretRef {
-    /// Read from this environment variable.
-    Env(String),
-    /// Read from this file (trailing newline trimmed).
-    File(PathBuf),
-}
-
-impl std::fmt::Debug for SecretRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            SecretRef::Env(n) => write!(f, "SecretRef(env:{n})"),
-            SecretRef::File(p) => write!(f, "SecretRef(file:{})", p.display()),
-        }
-    }
-}
-
-/// Why a secret could not be read. Names where it was looked for, never what was found.
-#[derive(Debug, thiserror::Error)]
-pub enum SecretError {
-    #[error("secret environment variable `{0}` is not set")]
-    MissingEnv(String),
-    #[error("cannot read secret file {path}")]
-    File {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-impl SecretRef {
-    pub fn resolve(&self) -> Result<Secret, SecretError> {
-        match self {
-            SecretRef::Env(name) => std::env::var(name)
-                .map(Secret)
-                .map_err(|_| SecretError::MissingEnv(name.clone())),
-            SecretRef::File(path) => std::fs::read_to_string(path)
-                .map(|s| Secret(s.trim_end_matches(['\r', '\n']).to_string()))
-                .map_err(|source| SecretError::File {
-                    path: path.clone(),
-                    source,
-                }),
-        }
-    }
-}
-
-/// A resolved secret. Debug and Display print `<redacted>`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// A secret from a value already read (from a place `SecretRef` names, or a test).
-    pub fn new(value: impl Into<String>) -> Secret {
-        Secret(value.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -735,7 +392,6 @@ impl Config {
     /// domain and templates, the guards' limits, DNS records' content, where sessions may be
     /// placed, and which compute providers keep destroyed workspaces.
     pub fn policy(&self, now: chrono::DateTime<chrono::Utc>) -> crate::planner::Policy {
-        use crate::model::ComputeKind;
         let dns = match &self.providers.dns {
             DnsConfig::None => None,
             DnsConfig::Hosts { address, .. } | DnsConfig::Powerdns { address, .. } => {
@@ -743,19 +399,12 @@ impl Config {
             }
         };
         let c = &self.providers.compute;
-        let mut keeps_workspaces = std::collections::BTreeSet::new();
-        if !self.policy.workspace_retention.std().is_zero() {
-            if c.process.is_some() {
-                keeps_workspaces.insert(ComputeKind::Process);
-            }
-            if c.docker.is_some() {
-                keeps_workspaces.insert(ComputeKind::Docker);
-            }
-        }
-        let mut placement = std::collections::BTreeMap::new();
-        if let Some(d) = &c.docker {
-            placement.insert(ComputeKind::Docker, d.placement_hosts());
-        }
+        let keeps_workspaces = if self.policy.workspace_retention.std().is_zero() {
+            std::collections::BTreeSet::new()
+        } else {
+            c.each().into_iter().map(|p| p.kind()).collect()
+        };
+        let placement = c.placement();
         crate::planner::Policy {
             now,
             domain: self.domain.clone(),
@@ -807,29 +456,14 @@ impl Config {
             }
         }
         fix(&mut self.state_dir);
-        if let DnsConfig::Hosts { file, .. } = &mut self.providers.dns {
-            fix(file);
-        }
-        if let ProxyConfig::Traefik(t) = &mut self.providers.proxy {
-            fix(&mut t.file);
-        }
-        if let Some(d) = &mut self.providers.compute.docker {
-            for r in d.registries.values_mut() {
-                if let SecretRef::File(p) = &mut r.password {
-                    fix(p);
-                }
-            }
-            for h in &mut d.hosts {
-                if let Some(p) = &mut h.tls_cert_path {
-                    fix(p);
-                }
-                // A relative unix socket path is relative to the config file too.
-                if let Some(rest) = h.endpoint.strip_prefix("unix://")
-                    && !rest.starts_with('/')
-                {
-                    h.endpoint = format!("unix://{}", base.join(rest).display());
-                }
-            }
+        self.providers.rebase(base);
+    }
+
+    /// What the providers are given besides their own config.
+    pub fn provider_env(&self) -> crate::providers::Env {
+        crate::providers::Env {
+            state_dir: self.state_dir.clone(),
+            workspace_retention: self.policy.workspace_retention.std(),
         }
     }
 

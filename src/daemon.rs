@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ProxyConfig};
 use crate::listeners::Limits;
-use crate::listeners::fds::{self, Budget};
+use crate::listeners::fds::{self, FileBudget};
 use crate::providers::{Providers, SetupError};
 use crate::reconcile::{PassReport, Reconciler, Trigger};
 use crate::state::{STATE_MARKER, StateDir, StateError};
@@ -82,7 +82,7 @@ pub struct Reload {
     /// The config file (its directory is watched for changes to it).
     pub path: PathBuf,
     /// Read it again, with the command line's overrides applied; or why it cannot be used.
-    pub read: Box<dyn Fn() -> Result<Config, String> + Send + Sync>,
+    pub read: Box<dyn Fn() -> Result<Config, Vec<crate::diag::Diagnostic>> + Send + Sync>,
 }
 
 /// Run until `cancel` (or SIGINT/SIGTERM when `signals`). `ready` is told the handles once the
@@ -98,7 +98,7 @@ pub async fn run(
     let budget = file_budget(&config);
     let state = StateDir::open(&config.state_dir)?;
     let _lock = state.lock()?;
-    let providers = Providers::from_config(&config)?;
+    let providers = Providers::new(&config.providers, &config.provider_env())?;
 
     if signals {
         let c = cancel.clone();
@@ -358,7 +358,7 @@ pub async fn run(
 
 /// Raise the open-file limit to the hard one and divide it between the listeners and the
 /// reserve, saying so.
-fn file_budget(config: &Config) -> Budget {
+fn file_budget(config: &Config) -> FileBudget {
     let limit = match fds::raise_nofile() {
         Ok(r) => {
             if r.limit > r.before {
@@ -375,7 +375,7 @@ fn file_budget(config: &Config) -> Budget {
     let proxy = matches!(config.providers.proxy, ProxyConfig::Embedded { .. });
     let webhook =
         matches!(&config.source, crate::config::SourceConfig::Git(g) if g.webhook.is_some());
-    let b = Budget::split(limit, &config.listeners.max_connections, proxy, webhook);
+    let b = FileBudget::split(limit, &config.listeners.max_connections, proxy, webhook);
     for (listener, configured, given) in &b.lowered {
         tracing::warn!(
             "listeners.max_connections.{listener} is {configured}, more than an open-file limit of {limit} leaves room for; using {given}"
@@ -422,8 +422,12 @@ fn reload_config(rec: &mut Reconciler, reload: &Reload, tx: &mpsc::UnboundedSend
     let path = reload.path.display();
     let mut new = match (reload.read)() {
         Ok(c) => c,
-        Err(e) => {
-            tracing::warn!("{path} was not reloaded; the running config stays: {e}");
+        Err(diags) => {
+            let why: Vec<String> = diags.iter().map(|d| d.render(false)).collect();
+            tracing::warn!(
+                "{path} was not reloaded; the running config stays: {}",
+                why.join("\n")
+            );
             return;
         }
     };
@@ -464,7 +468,7 @@ fn reload_config(rec: &mut Reconciler, reload: &Reload, tx: &mpsc::UnboundedSend
     let providers_changed =
         new.providers.compute != old.providers.compute || new.providers.dns != old.providers.dns;
     if providers_changed {
-        match Providers::from_config(&new) {
+        match Providers::new(&new.providers, &new.provider_env()) {
             Ok(mut p) => {
                 // The proxy stays the one that is serving.
                 p.proxy = rec.providers.proxy.clone();
@@ -541,7 +545,7 @@ fn log_pass(
     said: &mut Said,
 ) {
     // The same span as the pass's own lines.
-    let _span = tracing::info_span!("pass", n = r.pass, trigger = ?r.trigger).entered();
+    let _span = tracing::info_span!("pass", n = r.pass, trigger = %r.trigger).entered();
     let outcomes: Vec<String> = r.outcomes.iter().map(|(k, v)| format!("{v} {k}")).collect();
     if let Some(e) = &r.error {
         tracing::error!("pass could not plan: {e}");

@@ -573,6 +573,7 @@ mod tests {
             Action::Session(SessionAction::WaitHealthy {
                 session: session.into(),
                 provider: p,
+                port: None,
                 check: None,
             }),
             Action::Session(SessionAction::SyncSource {

@@ -22,6 +22,7 @@ pub mod providers;
 pub mod proxy;
 pub mod reconcile;
 pub mod schema;
+pub mod secret;
 pub mod settle;
 pub mod source;
 pub mod state;

@@ -53,6 +53,30 @@ pub enum Trigger {
     Config,
 }
 
+impl Trigger {
+    /// Its name, as the JSON and the logs write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Startup => "startup",
+            Trigger::Source => "source",
+            Trigger::Resync => "resync",
+            Trigger::Timer => "timer",
+            Trigger::Provider => "provider",
+            Trigger::Followup => "followup",
+            Trigger::Apply => "apply",
+            Trigger::Webhook => "webhook",
+            Trigger::Approval => "approval",
+            Trigger::Config => "config",
+        }
+    }
+}
+
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What one pass did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct PassReport {
@@ -395,7 +419,7 @@ impl Reconciler {
         use tracing::Instrument;
         self.pass += 1;
         // One span per pass: every line it logs carries the pass number and the trigger.
-        let span = tracing::info_span!("pass", n = self.pass, trigger = ?trigger);
+        let span = tracing::info_span!("pass", n = self.pass, trigger = %trigger);
         self.run_pass(trigger, cancel, on_step)
             .instrument(span)
             .await

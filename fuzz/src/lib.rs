@@ -225,19 +225,19 @@ fn harness() -> &'static ProxyHarness {
                 ready,
             };
             proxy.apply(&[
-                vessel::proxy::Change::Upsert {
+                vessel::proxy::RouteChange::Upsert {
                     host: "a.localhost".into(),
                     route: route(true, up.to_string()),
                 },
-                vessel::proxy::Change::Upsert {
+                vessel::proxy::RouteChange::Upsert {
                     host: "*.w.localhost".into(),
                     route: route(true, up.to_string()),
                 },
-                vessel::proxy::Change::Upsert {
+                vessel::proxy::RouteChange::Upsert {
                     host: "held.localhost".into(),
                     route: route(false, up.to_string()),
                 },
-                vessel::proxy::Change::Upsert {
+                vessel::proxy::RouteChange::Upsert {
                     host: "dead.localhost".into(),
                     route: route(true, "127.0.0.1:1".into()),
                 },

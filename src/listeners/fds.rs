@@ -2,7 +2,7 @@
 //! and the budget that splits the limit between the listeners' connections and a reserve that
 //! is never theirs (the reconcile loop, providers' clients, session logs, the state directory).
 //!
-//! `Budget::split` is pure (the limit is passed in), so how a limit divides is tested without
+//! `FileBudget::split` is pure (the limit is passed in), so how a limit divides is tested without
 //! touching the process.
 
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
@@ -65,7 +65,7 @@ pub fn current_limit() -> Result<u64, FdError> {
 
 /// How an open-file limit divides between the listeners and the reserve.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Budget {
+pub struct FileBudget {
     pub limit: u64,
     /// Files the listeners never get.
     pub reserve: u64,
@@ -79,11 +79,11 @@ pub struct Budget {
     pub lowered: Vec<(&'static str, u32, usize)>,
 }
 
-impl Budget {
+impl FileBudget {
     /// Split `limit` for the listeners that run (`proxy`: the embedded proxy, `webhook`: the
     /// webhook receiver; the status endpoint always runs). A proxy connection counts twice: the
     /// client's and the session's.
-    pub fn split(limit: u64, want: &MaxConnections, proxy: bool, webhook: bool) -> Budget {
+    pub fn split(limit: u64, want: &MaxConnections, proxy: bool, webhook: bool) -> FileBudget {
         let limit = limit.min(MAX_LIMIT);
         let reserve = (limit / 4).max(MIN_RESERVE).min(limit / 2);
         let available = limit - reserve;
@@ -122,7 +122,7 @@ impl Budget {
         } else {
             (0, 0)
         };
-        Budget {
+        FileBudget {
             limit,
             reserve,
             proxy: proxy_conns as usize,
@@ -151,7 +151,7 @@ mod tests {
     fn the_reserve_always_stays() {
         for limit in [64, 256, 512, 1024, 4096, 20_000, 1_048_576, u64::MAX] {
             for webhook in [false, true] {
-                let b = Budget::split(limit, &auto(), true, webhook);
+                let b = FileBudget::split(limit, &auto(), true, webhook);
                 assert!(
                     b.listener_files() + b.reserve <= b.limit,
                     "{limit}: {b:?} overdraws"
@@ -165,13 +165,13 @@ mod tests {
 
     #[test]
     fn a_1024_limit_divides_as_documented() {
-        let b = Budget::split(1024, &auto(), true, false);
+        let b = FileBudget::split(1024, &auto(), true, false);
         assert_eq!(
             (b.reserve, b.proxy, b.pool_idle, b.status, b.webhook),
             (256, 315, 90, 48, 0)
         );
         // Without the embedded proxy the status endpoint keeps its share, and nothing more.
-        let b = Budget::split(1024, &auto(), false, true);
+        let b = FileBudget::split(1024, &auto(), false, true);
         assert_eq!((b.proxy, b.status, b.webhook), (0, 48, 48));
     }
 
@@ -182,7 +182,7 @@ mod tests {
             status: 10,
             webhook: 5,
         };
-        let b = Budget::split(1024, &want, true, true);
+        let b = FileBudget::split(1024, &want, true, true);
         assert_eq!((b.proxy, b.status, b.webhook), (100, 10, 5));
         assert!(b.lowered.is_empty());
         let greedy = MaxConnections {
@@ -190,7 +190,7 @@ mod tests {
             status: 100_000,
             webhook: 0,
         };
-        let b = Budget::split(1024, &greedy, true, false);
+        let b = FileBudget::split(1024, &greedy, true, false);
         assert_eq!(b.status, 192);
         assert!(b.listener_files() + b.reserve <= 1024, "{b:?}");
         assert_eq!(

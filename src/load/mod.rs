@@ -115,15 +115,15 @@ pub enum ReadError {
 
 /// What one load may still read: `LoadLimits` applied to the files in path order.
 #[derive(Debug, Clone)]
-pub struct Budget {
+pub struct LoadBudget {
     limits: LoadLimits,
     used: u64,
     nodes: u64,
 }
 
-impl Budget {
-    pub fn new(limits: LoadLimits) -> Budget {
-        Budget {
+impl LoadBudget {
+    pub fn new(limits: LoadLimits) -> LoadBudget {
+        LoadBudget {
             limits,
             used: 0,
             nodes: 0,
@@ -186,7 +186,7 @@ pub enum LoadError {
 /// Load and validate the tree under `root`, reading at most `config.load`'s budget.
 pub fn load_tree(root: &Path, config: &Config, now: DateTime<Utc>) -> Result<Desired, LoadError> {
     let files = find_files(root)?;
-    let mut budget = Budget::new(config.load);
+    let mut budget = LoadBudget::new(config.load);
     let mut loaded: Vec<LoadedFile> = files
         .iter()
         .map(|rel| {
@@ -238,7 +238,7 @@ pub fn load_entries(
     now: DateTime<Utc>,
 ) -> Desired {
     entries.sort_by(|a, b| a.rel.cmp(&b.rel));
-    let mut budget = Budget::new(config.load);
+    let mut budget = LoadBudget::new(config.load);
     let mut loaded: Vec<LoadedFile> = entries
         .into_iter()
         .map(|e| {
@@ -343,7 +343,7 @@ pub fn find_files(root: &Path) -> Result<Vec<PathBuf>, LoadError> {
 /// Read one file within the budget. The file is opened without blocking and checked to be a
 /// regular file on the opened descriptor (a FIFO would block the load for ever; a separate
 /// `metadata` call would race with a swap of the file).
-pub fn read_limited(path: &Path, budget: &mut Budget) -> Result<Vec<u8>, ReadError> {
+pub fn read_limited(path: &Path, budget: &mut LoadBudget) -> Result<Vec<u8>, ReadError> {
     use std::os::unix::fs::OpenOptionsExt;
     let f = match std::fs::OpenOptions::new()
         .read(true)
@@ -406,7 +406,7 @@ fn load_bytes(
     display: &Path,
     rel: &Path,
     bytes: Result<Vec<u8>, ReadError>,
-    budget: &mut Budget,
+    budget: &mut LoadBudget,
 ) -> LoadedFile {
     use sha2::{Digest, Sha256};
     let mut lf = LoadedFile {
@@ -493,7 +493,7 @@ fn end_of(before: &str) -> Pos {
 
 /// Parse the documents of a file's text into its objects, errors (without snippets yet) and
 /// the names it holds.
-fn parse(lf: &mut LoadedFile, text: &str, budget: &mut Budget) {
+fn parse(lf: &mut LoadedFile, text: &str, budget: &mut LoadBudget) {
     lf.complete = true;
     let limit = budget.nodes_left();
     let docs = match yaml::scan_within(text, limit) {
@@ -691,7 +691,7 @@ pub fn load_config(path: &Path) -> Result<Config, Vec<Diagnostic>> {
         _ => (PathBuf::from("."), path.to_path_buf()),
     };
     let display = dir.join(&rel);
-    let mut budget = Budget::new(LoadLimits::default());
+    let mut budget = LoadBudget::new(LoadLimits::default());
     let text = read_limited(&display, &mut budget)
         .map_err(|e| {
             Box::new(Diagnostic::error(

@@ -178,26 +178,27 @@ fn check_provider(
 ) {
     let kind = p.spec.compute;
     let c = &config.providers.compute;
-    let configured = match kind {
-        ComputeKind::Process => c.process.is_some(),
-        ComputeKind::Docker => c.docker.is_some(),
-        ComputeKind::Qemu | ComputeKind::Proxmox | ComputeKind::Kubernetes => {
-            out.push(
-                f.error(
-                    "no-provider",
-                    p.at("compute"),
-                    format!(
-                        "plan `{}` runs on `{}`, which this version of vessel has no provider for",
-                        p.spec.name,
-                        kind.as_str()
-                    ),
-                )
-                .with_help("use `compute: process` or `compute: docker`"),
-            );
-            return;
-        }
-    };
-    if !configured {
+    let registered = crate::config::ComputeProviders::REGISTERED;
+    if !registered.contains(&kind) {
+        let known: Vec<String> = registered
+            .iter()
+            .map(|k| format!("`compute: {}`", k.as_str()))
+            .collect();
+        out.push(
+            f.error(
+                "no-provider",
+                p.at("compute"),
+                format!(
+                    "plan `{}` runs on `{}`, which this version of vessel has no provider for",
+                    p.spec.name,
+                    kind.as_str()
+                ),
+            )
+            .with_help(format!("use {}", known.join(" or "))),
+        );
+        return;
+    }
+    if !c.has(kind) {
         out.push(
             f.error(
                 "no-provider",

@@ -178,6 +178,14 @@ pub struct RouteTemplate {
     pub dns: bool,
 }
 
+/// A host of a compute provider a new session can be placed on (the planner places; the
+/// provider's config says which hosts it has).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlacementHost {
+    pub name: String,
+    pub location: Option<String>,
+}
+
 /// How many sessions one plan may destroy before the plan is held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

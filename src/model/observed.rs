@@ -34,19 +34,28 @@ impl std::fmt::Display for ProviderId {
     }
 }
 
+/// A provider id that names no provider.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProviderIdError {
+    #[error("unknown provider `{0}`")]
+    Unknown(String),
+    #[error("unknown compute provider `{0}`")]
+    UnknownCompute(String),
+}
+
 impl std::str::FromStr for ProviderId {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = ProviderIdError;
+    fn from_str(s: &str) -> Result<Self, ProviderIdError> {
         match s {
             "proxy" => Ok(ProviderId::Proxy),
             "dns" => Ok(ProviderId::Dns),
             _ => {
                 let kind = s
                     .strip_prefix("compute/")
-                    .ok_or_else(|| format!("unknown provider `{s}`"))?;
+                    .ok_or_else(|| ProviderIdError::Unknown(s.into()))?;
                 serde_json::from_value(serde_json::Value::String(kind.into()))
                     .map(ProviderId::Compute)
-                    .map_err(|_| format!("unknown compute provider `{kind}`"))
+                    .map_err(|_| ProviderIdError::UnknownCompute(kind.into()))
             }
         }
     }
@@ -103,6 +112,19 @@ pub struct RuntimeSpec {
 }
 
 impl RuntimeSpec {
+    /// The port a session's health is judged by: the plan's `health.port`, else `ide`, else
+    /// the first by name. The planner puts it in each wait step; a provider that hands a
+    /// session its main port (`PORT`) uses the same one.
+    pub fn health_port(&self) -> Option<&str> {
+        if let Some(p) = self.health.as_ref().and_then(|h| h.port.as_deref()) {
+            return Some(p);
+        }
+        if self.ports.contains_key("ide") {
+            return Some("ide");
+        }
+        self.ports.keys().next().map(String::as_str)
+    }
+
     /// A short, stable fingerprint of everything that cannot change without a replace.
     /// `health`, `stop_timeout` and `pull` are left out: they travel with the steps that use
     /// them and never need a replace.
@@ -298,6 +320,11 @@ pub struct Observed {
     /// Workspaces of destroyed sessions, kept for a while, by session name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub retained: BTreeMap<String, RetainedWorkspace>,
+    /// Session names that more than one compute provider reports, with the providers: such a
+    /// session is left as it is everywhere (`sessions` holds the first report) until all but
+    /// one are removed by hand.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub duplicates: BTreeMap<String, Vec<ComputeKind>>,
 }
 
 impl Observed {

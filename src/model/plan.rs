@@ -94,7 +94,12 @@ pub enum SessionAction {
     WaitHealthy {
         session: String,
         provider: ComputeKind,
-        /// The check to run; by default, the `ide` port (or the first) answers.
+        /// The port probed, by name, decided by the plan (`RuntimeSpec::health_port`); none
+        /// when the session has no ports (nothing to wait for).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<String>,
+        /// The check to run (its path and timeout); without one, the port accepting a
+        /// connection is enough.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         check: Option<Health>,
     },
@@ -441,6 +446,9 @@ pub enum HoldReason {
     Settling { file: PathBuf, until: DateTime<Utc> },
     /// Its `source.path` does not exist: it is not made without its project.
     SourceMissing { path: PathBuf },
+    /// More than one compute provider reports a session of this name: vessel cannot tell which
+    /// is the session, so it touches none of them.
+    Duplicate { providers: Vec<ComputeKind> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

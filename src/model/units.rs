@@ -52,10 +52,38 @@ impl Size {
     }
 }
 
-impl FromStr for Size {
-    type Err = String;
+/// Why a text is not a size.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("`{0}` is not a size; write a number with a unit, such as `512MiB` or `1GiB`")]
+    NoNumber(String),
+    #[error(
+        "`{input}` has an unknown size unit `{unit}`; use B, KiB, MiB, GiB, TiB (or K, M, G, T, or k, m, g, t as containers write them)"
+    )]
+    UnknownUnit { input: String, unit: String },
+    #[error("`{0}` is not a size; write it like `512MiB` or `1GiB`")]
+    BadNumber(String),
+    #[error("`{0}` is too large")]
+    TooLarge(String),
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
+/// Why a text is not a duration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("`{0}` is not a duration; write it like `90s`, `2m`, `1h30m` or `500ms`")]
+    Malformed(String),
+    #[error("`{input}` needs a unit, such as `{n}s` or `{n}m`")]
+    NoUnit { input: String, n: u128 },
+    #[error("`{input}` has an unknown duration unit `{unit}`; use ms, s, m, h or d")]
+    UnknownUnit { input: String, unit: String },
+    #[error("`{0}` is too long")]
+    TooLong(String),
+}
+
+impl FromStr for Size {
+    type Err = SizeError;
+
+    fn from_str(s: &str) -> Result<Self, SizeError> {
         let t = s.trim();
         let split = t
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -63,9 +91,7 @@ impl FromStr for Size {
         let (num, unit) = t.split_at(split);
         let unit = unit.trim();
         if num.is_empty() {
-            return Err(format!(
-                "`{s}` is not a size; write a number with a unit, such as `512MiB` or `1GiB`"
-            ));
+            return Err(SizeError::NoNumber(s.into()));
         }
         let mult = if unit.is_empty() {
             1
@@ -73,18 +99,17 @@ impl FromStr for Size {
             match SIZE_UNITS.iter().find(|(u, _)| *u == unit) {
                 Some((_, m)) => *m,
                 None => {
-                    return Err(format!(
-                        "`{s}` has an unknown size unit `{unit}`; use B, KiB, MiB, GiB, TiB (or K, M, G, T, or k, m, g, t as containers write them)"
-                    ));
+                    return Err(SizeError::UnknownUnit {
+                        input: s.into(),
+                        unit: unit.into(),
+                    });
                 }
             }
         };
-        let value: f64 = num
-            .parse()
-            .map_err(|_| format!("`{s}` is not a size; write it like `512MiB` or `1GiB`"))?;
+        let value: f64 = num.parse().map_err(|_| SizeError::BadNumber(s.into()))?;
         let bytes = value * mult as f64;
         if !bytes.is_finite() || bytes >= u64::MAX as f64 {
-            return Err(format!("`{s}` is too large"));
+            return Err(SizeError::TooLarge(s.into()));
         }
         Ok(Size(bytes.round() as u64))
     }
@@ -120,12 +145,11 @@ impl Duration {
 }
 
 impl FromStr for Duration {
-    type Err = String;
+    type Err = DurationError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, DurationError> {
         let t = s.trim();
-        let bad =
-            || format!("`{s}` is not a duration; write it like `90s`, `2m`, `1h30m` or `500ms`");
+        let bad = || DurationError::Malformed(s.into());
         if t.is_empty() {
             return Err(bad());
         }
@@ -151,18 +175,19 @@ impl FromStr for Duration {
                 "m" => 60_000,
                 "h" => 3_600_000,
                 "d" => 86_400_000,
-                "" => return Err(format!("`{s}` needs a unit, such as `{n}s` or `{n}m`")),
+                "" => return Err(DurationError::NoUnit { input: s.into(), n }),
                 other => {
-                    return Err(format!(
-                        "`{s}` has an unknown duration unit `{other}`; use ms, s, m, h or d"
-                    ));
+                    return Err(DurationError::UnknownUnit {
+                        input: s.into(),
+                        unit: other.into(),
+                    });
                 }
             };
             total = total
                 .checked_add(n.checked_mul(ms).ok_or_else(bad)?)
                 .ok_or_else(bad)?;
         }
-        let ms = u64::try_from(total).map_err(|_| format!("`{s}` is too long"))?;
+        let ms = u64::try_from(total).map_err(|_| DurationError::TooLong(s.into()))?;
         Ok(Duration(std::time::Duration::from_millis(ms)))
     }
 }
@@ -274,6 +299,7 @@ mod tests {
             "12 parsecs"
                 .parse::<Size>()
                 .unwrap_err()
+                .to_string()
                 .contains("unknown size unit")
         );
         assert_eq!(Size(1 << 30).to_string(), "1GiB");
@@ -289,7 +315,7 @@ mod tests {
         assert_eq!(ms("1h30m"), Ok(5_400_000));
         assert_eq!(ms("500ms"), Ok(500));
         assert_eq!(ms("1d"), Ok(86_400_000));
-        assert!(ms("90").unwrap_err().contains("needs a unit"));
+        assert!(ms("90").unwrap_err().to_string().contains("needs a unit"));
         assert!(ms("2 weeks").is_err());
         assert!(ms("").is_err());
         assert_eq!(

@@ -23,8 +23,9 @@ mod sessions;
 pub mod simulate;
 mod steps;
 
-pub use order::{Change, object_changes};
-pub use policy::{PlacementHost, Policy, Settle, record_for};
+pub use crate::model::PlacementHost;
+pub use order::{ObjectChange, object_changes};
+pub use policy::{Policy, Settle, record_for};
 pub use sessions::runtime_spec;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -184,8 +184,8 @@ fn dependencies(drafts: &[Draft], observed: &Observed) -> Vec<Vec<usize>> {
 }
 
 /// One verb per object: what the plan does to it overall.
-pub fn object_changes(plan: &Plan) -> BTreeMap<Object, Change> {
-    let mut m: BTreeMap<Object, Change> = BTreeMap::new();
+pub fn object_changes(plan: &Plan) -> BTreeMap<Object, ObjectChange> {
+    let mut m: BTreeMap<Object, ObjectChange> = BTreeMap::new();
     for s in &plan.steps {
         let c = change_of(s);
         let e = m.entry(s.action.object()).or_insert(c);
@@ -195,44 +195,44 @@ pub fn object_changes(plan: &Plan) -> BTreeMap<Object, Change> {
     }
     // An object whose steps only follow others (health, save) is an update.
     for c in m.values_mut() {
-        if *c == Change::Follow {
-            *c = Change::Update;
+        if *c == ObjectChange::Follow {
+            *c = ObjectChange::Update;
         }
     }
     m
 }
 
 /// What one step does to its object.
-fn change_of(s: &Step) -> Change {
+fn change_of(s: &Step) -> ObjectChange {
     match (&s.action, &s.reason) {
-        (_, Reason::Replaced { .. }) => Change::Replace,
+        (_, Reason::Replaced { .. }) => ObjectChange::Replace,
         (
             Action::Session(SessionAction::CreateSession { .. })
             | Action::Route(RouteAction::UpsertRoute { .. })
             | Action::Record(RecordAction::UpsertRecord { .. }),
             Reason::Missing,
-        ) => Change::Create,
+        ) => ObjectChange::Create,
         (
             Action::Session(SessionAction::DestroySession { .. })
             | Action::Route(RouteAction::RemoveRoute { .. })
             | Action::Record(RecordAction::RemoveRecord { .. }),
             _,
-        ) => Change::Destroy,
+        ) => ObjectChange::Destroy,
         (
             Action::Session(SessionAction::WaitHealthy { .. })
             | Action::Session(SessionAction::PullImage { .. })
             | Action::Session(SessionAction::SaveWork { .. }),
             _,
-        ) => Change::Follow,
+        ) => ObjectChange::Follow,
         (Action::Session(SessionAction::SyncSource { .. }), Reason::Follows { .. }) => {
-            Change::Follow
+            ObjectChange::Follow
         }
-        _ => Change::Update,
+        _ => ObjectChange::Update,
     }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Change {
+pub enum ObjectChange {
     Follow,
     Update,
     Create,
@@ -240,23 +240,23 @@ pub enum Change {
     Replace,
 }
 
-impl Change {
+impl ObjectChange {
     fn rank(self) -> u8 {
         match self {
-            Change::Follow => 0,
-            Change::Update => 1,
-            Change::Create => 2,
-            Change::Destroy => 3,
-            Change::Replace => 4,
+            ObjectChange::Follow => 0,
+            ObjectChange::Update => 1,
+            ObjectChange::Create => 2,
+            ObjectChange::Destroy => 3,
+            ObjectChange::Replace => 4,
         }
     }
 
     pub fn symbol(self) -> &'static str {
         match self {
-            Change::Follow | Change::Update => "~",
-            Change::Create => "+",
-            Change::Destroy => "-",
-            Change::Replace => "-/+",
+            ObjectChange::Follow | ObjectChange::Update => "~",
+            ObjectChange::Create => "+",
+            ObjectChange::Destroy => "-",
+            ObjectChange::Replace => "-/+",
         }
     }
 }
@@ -267,7 +267,7 @@ fn summarize(p: &Plan) -> Summary {
         held: p.held.len(),
         ..Summary::default()
     };
-    let mut m: BTreeMap<(u8, &str, Option<RecordType>), Change> = BTreeMap::new();
+    let mut m: BTreeMap<(u8, &str, Option<RecordType>), ObjectChange> = BTreeMap::new();
     for step in &p.steps {
         let c = change_of(step);
         let e = m.entry(step.action.key()).or_insert(c);
@@ -277,10 +277,10 @@ fn summarize(p: &Plan) -> Summary {
     }
     for c in m.values() {
         match c {
-            Change::Create => s.create += 1,
-            Change::Destroy => s.destroy += 1,
-            Change::Replace => s.replace += 1,
-            Change::Update | Change::Follow => s.update += 1,
+            ObjectChange::Create => s.create += 1,
+            ObjectChange::Destroy => s.destroy += 1,
+            ObjectChange::Replace => s.replace += 1,
+            ObjectChange::Update | ObjectChange::Follow => s.update += 1,
         }
     }
     s

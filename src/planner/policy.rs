@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 
 use crate::model::observed::RecordType;
 use crate::model::plan::Object;
-use crate::model::{ComputeKind, DestroyBudget, RouteTemplate};
+use crate::model::{ComputeKind, DestroyBudget, PlacementHost, RouteTemplate};
 
 /// Everything besides desired and observed state that decides a plan.
 #[derive(Debug, Clone, PartialEq)]
@@ -94,13 +94,6 @@ impl Settle {
         v.extend(made_from);
         v
     }
-}
-
-/// A host a new session can be placed on.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PlacementHost {
-    pub name: String,
-    pub location: Option<String>,
 }
 
 /// The record type an address calls for: A for IPv4, AAAA for IPv6, CNAME for a name.

@@ -9,7 +9,7 @@ use similar::TextDiff;
 
 use crate::model::observed::{Observed, RuntimeSpec};
 
-use super::{Action, Change, Object, Plan, Reason, Step, object_changes};
+use super::{Action, Object, ObjectChange, Plan, Reason, Step, object_changes};
 
 struct Colors {
     green: &'static str,
@@ -46,12 +46,12 @@ impl Colors {
         }
     }
 
-    fn of(&self, c: Change) -> &'static str {
+    fn of(&self, c: ObjectChange) -> &'static str {
         match c {
-            Change::Create => self.green,
-            Change::Update | Change::Follow => self.yellow,
-            Change::Destroy => self.red,
-            Change::Replace => self.cyan,
+            ObjectChange::Create => self.green,
+            ObjectChange::Update | ObjectChange::Follow => self.yellow,
+            ObjectChange::Destroy => self.red,
+            ObjectChange::Replace => self.cyan,
         }
     }
 }
@@ -217,15 +217,15 @@ fn field_diff(
     object: &Object,
     steps: &[&Step],
     observed: &Observed,
-    change: Change,
+    change: ObjectChange,
 ) -> Option<String> {
     let (before, after) = before_after(object, steps, observed);
     if before == after {
         return None;
     }
     match change {
-        Change::Create => Some(after.iter().map(|l| format!("+{l}\n")).collect()),
-        Change::Destroy => None,
+        ObjectChange::Create => Some(after.iter().map(|l| format!("+{l}\n")).collect()),
+        ObjectChange::Destroy => None,
         _ => {
             let (a, b) = (join_lines(&before), join_lines(&after));
             let diff = TextDiff::from_lines(&a, &b);
@@ -267,7 +267,10 @@ pub fn text(plan: &Plan, observed: &Observed, color: bool) -> String {
         let _ = writeln!(out, "vessel will perform the following actions:\n");
     }
     for (object, steps) in grouped(plan) {
-        let change = changes.get(&object).copied().unwrap_or(Change::Update);
+        let change = changes
+            .get(&object)
+            .copied()
+            .unwrap_or(ObjectChange::Update);
         let col = c.of(change);
         let _ = writeln!(
             out,
@@ -459,6 +462,15 @@ pub fn hold_text(h: &super::HoldReason) -> String {
             "its source path {} does not exist on this machine; it is made once it does",
             path.display()
         ),
+        super::HoldReason::Duplicate { providers } => format!(
+            "{} compute providers each report a session of this name ({}); remove all but one by hand",
+            providers.len(),
+            providers
+                .iter()
+                .map(|k| k.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
         super::HoldReason::Settling { file, until } => format!(
             "{} changed moments ago; what the change takes away waits until {} (it must stay unchanged that long)",
             file.display(),
@@ -488,7 +500,10 @@ pub fn markdown(plan: &Plan, observed: &Observed) -> String {
     if !plan.steps.is_empty() {
         let _ = writeln!(out, "| | object | why |\n|---|---|---|");
         for (object, steps) in grouped(plan) {
-            let change = changes.get(&object).copied().unwrap_or(Change::Update);
+            let change = changes
+                .get(&object)
+                .copied()
+                .unwrap_or(ObjectChange::Update);
             let _ = writeln!(
                 out,
                 "| `{}` | {} | {} |",
@@ -549,7 +564,10 @@ pub fn markdown(plan: &Plan, observed: &Observed) -> String {
     }
     let mut diffs = String::new();
     for (object, steps) in grouped(plan) {
-        let change = changes.get(&object).copied().unwrap_or(Change::Update);
+        let change = changes
+            .get(&object)
+            .copied()
+            .unwrap_or(ObjectChange::Update);
         if let Some(d) = field_diff(&object, &steps, observed, change) {
             let _ = writeln!(diffs, "# {object}\n{d}");
         }

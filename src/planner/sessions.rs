@@ -136,6 +136,11 @@ impl<'a> Planner<'a> {
             } else if self.held.quarantined.contains(name) {
                 continue;
             }
+            if let Some(kinds) = observed.duplicates.get(name) {
+                let providers = kinds.clone();
+                self.hold_session(name, HoldReason::Duplicate { providers });
+                continue;
+            }
             let providers: BTreeSet<ProviderId> = want
                 .map(|w| ProviderId::Compute(w.spec.compute))
                 .into_iter()

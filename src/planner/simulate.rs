@@ -17,7 +17,16 @@ pub fn sim_endpoint(session: &str, port: u16) -> String {
 pub fn simulate(plan: &Plan, observed: &Observed) -> Observed {
     let mut o = observed.clone();
     for step in &plan.steps {
-        match &step.action {
+        simulate_step(&step.action, &mut o);
+    }
+    o
+}
+
+/// What one step does to the world when it succeeds. (Fake providers in the loop's in-process
+/// tests are built on it.)
+pub fn simulate_step(action: &Action, o: &mut Observed) {
+    {
+        match action {
             Action::Session(SessionAction::CreateSession {
                 session,
                 spec,
@@ -129,7 +138,6 @@ pub fn simulate(plan: &Plan, observed: &Observed) -> Observed {
             }
         }
     }
-    o
 }
 
 /// The world `desired` converges to from `start`: plan and simulate until nothing is left to

@@ -58,7 +58,7 @@ impl<'a> Planner<'a> {
                 Fate::Create => {
                     let Some(w) = want else { continue };
                     let Some(host) = place(name, w, policy, None)
-                        .map_err(|l| no_host.push((name, l)))
+                        .map_err(|l| no_host.push((name, l.0)))
                         .ok()
                     else {
                         continue;
@@ -76,7 +76,7 @@ impl<'a> Planner<'a> {
                         continue;
                     };
                     let Some(host) = place(name, w, policy, o.host.as_deref())
-                        .map_err(|l| no_host.push((name, l)))
+                        .map_err(|l| no_host.push((name, l.0)))
                         .ok()
                     else {
                         continue;
@@ -111,6 +111,11 @@ impl<'a> Planner<'a> {
                         Action::Session(SessionAction::WaitHealthy {
                             session: name.into(),
                             provider: o.provider,
+                            port: want
+                                .map(|w| w.spec.as_ref())
+                                .or(o.spec.as_ref())
+                                .and_then(|s| s.health_port())
+                                .map(String::from),
                             check: want.and_then(|w| w.spec.health.clone()),
                         }),
                         follows(),
@@ -185,6 +190,7 @@ fn update_steps(
         Action::Session(SessionAction::WaitHealthy {
             session: name.into(),
             provider: o.provider,
+            port: w.spec.health_port().map(String::from),
             check: w.spec.health.clone(),
         }),
         Reason::Follows {
@@ -290,7 +296,7 @@ fn place(
     w: &Want,
     policy: &Policy,
     existing: Option<&str>,
-) -> Result<Option<String>, String> {
+) -> Result<Option<String>, NoHostIn> {
     use sha2::{Digest, Sha256};
     let Some(hosts) = policy.placement.get(&w.spec.compute) else {
         return Ok(None);
@@ -316,8 +322,11 @@ fn place(
         .filter(|h| wanted.is_none() || h.location.as_deref() == wanted)
         .max_by_key(|h| (score(h), std::cmp::Reverse(h.name.as_str())))
         .map(|h| Some(h.name.clone()))
-        .ok_or_else(|| wanted.unwrap_or("any").to_string())
+        .ok_or_else(|| NoHostIn(wanted.unwrap_or("any").to_string()))
 }
+
+/// No host of a session's compute provider is in the location it asks for (named).
+struct NoHostIn(String);
 
 fn create_steps(
     drafts: &mut Drafts,
@@ -357,6 +366,7 @@ fn create_steps(
             Action::Session(SessionAction::WaitHealthy {
                 session: name.into(),
                 provider: w.spec.compute,
+                port: w.spec.health_port().map(String::from),
                 check: w.spec.health.clone(),
             }),
             follows.clone(),

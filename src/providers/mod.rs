@@ -25,7 +25,7 @@ use std::sync::Arc;
 pub use compute::ComputeProvider;
 pub use dns::DnsProvider;
 pub use proxy::ProxyProvider;
-pub use registry::{Providers, SetupError};
+pub use registry::{Env, Providers, ProvidersConfig, SetupError};
 
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 

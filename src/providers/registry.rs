@@ -1,19 +1,45 @@
-//! The set of providers a config chooses (`Providers`), and observing them all at once: a
-//! provider that fails or does not answer in time becomes a gap, never an empty list.
-//! Registering a provider is one line in `from_config`.
+//! The set of providers a config chooses (`Providers`) and that config (`ProvidersConfig`, the
+//! `providers:` section), and observing them all at once: a provider that fails or does not
+//! answer in time becomes a gap, never an empty list. A compute provider registers in one line
+//! (`compute_providers!` in `compute/mod.rs`); proxies and DNS providers are one variant of
+//! their family's config each.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{Config, DnsConfig, ProxyConfig};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
 use crate::model::ComputeKind;
 use crate::model::observed::{Observed, ProviderId};
 
-use super::compute::{ComputeProvider, docker, kept, process};
-use super::dns::{DnsProvider, hosts, powerdns};
-use super::proxy::{ProxyProvider, caddy, embedded, traefik};
+use super::compute::{ComputeProvider, ComputeProviders};
+use super::dns::{DnsConfig, DnsProvider, hosts, powerdns};
+use super::proxy::{ProxyConfig, ProxyProvider, caddy, embedded, traefik};
 use super::{ProviderError, chain};
+
+/// The `providers:` section of the config.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProvidersConfig {
+    #[serde(default)]
+    pub compute: ComputeProviders,
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    #[serde(default)]
+    pub dns: DnsConfig,
+}
+
+/// What providers are given besides their own config.
+#[derive(Debug, Clone)]
+pub struct Env {
+    /// vessel's state directory: each provider keeps its records in a folder of its own.
+    pub state_dir: PathBuf,
+    /// How long destroyed sessions' workspaces are kept.
+    pub workspace_retention: Duration,
+}
 
 /// The providers a config chooses.
 #[derive(Clone)]
@@ -35,7 +61,7 @@ pub enum SetupError {
     #[error(transparent)]
     Traefik(#[from] traefik::TraefikError),
     #[error(transparent)]
-    Docker(#[from] docker::DockerSetupError),
+    Docker(#[from] super::compute::docker::DockerSetupError),
     #[error("cannot prepare the process provider's directory {path}")]
     StateDir {
         path: std::path::PathBuf,
@@ -44,11 +70,22 @@ pub enum SetupError {
     },
 }
 
+impl ProvidersConfig {
+    /// Make relative paths relative to `base` (the config file's directory).
+    pub fn rebase(&mut self, base: &std::path::Path) {
+        for c in self.compute.each_mut() {
+            c.rebase(base);
+        }
+        self.proxy.rebase(base);
+        self.dns.rebase(base);
+    }
+}
+
 impl Providers {
     /// The providers `config` names, for a process that is not the daemon (`vessel plan`):
     /// the embedded proxy's table lives in the daemon, so it is reported as unobservable.
-    pub fn for_planning(config: &Config) -> Result<Providers, SetupError> {
-        let mut p = Providers::from_config(config)?;
+    pub fn for_planning(config: &ProvidersConfig, env: &Env) -> Result<Providers, SetupError> {
+        let mut p = Providers::new(config, env)?;
         if let Some(proxy) = p.embedded.take() {
             p.proxy = Arc::new(embedded::EmbeddedProxy::outside_daemon(proxy));
         }
@@ -56,30 +93,12 @@ impl Providers {
     }
 
     /// The providers `config` names.
-    pub fn from_config(config: &Config) -> Result<Providers, SetupError> {
+    pub fn new(config: &ProvidersConfig, env: &Env) -> Result<Providers, SetupError> {
         let mut compute: BTreeMap<ComputeKind, Arc<dyn ComputeProvider>> = BTreeMap::new();
-        if let Some(p) = &config.providers.compute.process {
-            let root = config.state_dir.join("sessions");
-            let kept = kept::Kept::new(
-                config.state_dir.join("retained/process"),
-                ComputeKind::Process,
-                config.policy.workspace_retention.std(),
-            );
-            let provider = process::ProcessProvider::new(root.clone(), p.clone(), kept)
-                .map_err(|source| SetupError::StateDir { path: root, source })?;
-            compute.insert(ComputeKind::Process, Arc::new(provider));
+        for c in config.compute.each() {
+            compute.insert(c.kind(), c.build(env)?);
         }
-        if let Some(d) = &config.providers.compute.docker {
-            let kept = kept::Kept::new(
-                config.state_dir.join("retained/docker"),
-                ComputeKind::Docker,
-                config.policy.workspace_retention.std(),
-            );
-            let provider =
-                docker::DockerProvider::new(d.clone(), config.state_dir.join("docker"), kept)?;
-            compute.insert(ComputeKind::Docker, Arc::new(provider));
-        }
-        let (proxy, embedded): (Arc<dyn ProxyProvider>, _) = match &config.providers.proxy {
+        let (proxy, embedded): (Arc<dyn ProxyProvider>, _) = match &config.proxy {
             ProxyConfig::Embedded { .. } => {
                 let p = crate::proxy::Proxy::default();
                 (Arc::new(embedded::EmbeddedProxy::new(p.clone())), Some(p))
@@ -98,7 +117,7 @@ impl Providers {
             ),
             ProxyConfig::Traefik(t) => (Arc::new(traefik::Traefik::new(t)?), None),
         };
-        let dns: Option<Arc<dyn DnsProvider>> = match &config.providers.dns {
+        let dns: Option<Arc<dyn DnsProvider>> = match &config.dns {
             DnsConfig::None => None,
             DnsConfig::Hosts { file, address } => {
                 if address.parse::<std::net::IpAddr>().is_err() {
@@ -159,17 +178,33 @@ impl Providers {
             match flatten(kept, t) {
                 Ok(kept) => o.retained.extend(kept),
                 Err(e) => {
-                    tracing::warn!(provider = kind.as_str(), "cannot list kept workspaces: {e}")
+                    tracing::warn!(
+                        provider = kind.as_str(),
+                        "cannot list kept workspaces: {}",
+                        e.text()
+                    )
                 }
             }
             match flatten(r, t) {
                 Ok(sessions) => {
                     for s in sessions {
-                        o.sessions.insert(s.name.clone(), s);
+                        match o.sessions.get(&s.name) {
+                            Some(first) if first.provider != kind => {
+                                let kinds = o.duplicates.entry(s.name.clone()).or_default();
+                                for k in [first.provider, kind] {
+                                    if !kinds.contains(&k) {
+                                        kinds.push(k);
+                                    }
+                                }
+                            }
+                            _ => {
+                                o.sessions.insert(s.name.clone(), s);
+                            }
+                        }
                     }
                 }
                 Err(e) => {
-                    o.gaps.insert(ProviderId::Compute(kind), e);
+                    o.gaps.insert(ProviderId::Compute(kind), e.text());
                 }
             }
         }
@@ -184,7 +219,7 @@ impl Providers {
         match flatten(proxy, t) {
             Ok(routes) => o.routes = routes.into_iter().map(|r| (r.host.clone(), r)).collect(),
             Err(e) => {
-                o.gaps.insert(ProviderId::Proxy, e);
+                o.gaps.insert(ProviderId::Proxy, e.text());
             }
         }
         match dns.map(|r| flatten(r, t)) {
@@ -195,7 +230,7 @@ impl Providers {
                     .collect()
             }
             Some(Err(e)) => {
-                o.gaps.insert(ProviderId::Dns, e);
+                o.gaps.insert(ProviderId::Dns, e.text());
             }
             None => {}
         }
@@ -203,13 +238,29 @@ impl Providers {
     }
 }
 
+/// Why a provider could not be observed: what `Observed::gaps` says, in words.
+#[derive(Debug, thiserror::Error)]
+enum ObserveError {
+    #[error(transparent)]
+    Failed(ProviderError),
+    #[error("no answer within {}s", .0.as_secs())]
+    NoAnswer(Duration),
+}
+
+impl ObserveError {
+    /// The whole chain of causes, for a gap.
+    fn text(&self) -> String {
+        chain(self)
+    }
+}
+
 fn flatten<T>(
     r: Result<Result<T, ProviderError>, tokio::time::error::Elapsed>,
     t: Duration,
-) -> Result<T, String> {
+) -> Result<T, ObserveError> {
     match r {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(chain(&e)),
-        Err(_) => Err(format!("no answer within {}s", t.as_secs())),
+        Ok(Err(e)) => Err(ObserveError::Failed(e)),
+        Err(_) => Err(ObserveError::NoAnswer(t)),
     }
 }

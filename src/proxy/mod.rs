@@ -160,7 +160,7 @@ struct Cx {
 
 /// A change to the route table.
 #[derive(Debug, Clone)]
-pub enum Change {
+pub enum RouteChange {
     Upsert { host: String, route: Route },
     Remove { host: String },
 }
@@ -256,7 +256,7 @@ impl Proxy {
     }
 
     /// Apply a batch of changes as one atomic swap. Hosts are lower-cased.
-    pub fn apply(&self, changes: &[Change]) {
+    pub fn apply(&self, changes: &[RouteChange]) {
         if changes.is_empty() {
             return;
         }
@@ -264,7 +264,7 @@ impl Proxy {
             let mut t: Table = (**old).clone();
             for c in changes {
                 match c {
-                    Change::Upsert { host, route } => {
+                    RouteChange::Upsert { host, route } => {
                         let host = host.to_ascii_lowercase();
                         let stats = t.get(&host).map(|e| e.stats.clone()).unwrap_or_default();
                         t.insert(
@@ -275,7 +275,7 @@ impl Proxy {
                             }),
                         );
                     }
-                    Change::Remove { host } => {
+                    RouteChange::Remove { host } => {
                         t.remove(&host.to_ascii_lowercase());
                     }
                 }
@@ -678,18 +678,20 @@ impl hyper::body::Body for RequestBody {
 mod tests {
     use super::*;
 
-    fn target(uri: &str, version: Version, hosts: &[&str]) -> Result<(String, String), String> {
+    fn target(
+        uri: &str,
+        version: Version,
+        hosts: &[&str],
+    ) -> Result<(String, String), &'static str> {
         let mut b = Request::builder().uri(uri).version(version);
         for h in hosts {
             b = b.header("host", *h);
         }
-        let req = b.body(()).map_err(|e| e.to_string())?;
-        Target::of(&req)
-            .map(|t| {
-                let a = t.authority.to_str().unwrap_or("?").to_string();
-                (t.host, a)
-            })
-            .map_err(str::to_string)
+        let req = b.body(()).expect("the test's request is well formed");
+        Target::of(&req).map(|t| {
+            let a = t.authority.to_str().unwrap_or("?").to_string();
+            (t.host, a)
+        })
     }
 
     #[test]
@@ -732,19 +734,19 @@ mod tests {
             route: None,
             ready: true,
         };
-        p.apply(&[Change::Upsert {
+        p.apply(&[RouteChange::Upsert {
             host: "A.localhost".into(),
             route: route("127.0.0.1:1"),
         }]);
         p.lookup("a.localhost")
             .map(|e| e.stats.requests.fetch_add(3, Ordering::Relaxed));
-        p.apply(&[Change::Upsert {
+        p.apply(&[RouteChange::Upsert {
             host: "a.localhost".into(),
             route: route("127.0.0.1:2"),
         }]);
         assert_eq!(p.activity()["a.localhost"].requests, 3);
         assert_eq!(p.routes()["a.localhost"].upstream, "127.0.0.1:2");
-        p.apply(&[Change::Upsert {
+        p.apply(&[RouteChange::Upsert {
             host: "*.preview.localhost".into(),
             route: route("127.0.0.1:3"),
         }]);
@@ -754,7 +756,7 @@ mod tests {
             Some("127.0.0.1:3".into())
         );
         assert!(p.lookup("preview.localhost").is_none());
-        p.apply(&[Change::Remove {
+        p.apply(&[RouteChange::Remove {
             host: "a.localhost".into(),
         }]);
         assert!(p.lookup("a.localhost").is_none());

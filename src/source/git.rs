@@ -324,18 +324,29 @@ pub fn init_network_timeouts() {
     });
 }
 
+/// Why a fetch did not happen (the mirror keeps what it had).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FetchError {
+    #[error("the previous fetch has not finished")]
+    StillRunning,
+    #[error("fetching {url} took longer than {secs}s")]
+    TimedOut { url: String, secs: u64 },
+    #[error(transparent)]
+    Failed(std::sync::Arc<GitError>),
+}
+
 /// Fetch with a time limit: a hung remote must never stall the loop. At most one fetch per
 /// mirror runs at a time; a fetch still running from before counts as not done.
-pub fn fetch_with_timeout(dir: &Path, config: &GitSourceConfig) -> Result<(), String> {
+pub fn fetch_with_timeout(dir: &Path, config: &GitSourceConfig) -> Result<(), FetchError> {
     use std::sync::Mutex;
     use std::sync::mpsc;
     static RUNNING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    // The list is only ever pushed to and filtered: a panic while it was held leaves it whole.
+    let running = || RUNNING.lock().unwrap_or_else(|p| p.into_inner());
     {
-        let Ok(mut running) = RUNNING.lock() else {
-            return Err("fetch state poisoned".into());
-        };
+        let mut running = running();
         if running.iter().any(|p| p == dir) {
-            return Err("the previous fetch has not finished".into());
+            return Err(FetchError::StillRunning);
         }
         running.push(dir.to_path_buf());
     }
@@ -344,20 +355,40 @@ pub fn fetch_with_timeout(dir: &Path, config: &GitSourceConfig) -> Result<(), St
     std::thread::spawn(move || {
         let r = Mirror::open(&d, &c)
             .and_then(|m| m.fetch())
-            .map_err(|e| crate::error_chain(&e));
-        if let Ok(mut running) = RUNNING.lock() {
-            running.retain(|p| p != &d);
-        }
+            .map_err(|e| FetchError::Failed(std::sync::Arc::new(e)));
+        running().retain(|p| p != &d);
         let _ = tx.send(r);
     });
     match rx.recv_timeout(FETCH_TIMEOUT) {
         Ok(r) => r,
-        Err(_) => Err(format!(
-            "fetching {} took longer than {}s",
-            config.url,
-            FETCH_TIMEOUT.as_secs()
-        )),
+        Err(_) => Err(FetchError::TimedOut {
+            url: config.url.clone(),
+            secs: FETCH_TIMEOUT.as_secs(),
+        }),
     }
+}
+
+/// Why a commit is not applied under signature verification.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("commit {0} is not signed")]
+    NotSigned(String),
+    #[error(
+        "commit {0} has a GPG signature; vessel checks SSH signatures only (git config gpg.format ssh)"
+    )]
+    NotSsh(String),
+    #[error("cannot prepare {path}")]
+    Scratch {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot run ssh-keygen (install openssh-client)")]
+    NoSshKeygen(#[source] std::io::Error),
+    #[error("commit {0} is not signed by an allowed signer")]
+    NotAllowed(String),
+    #[error("commit {commit}'s signature does not verify: {why}")]
+    BadSignature { commit: String, why: String },
 }
 
 /// The ref that remembers the last commit that passed verification.
@@ -400,25 +431,37 @@ impl Mirror {
         id: git2::Oid,
         allowed_signers: &Path,
         scratch: &Path,
-    ) -> Result<String, String> {
+    ) -> Result<String, VerifyError> {
         let (sig, data) = self
             .repo
             .extract_signature(&id, None)
-            .map_err(|_| format!("commit {} is not signed", short(id)))?;
+            .map_err(|_| VerifyError::NotSigned(short(id)))?;
         let sig = sig.as_str().unwrap_or("").to_string();
         if !sig.starts_with("-----BEGIN SSH SIGNATURE-----") {
-            return Err(format!(
-                "commit {} has a GPG signature; vessel checks SSH signatures only (git config gpg.format ssh)",
-                short(id)
-            ));
+            return Err(VerifyError::NotSsh(short(id)));
         }
-        std::fs::create_dir_all(scratch)
-            .map_err(|e| format!("cannot prepare {}: {e}", scratch.display()))?;
+        let scratch_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| VerifyError::Scratch { path, source }
+        };
+        std::fs::create_dir_all(scratch).map_err(scratch_err(scratch))?;
         let sig_path = scratch.join(format!("{id}.sig"));
-        std::fs::write(&sig_path, &sig)
-            .map_err(|e| format!("cannot write {}: {e}", sig_path.display()))?;
+        std::fs::write(&sig_path, &sig).map_err(scratch_err(&sig_path))?;
         let result = (|| {
-            let run = |args: &[&str], stdin: Option<&[u8]>| -> Result<String, String> {
+            // ssh-keygen's answer: its output, or its complaint when it refuses.
+            enum Answer {
+                Out(String),
+                Refused(String),
+            }
+            impl Answer {
+                fn or(self, f: impl FnOnce(String) -> VerifyError) -> Result<String, VerifyError> {
+                    match self {
+                        Answer::Out(s) => Ok(s),
+                        Answer::Refused(why) => Err(f(why)),
+                    }
+                }
+            }
+            let run = |args: &[&str], stdin: Option<&[u8]>| -> Result<Answer, VerifyError> {
                 use std::io::Write;
                 let mut child = std::process::Command::new("ssh-keygen")
                     .args(args)
@@ -426,32 +469,35 @@ impl Mirror {
                     .stdout(std::process::Stdio::piped())
                     .stderr(std::process::Stdio::piped())
                     .spawn()
-                    .map_err(|e| format!("cannot run ssh-keygen (install openssh-client): {e}"))?;
+                    .map_err(VerifyError::NoSshKeygen)?;
                 if let (Some(mut w), Some(input)) = (child.stdin.take(), stdin) {
                     let _ = w.write_all(input);
                 }
-                let out = child.wait_with_output().map_err(|e| e.to_string())?;
-                if out.status.success() {
-                    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+                let out = child.wait_with_output().map_err(VerifyError::NoSshKeygen)?;
+                Ok(if out.status.success() {
+                    Answer::Out(String::from_utf8_lossy(&out.stdout).into_owned())
                 } else {
-                    Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-                }
+                    Answer::Refused(String::from_utf8_lossy(&out.stderr).trim().to_string())
+                })
             };
             let signers = allowed_signers.display().to_string();
             let sig_arg = sig_path.display().to_string();
             let principals = run(
                 &["-Y", "find-principals", "-s", &sig_arg, "-f", &signers],
                 None,
-            )
-            .map_err(|_| format!("commit {} is not signed by an allowed signer", short(id)))?;
+            )?
+            .or(|_| VerifyError::NotAllowed(short(id)))?;
             let principal = principals.lines().next().unwrap_or("").trim().to_string();
             run(
                 &[
                     "-Y", "verify", "-f", &signers, "-I", &principal, "-n", "git", "-s", &sig_arg,
                 ],
                 Some(data.as_ref()),
-            )
-            .map_err(|e| format!("commit {}'s signature does not verify: {e}", short(id)))?;
+            )?
+            .or(|why| VerifyError::BadSignature {
+                commit: short(id),
+                why,
+            })?;
             Ok(principal)
         })();
         let _ = std::fs::remove_file(&sig_path);

@@ -18,7 +18,7 @@ pub enum SourceError {
     #[error(transparent)]
     Git(#[from] git::GitError),
     #[error("{0}, and no earlier commit verifies with today's allowed signers: nothing is applied")]
-    Unverified(String),
+    Unverified(git::VerifyError),
     #[error("nothing has been fetched from {url} yet: {fetch}")]
     NeverFetched {
         url: String,
@@ -56,7 +56,7 @@ fn load_source(config: &Config, now: DateTime<Utc>) -> Result<Desired, SourceErr
                 (Err(e), Err(f)) => {
                     return Err(SourceError::NeverFetched {
                         url: g.url.clone(),
-                        fetch: f.clone(),
+                        fetch: crate::error_chain(f),
                         source: e,
                     });
                 }
@@ -64,7 +64,10 @@ fn load_source(config: &Config, now: DateTime<Utc>) -> Result<Desired, SourceErr
             };
             let mut notes: Vec<String> = Vec::new();
             if let Err(f) = &fetched {
-                notes.push(format!("{f}; using the last fetched revision"));
+                notes.push(format!(
+                    "{}; using the last fetched revision",
+                    crate::error_chain(f)
+                ));
             }
             // With verification on, an unverified commit is not applied: the last verified one
             // is, and the note says why.
@@ -81,7 +84,8 @@ fn load_source(config: &Config, now: DateTime<Utc>) -> Result<Desired, SourceErr
                     }) {
                         Some(last) => {
                             notes.push(format!(
-                                "{why}: not applied; applying the last verified revision {}",
+                                "{}: not applied; applying the last verified revision {}",
+                                crate::error_chain(&why),
                                 &last.to_string()[..12]
                             ));
                             last

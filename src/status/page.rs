@@ -85,10 +85,7 @@ pub fn render(
             h,
             " &middot; last pass {} ({}, {} ms): {} to create, {} to update, {} to replace, {} to destroy",
             l.started.format("%Y-%m-%d %H:%M:%S UTC"),
-            serde_json::to_value(l.trigger)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default(),
+            l.trigger,
             l.duration_ms,
             l.summary.create,
             l.summary.update,

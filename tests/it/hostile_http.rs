@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use vessel::listeners::Limits;
-use vessel::proxy::{Change, Proxy, Route, Serving};
+use vessel::proxy::{Proxy, Route, RouteChange, Serving};
 
 use crate::daemon_support::{Daemon, free_port, get, session, spawn_devserver, wait_for};
 
@@ -131,9 +131,9 @@ impl Drop for Served {
 
 fn serve(routes: &[(&str, u16)], serving: Serving) -> Served {
     let proxy = Proxy::default();
-    let changes: Vec<Change> = routes
+    let changes: Vec<RouteChange> = routes
         .iter()
-        .map(|(host, port)| Change::Upsert {
+        .map(|(host, port)| RouteChange::Upsert {
             host: host.to_string(),
             route: Route {
                 upstream: format!("127.0.0.1:{port}"),

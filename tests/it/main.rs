@@ -14,6 +14,7 @@ mod git_source;
 mod hostile;
 mod hostile_http;
 mod hygiene;
+mod loop_fake;
 mod operator;
 mod outage;
 mod papercuts;

@@ -104,6 +104,8 @@ enum Drift {
     },
     /// The session's provider keeps a workspace of an earlier session of this name.
     Retained(String),
+    /// A second compute provider (docker) also reports a session of this name.
+    Duplicate(String),
 }
 
 pub fn load(files: &BTreeMap<String, String>, now: DateTime<Utc>) -> Desired {
@@ -218,6 +220,12 @@ fn apply_drift(o: &mut Observed, drift: &[Drift]) {
                         session: None,
                         route: None,
                     },
+                );
+            }
+            Drift::Duplicate(name) => {
+                o.duplicates.insert(
+                    name.clone(),
+                    vec![ComputeKind::Process, ComputeKind::Docker],
                 );
             }
             Drift::Retained(name) => {

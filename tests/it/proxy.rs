@@ -5,7 +5,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use vessel::proxy::{Change, Proxy, Route, Serving};
+use vessel::proxy::{Proxy, Route, RouteChange, Serving};
 
 use crate::daemon_support::{free_port, wait_for};
 
@@ -53,7 +53,7 @@ fn swapping_routes_never_drops_an_open_connection() {
     let up = free_port();
     let _upstream = crate::daemon_support::spawn_devserver(up, dir.path());
     let proxy = Proxy::default();
-    proxy.apply(&[Change::Upsert {
+    proxy.apply(&[RouteChange::Upsert {
         host: "keep.localhost".into(),
         route: route(up),
     }]);
@@ -74,20 +74,20 @@ fn swapping_routes_never_drops_an_open_connection() {
     );
     for round in 0..20 {
         // 100 other routes come and go, and this connection's own route is replaced.
-        let changes: Vec<Change> = (0..100)
+        let changes: Vec<RouteChange> = (0..100)
             .map(|i| {
                 if round % 2 == 0 {
-                    Change::Upsert {
+                    RouteChange::Upsert {
                         host: format!("r{i}.localhost"),
                         route: route(up),
                     }
                 } else {
-                    Change::Remove {
+                    RouteChange::Remove {
                         host: format!("r{i}.localhost"),
                     }
                 }
             })
-            .chain(std::iter::once(Change::Upsert {
+            .chain(std::iter::once(RouteChange::Upsert {
                 host: "keep.localhost".into(),
                 route: route(up),
             }))
@@ -100,14 +100,14 @@ fn swapping_routes_never_drops_an_open_connection() {
         );
     }
     // The same connection sees a removal as a 404, and an unknown host too.
-    proxy.apply(&[Change::Remove {
+    proxy.apply(&[RouteChange::Remove {
         host: "keep.localhost".into(),
     }]);
     let (code, body) = exchange(&mut s, &mut reader, "keep.localhost", "/");
     assert_eq!(code, 404);
     assert!(body.contains("No session here"), "{body}");
     // A route to a port where nothing listens: 502, saying which session.
-    proxy.apply(&[Change::Upsert {
+    proxy.apply(&[RouteChange::Upsert {
         host: "dead.localhost".into(),
         route: Route {
             session: "dead".into(),
@@ -149,7 +149,7 @@ fn closing_upstream() -> u16 {
 fn a_pooled_connection_the_upstream_closed_is_retried_not_a_502() {
     let up = closing_upstream();
     let proxy = Proxy::default();
-    proxy.apply(&[Change::Upsert {
+    proxy.apply(&[RouteChange::Upsert {
         host: "close.localhost".into(),
         route: route(up),
     }]);

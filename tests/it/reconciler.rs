@@ -307,7 +307,7 @@ fn an_idle_daemon_does_not_reconcile_in_a_loop() {
     let source_passes = d
         .log()
         .lines()
-        .filter(|l| l.contains("trigger=Source"))
+        .filter(|l| l.contains("trigger=source"))
         .count();
     assert_eq!(source_passes, 0, "{}", d.log());
     // Every line of a pass is in its span, `pass{n=N trigger=...}`: count the passes.

@@ -25,3 +25,39 @@ pub(crate) async fn probe(addr: &str, path: Option<&str>) -> bool {
         _ => false,
     }
 }
+
+/// The health wait every compute provider runs: look at the session (is it still up, at
+/// which address does the port answer?) at most every `every` while its address is known
+/// and every `every_unknown` while it is not, probing the address in between, until the probe
+/// passes or a look fails (the session exited or went away: the error says how). The step's
+/// timeout bounds it from outside.
+pub(crate) async fn wait_until_healthy<F, Fut>(
+    path: Option<&str>,
+    every: Duration,
+    every_unknown: Duration,
+    mut look: F,
+) -> Result<(), super::ProviderError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<String>, super::ProviderError>>,
+{
+    let mut last_look: Option<tokio::time::Instant> = None;
+    let mut target: Option<String> = None;
+    loop {
+        let interval = if target.is_some() {
+            every
+        } else {
+            every_unknown
+        };
+        if last_look.is_none_or(|t| t.elapsed() >= interval) {
+            last_look = Some(tokio::time::Instant::now());
+            target = look().await?;
+        }
+        if let Some(addr) = &target
+            && probe(addr, path).await
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

@@ -8,17 +8,123 @@ pub mod docker;
 pub mod health;
 pub mod kept;
 pub mod process;
+pub(crate) mod record;
 pub mod workspace;
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::Path;
 
-use crate::model::ComputeKind;
+use std::sync::Arc;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
 use crate::model::observed::ObservedSession;
 use crate::model::plan::SessionAction;
+use crate::model::{ComputeKind, PlacementHost};
 
 use super::{BoxFut, ProviderError};
+
+/// What a compute provider's config gives the rest of vessel: which kind of session it
+/// makes, the hosts it offers for placement, how its paths are rebased, and the provider
+/// itself. Each provider's config type implements it beside the provider.
+pub trait ComputeConfig {
+    fn kind(&self) -> ComputeKind;
+    /// Make relative paths in it relative to `base` (the config file's directory).
+    fn rebase(&mut self, _base: &Path) {}
+    /// The hosts a new session may be placed on, sorted by name; none for a provider that is
+    /// one place.
+    fn placement_hosts(&self) -> Vec<PlacementHost> {
+        Vec::new()
+    }
+    /// The provider, keeping its state under `env.state_dir`.
+    fn build(&self, env: &super::Env) -> Result<Arc<dyn ComputeProvider>, super::SetupError>;
+}
+
+/// The compute providers, registered: one line each, `field: ConfigType => Kind`. This makes the
+/// `providers.compute` section of the config (a field per provider, its type the provider's
+/// own) and the list every other part of vessel goes through (`ComputeProviders::each`).
+macro_rules! compute_providers {
+    ($($(#[$doc:meta])* $field:ident: $ty:ty => $kind:ident,)*) => {
+        /// The compute providers sessions can use; a plan's `compute` names one.
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+        #[serde(deny_unknown_fields)]
+        pub struct ComputeProviders {
+            $(
+                $(#[$doc])*
+                #[serde(default, skip_serializing_if = "Option::is_none")]
+                pub $field: Option<$ty>,
+            )*
+        }
+
+        impl ComputeProviders {
+            /// The kinds of session this build of vessel has a provider for.
+            pub const REGISTERED: &[ComputeKind] = &[$(ComputeKind::$kind),*];
+
+            /// Is a provider for `kind` configured?
+            pub fn has(&self, kind: ComputeKind) -> bool {
+                match kind {
+                    $(ComputeKind::$kind => self.$field.is_some(),)*
+                    #[allow(unreachable_patterns)]
+                    _ => false,
+                }
+            }
+
+            /// No compute provider at all.
+            pub fn none() -> Self {
+                ComputeProviders { $($field: None,)* }
+            }
+
+            /// The configured providers' configs.
+            pub fn each(&self) -> Vec<&dyn ComputeConfig> {
+                let mut v: Vec<&dyn ComputeConfig> = Vec::new();
+                $(if let Some(c) = &self.$field { v.push(c); })*
+                v
+            }
+
+            /// The same, to change (rebasing paths).
+            pub fn each_mut(&mut self) -> Vec<&mut dyn ComputeConfig> {
+                let mut v: Vec<&mut dyn ComputeConfig> = Vec::new();
+                $(if let Some(c) = &mut self.$field { v.push(c); })*
+                v
+            }
+        }
+    };
+}
+
+compute_providers! {
+    /// Local child processes.
+    process: process::ProcessConfig => Process,
+    /// Docker Engine API hosts (Docker or Podman).
+    docker: docker::DockerConfig => Docker,
+}
+
+impl Default for ComputeProviders {
+    /// The embedded default: local processes only.
+    fn default() -> Self {
+        ComputeProviders {
+            process: Some(process::ProcessConfig::default()),
+            ..ComputeProviders::none()
+        }
+    }
+}
+
+impl ComputeProviders {
+    /// Where each provider with several hosts may place new sessions.
+    pub fn placement(&self) -> std::collections::BTreeMap<ComputeKind, Vec<PlacementHost>> {
+        self.each()
+            .into_iter()
+            .map(|c| (c.kind(), c.placement_hosts()))
+            .filter(|(_, hosts)| !hosts.is_empty())
+            .collect()
+    }
+}
+
+/// `true`, for `#[serde(default = ...)]`.
+pub(crate) fn yes() -> bool {
+    true
+}
 
 /// What a create step gives a compute provider.
 pub struct CreateArgs<'a> {
@@ -36,14 +142,7 @@ pub struct CreateArgs<'a> {
 
 /// The session steps of a compute provider, one per kind of plan action on a session;
 /// `run_session_step` maps the plan's actions onto them.
-/// What vessel last asked of a session, kept in a compute provider's session record (so a
-/// session that is down against that wish reads as failed, not stopped).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum Intent {
-    Running,
-    Stopped,
-}
+pub(crate) use record::{Intent, Synced};
 
 pub(crate) trait SessionSteps: Sync {
     /// Make sure a session's image is on the host it goes on, by its pull policy (before a
@@ -79,9 +178,11 @@ pub(crate) trait SessionSteps: Sync {
         stop_timeout: Option<crate::model::Duration>,
         retain: bool,
     ) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    /// Wait until the session's `port` (by name, chosen by the plan) answers the check.
     fn wait_healthy(
         &self,
         session: &str,
+        port: &str,
         check: Option<&crate::model::Health>,
     ) -> impl Future<Output = Result<(), ProviderError>> + Send;
     fn sync_source(
@@ -145,9 +246,16 @@ pub(crate) async fn run_session_step<P: SessionSteps>(
             retain,
             ..
         } => p.destroy(session, *stop_timeout, *retain).await,
-        SessionAction::WaitHealthy { session, check, .. } => {
-            p.wait_healthy(session, check.as_ref()).await
-        }
+        SessionAction::WaitHealthy {
+            session,
+            port,
+            check,
+            ..
+        } => match port {
+            Some(port) => p.wait_healthy(session, port, check.as_ref()).await,
+            // No port: nothing answers or can be waited for.
+            None => Ok(()),
+        },
         SessionAction::SyncSource {
             session,
             path,
@@ -195,12 +303,19 @@ pub trait ComputeProvider: Send + Sync {
     }
 }
 
+/// A command argument that cannot be expanded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlaceholderError {
+    #[error("the command uses `{{{key}}}` but the plan has no port `{name}`")]
+    NoPort { key: String, name: String },
+}
+
 /// Expand `{key}` placeholders in one command argument. `value` says what a key stands for:
 /// `None` leaves the placeholder as written, `Some(Err)` refuses the argument.
 pub(crate) fn expand(
     arg: &str,
-    value: impl Fn(&str) -> Option<Result<String, String>>,
-) -> Result<String, String> {
+    value: impl Fn(&str) -> Option<Result<String, PlaceholderError>>,
+) -> Result<String, PlaceholderError> {
     let mut out = String::with_capacity(arg.len());
     let mut rest = arg;
     while let Some(i) = rest.find('{') {
@@ -224,13 +339,14 @@ pub(crate) fn expand(
 pub(crate) fn port_placeholder(
     key: &str,
     ports: &BTreeMap<String, u16>,
-) -> Option<Result<String, String>> {
+) -> Option<Result<String, PlaceholderError>> {
     let name = key.strip_prefix("port.")?;
     Some(match ports.get(name) {
         Some(p) => Ok(p.to_string()),
-        None => Err(format!(
-            "the command uses `{{{key}}}` but the plan has no port `{name}`"
-        )),
+        None => Err(PlaceholderError::NoPort {
+            key: key.into(),
+            name: name.into(),
+        }),
     })
 }
 

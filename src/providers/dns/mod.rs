@@ -1,8 +1,11 @@
 //! DNS providers: records for routes with `dns: true`. `hosts` (a managed block in a hosts
 //! file), `powerdns` (its HTTP API). Record steps come in batches.
 
+mod config;
 pub mod hosts;
 pub mod powerdns;
+
+pub use config::DnsConfig;
 
 use crate::model::observed::ObservedRecord;
 use crate::model::plan::RecordAction;

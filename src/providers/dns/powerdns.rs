@@ -30,9 +30,9 @@ use http::Method;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::config::Secret;
 use crate::model::observed::{ObservedRecord, RecordType};
 use crate::model::plan::RecordAction;
+use crate::secret::Secret;
 
 use super::{BoxFut, DnsProvider, ProviderError};
 

@@ -4,7 +4,7 @@
 
 use crate::model::observed::ObservedRoute;
 use crate::model::plan::RouteAction;
-use crate::proxy::{Change, Proxy, Route};
+use crate::proxy::{Proxy, Route, RouteChange};
 
 use super::{BoxFut, ProviderError, ProxyProvider};
 
@@ -61,10 +61,10 @@ impl ProxyProvider for EmbeddedProxy {
         &'a self,
         actions: &'a [&'a RouteAction],
     ) -> BoxFut<'a, Vec<Result<(), ProviderError>>> {
-        let changes: Vec<Change> = actions
+        let changes: Vec<RouteChange> = actions
             .iter()
             .map(|a| match a.route_after() {
-                (host, Some(r)) => Change::Upsert {
+                (host, Some(r)) => RouteChange::Upsert {
                     host: host.to_string(),
                     route: Route {
                         upstream: r.upstream,
@@ -73,7 +73,7 @@ impl ProxyProvider for EmbeddedProxy {
                         ready: true,
                     },
                 },
-                (host, None) => Change::Remove {
+                (host, None) => RouteChange::Remove {
                     host: host.to_string(),
                 },
             })

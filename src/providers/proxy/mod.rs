@@ -3,8 +3,11 @@
 //! config write per batch. Proxies without labels mark vessel's routes by name (`route_tag`).
 
 pub mod caddy;
+mod config;
 pub mod embedded;
 pub mod traefik;
+
+pub use config::{ProxyConfig, TraefikConfig};
 
 use crate::model::observed::ObservedRoute;
 use crate::model::plan::RouteAction;

@@ -31,7 +31,7 @@ use std::time::Duration;
 use http::Method;
 use serde::{Deserialize, Serialize};
 
-use crate::config::TraefikConfig;
+use super::TraefikConfig;
 use crate::model::observed::ObservedRoute;
 use crate::model::plan::RouteAction;
 

@@ -11,8 +11,7 @@ use std::net::IpAddr;
 use bollard::models::{ContainerCreateBody, HostConfig, PortBinding};
 use serde::Deserialize;
 
-use crate::config::{DockerConfig, DockerPorts};
-use crate::model::Health;
+use super::{DockerConfig, DockerPorts};
 use crate::model::observed::RuntimeSpec;
 
 /// The ownership marker: vessel touches only containers carrying this label with its
@@ -78,9 +77,8 @@ pub struct Endpoint {
 pub enum ConvertError {
     #[error("the container list is unreadable")]
     List(#[source] serde_json::Error),
-    /// A command argument's placeholder cannot be filled (the message says which and why).
-    #[error("{0}")]
-    Command(String),
+    #[error("the command cannot be made")]
+    Command(#[source] crate::providers::compute::PlaceholderError),
     #[error("the spec cannot be written into a label")]
     Spec(#[source] serde_json::Error),
 }
@@ -193,17 +191,6 @@ pub fn port_numbers(spec: &RuntimeSpec) -> BTreeMap<String, u16> {
     spec.ports.iter().map(|(n, p)| (n.clone(), p.0)).collect()
 }
 
-/// The port a health check probes: the check's, else `ide`, else the first.
-pub fn health_port(ports: &BTreeMap<String, u16>, check: Option<&Health>) -> Option<String> {
-    if let Some(port) = check.and_then(|h| h.port.as_ref()) {
-        return ports.contains_key(port).then(|| port.clone());
-    }
-    if ports.contains_key("ide") {
-        return Some("ide".into());
-    }
-    ports.keys().next().cloned()
-}
-
 /// The container body for a session: image, command, environment, limits, labels, ports.
 pub fn create_body(
     r: &crate::providers::compute::CreateArgs,
@@ -232,7 +219,7 @@ pub fn create_body(
             crate::providers::compute::env_name(name)
         ));
     }
-    if let Some(p) = health_port(&ports, spec.health.as_ref()).and_then(|n| ports.get(&n)) {
+    if let Some(p) = spec.health_port().and_then(|n| ports.get(n)) {
         env.push(format!("PORT={p}"));
     }
     env.push(format!("VESSEL_SESSION={}", r.session));

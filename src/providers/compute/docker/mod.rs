@@ -25,8 +25,11 @@
 //! removed by hand is repaired at once.
 
 mod archive;
+mod config;
 mod convert;
 mod pull;
+
+pub use config::{DockerConfig, DockerHost, DockerPorts};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -43,13 +46,12 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::DockerConfig;
 use crate::model::observed::{ObservedSession, RuntimeSpec, SessionState};
 use crate::model::plan::SessionAction;
 use crate::model::{ComputeKind, Health};
 
 use super::{
-    BoxFut, ComputeProvider, CreateArgs, Intent, ProviderError, SessionSteps, no_symlinks,
+    BoxFut, ComputeProvider, CreateArgs, Intent, ProviderError, SessionSteps, Synced, no_symlinks,
 };
 
 pub use convert::{ConvertError, MARKER, container_name};
@@ -114,13 +116,8 @@ struct Record {
     /// The container it describes; a record for another id is stale.
     container: String,
     intent: Intent,
-    #[serde(default)]
-    synced_source: Option<PathBuf>,
-    /// What the last source sync left out (kept out of saves too).
-    #[serde(default)]
-    exclude: Vec<String>,
-    #[serde(default)]
-    save_to: Option<PathBuf>,
+    #[serde(flatten)]
+    synced: Synced,
 }
 
 struct Host {
@@ -483,22 +480,13 @@ impl Inner {
     }
 
     fn read_record(&self, session: &str) -> Option<Record> {
-        let bytes = std::fs::read(self.record_path(session)).ok()?;
-        serde_json::from_slice(&bytes).ok()
+        super::record::read(&self.record_path(session))
+            .ok()
+            .flatten()
     }
 
     fn write_record(&self, session: &str, r: &Record) -> Result<(), ProviderError> {
-        static SEQ: AtomicU64 = AtomicU64::new(0);
-        let path = self.record_path(session);
-        let tmp = self.records.join(format!(
-            ".{session}.json.{}.{}.tmp",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        let bytes = serde_json::to_vec_pretty(r)
-            .map_err(|e| ProviderError::caused("write", path.display().to_string(), Arc::new(e)))?;
-        super::workspace::write_atomically(&tmp, &path, &bytes)
-            .map_err(ProviderError::io("write", path.display().to_string()))
+        super::record::write(&self.record_path(session), r)
     }
 
     /// Change the session's record, if it has one for its current container.
@@ -514,9 +502,7 @@ impl Inner {
             .unwrap_or(Record {
                 container: id.to_string(),
                 intent: Intent::Stopped,
-                synced_source: None,
-                exclude: Vec::new(),
-                save_to: None,
+                synced: Synced::default(),
             });
         f(&mut r);
         self.write_record(session, &r)
@@ -671,10 +657,10 @@ impl DockerProvider {
                         spec,
                         endpoints,
                         source_file: c.label(convert::SOURCE_FILE).map(PathBuf::from),
-                        synced_source: record.as_ref().and_then(|r| r.synced_source.clone()),
+                        synced_source: record.as_ref().and_then(|r| r.synced.synced_source.clone()),
                         save_to: record
                             .as_ref()
-                            .and_then(|r| r.save_to.clone())
+                            .and_then(|r| r.synced.save_to.clone())
                             .or_else(|| c.label(convert::SAVE_TO).map(PathBuf::from)),
                         healthy: None,
                         host: Some(host_name),
@@ -901,7 +887,7 @@ impl SessionSteps for DockerProvider {
         };
         inner.update_record(session, &id, |r| {
             r.intent = intent;
-            r.save_to = req.save_to.map(Path::to_path_buf);
+            r.synced.save_to = req.save_to.map(Path::to_path_buf);
         })?;
         if req.restore
             && let Some(k) = inner.kept.get(session, chrono::Utc::now())
@@ -998,62 +984,46 @@ impl SessionSteps for DockerProvider {
     async fn wait_healthy(
         &self,
         session: &str,
+        port: &str,
         check: Option<&Health>,
     ) -> Result<(), ProviderError> {
         let p = self.placed("check health of", session).await?;
         let mut f = self.inner.marker_filter();
         f.insert("id".into(), vec![p.id.clone()]);
-        let mut last_look = tokio::time::Instant::now() - Duration::from_secs(10);
-        let mut target: Option<(String, Option<String>)> = None;
-        loop {
-            let every = if target.is_some() {
-                Duration::from_secs(1)
-            } else {
-                Duration::from_millis(200)
-            };
-            if last_look.elapsed() >= every {
-                last_look = tokio::time::Instant::now();
-                let c = self
-                    .inner
-                    .list(p.host, f.clone())
-                    .await?
-                    .into_iter()
-                    .next()
-                    .ok_or_else(|| {
-                        ProviderError::failed("check health of", session, "its container went away")
-                    })?;
-                if !c.running() {
-                    return Err(ProviderError::failed(
-                        "check health of",
-                        session,
-                        format!(
-                            "its container is not running ({})",
-                            c.status
-                                .as_deref()
-                                .or(c.state.as_deref())
-                                .unwrap_or("unknown")
-                        ),
-                    ));
-                }
-                let spec: Option<RuntimeSpec> = c
-                    .label(convert::SPEC)
-                    .and_then(|s| serde_json::from_str(s).ok());
-                let ports = spec.as_ref().map(convert::port_numbers).unwrap_or_default();
-                let Some(port) = convert::health_port(&ports, check) else {
-                    return Ok(());
-                };
-                let endpoints = c.endpoints(&ports, &self.inner.config);
-                target = endpoints
-                    .get(&port)
-                    .map(|a| (a.clone(), check.map(|h| h.path.clone())));
+        let path = check.map(|h| h.path.as_str());
+        // A look is an Engine API call: every 200 ms until the port has an address, then
+        // every second.
+        let every = (Duration::from_secs(1), Duration::from_millis(200));
+        super::health::wait_until_healthy(path, every.0, every.1, || async {
+            let c = self
+                .inner
+                .list(p.host, f.clone())
+                .await?
+                .into_iter()
+                .next()
+                .ok_or_else(|| {
+                    ProviderError::failed("check health of", session, "its container went away")
+                })?;
+            if !c.running() {
+                return Err(ProviderError::failed(
+                    "check health of",
+                    session,
+                    format!(
+                        "its container is not running ({})",
+                        c.status
+                            .as_deref()
+                            .or(c.state.as_deref())
+                            .unwrap_or("unknown")
+                    ),
+                ));
             }
-            if let Some((addr, path)) = &target
-                && super::health::probe(addr, path.as_deref()).await
-            {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+            let spec: Option<RuntimeSpec> = c
+                .label(convert::SPEC)
+                .and_then(|s| serde_json::from_str(s).ok());
+            let ports = spec.as_ref().map(convert::port_numbers).unwrap_or_default();
+            Ok(c.endpoints(&ports, &self.inner.config).remove(port))
+        })
+        .await
     }
     async fn sync_source(
         &self,
@@ -1089,9 +1059,9 @@ impl SessionSteps for DockerProvider {
         .await
         .map_err(docker_err("sync source into", session))?;
         self.inner.update_record(session, &p.id, |r| {
-            r.synced_source = Some(path.to_path_buf());
-            r.exclude = exclude.to_vec();
-            r.save_to = save_to.clone();
+            r.synced.synced_source = Some(path.to_path_buf());
+            r.synced.exclude = exclude.to_vec();
+            r.synced.save_to = save_to.clone();
         })
     }
     async fn save_work(&self, session: &str, path: &Path) -> Result<(), ProviderError> {
@@ -1101,7 +1071,7 @@ impl SessionSteps for DockerProvider {
             .inner
             .read_record(session)
             .filter(|r| r.container == p.id)
-            .map(|r| r.exclude)
+            .map(|r| r.synced.exclude)
             .unwrap_or_default();
         let d = self.inner.client(p.host).await?;
         self.inner.count();

@@ -13,7 +13,7 @@ use bollard::auth::DockerCredentials;
 use bollard::query_parameters::CreateImageOptions;
 use futures_util::StreamExt;
 
-use crate::config::SecretError;
+use crate::secret::SecretError;
 use crate::model::PullPolicy;
 use crate::providers::ProviderError;
 

@@ -11,6 +11,10 @@
 //! `VESSEL_SESSION_KEY` in their environment: a session whose pid was not recorded (vessel
 //! killed between spawn and write) is found and adopted, never started twice.
 
+mod config;
+
+pub use config::ProcessConfig;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,13 +25,12 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use crate::config::ProcessConfig;
 use crate::model::observed::{ObservedSession, RuntimeSpec, SessionState};
 use crate::model::plan::SessionAction;
 use crate::model::{ComputeKind, Health};
 
 use super::{
-    BoxFut, ComputeProvider, CreateArgs, Intent, ProviderError, SessionSteps, no_symlinks,
+    BoxFut, ComputeProvider, CreateArgs, Intent, ProviderError, SessionSteps, Synced, no_symlinks,
 };
 
 use super::workspace::{copy_tree, save_atomically};
@@ -41,13 +44,8 @@ struct Record {
     spec: RuntimeSpec,
     fingerprint: String,
     source_file: PathBuf,
-    #[serde(default)]
-    save_to: Option<PathBuf>,
-    #[serde(default)]
-    synced_source: Option<PathBuf>,
-    /// What the last source sync left out (kept out of saves too, and kept in the target).
-    #[serde(default)]
-    exclude: Vec<String>,
+    #[serde(flatten)]
+    synced: Synced,
     /// Host port per named port.
     ports: BTreeMap<String, u16>,
     intent: Intent,
@@ -134,32 +132,11 @@ fn list_dirs(root: &Path) -> std::io::Result<Vec<String>> {
 }
 
 fn read_record(dir: &Path) -> Result<Option<Record>, ProviderError> {
-    let path = dir.join(RECORD);
-    match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-            ProviderError::failed(
-                "read",
-                path.display().to_string(),
-                format!("not a session record: {e}"),
-            )
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(ProviderError::io("read", path.display().to_string())(e)),
-    }
+    super::record::read(&dir.join(RECORD))
 }
 
 fn write_record(dir: &Path, r: &Record) -> Result<(), ProviderError> {
-    let path = dir.join(RECORD);
-    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let tmp = dir.join(format!(
-        ".session.json.{}.{}.tmp",
-        std::process::id(),
-        SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
-    let bytes = serde_json::to_vec_pretty(r)
-        .map_err(|e| ProviderError::failed("write", path.display().to_string(), e.to_string()))?;
-    super::workspace::write_atomically(&tmp, &path, &bytes)
-        .map_err(ProviderError::io("write", path.display().to_string()))
+    super::record::write(&dir.join(RECORD), r)
 }
 
 /// `/proc/<pid>/stat`: (state char, start time in ticks).
@@ -225,22 +202,13 @@ fn find_by_key(key: &str) -> Vec<i32> {
     out
 }
 
-/// The port a health check probes: the plan's `health.port`, else `ide`, else the first.
-fn health_port(r: &Record, check: Option<&Health>) -> Option<(u16, Option<String>)> {
-    if let Some(port) = check.and_then(|h| h.port.as_ref()) {
-        return r
-            .ports
-            .get(port)
-            .map(|p| (*p, check.map(|h| h.path.clone())));
-    }
-    r.ports
-        .get("ide")
-        .or_else(|| r.ports.values().next())
-        .map(|p| (*p, check.map(|h| h.path.clone())))
-}
-
 /// Expand `{port.NAME}`, `{workspace}`, `{session}` and `{vessel}` in one argument.
-fn expand(arg: &str, r: &Record, workspace: &Path, vessel: &Path) -> Result<String, String> {
+fn expand(
+    arg: &str,
+    r: &Record,
+    workspace: &Path,
+    vessel: &Path,
+) -> Result<String, super::PlaceholderError> {
     super::expand(arg, |key| match key {
         "workspace" => Some(Ok(workspace.display().to_string())),
         "session" => Some(Ok(r.name.clone())),
@@ -316,8 +284,8 @@ impl ProcessProvider {
                         .map(|(n, p)| (n.clone(), format!("127.0.0.1:{p}")))
                         .collect(),
                     source_file: Some(r.source_file.clone()),
-                    synced_source: r.synced_source.clone(),
-                    save_to: r.save_to.clone(),
+                    synced_source: r.synced.synced_source.clone(),
+                    save_to: r.synced.save_to.clone(),
                     healthy: None,
                     host: None,
                     spec: Some(r.spec),
@@ -492,9 +460,10 @@ impl SessionSteps for ProcessProvider {
                     spec: spec.clone(),
                     fingerprint: fingerprint.to_string(),
                     source_file: source_file.to_path_buf(),
-                    save_to: save_to.clone(),
-                    synced_source: None,
-                    exclude: Vec::new(),
+                    synced: Synced {
+                        save_to: save_to.clone(),
+                        ..Synced::default()
+                    },
                     ports,
                     intent: if start {
                         Intent::Running
@@ -575,7 +544,7 @@ impl SessionSteps for ProcessProvider {
             .iter()
             .map(|a| expand(a, &r, &workspace, &vessel))
             .collect::<Result<_, _>>()
-            .map_err(|m| ProviderError::failed("start", session, m))?;
+            .map_err(|e| ProviderError::caused("start", session, Arc::new(e)))?;
         let Some((program, args)) = argv.split_first() else {
             return Err(ProviderError::failed(
                 "start",
@@ -614,7 +583,7 @@ impl SessionSteps for ProcessProvider {
         for (name, port) in &r.ports {
             cmd.env(format!("PORT_{}", super::env_name(name)), port.to_string());
         }
-        if let Some((port, _)) = health_port(&r, r.spec.health.as_ref()) {
+        if let Some(port) = r.spec.health_port().and_then(|n| r.ports.get(n)) {
             cmd.env("PORT", port.to_string());
         }
         let mut child = cmd
@@ -653,7 +622,13 @@ impl SessionSteps for ProcessProvider {
             return Err(ProviderError::failed(
                 "stop",
                 session,
-                format!("processes {left:?} survived SIGKILL"),
+                format!(
+                    "processes {} survived SIGKILL",
+                    left.iter()
+                        .map(i32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             ));
         }
         let _guard = self.inner.lock.lock().await;
@@ -708,22 +683,28 @@ impl SessionSteps for ProcessProvider {
     async fn wait_healthy(
         &self,
         session: &str,
+        port: &str,
         check: Option<&Health>,
     ) -> Result<(), ProviderError> {
         let dir = self.dir(session);
         let r = read_record(&dir)?.ok_or_else(|| {
             ProviderError::failed("check health of", session, "it does not exist")
         })?;
-        let Some((port, path)) = health_port(&r, check) else {
-            return Ok(());
+        let Some(port) = r.ports.get(port).copied() else {
+            return Err(ProviderError::failed(
+                "check health of",
+                session,
+                format!("it has no port `{port}`"),
+            ));
         };
-        loop {
-            if super::health::probe(&format!("127.0.0.1:{port}"), path.as_deref()).await {
-                return Ok(());
-            }
+        let path = check.map(|h| h.path.as_str());
+        let addr = format!("127.0.0.1:{port}");
+        let key = self.key(session);
+        // A look at the record is cheap: look after every probe.
+        super::health::wait_until_healthy(path, Duration::ZERO, Duration::ZERO, || async {
             let r = read_record(&dir)?
                 .ok_or_else(|| ProviderError::failed("check health of", session, "it went away"))?;
-            if !alive(r.pid, r.start_ticks) && find_by_key(&self.key(session)).is_empty() {
+            if !alive(r.pid, r.start_ticks) && find_by_key(&key).is_empty() {
                 return Err(ProviderError::failed(
                     "check health of",
                     session,
@@ -733,8 +714,9 @@ impl SessionSteps for ProcessProvider {
                     ),
                 ));
             }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+            Ok(Some(addr.clone()))
+        })
+        .await
     }
     async fn sync_source(
         &self,
@@ -757,14 +739,16 @@ impl SessionSteps for ProcessProvider {
         let mut r = read_record(&dir)?.ok_or_else(|| {
             ProviderError::failed("sync source into", session, "it does not exist")
         })?;
-        r.synced_source = Some(path.to_path_buf());
-        r.exclude = exclude.to_vec();
-        r.save_to = save_to.clone();
+        r.synced.synced_source = Some(path.to_path_buf());
+        r.synced.exclude = exclude.to_vec();
+        r.synced.save_to = save_to.clone();
         write_record(&dir, &r)
     }
     async fn save_work(&self, session: &str, path: &Path) -> Result<(), ProviderError> {
         let dir = self.dir(session);
-        let exclude = read_record(&dir)?.map(|r| r.exclude).unwrap_or_default();
+        let exclude = read_record(&dir)?
+            .map(|r| r.synced.exclude)
+            .unwrap_or_default();
         no_symlinks("save work of", session, path)?;
         let (from, to) = (dir.join("workspace"), path.to_path_buf());
         tokio::task::spawn_blocking(move || save_atomically(&from, &to, &exclude))
@@ -833,9 +817,7 @@ mod tests {
             },
             fingerprint: String::new(),
             source_file: PathBuf::new(),
-            save_to: None,
-            synced_source: None,
-            exclude: Vec::new(),
+            synced: Synced::default(),
             ports: [("ide".to_string(), 20001u16)].into_iter().collect(),
             intent: Intent::Running,
             pid: None,
@@ -847,7 +829,12 @@ mod tests {
         assert_eq!(e("{vessel}"), Ok("/bin/vessel".into()));
         assert_eq!(e("{session}"), Ok("alice".into()));
         assert_eq!(e("{other}"), Ok("{other}".into()));
-        assert!(e("{port.app}").unwrap_err().contains("no port `app`"));
+        assert!(
+            e("{port.app}")
+                .unwrap_err()
+                .to_string()
+                .contains("no port `app`")
+        );
     }
 
     #[test]

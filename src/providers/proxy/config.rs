@@ -1,0 +1,94 @@
+//! The proxy providers' settings (`providers.proxy`): one of the embedded proxy, Caddy, Traefik.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::model::Duration;
+
+/// The reverse proxy that serves session routes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum ProxyConfig {
+    /// vessel's own reverse proxy.
+    Embedded {
+        /// The address it listens on.
+        #[serde(default = "default_proxy_listen")]
+        listen: SocketAddr,
+    },
+    /// Caddy, through its admin API.
+    Caddy {
+        /// The admin API, such as `http://127.0.0.1:2019`.
+        admin: String,
+        /// The HTTP server in Caddy's config that vessel's routes go into.
+        server: String,
+        /// The addresses that server listens on, such as `[":8080"]`, used only to create it
+        /// when Caddy's config does not have it (after Caddy restarted with an empty config).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        listen: Vec<String>,
+        /// The prefix of the `@id` that marks vessel's routes (`<prefix>_<session>_<route>_<host>`).
+        /// Two vessels sharing one Caddy need different prefixes.
+        #[serde(default = "default_route_prefix")]
+        id_prefix: String,
+    },
+    /// Traefik, through its file provider: vessel owns one dynamic-configuration file.
+    Traefik(TraefikConfig),
+}
+
+/// The `traefik` proxy provider's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TraefikConfig {
+    /// The file, in a directory Traefik's file provider watches.
+    pub file: PathBuf,
+    /// The entry points vessel's routers attach to (all, when empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entrypoints: Vec<String>,
+    /// The prefix of vessel's router and service names.
+    #[serde(default = "default_route_prefix")]
+    pub name_prefix: String,
+    /// Traefik's API, such as `http://127.0.0.1:8081` (`--api` on a loopback entry point). With
+    /// it, a write counts as done only once the API shows vessel's routers loaded and enabled
+    /// (a router Traefik refuses fails its step with Traefik's own error), and a route Traefik
+    /// has not loaded or has refused reads as drifted, so the next pass repairs it. Without
+    /// it, a write counts as done once the file is replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<String>,
+    /// How long a write waits for Traefik to load it (with `api`). Traefik applies a change at
+    /// most once per `providersThrottleDuration` (2 s unless set).
+    #[serde(default = "default_traefik_confirm")]
+    pub confirm_within: Duration,
+}
+
+fn default_traefik_confirm() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_route_prefix() -> String {
+    "vessel".into()
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig::Embedded {
+            listen: default_proxy_listen(),
+        }
+    }
+}
+
+fn default_proxy_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+impl ProxyConfig {
+    /// Make relative paths relative to `base` (the config file's directory).
+    pub fn rebase(&mut self, base: &std::path::Path) {
+        if let ProxyConfig::Traefik(t) = self
+            && t.file.is_relative()
+        {
+            t.file = base.join(&t.file);
+        }
+    }
+}
