@@ -13,9 +13,9 @@ use bollard::auth::DockerCredentials;
 use bollard::query_parameters::CreateImageOptions;
 use futures_util::StreamExt;
 
-use crate::secret::SecretError;
 use crate::model::PullPolicy;
 use crate::providers::ProviderError;
+use crate::secret::SecretError;
 
 use super::{Inner, short, status_of};
 
