@@ -32,6 +32,7 @@ fn main() {
         name: "web".into(),
         compute: Default::default(),
         image: None,
+        pull: None,
         command: vec!["serve".into(), "{port.ide}".into()],
         env: BTreeMap::new(),
         cpus: Some(1.0),

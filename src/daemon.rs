@@ -259,6 +259,13 @@ pub async fn run(
             secrets.push(v.expose().to_string());
         }
     }
+    if let Some(d) = &reconciler.config.providers.compute.docker {
+        for r in d.registries.values() {
+            if let Ok(v) = r.password.resolve() {
+                secrets.push(v.expose().to_string());
+            }
+        }
+    }
     // Metrics count what each pass published.
     let metrics = Arc::new(crate::metrics::Metrics::default());
     metrics.providers(reconciler.provider_names());

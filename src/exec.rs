@@ -544,6 +544,7 @@ mod tests {
         RuntimeSpec {
             compute: ComputeKind::Process,
             image: None,
+            pull: None,
             command: vec![],
             env: BTreeMap::new(),
             cpus: None,

@@ -4,7 +4,9 @@
 //! Retrying is this loop's job: an object whose step failed backs off (exponentially, with
 //! jitter, per object), so one broken session never slows the others.
 
-use crate::model::plan::{Action, Object, Plan, RecordAction, RouteAction, SessionAction, Summary};
+use crate::model::plan::{
+    Action, Object, Plan, Reason, RecordAction, RouteAction, SessionAction, Step, Summary,
+};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -128,17 +130,21 @@ struct Wish {
     spec: Option<String>,
 }
 
-/// The wish a step serves, given each desired session's spec fingerprint.
-fn wish_of(action: &Action, specs: &BTreeMap<&str, String>) -> Wish {
-    let removing = matches!(
-        action,
-        Action::Session(
-            SessionAction::DestroySession { .. }
-                | SessionAction::StopSession { .. }
-                | SessionAction::SaveWork { .. }
-        ) | Action::Route(RouteAction::RemoveRoute { .. })
-            | Action::Record(RecordAction::RemoveRecord { .. })
-    );
+/// The wish a step serves, given each desired session's spec fingerprint. The steps of a
+/// replace (its pull, save and destroy too) all serve making the new session, so a replace
+/// that keeps failing backs off as one wish.
+fn wish_of(step: &Step, specs: &BTreeMap<&str, String>) -> Wish {
+    let action = &step.action;
+    let removing = !matches!(step.reason, Reason::Replaced { .. })
+        && matches!(
+            action,
+            Action::Session(
+                SessionAction::DestroySession { .. }
+                    | SessionAction::StopSession { .. }
+                    | SessionAction::SaveWork { .. }
+            ) | Action::Route(RouteAction::RemoveRoute { .. })
+                | Action::Record(RecordAction::RemoveRecord { .. })
+        );
     Wish {
         removing,
         spec: action.session().and_then(|s| specs.get(s).cloned()),
@@ -199,11 +205,22 @@ impl SourceChanges {
     }
 }
 
-/// What a reader holds: the latest snapshot, and the count of source changes seen.
+/// What is happening to sessions while a pass runs its steps, in words (an image pull's
+/// progress), as the compute providers say it; empty between passes. Display only.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Activity {
+    /// Moves on with every change (for caches).
+    pub seq: u64,
+    pub sessions: BTreeMap<String, String>,
+}
+
+/// What a reader holds: the latest snapshot, the count of source changes seen, and what is
+/// happening now.
 #[derive(Debug, Clone)]
 pub struct Published {
     snapshot: watch::Receiver<Arc<Snapshot>>,
     changes: Arc<SourceChanges>,
+    activity: watch::Receiver<Activity>,
 }
 
 impl Published {
@@ -217,6 +234,11 @@ impl Published {
     /// A number that changes whenever what readers see may have changed (for caches).
     pub fn version(&self) -> (u64, u64) {
         (self.snapshot.borrow().passes, self.changes.count())
+    }
+
+    /// What is happening to sessions now (while a pass runs its steps).
+    pub fn activity(&self) -> Activity {
+        self.activity.borrow().clone()
     }
 }
 
@@ -241,6 +263,8 @@ pub struct Reconciler {
     tx: watch::Sender<Arc<Snapshot>>,
     changes: Arc<SourceChanges>,
     on_pass: Vec<OnPass>,
+    /// What the compute providers say is happening, forwarded while steps run.
+    activity: Arc<watch::Sender<Activity>>,
 }
 
 /// How many recent events are kept in memory.
@@ -284,6 +308,7 @@ impl Reconciler {
             tx,
             changes: Arc::default(),
             on_pass: Vec::new(),
+            activity: Arc::new(watch::channel(Activity::default()).0),
         }
     }
 
@@ -292,6 +317,7 @@ impl Reconciler {
         Published {
             snapshot: self.tx.subscribe(),
             changes: self.changes.clone(),
+            activity: self.activity.subscribe(),
         }
     }
 
@@ -343,6 +369,44 @@ impl Reconciler {
             .map(|b| b.until)
             .filter(|u| *u > now)
             .min()
+    }
+
+    /// Forward what the compute providers say is happening to their sessions (an image pull's
+    /// progress) to readers while steps run, at most five times a second; aborted after them.
+    fn forward_activity(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let mut feeds: Vec<_> = self
+            .providers
+            .compute
+            .values()
+            .filter_map(|p| p.activity())
+            .collect();
+        if feeds.is_empty() {
+            return None;
+        }
+        let tx = self.activity.clone();
+        Some(tokio::spawn(async move {
+            loop {
+                let mut now = BTreeMap::new();
+                for f in &mut feeds {
+                    now.extend(f.borrow_and_update().clone());
+                }
+                tx.send_if_modified(|a| {
+                    let changed = a.sessions != now;
+                    if changed {
+                        a.sessions = now;
+                        a.seq += 1;
+                    }
+                    changed
+                });
+                let any = futures_util::future::select_all(
+                    feeds.iter_mut().map(|f| Box::pin(f.changed())),
+                );
+                if any.await.0.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }))
     }
 
     /// Run one pass. `on_step` sees every step outcome as it happens (for progress output).
@@ -472,7 +536,7 @@ impl Reconciler {
         let mut hold: BTreeSet<usize> = BTreeSet::new();
         for s in &p.steps {
             let o = s.action.object();
-            let wish = wish_of(&s.action, &specs);
+            let wish = wish_of(s, &specs);
             match self.backoff.get(&o) {
                 Some(b) if b.wish != wish => {
                     self.backoff.remove(&o);
@@ -488,6 +552,7 @@ impl Reconciler {
         self.backoff
             .retain(|o, b| b.until > clock || stepping.contains(o));
         let mut events = Vec::new();
+        let forwarding = self.forward_activity();
         let results = execute(&p, &self.providers, &self.exec, &hold, cancel, |step, outcome, d| {
             let e = Event {
                 time: Utc::now(),
@@ -517,6 +582,17 @@ impl Reconciler {
             events.push(e);
         })
         .await;
+        if let Some(f) = forwarding {
+            f.abort();
+        }
+        self.activity.send_if_modified(|a| {
+            let busy = !a.sessions.is_empty();
+            if busy {
+                a.sessions.clear();
+                a.seq += 1;
+            }
+            busy
+        });
         // Backoff: per object, reset by success, grown by failure.
         let mut failed: BTreeMap<Object, Wish> = BTreeMap::new();
         let mut succeeded: BTreeSet<Object> = BTreeSet::new();
@@ -524,7 +600,7 @@ impl Reconciler {
             let action = &p.steps[r.step].action;
             let o = action.object();
             if r.outcome.is_failure() {
-                failed.insert(o, wish_of(action, &specs));
+                failed.insert(o, wish_of(&p.steps[r.step], &specs));
             } else if r.outcome.is_success() {
                 succeeded.insert(o);
             }
@@ -550,7 +626,9 @@ impl Reconciler {
             r.outcome.is_success()
                 && !matches!(
                     p.steps[r.step].action,
-                    crate::model::plan::Action::Session(SessionAction::WaitHealthy { .. })
+                    crate::model::plan::Action::Session(
+                        SessionAction::WaitHealthy { .. } | SessionAction::PullImage { .. }
+                    )
                 )
         }) || (!p.deferred.is_empty()
             && results.iter().any(|r| r.outcome.is_success()));
@@ -687,9 +765,32 @@ impl Reconciler {
         let shared = &mut self.current;
         let last_errors = Arc::make_mut(&mut shared.last_errors);
         let mut next: BTreeMap<String, Vec<Condition>> = BTreeMap::new();
+        let clock = Instant::now();
         for name in names {
-            let stalled = failures.get(name).or(held.get(name)).cloned();
-            let reconciling = pending.get(name).cloned();
+            // A session whose steps keep failing is Stalled while it backs off between tries
+            // too (its steps then wait, so they do not fail again in that pass).
+            let failing = self
+                .backoff
+                .get(&Object::Session(name.clone()))
+                .filter(|b| b.failures > 0)
+                .map(|b| {
+                    let last = last_errors
+                        .get(name.as_str())
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default();
+                    format!(
+                        "failing ({} in a row; the next try in {} s){last}",
+                        if b.failures == 1 {
+                            "1 failure".to_string()
+                        } else {
+                            format!("{} failures", b.failures)
+                        },
+                        b.until.saturating_duration_since(clock).as_secs()
+                    )
+                });
+            let stalled = failures.get(name).or(held.get(name)).cloned().or(failing);
+            // Stalled and Reconciling exclude each other: work that cannot progress is stalled.
+            let reconciling = pending.get(name).cloned().filter(|_| stalled.is_none());
             let ready = stalled.is_none()
                 && reconciling.is_none()
                 && desired.sessions.contains_key(name.as_str());

@@ -135,9 +135,10 @@ impl FieldChange {
 }
 
 /// The fields of a plan that make a session's spec (the `RuntimeSpec`), in schema order.
-pub const SPEC_FIELDS: [&str; 10] = [
+pub const SPEC_FIELDS: [&str; 11] = [
     "compute",
     "image",
+    "pull",
     "command",
     "env",
     "cpus",
@@ -158,6 +159,7 @@ pub fn field_change(kind: ComputeKind, field: &str) -> FieldChange {
         (ComputeKind::Process, "command" | "env" | "ports") => Restart,
         (ComputeKind::Process, _) => Ignored,
         (ComputeKind::Docker, "disk") => Ignored,
+        (ComputeKind::Docker, "pull") => Free,
         _ => Replace,
     }
 }
@@ -252,6 +254,14 @@ pub struct PlanSpec {
     /// Changing it (process: ignored; docker: replaces the session).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// When the image is pulled from its registry: `missing` (the default) when the engine
+    /// does not have it, `always` before every create or replace, `never` (it must be there).
+    /// A pull runs before a replace takes the old session away; one that fails holds the
+    /// session with the registry's message and destroys nothing. Credentials for private
+    /// registries are in the config (`providers.compute.docker.registries`).
+    /// Changing it (process: ignored; docker: changes in place).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull: Option<PullPolicy>,
     /// The command and its arguments, run without a shell. `{port.NAME}` is replaced by the
     /// port a session was given for NAME, `{workspace}` by its workspace directory.
     /// Changing it (process: changes in place with a restart; docker: replaces the session).
@@ -289,6 +299,31 @@ pub struct PlanSpec {
     /// Changing it (process: changes in place; docker: changes in place).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_timeout: Option<Duration>,
+}
+
+/// When a container image is pulled from its registry.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum PullPolicy {
+    /// When the engine does not have the image.
+    #[default]
+    Missing,
+    /// Before every create (and before a replace takes the old container away).
+    Always,
+    /// Never: the image must be on the engine already.
+    Never,
+}
+
+impl fmt::Display for PullPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PullPolicy::Missing => "missing",
+            PullPolicy::Always => "always",
+            PullPolicy::Never => "never",
+        })
+    }
 }
 
 /// A health check: an HTTP GET on one of the plan's ports.

@@ -91,6 +91,8 @@ pub struct RuntimeSpec {
     pub compute: ComputeKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull: Option<crate::model::PullPolicy>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -124,13 +126,14 @@ impl RuntimeSpec {
     }
 
     /// A short, stable fingerprint of everything that cannot change without a replace.
-    /// `health` and `stop_timeout` are left out: they travel with the steps that use them and
-    /// never need a replace.
+    /// `health`, `stop_timeout` and `pull` are left out: they travel with the steps that use
+    /// them and never need a replace.
     pub fn fingerprint(&self) -> String {
         use sha2::{Digest, Sha256};
         let immutable = RuntimeSpec {
             health: None,
             stop_timeout: None,
+            pull: None,
             ..self.clone()
         };
         let json = serde_json::to_vec(&immutable).unwrap_or_default();

@@ -78,6 +78,19 @@ pub enum SessionAction {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         retain: bool,
     },
+    /// Pull a session's image before a replace takes the old session away, so that an image
+    /// that cannot be pulled destroys nothing (a create pulls by itself, by the same policy).
+    PullImage {
+        session: String,
+        provider: ComputeKind,
+        image: String,
+        /// When to pull: `missing` (only if the engine lacks it), `always`, or `never` (only
+        /// check that the engine has it).
+        pull: super::PullPolicy,
+        /// The provider's host the new session goes on.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        host: Option<String>,
+    },
     WaitHealthy {
         session: String,
         provider: ComputeKind,
@@ -199,6 +212,7 @@ impl SessionAction {
             | SessionAction::StopSession { session, .. }
             | SessionAction::DestroySession { session, .. }
             | SessionAction::WaitHealthy { session, .. }
+            | SessionAction::PullImage { session, .. }
             | SessionAction::SyncSource { session, .. }
             | SessionAction::SaveWork { session, .. } => session,
         }
@@ -213,6 +227,7 @@ impl SessionAction {
             | SessionAction::StopSession { provider, .. }
             | SessionAction::DestroySession { provider, .. }
             | SessionAction::WaitHealthy { provider, .. }
+            | SessionAction::PullImage { provider, .. }
             | SessionAction::SyncSource { provider, .. }
             | SessionAction::SaveWork { provider, .. } => *provider,
         }
@@ -226,6 +241,7 @@ impl SessionAction {
             SessionAction::StopSession { .. } => "stop",
             SessionAction::DestroySession { .. } => "destroy",
             SessionAction::WaitHealthy { .. } => "wait-healthy",
+            SessionAction::PullImage { .. } => "pull-image",
             SessionAction::SyncSource { .. } => "sync-source",
             SessionAction::SaveWork { .. } => "save-work",
         }

@@ -134,6 +134,8 @@ enum Fate {
 /// step of the same phase), so step ids are a topological order.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Phase {
+    /// A replaced session's new image, before anything of the old one is taken away.
+    Pull,
     RemoveRecord,
     RemoveRoute,
     SaveWork,

@@ -105,16 +105,33 @@ fn dependencies(drafts: &[Draft], observed: &Observed) -> Vec<Vec<usize>> {
             .to_vec()
     };
     let host = |p: Phase, h: &str| by_host.get(&(p, h)).copied();
+    // The session each observed route's host and record's name belongs to: their removal waits
+    // for that session's pull (a replace whose image cannot be pulled takes nothing away).
+    let mut session_of_host: BTreeMap<&str, &str> = BTreeMap::new();
+    for (s, hosts) in routes_of.iter().chain(records_of.iter()) {
+        for h in hosts {
+            session_of_host.insert(h, s);
+        }
+    }
+    let pulled = |h: &str| {
+        session_of_host
+            .get(h)
+            .map(|s| sess(Phase::Pull, s))
+            .unwrap_or_default()
+    };
     let mut all = Vec::with_capacity(drafts.len());
     for (id, d) in drafts.iter().enumerate() {
         let mut deps: Vec<usize> = Vec::new();
         match &d.action {
+            Action::Session(SessionAction::PullImage { .. }) => {}
             Action::Route(RouteAction::RemoveRoute { host: h }) => {
-                deps.extend(host(Phase::RemoveRecord, h))
+                deps.extend(host(Phase::RemoveRecord, h));
+                deps.extend(pulled(h));
             }
             Action::Session(SessionAction::SaveWork { session, .. })
             | Action::Session(SessionAction::StopSession { session, .. })
             | Action::Session(SessionAction::DestroySession { session, .. }) => {
+                deps.extend(sess(Phase::Pull, session));
                 for h in routes_of.get(session.as_str()).into_iter().flatten() {
                     deps.extend(host(Phase::RemoveRoute, h));
                 }
@@ -152,7 +169,7 @@ fn dependencies(drafts: &[Draft], observed: &Observed) -> Vec<Vec<usize>> {
             Action::Record(RecordAction::UpsertRecord { name, .. }) => {
                 deps.extend(host(Phase::UpsertRoute, name))
             }
-            Action::Record(RecordAction::RemoveRecord { .. }) => {}
+            Action::Record(RecordAction::RemoveRecord { name, .. }) => deps.extend(pulled(name)),
         }
         debug_assert!(
             deps.iter().all(|d| *d < id),
@@ -203,6 +220,7 @@ fn change_of(s: &Step) -> ObjectChange {
         ) => ObjectChange::Destroy,
         (
             Action::Session(SessionAction::WaitHealthy { .. })
+            | Action::Session(SessionAction::PullImage { .. })
             | Action::Session(SessionAction::SaveWork { .. }),
             _,
         ) => ObjectChange::Follow,

@@ -397,6 +397,23 @@ fn step_target(a: &Action) -> String {
         Action::Session(SessionAction::SaveWork { session, path, .. }) => {
             format!("{session} -> {}", path.display())
         }
+        Action::Session(SessionAction::PullImage {
+            session,
+            image,
+            pull,
+            host,
+            ..
+        }) => {
+            let on = host
+                .as_ref()
+                .map(|h| format!(" on {h}"))
+                .unwrap_or_default();
+            let how = match pull {
+                crate::model::PullPolicy::Never => "pull: never; only looked for".to_string(),
+                other => format!("pull: {other}"),
+            };
+            format!("{session}: {image}{on} ({how})")
+        }
         Action::Session(SessionAction::CreateSession {
             session,
             host,

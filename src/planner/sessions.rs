@@ -16,6 +16,7 @@ pub fn runtime_spec(session: &SessionSpec, plan: &PlanSpec) -> RuntimeSpec {
     RuntimeSpec {
         compute: plan.compute,
         image: plan.image.clone(),
+        pull: plan.pull,
         command: plan.command.clone(),
         env,
         cpus: plan.cpus,

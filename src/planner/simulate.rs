@@ -108,6 +108,7 @@ pub fn simulate_step(action: &Action, o: &mut Observed) {
                 }
             }
             Action::Session(SessionAction::WaitHealthy { .. })
+            | Action::Session(SessionAction::PullImage { .. })
             | Action::Session(SessionAction::SaveWork { .. }) => {}
             Action::Route(a) => {
                 match a.after() {

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use crate::model::observed::{ObservedSession, SessionState};
-use crate::model::{Duration, RunState};
+use crate::model::{ComputeKind, Duration, RunState};
 
 use super::{
     Action, DataFate, Drafts, Fate, HoldReason, Object, Phase, PlacementHost, Planner, Policy,
@@ -90,6 +90,7 @@ impl<'a> Planner<'a> {
                         keep,
                         timeout: stop_timeout,
                     };
+                    pull_first(&mut drafts, name, w, &host, &reason);
                     save_then_destroy(&mut drafts, name, o, &reason, retain);
                     let restore = keep && policy.keeps_workspaces.contains(&w.spec.compute);
                     create_steps(&mut drafts, name, w, host, restore, reason);
@@ -252,6 +253,27 @@ fn save_then_destroy(
         }),
         reason.clone(),
     );
+}
+
+/// A replace pulls the new image before anything of the old session is taken away: an image
+/// that cannot be pulled then destroys nothing (`order.rs` makes every removal of the session
+/// wait for it). Only for providers that run images; with `pull: never` the step only checks
+/// that the image is there, so a missing one destroys nothing either.
+fn pull_first(drafts: &mut Drafts, name: &str, w: &Want, host: &Option<String>, reason: &Reason) {
+    let pull = w.spec.pull.unwrap_or_default();
+    if let (ComputeKind::Docker, Some(image)) = (w.spec.compute, &w.spec.image) {
+        drafts.push(
+            Phase::Pull,
+            Action::Session(SessionAction::PullImage {
+                session: name.into(),
+                provider: w.spec.compute,
+                image: image.clone(),
+                pull,
+                host: host.clone(),
+            }),
+            reason.clone(),
+        );
+    }
 }
 
 fn sync_action(name: &str, w: &Want) -> Action {

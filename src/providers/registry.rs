@@ -66,6 +66,8 @@ pub enum SetupError {
     PowerDns(#[from] powerdns::PowerDnsError),
     #[error("cannot read the PowerDNS API key")]
     PowerDnsKey(#[source] crate::secret::SecretError),
+    #[error(transparent)]
+    Docker(#[from] super::compute::docker::DockerSetupError),
     #[error("cannot prepare the process provider's directory {path}")]
     StateDir {
         path: std::path::PathBuf,

@@ -3,8 +3,9 @@
 //!
 //! Read-only by construction: it holds only the reconciler's shared view (behind a mutex it
 //! reads) and the metrics; nothing it can reach changes state. Every method but GET and HEAD
-//! answers 405. An optional bearer token guards everything but `/healthz`. Known secret values
-//! are redacted from every body. It runs on a thread of its own, so a busy reconcile pass does
+//! answers 405. An optional token guards everything but `/healthz`, given as a bearer token or
+//! as the password of HTTP Basic authentication (any user name), so a browser can open the
+//! page. Known secret values are redacted from every body. It runs on a thread of its own, so a busy reconcile pass does
 //! not slow it down, with bounded connections and timeouts (`listeners`).
 
 mod page;
@@ -141,6 +142,58 @@ fn bearer(value: &str) -> Option<&str> {
         .then(|| token.trim_start())
 }
 
+/// The token an `Authorization` value carries: a bearer token, or the password of HTTP Basic
+/// authentication (RFC 7617; any user name), so that a browser can open the page.
+fn credential(value: &str) -> Option<String> {
+    if let Some(t) = bearer(value) {
+        return Some(t.to_string());
+    }
+    let (scheme, encoded) = value.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64_decode(encoded.trim())?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (_user, password) = text.split_once(':')?;
+    Some(password.to_string())
+}
+
+/// Standard base64 (padding optional); None for anything else.
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let value = |c: u8| -> Option<u32> {
+        Some(u32::from(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        }))
+    };
+    let s = s
+        .strip_suffix("==")
+        .or_else(|| s.strip_suffix('='))
+        .unwrap_or(s);
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    for chunk in s.as_bytes().chunks(4) {
+        if chunk.len() == 1 {
+            return None;
+        }
+        let mut n = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            n |= value(*c)? << (18 - 6 * i);
+        }
+        out.push((n >> 16) as u8);
+        if chunk.len() > 2 {
+            out.push((n >> 8) as u8);
+        }
+        if chunk.len() > 3 {
+            out.push(n as u8);
+        }
+    }
+    Some(out)
+}
+
 fn eq_constant_time(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -164,17 +217,22 @@ async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Res
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(bearer)
-            .unwrap_or("");
+            .and_then(credential)
+            .unwrap_or_default();
         if !eq_constant_time(given.as_bytes(), token.expose().as_bytes()) {
             let mut r = respond(
                 StatusCode::UNAUTHORIZED,
                 "text/plain",
-                "a bearer token is required\n",
+                "the status token is required: `Authorization: Bearer <token>`, or in a browser any user name and the token as the password\n",
             );
-            r.headers_mut().insert(
+            // Both schemes: a browser asks for a user name and a password (Basic).
+            r.headers_mut().append(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"vessel\""),
+            );
+            r.headers_mut().append(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"vessel\", charset=\"UTF-8\""),
             );
             return r;
         }
@@ -264,14 +322,16 @@ async fn status(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn sessions(State(st): State<Arc<AppState>>) -> Response {
-    match st.with(|s| view::sessions(s, &st.ctx)) {
+    let now = st.published.activity();
+    match st.with(|s| view::sessions(s, &st.ctx, &now)) {
         Some(v) => json(&st, &v),
         None => unavailable(),
     }
 }
 
 async fn session(State(st): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
-    match st.with(|s| view::session(s, &st.ctx, &name)) {
+    let now = st.published.activity();
+    match st.with(|s| view::session(s, &st.ctx, &now, &name)) {
         Some(Some(v)) => json(&st, &v),
         Some(None) => respond(
             StatusCode::NOT_FOUND,
@@ -365,12 +425,26 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     )
 }
 
-async fn index(State(st): State<Arc<AppState>>) -> Response {
-    let (snap, waiting) = st.published.latest();
-    match Some(page::render(&snap, waiting, &st.ctx)) {
-        Some(html) => respond(StatusCode::OK, "text/html; charset=utf-8", st.redact(html)),
-        None => unavailable(),
+/// The page; with `If-None-Match` naming the version the reader has, 304 while nothing changed
+/// (the page's script asks every few seconds, and swaps in what changed without a reload).
+async fn index(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let now = st.published.activity();
+    let ((passes, changes), seq) = (st.published.version(), now.seq);
+    let tag = format!("\"{passes}-{changes}-{seq}\"");
+    let etag = HeaderValue::from_str(&tag).unwrap_or(HeaderValue::from_static("\"0\""));
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|v| v.as_bytes() == tag.as_bytes())
+    {
+        let mut r = respond(StatusCode::NOT_MODIFIED, "text/html; charset=utf-8", "");
+        r.headers_mut().insert(header::ETAG, etag);
+        return r;
     }
+    let (snap, waiting) = st.published.latest();
+    let html = page::render(&snap, waiting, &st.ctx, &now, &tag);
+    let mut r = respond(StatusCode::OK, "text/html; charset=utf-8", st.redact(html));
+    r.headers_mut().insert(header::ETAG, etag);
+    r
 }
 
 async fn not_found() -> Response {
@@ -393,7 +467,21 @@ pub fn serve_thread(
 
 #[cfg(test)]
 mod tests {
-    use super::bearer;
+    use super::{bearer, credential};
+
+    #[test]
+    fn basic_authentication_carries_the_token_as_its_password() {
+        // "anyone:s3cret-token" and "vessel:pa:ss" (a colon in the password).
+        assert_eq!(
+            credential("Basic YW55b25lOnMzY3JldC10b2tlbg=="),
+            Some("s3cret-token".into())
+        );
+        assert_eq!(credential("basic dmVzc2VsOnBhOnNz"), Some("pa:ss".into()));
+        assert_eq!(credential("Bearer abc"), Some("abc".into()));
+        assert_eq!(credential("Basic !!!"), None);
+        assert_eq!(credential("Basic YW55b25l"), None, "no colon: no password");
+        assert_eq!(credential("Digest abc"), None);
+    }
 
     #[test]
     fn the_bearer_scheme_is_case_insensitive() {

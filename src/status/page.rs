@@ -1,12 +1,43 @@
-//! The status page at `/`: server-rendered HTML, no JavaScript. Sessions with their state and
-//! links, the last pass, errors, the pending plan.
+//! The status page at `/`: server-rendered HTML. Sessions with their state and links (and the
+//! ones a file with errors holds, with their file; an image pull in progress), the last pass,
+//! errors, the pending plan. A few lines of script ask for the page again every 2 s with the
+//! version it shows (`If-None-Match`: 304 while nothing changed) and swap in its `<main>`, so
+//! it updates itself without a reload and keeps the reader's scroll position; without script
+//! it refreshes itself the old way (a `<noscript>` meta refresh). Plain requests, no open
+//! stream: each counts against the listener's bounds like any other and ends at once.
 
 use std::fmt::Write as _;
 
 use crate::planner::render;
-use crate::reconcile::Snapshot;
+use crate::reconcile::{Activity, Snapshot};
 
 use super::view::{self, Context};
+
+/// Ask for the page every 2 s (with the credentials the browser already has) and swap in its
+/// `<main>` when it changed: no reload, the scroll position kept.
+const REFRESH_SCRIPT: &str = r#"<script>
+(function () {
+  const every = 2000;
+  async function refresh() {
+    try {
+      const main = document.getElementById("content");
+      const r = await fetch(location.pathname, {cache: "no-store", credentials: "same-origin",
+        headers: {"If-None-Match": main ? main.dataset.etag : ""}});
+      if (r.status === 200) {
+        const next = new DOMParser().parseFromString(await r.text(), "text/html").getElementById("content");
+        if (next && main) {
+          const x = window.scrollX, y = window.scrollY;
+          main.replaceWith(next);
+          window.scrollTo(x, y);
+          document.body.dataset.refreshed = String(Number(document.body.dataset.refreshed || 0) + 1);
+        }
+      }
+    } catch (e) { /* the daemon is restarting: try again */ }
+    setTimeout(refresh, every);
+  }
+  setTimeout(refresh, every);
+})();
+</script>"#;
 
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -15,7 +46,14 @@ fn esc(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-pub fn render(s: &Snapshot, source_changed: bool, ctx: &Context) -> String {
+/// The page for snapshot `s`, what is happening `now`, and its version `etag`.
+pub fn render(
+    s: &Snapshot,
+    source_changed: bool,
+    ctx: &Context,
+    now: &Activity,
+    etag: &str,
+) -> String {
     let st = view::status(s, source_changed);
     let mut h = String::new();
     let badge = if st.converged {
@@ -27,13 +65,14 @@ pub fn render(s: &Snapshot, source_changed: bool, ctx: &Context) -> String {
     };
     let _ = write!(
         h,
-        "<!doctype html>\n<html lang=en><head><meta charset=utf-8><meta http-equiv=refresh content=5>\
+        "<!doctype html>\n<html lang=en><head><meta charset=utf-8><noscript><meta http-equiv=refresh content=5></noscript>\
          <title>vessel status</title><style>\
          body{{font:15px system-ui,sans-serif;margin:2em auto;max-width:70em;color:#222;padding:0 1em}}\
          table{{border-collapse:collapse;width:100%}}td,th{{text-align:left;padding:.3em .6em;border-bottom:1px solid #ddd;vertical-align:top}}\
          .ok{{color:#176f2c}}.busy{{color:#8a5a00}}.bad{{color:#b00020}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}\
          code{{background:#f3f3f3;padding:0 .2em}}</style></head><body>\
-         <h1>vessel {badge}</h1>"
+         <main id=content data-etag=\"{etag}\"><h1>vessel {badge}</h1>",
+        etag = esc(etag)
     );
     let _ = write!(
         h,
@@ -59,7 +98,7 @@ pub fn render(s: &Snapshot, source_changed: bool, ctx: &Context) -> String {
     }
     h.push_str("</p>");
     h.push_str("<h2>Sessions</h2><table><tr><th>Session</th><th>Plan</th><th>Owner</th><th>Desired</th><th>Observed</th><th>Conditions</th><th>Links</th></tr>");
-    for sv in view::sessions(s, ctx) {
+    for sv in view::sessions(s, ctx, now) {
         let conds: Vec<String> = sv
             .conditions
             .iter()
@@ -87,9 +126,20 @@ pub fn render(s: &Snapshot, source_changed: bool, ctx: &Context) -> String {
             "<tr id=\"session-{n}\"><td><b>{n}</b></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}{}</td><td>{}</td></tr>",
             esc(sv.plan.as_deref().unwrap_or("")),
             esc(sv.owner.as_deref().unwrap_or("")),
-            esc(sv.desired_state.as_deref().unwrap_or("(removed)")),
+            match (&sv.quarantined, &sv.desired_state) {
+                (Some(file), _) => format!(
+                    "<span class=bad>quarantined</span> in <code>{}</code> (held as it is)",
+                    esc(file)
+                ),
+                (None, d) => esc(d.as_deref().unwrap_or("(removed)")),
+            },
             esc(sv.observed_state.as_deref().unwrap_or("(absent)")),
-            conds.join("<br>"),
+            conds.join("<br>")
+                + &sv
+                    .activity
+                    .as_deref()
+                    .map(|a| format!("<br><span class=busy>{}</span>", esc(a)))
+                    .unwrap_or_default(),
             sv.last_error
                 .as_deref()
                 .map(|e| format!("<br><span class=bad>{}</span>", esc(e)))
@@ -138,6 +188,8 @@ pub fn render(s: &Snapshot, source_changed: bool, ctx: &Context) -> String {
         }
         _ => h.push_str("<p>No pass has run yet.</p>"),
     }
-    h.push_str("<p><small>JSON: <a href=/status>/status</a> <a href=/sessions>/sessions</a> <a href=/routes>/routes</a> <a href=/dns>/dns</a> <a href=/plan>/plan</a> <a href=/events>/events</a> <a href=/metrics>/metrics</a></small></p></body></html>\n");
+    h.push_str("<p><small>JSON: <a href=/status>/status</a> <a href=/sessions>/sessions</a> <a href=/routes>/routes</a> <a href=/dns>/dns</a> <a href=/plan>/plan</a> <a href=/events>/events</a> <a href=/metrics>/metrics</a></small></p></main>");
+    h.push_str(REFRESH_SCRIPT);
+    h.push_str("</body></html>\n");
     h
 }

@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::desired::effective_routes;
 use crate::diag::Diagnostic;
 use crate::model::observed::{RecordType, RuntimeSpec, SessionState};
-use crate::reconcile::{Condition, PassReport, Snapshot};
+use crate::reconcile::{Activity, Condition, PassReport, Snapshot};
 use crate::state::Event;
 
 pub const REDACTED: &str = "<redacted>";
@@ -102,6 +102,12 @@ pub struct SessionView {
     pub expires: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
     pub conditions: Vec<Condition>,
+    /// The file with errors that declares it: it is held as it is until the file is fixed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quarantined: Option<String>,
+    /// What is happening to it right now, in words (an image pull's progress).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub activity: Option<String>,
 }
 
 /// `GET /sessions/{name}`.
@@ -331,12 +337,31 @@ pub fn not_converged(
     why
 }
 
-pub fn sessions(s: &Snapshot, ctx: &Context) -> Vec<SessionView> {
+pub fn sessions(s: &Snapshot, ctx: &Context, now: &Activity) -> Vec<SessionView> {
     let mut names: Vec<String> = s
         .desired
         .iter()
         .flat_map(|d| d.sessions.keys().cloned())
         .collect();
+    // Sessions a file with errors declares: shown, with their file.
+    let mut quarantined: BTreeMap<String, String> = BTreeMap::new();
+    if let Some(d) = &s.desired {
+        for (file, q) in &d.quarantined {
+            for h in q
+                .held
+                .iter()
+                .filter(|h| h.kind == crate::model::Kind::Session)
+            {
+                quarantined
+                    .entry(h.name.clone())
+                    .or_insert_with(|| file.display().to_string());
+            }
+        }
+    }
+    names.extend(quarantined.keys().cloned());
+    // Sessions something is happening to now (a first pass pulling their image, before any
+    // snapshot lists them).
+    names.extend(now.sessions.keys().cloned());
     if let Some(o) = &s.observed {
         names.extend(
             o.sessions
@@ -371,14 +396,16 @@ pub fn sessions(s: &Snapshot, ctx: &Context) -> Vec<SessionView> {
                 expires: want.and_then(|w| w.spec.expires),
                 last_error: s.last_errors.get(&name).cloned(),
                 conditions: s.conditions.get(&name).cloned().unwrap_or_default(),
+                quarantined: quarantined.get(&name).cloned(),
+                activity: now.sessions.get(&name).cloned(),
                 name,
             }
         })
         .collect()
 }
 
-pub fn session(s: &Snapshot, ctx: &Context, name: &str) -> Option<SessionDetail> {
-    let summary = sessions(s, ctx).into_iter().find(|v| v.name == name)?;
+pub fn session(s: &Snapshot, ctx: &Context, now: &Activity, name: &str) -> Option<SessionDetail> {
+    let summary = sessions(s, ctx, now).into_iter().find(|v| v.name == name)?;
     let have = s.observed.as_ref().and_then(|o| o.sessions.get(name));
     let spec = have.and_then(|h| h.spec.clone()).map(|mut spec| {
         for v in spec.env.values_mut() {
@@ -498,6 +525,7 @@ mod tests {
         let spec = RuntimeSpec {
             compute: crate::model::ComputeKind::Process,
             image: None,
+            pull: None,
             command: vec![],
             env: [("API_KEY".to_string(), "hunter2".to_string())]
                 .into_iter()

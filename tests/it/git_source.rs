@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::daemon_support::{Daemon, PLAN, free_port, session, wait_for};
-use crate::support::git;
+use crate::support::{base64, git};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -417,27 +417,6 @@ fn with_verification_on_an_unsigned_commit_is_refused() {
     })
     .unwrap_or_else(|| panic!("{}", status(&d)));
     assert_eq!(d.processes(), before);
-}
-
-fn base64(input: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 /// `git http-backend` behind HTTP Basic auth: a small CGI server, a thread per connection.

@@ -34,6 +34,7 @@ fn plans(variant: u8) -> Vec<PlanSpec> {
         name: name.into(),
         compute: Default::default(),
         image: None,
+        pull: None,
         command: vec![cmd.into(), "{port.ide}".into()],
         env: BTreeMap::new(),
         cpus: None,

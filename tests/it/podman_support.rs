@@ -194,8 +194,9 @@ fn import_busybox(pod: &Podman) -> Result<(), String> {
         .map(|_| ())
 }
 
-/// A Podman service of one test's own, with its own storage (`--root`, `--runroot`) and
-/// socket, that the test may stop, freeze and start again without touching the shared one.
+/// A Podman service of one test's own, with its own storage (`--root`, `--runroot`), socket and
+/// registries.conf, that the test may stop, freeze and start again without touching the
+/// shared one.
 pub struct PrivatePodman {
     pub dir: PathBuf,
     pub socket: PathBuf,
@@ -204,6 +205,13 @@ pub struct PrivatePodman {
 
 impl PrivatePodman {
     pub fn start() -> PrivatePodman {
+        PrivatePodman::start_with_insecure_registries(&[])
+    }
+
+    /// A private Podman that reaches the registries at `insecure` (`127.0.0.1:PORT`) over plain
+    /// HTTP: its own registries.conf (`CONTAINERS_REGISTRIES_CONF`) marks them `insecure`, as a
+    /// test registry on loopback serves no TLS. Nothing outside this test's Podman changes.
+    pub fn start_with_insecure_registries(insecure: &[&str]) -> PrivatePodman {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "vessel-podman-own-{}-{}",
@@ -212,20 +220,36 @@ impl PrivatePodman {
         ));
         std::fs::create_dir_all(&dir).expect("mkdir");
         std::fs::write(dir.join("containers.conf"), CONTAINERS_CONF).expect("conf");
+        let registries: String = insecure
+            .iter()
+            .map(|r| format!("[[registry]]\nlocation = \"{r}\"\ninsecure = true\n\n"))
+            .collect();
+        std::fs::write(dir.join("registries.conf"), registries).expect("registries.conf");
         let mut p = PrivatePodman {
             socket: dir.join("podman.sock"),
             dir,
             service: None,
         };
         // The image, imported into this storage.
+        p.import_busybox_with(IMAGE, &[]);
+        p.resume();
+        p
+    }
+
+    /// Import an image of busybox plus `files` (path in the image, contents) as `image`.
+    pub fn import_busybox_with(&self, image: &str, files: &[(&str, &[u8])]) {
         let busybox = ["/bin/busybox", "/usr/bin/busybox"]
             .into_iter()
             .find(|b| Path::new(b).exists())
             .expect("busybox is installed (apt-get install busybox-static)");
-        let root = p.dir.join("rootfs");
+        let work = tempfile::tempdir_in(&self.dir).expect("tempdir");
+        let root = work.path().join("rootfs");
         std::fs::create_dir_all(root.join("bin")).expect("mkdir");
         std::fs::copy(busybox, root.join("bin/busybox")).expect("copy");
-        let tar = p.dir.join("busybox.tar");
+        for (path, bytes) in files {
+            std::fs::write(root.join(path), bytes).expect("write");
+        }
+        let tar = work.path().join("image.tar");
         let ok = Command::new("tar")
             .arg("-C")
             .arg(&root)
@@ -235,27 +259,26 @@ impl PrivatePodman {
             .status()
             .is_ok_and(|s| s.success());
         assert!(ok, "tar");
-        p.cli(&["import", tar.to_str().unwrap_or_default(), IMAGE]);
-        p.resume();
-        p
+        self.cli(&["import", tar.to_str().unwrap_or_default(), image]);
     }
 
-    fn args(&self) -> Vec<String> {
-        vec![
-            "--root".into(),
-            self.dir.join("storage").display().to_string(),
-            "--runroot".into(),
-            self.dir.join("run").display().to_string(),
-        ]
+    /// `podman` on this storage, with this test's settings.
+    fn podman(&self) -> Command {
+        let mut c = Command::new("podman");
+        c.arg("--root")
+            .arg(self.dir.join("storage"))
+            .arg("--runroot")
+            .arg(self.dir.join("run"))
+            .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
+            .env(
+                "CONTAINERS_REGISTRIES_CONF",
+                self.dir.join("registries.conf"),
+            );
+        c
     }
 
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("podman")
-            .args(self.args())
-            .args(args)
-            .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
-            .output()
-            .expect("podman runs");
+        let out = self.podman().args(args).output().expect("podman runs");
         assert!(
             out.status.success(),
             "podman {args:?}: {}",
@@ -268,11 +291,10 @@ impl PrivatePodman {
     pub fn resume(&mut self) {
         let _ = std::fs::remove_file(&self.socket);
         let log = std::fs::File::create(self.dir.join("service.log")).expect("log");
-        let child = Command::new("podman")
-            .args(self.args())
+        let child = self
+            .podman()
             .args(["system", "service", "-t", "0"])
             .arg(format!("unix://{}", self.socket.display()))
-            .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -338,16 +360,11 @@ impl PrivatePodman {
 impl Drop for PrivatePodman {
     fn drop(&mut self) {
         self.thaw();
-        let _ = Command::new("podman")
-            .args(self.args())
+        let _ = self
+            .podman()
             .args(["rm", "-a", "-f", "-v", "-t", "0"])
-            .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
             .output();
-        let _ = Command::new("podman")
-            .args(self.args())
-            .args(["rmi", "-a", "-f"])
-            .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
-            .output();
+        let _ = self.podman().args(["rmi", "-a", "-f"]).output();
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -11,20 +11,53 @@ use crate::daemon_support::{Daemon, PLAN, session, wait_for};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
+/// Headless Chromium as the tests run it: no sandbox (root), no GPU, nothing in the background.
+pub const CHROMIUM_FLAGS: [&str; 8] = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+];
+
 /// (status, headers, body) of `METHOD path`, with an optional bearer token.
 fn call(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String, String) {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    call_auth(addr, method, path, auth.as_deref())
+}
+
+/// (status, headers, body) of `METHOD path`, with an optional `Authorization` value.
+pub fn call_auth(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    authorization: Option<&str>,
+) -> (u16, String, String) {
+    let auth = authorization
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
+    call_with(addr, method, path, &auth)
+}
+
+/// (status, headers, body) of `METHOD path` with `headers` (whole lines, each ending in CRLF).
+pub fn call_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+) -> (u16, String, String) {
     // Not listening yet (the daemon binds it a moment after the proxy): status 0, polled again.
     let Ok(mut s) = TcpStream::connect(addr) else {
         return (0, String::new(), String::new());
     };
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
     write!(
         s,
-        "{method} {path} HTTP/1.0\r\nHost: status\r\nContent-Length: 0\r\n{auth}\r\n"
+        "{method} {path} HTTP/1.0\r\nHost: status\r\nContent-Length: 0\r\n{headers}\r\n"
     )
     .expect("write");
     let mut buf = String::new();
@@ -271,15 +304,8 @@ fn the_page_shows_a_known_session_in_headless_chromium() {
     wait_for(LIMIT, || converged(&d, None)).expect("the daemon converges");
     let profile = tempfile::tempdir().expect("profile dir");
     let out = std::process::Command::new("chromium")
+        .args(CHROMIUM_FLAGS)
         .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
             &format!("--user-data-dir={}", profile.path().display()),
             "--dump-dom",
             &format!("http://{}/", d.status),

@@ -145,6 +145,15 @@ pub struct CreateArgs<'a> {
 pub(crate) use record::{Intent, Synced};
 
 pub(crate) trait SessionSteps: Sync {
+    /// Make sure a session's image is on the host it goes on, by its pull policy (before a
+    /// replace takes the old session away).
+    fn pull_image(
+        &self,
+        session: &str,
+        image: &str,
+        pull: crate::model::PullPolicy,
+        host: Option<&str>,
+    ) -> impl Future<Output = Result<(), ProviderError>> + Send;
     fn create(&self, a: &CreateArgs<'_>) -> impl Future<Output = Result<(), ProviderError>> + Send;
     /// Change a session's spec in place (the fields its kind changes without a replace);
     /// with `restart`, a running session restarts with it.
@@ -255,6 +264,13 @@ pub(crate) async fn run_session_step<P: SessionSteps>(
             ..
         } => p.sync_source(session, path, exclude, save_to).await,
         SessionAction::SaveWork { session, path, .. } => p.save_work(session, path).await,
+        SessionAction::PullImage {
+            session,
+            image,
+            pull,
+            host,
+            ..
+        } => p.pull_image(session, image, *pull, host.as_deref()).await,
     }
 }
 
@@ -267,6 +283,11 @@ pub trait ComputeProvider: Send + Sync {
     /// Ticks when something changed by itself (a session exited), so the loop can repair it
     /// without waiting for the periodic pass.
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+    /// What is happening to each session now, in words (an image pull's progress), while it
+    /// happens; for status. Display only: never a secret.
+    fn activity(&self) -> Option<tokio::sync::watch::Receiver<BTreeMap<String, String>>> {
         None
     }
     /// Workspaces of destroyed sessions it keeps, by session (dropping the expired ones).

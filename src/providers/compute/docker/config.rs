@@ -1,5 +1,6 @@
 //! The docker provider's settings (`providers.compute.docker`): its engine hosts (where sessions
-//! may be placed), how routes reach containers, and its time limits.
+//! may be placed), how routes reach containers, its time limits, and the credentials of the
+//! registries it pulls from (by reference).
 
 use std::path::PathBuf;
 
@@ -41,9 +42,26 @@ pub struct DockerConfig {
     /// top). A frozen engine costs at most this per call; the host then reads as unobserved.
     #[serde(default = "default_call_timeout")]
     pub call_timeout: Duration,
-    /// The longest a workspace upload (source sync, a kept workspace restored) may take.
+    /// The longest a workspace upload (source sync, a kept workspace restored) or an image
+    /// pull may take.
     #[serde(default = "default_transfer_timeout")]
     pub transfer_timeout: Duration,
+    /// Credentials for pulling from private registries, by registry as image names spell it
+    /// (`registry.example.com`, `127.0.0.1:5000`; `docker.io` for Docker Hub): a user name and
+    /// a password or token by reference. Resolved for each pull and sent only to the engine
+    /// with that pull; never logged, shown in status or written to the state directory.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub registries: std::collections::BTreeMap<String, RegistryAuth>,
+}
+
+/// Credentials for one container registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryAuth {
+    /// The user name.
+    pub username: String,
+    /// The password or access token: `{env: NAME}` or `{file: PATH}`.
+    pub password: crate::secret::SecretRef,
 }
 
 fn default_call_timeout() -> Duration {
@@ -60,6 +78,13 @@ impl crate::providers::compute::ComputeConfig for DockerConfig {
     }
 
     fn rebase(&mut self, base: &std::path::Path) {
+        for r in self.registries.values_mut() {
+            if let crate::secret::SecretRef::File(p) = &mut r.password
+                && p.is_relative()
+            {
+                *p = base.join(&*p);
+            }
+        }
         for h in &mut self.hosts {
             if let Some(p) = &mut h.tls_cert_path
                 && p.is_relative()
@@ -86,8 +111,8 @@ impl crate::providers::compute::ComputeConfig for DockerConfig {
             ComputeKind::Docker,
             env.workspace_retention,
         );
-        let provider = super::DockerProvider::new(self.clone(), env.state_dir.join("docker"), kept)
-            .map_err(crate::providers::SetupError::Invalid)?;
+        let provider =
+            super::DockerProvider::new(self.clone(), env.state_dir.join("docker"), kept)?;
         Ok(std::sync::Arc::new(provider))
     }
 

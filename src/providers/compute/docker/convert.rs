@@ -72,19 +72,30 @@ pub struct Endpoint {
     pub ip_address: Option<String>,
 }
 
+/// Why an engine's answer or a session's spec could not be converted.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    #[error("the container list is unreadable")]
+    List(#[source] serde_json::Error),
+    #[error("the command cannot be made")]
+    Command(#[source] crate::providers::compute::PlaceholderError),
+    #[error("the spec cannot be written into a label")]
+    Spec(#[source] serde_json::Error),
+}
+
 /// A list's containers from bollard's typed answer (through JSON: the field names are the
 /// API's on both sides).
 pub fn from_summaries(
     list: &[bollard::models::ContainerSummary],
-) -> Result<Vec<Container>, String> {
+) -> Result<Vec<Container>, ConvertError> {
     serde_json::to_value(list)
         .and_then(serde_json::from_value)
-        .map_err(|e| e.to_string())
+        .map_err(ConvertError::List)
 }
 
 /// A list's containers from the raw JSON bollard could not read.
-pub fn from_json(json: &str) -> Result<Vec<Container>, String> {
-    serde_json::from_str(json).map_err(|e| e.to_string())
+pub fn from_json(json: &str) -> Result<Vec<Container>, ConvertError> {
+    serde_json::from_str(json).map_err(ConvertError::List)
 }
 
 impl Container {
@@ -185,7 +196,7 @@ pub fn create_body(
     r: &crate::providers::compute::CreateArgs,
     host: &str,
     config: &DockerConfig,
-) -> Result<ContainerCreateBody, String> {
+) -> Result<ContainerCreateBody, ConvertError> {
     let spec = r.spec;
     let ports = port_numbers(spec);
     let workspace = config.workspace.as_str();
@@ -200,7 +211,7 @@ pub fn create_body(
             })
         })
         .collect::<Result<_, _>>()
-        .map_err(|e| e.to_string())?;
+        .map_err(ConvertError::Command)?;
     let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     for (name, port) in &ports {
         env.push(format!(
@@ -213,7 +224,7 @@ pub fn create_body(
     }
     env.push(format!("VESSEL_SESSION={}", r.session));
     env.push(format!("VESSEL_WORKSPACE={workspace}"));
-    let spec_json = serde_json::to_string(spec).map_err(|e| e.to_string())?;
+    let spec_json = serde_json::to_string(spec).map_err(ConvertError::Spec)?;
     let mut labels: HashMap<String, String> = HashMap::from([
         (MARKER.to_string(), config.instance.clone()),
         (SESSION.to_string(), r.session.to_string()),

@@ -27,6 +27,7 @@
 mod archive;
 mod config;
 mod convert;
+mod pull;
 
 pub use config::{DockerConfig, DockerHost, DockerPorts};
 
@@ -53,7 +54,47 @@ use super::{
     BoxFut, ComputeProvider, CreateArgs, Intent, ProviderError, SessionSteps, Synced, no_symlinks,
 };
 
-pub use convert::{MARKER, container_name};
+pub use convert::{ConvertError, MARKER, container_name};
+
+/// Why the docker provider cannot be set up from its config.
+#[derive(Debug, thiserror::Error)]
+pub enum DockerSetupError {
+    #[error("the docker provider needs at least one host")]
+    NoHosts,
+    #[error("docker host name `{name}`: {problem}")]
+    HostName { name: String, problem: String },
+    #[error("docker host `{0}` is configured twice")]
+    Duplicate(String),
+    #[error("docker host `{name}`")]
+    Endpoint {
+        name: String,
+        #[source]
+        source: EndpointError,
+    },
+    #[error("docker workspace `{0}` must be an absolute path below /")]
+    Workspace(String),
+    #[error("cannot create {}", path.display())]
+    Records {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why an engine endpoint cannot be reached the way it is written.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("`{0}` is TLS: set tls_cert_path to a directory with ca.pem, cert.pem and key.pem")]
+    TlsWithoutCerts(String),
+    #[error("`{0}` is not a unix://, tcp://, http:// or https:// endpoint")]
+    Scheme(String),
+    #[error("cannot make a client for `{endpoint}`")]
+    Client {
+        endpoint: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+}
 
 /// A kept workspace, as an archive of the workspace directory (entries under its name).
 const KEPT_TAR: &str = "workspace.tar";
@@ -113,6 +154,8 @@ struct Inner {
     cache: Vec<HostCache>,
     /// Workspaces of destroyed sessions (`workspace.tar`), kept for a while.
     kept: super::kept::Kept,
+    /// What is happening to a session now (an image pull's progress), for status.
+    activity: tokio::sync::watch::Sender<BTreeMap<String, String>>,
 }
 
 /// A host's last list, valid while its generation holds: every event on the host, every step
@@ -211,20 +254,27 @@ impl DockerProvider {
         config: DockerConfig,
         records: PathBuf,
         kept: super::kept::Kept,
-    ) -> Result<DockerProvider, String> {
+    ) -> Result<DockerProvider, DockerSetupError> {
         if config.hosts.is_empty() {
-            return Err("the docker provider needs at least one host".into());
+            return Err(DockerSetupError::NoHosts);
         }
         let mut hosts: Vec<Host> = Vec::new();
         for h in &config.hosts {
             if let Some(p) = crate::model::dns_label_problem(&h.name) {
-                return Err(format!("docker host name `{}`: {p}", h.name));
+                return Err(DockerSetupError::HostName {
+                    name: h.name.clone(),
+                    problem: p.to_string(),
+                });
             }
             if hosts.iter().any(|x| x.name == h.name) {
-                return Err(format!("docker host `{}` is configured twice", h.name));
+                return Err(DockerSetupError::Duplicate(h.name.clone()));
             }
-            endpoint_kind(&h.endpoint, h.tls_cert_path.as_deref())
-                .map_err(|e| format!("docker host `{}`: {e}", h.name))?;
+            endpoint_kind(&h.endpoint, h.tls_cert_path.as_deref()).map_err(|source| {
+                DockerSetupError::Endpoint {
+                    name: h.name.clone(),
+                    source,
+                }
+            })?;
             hosts.push(Host {
                 name: h.name.clone(),
                 endpoint: h.endpoint.clone(),
@@ -234,13 +284,12 @@ impl DockerProvider {
         }
         hosts.sort_by(|a, b| a.name.cmp(&b.name));
         if !config.workspace.starts_with('/') || config.workspace.trim_matches('/').is_empty() {
-            return Err(format!(
-                "docker workspace `{}` must be an absolute path below /",
-                config.workspace
-            ));
+            return Err(DockerSetupError::Workspace(config.workspace.clone()));
         }
-        std::fs::create_dir_all(&records)
-            .map_err(|e| format!("cannot create {}: {e}", records.display()))?;
+        std::fs::create_dir_all(&records).map_err(|source| DockerSetupError::Records {
+            path: records.clone(),
+            source,
+        })?;
         Ok(DockerProvider {
             inner: Arc::new(Inner {
                 cache: (0..hosts.len()).map(|_| HostCache::default()).collect(),
@@ -253,6 +302,7 @@ impl DockerProvider {
                 events_started: AtomicBool::new(false),
                 cancel: CancellationToken::new(),
                 kept,
+                activity: tokio::sync::watch::channel(BTreeMap::new()).0,
             }),
         })
     }
@@ -270,7 +320,10 @@ enum EndpointKind<'a> {
     Tls(&'a str, &'a Path),
 }
 
-fn endpoint_kind<'a>(endpoint: &'a str, tls: Option<&'a Path>) -> Result<EndpointKind<'a>, String> {
+fn endpoint_kind<'a>(
+    endpoint: &'a str,
+    tls: Option<&'a Path>,
+) -> Result<EndpointKind<'a>, EndpointError> {
     if let Some(p) = endpoint.strip_prefix("unix://") {
         return Ok(EndpointKind::Unix(p));
     }
@@ -282,18 +335,14 @@ fn endpoint_kind<'a>(endpoint: &'a str, tls: Option<&'a Path>) -> Result<Endpoin
             Ok(EndpointKind::Tls(endpoint, dir))
         }
         (Some("tcp"), None) | (Some("http"), None) => Ok(EndpointKind::Http(endpoint)),
-        (Some("https"), None) => Err(format!(
-            "`{endpoint}` is TLS: set tls_cert_path to a directory with ca.pem, cert.pem and key.pem"
-        )),
-        _ => Err(format!(
-            "`{endpoint}` is not a unix://, tcp://, http:// or https:// endpoint"
-        )),
+        (Some("https"), None) => Err(EndpointError::TlsWithoutCerts(endpoint.to_string())),
+        _ => Err(EndpointError::Scheme(endpoint.to_string())),
     }
 }
 
 /// A client whose every call must answer within `timeout` (bollard bounds the wait for the
 /// response's head; bodies are bounded by the step's own timeout).
-fn connect(h: &Host, timeout: Duration) -> Result<Docker, String> {
+fn connect(h: &Host, timeout: Duration) -> Result<Docker, EndpointError> {
     let v = bollard::API_DEFAULT_VERSION;
     let secs = timeout.as_secs().max(1);
     let r = match endpoint_kind(&h.endpoint, h.tls.as_deref())? {
@@ -308,12 +357,35 @@ fn connect(h: &Host, timeout: Duration) -> Result<Docker, String> {
             v,
         ),
     };
-    r.map_err(|e| short(&e))
+    r.map_err(|source| EndpointError::Client {
+        endpoint: h.endpoint.clone(),
+        source,
+    })
 }
 
 impl Inner {
     fn count(&self) {
         self.calls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The index of the host a step names (the first host when it names none).
+    fn host_index(
+        &self,
+        op: &'static str,
+        session: &str,
+        host: Option<&str>,
+    ) -> Result<usize, ProviderError> {
+        let Some(name) = host else { return Ok(0) };
+        self.hosts
+            .iter()
+            .position(|h| h.name == name)
+            .ok_or_else(|| {
+                ProviderError::failed(
+                    op,
+                    session,
+                    format!("no docker host named `{name}` is configured"),
+                )
+            })
     }
 
     async fn client(&self, host: usize) -> Result<&Docker, ProviderError> {
@@ -323,8 +395,12 @@ impl Inner {
             .ok_or_else(|| ProviderError::failed("reach", "docker host", "no such host"))?;
         h.client
             .get_or_try_init(|| async {
-                let d = connect(h, self.config.call_timeout.std()).map_err(|m| {
-                    ProviderError::failed("connect to", format!("docker host {}", h.name), m)
+                let d = connect(h, self.config.call_timeout.std()).map_err(|e| {
+                    ProviderError::caused(
+                        "connect to",
+                        format!("docker host {}", h.name),
+                        Arc::new(e),
+                    )
                 })?;
                 self.count();
                 d.negotiate_version().await.map_err(docker_err(
@@ -358,12 +434,12 @@ impl Inner {
             }))
             .await;
         match r {
-            Ok(list) => {
-                convert::from_summaries(&list).map_err(|m| ProviderError::failed("list", what, m))
-            }
+            Ok(list) => convert::from_summaries(&list)
+                .map_err(|e| ProviderError::caused("list", what, Arc::new(e))),
             // Podman reports states bollard's enum lacks (`stopped`): read the answer leniently.
             Err(bollard::errors::Error::JsonDataError { contents, .. }) => {
-                convert::from_json(&contents).map_err(|m| ProviderError::failed("list", what, m))
+                convert::from_json(&contents)
+                    .map_err(|e| ProviderError::caused("list", what, Arc::new(e)))
             }
             Err(e) => Err(docker_err("list", what)(e)),
         }
@@ -646,7 +722,7 @@ impl DockerProvider {
                 std::fs::remove_file(&raw)
             })
             .await
-            .map_err(|e| ProviderError::failed("keep the workspace of", session, e.to_string()))?
+            .map_err(|e| ProviderError::caused("keep the workspace of", session, Arc::new(e)))?
             .map_err(err())?;
             kept.commit(session, &tmp, chrono::Utc::now())
                 .map_err(err())
@@ -733,25 +809,32 @@ impl DockerProvider {
 }
 
 impl SessionSteps for DockerProvider {
+    async fn pull_image(
+        &self,
+        session: &str,
+        image: &str,
+        pull: crate::model::PullPolicy,
+        host: Option<&str>,
+    ) -> Result<(), ProviderError> {
+        let host = self.inner.host_index("pull image for", session, host)?;
+        self.inner.ensure_image(host, session, image, pull).await
+    }
+
     async fn create(&self, req: &CreateArgs<'_>) -> Result<(), ProviderError> {
         let inner = &self.inner;
         let session = req.session;
         let start = req.start;
-        let host_name = req.host.unwrap_or(inner.hosts[0].name.as_str());
-        let host = inner
-            .hosts
-            .iter()
-            .position(|h| h.name == host_name)
-            .ok_or_else(|| {
-                ProviderError::failed(
-                    "create",
-                    session,
-                    format!("no docker host named `{host_name}` is configured"),
-                )
-            })?;
+        let host = inner.host_index("create", session, req.host)?;
+        let host_name = inner.hosts[host].name.as_str();
+        // The image first (by the plan's pull policy): a pull that fails makes nothing.
+        if let Some(image) = &req.spec.image {
+            inner
+                .ensure_image(host, session, image, req.spec.pull.unwrap_or_default())
+                .await?;
+        }
         let d = inner.client(host).await?;
         let body = convert::create_body(req, host_name, &inner.config)
-            .map_err(|m| ProviderError::failed("create", session, m))?;
+            .map_err(|e| ProviderError::caused("create", session, Arc::new(e)))?;
         inner.count();
         let created = d
             .create_container(
@@ -958,7 +1041,7 @@ impl SessionSteps for DockerProvider {
         );
         let tar = tokio::task::spawn_blocking(move || archive::pack(&from, &prefix, &ex))
             .await
-            .map_err(|e| ProviderError::failed("sync source into", session, e.to_string()))?
+            .map_err(|e| ProviderError::caused("sync source into", session, Arc::new(e)))?
             .map_err(ProviderError::io(
                 "sync source into",
                 format!("{session} from {}", path.display()),
@@ -1022,7 +1105,7 @@ impl SessionSteps for DockerProvider {
         })
         .await;
         let _ = std::fs::remove_dir_all(&tmp);
-        r.map_err(|e| ProviderError::failed("save work of", session, e.to_string()))?
+        r.map_err(|e| ProviderError::caused("save work of", session, Arc::new(e)))?
             .map_err(ProviderError::io(
                 "save work of",
                 format!("{session} to {}", path.display()),
@@ -1140,7 +1223,9 @@ impl ComputeProvider for DockerProvider {
             // a download of the workspace changes nothing a list shows.
             if !matches!(
                 action,
-                SessionAction::WaitHealthy { .. } | SessionAction::SaveWork { .. }
+                SessionAction::WaitHealthy { .. }
+                    | SessionAction::SaveWork { .. }
+                    | SessionAction::PullImage { .. }
             ) {
                 for c in &self.inner.cache {
                     c.bump();
@@ -1154,10 +1239,58 @@ impl ComputeProvider for DockerProvider {
         Some(self.inner.changes.subscribe())
     }
 
+    fn activity(&self) -> Option<tokio::sync::watch::Receiver<BTreeMap<String, String>>> {
+        Some(self.inner.activity.subscribe())
+    }
+
     fn retained(
         &self,
     ) -> BoxFut<'_, Result<Vec<(String, crate::model::observed::RetainedWorkspace)>, ProviderError>>
     {
         Box::pin(self.inner.kept.list_now())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provider(config: &str) -> Result<DockerProvider, DockerSetupError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config: DockerConfig = serde_saphyr::from_str(config).expect("config");
+        let kept = super::super::kept::Kept::new(
+            dir.path().join("kept"),
+            ComputeKind::Docker,
+            Duration::from_secs(60),
+        );
+        DockerProvider::new(config, dir.path().join("records"), kept)
+    }
+
+    #[test]
+    fn setup_errors_are_typed_and_keep_their_cause() {
+        let e = provider("hosts: [{name: a, endpoint: 'ftp://x'}]\n")
+            .err()
+            .expect("an unknown scheme is refused");
+        assert!(matches!(
+            &e,
+            DockerSetupError::Endpoint {
+                source: EndpointError::Scheme(_),
+                ..
+            }
+        ));
+        assert_eq!(
+            crate::error_chain(&e),
+            "docker host `a`: `ftp://x` is not a unix://, tcp://, http:// or https:// endpoint"
+        );
+        let e = provider("hosts: [{name: a, endpoint: 'https://x:2376'}]\n")
+            .err()
+            .expect("TLS without certificates is refused");
+        assert!(crate::error_chain(&e).contains("set tls_cert_path"));
+        let e = provider(
+            "hosts: [{name: a, endpoint: 'unix:///x'}, {name: a, endpoint: 'unix:///y'}]\n",
+        )
+        .err()
+        .expect("a host twice is refused");
+        assert_eq!(e.to_string(), "docker host `a` is configured twice");
     }
 }

@@ -400,6 +400,20 @@ fn log_tail(path: &Path) -> String {
 }
 
 impl SessionSteps for ProcessProvider {
+    async fn pull_image(
+        &self,
+        session: &str,
+        image: &str,
+        _pull: crate::model::PullPolicy,
+        _host: Option<&str>,
+    ) -> Result<(), ProviderError> {
+        // The planner pulls only for providers that run images; a process runs none.
+        Err(ProviderError::failed(
+            "pull image for",
+            session,
+            format!("a process session runs no image (asked for {image})"),
+        ))
+    }
     async fn create(&self, a: &CreateArgs<'_>) -> Result<(), ProviderError> {
         let (session, spec, fingerprint, source_file, start) =
             (a.session, a.spec, a.fingerprint, a.source_file, a.start);
@@ -791,6 +805,7 @@ mod tests {
             spec: RuntimeSpec {
                 compute: ComputeKind::Process,
                 image: None,
+                pull: None,
                 command: vec![],
                 env: BTreeMap::new(),
                 cpus: None,
