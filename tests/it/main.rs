@@ -26,6 +26,7 @@ mod proxy;
 mod proxy_caddy;
 mod proxy_traefik;
 mod reconciler;
+mod release;
 mod reload;
 mod servers;
 mod settle;
