@@ -28,6 +28,7 @@ mod proxy_caddy;
 mod proxy_traefik;
 mod reconciler;
 mod registry;
+mod release;
 mod reload;
 mod servers;
 mod settle;
