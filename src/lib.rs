@@ -32,6 +32,23 @@ pub mod status;
 pub mod webhook;
 
 /// An error and all its causes on one line (`a: b: c`), for logs, events and pages.
+/// Lock state that is safe to forget (a cache, a waiting slot). A lock poisoned by a panic in
+/// the middle of an update may hold half of it, so the value is reset to its default and the
+/// poison cleared: a cache that forgets is safe (the next call reads the world again), one that
+/// lies is not, and skipping the lock would lose the update for good.
+pub(crate) fn lock_or_reset<T: Default>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => {
+            let mut g = poisoned.into_inner();
+            *g = T::default();
+            m.clear_poison();
+            tracing::warn!("a lock was poisoned by a panic: its state was reset");
+            g
+        }
+    }
+}
+
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();

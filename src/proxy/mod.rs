@@ -287,9 +287,8 @@ impl Proxy {
 
     /// Set what is called when a request arrives for a route that is not ready.
     pub fn set_waker(&self, waker: Waker) {
-        if let Ok(mut w) = self.inner.waker.lock() {
-            *w = Some(waker);
-        }
+        // The slot holds a whole value, never half of one: a poisoned lock is taken as is.
+        *self.inner.waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(waker);
     }
 
     fn lookup(&self, host: &str) -> Option<Arc<Entry>> {
@@ -410,7 +409,12 @@ impl Proxy {
 
     /// Wait until the route for `host` is ready (poking the waker once), or time out.
     async fn hold(&self, host: &str, session: &str) -> Option<Arc<Entry>> {
-        let waker = self.inner.waker.lock().ok().and_then(|w| w.clone());
+        let waker = self
+            .inner
+            .waker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         if let Some(w) = waker {
             w(session);
         }

@@ -64,7 +64,7 @@ impl Pool {
     }
 
     fn take(&self, upstream: &str) -> Option<SendRequest<RequestBody>> {
-        let mut idle = self.idle.lock().ok()?;
+        let mut idle = crate::lock_or_reset(&self.idle);
         let Idle { by_upstream, count } = &mut *idle;
         let list = by_upstream.get_mut(upstream)?;
         while let Some(s) = list.pop() {
@@ -80,7 +80,8 @@ impl Pool {
         if s.is_closed() {
             return;
         }
-        if let Ok(mut idle) = self.idle.lock() {
+        {
+            let mut idle = crate::lock_or_reset(&self.idle);
             let Idle { by_upstream, count } = &mut *idle;
             if *count >= self.max_idle {
                 // Connections the upstreams closed meanwhile hold no file; drop them first.

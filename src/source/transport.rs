@@ -116,11 +116,8 @@ impl SmartSubtransport for HttpTransport {
         url: &str,
         action: Service,
     ) -> Result<Box<dyn SmartSubtransportStream>, git2::Error> {
-        let base = self
-            .base
-            .lock()
-            .ok()
-            .and_then(|b| b.clone())
+        let base = crate::lock_or_reset(&self.base)
+            .clone()
             .unwrap_or_else(|| url.trim_end_matches('/').to_string());
         let (get, path) = match action {
             Service::UploadPackLs => (true, "/info/refs?service=git-upload-pack"),
@@ -268,9 +265,7 @@ impl HttpStream {
                         redact_url(location)
                     )));
                 };
-                if let Ok(mut r) = self.redirected.lock() {
-                    *r = Some(base.to_string());
-                }
+                *crate::lock_or_reset(&self.redirected) = Some(base.to_string());
                 self.base = base.to_string();
                 url = location.to_string();
                 continue;
@@ -517,9 +512,8 @@ impl SshTransport {
                 if n == 0 {
                     break;
                 }
-                if let Ok(mut s) = sink.lock()
-                    && s.len() < 64 * 1024
-                {
+                let mut s = crate::lock_or_reset(&sink);
+                if s.len() < 64 * 1024 {
                     s.extend_from_slice(&buf[..n]);
                 }
             }
@@ -592,10 +586,10 @@ impl SmartSubtransport for SshTransport {
     }
 
     fn close(&self) -> Result<(), git2::Error> {
-        if let Ok(mut slot) = self.conn.lock()
-            && let Some(conn) = slot.take()
-            && let Ok(mut c) = conn.lock()
-        {
+        // A poisoned slot still holds the connection, which must be closed all the same.
+        let taken = self.conn.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(conn) = taken {
+            let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
             c.stdin.take();
             let _ = c.child.kill();
             let _ = c.child.wait();

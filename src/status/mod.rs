@@ -298,8 +298,7 @@ async fn revision(State(st): State<Arc<AppState>>, Query(q): Query<RevisionQuery
 
 async fn status(State(st): State<Arc<AppState>>) -> Response {
     let version = st.published.version();
-    if let Ok(cache) = st.cache.lock()
-        && let Some((v, body)) = cache.as_ref()
+    if let Some((v, body)) = crate::lock_or_reset(&st.cache).as_ref()
         && *v == version
     {
         return respond(StatusCode::OK, "application/json", body.clone());
@@ -315,9 +314,7 @@ async fn status(State(st): State<Arc<AppState>>) -> Response {
             );
         }
     };
-    if let Ok(mut cache) = st.cache.lock() {
-        *cache = Some((version, body.clone()));
-    }
+    *crate::lock_or_reset(&st.cache) = Some((version, body.clone()));
     respond(StatusCode::OK, "application/json", body)
 }
 

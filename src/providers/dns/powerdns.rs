@@ -229,15 +229,15 @@ impl PowerDns {
         let export = self
             .get(&format!("{}/export", self.zone_path(zone)))
             .await?;
-        if let Ok(cache) = self.cache.lock()
-            && let Some(c) = cache.get(zone)
+        if let Some(c) = crate::lock_or_reset(&self.cache).get(zone)
             && c.export == export
             && c.read_at.elapsed() < REREAD_AFTER
         {
             return Ok(c.records.clone());
         }
         let (_, records) = self.list_all(zone).await?;
-        if let Ok(mut cache) = self.cache.lock() {
+        {
+            let mut cache = crate::lock_or_reset(&self.cache);
             cache.insert(
                 zone.to_string(),
                 Cached {
@@ -251,9 +251,7 @@ impl PowerDns {
     }
 
     fn forget(&self, zone: &str) {
-        if let Ok(mut cache) = self.cache.lock() {
-            cache.remove(zone);
-        }
+        crate::lock_or_reset(&self.cache).remove(zone);
     }
 
     /// Carry out `items` (action index, name, type, rrset change) in `zone`: each step whose
@@ -362,9 +360,8 @@ impl PowerDns {
                 None => listing.remove(&key),
             };
         }
-        if let Ok(export) = self.get(&format!("{}/export", self.zone_path(zone))).await
-            && let Ok(mut cache) = self.cache.lock()
-        {
+        if let Ok(export) = self.get(&format!("{}/export", self.zone_path(zone))).await {
+            let mut cache = crate::lock_or_reset(&self.cache);
             cache.insert(
                 zone.to_string(),
                 Cached {

@@ -185,15 +185,16 @@ impl HostCache {
     }
 
     fn streaming(&self, since: Option<tokio::time::Instant>) {
-        if let Ok(mut s) = self.streaming_since.lock() {
+        {
+            let mut s = crate::lock_or_reset(&self.streaming_since);
             *s = since;
         }
         self.bump();
     }
 
     fn cached(&self, generation: u64) -> Option<Vec<convert::Container>> {
-        let since = (*self.streaming_since.lock().ok()?)?;
-        let last = self.last.lock().ok()?;
+        let since = (*crate::lock_or_reset(&self.streaming_since))?;
+        let last = crate::lock_or_reset(&self.last);
         let l = last.as_ref()?;
         (l.generation == generation
             && l.at >= since + STREAM_SETTLE
@@ -202,7 +203,8 @@ impl HostCache {
     }
 
     fn store(&self, generation: u64, at: tokio::time::Instant, containers: &[convert::Container]) {
-        if let Ok(mut last) = self.last.lock() {
+        {
+            let mut last = crate::lock_or_reset(&self.last);
             *last = Some(CachedList {
                 generation,
                 at,
@@ -511,12 +513,7 @@ impl Inner {
     /// Where `session`'s container is: from the last observation or create, else looked up
     /// by name on every host. `None`: there is no container of vessel's for it.
     async fn locate(&self, session: &str) -> Result<Option<Placed>, ProviderError> {
-        if let Some(p) = self
-            .placed
-            .lock()
-            .ok()
-            .and_then(|m| m.get(session).cloned())
-        {
+        if let Some(p) = crate::lock_or_reset(&self.placed).get(session).cloned() {
             return Ok(Some(p));
         }
         for host in 0..self.hosts.len() {
@@ -551,13 +548,15 @@ impl Inner {
     }
 
     fn remember(&self, session: &str, p: Placed) {
-        if let Ok(mut m) = self.placed.lock() {
+        {
+            let mut m = crate::lock_or_reset(&self.placed);
             m.insert(session.to_string(), p);
         }
     }
 
     fn forget(&self, session: &str) {
-        if let Ok(mut m) = self.placed.lock() {
+        {
+            let mut m = crate::lock_or_reset(&self.placed);
             m.remove(session);
         }
     }
@@ -668,7 +667,8 @@ impl DockerProvider {
                 );
             }
         }
-        if let Ok(mut m) = inner.placed.lock() {
+        {
+            let mut m = crate::lock_or_reset(&inner.placed);
             *m = placed;
         }
         Ok(out.into_values().collect())
