@@ -403,7 +403,7 @@ impl Config {
         let keeps_workspaces = if self.policy.workspace_retention.std().is_zero() {
             std::collections::BTreeSet::new()
         } else {
-            c.each().into_iter().map(|p| p.kind()).collect()
+            c.each().into_iter().map(|(kind, _)| kind).collect()
         };
         let placement = c.placement();
         crate::planner::Policy {

@@ -101,8 +101,8 @@ impl Providers {
     /// The providers `config` names.
     pub fn new(config: &ProvidersConfig, env: &Env) -> Result<Providers, SetupError> {
         let mut compute: BTreeMap<ComputeKind, Arc<dyn ComputeProvider>> = BTreeMap::new();
-        for c in config.compute.each() {
-            compute.insert(c.kind(), c.build(env)?);
+        for (kind, c) in config.compute.each() {
+            compute.insert(kind, c.build(env)?);
         }
         let (proxy, embedded): (Arc<dyn ProxyProvider>, _) = match &config.proxy {
             ProxyConfig::Embedded { .. } => {

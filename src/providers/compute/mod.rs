@@ -26,11 +26,10 @@ use crate::model::{ComputeKind, PlacementHost};
 
 use super::{BoxFut, ProviderError};
 
-/// What a compute provider's config gives the rest of vessel: which kind of session it
-/// makes, the hosts it offers for placement, how its paths are rebased, and the provider
-/// itself. Each provider's config type implements it beside the provider.
+/// What a compute provider's config gives the rest of vessel: the hosts it offers for
+/// placement, how its paths are rebased, and the provider itself. Each provider's config type
+/// implements it beside the provider; its kind is the one its registration line names.
 pub trait ComputeConfig {
-    fn kind(&self) -> ComputeKind;
     /// Make relative paths in it relative to `base` (the config file's directory).
     fn rebase(&mut self, _base: &Path) {}
     /// The hosts a new session may be placed on, sorted by name; none for a provider that is
@@ -76,10 +75,10 @@ macro_rules! compute_providers {
                 ComputeProviders { $($field: None,)* }
             }
 
-            /// The configured providers' configs.
-            pub fn each(&self) -> Vec<&dyn ComputeConfig> {
-                let mut v: Vec<&dyn ComputeConfig> = Vec::new();
-                $(if let Some(c) = &self.$field { v.push(c); })*
+            /// The configured providers' configs, with the kind each makes.
+            pub fn each(&self) -> Vec<(ComputeKind, &dyn ComputeConfig)> {
+                let mut v: Vec<(ComputeKind, &dyn ComputeConfig)> = Vec::new();
+                $(if let Some(c) = &self.$field { v.push((ComputeKind::$kind, c)); })*
                 v
             }
 
@@ -115,7 +114,7 @@ impl ComputeProviders {
     pub fn placement(&self) -> std::collections::BTreeMap<ComputeKind, Vec<PlacementHost>> {
         self.each()
             .into_iter()
-            .map(|c| (c.kind(), c.placement_hosts()))
+            .map(|(kind, c)| (kind, c.placement_hosts()))
             .filter(|(_, hosts)| !hosts.is_empty())
             .collect()
     }

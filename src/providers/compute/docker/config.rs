@@ -73,10 +73,6 @@ fn default_transfer_timeout() -> Duration {
 }
 
 impl crate::providers::compute::ComputeConfig for DockerConfig {
-    fn kind(&self) -> crate::model::ComputeKind {
-        crate::model::ComputeKind::Docker
-    }
-
     fn rebase(&mut self, base: &std::path::Path) {
         for r in self.registries.values_mut() {
             if let crate::secret::SecretRef::File(p) = &mut r.password

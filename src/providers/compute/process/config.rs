@@ -30,10 +30,6 @@ fn default_port_base() -> u16 {
 }
 
 impl crate::providers::compute::ComputeConfig for ProcessConfig {
-    fn kind(&self) -> crate::model::ComputeKind {
-        crate::model::ComputeKind::Process
-    }
-
     fn build(
         &self,
         env: &crate::providers::Env,
