@@ -523,13 +523,18 @@ impl Reconciler {
         // skipped. A backoff for another wish (the spec changed, or it failed making what is
         // now being taken away) starts over.
         let clock = Instant::now();
-        let specs: BTreeMap<&str, String> = desired
-            .sessions
+        // Only for the sessions this plan has steps for: a converged pass fingerprints nothing.
+        let specs: BTreeMap<&str, String> = p
+            .steps
             .iter()
-            .filter_map(|(n, d)| {
+            .filter_map(|s| s.action.session())
+            .collect::<BTreeSet<&str>>()
+            .into_iter()
+            .filter_map(|n| {
+                let d = desired.sessions.get(n)?;
                 let plan = desired.plans.get(&d.spec.plan)?;
                 let fp = crate::planner::runtime_spec(&d.spec, &plan.spec).fingerprint();
-                Some((n.as_str(), fp))
+                Some((n, fp))
             })
             .collect();
         let mut stepping: BTreeSet<Object> = BTreeSet::new();
