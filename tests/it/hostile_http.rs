@@ -947,8 +947,19 @@ fn idle_connections_past_the_file_limit_leave_sessions_health_and_passes_working
             && answers("alice")
     })
     .unwrap_or_else(|| panic!("alice is not repaired; log:\n{}", d.log()));
-    let st = status_json(d.status).expect("status");
-    assert!(st["passes"].as_u64().unwrap_or(0) > passes_before, "{st}");
+    // The pass that started her publishes when its steps are done (she may answer through
+    // the proxy a moment before it has waited her healthy): wait for it, then read it.
+    let mut st = Value::Null;
+    wait_for(Duration::from_secs(30), || {
+        st = status_json(d.status).unwrap_or(Value::Null);
+        st["passes"].as_u64().unwrap_or(0) > passes_before
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no pass published after the repair: {st}; log:\n{}",
+            d.log()
+        )
+    });
     assert!(st["last_pass"]["error"].is_null(), "{st}");
     drop(held);
     let log = d.log();

@@ -7,7 +7,7 @@ use nix::sys::signal::Signal;
 
 use crate::daemon_support::{Daemon, dir_names, session, wait_for};
 
-const LIMIT: Duration = Duration::from_secs(20);
+const LIMIT: Duration = Duration::from_secs(60);
 
 #[test]
 fn a_dropped_session_serves_then_edits_update_and_deletion_cleans_up() {
