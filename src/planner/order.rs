@@ -2,7 +2,7 @@
 //! lower ids), the approval hash of what guards hold, and the summary. Also how a step changes
 //! its object (for rendering), and the merge of two sorted sequences the phases walk.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::model::observed::{Observed, RecordType};
 
@@ -81,20 +81,40 @@ fn dependencies(drafts: &[Draft], observed: &Observed) -> Vec<Vec<usize>> {
             _ => {}
         }
     }
-    // Hosts of each session's observed routes and records (for destroy ordering).
+    // Hosts of the observed routes and records of the sessions that need them: those torn
+    // down (their routes and records go first) and those pulling (a replace whose image cannot
+    // be pulled takes nothing away, so their removals wait for the pull). Only those: a
+    // converged pass has none, and indexing 40,000 routes and records for nothing was most of
+    // its cost.
+    let pulling: BTreeSet<&str> = by_session
+        .keys()
+        .filter(|(p, _)| *p == Phase::Pull)
+        .map(|(_, s)| *s)
+        .collect();
+    let tearing: BTreeSet<&str> = drafts
+        .iter()
+        .filter_map(|d| match &d.action {
+            Action::Session(SessionAction::SaveWork { session, .. })
+            | Action::Session(SessionAction::StopSession { session, .. })
+            | Action::Session(SessionAction::DestroySession { session, .. }) => {
+                Some(session.as_str())
+            }
+            _ => None,
+        })
+        .collect();
     let mut routes_of: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for (h, r) in &observed.routes {
-        if let Some(s) = &r.session {
-            routes_of.entry(s.as_str()).or_default().push(h.as_str());
-        }
-    }
     let mut records_of: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for r in observed.records.values() {
-        if let Some(s) = &r.session {
-            records_of
-                .entry(s.as_str())
-                .or_default()
-                .push(r.name.as_str());
+    if !pulling.is_empty() || !tearing.is_empty() {
+        let wanted = |s: &str| pulling.contains(s) || tearing.contains(s);
+        for (h, r) in &observed.routes {
+            if let Some(s) = r.session.as_deref().filter(|s| wanted(s)) {
+                routes_of.entry(s).or_default().push(h.as_str());
+            }
+        }
+        for r in observed.records.values() {
+            if let Some(s) = r.session.as_deref().filter(|s| wanted(s)) {
+                records_of.entry(s).or_default().push(r.name.as_str());
+            }
         }
     }
     let sess = |p: Phase, s: &str| {
@@ -105,12 +125,13 @@ fn dependencies(drafts: &[Draft], observed: &Observed) -> Vec<Vec<usize>> {
             .to_vec()
     };
     let host = |p: Phase, h: &str| by_host.get(&(p, h)).copied();
-    // The session each observed route's host and record's name belongs to: their removal waits
-    // for that session's pull (a replace whose image cannot be pulled takes nothing away).
+    // The pulling session each observed route's host and record's name belongs to.
     let mut session_of_host: BTreeMap<&str, &str> = BTreeMap::new();
     for (s, hosts) in routes_of.iter().chain(records_of.iter()) {
-        for h in hosts {
-            session_of_host.insert(h, s);
+        if pulling.contains(s) {
+            for h in hosts {
+                session_of_host.insert(h, s);
+            }
         }
     }
     let pulled = |h: &str| {
