@@ -62,8 +62,7 @@ impl Planner<'_> {
                         .sessions
                         .get(r.session)
                         .and_then(|s| s.endpoints.get(r.port_name))
-                        .filter(|_| !pending)
-                        .cloned();
+                        .filter(|_| !pending);
                     let Some(upstream) = upstream else {
                         if pending {
                             // The session is being created or started in this plan: the next
@@ -87,7 +86,7 @@ impl Planner<'_> {
                     };
                     let reason = match have {
                         None => Reason::Missing,
-                        Some(o) if o.upstream != upstream => Reason::Drifted {
+                        Some(o) if o.upstream != *upstream => Reason::Drifted {
                             changes: vec![format!("upstream {} -> {upstream}", o.upstream)],
                         },
                         Some(o)
@@ -104,7 +103,7 @@ impl Planner<'_> {
                         Phase::UpsertRoute,
                         Action::Route(RouteAction::UpsertRoute {
                             host: host.into(),
-                            upstream,
+                            upstream: upstream.clone(),
                             session: r.session.to_string(),
                             port: r.port_name.to_string(),
                             route: route_name.map(str::to_string),
