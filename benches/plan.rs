@@ -46,6 +46,7 @@ fn main() {
         .collect(),
         health: None,
         idle_timeout: None,
+        sleep: None,
         stop_timeout: None,
     };
     d.plans.insert("web".into(), doc(p, "plans.yaml".into()));
@@ -62,6 +63,7 @@ fn main() {
             on_expiry: Default::default(),
             env: BTreeMap::new(),
             location: None,
+            idle_timeout: None,
         };
         d.sessions
             .insert(name.clone(), doc(s, format!("{name}.yaml")));

@@ -56,6 +56,60 @@ pub struct Config {
     /// Limits on reading the desired-state tree.
     #[serde(default)]
     pub load: LoadLimits,
+    /// Sleep when idle and wake on request.
+    #[serde(default)]
+    pub lifecycle: LifecycleConfig,
+}
+
+/// How sessions sleep and wake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleConfig {
+    /// A request for a sleeping session waits this long for it to wake, then gets a 503 with
+    /// `Retry-After`.
+    #[serde(default = "default_wake_timeout")]
+    pub wake_timeout: Duration,
+    /// Requests held at most while sessions wake, all together; past it, a 503 at once.
+    #[serde(default = "default_max_held")]
+    pub max_held: u32,
+    /// A browser's navigation (a GET accepting HTML) to a waking session gets a small page
+    /// that reloads itself, rather than waiting.
+    #[serde(default)]
+    pub waking_page: bool,
+    /// The idle timeout of `sleeping` sessions whose plan and session set none.
+    #[serde(default = "default_sleeping_idle")]
+    pub idle_timeout: Duration,
+    /// How often idleness is checked (sleep comes within this after the idle timeout).
+    #[serde(default = "default_idle_check")]
+    pub check_interval: Duration,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        LifecycleConfig {
+            wake_timeout: default_wake_timeout(),
+            max_held: default_max_held(),
+            waking_page: false,
+            idle_timeout: default_sleeping_idle(),
+            check_interval: default_idle_check(),
+        }
+    }
+}
+
+fn default_wake_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_max_held() -> u32 {
+    4096
+}
+
+fn default_sleeping_idle() -> Duration {
+    Duration::from_secs(30 * 60)
+}
+
+fn default_idle_check() -> Duration {
+    Duration(std::time::Duration::from_millis(250))
 }
 
 fn default_state_dir() -> PathBuf {

@@ -207,7 +207,39 @@ pub async fn run(
         crate::config::SourceConfig::Dir(_) => resync,
     };
     let state_dir = config.state_dir.clone();
+    // Sleep and wake: the proxy holds requests for sleeping sessions and pokes the lifecycle.
+    let lifecycle = crate::lifecycle::Lifecycle::open(
+        &state_dir,
+        providers.compute.clone(),
+        providers.embedded.clone(),
+        providers.locks.clone(),
+    );
+    if let Some(proxy) = &providers.embedded {
+        proxy.set_holding(crate::proxy::Holding {
+            wake_timeout: config.lifecycle.wake_timeout.std(),
+            max_held: config.lifecycle.max_held as usize,
+            waking_page: config.lifecycle.waking_page,
+        });
+        proxy.set_waker(lifecycle.waker());
+    }
+    {
+        let tx = tx.clone();
+        lifecycle.on_change(Box::new(move || {
+            let _ = tx.send(Trigger::Lifecycle);
+        }));
+    }
+    tokio::spawn(
+        lifecycle.clone().run(
+            config
+                .lifecycle
+                .check_interval
+                .std()
+                .max(Duration::from_millis(10)),
+            cancel.clone(),
+        ),
+    );
     let mut reconciler = Reconciler::new(config, providers, state);
+    reconciler.set_lifecycle(lifecycle.clone());
     reconciler.allow_destroy = allow_destroy;
     if let crate::config::SourceConfig::Git(g) = &reconciler.config.source
         && let Some(w) = &g.webhook
@@ -271,7 +303,9 @@ pub async fn run(
     metrics.providers(reconciler.provider_names());
     let m = metrics.clone();
     reconciler.on_pass(Box::new(move |snap| m.record(snap)));
-    let app = crate::status::AppState::new(reconciler.published(), metrics, ctx, token, secrets);
+    metrics.lifecycle(lifecycle.counters(), reconciler.providers.embedded.clone());
+    let app = crate::status::AppState::new(reconciler.published(), metrics, ctx, token, secrets)
+        .with_lifecycle(lifecycle, reconciler.providers.embedded.clone());
     let limits = Limits::new(&reconciler.config.listeners, budget.status);
     crate::status::serve_thread(status_listener, Arc::new(app), limits, cancel.clone()).map_err(
         |source| DaemonError::StatusListen {

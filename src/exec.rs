@@ -400,7 +400,10 @@ fn spawn_compute(
     let timeout = timeout_for(&action, opts);
     let kind = action.provider();
     let provider = providers.compute.get(&kind).cloned();
+    let locks = providers.locks.clone();
     set.spawn(async move {
+        // Not while the lifecycle puts this session to sleep or wakes it.
+        let _lock = locks.lock(action.session()).await;
         let t = Instant::now();
         let outcome = match provider {
             None => Outcome::Failed {
@@ -627,6 +630,7 @@ mod tests {
             dns: None,
             embedded: None,
             observe_timeout: Duration::from_secs(1),
+            locks: Default::default(),
         };
         let results = execute(
             &plan,
@@ -675,6 +679,7 @@ mod tests {
             dns: None,
             embedded: None,
             observe_timeout: Duration::from_secs(1),
+            locks: Default::default(),
         };
         let hold: BTreeSet<usize> = [4].into_iter().collect();
         let results = execute(
@@ -740,6 +745,7 @@ mod tests {
             dns: None,
             embedded: None,
             observe_timeout: Duration::from_secs(1),
+            locks: Default::default(),
         };
         let results = execute(
             &plan,

@@ -12,6 +12,7 @@ pub mod diag;
 pub mod exec;
 pub mod http_client;
 pub mod init;
+pub mod lifecycle;
 pub mod listeners;
 pub mod load;
 pub mod metrics;

@@ -35,6 +35,17 @@ struct ProviderLabel {
     provider: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+/// Where the lifecycle's figures are read from at each scrape.
+struct LifeSource {
+    counters: std::sync::Arc<crate::lifecycle::LifeCounters>,
+    proxy: Option<crate::proxy::Proxy>,
+}
+
 pub struct Metrics {
     registry: Registry,
     passes: Family<TriggerLabel, Counter>,
@@ -45,6 +56,12 @@ pub struct Metrics {
     drift_repairs: Counter,
     converged: Gauge,
     quarantined: Gauge,
+    wakes: Counter,
+    wake_seconds: Histogram,
+    sleeps: Family<ReasonLabel, Counter>,
+    held_requests: Gauge,
+    rejected: Family<ReasonLabel, Counter>,
+    life: std::sync::Mutex<Option<LifeSource>>,
 }
 
 impl Default for Metrics {
@@ -59,8 +76,49 @@ impl Default for Metrics {
             drift_repairs: Counter::default(),
             converged: Gauge::default(),
             quarantined: Gauge::default(),
+            wakes: Counter::default(),
+            wake_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
+            sleeps: Family::default(),
+            held_requests: Gauge::default(),
+            rejected: Family::default(),
+            life: std::sync::Mutex::new(None),
             registry: Registry::default(),
         };
+        for reason in ["idle", "cap"] {
+            let _ = m.sleeps.get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            });
+        }
+        for reason in ["wake_timeout", "held_full"] {
+            let _ = m.rejected.get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            });
+        }
+        registry.register(
+            "vessel_wakes",
+            "Sessions woken by a request",
+            m.wakes.clone(),
+        );
+        registry.register(
+            "vessel_wake_duration_seconds",
+            "From a request arriving for a sleeping session to the session serving it",
+            m.wake_seconds.clone(),
+        );
+        registry.register(
+            "vessel_sleeps",
+            "Sessions put to sleep, by reason (idle, cap)",
+            m.sleeps.clone(),
+        );
+        registry.register(
+            "vessel_held_requests",
+            "Requests held now while their sessions wake",
+            m.held_requests.clone(),
+        );
+        registry.register(
+            "vessel_rejected_requests",
+            "Requests for sleeping sessions answered 503, by reason (wake_timeout, held_full)",
+            m.rejected.clone(),
+        );
         registry.register(
             "vessel_passes",
             "Reconcile passes, by what triggered them",
@@ -173,8 +231,56 @@ impl Metrics {
         self.quarantined.set(report.quarantined.len() as i64);
     }
 
+    /// Serve the lifecycle's figures (and the requests `proxy` holds) from now on.
+    pub fn lifecycle(
+        &self,
+        counters: std::sync::Arc<crate::lifecycle::LifeCounters>,
+        proxy: Option<crate::proxy::Proxy>,
+    ) {
+        *crate::lock_or_reset(&self.life) = Some(LifeSource { counters, proxy });
+    }
+
+    /// Bring the lifecycle's figures up to date (counters only ever go up by the difference).
+    fn sync_lifecycle(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let life = crate::lock_or_reset(&self.life);
+        let Some(l) = life.as_ref() else { return };
+        let up = |c: &Counter, now: u64| {
+            let had = c.get();
+            if now > had {
+                c.inc_by(now - had);
+            }
+        };
+        up(&self.wakes, l.counters.wakes.load(Relaxed));
+        for s in l.counters.take_wake_seconds() {
+            self.wake_seconds.observe(s);
+        }
+        let reason = |r: &str| ReasonLabel { reason: r.into() };
+        up(
+            &self.sleeps.get_or_create(&reason("idle")),
+            l.counters.sleeps_idle.load(Relaxed),
+        );
+        up(
+            &self.sleeps.get_or_create(&reason("cap")),
+            l.counters.sleeps_cap.load(Relaxed),
+        );
+        if let Some(p) = &l.proxy {
+            let h = p.hold_counters();
+            self.held_requests.set(h.held as i64);
+            up(
+                &self.rejected.get_or_create(&reason("wake_timeout")),
+                h.rejected_wake_timeout,
+            );
+            up(
+                &self.rejected.get_or_create(&reason("held_full")),
+                h.rejected_held_full,
+            );
+        }
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
+        self.sync_lifecycle();
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();

@@ -51,6 +51,8 @@ pub enum Trigger {
     Approval,
     /// The config file changed (or SIGHUP).
     Config,
+    /// A session was put to sleep or woken.
+    Lifecycle,
 }
 
 impl Trigger {
@@ -67,6 +69,7 @@ impl Trigger {
             Trigger::Webhook => "webhook",
             Trigger::Approval => "approval",
             Trigger::Config => "config",
+            Trigger::Lifecycle => "lifecycle",
         }
     }
 }
@@ -265,6 +268,9 @@ pub struct Reconciler {
     on_pass: Vec<OnPass>,
     /// What the compute providers say is happening, forwarded while steps run.
     activity: Arc<watch::Sender<Activity>>,
+    /// Sleep and wake (the daemon's): what it put to sleep is read into each observation,
+    /// and it hears what each pass wants.
+    lifecycle: Option<crate::lifecycle::Lifecycle>,
 }
 
 /// How many recent events are kept in memory.
@@ -309,7 +315,13 @@ impl Reconciler {
             changes: Arc::default(),
             on_pass: Vec::new(),
             activity: Arc::new(watch::channel(Activity::default()).0),
+            lifecycle: None,
         }
+    }
+
+    /// Sleep and wake sessions with `lc`.
+    pub fn set_lifecycle(&mut self, lc: crate::lifecycle::Lifecycle) {
+        self.lifecycle = Some(lc);
     }
 
     /// What readers subscribe to.
@@ -480,7 +492,11 @@ impl Reconciler {
         }
         let needed: BTreeSet<ComputeKind> =
             desired.plans.values().map(|p| p.spec.compute).collect();
-        let observed = Arc::new(self.providers.observe(&needed).await);
+        let mut observed = self.providers.observe(&needed).await;
+        if let Some(lc) = &self.lifecycle {
+            lc.annotate(&mut observed);
+        }
+        let observed = Arc::new(observed);
         let settle = self.history.record(
             &mut desired,
             &observed,
@@ -653,6 +669,13 @@ impl Reconciler {
         report.duration_ms = t0.elapsed().as_millis() as u64;
         if let Err(e) = self.state.append_events(&events) {
             tracing::warn!(error = %e, "cannot record events");
+        }
+        if let Some(lc) = &self.lifecycle {
+            lc.update(
+                &desired,
+                &observed,
+                self.config.lifecycle.idle_timeout.std(),
+            );
         }
         self.update_conditions(&desired, &observed, &p, &results, now);
         self.publish(

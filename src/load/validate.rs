@@ -126,6 +126,23 @@ fn check_object(
                     .with_help("add `image: ...`"),
                 );
             }
+            if let Some(depth) = p.spec.sleep
+                && !p.spec.compute.sleep_depths().contains(&depth)
+            {
+                out.push(
+                    f.error(
+                        "unsupported",
+                        p.at("sleep"),
+                        format!(
+                            "plan `{}` sleeps at depth `{}`, which {} sessions cannot",
+                            p.spec.name,
+                            depth.as_str(),
+                            p.spec.compute.as_str()
+                        ),
+                    )
+                    .with_help("use `sleep: stop`"),
+                );
+            }
             if let Some(port) = p.spec.health.as_ref().and_then(|h| h.port.as_ref())
                 && !p.spec.ports.contains_key(port)
             {

@@ -99,6 +99,17 @@ pub enum ComputeKind {
 }
 
 impl ComputeKind {
+    /// The sleep depths sessions of this kind support (the loader refuses a plan asking for
+    /// another).
+    pub fn sleep_depths(self) -> &'static [SleepDepth] {
+        match self {
+            ComputeKind::Process | ComputeKind::Docker => &[SleepDepth::Stop, SleepDepth::Pause],
+            ComputeKind::Qemu | ComputeKind::Proxmox | ComputeKind::Kubernetes => {
+                &[SleepDepth::Stop]
+            }
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ComputeKind::Process => "process",
@@ -154,7 +165,7 @@ pub const SPEC_FIELDS: [&str; 11] = [
 pub fn field_change(kind: ComputeKind, field: &str) -> FieldChange {
     use FieldChange::*;
     match (kind, field) {
-        (_, "health" | "stop_timeout" | "idle_timeout") => Free,
+        (_, "health" | "stop_timeout" | "idle_timeout" | "sleep") => Free,
         (_, "compute") => Replace,
         (ComputeKind::Process, "command" | "env" | "ports") => Restart,
         (ComputeKind::Process, _) => Ignored,
@@ -291,10 +302,18 @@ pub struct PlanSpec {
     /// Changing it (process: changes in place; docker: changes in place).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<Health>,
-    /// Put a session to sleep after this long without traffic through its routes.
+    /// Put a session to sleep after this long without traffic through its routes (requests
+    /// and WebSocket frames either way); the next request to any of its routes wakes it.
+    /// A session may set its own.
     /// Changing it (process: changes in place; docker: changes in place).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<Duration>,
+    /// How deep a session sleeps: `stop` (the default: frees its memory; a wake starts it) or
+    /// `pause` (process: SIGSTOP of its group; docker: the engine's pause; memory kept, CPU
+    /// freed, a wake takes milliseconds).
+    /// Changing it (process: changes in place; docker: changes in place).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sleep: Option<SleepDepth>,
     /// How long a stopping session gets before it is killed.
     /// Changing it (process: changes in place; docker: changes in place).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -362,12 +381,13 @@ fn default_health_path() -> String {
 )]
 #[serde(rename_all = "lowercase")]
 pub enum RunState {
-    /// Running and routed.
+    /// Running and routed; with an `idle_timeout`, put to sleep after that long without
+    /// traffic and woken by the next request to any of its routes.
     #[default]
     Running,
-    /// Stopped, and woken by the next request to one of its routes.
+    /// Made, but asleep until the first request to one of its routes; asleep again when idle.
     Sleeping,
-    /// Stopped, its data kept.
+    /// Stopped, its data kept; requests never wake it.
     Stopped,
 }
 
@@ -377,6 +397,39 @@ impl RunState {
             RunState::Running => "running",
             RunState::Sleeping => "sleeping",
             RunState::Stopped => "stopped",
+        }
+    }
+}
+
+/// How deep a session sleeps when idle.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum SleepDepth {
+    /// Stopped: its memory freed; a wake starts it.
+    #[default]
+    Stop,
+    /// Paused: its memory kept, its CPU freed; a wake resumes it in milliseconds.
+    Pause,
+}
+
+impl SleepDepth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SleepDepth::Stop => "stop",
+            SleepDepth::Pause => "pause",
         }
     }
 }
@@ -456,6 +509,9 @@ pub struct SessionSpec {
     /// Placement only: a session that exists is never moved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub location: Option<String>,
+    /// This session's own idle timeout, over its plan's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<Duration>,
 }
 
 /// A hostname routed to one port of a session.

@@ -211,6 +211,40 @@ pub struct ObservedSession {
     /// The provider's host it runs on, for providers with several (docker).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// Put to sleep by vessel (idle, or at a cap): converged, not drift. Recorded in the state
+    /// directory, so a restarted vessel wakes nothing that sleeps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asleep: Option<Asleep>,
+}
+
+/// A session vessel put to sleep: since when, how deep, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Asleep {
+    pub since: chrono::DateTime<chrono::Utc>,
+    pub depth: crate::model::SleepDepth,
+    pub reason: SleepReason,
+}
+
+/// Why a session sleeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SleepReason {
+    /// No traffic for its idle timeout.
+    Idle,
+    /// Declared `state: sleeping`, and not yet woken.
+    Declared,
+    /// Put to sleep to make room under a cap.
+    Cap,
+}
+
+impl SleepReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SleepReason::Idle => "idle",
+            SleepReason::Declared => "declared",
+            SleepReason::Cap => "cap",
+        }
+    }
 }
 
 impl ObservedSession {
@@ -235,6 +269,7 @@ impl ObservedSession {
             save_to: None,
             healthy: None,
             host: None,
+            asleep: None,
         }
     }
 }

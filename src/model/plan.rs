@@ -528,6 +528,19 @@ pub struct Plan {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval: Option<String>,
     pub summary: Summary,
+    /// Sessions asleep (by idleness, or declared `sleeping`): converged, and left so.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub asleep: Vec<AsleepSession>,
+}
+
+/// A session that is asleep, as the plan leaves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct AsleepSession {
+    pub session: String,
+    /// Its declared state: `running` or `sleeping`.
+    pub state: crate::model::RunState,
+    pub since: DateTime<Utc>,
+    pub depth: crate::model::SleepDepth,
 }
 
 impl Plan {

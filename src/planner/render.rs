@@ -249,6 +249,19 @@ fn field_diff(
 }
 
 /// Terraform-like text. Colour only when `color` (the CLI passes "stdout is a TTY").
+/// `running (asleep since T, paused)`.
+fn asleep_text(a: &crate::model::plan::AsleepSession) -> String {
+    format!(
+        "{} (asleep since {}, {})",
+        a.state.as_str(),
+        a.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        match a.depth {
+            crate::model::SleepDepth::Stop => "stopped",
+            crate::model::SleepDepth::Pause => "paused",
+        }
+    )
+}
+
 pub fn text(plan: &Plan, observed: &Observed, color: bool) -> String {
     let c = Colors::new(color);
     let mut out = String::new();
@@ -321,6 +334,19 @@ pub fn text(plan: &Plan, observed: &Observed, color: bool) -> String {
         );
         for (p, e) in &observed.gaps {
             let _ = writeln!(out, "  {}!{} {p}: {e}", c.red, c.reset);
+        }
+    }
+    if !plan.asleep.is_empty() {
+        let _ = writeln!(out, "\nAsleep (converged; the next request wakes them):");
+        for a in &plan.asleep {
+            let _ = writeln!(
+                out,
+                "  {}z{} session {}: {}",
+                c.dim,
+                c.reset,
+                a.session,
+                asleep_text(a)
+            );
         }
     }
     if !plan.held.is_empty() || !plan.guards.is_empty() {
@@ -538,6 +564,18 @@ pub fn markdown(plan: &Plan, observed: &Observed) -> String {
         );
         for (p, e) in &observed.gaps {
             let _ = writeln!(out, "- :x: `{p}`: {}", md_escape(e));
+        }
+        out.push('\n');
+    }
+    if !plan.asleep.is_empty() {
+        let _ = writeln!(out, "**Asleep** (converged; the next request wakes them)\n");
+        for a in &plan.asleep {
+            let _ = writeln!(
+                out,
+                "- :zzz: session `{}`: {}",
+                a.session,
+                md_escape(&asleep_text(a))
+            );
         }
         out.push('\n');
     }

@@ -202,7 +202,27 @@ impl<'a> Planner<'a> {
         if !diff.restart.is_empty() {
             self.updates.insert(name, diff.restart);
         }
-        let want_running = w.state == RunState::Running;
+        // Asleep by vessel's hand (idle, or declared `sleeping`): converged, whatever the
+        // provider reports (a paused session still runs; one that died asleep is woken by
+        // the next request like any other). Only `stopped` changes it.
+        if let Some(a) = &o.asleep
+            && w.state != RunState::Stopped
+        {
+            self.out.asleep.push(crate::model::plan::AsleepSession {
+                session: name.to_string(),
+                state: w.state,
+                since: a.since,
+                depth: a.depth,
+            });
+            return Fate::Keep;
+        }
+        // `sleeping` is made asleep, and awake only while requests wake it: either is it.
+        if w.state == RunState::Sleeping
+            && matches!(o.state, SessionState::Running | SessionState::Stopped)
+        {
+            return Fate::Keep;
+        }
+        let want_running = w.state != RunState::Stopped;
         match (want_running, o.state) {
             (true, SessionState::Running) | (false, SessionState::Stopped) => Fate::Keep,
             (true, SessionState::Failed) => Fate::Start(Reason::Failed),

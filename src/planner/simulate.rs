@@ -60,6 +60,7 @@ pub fn simulate_step(action: &Action, o: &mut Observed) {
                         save_to: save_to.clone(),
                         healthy: Some(*start),
                         host: host.clone(),
+                        asleep: None,
                     },
                 );
             }

@@ -134,3 +134,28 @@ pub(crate) fn write_atomically_from(
     }
     result
 }
+
+/// One async lock per session, shared by the executor and the lifecycle.
+#[derive(Clone, Default)]
+#[allow(clippy::type_complexity)]
+pub struct SessionLocks(
+    std::sync::Arc<
+        std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+    >,
+);
+
+impl SessionLocks {
+    /// Wait for the session's lock.
+    pub async fn lock(&self, session: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = {
+            let mut map = crate::lock_or_reset(&self.0);
+            // Forget the locks nobody holds or waits for, now and then, so the map follows
+            // the sessions that exist.
+            if map.len() > 64 && map.len().is_power_of_two() {
+                map.retain(|_, l| std::sync::Arc::strong_count(l) > 1);
+            }
+            map.entry(session.to_string()).or_default().clone()
+        };
+        m.lock_owned().await
+    }
+}

@@ -50,6 +50,8 @@ pub struct Providers {
     /// The embedded proxy, when it is the proxy provider (the daemon serves it).
     pub embedded: Option<crate::proxy::Proxy>,
     pub observe_timeout: Duration,
+    /// One lock per session, taken by session steps and by the lifecycle's sleeps and wakes.
+    pub locks: super::SessionLocks,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +163,7 @@ impl Providers {
             dns,
             embedded,
             observe_timeout: Duration::from_secs(10),
+            locks: Default::default(),
         })
     }
 

@@ -122,7 +122,51 @@ struct Inner {
     table: ArcSwap<Table>,
     version: tokio::sync::watch::Sender<u64>,
     waker: std::sync::Mutex<Option<Waker>>,
-    hold_timeout: Duration,
+    hold_timeout: std::sync::atomic::AtomicU64,
+    /// Sessions asleep or waking: their routes are not ready whatever a change says.
+    asleep: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Requests held now, and the bound on them.
+    held: std::sync::atomic::AtomicUsize,
+    max_held: std::sync::atomic::AtomicUsize,
+    /// Requests answered 503 because their session did not wake in time, or too many waited.
+    rejected_wake_timeout: AtomicU64,
+    rejected_held_full: AtomicU64,
+    /// A browser's navigation to a waking session gets a page that reloads itself, rather
+    /// than waiting.
+    waking_page: std::sync::atomic::AtomicBool,
+}
+
+/// What the proxy has held and refused, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HoldCounters {
+    /// Requests held now, waiting for their session to wake.
+    pub held: u64,
+    /// Requests answered 503 because their session did not wake within the wake timeout.
+    pub rejected_wake_timeout: u64,
+    /// Requests answered 503 because too many were already held.
+    pub rejected_held_full: u64,
+}
+
+/// How the proxy holds requests for sessions that are asleep or waking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holding {
+    /// How long a request waits for its session to wake before a 503.
+    pub wake_timeout: Duration,
+    /// Requests held at most, all sessions together; past it, 503 at once.
+    pub max_held: usize,
+    /// A browser's navigation (a GET accepting text/html) gets a page that reloads itself
+    /// instead of waiting.
+    pub waking_page: bool,
+}
+
+impl Default for Holding {
+    fn default() -> Self {
+        Holding {
+            wake_timeout: Duration::from_secs(60),
+            max_held: 4096,
+            waking_page: false,
+        }
+    }
 }
 
 /// The upstream connection pool: one per serving thread, so a request and its upstream
@@ -179,9 +223,78 @@ impl Proxy {
                 table: ArcSwap::from_pointee(HashMap::new()),
                 version: tokio::sync::watch::channel(0).0,
                 waker: std::sync::Mutex::new(None),
-                hold_timeout,
+                hold_timeout: AtomicU64::new(hold_timeout.as_millis() as u64),
+                asleep: Default::default(),
+                held: Default::default(),
+                max_held: std::sync::atomic::AtomicUsize::new(Holding::default().max_held),
+                rejected_wake_timeout: AtomicU64::new(0),
+                rejected_held_full: AtomicU64::new(0),
+                waking_page: Default::default(),
             }),
         }
+    }
+
+    /// Set how requests for sleeping sessions are held.
+    pub fn set_holding(&self, h: Holding) {
+        let i = &self.inner;
+        i.hold_timeout
+            .store(h.wake_timeout.as_millis() as u64, Ordering::Relaxed);
+        i.max_held.store(h.max_held, Ordering::Relaxed);
+        i.waking_page.store(h.waking_page, Ordering::Relaxed);
+    }
+
+    /// What has been held and refused.
+    pub fn hold_counters(&self) -> HoldCounters {
+        let i = &self.inner;
+        HoldCounters {
+            held: i.held.load(Ordering::Relaxed) as u64,
+            rejected_wake_timeout: i.rejected_wake_timeout.load(Ordering::Relaxed),
+            rejected_held_full: i.rejected_held_full.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Mark a session asleep (its routes hold requests and poke the waker) or awake again
+    /// (they serve), in one swap. Awake, `moved` maps upstreams the session had to the ones
+    /// it has now (a container woken from `stop` may publish its ports elsewhere).
+    pub fn set_asleep(&self, session: &str, asleep: bool, moved: &HashMap<String, String>) {
+        {
+            let mut set = self.inner.asleep.lock().unwrap_or_else(|p| p.into_inner());
+            if asleep {
+                set.insert(session.to_string());
+            } else {
+                set.remove(session);
+            }
+        }
+        self.inner.table.rcu(|old| {
+            let mut t: Table = (**old).clone();
+            for e in t.values_mut() {
+                if e.route.session == session {
+                    let mut route = e.route.clone();
+                    route.ready = !asleep;
+                    if let Some(to) = moved.get(&route.upstream) {
+                        route.upstream = to.clone();
+                    }
+                    *e = Arc::new(Entry {
+                        route,
+                        stats: e.stats.clone(),
+                    });
+                }
+            }
+            t
+        });
+        self.inner.version.send_modify(|v| *v += 1);
+    }
+
+    /// The last activity of each session with routes (milliseconds since the Unix epoch, 0
+    /// for none), the latest over its routes.
+    pub fn session_activity(&self) -> HashMap<String, u64> {
+        let mut out: HashMap<String, u64> = HashMap::new();
+        for e in self.inner.table.load().values() {
+            let t = e.stats.last_activity_ms.load(Ordering::Relaxed);
+            let v = out.entry(e.route.session.clone()).or_default();
+            *v = (*v).max(t);
+        }
+        out
     }
 
     /// Serve on `threads` threads, each with its own single-threaded runtime, accept loop and
@@ -260,6 +373,7 @@ impl Proxy {
         if changes.is_empty() {
             return;
         }
+        let asleep = self.inner.asleep.lock().unwrap_or_else(|p| p.into_inner());
         self.inner.table.rcu(|old| {
             let mut t: Table = (**old).clone();
             for c in changes {
@@ -267,13 +381,9 @@ impl Proxy {
                     RouteChange::Upsert { host, route } => {
                         let host = host.to_ascii_lowercase();
                         let stats = t.get(&host).map(|e| e.stats.clone()).unwrap_or_default();
-                        t.insert(
-                            host,
-                            Arc::new(Entry {
-                                route: route.clone(),
-                                stats,
-                            }),
-                        );
+                        let mut route = route.clone();
+                        route.ready &= !asleep.contains(&route.session);
+                        t.insert(host, Arc::new(Entry { route, stats }));
                     }
                     RouteChange::Remove { host } => {
                         t.remove(&host.to_ascii_lowercase());
@@ -282,6 +392,7 @@ impl Proxy {
             }
             t
         });
+        drop(asleep);
         self.inner.version.send_modify(|v| *v += 1);
     }
 
@@ -351,9 +462,20 @@ impl Proxy {
             return page::not_found(&host);
         };
         if !entry.route.ready {
-            match self.hold(&host, &entry.route.session).await {
-                Some(e) => entry = e,
-                None => return page::not_ready(&host, &entry.route.session),
+            // Activity: the request that wakes a session counts, so it does not fall asleep
+            // again before the request is through.
+            entry.stats.touch();
+            let navigation = req.method() == Method::GET
+                && req
+                    .headers()
+                    .get(header::ACCEPT)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.contains("text/html"));
+            match self.hold(&host, &entry.route.session, navigation).await {
+                Held::Ready(e) => entry = e,
+                Held::TimedOut => return page::not_ready(&host, &entry.route.session),
+                Held::Full => return page::too_many_waiting(&host, &entry.route.session),
+                Held::Page => return page::waking(&host, &entry.route.session),
             }
         }
         entry.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -407,30 +529,47 @@ impl Proxy {
             .await
     }
 
-    /// Wait until the route for `host` is ready (poking the waker once), or time out.
-    async fn hold(&self, host: &str, session: &str) -> Option<Arc<Entry>> {
-        let waker = self
-            .inner
-            .waker
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+    /// Wait until the route for `host` is ready (poking the waker once), or time out; within
+    /// the bound on held requests. A browser's navigation may get the waking page instead.
+    async fn hold(&self, host: &str, session: &str, navigation: bool) -> Held {
+        let i = &self.inner;
+        let waker = i.waker.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some(w) = waker {
             w(session);
         }
-        let mut rx = self.inner.version.subscribe();
-        let deadline = tokio::time::Instant::now() + self.inner.hold_timeout;
+        if navigation && i.waking_page.load(Ordering::Relaxed) {
+            return Held::Page;
+        }
+        if i.held.fetch_add(1, Ordering::Relaxed) >= i.max_held.load(Ordering::Relaxed) {
+            i.held.fetch_sub(1, Ordering::Relaxed);
+            i.rejected_held_full.fetch_add(1, Ordering::Relaxed);
+            return Held::Full;
+        }
+        struct Release<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let _release = Release(&i.held);
+        let mut rx = i.version.subscribe();
+        let timeout = Duration::from_millis(i.hold_timeout.load(Ordering::Relaxed));
+        let deadline = tokio::time::Instant::now() + timeout;
         loop {
             match self.lookup(host) {
-                Some(e) if e.route.ready => return Some(e),
+                Some(e) if e.route.ready => return Held::Ready(e),
                 Some(_) => {}
-                None => return None,
+                None => {
+                    i.rejected_wake_timeout.fetch_add(1, Ordering::Relaxed);
+                    return Held::TimedOut;
+                }
             }
             if tokio::time::timeout_at(deadline, rx.changed())
                 .await
                 .is_err()
             {
-                return None;
+                i.rejected_wake_timeout.fetch_add(1, Ordering::Relaxed);
+                return Held::TimedOut;
             }
         }
     }
@@ -514,6 +653,14 @@ impl Proxy {
                 .boxed(),
         )
     }
+}
+
+/// How holding a request for a route that is not ready ended.
+enum Held {
+    Ready(Arc<Entry>),
+    TimedOut,
+    Full,
+    Page,
 }
 
 /// Where a request goes: the host its route is looked up by (lower-cased, without port or

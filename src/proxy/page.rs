@@ -114,3 +114,35 @@ pub fn connect_refused() -> Response<Body> {
     );
     r
 }
+
+/// Too many requests are already waiting for sessions to wake: this one is not held.
+pub fn too_many_waiting(host: &str, session: &str) -> Response<Body> {
+    let mut r = page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Session waking up",
+        &format!(
+            "Session <code>{}</code> for <code>{}</code> is waking up, and too many requests are already waiting. Try again in a moment.",
+            escape(session),
+            escape(host)
+        ),
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("2"));
+    r
+}
+
+/// For a browser's navigation while its session wakes: a page that reloads itself.
+pub fn waking(host: &str, session: &str) -> Response<Body> {
+    let mut r = page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Waking up",
+        &format!(
+            "Session <code>{}</code> for <code>{}</code> was asleep and is waking up. This page reloads by itself.<script>setTimeout(()=>location.reload(),1000)</script>",
+            escape(session),
+            escape(host)
+        ),
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    r
+}

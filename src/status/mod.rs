@@ -40,6 +40,10 @@ pub struct AppState {
     pub secrets: Vec<String>,
     /// `/status` rendered once per published version.
     cache: Mutex<Option<((u64, u64), Bytes)>>,
+    /// Sleep and wake, for each session's lifecycle.
+    lifecycle: Option<crate::lifecycle::Lifecycle>,
+    /// The embedded proxy, for the requests it holds.
+    proxy: Option<crate::proxy::Proxy>,
 }
 
 impl AppState {
@@ -61,6 +65,28 @@ impl AppState {
             token,
             secrets,
             cache: Mutex::new(None),
+            lifecycle: None,
+            proxy: None,
+        }
+    }
+
+    /// Show each session's lifecycle from `lc`, and the requests `proxy` holds.
+    pub fn with_lifecycle(
+        mut self,
+        lc: crate::lifecycle::Lifecycle,
+        proxy: Option<crate::proxy::Proxy>,
+    ) -> AppState {
+        self.lifecycle = Some(lc);
+        self.proxy = proxy;
+        self
+    }
+
+    fn add_lifecycle(&self, views: &mut [view::SessionView]) {
+        if let Some(lc) = &self.lifecycle {
+            let mut life = lc.view();
+            for v in views {
+                v.lifecycle = life.remove(&v.name);
+            }
         }
     }
 
@@ -81,7 +107,20 @@ impl AppState {
     /// The status view of the latest snapshot.
     fn status_view(&self) -> view::StatusView {
         let (snap, waiting) = self.published.latest();
-        view::status(&snap, waiting)
+        let mut v = view::status(&snap, waiting);
+        if let Some(lc) = &self.lifecycle {
+            let mut c = view::LifecycleCounts::default();
+            for l in lc.view().values() {
+                match l.state.as_str() {
+                    "asleep" => c.asleep += 1,
+                    "waking" => c.waking += 1,
+                    _ => c.awake += 1,
+                }
+            }
+            c.held_requests = self.proxy.as_ref().map_or(0, |p| p.hold_counters().held);
+            v.lifecycle = Some(c);
+        }
+        v
     }
 }
 
@@ -321,7 +360,10 @@ async fn status(State(st): State<Arc<AppState>>) -> Response {
 async fn sessions(State(st): State<Arc<AppState>>) -> Response {
     let now = st.published.activity();
     match st.with(|s| view::sessions(s, &st.ctx, &now)) {
-        Some(v) => json(&st, &v),
+        Some(mut v) => {
+            st.add_lifecycle(&mut v);
+            json(&st, &v)
+        }
         None => unavailable(),
     }
 }
@@ -329,7 +371,10 @@ async fn sessions(State(st): State<Arc<AppState>>) -> Response {
 async fn session(State(st): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
     let now = st.published.activity();
     match st.with(|s| view::session(s, &st.ctx, &now, &name)) {
-        Some(Some(v)) => json(&st, &v),
+        Some(Some(mut v)) => {
+            st.add_lifecycle(std::slice::from_mut(&mut v.summary));
+            json(&st, &v)
+        }
         Some(None) => respond(
             StatusCode::NOT_FOUND,
             "application/json",

@@ -44,6 +44,10 @@ pub struct StatusView {
     pub passes: u64,
     pub last_pass: Option<PassReport>,
     pub counts: Counts,
+    /// Sessions that sleep when idle, by `awake`, `asleep` and `waking`; and requests held
+    /// now while their sessions wake.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<LifecycleCounts>,
     /// Why it is not converged, in words (empty when it is).
     pub not_converged: Vec<String>,
     pub quarantined: Vec<QuarantinedFile>,
@@ -71,6 +75,15 @@ pub struct Counts {
     pub pending_steps: usize,
     pub deferred: usize,
     pub held: usize,
+}
+
+/// Sessions by lifecycle state, and requests held now.
+#[derive(Debug, Default, Serialize, JsonSchema)]
+pub struct LifecycleCounts {
+    pub awake: usize,
+    pub asleep: usize,
+    pub waking: usize,
+    pub held_requests: u64,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -108,6 +121,9 @@ pub struct SessionView {
     /// What is happening to it right now, in words (an image pull's progress).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub activity: Option<String>,
+    /// Asleep, awake or waking, for sessions that sleep when idle or are declared `sleeping`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<crate::lifecycle::SessionLife>,
 }
 
 /// `GET /sessions/{name}`.
@@ -246,6 +262,7 @@ pub fn status(s: &Snapshot, source_changed: bool) -> StatusView {
         passes: s.passes,
         last_pass: s.last.clone(),
         counts,
+        lifecycle: None,
         quarantined,
         providers,
         kept_workspaces: s
@@ -398,6 +415,7 @@ pub fn sessions(s: &Snapshot, ctx: &Context, now: &Activity) -> Vec<SessionView>
                 conditions: s.conditions.get(&name).cloned().unwrap_or_default(),
                 quarantined: quarantined.get(&name).cloned(),
                 activity: now.sessions.get(&name).cloned(),
+                lifecycle: None,
                 name,
             }
         })
@@ -574,6 +592,7 @@ mod tests {
                 save_to: None,
                 healthy: None,
                 host: None,
+                asleep: None,
             },
         );
         let text =

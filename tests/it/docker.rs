@@ -522,3 +522,63 @@ fn docker_a_replace_and_a_destroy_keep_the_workspace_and_give_it_back() {
     });
     assert!(!kept.exists(), "the kept copy was used up");
 }
+
+/// Sleep at `depth` after 1 s idle, and a request wakes it (issue 15): the container is
+/// paused (`pause`) or stopped (`stop`; started again it may publish its port elsewhere, and
+/// the route follows), passes leave it asleep, and the woken container gives the right
+/// answer.
+fn docker_sleeps_and_wakes(depth: &str) {
+    let pod = podman();
+    let name = unique(&format!("nap{depth}"));
+    let _cleanup = Cleanup {
+        instance: name.clone(),
+        names: vec![format!("vessel-{name}")],
+    };
+    let mut d = docker_daemon(&name, "1s");
+    std::fs::write(
+        d.source().join("plan.yaml"),
+        format!("{PLAN}idle_timeout: 1s\nsleep: {depth}\n"),
+    )
+    .expect("plan");
+    d.configure("lifecycle: {check_interval: 100ms}\n");
+    let proj = project(d.dir.path(), &name);
+    d.write(
+        &format!("{name}.yaml"),
+        &session_yaml(&name, &format!("source: {{path: '{}'}}\n", proj.display())),
+    );
+    d.start();
+    let hello = format!("hello from {name}\n");
+    wait(120, "the session serves", &d, || {
+        serves(&d, &name, "/index.html", &hello)
+    });
+    let container = format!("vessel-{name}");
+    let want = if depth == "pause" { "paused" } else { "exited" };
+    wait(60, "the container sleeps", &d, || {
+        pod.state(&container).as_deref() == Some(want)
+    });
+    let before = d.passes();
+    wait(60, "passes go on", &d, || d.passes() >= before + 2);
+    assert_eq!(
+        pod.state(&container).as_deref(),
+        Some(want),
+        "a pass woke it; log:\n{}",
+        d.log()
+    );
+    // The next request wakes it and gets the page.
+    assert!(
+        serves(&d, &name, "/index.html", &hello),
+        "the woken session answers; log:\n{}",
+        d.log()
+    );
+    assert_eq!(pod.state(&container).as_deref(), Some("running"));
+}
+
+#[test]
+fn docker_pause_sleeps_and_a_request_wakes() {
+    docker_sleeps_and_wakes("pause");
+}
+
+#[test]
+fn docker_stop_sleeps_and_a_request_wakes() {
+    docker_sleeps_and_wakes("stop");
+}

@@ -181,6 +181,7 @@ fn reconciler(dir: &Path, world: &Shared, extra: Vec<ObservedSession>) -> Reconc
         dns: Some(Arc::new(FakeDns(world.clone()))),
         embedded: None,
         observe_timeout: Duration::from_secs(5),
+        locks: Default::default(),
     };
     let state = StateDir::open(&config.state_dir).expect("state dir");
     Reconciler::new(config, providers, state)

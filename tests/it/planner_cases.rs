@@ -106,6 +106,12 @@ enum Drift {
     Retained(String),
     /// A second compute provider (docker) also reports a session of this name.
     Duplicate(String),
+    /// vessel put the session to sleep (at `depth`), leaving the provider reporting `state`.
+    Asleep {
+        session: String,
+        depth: String,
+        state: String,
+    },
 }
 
 pub fn load(files: &BTreeMap<String, String>, now: DateTime<Utc>) -> Desired {
@@ -207,6 +213,7 @@ fn apply_drift(o: &mut Observed, drift: &[Drift]) {
                         save_to: None,
                         healthy: None,
                         host: None,
+                        asleep: None,
                     },
                 );
             }
@@ -221,6 +228,21 @@ fn apply_drift(o: &mut Observed, drift: &[Drift]) {
                         route: None,
                     },
                 );
+            }
+            Drift::Asleep {
+                session,
+                depth,
+                state,
+            } => {
+                let o = o.sessions.get_mut(session).expect("drift names a session");
+                o.state = serde_json::from_value(serde_json::Value::String(state.clone()))
+                    .expect("a session state");
+                o.asleep = Some(vessel::observed::Asleep {
+                    since: "2026-11-30T12:00:00Z".parse().expect("a time"),
+                    depth: serde_json::from_value(serde_json::Value::String(depth.clone()))
+                        .expect("a sleep depth"),
+                    reason: vessel::observed::SleepReason::Idle,
+                });
             }
             Drift::Duplicate(name) => {
                 o.duplicates.insert(

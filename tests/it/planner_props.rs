@@ -46,6 +46,7 @@ fn plans(variant: u8) -> Vec<PlanSpec> {
             .collect(),
         health: None,
         idle_timeout: None,
+        sleep: None,
         stop_timeout: None,
     };
     let cmd = if variant.is_multiple_of(2) {
@@ -108,6 +109,7 @@ fn build(variant: u8, sessions: &[GenSession]) -> Desired {
             on_expiry: Default::default(),
             env: BTreeMap::new(),
             location: None,
+            idle_timeout: None,
         };
         d.sessions.insert(name.clone(), doc(spec, &file));
         if g.docs_route {
@@ -220,6 +222,7 @@ fn foreign(o: &mut Observed, n: u8) {
             save_to: None,
             healthy: None,
             host: None,
+            asleep: None,
         },
     );
     let host = format!("{name}.localhost");
@@ -280,8 +283,13 @@ proptest! {
         let want: Vec<&String> = desired.sessions.keys().collect();
         prop_assert_eq!(names, want);
         for (n, s) in &desired.sessions {
-            let running = end.sessions[n].state == SessionState::Running;
-            prop_assert_eq!(running, s.spec.state == RunState::Running, "{}", n);
+            let state = end.sessions[n].state;
+            match s.spec.state {
+                RunState::Running => prop_assert_eq!(state, SessionState::Running, "{}", n),
+                RunState::Stopped => prop_assert_eq!(state, SessionState::Stopped, "{}", n),
+                // Asleep, or awake because a request woke it: either is `sleeping`.
+                RunState::Sleeping => prop_assert_ne!(state, SessionState::Failed, "{}", n),
+            }
         }
     }
 

@@ -289,6 +289,32 @@ pub trait ComputeProvider: Send + Sync {
     fn activity(&self) -> Option<tokio::sync::watch::Receiver<BTreeMap<String, String>>> {
         None
     }
+    /// Pause a running session where it is (the `pause` sleep depth: memory kept, CPU freed);
+    /// `StartSession` resumes it. Only kinds whose `sleep_depths` include `pause`.
+    fn pause<'a>(&'a self, session: &'a str) -> BoxFut<'a, Result<(), ProviderError>> {
+        Box::pin(async move {
+            Err(ProviderError::failed(
+                "pause",
+                session,
+                format!("{} sessions cannot be paused", self.kind().as_str()),
+            ))
+        })
+    }
+    /// Where each of a session's ports answers now (after a wake, which may have moved them).
+    fn endpoints<'a>(
+        &'a self,
+        session: &'a str,
+    ) -> BoxFut<'a, Result<BTreeMap<String, String>, ProviderError>> {
+        Box::pin(async move {
+            Ok(self
+                .observe()
+                .await?
+                .into_iter()
+                .find(|o| o.name == session && o.owned)
+                .map(|o| o.endpoints)
+                .unwrap_or_default())
+        })
+    }
     /// Workspaces of destroyed sessions it keeps, by session (dropping the expired ones).
     fn retained(
         &self,

@@ -663,6 +663,7 @@ impl DockerProvider {
                             .or_else(|| c.label(convert::SAVE_TO).map(PathBuf::from)),
                         healthy: None,
                         host: Some(host_name),
+                        asleep: None,
                     },
                 );
             }
@@ -779,12 +780,33 @@ impl DockerProvider {
             .ok_or_else(|| ProviderError::failed(op, session, "it has no container"))
     }
 
+    /// Resume a paused container (asleep at depth `pause`).
+    async fn unpause(&self, session: &str, p: &Placed) -> Result<(), ProviderError> {
+        let d = self.inner.client(p.host).await?;
+        self.inner.count();
+        d.unpause_container(&p.id)
+            .await
+            .map_err(docker_err("unpause", session))?;
+        self.inner.remember(
+            session,
+            Placed {
+                paused: false,
+                ..p.clone()
+            },
+        );
+        Ok(())
+    }
+
     async fn stop_container(
         &self,
         session: &str,
         p: &Placed,
         stop_timeout: Option<crate::model::Duration>,
     ) -> Result<(), ProviderError> {
+        if p.paused {
+            // A paused container takes no signal: resumed first, then stopped as any other.
+            let _ = self.unpause(session, p).await;
+        }
         let secs = convert::stop_seconds(stop_timeout);
         // The engine answers once the container has stopped: its stop timeout, then the call's.
         let d = self.inner.client(p.host).await?.clone().with_timeout(
@@ -921,14 +943,13 @@ impl SessionSteps for DockerProvider {
         self.inner
             .update_record(session, &p.id, |r| r.intent = Intent::Running)?;
         if p.paused {
-            let d = self.inner.client(p.host).await?;
-            self.inner.count();
-            d.unpause_container(&p.id)
-                .await
-                .map_err(docker_err("unpause", session))?;
-            return Ok(());
+            return self.unpause(session, &p).await;
         }
-        self.start_container(session, p.host, &p.id).await
+        match self.start_container(session, p.host, &p.id).await {
+            Ok(()) => Ok(()),
+            // Paused behind the cache's back (a pause by another vessel, or by hand): resumed.
+            Err(e) => self.unpause(session, &p).await.map_err(|_| e),
+        }
     }
     async fn stop(
         &self,
@@ -1232,6 +1253,40 @@ impl ComputeProvider for DockerProvider {
                 }
             }
             r
+        })
+    }
+
+    fn pause<'a>(&'a self, session: &'a str) -> BoxFut<'a, Result<(), ProviderError>> {
+        Box::pin(async move {
+            let p = self.placed("pause", session).await?;
+            let d = self.inner.client(p.host).await?;
+            self.inner.count();
+            match d.pause_container(&p.id).await {
+                Ok(()) => {}
+                // Already paused.
+                Err(e) if status_of(&e) == Some(304) => {}
+                Err(e) => return Err(docker_err("pause", session)(e)),
+            }
+            self.inner.remember(session, Placed { paused: true, ..p });
+            Ok(())
+        })
+    }
+
+    fn endpoints<'a>(
+        &'a self,
+        session: &'a str,
+    ) -> BoxFut<'a, Result<BTreeMap<String, String>, ProviderError>> {
+        Box::pin(async move {
+            let p = self.placed("find the ports of", session).await?;
+            let Some(c) = self.inner.find(p.host, session).await? else {
+                return Ok(BTreeMap::new());
+            };
+            let spec: Option<RuntimeSpec> = c
+                .label(convert::SPEC)
+                .and_then(|s| serde_json::from_str(s).ok());
+            Ok(spec
+                .map(|s| c.endpoints(&convert::port_numbers(&s), &self.inner.config))
+                .unwrap_or_default())
         })
     }
 

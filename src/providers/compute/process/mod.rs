@@ -289,6 +289,7 @@ impl ProcessProvider {
                     healthy: None,
                     host: None,
                     spec: Some(r.spec),
+                    asleep: None,
                 });
             }
             Ok(out)
@@ -350,26 +351,31 @@ fn clean_trash(root: &Path) {
     }
 }
 
+/// Send `sig` to the recorded leader's group and to every process carrying the session's
+/// marker (its group if it leads one, else itself).
+fn signal_session(leader: Option<i32>, key: &str, sig: Signal) {
+    if let Some(l) = leader {
+        let _ = killpg(Pid::from_raw(l), sig);
+    }
+    for pid in find_by_key(key) {
+        if proc_pgrp(pid) == Some(pid) {
+            let _ = killpg(Pid::from_raw(pid), sig);
+        } else {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), sig);
+        }
+    }
+}
+
 /// Stop everything of one session: SIGTERM to the recorded leader's group and to every
 /// process carrying the session's marker (its group if it leads one, else itself); wait until
 /// none is left; SIGKILL what remains at the timeout. Returns the pids still alive after that
 /// (none, normally). Strays that ignore SIGTERM are not left behind to be adopted later.
 async fn terminate_session(leader: Option<i32>, key: &str, timeout: Duration) -> Vec<i32> {
-    use nix::sys::signal::kill;
-    let signal_all = |sig: Signal| {
-        if let Some(l) = leader {
-            let _ = killpg(Pid::from_raw(l), sig);
-        }
-        for pid in find_by_key(key) {
-            if proc_pgrp(pid) == Some(pid) {
-                let _ = killpg(Pid::from_raw(pid), sig);
-            } else {
-                let _ = kill(Pid::from_raw(pid), sig);
-            }
-        }
-    };
+    let signal_all = |sig: Signal| signal_session(leader, key, sig);
     let group_alive = || leader.is_some_and(|l| killpg(Pid::from_raw(l), None).is_ok());
     signal_all(Signal::SIGTERM);
+    // A paused session (asleep at depth `pause`) gets its SIGTERM only once it runs again.
+    signal_all(Signal::SIGCONT);
     let deadline = tokio::time::Instant::now() + timeout;
     while tokio::time::Instant::now() < deadline {
         if !group_alive() && find_by_key(key).is_empty() {
@@ -528,6 +534,10 @@ impl SessionSteps for ProcessProvider {
         let mut r = read_record(&dir)?
             .ok_or_else(|| ProviderError::failed("start", session, "it does not exist"))?;
         if alive(r.pid, r.start_ticks) {
+            // Running, or paused (asleep at depth `pause`): resumed either way.
+            if let Some(pid) = r.pid {
+                signal_session(Some(pid), &self.key(session), Signal::SIGCONT);
+            }
             return Ok(());
         }
         if let Some(pid) = find_leader(&self.key(session)) {
@@ -578,8 +588,19 @@ impl SessionSteps for ProcessProvider {
             .stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(log2)
-            .process_group(0)
             .kill_on_drop(false);
+        // A session of its own (and so a group of its own, led by the session's process):
+        // its group is never orphaned by vessel's exit, which would send a paused session
+        // SIGHUP (POSIX sends SIGHUP and SIGCONT to a stopped group orphaned by its parent's
+        // exit), and no terminal's signals reach it.
+        // SAFETY: setsid is async-signal-safe, and the closure touches nothing else.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            });
+        }
         for (name, port) in &r.ports {
             cmd.env(format!("PORT_{}", super::env_name(name)), port.to_string());
         }
@@ -776,6 +797,23 @@ impl ComputeProvider for ProcessProvider {
 
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         Some(self.inner.changes.subscribe())
+    }
+
+    fn pause<'a>(&'a self, session: &'a str) -> BoxFut<'a, Result<(), ProviderError>> {
+        Box::pin(async move {
+            let dir = self.dir(session);
+            let _guard = self.inner.lock.lock().await;
+            let r = read_record(&dir)?
+                .ok_or_else(|| ProviderError::failed("pause", session, "it does not exist"))?;
+            let leader = r.pid.filter(|_| alive(r.pid, r.start_ticks));
+            if leader.is_none() {
+                return Err(ProviderError::failed("pause", session, "it is not running"));
+            }
+            // The whole group stops where it is: memory kept, no CPU. SIGCONT (a start)
+            // resumes it.
+            signal_session(leader, &self.key(session), Signal::SIGSTOP);
+            Ok(())
+        })
     }
 
     fn retained(

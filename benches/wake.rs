@@ -1,0 +1,277 @@
+//! Wake on request (issue 15), against a running daemon (release binary), side by side with
+//! the floor measured in the same run:
+//!
+//! - process, `stop`: 20 wakes (a request to an asleep session until its answer), next to 20
+//!   starts of the same command by hand until it answers (the floor; target floor + 50 ms
+//!   at p50);
+//! - process, `pause`: 20 wakes (target under 20 ms at p50);
+//! - docker, `stop` and `pause` (with `--docker`, needs Podman as `cargo bench --bench docker`
+//!   does): 20 wakes each, next to 20 starts of the stopped container straight on the
+//!   engine's API until it answers (the floor);
+//! - 100 concurrent requests to one asleep session: how many wakes (target 1) and answers.
+//!
+//! Run: `cargo bench --bench wake [-- --docker]`. Prints its figures.
+
+#[path = "../tests/it/podman_support.rs"]
+#[allow(dead_code)]
+mod podman_support;
+mod support;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{Kill, free_port, get, ms, percentile, wait_for};
+
+const WAKES: usize = 20;
+
+struct Daemon {
+    dir: tempfile::TempDir,
+    proxy: SocketAddr,
+    status: SocketAddr,
+    _child: Kill,
+}
+
+fn daemon(compute: &str, plan: &str, sessions: &[&str]) -> Daemon {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("desired")).expect("mkdir");
+    std::fs::write(d.join("desired/plan.yaml"), plan).expect("plan");
+    for s in sessions {
+        std::fs::write(
+            d.join(format!("desired/{s}.yaml")),
+            format!("kind: Session\nname: {s}\nplan: nap\n"),
+        )
+        .expect("session");
+    }
+    let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let status = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    std::fs::write(
+        d.join("vessel.yaml"),
+        format!(
+            "source: {{dir: desired}}\nstate_dir: state\nproviders:\n  compute:\n{compute}  proxy:\n    embedded: {{listen: '{proxy}'}}\nstatus: {{listen: '{status}'}}\nlifecycle: {{check_interval: 20ms}}\n"
+        ),
+    )
+    .expect("config");
+    let log = std::fs::File::create(d.join("vessel.log")).expect("log");
+    let child = Command::new(env!("CARGO_BIN_EXE_vessel"))
+        .args(["run", "vessel.yaml"])
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("vessel runs");
+    Daemon {
+        dir,
+        proxy,
+        status,
+        _child: Kill(child),
+    }
+}
+
+fn life(d: &Daemon, name: &str) -> serde_json::Value {
+    get(d.status, "s", &format!("/sessions/{name}"))
+        .and_then(|(_, b)| {
+            let body = b.split_once("\r\n\r\n")?.1.to_string();
+            serde_json::from_str::<serde_json::Value>(&body).ok()
+        })
+        .map(|v| v["lifecycle"].clone())
+        .unwrap_or_default()
+}
+
+fn answers(d: &Daemon, name: &str) -> bool {
+    get(d.proxy, &format!("{name}.localhost"), "/healthz").is_some_and(|(c, _)| c == 200)
+}
+
+/// `WAKES` times: wait until asleep, then time one request until its answer.
+fn wakes(d: &Daemon, name: &str) -> Vec<Duration> {
+    wait_for(Duration::from_secs(120), || answers(d, name)).unwrap_or_else(|| {
+        panic!(
+            "{name} never answers; log:\n{}",
+            std::fs::read_to_string(d.dir.path().join("vessel.log")).unwrap_or_default()
+        )
+    });
+    let mut out = Vec::new();
+    for _ in 0..WAKES {
+        wait_for(Duration::from_secs(60), || {
+            life(d, name)["state"] == "asleep"
+        })
+        .expect("asleep");
+        // A moment for the sleep to finish (the mark comes first).
+        std::thread::sleep(Duration::from_millis(100));
+        let t = Instant::now();
+        let r = get(d.proxy, &format!("{name}.localhost"), "/healthz");
+        let took = t.elapsed();
+        assert_eq!(r.map(|(c, _)| c), Some(200), "a woken session answers");
+        out.push(took);
+    }
+    out
+}
+
+/// The floor for a process: the same command started by hand, until it answers.
+fn process_floor(root: &Path) -> Vec<Duration> {
+    (0..WAKES)
+        .map(|_| {
+            let port = free_port();
+            let t = Instant::now();
+            let _k = support::devserver(port, root);
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            wait_for(Duration::from_secs(10), || {
+                get(addr, "x", "/healthz").is_some_and(|(c, _)| c == 200)
+            })
+            .expect("the devserver answers");
+            t.elapsed()
+        })
+        .collect()
+}
+
+fn line(label: &str, v: &mut [Duration], floor: Option<&mut [Duration]>) {
+    let (p50, p95) = (percentile(v, 0.5), percentile(v, 0.95));
+    match floor {
+        Some(f) => {
+            let (f50, f95) = (percentile(f, 0.5), percentile(f, 0.95));
+            println!(
+                "  {label:<24} p50 {:>9}  p95 {:>9}   floor p50 {:>9}  p95 {:>9}   p50 over floor {:>+8.1} ms",
+                ms(p50),
+                ms(p95),
+                ms(f50),
+                ms(f95),
+                (p50.as_secs_f64() - f50.as_secs_f64()) * 1e3
+            );
+        }
+        None => println!("  {label:<24} p50 {:>9}  p95 {:>9}", ms(p50), ms(p95)),
+    }
+}
+
+fn process_plan(depth: &str) -> String {
+    format!(
+        "kind: Plan\nname: nap\ncommand: ['{}', devserver, --listen, '127.0.0.1:{{port.ide}}', --root, '{{workspace}}']\nports: {{ide: 8080}}\nhealth: {{port: ide, path: /healthz}}\nidle_timeout: 300ms\nsleep: {depth}\nstop_timeout: 2s\n",
+        support::vessel()
+    )
+}
+
+/// A minimal HTTP/1.0 call on the engine's Unix socket; the status code.
+fn engine(socket: &Path, method: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: d\r\nContent-Length: 0\r\n\r\n"
+    )
+    .ok()?;
+    let mut b = String::new();
+    s.read_to_string(&mut b).ok()?;
+    let code = b.get(9..12)?.parse().ok()?;
+    Some((code, b.split_once("\r\n\r\n")?.1.to_string()))
+}
+
+/// The floor for docker: a stopped container started straight on the engine's API, its
+/// published port read, until it answers.
+fn docker_floor(socket: &Path, name: &str) -> Vec<Duration> {
+    (0..WAKES)
+        .map(|_| {
+            engine(
+                socket,
+                "POST",
+                &format!("/v1.41/containers/{name}/stop?t=0"),
+            );
+            let t = Instant::now();
+            let (code, _) =
+                engine(socket, "POST", &format!("/v1.41/containers/{name}/start")).expect("start");
+            assert!(code < 300, "start answered {code}");
+            let (_, body) =
+                engine(socket, "GET", &format!("/v1.41/containers/{name}/json")).expect("inspect");
+            let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+            let port: u16 = v
+                .pointer("/NetworkSettings/Ports/8080~1tcp/0/HostPort")
+                .and_then(|p| p.as_str())
+                .and_then(|p| p.parse().ok())
+                .expect("a published port");
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            wait_for(Duration::from_secs(10), || {
+                get(addr, "x", "/").is_some_and(|(c, _)| c < 500)
+            })
+            .expect("the container answers");
+            t.elapsed()
+        })
+        .collect()
+}
+
+fn main() {
+    let docker = std::env::args().any(|a| a == "--docker");
+    println!(
+        "wake on request: {WAKES} wakes each, a request to an asleep session until its answer"
+    );
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut floor = process_floor(root.path());
+    let port_base = 21_000 + (std::process::id() % 50) as u16 * 40;
+    let compute = format!("    process: {{port_base: {port_base}}}\n");
+    for depth in ["stop", "pause"] {
+        let d = daemon(&compute, &process_plan(depth), &["alice"]);
+        let mut v = wakes(&d, "alice");
+        let label = format!("process, {depth}");
+        if depth == "stop" {
+            line(&label, &mut v, Some(&mut floor));
+        } else {
+            line(&label, &mut v, None);
+        }
+        drop(d);
+    }
+    // 100 at once, one wake.
+    {
+        let d = daemon(&compute, &process_plan("stop"), &["bob"]);
+        wait_for(Duration::from_secs(60), || answers(&d, "bob")).expect("bob answers");
+        wait_for(Duration::from_secs(60), || {
+            life(&d, "bob")["state"] == "asleep"
+        })
+        .expect("asleep");
+        std::thread::sleep(Duration::from_millis(100));
+        let proxy = d.proxy;
+        let t = Instant::now();
+        let ok = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..100)
+                .map(|_| s.spawn(move || get(proxy, "bob.localhost", "/healthz")))
+                .collect();
+            hs.into_iter()
+                .filter(|_| true)
+                .map(|h| h.join().ok().flatten())
+                .filter(|r| r.as_ref().is_some_and(|(c, _)| *c == 200))
+                .count()
+        });
+        let took = t.elapsed();
+        println!(
+            "  100 concurrent requests to one asleep session: {ok} answered 200 in {}, {} wake(s) (target 1)",
+            ms(took),
+            life(&d, "bob")["wakes"]
+        );
+    }
+    if !docker {
+        println!("  (docker: run with `-- --docker`)");
+        return;
+    }
+    let pod = podman_support::podman();
+    let image = podman_support::IMAGE;
+    for depth in ["stop", "pause"] {
+        let instance = format!("wake{depth}{}", std::process::id());
+        let compute = format!(
+            "    docker:\n      hosts: [{{name: local, endpoint: '{}'}}]\n      instance: {instance}\n",
+            pod.endpoint()
+        );
+        let plan = format!(
+            "kind: Plan\nname: nap\ncompute: docker\nimage: {image}\ncommand: [/bin/busybox, httpd, -f, -p, '{{port.ide}}', -h, /]\nports: {{ide: 8080}}\nhealth: {{port: ide, path: /}}\nidle_timeout: 300ms\nsleep: {depth}\nstop_timeout: 1s\n"
+        );
+        let d = daemon(&compute, &plan, &["carol"]);
+        let mut v = wakes(&d, "carol");
+        drop(d);
+        let label = format!("docker, {depth}");
+        if depth == "stop" {
+            let mut f = docker_floor(&pod.socket, "vessel-carol");
+            line(&label, &mut v, Some(&mut f));
+        } else {
+            line(&label, &mut v, None);
+        }
+        let _ = pod.try_cli(&["rm", "-f", "-t", "0", "vessel-carol"]);
+    }
+}

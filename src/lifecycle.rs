@@ -1,0 +1,727 @@
+//! Session lifecycle: sessions sleep when idle and wake on the next request.
+//!
+//! Beside the reconciler, not inside it: a wake must take milliseconds whatever the number of
+//! declared sessions, so it is never a pass. The reconciler tells the lifecycle what each
+//! session should be after every pass (`update`); the lifecycle marks sessions it put to sleep
+//! in `<state>/asleep.json` (before it puts them to sleep, so a crash in between leaves a
+//! session marked asleep that is in fact awake, which the next request wakes harmlessly,
+//! never one asleep that a pass would see as broken) and the reconciler reads the marks into
+//! what it observes (`annotate`), so asleep is converged, not drift, and a restarted vessel
+//! wakes nothing.
+//!
+//! Session steps of the plan and the lifecycle's own sleep and wake take one lock per
+//! session (`SessionLocks`): a session is never paused while a step starts it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::desired::Desired;
+use crate::model::observed::{Asleep, Observed, SessionState, SleepReason};
+use crate::model::plan::SessionAction;
+use crate::model::{ComputeKind, Health, RunState, SleepDepth};
+use crate::providers::SessionLocks;
+use crate::providers::compute::ComputeProvider;
+use crate::proxy::Proxy;
+
+/// What the lifecycle needs to know of one declared session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LifeSpec {
+    pub provider: ComputeKind,
+    pub state: RunState,
+    /// None: it never sleeps by idleness.
+    pub idle_timeout: Option<Duration>,
+    pub depth: SleepDepth,
+    pub health_port: Option<String>,
+    pub health: Option<Health>,
+    pub stop_timeout: Option<crate::model::Duration>,
+}
+
+/// A session's lifecycle, for status.
+#[derive(Debug, Clone, Serialize, PartialEq, schemars::JsonSchema)]
+pub struct SessionLife {
+    /// `awake`, `asleep` or `waking`.
+    pub state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_activity: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub asleep_since: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sleep_reason: Option<SleepReason>,
+    pub wakes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_wake_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_wake_error: Option<String>,
+}
+
+/// Counters for metrics.
+#[derive(Debug, Default)]
+pub struct LifeCounters {
+    pub wakes: AtomicU64,
+    pub wake_failures: AtomicU64,
+    pub sleeps_idle: AtomicU64,
+    pub sleeps_cap: AtomicU64,
+    /// Wake durations not yet taken by metrics (bounded).
+    wake_seconds: Mutex<Vec<f64>>,
+}
+
+impl LifeCounters {
+    /// The wake durations recorded since the last call.
+    pub fn take_wake_seconds(&self) -> Vec<f64> {
+        std::mem::take(&mut *crate::lock_or_reset(&self.wake_seconds))
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Marks {
+    #[serde(default)]
+    asleep: BTreeMap<String, Asleep>,
+}
+
+#[derive(Default)]
+struct State {
+    specs: HashMap<String, LifeSpec>,
+    marks: Marks,
+    /// Sessions the last pass saw running and not asleep.
+    running: HashSet<String>,
+    /// Where each session's ports answered at the last pass.
+    endpoints: HashMap<String, BTreeMap<String, String>>,
+    /// When each session was last seen waking or starting (ms since the epoch).
+    awake_since: HashMap<String, u64>,
+    waking: HashSet<String>,
+    /// In the middle of going to sleep.
+    falling: HashSet<String>,
+    /// Sessions the proxy holds requests for.
+    proxy_asleep: HashSet<String>,
+    wakes: HashMap<String, (u64, Option<u64>, Option<String>)>,
+}
+
+pub struct Lifecycle {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    compute: BTreeMap<ComputeKind, Arc<dyn ComputeProvider>>,
+    proxy: Option<Proxy>,
+    locks: SessionLocks,
+    state: Mutex<State>,
+    counters: Arc<LifeCounters>,
+    /// Pokes the reconciler after a wake or sleep, so observation catches up.
+    poke: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+}
+
+impl Clone for Lifecycle {
+    fn clone(&self) -> Self {
+        Lifecycle {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    Utc::now().timestamp_millis().max(0) as u64
+}
+
+fn at(ms: u64) -> Option<DateTime<Utc>> {
+    (ms > 0)
+        .then(|| DateTime::from_timestamp_millis(ms as i64))
+        .flatten()
+}
+
+impl Lifecycle {
+    /// Open the lifecycle with the marks kept in `state_dir` (none if it has none; an
+    /// unreadable file is kept aside and warned about: sessions then look awake, and the
+    /// next pass repairs what is not).
+    pub fn open(
+        state_dir: &std::path::Path,
+        compute: BTreeMap<ComputeKind, Arc<dyn ComputeProvider>>,
+        proxy: Option<Proxy>,
+        locks: SessionLocks,
+    ) -> Lifecycle {
+        let path = state_dir.join("asleep.json");
+        let marks = match std::fs::read(&path) {
+            Ok(b) => match serde_json::from_slice::<Marks>(&b) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), "the asleep marks cannot be read ({e}); kept aside as asleep.json.bad");
+                    let _ = std::fs::rename(&path, path.with_extension("json.bad"));
+                    Marks::default()
+                }
+            },
+            Err(_) => Marks::default(),
+        };
+        let lc = Lifecycle {
+            inner: Arc::new(Inner {
+                path,
+                compute,
+                proxy,
+                locks,
+                state: Mutex::new(State {
+                    marks,
+                    ..State::default()
+                }),
+                counters: Arc::default(),
+                poke: Mutex::new(None),
+            }),
+        };
+        // Whatever is marked asleep holds its requests from the first route on.
+        let marked: Vec<String> = lc.state().marks.asleep.keys().cloned().collect();
+        for s in marked {
+            lc.proxy_asleep(&s, true, &HashMap::new());
+        }
+        lc
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        crate::lock_or_reset(&self.inner.state)
+    }
+
+    pub fn counters(&self) -> Arc<LifeCounters> {
+        self.inner.counters.clone()
+    }
+
+    /// Call `f` after a wake or a sleep (the daemon triggers a pass with it).
+    pub fn on_change(&self, f: Box<dyn Fn() + Send + Sync>) {
+        *crate::lock_or_reset(&self.inner.poke) = Some(f);
+    }
+
+    fn poke(&self) {
+        if let Some(f) = crate::lock_or_reset(&self.inner.poke).as_ref() {
+            f();
+        }
+    }
+
+    fn save(&self, st: &State) {
+        let bytes = match serde_json::to_vec_pretty(&st.marks) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!("cannot encode the asleep marks: {e}");
+                return;
+            }
+        };
+        if let Err(e) = crate::providers::write_atomically(&self.inner.path, &bytes) {
+            tracing::warn!(file = %self.inner.path.display(), "cannot keep the asleep marks: {e}");
+        }
+    }
+
+    fn proxy_asleep(&self, session: &str, asleep: bool, moved: &HashMap<String, String>) {
+        let changed = {
+            let mut st = self.state();
+            if asleep {
+                st.proxy_asleep.insert(session.to_string())
+            } else {
+                st.proxy_asleep.remove(session) || !moved.is_empty()
+            }
+        };
+        if let (true, Some(p)) = (changed, &self.inner.proxy) {
+            p.set_asleep(session, asleep, moved);
+        }
+    }
+
+    /// Mark what is asleep in what the providers report.
+    pub fn annotate(&self, observed: &mut Observed) {
+        let st = self.state();
+        for (name, a) in &st.marks.asleep {
+            if let Some(o) = observed.sessions.get_mut(name)
+                && o.owned
+            {
+                o.asleep = Some(a.clone());
+            }
+        }
+    }
+
+    /// After a pass: what each declared session should be, and what the providers reported.
+    /// Marks of sessions no longer declared, declared `stopped`, or gone are dropped; a
+    /// `sleeping` session made stopped is marked asleep.
+    pub fn update(&self, desired: &Desired, observed: &Observed, default_idle: Duration) {
+        let mut specs: HashMap<String, LifeSpec> = HashMap::new();
+        for (name, d) in &desired.sessions {
+            let Some(plan) = desired.plans.get(&d.spec.plan) else {
+                continue;
+            };
+            let p = &plan.spec;
+            let state = d.spec.state;
+            let idle = d
+                .spec
+                .idle_timeout
+                .or(p.idle_timeout)
+                .map(|t| t.std())
+                .or((state == RunState::Sleeping).then_some(default_idle));
+            if idle.is_none() && state == RunState::Running {
+                continue;
+            }
+            let rs = crate::planner::runtime_spec(&d.spec, p);
+            specs.insert(
+                name.clone(),
+                LifeSpec {
+                    provider: p.compute,
+                    state,
+                    idle_timeout: idle,
+                    depth: p.sleep.unwrap_or_default(),
+                    health_port: rs.health_port().map(String::from),
+                    health: rs.health.clone(),
+                    stop_timeout: rs.stop_timeout,
+                },
+            );
+        }
+        let now = now_ms();
+        let mut wake_now = Vec::new();
+        let mut unmark = Vec::new();
+        let mut mark = Vec::new();
+        {
+            let mut st = self.state();
+            let busy: HashSet<String> = st.waking.union(&st.falling).cloned().collect();
+            // Marks that no longer mean anything. Unknown is not gone: with a compute
+            // provider unobserved, every mark stays.
+            let compute_gap = observed
+                .gaps
+                .keys()
+                .any(|g| matches!(g, crate::model::observed::ProviderId::Compute(_)));
+            for name in st.marks.asleep.keys() {
+                if busy.contains(name) {
+                    continue;
+                }
+                let gone = !compute_gap && !observed.sessions.get(name).is_some_and(|o| o.owned);
+                match specs.get(name) {
+                    // `stopped`: the plan stops it; no longer asleep.
+                    Some(s) if s.state == RunState::Stopped => unmark.push(name.clone()),
+                    Some(_) if gone => unmark.push(name.clone()),
+                    Some(_) => {}
+                    // Declared running without an idle timeout now: awake from now on.
+                    None if desired.sessions.contains_key(name) && !gone => {
+                        wake_now.push(name.clone())
+                    }
+                    None => unmark.push(name.clone()),
+                }
+            }
+            // `sleeping` sessions made stopped (or found stopped) are asleep.
+            for (name, s) in &specs {
+                if s.state != RunState::Sleeping
+                    || busy.contains(name)
+                    || st.marks.asleep.contains_key(name)
+                {
+                    continue;
+                }
+                if observed
+                    .sessions
+                    .get(name)
+                    .is_some_and(|o| o.owned && o.state == SessionState::Stopped)
+                {
+                    mark.push(name.clone());
+                }
+            }
+            for name in &unmark {
+                st.marks.asleep.remove(name);
+            }
+            for name in &mark {
+                st.marks.asleep.insert(
+                    name.clone(),
+                    Asleep {
+                        since: Utc::now(),
+                        depth: SleepDepth::Stop,
+                        reason: SleepReason::Declared,
+                    },
+                );
+            }
+            if !mark.is_empty() || !unmark.is_empty() {
+                self.save(&st);
+            }
+            st.running = observed
+                .sessions
+                .values()
+                .filter(|o| {
+                    o.owned
+                        && o.state == SessionState::Running
+                        && !st.marks.asleep.contains_key(&o.name)
+                })
+                .map(|o| o.name.clone())
+                .collect();
+            st.endpoints = observed
+                .sessions
+                .values()
+                .filter(|o| specs.contains_key(&o.name))
+                .map(|o| (o.name.clone(), o.endpoints.clone()))
+                .collect();
+            let running: Vec<String> = st.running.iter().cloned().collect();
+            for r in running {
+                st.awake_since.entry(r).or_insert(now);
+            }
+            let State {
+                awake_since,
+                running,
+                ..
+            } = &mut *st;
+            awake_since.retain(|k, _| running.contains(k));
+            st.specs = specs;
+        }
+        for name in &mark {
+            self.proxy_asleep(name, true, &HashMap::new());
+        }
+        // Declared awake for good (no idle timeout any more): woken now.
+        for name in wake_now {
+            self.wake(&name);
+        }
+        for name in unmark {
+            self.proxy_asleep(&name, false, &HashMap::new());
+        }
+    }
+
+    /// The proxy's waker: a request arrived for a session whose routes are not ready.
+    pub fn waker(&self) -> crate::proxy::Waker {
+        let lc = self.clone();
+        Arc::new(move |session: &str| lc.wake(session))
+    }
+
+    /// Wake a session, once however many ask: requests during a wake share it.
+    pub fn wake(&self, session: &str) {
+        {
+            let mut st = self.state();
+            if st.waking.contains(session) {
+                return;
+            }
+            match st.specs.get(session) {
+                // `stopped` is never woken by a request.
+                Some(s) if s.state == RunState::Stopped => return,
+                Some(_) => {}
+                // Not one the lifecycle looks after: nothing to wake unless it is marked.
+                None if !st.marks.asleep.contains_key(session) => return,
+                None => {}
+            }
+            st.waking.insert(session.to_string());
+        }
+        let lc = self.clone();
+        let session = session.to_string();
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let result = lc.wake_now(&session).await;
+            let took = t.elapsed();
+            {
+                let mut st = lc.state();
+                st.waking.remove(&session);
+                let e = st.wakes.entry(session.clone()).or_default();
+                match &result {
+                    Ok(()) => {
+                        e.0 += 1;
+                        e.1 = Some(took.as_millis() as u64);
+                        e.2 = None;
+                    }
+                    Err(err) => e.2 = Some(err.clone()),
+                }
+            }
+            match result {
+                Ok(()) => {
+                    let c = &lc.inner.counters;
+                    c.wakes.fetch_add(1, Ordering::Relaxed);
+                    let mut w = crate::lock_or_reset(&c.wake_seconds);
+                    if w.len() < 10_000 {
+                        w.push(took.as_secs_f64());
+                    }
+                    tracing::info!(%session, ms = took.as_millis() as u64, "woke");
+                }
+                Err(e) => {
+                    lc.inner
+                        .counters
+                        .wake_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%session, "cannot wake: {e}");
+                }
+            }
+            lc.poke();
+        });
+    }
+
+    async fn wake_now(&self, session: &str) -> Result<(), String> {
+        let _lock = self.inner.locks.lock(session).await;
+        let (spec, before) = {
+            let st = self.state();
+            (
+                st.specs.get(session).cloned(),
+                st.endpoints.get(session).cloned().unwrap_or_default(),
+            )
+        };
+        let Some(spec) = spec else {
+            // Marked but no longer looked after: started, unmarked, served.
+            return self.wake_unmanaged(session).await;
+        };
+        let provider_kind = spec.provider;
+        let Some(p) = self.inner.compute.get(&provider_kind).cloned() else {
+            return Err(format!("no {} provider", provider_kind.as_str()));
+        };
+        let start = SessionAction::StartSession {
+            session: session.to_string(),
+            provider: provider_kind,
+        };
+        bounded(Duration::from_secs(120), p.apply(&start))
+            .await
+            .map_err(|e| format!("start: {e}"))?;
+        if let Some(port) = &spec.health_port {
+            let wait = SessionAction::WaitHealthy {
+                session: session.to_string(),
+                provider: provider_kind,
+                port: Some(port.clone()),
+                check: spec.health.clone(),
+            };
+            let limit = spec
+                .health
+                .as_ref()
+                .and_then(|h| h.timeout)
+                .map(|t| t.std())
+                .unwrap_or(Duration::from_secs(60));
+            bounded(limit + Duration::from_secs(1), p.apply(&wait))
+                .await
+                .map_err(|e| format!("health: {e}"))?;
+        }
+        // Ports may have moved (a container started again publishes anew).
+        let mut moved = HashMap::new();
+        if let Ok(Ok(now)) =
+            tokio::time::timeout(Duration::from_secs(10), p.endpoints(session)).await
+        {
+            for (port, old) in &before {
+                if let Some(new) = now.get(port)
+                    && new != old
+                {
+                    moved.insert(old.clone(), new.clone());
+                }
+            }
+            self.state().endpoints.insert(session.to_string(), now);
+        }
+        {
+            let mut st = self.state();
+            st.marks.asleep.remove(session);
+            self.save(&st);
+            st.awake_since.insert(session.to_string(), now_ms());
+            st.running.insert(session.to_string());
+        }
+        // Serve (the held requests go on).
+        {
+            let mut st = self.state();
+            st.proxy_asleep.remove(session);
+        }
+        if let Some(px) = &self.inner.proxy {
+            px.set_asleep(session, false, &moved);
+        }
+        Ok(())
+    }
+
+    /// A marked session the lifecycle no longer looks after (declared `running` without an
+    /// idle timeout now): started, unmarked, served.
+    async fn wake_unmanaged(&self, session: &str) -> Result<(), String> {
+        if !self.state().marks.asleep.contains_key(session) {
+            return Ok(());
+        }
+        for p in self.inner.compute.values() {
+            let start = SessionAction::StartSession {
+                session: session.to_string(),
+                provider: p.kind(),
+            };
+            if bounded(Duration::from_secs(120), p.apply(&start))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+        }
+        {
+            let mut st = self.state();
+            st.marks.asleep.remove(session);
+            self.save(&st);
+            st.proxy_asleep.remove(session);
+        }
+        if let Some(px) = &self.inner.proxy {
+            px.set_asleep(session, false, &HashMap::new());
+        }
+        Ok(())
+    }
+
+    /// Put a session to sleep now, for `reason`.
+    pub async fn sleep(&self, session: &str, reason: SleepReason) -> Result<(), String> {
+        {
+            let mut st = self.state();
+            if st.waking.contains(session)
+                || st.falling.contains(session)
+                || st.marks.asleep.contains_key(session)
+            {
+                return Ok(());
+            }
+            st.falling.insert(session.to_string());
+        }
+        let r = self.sleep_now(session, reason).await;
+        self.state().falling.remove(session);
+        match &r {
+            Ok(()) => {
+                let c = &self.inner.counters;
+                match reason {
+                    SleepReason::Cap => c.sleeps_cap.fetch_add(1, Ordering::Relaxed),
+                    _ => c.sleeps_idle.fetch_add(1, Ordering::Relaxed),
+                };
+                tracing::info!(%session, reason = reason.as_str(), "asleep");
+            }
+            Err(e) => tracing::warn!(%session, "cannot put to sleep: {e}"),
+        }
+        self.poke();
+        r
+    }
+
+    async fn sleep_now(&self, session: &str, reason: SleepReason) -> Result<(), String> {
+        let _lock = self.inner.locks.lock(session).await;
+        let Some(spec) = self.state().specs.get(session).cloned() else {
+            return Ok(());
+        };
+        if spec.state == RunState::Stopped {
+            return Ok(());
+        }
+        let Some(p) = self.inner.compute.get(&spec.provider).cloned() else {
+            return Err(format!("no {} provider", spec.provider.as_str()));
+        };
+        // Marked first (see the module's doc), then held, then put to sleep.
+        {
+            let mut st = self.state();
+            st.marks.asleep.insert(
+                session.to_string(),
+                Asleep {
+                    since: Utc::now(),
+                    depth: spec.depth,
+                    reason,
+                },
+            );
+            self.save(&st);
+            st.running.remove(session);
+            st.awake_since.remove(session);
+        }
+        self.proxy_asleep(session, true, &HashMap::new());
+        let r = match spec.depth {
+            SleepDepth::Pause => bounded(Duration::from_secs(30), p.pause(session)).await,
+            SleepDepth::Stop => {
+                let stop = SessionAction::StopSession {
+                    session: session.to_string(),
+                    provider: spec.provider,
+                    stop_timeout: spec.stop_timeout,
+                };
+                let limit = spec
+                    .stop_timeout
+                    .map(|t| t.std())
+                    .unwrap_or(Duration::from_secs(10))
+                    + Duration::from_secs(30);
+                bounded(limit, p.apply(&stop)).await
+            }
+        };
+        if let Err(e) = r {
+            // Still awake: unmarked, served again.
+            {
+                let mut st = self.state();
+                st.marks.asleep.remove(session);
+                self.save(&st);
+                st.running.insert(session.to_string());
+                st.awake_since.insert(session.to_string(), now_ms());
+            }
+            self.proxy_asleep(session, false, &HashMap::new());
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The sessions idle past their timeout now, given each one's last activity.
+    fn idle_now(&self, activity: &HashMap<String, u64>, now: u64) -> Vec<String> {
+        let st = self.state();
+        let mut out = Vec::new();
+        for name in &st.running {
+            let Some(spec) = st.specs.get(name) else {
+                continue;
+            };
+            let Some(idle) = spec.idle_timeout else {
+                continue;
+            };
+            if spec.state == RunState::Stopped
+                || st.waking.contains(name)
+                || st.falling.contains(name)
+            {
+                continue;
+            }
+            let since = st.awake_since.get(name).copied().unwrap_or(now);
+            let last = activity.get(name).copied().unwrap_or(0).max(since);
+            if now.saturating_sub(last) >= idle.as_millis() as u64 {
+                out.push(name.clone());
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Each session's last activity through the embedded proxy.
+    fn activity(&self) -> HashMap<String, u64> {
+        self.inner
+            .proxy
+            .as_ref()
+            .map(Proxy::session_activity)
+            .unwrap_or_default()
+    }
+
+    /// Put idle sessions to sleep, until cancelled: a check every `tick`.
+    pub async fn run(self, tick: Duration, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(tick) => {}
+            }
+            for name in self.idle_now(&self.activity(), now_ms()) {
+                let lc = self.clone();
+                tokio::spawn(async move {
+                    let _ = lc.sleep(&name, SleepReason::Idle).await;
+                });
+            }
+        }
+    }
+
+    /// Each looked-after or marked session's lifecycle, for status.
+    pub fn view(&self) -> BTreeMap<String, SessionLife> {
+        let activity = self.activity();
+        let st = self.state();
+        let names: std::collections::BTreeSet<&String> =
+            st.specs.keys().chain(st.marks.asleep.keys()).collect();
+        names
+            .into_iter()
+            .map(|n| {
+                let mark = st.marks.asleep.get(n);
+                let lifecycle = if st.waking.contains(n) {
+                    "waking"
+                } else if mark.is_some() {
+                    "asleep"
+                } else {
+                    "awake"
+                };
+                let (wakes, last, err) = st.wakes.get(n).cloned().unwrap_or_default();
+                (
+                    n.clone(),
+                    SessionLife {
+                        state: lifecycle.to_string(),
+                        last_activity: activity.get(n).and_then(|t| at(*t)),
+                        asleep_since: mark.map(|m| m.since),
+                        sleep_reason: mark.map(|m| m.reason),
+                        wakes,
+                        last_wake_ms: last,
+                        last_wake_error: err,
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
+async fn bounded(
+    limit: Duration,
+    f: impl std::future::Future<Output = Result<(), crate::providers::ProviderError>>,
+) -> Result<(), String> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(crate::error_chain(&e)),
+        Err(_) => Err(format!("no answer within {} s", limit.as_secs())),
+    }
+}

@@ -1,0 +1,262 @@
+//! Sleep when idle, wake on the next request (issue 15), with real `vessel run` daemons and
+//! real session processes: idle sleep within a second of the idle timeout, the right answer
+//! from a woken session, one wake for 100 concurrent requests, a WebSocket through a wake,
+//! `pause` and `stop` depths, a restart that wakes nothing, `stopped` never woken, and
+//! `sleeping` made asleep.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::daemon_support::{Daemon, get, wait_for, websocket_echo};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// The default test plan, renamed, with an idle timeout and a sleep depth.
+fn nap_plan(idle: &str, depth: &str) -> String {
+    crate::daemon_support::PLAN.replace("name: web", "name: nap")
+        + &format!("idle_timeout: {idle}\nsleep: {depth}\n")
+}
+
+fn session(name: &str, plan: &str, extra: &str) -> String {
+    format!("kind: Session\nname: {name}\nplan: {plan}\n{extra}")
+}
+
+fn life(d: &Daemon, name: &str) -> Value {
+    get(d.status, "status", &format!("/sessions/{name}"))
+        .and_then(|(c, b)| (c == 200).then(|| serde_json::from_str::<Value>(&b).ok())?)
+        .map(|v| v["lifecycle"].clone())
+        .unwrap_or(Value::Null)
+}
+
+fn asleep(d: &Daemon, name: &str) -> bool {
+    life(d, name)["state"] == "asleep"
+}
+
+fn ok(d: &Daemon, name: &str) -> bool {
+    d.get(&format!("{name}.localhost"), "/healthz")
+        .is_some_and(|(c, _)| c == 200)
+}
+
+/// The process state letter (`S`, `R`, `T` for stopped by a signal) of `pid`.
+fn proc_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')').next()?.trim_start().chars().next()
+}
+
+fn pid_of(d: &Daemon, name: &str) -> Option<i32> {
+    d.processes()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, p)| p)
+}
+
+fn started(idle: &str, depth: &str, sessions: &[(&str, &str)]) -> Daemon {
+    let mut d = Daemon::new();
+    d.write("nap.yaml", &nap_plan(idle, depth));
+    for (name, extra) in sessions {
+        d.write(&format!("{name}.yaml"), &session(name, "nap", extra));
+    }
+    d.configure("lifecycle: {check_interval: 100ms}\n");
+    d.start();
+    d
+}
+
+fn millis(v: &Value) -> i64 {
+    v.as_str()
+        .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+        .map(|t| t.timestamp_millis())
+        .unwrap_or(0)
+}
+
+#[test]
+fn an_idle_session_sleeps_on_time_and_the_next_request_wakes_it_with_the_right_answer() {
+    let d = started("2s", "stop", &[("alice", "")]);
+    wait_for(LIMIT, || ok(&d, "alice"))
+        .unwrap_or_else(|| panic!("alice does not answer; log:\n{}", d.log()));
+    std::fs::write(
+        d.state().join("sessions/alice/workspace/hello.txt"),
+        "alice's work\n",
+    )
+    .expect("write into the workspace");
+    assert_eq!(
+        d.get("alice.localhost", "/hello.txt"),
+        Some((200, "alice's work\n".to_string()))
+    );
+    wait_for(LIMIT, || asleep(&d, "alice")).unwrap_or_else(|| {
+        panic!(
+            "alice never sleeps: {}; log:\n{}",
+            life(&d, "alice"),
+            d.log()
+        )
+    });
+    // Between the idle timeout and a second past it, counted from her last request.
+    let l = life(&d, "alice");
+    let idle_ms = millis(&l["asleep_since"]) - millis(&l["last_activity"]);
+    assert!(
+        (2_000..=3_100).contains(&idle_ms),
+        "asleep {idle_ms} ms after the last request: {l}"
+    );
+    assert_eq!(l["sleep_reason"], "idle", "{l}");
+    // Depth `stop`: nothing of hers runs.
+    wait_for(Duration::from_secs(10), || pid_of(&d, "alice").is_none())
+        .expect("her processes are gone");
+    // Asleep is converged: passes go on and leave her asleep.
+    let before = d.passes();
+    wait_for(LIMIT, || d.passes() >= before + 2).expect("passes go on");
+    assert!(asleep(&d, "alice") && pid_of(&d, "alice").is_none());
+    let st: Value = get(d.status, "status", "/status")
+        .and_then(|(_, b)| serde_json::from_str(&b).ok())
+        .expect("status");
+    assert_eq!(st["converged"], true, "{st}");
+    assert_eq!(st["lifecycle"]["asleep"], 1, "{st}");
+    // The next request gets the right answer, not an error page, and the work is there.
+    let t = Instant::now();
+    assert_eq!(
+        d.get("alice.localhost", "/hello.txt"),
+        Some((200, "alice's work\n".to_string())),
+        "log:\n{}",
+        d.log()
+    );
+    let took = t.elapsed();
+    let l = life(&d, "alice");
+    assert_eq!(l["state"], "awake", "{l}");
+    assert_eq!(l["wakes"], 1, "{l}");
+    assert!(pid_of(&d, "alice").is_some());
+    eprintln!("woken from stop in {took:?}");
+    let metrics = get(d.status, "status", "/metrics").expect("metrics").1;
+    for m in [
+        "vessel_wakes_total 1",
+        "vessel_sleeps_total{reason=\"idle\"} 1",
+        "vessel_wake_duration_seconds_count 1",
+        "vessel_held_requests 0",
+        "vessel_rejected_requests_total{reason=\"wake_timeout\"} 0",
+    ] {
+        assert!(metrics.contains(m), "{m} in:\n{metrics}");
+    }
+}
+
+#[test]
+fn pause_keeps_the_process_stopped_in_memory_and_100_concurrent_requests_make_one_wake() {
+    let d = started("1s", "pause", &[("bob", "")]);
+    wait_for(LIMIT, || ok(&d, "bob"))
+        .unwrap_or_else(|| panic!("bob does not answer; log:\n{}", d.log()));
+    let pid = pid_of(&d, "bob").expect("bob runs");
+    wait_for(LIMIT, || asleep(&d, "bob"))
+        .unwrap_or_else(|| panic!("bob never sleeps; log:\n{}", d.log()));
+    // Paused: the same process, stopped by a signal.
+    wait_for(Duration::from_secs(5), || proc_state(pid) == Some('T'))
+        .unwrap_or_else(|| panic!("bob is not paused: {:?}", proc_state(pid)));
+    let before = d.passes();
+    wait_for(LIMIT, || d.passes() >= before + 2).expect("passes go on");
+    assert_eq!(proc_state(pid), Some('T'), "a pass woke him");
+    // 100 at once: every one answered right, one wake.
+    let proxy = d.proxy;
+    let answers: Vec<Option<(u16, String)>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..100)
+            .map(|_| s.spawn(move || get(proxy, "bob.localhost", "/healthz")))
+            .collect();
+        hs.into_iter().map(|h| h.join().ok().flatten()).collect()
+    });
+    let good = answers
+        .iter()
+        .filter(|a| a.as_ref().is_some_and(|(c, _)| *c == 200))
+        .count();
+    assert_eq!(good, 100, "{answers:?}");
+    assert_eq!(pid_of(&d, "bob"), Some(pid), "the same process, resumed");
+    assert_ne!(proc_state(pid), Some('T'));
+    let l = life(&d, "bob");
+    assert_eq!(l["wakes"], 1, "{l}");
+    assert!(l["last_wake_ms"].as_u64().is_some(), "{l}");
+}
+
+#[test]
+fn a_websocket_to_a_sleeping_session_wakes_it_and_works() {
+    let d = started("1s", "stop", &[("carol", "")]);
+    wait_for(LIMIT, || ok(&d, "carol"))
+        .unwrap_or_else(|| panic!("carol does not answer; log:\n{}", d.log()));
+    wait_for(LIMIT, || asleep(&d, "carol"))
+        .unwrap_or_else(|| panic!("carol never sleeps; log:\n{}", d.log()));
+    websocket_echo(d.proxy, "carol.localhost");
+    assert_eq!(life(&d, "carol")["wakes"], 1);
+}
+
+#[test]
+fn a_restart_wakes_nothing_asleep_and_a_session_killed_awake_is_restarted() {
+    let mut d = Daemon::new();
+    d.write("nap.yaml", &nap_plan("1s", "stop"));
+    d.write(
+        "pause.yaml",
+        &crate::daemon_support::PLAN
+            .replace("name: web", "name: doze")
+            .replace(
+                "stop_timeout: 3s\n",
+                "stop_timeout: 3s\nidle_timeout: 1s\nsleep: pause\n",
+            ),
+    );
+    d.write("dan.yaml", &session("dan", "nap", ""));
+    d.write("eve.yaml", &session("eve", "doze", ""));
+    // Erin never sleeps (no idle timeout).
+    d.write("erin.yaml", &session("erin", "web", ""));
+    d.configure("lifecycle: {check_interval: 100ms}\n");
+    d.start();
+    wait_for(LIMIT, || {
+        ok(&d, "erin") && asleep(&d, "dan") && asleep(&d, "eve")
+    })
+    .unwrap_or_else(|| panic!("not all settled; log:\n{}", d.log()));
+    let eve = pid_of(&d, "eve").expect("eve is paused, not gone");
+    wait_for(Duration::from_secs(5), || proc_state(eve) == Some('T')).expect("eve paused");
+    // vessel goes away (sessions are kept on exit) and comes back.
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    d.start();
+    let before = d.passes();
+    wait_for(LIMIT, || d.passes() >= before + 3).expect("passes after the restart");
+    assert!(asleep(&d, "dan") && asleep(&d, "eve"), "{}", d.log());
+    assert!(pid_of(&d, "dan").is_none(), "dan was woken by the restart");
+    assert_eq!(proc_state(eve), Some('T'), "eve was woken by the restart");
+    // A crash while awake is repaired at once.
+    let erin = pid_of(&d, "erin").expect("erin runs");
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(erin),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    wait_for(LIMIT, || {
+        pid_of(&d, "erin").is_some_and(|p| p != erin) && ok(&d, "erin")
+    })
+    .unwrap_or_else(|| panic!("erin is not repaired; log:\n{}", d.log()));
+    // And the sleepers still wake on a request.
+    assert!(ok(&d, "dan") && ok(&d, "eve"), "{}", d.log());
+}
+
+#[test]
+fn stopped_is_never_woken_and_sleeping_is_made_asleep_until_the_first_request() {
+    let d = started(
+        "1s",
+        "stop",
+        &[("fay", "state: stopped\n"), ("gus", "state: sleeping\n")],
+    );
+    // gus is made, asleep: no process until a request.
+    wait_for(LIMIT, || asleep(&d, "gus")).unwrap_or_else(|| {
+        panic!(
+            "gus is not made asleep: {}; log:\n{}",
+            life(&d, "gus"),
+            d.log()
+        )
+    });
+    assert!(pid_of(&d, "gus").is_none());
+    assert_eq!(life(&d, "gus")["sleep_reason"], "declared");
+    assert!(ok(&d, "gus"), "{}", d.log());
+    assert!(pid_of(&d, "gus").is_some());
+    // ...and asleep again when idle.
+    wait_for(LIMIT, || asleep(&d, "gus")).expect("gus sleeps again");
+    // fay's routes never wake her.
+    for _ in 0..3 {
+        let code = d.get("fay.localhost", "/healthz").map(|(c, _)| c);
+        assert_ne!(code, Some(200));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        pid_of(&d, "fay").is_none(),
+        "a request woke a stopped session"
+    );
+}
