@@ -15,6 +15,7 @@ mod hostile;
 mod hostile_http;
 mod http_client;
 mod hygiene;
+mod incremental;
 mod loop_fake;
 mod operator;
 mod outage;
