@@ -38,3 +38,4 @@ mod status_browser;
 mod support;
 mod truth;
 mod validate;
+mod watcher;
