@@ -15,18 +15,21 @@ use vessel::settle::{Root, SourceHistory};
 
 use crate::support::git;
 
-/// xorshift64: the sequences are the same on every run.
-struct Rng(u64);
+/// Seeded: the sequences are the same on every run.
+struct Rng(proptest::test_runner::TestRng);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
+    fn new(seed: u64) -> Rng {
+        let mut bytes = [0u8; 32];
+        bytes[..8].copy_from_slice(&seed.to_le_bytes());
+        Rng(proptest::test_runner::TestRng::from_seed(
+            proptest::test_runner::RngAlgorithm::ChaCha,
+            &bytes,
+        ))
     }
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        use proptest::prelude::RngCore;
+        (self.0.next_u64() % n as u64) as usize
     }
     fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
         &xs[self.below(xs.len())]
@@ -161,6 +164,17 @@ fn seen(
     format!("{d:#?}\n{settle:#?}")
 }
 
+/// The two loads are the same, or a diff of them says where they part.
+fn same(full: &str, incremental: &str, at: &str) {
+    if full != incremental {
+        let diff = similar::TextDiff::from_lines(full, incremental)
+            .unified_diff()
+            .header("full", "incremental")
+            .to_string();
+        panic!("{at}: the loads differ\n{diff}");
+    }
+}
+
 #[test]
 fn incremental_dir_load_equals_full_load_over_random_edits() {
     for (seed, cfg_index) in [(1u64, 0usize), (7, 0), (42, 1), (99, 2), (1234, 1), (5, 2)] {
@@ -168,7 +182,7 @@ fn incremental_dir_load_equals_full_load_over_random_edits() {
         let root = dir.path().join("desired");
         std::fs::create_dir_all(&root).expect("mkdir");
         let cfg = configs(&root).swap_remove(cfg_index);
-        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let mut rng = Rng::new(seed);
         let mut cache = LoadCache::default();
         let settle = std::time::Duration::from_millis(300);
         let (mut full_h, mut inc_h) = (SourceHistory::new(settle), SourceHistory::new(settle));
@@ -185,13 +199,11 @@ fn incremental_dir_load_equals_full_load_over_random_edits() {
                 seen(&mut full_h, full, Some(&root), now),
                 seen(&mut inc_h, inc, Some(&root), now),
             );
-            if full != inc {
-                let diff = similar::TextDiff::from_lines(&full, &inc)
-                    .unified_diff()
-                    .header("full", "incremental")
-                    .to_string();
-                panic!("seed {seed}, config {cfg_index}, step {step}: the loads differ\n{diff}");
-            }
+            same(
+                &full,
+                &inc,
+                &format!("seed {seed}, config {cfg_index}, step {step}"),
+            );
             assert!(
                 cache.len() <= cache.last().files,
                 "entries only for files that exist"
@@ -235,7 +247,7 @@ fn incremental_git_load_equals_full_load_over_random_edits() {
         .expect("config");
         let mut cfg = vessel::load::load_config(&config_file).expect("config loads");
         cfg.load = configs(&root)[cfg_index].load;
-        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let mut rng = Rng::new(seed);
         let mut cache = LoadCache::default();
         let settle = std::time::Duration::from_millis(300);
         let (mut full_h, mut inc_h) = (SourceHistory::new(settle), SourceHistory::new(settle));
@@ -254,13 +266,11 @@ fn incremental_git_load_equals_full_load_over_random_edits() {
                 seen(&mut full_h, full, None, now),
                 seen(&mut inc_h, inc, None, now),
             );
-            if full != inc {
-                let diff = similar::TextDiff::from_lines(&full, &inc)
-                    .unified_diff()
-                    .header("full", "incremental")
-                    .to_string();
-                panic!("seed {seed}, config {cfg_index}, step {step}: the loads differ\n{diff}");
-            }
+            same(
+                &full,
+                &inc,
+                &format!("seed {seed}, config {cfg_index}, step {step}"),
+            );
         }
         // The same commit again: no blob is read, but those of files past a budget (what
         // they give depends on the files before them, so it is not kept).
