@@ -15,6 +15,10 @@ use std::time::{Duration, Instant};
 use vessel::config::Config;
 use vessel::load::{LoadCache, load_tree, load_tree_cached};
 
+/// The daemon's allocator (`src/main.rs`), so the figures are the daemon's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const SESSIONS: usize = 10_000;
 const RUNS: usize = 5;
 

@@ -28,7 +28,7 @@ impl Rng {
         ))
     }
     fn below(&mut self, n: usize) -> usize {
-        use proptest::prelude::RngCore;
+        use proptest::prelude::Rng as _;
         (self.0.next_u64() % n as u64) as usize
     }
     fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
