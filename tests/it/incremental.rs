@@ -276,8 +276,16 @@ fn incremental_git_load_equals_full_load_over_random_edits() {
         // whose parse failed under the limit the budget lowered (what they give depends on the
         // files before them, so it is not kept).
         let d = vessel::source::load_cached(&cfg, Utc::now(), &mut cache).expect("again");
-        let bound = if cfg_index == 0 { 0 } else { d.quarantined.len() };
-        assert!(cache.last().read <= bound, "seed {seed}: {:?}", cache.last());
+        let bound = if cfg_index == 0 {
+            0
+        } else {
+            d.quarantined.len()
+        };
+        assert!(
+            cache.last().read <= bound,
+            "seed {seed}: {:?}",
+            cache.last()
+        );
         assert!(read > 0);
     }
 }
