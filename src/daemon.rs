@@ -35,12 +35,8 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot watch {path}")]
-    Watch {
-        path: PathBuf,
-        #[source]
-        source: notify::Error,
-    },
+    #[error(transparent)]
+    Watch(#[from] crate::watch::WatchError),
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
     #[error("cannot listen on {addr} for the status endpoint")]
@@ -524,11 +520,7 @@ fn reload_config(rec: &mut Reconciler, reload: &Reload, tx: &mpsc::UnboundedSend
 }
 
 /// Watch the config file (through its directory, so a save that renames over it counts).
-fn watch_config(
-    path: &Path,
-    tx: mpsc::UnboundedSender<Trigger>,
-) -> Option<notify::RecommendedWatcher> {
-    use notify::Watcher;
+fn watch_config(path: &Path, tx: mpsc::UnboundedSender<Trigger>) -> Option<crate::watch::Watch> {
     let name = path.file_name()?.to_os_string();
     let dir = path
         .parent()
@@ -536,21 +528,17 @@ fn watch_config(
         .unwrap_or(Path::new("."))
         .to_path_buf();
     let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<()>();
-    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        let Ok(ev) = res else { return };
-        if matches!(ev.kind, notify::EventKind::Access(_)) {
-            return;
-        }
-        if ev
-            .paths
-            .iter()
-            .any(|p| p.file_name() == Some(name.as_os_str()))
-        {
-            let _ = raw_tx.send(());
-        }
-    })
+    let w = crate::watch::watch(
+        &dir,
+        false,
+        |_| false,
+        move |p, _| {
+            if p.file_name() == Some(name.as_os_str()) {
+                let _ = raw_tx.send(());
+            }
+        },
+    )
     .ok()?;
-    w.watch(&dir, notify::RecursiveMode::NonRecursive).ok()?;
     tokio::spawn(async move {
         while raw_rx.recv().await.is_some() {
             // A save is often several events: wait for a quiet moment.
@@ -664,69 +652,58 @@ fn log_pass(
 
 /// Watch the state directory's approvals: a new one runs a pass at once (a missing watch
 /// only means it is taken at the next pass).
-fn watch_approvals(
-    dir: &Path,
-    tx: mpsc::UnboundedSender<Trigger>,
-) -> Option<notify::RecommendedWatcher> {
-    use notify::Watcher;
+fn watch_approvals(dir: &Path, tx: mpsc::UnboundedSender<Trigger>) -> Option<crate::watch::Watch> {
     std::fs::create_dir_all(dir).ok()?;
-    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok_and(|e| {
-            matches!(
-                e.kind,
-                notify::EventKind::Create(_) | notify::EventKind::Modify(_)
-            )
-        }) {
-            let _ = tx.send(Trigger::Approval);
-        }
-    })
-    .ok()?;
-    w.watch(dir, notify::RecursiveMode::NonRecursive).ok()?;
-    Some(w)
+    // Taking an approval removes it: that is no news.
+    crate::watch::watch(
+        dir,
+        false,
+        |_| false,
+        move |_, change| {
+            if change.is_new_content() {
+                let _ = tx.send(Trigger::Approval);
+            }
+        },
+    )
+    .ok()
 }
 
-/// Watch the source tree; relevant events are debounced into `Trigger::Source`.
+/// Watch the source tree for changes (only changes: the loop's own reads of it wake nothing);
+/// relevant ones are debounced into `Trigger::Source`.
 fn watch_source(
     dir: &Path,
     state_dir: &Path,
     tx: mpsc::UnboundedSender<Trigger>,
     changes: Arc<crate::reconcile::SourceChanges>,
-) -> Result<notify::RecommendedWatcher, DaemonError> {
-    use notify::Watcher;
+) -> Result<crate::watch::Watch, DaemonError> {
     let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<()>();
     let state = state_dir
         .canonicalize()
         .unwrap_or_else(|_| state_dir.to_path_buf());
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        let Ok(ev) = res else { return };
-        // Reading files (which every pass does) is not a change.
-        if matches!(ev.kind, notify::EventKind::Access(_)) {
-            return;
-        }
-        let relevant = ev.paths.iter().any(|p| {
-            let in_state = p.starts_with(&state)
+    let in_state = {
+        let state = state.clone();
+        move |p: &Path| {
+            p.starts_with(&state)
                 || p.ancestors()
-                    .any(|a| a.join(STATE_MARKER).exists() && p.starts_with(a));
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            let yamlish = name.ends_with(".yaml") || name.ends_with(".yml") || !name.contains('.');
-            !in_state && yamlish && !name.starts_with('.')
-        });
-        if relevant {
+                    .any(|a| a.join(STATE_MARKER).exists() && p.starts_with(a))
+        }
+    };
+    // A state directory inside the tree is not watched at all: its writes are vessel's own.
+    let skip = {
+        let state = state.clone();
+        move |d: &Path| d.starts_with(&state) || d.join(STATE_MARKER).exists()
+    };
+    // Paths as the state directory's are compared: canonical.
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let watcher = crate::watch::watch(&dir, true, skip, move |p, _| {
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let yamlish = name.ends_with(".yaml") || name.ends_with(".yml") || !name.contains('.');
+        if !in_state(p) && yamlish && !name.starts_with('.') {
             // Status says a change is waiting from the moment it is seen.
             changes.seen();
             let _ = raw_tx.send(());
         }
-    })
-    .map_err(|source| DaemonError::Watch {
-        path: dir.to_path_buf(),
-        source,
     })?;
-    watcher
-        .watch(dir, notify::RecursiveMode::Recursive)
-        .map_err(|source| DaemonError::Watch {
-            path: dir.to_path_buf(),
-            source,
-        })?;
     tokio::spawn(async move {
         while raw_rx.recv().await.is_some() {
             let start = tokio::time::Instant::now();

@@ -29,6 +29,7 @@ pub mod settle;
 pub mod source;
 pub mod state;
 pub mod status;
+pub mod watch;
 
 pub mod webhook;
 

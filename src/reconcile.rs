@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::desired::Desired;
 use crate::exec::{ExecOptions, Outcome, StepResult, execute};
+use crate::load::LoadCache;
 use crate::model::ComputeKind;
 use crate::model::observed::Observed;
 use crate::planner::plan;
@@ -257,6 +258,8 @@ pub struct Reconciler {
     backoff: BTreeMap<Object, Backoff>,
     /// What earlier passes loaded: which files are settling.
     history: SourceHistory,
+    /// The files the last pass loaded, parsed: a pass reads and parses only what changed.
+    load_cache: LoadCache,
     pass: u64,
     /// `SourceChanges::count` when this pass began.
     changes_at_start: u64,
@@ -307,6 +310,7 @@ impl Reconciler {
             state,
             backoff: BTreeMap::new(),
             history,
+            load_cache: LoadCache::default(),
             pass: 0,
             changes_at_start: 0,
             seed,
@@ -468,7 +472,18 @@ impl Reconciler {
         };
         self.changes_at_start = self.changes.count();
         let config = self.config.clone();
-        let loaded = tokio::task::spawn_blocking(move || crate::source::load(&config, now)).await;
+        // The cache travels with the load and comes back with it (a load that panicked leaves
+        // an empty one: the next pass loads everything).
+        let mut cache = std::mem::take(&mut self.load_cache);
+        let loaded = tokio::task::spawn_blocking(move || {
+            let d = crate::source::load_cached(&config, now, &mut cache);
+            (d, cache)
+        })
+        .await
+        .map(|(d, cache)| {
+            self.load_cache = cache;
+            d
+        });
         let mut desired = match loaded {
             Ok(Ok(d)) => d,
             Ok(Err(e)) => {

@@ -4,8 +4,11 @@
 //! Reads files; never writes. Problems are data (diagnostics on quarantined files), never
 //! panics: a broken file only quarantines itself and the objects that depend on it.
 
+pub mod cache;
 pub mod validate;
 pub mod yaml;
+
+pub use cache::{LoadCache, LoadStats};
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -185,18 +188,38 @@ pub enum LoadError {
 
 /// Load and validate the tree under `root`, reading at most `config.load`'s budget.
 pub fn load_tree(root: &Path, config: &Config, now: DateTime<Utc>) -> Result<Desired, LoadError> {
+    load_tree_cached(root, config, now, &mut LoadCache::default())
+}
+
+/// `load_tree`, reading again only the files whose identity on disk (device, inode, size,
+/// modification and change times) differs from what `cache` kept, and parsing again only those
+/// whose bytes differ; the checks across files run over everything. The result is the one
+/// `load_tree` gives.
+pub fn load_tree_cached(
+    root: &Path,
+    config: &Config,
+    now: DateTime<Utc>,
+    cache: &mut LoadCache,
+) -> Result<Desired, LoadError> {
     let files = find_files(root)?;
-    let mut budget = LoadBudget::new(config.load);
-    let mut loaded: Vec<LoadedFile> = files
-        .iter()
-        .map(|rel| {
-            let display = root.join(rel);
-            let bytes = read_limited(&display, &mut budget);
-            load_bytes(&display, rel, bytes, &mut budget)
-        })
-        .collect();
-    let warnings = validate::check(&mut loaded, config, now);
-    Ok(assemble(loaded, warnings))
+    let mut pass = cache.begin(root, config);
+    for rel in files {
+        let display = root.join(&rel);
+        let id = std::fs::metadata(&display)
+            .ok()
+            .and_then(|m| cache::Stamp::of(&m))
+            .map_or(cache::Identity::Unknown, |s| {
+                s.identity(std::time::SystemTime::now())
+            });
+        if pass.reuse_by_identity(&rel, &id) {
+            continue;
+        }
+        let read_at = std::time::SystemTime::now();
+        let (bytes, stamp) = read_stamped(&display, &mut pass.budget);
+        let id = stamp.map_or(cache::Identity::Unknown, |s| s.identity(read_at));
+        pass.read(&rel, &display, bytes, id);
+    }
+    Ok(pass.finish(now))
 }
 
 /// One file of a tree given from elsewhere (a git commit, memory): its path relative to the
@@ -204,6 +227,9 @@ pub fn load_tree(root: &Path, config: &Config, now: DateTime<Utc>) -> Result<Des
 /// before the budget admits the file.
 pub struct Entry<'a> {
     pub rel: PathBuf,
+    /// An id that changes whenever the content does (a git blob id), if the source has one:
+    /// a load with a cache reads no file whose id it has seen.
+    pub id: Option<Box<[u8]>>,
     /// The size, or why the file cannot be read at all.
     pub size: Result<u64, ReadError>,
     pub read: Box<dyn FnOnce() -> Result<Vec<u8>, ReadError> + 'a>,
@@ -214,6 +240,7 @@ impl Entry<'static> {
     pub fn bytes(rel: impl Into<PathBuf>, bytes: Vec<u8>) -> Entry<'static> {
         Entry {
             rel: rel.into(),
+            id: None,
             size: Ok(bytes.len() as u64),
             read: Box::new(move || Ok(bytes)),
         }
@@ -233,30 +260,52 @@ impl std::fmt::Debug for Entry<'_> {
 /// in path order within `config.load`'s budget. Diagnostics show paths under `display_root`.
 pub fn load_entries(
     display_root: &Path,
-    mut entries: Vec<Entry<'_>>,
+    entries: Vec<Entry<'_>>,
     config: &Config,
     now: DateTime<Utc>,
 ) -> Desired {
+    load_entries_cached(
+        display_root,
+        entries,
+        config,
+        now,
+        &mut LoadCache::default(),
+    )
+}
+
+/// `load_entries`, reading no entry whose `id` `cache` has seen for its path and parsing none
+/// whose bytes it has seen; the checks across files run over everything. The result is the
+/// one `load_entries` gives.
+pub fn load_entries_cached(
+    display_root: &Path,
+    mut entries: Vec<Entry<'_>>,
+    config: &Config,
+    now: DateTime<Utc>,
+    cache: &mut LoadCache,
+) -> Desired {
     entries.sort_by(|a, b| a.rel.cmp(&b.rel));
-    let mut budget = LoadBudget::new(config.load);
-    let mut loaded: Vec<LoadedFile> = entries
-        .into_iter()
-        .map(|e| {
-            let bytes = e.size.and_then(|size| {
-                let cap = budget.admit(size)?;
-                let bytes = (e.read)()?;
-                let n = bytes.len() as u64;
-                budget.settle(size, n);
-                if n > cap {
-                    return Err(ReadError::Grew { limit: cap });
-                }
-                Ok(bytes)
-            });
-            load_bytes(&display_root.join(&e.rel), &e.rel, bytes, &mut budget)
-        })
-        .collect();
-    let warnings = validate::check(&mut loaded, config, now);
-    assemble(loaded, warnings)
+    let mut pass = cache.begin(display_root, config);
+    for e in entries {
+        let id =
+            e.id.map_or(cache::Identity::Unknown, cache::Identity::Content);
+        // A size that cannot be known is an error the usual read reports.
+        if e.size.is_ok() && pass.reuse_by_identity(&e.rel, &id) {
+            continue;
+        }
+        let budget = &mut pass.budget;
+        let bytes = e.size.and_then(|size| {
+            let cap = budget.admit(size)?;
+            let bytes = (e.read)()?;
+            let n = bytes.len() as u64;
+            budget.settle(size, n);
+            if n > cap {
+                return Err(ReadError::Grew { limit: cap });
+            }
+            Ok(bytes)
+        });
+        pass.read(&e.rel, &display_root.join(&e.rel), bytes, id);
+    }
+    pass.finish(now)
 }
 
 /// Is a file of this name part of a desired-state tree? (`*.yaml`/`*.yml`, not hidden, not an
@@ -344,6 +393,24 @@ pub fn find_files(root: &Path) -> Result<Vec<PathBuf>, LoadError> {
 /// regular file on the opened descriptor (a FIFO would block the load for ever; a separate
 /// `metadata` call would race with a swap of the file).
 pub fn read_limited(path: &Path, budget: &mut LoadBudget) -> Result<Vec<u8>, ReadError> {
+    read_stamped(path, budget).0
+}
+
+/// `read_limited`, and the identity of the file read (from the opened descriptor).
+fn read_stamped(
+    path: &Path,
+    budget: &mut LoadBudget,
+) -> (Result<Vec<u8>, ReadError>, Option<cache::Stamp>) {
+    let mut stamp = None;
+    let bytes = read_opened(path, budget, &mut stamp);
+    (bytes, stamp)
+}
+
+fn read_opened(
+    path: &Path,
+    budget: &mut LoadBudget,
+    stamp: &mut Option<cache::Stamp>,
+) -> Result<Vec<u8>, ReadError> {
     use std::os::unix::fs::OpenOptionsExt;
     let f = match std::fs::OpenOptions::new()
         .read(true)
@@ -364,6 +431,7 @@ pub fn read_limited(path: &Path, budget: &mut LoadBudget) -> Result<Vec<u8>, Rea
     if !meta.is_file() {
         return Err(ReadError::NotRegular(special_kind(meta.file_type())));
     }
+    *stamp = cache::Stamp::of(&meta);
     let size = meta.len();
     let cap = budget.admit(size)?;
     let mut buf = Vec::with_capacity(size as usize);
@@ -399,17 +467,9 @@ fn libc_flags() -> i32 {
     (nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_NOCTTY).bits()
 }
 
-/// Turn a file's bytes (or why they could not be read) into a parsed file; problems become
-/// its errors. The text is dropped once parsed: only the lines later diagnostics may point at
-/// are kept.
-fn load_bytes(
-    display: &Path,
-    rel: &Path,
-    bytes: Result<Vec<u8>, ReadError>,
-    budget: &mut LoadBudget,
-) -> LoadedFile {
-    use sha2::{Digest, Sha256};
-    let mut lf = LoadedFile {
+/// A file with nothing in it yet.
+fn empty_file(display: &Path, rel: &Path) -> LoadedFile {
+    LoadedFile {
         rel: rel.to_path_buf(),
         display: display.to_path_buf(),
         lines: SourceLines::default(),
@@ -418,31 +478,44 @@ fn load_bytes(
         errors: Vec::new(),
         held: Vec::new(),
         complete: false,
-    };
-    let bytes = match bytes {
-        Ok(b) => b,
-        Err(e) => {
-            lf.errors.push(Diagnostic::error(
-                "unreadable",
-                display,
-                Pos::default(),
-                crate::error_chain(&e),
-            ));
-            return lf;
-        }
-    };
-    lf.digest = Sha256::digest(&bytes).into();
+    }
+}
+
+/// A file that could not be read: its one error says why.
+fn unreadable(display: &Path, rel: &Path, e: ReadError) -> LoadedFile {
+    let mut lf = empty_file(display, rel);
+    lf.errors.push(Diagnostic::error(
+        "unreadable",
+        display,
+        Pos::default(),
+        crate::error_chain(&e),
+    ));
+    lf
+}
+
+/// Turn a file's bytes (with their `digest`) into a parsed file; problems become its errors.
+/// The text is dropped once parsed: only the lines later diagnostics may point at are kept.
+/// Also says what the parse took of the budget's nodes.
+fn parse_bytes(
+    display: &Path,
+    rel: &Path,
+    bytes: Vec<u8>,
+    digest: [u8; 32],
+    budget: &mut LoadBudget,
+) -> (LoadedFile, cache::Scan) {
+    let mut lf = empty_file(display, rel);
+    lf.digest = digest;
     let text = match decode(display, bytes) {
         Ok(t) => t,
         Err(d) => {
             lf.errors.push(*d);
-            return lf;
+            return (lf, cache::Scan::None);
         }
     };
-    parse(&mut lf, &text, budget);
+    let scan = parse(&mut lf, &text, budget);
     attach_snippets(&mut lf.errors, &text);
     lf.lines = SourceLines::pick(&text, lf.objects.iter().flat_map(Document::lines));
-    lf
+    (lf, scan)
 }
 
 /// A file's bytes as text: UTF-8 without NUL bytes, a leading byte-order mark dropped, and line
@@ -492,14 +565,14 @@ fn end_of(before: &str) -> Pos {
 }
 
 /// Parse the documents of a file's text into its objects, errors (without snippets yet) and
-/// the names it holds.
-fn parse(lf: &mut LoadedFile, text: &str, budget: &mut LoadBudget) {
+/// the names it holds; says what the parse took of the budget's nodes.
+fn parse(lf: &mut LoadedFile, text: &str, budget: &mut LoadBudget) -> cache::Scan {
     lf.complete = true;
     let limit = budget.nodes_left();
-    let docs = match yaml::scan_within(text, limit) {
+    let (docs, scan) = match yaml::scan_within(text, limit) {
         Ok((docs, events)) => {
             budget.nodes += events as u64;
-            docs
+            (docs, cache::Scan::Done(events as u64))
         }
         Err(mut p) => {
             let nodes = p.code == "too-large"
@@ -515,7 +588,11 @@ fn parse(lf: &mut LoadedFile, text: &str, budget: &mut LoadBudget) {
             let d = problem(lf, p);
             lf.errors.push(d);
             lf.complete = false;
-            return;
+            return if limit < yaml::MAX_EVENTS {
+                cache::Scan::Budget
+            } else {
+                cache::Scan::Failed
+            };
         }
     };
     for doc in &docs {
@@ -584,6 +661,7 @@ fn parse(lf: &mut LoadedFile, text: &str, budget: &mut LoadBudget) {
             }
         }
     }
+    scan
 }
 
 /// A document's object, with the positions `yaml::scan` kept (what later diagnostics point at).

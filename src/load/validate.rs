@@ -20,16 +20,37 @@ use crate::model::{ComputeKind, ExpiryAction, Kind, dns_label_problem, hostname_
 
 /// Validate `files` in place (errors go onto their file) and return warnings.
 pub fn check(files: &mut [LoadedFile], config: &Config, now: DateTime<Utc>) -> Vec<Diagnostic> {
-    let mut notes: Vec<(usize, Diagnostic)> = Vec::new();
-    for (i, f) in files.iter_mut().enumerate() {
-        let mut errs = Vec::new();
-        let mut warns = Vec::new();
-        for o in &f.objects {
-            check_object(f, o, config, &mut errs, &mut warns);
-        }
-        f.errors.extend(errs);
-        notes.extend(warns.into_iter().map(|w| (i, w)));
+    let notes: Vec<Vec<Diagnostic>> = files.iter_mut().map(|f| check_file(f, config)).collect();
+    check_across_files(files, notes, config, now)
+}
+
+/// The checks of one file alone (its errors go onto it): what they find depends only on the
+/// file and the config, so an unchanged file's result can be kept from one load to the next.
+/// Returns the file's warnings.
+pub fn check_file(f: &mut LoadedFile, config: &Config) -> Vec<Diagnostic> {
+    let mut errs = Vec::new();
+    let mut warns = Vec::new();
+    for o in &f.objects {
+        check_object(f, o, config, &mut errs, &mut warns);
     }
+    f.errors.extend(errs);
+    warns
+}
+
+/// The checks across files, to a fixpoint, over files each already checked alone (`notes`:
+/// each file's warnings from `check_file`, in the same order); returns the warnings of the
+/// files that stay valid, then the expiry warnings.
+pub fn check_across_files(
+    files: &mut [LoadedFile],
+    notes: Vec<Vec<Diagnostic>>,
+    config: &Config,
+    now: DateTime<Utc>,
+) -> Vec<Diagnostic> {
+    let notes: Vec<(usize, Diagnostic)> = notes
+        .into_iter()
+        .enumerate()
+        .flat_map(|(i, ws)| ws.into_iter().map(move |w| (i, w)))
+        .collect();
     loop {
         let new = check_across(files, config);
         if new.is_empty() {

@@ -174,6 +174,7 @@ fn entries_of<'r>(
         .into_iter()
         .map(|(rel, id)| Entry {
             rel,
+            id: Some(id.as_bytes().into()),
             size: odb
                 .read_header(id)
                 .map(|(size, _)| size as u64)

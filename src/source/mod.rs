@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 
 use crate::config::{Config, SourceConfig};
 use crate::desired::Desired;
-use crate::load::{LoadError, load_entries, load_tree};
+use crate::load::{LoadCache, LoadError, load_entries_cached, load_tree_cached};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -32,7 +32,17 @@ pub enum SourceError {
 /// the ref's commit; when the fetch fails, the last fetched commit is used and
 /// `Desired::source_error` says why.
 pub fn load(config: &Config, now: DateTime<Utc>) -> Result<Desired, SourceError> {
-    let mut d = load_source(config, now)?;
+    load_cached(config, now, &mut LoadCache::default())
+}
+
+/// `load`, reading and parsing again only the files that changed since the load that left
+/// `cache` (the loop keeps one from pass to pass). The result is the one `load` gives.
+pub fn load_cached(
+    config: &Config,
+    now: DateTime<Utc>,
+    cache: &mut LoadCache,
+) -> Result<Desired, SourceError> {
+    let mut d = load_source(config, now, cache)?;
     d.missing_sources = d
         .sessions
         .iter()
@@ -44,9 +54,13 @@ pub fn load(config: &Config, now: DateTime<Utc>) -> Result<Desired, SourceError>
     Ok(d)
 }
 
-fn load_source(config: &Config, now: DateTime<Utc>) -> Result<Desired, SourceError> {
+fn load_source(
+    config: &Config,
+    now: DateTime<Utc>,
+    cache: &mut LoadCache,
+) -> Result<Desired, SourceError> {
     match &config.source {
-        SourceConfig::Dir(d) => Ok(load_tree(d, config, now)?),
+        SourceConfig::Dir(d) => Ok(load_tree_cached(d, config, now, cache)?),
         SourceConfig::Git(g) => {
             let dir = config.state_dir.join("git");
             let fetched = git::fetch_with_timeout(&dir, g);
@@ -96,7 +110,7 @@ fn load_source(config: &Config, now: DateTime<Utc>) -> Result<Desired, SourceErr
             };
             let (revision, files) = mirror.entries_at(id)?;
             let display = std::path::Path::new(&g.path);
-            let mut d = load_entries(display, files, config, now);
+            let mut d = load_entries_cached(display, files, config, now, cache);
             d.commit = Some(revision.id.clone());
             d.revision = Some(format!(
                 "{} {}",

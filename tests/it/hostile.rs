@@ -239,6 +239,7 @@ fn a_git_blob_bomb_reads_only_what_the_budget_admits() {
             let reads = &reads;
             vessel::load::Entry {
                 rel: e.rel,
+                id: e.id,
                 size: e.size,
                 read: Box::new(move || {
                     reads.fetch_add(1, Ordering::Relaxed);

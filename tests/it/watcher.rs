@@ -1,0 +1,145 @@
+//! The source watcher wakes the loop for changes only: the daemon's own reads of its many files
+//! (every pass reads them all) wake nothing, and every kind of change (create, write in place,
+//! remove, rename, an atomic save) still does.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+use crate::daemon_support::{Daemon, wait_for};
+
+/// A free loopback port below 32768 (this file's own range).
+fn low_port() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    loop {
+        let p = 24000
+            + (std::process::id() % 40) as u16 * 50
+            + NEXT.fetch_add(1, Ordering::SeqCst) % 50;
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+}
+
+/// A change to make to the tree.
+type Change<'a> = Box<dyn Fn() + 'a>;
+
+/// The pass count once it has not moved for `quiet`.
+fn quiet_passes(d: &Daemon, quiet: Duration) -> u64 {
+    let mut last = d.passes();
+    let mut since = std::time::Instant::now();
+    let deadline = since + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = d.passes();
+        if now != last {
+            (last, since) = (now, std::time::Instant::now());
+        } else if since.elapsed() >= quiet {
+            return now;
+        }
+    }
+    panic!("the loop never goes quiet; log:\n{}", d.log());
+}
+
+#[test]
+fn the_daemons_own_reads_do_not_wake_it_and_every_change_does() {
+    let mut d = Daemon::new();
+    let (proxy, status) = (
+        SocketAddr::from(([127, 0, 0, 1], low_port())),
+        SocketAddr::from(([127, 0, 0, 1], low_port())),
+    );
+    let (old_proxy, old_status) = (d.proxy.to_string(), d.status.to_string());
+    d.edit_config(|c| {
+        c.replace("resync_interval: 1s", "resync_interval: 1h")
+            .replace(&old_proxy, &proxy.to_string())
+            .replace(&old_status, &status.to_string())
+    });
+    (d.proxy, d.status) = (proxy, status);
+    std::fs::create_dir_all(d.source().join("many")).expect("mkdir");
+    for i in 0..500 {
+        std::fs::write(
+            d.source().join(format!("many/s{i}.yaml")),
+            format!("kind: Session\nname: s{i}\nplan: web\nstate: stopped\n"),
+        )
+        .expect("write");
+    }
+    d.start();
+    wait_for(Duration::from_secs(30), || d.passes() >= 1).expect("a first pass");
+
+    // Idle: once the first passes (and the settle time of the files just written) are over,
+    // nothing moves, though each pass read 501 files, and someone else reads them all too.
+    let before = quiet_passes(&d, Duration::from_secs(3));
+    for i in 0..500 {
+        let _ = std::fs::read(d.source().join(format!("many/s{i}.yaml"))).expect("read");
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(d.passes(), before, "idle, reads only; log:\n{}", d.log());
+
+    // Each kind of change wakes it.
+    let source = d.source();
+    let changes: Vec<(&str, Change<'_>)> = vec![
+        (
+            "create",
+            Box::new(|| {
+                std::fs::write(
+                    source.join("new.yaml"),
+                    "kind: Session\nname: fresh\nplan: web\nstate: stopped\n",
+                )
+                .expect("create")
+            }),
+        ),
+        (
+            "write in place",
+            Box::new(|| {
+                let mut f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(source.join("new.yaml"))
+                    .expect("open");
+                f.write_all(b"owner: me@example.com\n").expect("append");
+            }),
+        ),
+        (
+            "rename",
+            Box::new(|| {
+                std::fs::rename(source.join("new.yaml"), source.join("renamed.yaml"))
+                    .expect("rename")
+            }),
+        ),
+        (
+            "atomic save",
+            Box::new(|| d.write("renamed.yaml", "kind: Session\nname: fresh\nplan: web\n")),
+        ),
+        (
+            "remove",
+            Box::new(|| std::fs::remove_file(source.join("many/s7.yaml")).expect("rm")),
+        ),
+        (
+            "new directory",
+            Box::new(|| {
+                std::fs::create_dir_all(source.join("later")).expect("mkdir");
+                std::fs::write(
+                    source.join("later/x.yaml"),
+                    "kind: Session\nname: x\nplan: web\nstate: stopped\n",
+                )
+                .expect("write")
+            }),
+        ),
+    ];
+    for (what, change) in &changes {
+        // Quiet for longer than the settle time (2 s), whose end is a pass of its own.
+        let before = quiet_passes(&d, Duration::from_millis(2500));
+        change();
+        wait_for(Duration::from_secs(20), || d.passes() > before)
+            .unwrap_or_else(|| panic!("{what} did not wake the loop; log:\n{}", d.log()));
+    }
+    // And once it has taken them in, it is quiet again.
+    let before = quiet_passes(&d, Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        d.passes(),
+        before,
+        "quiet after the changes; log:\n{}",
+        d.log()
+    );
+}
