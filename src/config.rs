@@ -59,6 +59,10 @@ pub struct Config {
     /// Sleep when idle and wake on request.
     #[serde(default)]
     pub lifecycle: LifecycleConfig,
+    /// Caps on running sessions: a plan holds the excess (by name, deterministically), and a
+    /// wake at a cap first puts the least recently active sleep-capable session to sleep.
+    #[serde(default)]
+    pub limits: crate::model::SessionLimits,
 }
 
 /// How sessions sleep and wake.
@@ -471,6 +475,7 @@ impl Config {
             placement,
             settle: std::sync::Arc::default(),
             keeps_workspaces,
+            limits: self.limits,
         }
     }
 

@@ -101,6 +101,9 @@ struct State {
     /// Sessions the proxy holds requests for.
     proxy_asleep: HashSet<String>,
     wakes: HashMap<String, (u64, Option<u64>, Option<String>)>,
+    /// Caps on running sessions, and each declared session's owner (only with a cap).
+    limits: crate::model::SessionLimits,
+    owners: HashMap<String, String>,
 }
 
 pub struct Lifecycle {
@@ -241,7 +244,23 @@ impl Lifecycle {
     /// After a pass: what each declared session should be, and what the providers reported.
     /// Marks of sessions no longer declared, declared `stopped`, or gone are dropped; a
     /// `sleeping` session made stopped is marked asleep.
-    pub fn update(&self, desired: &Desired, observed: &Observed, default_idle: Duration) {
+    pub fn update(
+        &self,
+        desired: &Desired,
+        observed: &Observed,
+        default_idle: Duration,
+        limits: crate::model::SessionLimits,
+    ) {
+        let owners: HashMap<String, String> =
+            if limits.max_running.is_some() || limits.max_running_per_owner.is_some() {
+                desired
+                    .sessions
+                    .iter()
+                    .map(|(n, d)| (n.clone(), d.spec.owner.clone().unwrap_or_default()))
+                    .collect()
+            } else {
+                HashMap::new()
+            };
         let mut specs: HashMap<String, LifeSpec> = HashMap::new();
         for (name, d) in &desired.sessions {
             let Some(plan) = desired.plans.get(&d.spec.plan) else {
@@ -361,6 +380,8 @@ impl Lifecycle {
             } = &mut *st;
             awake_since.retain(|k, _| running.contains(k));
             st.specs = specs;
+            st.limits = limits;
+            st.owners = owners;
         }
         for name in &mark {
             self.proxy_asleep(name, true, &HashMap::new());
@@ -384,18 +405,24 @@ impl Lifecycle {
     pub fn wake(&self, session: &str) {
         {
             let mut st = self.state();
-            if st.waking.contains(session) {
+            // Waking already, or not asleep (a request that found its route not ready just
+            // before a wake ended): nothing to do.
+            if st.waking.contains(session) || !st.marks.asleep.contains_key(session) {
                 return;
             }
-            match st.specs.get(session) {
-                // `stopped` is never woken by a request.
-                Some(s) if s.state == RunState::Stopped => return,
-                Some(_) => {}
-                // Not one the lifecycle looks after: nothing to wake unless it is marked.
-                None if !st.marks.asleep.contains_key(session) => return,
-                None => {}
+            // `stopped` is never woken by a request.
+            if st
+                .specs
+                .get(session)
+                .is_some_and(|s| s.state == RunState::Stopped)
+            {
+                return;
             }
             st.waking.insert(session.to_string());
+        }
+        // A new try: whether the platform is full is found out again.
+        if let Some(px) = &self.inner.proxy {
+            px.set_full(session, false);
         }
         let lc = self.clone();
         let session = session.to_string();
@@ -455,6 +482,15 @@ impl Lifecycle {
         let Some(p) = self.inner.compute.get(&provider_kind).cloned() else {
             return Err(format!("no {} provider", provider_kind.as_str()));
         };
+        if let Err(full) = self.make_room(session).await {
+            if let Some(px) = &self.inner.proxy {
+                px.set_full(session, true);
+            }
+            return Err(full);
+        }
+        if let Some(px) = &self.inner.proxy {
+            px.set_full(session, false);
+        }
         let start = SessionAction::StartSession {
             session: session.to_string(),
             provider: provider_kind,
@@ -509,6 +545,76 @@ impl Lifecycle {
             px.set_asleep(session, false, &moved);
         }
         Ok(())
+    }
+
+    /// Room for `session` under the caps: at a cap, the least recently active session that
+    /// can sleep (of the same owner, for the per-owner cap) is put to sleep first. Err when
+    /// none can.
+    async fn make_room(&self, session: &str) -> Result<(), String> {
+        for _ in 0..4 {
+            let victim = {
+                let st = self.state();
+                let limits = st.limits;
+                if limits.max_running.is_none() && limits.max_running_per_owner.is_none() {
+                    return Ok(());
+                }
+                let owner = st.owners.get(session).cloned().unwrap_or_default();
+                let awake: Vec<&String> = st
+                    .running
+                    .iter()
+                    .chain(st.waking.iter())
+                    .filter(|n| n.as_str() != session)
+                    .collect::<HashSet<_>>()
+                    .into_iter()
+                    .collect();
+                let over_total = limits
+                    .max_running
+                    .is_some_and(|m| awake.len() as u64 >= u64::from(m));
+                let mine = awake
+                    .iter()
+                    .filter(|n| st.owners.get(n.as_str()).cloned().unwrap_or_default() == owner)
+                    .count();
+                let over_owner = limits
+                    .max_running_per_owner
+                    .is_some_and(|m| mine as u64 >= u64::from(m));
+                if !over_total && !over_owner {
+                    return Ok(());
+                }
+                let activity = self.activity();
+                st.running
+                    .iter()
+                    .filter(|n| n.as_str() != session && !st.falling.contains(*n))
+                    .filter(|n| {
+                        st.specs
+                            .get(*n)
+                            .is_some_and(|s| s.state != RunState::Stopped)
+                    })
+                    .filter(|n| {
+                        !over_owner
+                            || over_total
+                            || st.owners.get(n.as_str()).cloned().unwrap_or_default() == owner
+                    })
+                    .min_by_key(|n| {
+                        (
+                            activity
+                                .get(*n)
+                                .copied()
+                                .unwrap_or(0)
+                                .max(st.awake_since.get(*n).copied().unwrap_or(0)),
+                            (*n).clone(),
+                        )
+                    })
+                    .cloned()
+            };
+            let Some(victim) = victim else {
+                return Err(
+                    "the platform is full: every running session is in use and none can sleep"
+                        .into(),
+                );
+            };
+            self.sleep(&victim, SleepReason::Cap).await?;
+        }
+        Err("the platform is full: no room after putting sessions to sleep".into())
     }
 
     /// A marked session the lifecycle no longer looks after (declared `running` without an

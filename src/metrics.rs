@@ -89,7 +89,7 @@ impl Default for Metrics {
                 reason: reason.into(),
             });
         }
-        for reason in ["wake_timeout", "held_full"] {
+        for reason in ["wake_timeout", "held_full", "platform_full"] {
             let _ = m.rejected.get_or_create(&ReasonLabel {
                 reason: reason.into(),
             });
@@ -116,7 +116,7 @@ impl Default for Metrics {
         );
         registry.register(
             "vessel_rejected_requests",
-            "Requests for sleeping sessions answered 503, by reason (wake_timeout, held_full)",
+            "Requests for sleeping sessions answered 503, by reason (wake_timeout, held_full, platform_full)",
             m.rejected.clone(),
         );
         registry.register(
@@ -274,6 +274,10 @@ impl Metrics {
             up(
                 &self.rejected.get_or_create(&reason("held_full")),
                 h.rejected_held_full,
+            );
+            up(
+                &self.rejected.get_or_create(&reason("platform_full")),
+                h.rejected_platform_full,
             );
         }
     }

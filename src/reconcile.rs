@@ -690,6 +690,7 @@ impl Reconciler {
                 &desired,
                 &observed,
                 self.config.lifecycle.idle_timeout.std(),
+                self.config.limits,
             );
         }
         self.update_conditions(&desired, &observed, &p, &results, now);

@@ -197,6 +197,19 @@ pub struct PlacementHost {
     pub location: Option<String>,
 }
 
+/// Caps on how many sessions run at once. Sessions asleep do not count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SessionLimits {
+    /// At most this many sessions running, all together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_running: Option<u32>,
+    /// At most this many sessions running for one `owner` (sessions without one count
+    /// together, as one owner).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_running_per_owner: Option<u32>,
+}
+
 /// How many sessions one plan may destroy before the plan is held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

@@ -449,6 +449,15 @@ pub enum HoldReason {
     /// More than one compute provider reports a session of this name: vessel cannot tell which
     /// is the session, so it touches none of them.
     Duplicate { providers: Vec<ComputeKind> },
+    /// Starting it would take the sessions running past a cap (`limits` in the config).
+    Cap {
+        /// `max_running` or `max_running_per_owner`.
+        limit: String,
+        max: u32,
+        /// For the per-owner cap, whose.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -14,6 +14,7 @@
 //! session steps, `routes.rs` plans routes and DNS records, `order.rs` numbers the steps and
 //! wires their dependencies. What is held, and why, is one record (`Held`) every phase reads.
 
+mod caps;
 mod guards;
 mod order;
 pub mod policy;
@@ -48,6 +49,7 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
     let mut p = Planner::new(desired, observed, policy);
     p.wants();
     p.fates();
+    p.caps();
     p.guards();
     p.session_steps();
     p.routes();

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 
 use crate::model::observed::RecordType;
 use crate::model::plan::Object;
-use crate::model::{ComputeKind, DestroyBudget, PlacementHost, RouteTemplate};
+use crate::model::{ComputeKind, DestroyBudget, PlacementHost, RouteTemplate, SessionLimits};
 
 /// Everything besides desired and observed state that decides a plan.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +33,8 @@ pub struct Policy {
     /// Compute kinds whose provider keeps a destroyed session's workspace (to restore it if
     /// the session comes back, and across a replace).
     pub keeps_workspaces: BTreeSet<ComputeKind>,
+    /// Caps on running sessions: the excess is held.
+    pub limits: SessionLimits,
 }
 
 /// Which desired-state files are still settling, and where objects were last declared: a

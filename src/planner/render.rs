@@ -471,6 +471,20 @@ fn step_target(a: &Action) -> String {
 /// Why an object is held, in words.
 pub fn hold_text(h: &super::HoldReason) -> String {
     match h {
+        super::HoldReason::Cap {
+            limit,
+            max,
+            owner: Some(o),
+        } => format!(
+            "{o} already runs {max} sessions ({limit} is {max}); it starts when one sleeps, stops or goes"
+        ),
+        super::HoldReason::Cap {
+            limit,
+            max,
+            owner: None,
+        } => format!(
+            "{max} sessions already run ({limit} is {max}); it starts when one sleeps, stops or goes"
+        ),
         super::HoldReason::Unobserved { provider, error } => {
             format!("{provider} could not be observed: {error}")
         }

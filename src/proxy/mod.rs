@@ -125,12 +125,15 @@ struct Inner {
     hold_timeout: std::sync::atomic::AtomicU64,
     /// Sessions asleep or waking: their routes are not ready whatever a change says.
     asleep: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Sessions that cannot wake because the platform is full: requests get a 503 at once.
+    full: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Requests held now, and the bound on them.
     held: std::sync::atomic::AtomicUsize,
     max_held: std::sync::atomic::AtomicUsize,
     /// Requests answered 503 because their session did not wake in time, or too many waited.
     rejected_wake_timeout: AtomicU64,
     rejected_held_full: AtomicU64,
+    rejected_full: AtomicU64,
     /// A browser's navigation to a waking session gets a page that reloads itself, rather
     /// than waiting.
     waking_page: std::sync::atomic::AtomicBool,
@@ -145,6 +148,8 @@ pub struct HoldCounters {
     pub rejected_wake_timeout: u64,
     /// Requests answered 503 because too many were already held.
     pub rejected_held_full: u64,
+    /// Requests answered 503 because their session could not wake under the caps.
+    pub rejected_platform_full: u64,
 }
 
 /// How the proxy holds requests for sessions that are asleep or waking.
@@ -225,10 +230,12 @@ impl Proxy {
                 waker: std::sync::Mutex::new(None),
                 hold_timeout: AtomicU64::new(hold_timeout.as_millis() as u64),
                 asleep: Default::default(),
+                full: Default::default(),
                 held: Default::default(),
                 max_held: std::sync::atomic::AtomicUsize::new(Holding::default().max_held),
                 rejected_wake_timeout: AtomicU64::new(0),
                 rejected_held_full: AtomicU64::new(0),
+                rejected_full: AtomicU64::new(0),
                 waking_page: Default::default(),
             }),
         }
@@ -250,6 +257,7 @@ impl Proxy {
             held: i.held.load(Ordering::Relaxed) as u64,
             rejected_wake_timeout: i.rejected_wake_timeout.load(Ordering::Relaxed),
             rejected_held_full: i.rejected_held_full.load(Ordering::Relaxed),
+            rejected_platform_full: i.rejected_full.load(Ordering::Relaxed),
         }
     }
 
@@ -283,6 +291,30 @@ impl Proxy {
             t
         });
         self.inner.version.send_modify(|v| *v += 1);
+    }
+
+    /// Say that `session` cannot wake now because the platform is full (its held requests
+    /// get a 503 saying so), or that it may again.
+    pub fn set_full(&self, session: &str, full: bool) {
+        let changed = {
+            let mut set = self.inner.full.lock().unwrap_or_else(|p| p.into_inner());
+            if full {
+                set.insert(session.to_string())
+            } else {
+                set.remove(session)
+            }
+        };
+        if changed && full {
+            self.inner.version.send_modify(|v| *v += 1);
+        }
+    }
+
+    fn is_full(&self, session: &str) -> bool {
+        self.inner
+            .full
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(session)
     }
 
     /// The last activity of each session with routes (milliseconds since the Unix epoch, 0
@@ -476,6 +508,7 @@ impl Proxy {
                 Held::TimedOut => return page::not_ready(&host, &entry.route.session),
                 Held::Full => return page::too_many_waiting(&host, &entry.route.session),
                 Held::Page => return page::waking(&host, &entry.route.session),
+                Held::PlatformFull => return page::platform_full(&host, &entry.route.session),
             }
         }
         entry.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -558,6 +591,10 @@ impl Proxy {
         loop {
             match self.lookup(host) {
                 Some(e) if e.route.ready => return Held::Ready(e),
+                Some(_) if self.is_full(session) => {
+                    i.rejected_full.fetch_add(1, Ordering::Relaxed);
+                    return Held::PlatformFull;
+                }
                 Some(_) => {}
                 None => {
                     i.rejected_wake_timeout.fetch_add(1, Ordering::Relaxed);
@@ -661,6 +698,7 @@ enum Held {
     TimedOut,
     Full,
     Page,
+    PlatformFull,
 }
 
 /// Where a request goes: the host its route is looked up by (lower-cased, without port or

@@ -146,3 +146,19 @@ pub fn waking(host: &str, session: &str) -> Response<Body> {
         .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
     r
 }
+
+/// Its session cannot wake: the caps on running sessions are reached and none can sleep.
+pub fn platform_full(host: &str, session: &str) -> Response<Body> {
+    let mut r = page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "The platform is full",
+        &format!(
+            "Session <code>{}</code> for <code>{}</code> is asleep, and cannot wake now: as many sessions run as the platform allows, and every one of them is in use. Try again later.",
+            escape(session),
+            escape(host)
+        ),
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("30"));
+    r
+}

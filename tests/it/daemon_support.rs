@@ -12,13 +12,14 @@ use std::time::{Duration, Instant};
 /// Each daemon gets its own range of session ports, so parallel tests never collide.
 static NEXT_BASE: AtomicU16 = AtomicU16::new(0);
 
-/// A port nobody else is handed: counted upward from 61000, above the kernel's ephemeral
-/// range (so a port one test just released is never given to another), and bindable now.
+/// A port nobody else is handed: counted upward from 10000, below the kernel's ephemeral
+/// range (32768 and up, shared with outgoing connections), so a port one test just released
+/// is never given to another; and bindable now.
 pub fn free_port() -> u16 {
-    static NEXT: AtomicU16 = AtomicU16::new(61000);
+    static NEXT: AtomicU16 = AtomicU16::new(10000);
     loop {
         let p = NEXT.fetch_add(1, Ordering::SeqCst);
-        assert!(p < 65000, "out of test ports");
+        assert!(p < 14000, "out of test ports");
         if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
             return p;
         }
@@ -56,9 +57,8 @@ impl Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(dir.path().join("desired")).expect("mkdir");
         std::fs::write(dir.path().join("desired/plan.yaml"), PLAN).expect("write plan");
-        let port_base = 30000
-            + 200 * (NEXT_BASE.fetch_add(1, Ordering::SeqCst) % 100)
-            + (std::process::id() % 7) as u16 * 20;
+        // Session ports from 14000 up, 60 to a daemon: below the ephemeral range too.
+        let port_base = 14000 + 60 * (NEXT_BASE.fetch_add(1, Ordering::SeqCst) % 100);
         let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let status = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let config = format!(

@@ -410,10 +410,13 @@ fn docker_containers_vessel_did_not_create_are_never_touched() {
         &d,
         || pod.state(&format!("vessel-{forged}")).is_none(),
     );
+    // The destroy removes the container, then its volume: wait for the step to end.
     for v in &volumes {
-        assert!(
-            pod.try_cli(&["volume", "exists", v]).is_err(),
-            "the destroyed session's volume {v} is removed with it"
+        wait(
+            30,
+            "the destroyed session's volume is removed with it",
+            &d,
+            || pod.try_cli(&["volume", "exists", v]).is_err(),
         );
     }
     std::thread::sleep(Duration::from_secs(2));

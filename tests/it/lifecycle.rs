@@ -260,3 +260,42 @@ fn stopped_is_never_woken_and_sleeping_is_made_asleep_until_the_first_request() 
         "a request woke a stopped session"
     );
 }
+
+#[test]
+fn a_wake_at_the_cap_puts_the_least_recently_active_to_sleep_or_says_the_platform_is_full() {
+    // One session may run. alice runs (and can sleep); bob is declared sleeping.
+    let mut d = Daemon::new();
+    d.write("nap.yaml", &nap_plan("1h", "stop"));
+    d.write("alice.yaml", &session("alice", "nap", ""));
+    d.write("bob.yaml", &session("bob", "nap", "state: sleeping\n"));
+    d.configure("lifecycle: {check_interval: 100ms}\nlimits: {max_running: 1}\n");
+    d.start();
+    wait_for(LIMIT, || ok(&d, "alice") && asleep(&d, "bob"))
+        .unwrap_or_else(|| panic!("not settled; log:\n{}", d.log()));
+    // A request for bob: alice goes to sleep for him (the cap), he wakes and answers.
+    assert!(ok(&d, "bob"), "{}", d.log());
+    let l = life(&d, "alice");
+    assert_eq!(l["state"], "asleep", "{l}");
+    assert_eq!(l["sleep_reason"], "cap", "{l}");
+    assert!(pid_of(&d, "alice").is_none());
+    let metrics = get(d.status, "status", "/metrics").expect("metrics").1;
+    assert!(
+        metrics.contains("vessel_sleeps_total{reason=\"cap\"} 1"),
+        "{metrics}"
+    );
+
+    // carol never sleeps (no idle timeout) and holds the one place: gus cannot wake.
+    let mut d = Daemon::new();
+    d.write("nap.yaml", &nap_plan("1h", "stop"));
+    d.write("carol.yaml", &session("carol", "web", ""));
+    d.write("gus.yaml", &session("gus", "nap", "state: sleeping\n"));
+    d.configure("lifecycle: {check_interval: 100ms}\nlimits: {max_running: 1}\n");
+    d.start();
+    wait_for(LIMIT, || ok(&d, "carol") && asleep(&d, "gus"))
+        .unwrap_or_else(|| panic!("not settled; log:\n{}", d.log()));
+    let (code, body) = d.get("gus.localhost", "/healthz").expect("an answer");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("The platform is full"), "{body}");
+    assert!(ok(&d, "carol"));
+    assert!(pid_of(&d, "gus").is_none());
+}

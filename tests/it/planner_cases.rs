@@ -48,6 +48,8 @@ struct CasePolicy {
     keep_workspaces: Option<bool>,
     #[serde(default)]
     settling: Vec<PathBuf>,
+    max_running: Option<u32>,
+    max_running_per_owner: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -137,6 +139,10 @@ fn policy_of(c: &CasePolicy, now: DateTime<Utc>) -> Policy {
     p.dns = c.dns.as_deref().map(record_for);
     p.allow_destroy = c.allow_destroy;
     p.allow_empty_source = c.allow_empty_source;
+    p.limits = vessel::model::SessionLimits {
+        max_running: c.max_running,
+        max_running_per_owner: c.max_running_per_owner,
+    };
     let d = DestroyBudget::default();
     p.destroy_budget = DestroyBudget {
         max_count: c.max_count.unwrap_or(d.max_count),
