@@ -215,6 +215,8 @@ fn apply_drift(o: &mut Observed, drift: &[Drift]) {
                     host.clone(),
                     ObservedRoute {
                         host: host.clone(),
+                        path: None,
+                        strip_prefix: false,
                         upstream: upstream.clone(),
                         owned: false,
                         session: None,

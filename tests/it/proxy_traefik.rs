@@ -414,6 +414,8 @@ fn a_foreign_entry_in_vessels_file_stops_vessel_and_the_file_stays_byte_for_byte
 fn flip(port: u16) -> RouteAction {
     RouteAction::UpsertRoute {
         host: "flip.localhost".into(),
+        path: None,
+        strip_prefix: false,
         upstream: format!("127.0.0.1:{port}"),
         session: "flip".into(),
         port: "ide".into(),
@@ -498,6 +500,7 @@ fn a_write_is_done_once_traefik_serves_it_and_what_traefik_refuses_fails_its_ste
     // A removal is done once Traefik stops serving the host.
     let results = rt.block_on(confirmed.apply(&[&RouteAction::RemoveRoute {
         host: "flip.localhost".into(),
+        path: None,
     }]));
     assert!(results[0].is_ok(), "{results:?}");
     assert_eq!(status_of(web, "flip.localhost"), 404);
@@ -577,6 +580,8 @@ fn odd_hosts() -> Vec<String> {
 fn upsert_for(host: &str, session: &str, route: Option<&str>, upstream: &str) -> RouteAction {
     RouteAction::UpsertRoute {
         host: host.into(),
+        path: None,
+        strip_prefix: false,
         upstream: upstream.into(),
         session: session.into(),
         port: "ide".into(),
@@ -628,7 +633,10 @@ fn every_file_vessel_writes_is_one_traefik_accepts() {
         let observed = rt.block_on(p.observe()).expect("observe");
         let removals: Vec<RouteAction> = observed
             .into_iter()
-            .map(|r| RouteAction::RemoveRoute { host: r.host })
+            .map(|r| RouteAction::RemoveRoute {
+                host: r.host,
+                path: r.path,
+            })
             .collect();
         apply(what, &removals);
         assert!(traefik.file_routers("vessel_").is_empty(), "{what}");
@@ -711,6 +719,8 @@ fn every_file_vessel_writes_is_one_traefik_accepts() {
 fn upsert(host: &str, port: u16) -> RouteAction {
     RouteAction::UpsertRoute {
         host: host.into(),
+        path: None,
+        strip_prefix: false,
         upstream: format!("127.0.0.1:{port}"),
         session: "s".into(),
         port: "ide".into(),
