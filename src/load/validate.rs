@@ -548,7 +548,7 @@ fn check_across(files: &[LoadedFile], config: &Config) -> Vec<(usize, Diagnostic
                         .iter()
                         .enumerate()
                         .filter(|(m, _)| *m != n)
-                        .map(|(_, (j, p, _, _))| format!("{}:{}:{}", files[*j].rel.display(), p.line, p.column))
+                        .map(|(_, (j, p, _, _))| format!("{}:{}:{}", files[*j].display.display(), p.line, p.column))
                         .take(LISTED)
                         .collect();
                     let at = at.join(", ");

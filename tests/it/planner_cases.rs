@@ -91,6 +91,12 @@ enum Drift {
         provider: String,
         error: String,
     },
+    /// A compute provider that is a gap now: its sessions are known only as last seen
+    /// (`Observed::unreachable`), as the loop carries them over.
+    Unreachable {
+        provider: String,
+        error: String,
+    },
     ForeignSession {
         name: String,
     },
@@ -190,6 +196,14 @@ fn apply_drift(o: &mut Observed, drift: &[Drift]) {
                     provider.parse::<ProviderId>().expect("provider id"),
                     error.clone(),
                 );
+            }
+            Drift::Unreachable { provider, error } => {
+                let id = provider.parse::<ProviderId>().expect("provider id");
+                let previous = o.clone();
+                o.gaps.insert(id.clone(), error.clone());
+                o.sessions
+                    .retain(|_, s| ProviderId::Compute(s.provider) != id);
+                o.carry_unreachable(&previous);
             }
             Drift::ForeignSession { name } => {
                 o.sessions.insert(
@@ -372,4 +386,29 @@ fn planner_cases_match_their_snapshots() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+/// A create that falls back to a later choice of its plan's `compute` list names the kinds it
+/// skipped in the JSON plan, and its spec the kind it goes to.
+#[test]
+fn a_fallback_create_says_why_in_json() {
+    let Prepared {
+        observed,
+        desired,
+        policy,
+        ..
+    } = prepare(&root().join("tests/planner/30-fallback-placement.yaml"));
+    let p = plan(&desired, &observed, &policy);
+    let json: serde_json::Value =
+        serde_json::from_str(&render::json(&p)).expect("the plan is JSON");
+    let creates: Vec<&serde_json::Value> = json["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["action"] == "create_session")
+        .collect();
+    assert_eq!(creates.len(), 1, "{json}");
+    assert_eq!(creates[0]["session"], "new");
+    assert_eq!(creates[0]["spec"]["compute"], "process");
+    assert_eq!(creates[0]["unreachable"], serde_json::json!(["docker"]));
 }

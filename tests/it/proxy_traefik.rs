@@ -11,7 +11,8 @@
 //! covers what vessel writes, transcribed with the same constraints: no unknown top-level
 //! keys; routers need `rule` and `service` and take only the documented keys; a service is
 //! exactly one kind, and a load balancer has at least one server, each with a `url`; of the
-//! middlewares, only `chain` (the do-nothing placeholder of a file without routes). One rule
+//! middlewares, only `chain` (the do-nothing placeholder of a file without routes) and
+//! `stripPrefix` (a route that strips its path prefix). One rule
 //! is not in the published schema but is what the real Traefik does: an empty `http`,
 //! `routers`, `services` or `middlewares` makes it refuse the whole file ("routers cannot be a
 //! standalone element") and keep serving the configuration before (`minProperties` below).
@@ -81,7 +82,15 @@ const CONTRACT: &str = r##"{
           "type": "object",
           "properties": {"middlewares": {"type": "array", "items": {"type": "string"}}},
           "additionalProperties": false
-        }}, "required": ["chain"], "additionalProperties": false}
+        }}, "required": ["chain"], "additionalProperties": false},
+        {"properties": {"stripPrefix": {
+          "type": "object",
+          "properties": {
+            "prefixes": {"type": "array", "items": {"type": "string"}},
+            "forceSlash": {"type": "boolean"}
+          },
+          "additionalProperties": false
+        }}, "required": ["stripPrefix"], "additionalProperties": false}
       ]
     },
     "httpService": {
@@ -653,13 +662,14 @@ fn every_file_vessel_writes_is_one_traefik_accepts() {
             .routes
             .values()
             .filter(|r| r.owned)
-            .map(|r| {
-                upsert_for(
-                    &r.host,
-                    r.session.as_deref().unwrap_or("s"),
-                    r.route.as_deref(),
-                    &r.upstream,
-                )
+            .map(|r| RouteAction::UpsertRoute {
+                host: r.host.clone(),
+                path: r.path.clone(),
+                strip_prefix: r.strip_prefix,
+                upstream: r.upstream.clone(),
+                session: r.session.clone().unwrap_or_else(|| "s".into()),
+                port: "ide".into(),
+                route: r.route.clone(),
             })
             .collect();
         apply(&format!("{name} (world)"), &world);
