@@ -61,6 +61,8 @@ async fn route_pass(p: &dyn ProxyProvider, want: &BTreeMap<String, String>) -> u
         if have.get(host) != Some(upstream) {
             actions.push(RouteAction::UpsertRoute {
                 host: host.clone(),
+                path: None,
+                strip_prefix: false,
                 upstream: upstream.clone(),
                 session: host.split('.').next().unwrap_or("s").to_string(),
                 port: "ide".into(),
@@ -69,7 +71,10 @@ async fn route_pass(p: &dyn ProxyProvider, want: &BTreeMap<String, String>) -> u
         }
     }
     for host in have.keys().filter(|h| !want.contains_key(*h)) {
-        actions.push(RouteAction::RemoveRoute { host: host.clone() });
+        actions.push(RouteAction::RemoveRoute {
+            host: host.clone(),
+            path: None,
+        });
     }
     let refs: Vec<&RouteAction> = actions.iter().collect();
     if !refs.is_empty() {

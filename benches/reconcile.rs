@@ -109,6 +109,7 @@ fn route_change_latency(rt: &tokio::runtime::Runtime) {
                 session: format!("r{i}"),
                 route: None,
                 ready: true,
+                strip_prefix: false,
             },
         })
         .collect();
@@ -119,6 +120,7 @@ fn route_change_latency(rt: &tokio::runtime::Runtime) {
             session: "flip".into(),
             route: None,
             ready: true,
+            strip_prefix: false,
         },
     });
     proxy.apply(&changes);
@@ -134,6 +136,7 @@ fn route_change_latency(rt: &tokio::runtime::Runtime) {
                 session: "flip".into(),
                 route: None,
                 ready: true,
+                strip_prefix: false,
             },
         }]);
         swaps.push(t.elapsed());
@@ -170,6 +173,7 @@ fn throughput() {
                 session: format!("r{i}"),
                 route: None,
                 ready: true,
+                strip_prefix: false,
             },
         })
         .collect();

@@ -42,6 +42,8 @@ const LIMIT: Duration = Duration::from_secs(20);
 fn upsert(host: &str, port: u16) -> RouteAction {
     RouteAction::UpsertRoute {
         host: host.into(),
+        path: None,
+        strip_prefix: false,
         upstream: format!("127.0.0.1:{port}"),
         session: host.split('.').next().unwrap_or("s").into(),
         port: "ide".into(),

@@ -605,7 +605,11 @@ fn plan_cmd(
                 &config.providers,
                 &config.provider_env(),
             )?;
-            let needed = desired.plans.values().map(|p| p.spec.compute).collect();
+            let needed = desired
+                .plans
+                .values()
+                .flat_map(|p| p.spec.compute.kinds().iter().copied())
+                .collect();
             runtime()?.block_on(providers.observe(&needed))
         }
     };
@@ -720,7 +724,11 @@ fn apply_cmd(
         let now = chrono::Utc::now();
         let desired = crate::source::load(&config, now)?;
         print_diagnostics(&desired.errors().cloned().collect::<Vec<_>>());
-        let needed = desired.plans.values().map(|p| p.spec.compute).collect();
+        let needed = desired
+                .plans
+                .values()
+                .flat_map(|p| p.spec.compute.kinds().iter().copied())
+                .collect();
         let observed = providers.observe(&needed).await;
         let mut policy = config.policy(now);
         policy.allow_destroy = allow_destroy;

@@ -110,11 +110,16 @@ pub enum RouteOrigin<'a> {
     Template(&'a str),
 }
 
-/// A route as it will be served: host -> one port of one session.
+/// A route as it will be served: host (and path prefix) -> one port of one session.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct EffectiveRoute<'a> {
+    /// Its identity: the host, or `host/path` (`model::route_key`).
+    pub key: String,
     /// Lower-cased host.
     pub host: String,
+    /// Its path prefix (explicit routes only).
+    pub path: Option<&'a str>,
+    pub strip_prefix: bool,
     pub session: &'a str,
     pub port_name: &'a str,
     pub port: Port,
@@ -166,13 +171,19 @@ pub fn template_routes<'a>(
         plan.ports
             .iter()
             .filter(move |(name, _)| t.port == "*" || t.port == **name)
-            .map(move |(name, port)| EffectiveRoute {
-                host: expand_template(&t.host, session, domain, name, *port),
-                session,
-                port_name: name,
-                port: *port,
-                dns: t.dns,
-                origin: RouteOrigin::Template(&t.host),
+            .map(move |(name, port)| {
+                let host = expand_template(&t.host, session, domain, name, *port);
+                EffectiveRoute {
+                    key: host.clone(),
+                    host,
+                    path: None,
+                    strip_prefix: false,
+                    session,
+                    port_name: name,
+                    port: *port,
+                    dns: t.dns,
+                    origin: RouteOrigin::Template(&t.host),
+                }
             })
     })
 }
@@ -206,8 +217,13 @@ pub fn effective_routes<'a>(
             .and_then(|s| desired.plans.get(&s.spec.plan))
             .and_then(|p| p.spec.ports.get_key_value(&r.spec.port));
         if let Some((port_name, port)) = port {
+            let host = r.spec.host.to_ascii_lowercase();
+            let path = r.spec.prefix();
             out.push(EffectiveRoute {
-                host: r.spec.host.to_ascii_lowercase(),
+                key: crate::model::route_key(&host, path),
+                host,
+                path,
+                strip_prefix: r.spec.strip_prefix && path.is_some(),
                 session: &r.spec.session,
                 port_name,
                 port: *port,

@@ -572,6 +572,7 @@ mod tests {
                 start: true,
                 host: None,
                 restore: false,
+                unreachable: Vec::new(),
             }),
             Action::Session(SessionAction::WaitHealthy {
                 session: session.into(),
@@ -601,6 +602,8 @@ mod tests {
             id,
             action: Action::Route(RouteAction::UpsertRoute {
                 host: format!("{session}.localhost"),
+                path: None,
+                strip_prefix: false,
                 upstream: "127.0.0.1:1".into(),
                 session: session.into(),
                 port: "ide".into(),

@@ -281,7 +281,12 @@ impl Lifecycle {
             specs.insert(
                 name.clone(),
                 LifeSpec {
-                    provider: p.compute,
+                    // Where it runs, or where a new one goes first.
+                    provider: observed
+                        .sessions
+                        .get(name)
+                        .map(|o| o.provider)
+                        .unwrap_or_else(|| p.compute.first()),
                     state,
                     idle_timeout: idle,
                     depth: p.sleep.unwrap_or_default(),

@@ -505,11 +505,24 @@ impl Reconciler {
         if let Some(e) = &desired.source_error {
             tracing::warn!("source: {e}");
         }
-        let needed: BTreeSet<ComputeKind> =
-            desired.plans.values().map(|p| p.spec.compute).collect();
+        let needed: BTreeSet<ComputeKind> = desired
+            .plans
+            .values()
+            .flat_map(|p| p.spec.compute.kinds().iter().copied())
+            .collect();
         let mut observed = self.providers.observe(&needed).await;
         if let Some(lc) = &self.lifecycle {
             lc.annotate(&mut observed);
+        }
+        // Where sessions were last seen, for providers that are gaps now (a fallback must not
+        // place one of them elsewhere): the last pass's observation, or after a restart the
+        // one kept in the state directory.
+        let previous = match &self.current.observed {
+            Some(o) => Some(o.clone()),
+            None => self.state.read_observed().map(Arc::new),
+        };
+        if let Some(previous) = previous {
+            observed.carry_unreachable(&previous);
         }
         let observed = Arc::new(observed);
         let settle = self.history.record(

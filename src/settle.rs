@@ -200,7 +200,7 @@ impl SourceHistory {
                 RouteOrigin::Template(_) => desired.sessions.get(r.session).map(|d| &d.file),
             };
             if let Some(f) = file {
-                let o = Object::Route(r.host);
+                let o = Object::Route(r.key);
                 self.origins.insert(o.clone(), f.clone());
                 current.insert(o);
             }

@@ -171,6 +171,18 @@ impl StateDir {
         self.path.join("observed.json")
     }
 
+    /// The last observed snapshot kept, if there is one that reads.
+    pub fn read_observed(&self) -> Option<Observed> {
+        let bytes = std::fs::read(self.observed_path()).ok()?;
+        match serde_json::from_slice(&bytes) {
+            Ok(o) => Some(o),
+            Err(e) => {
+                tracing::warn!(error = %e, "the kept observed snapshot does not read; ignored");
+                None
+            }
+        }
+    }
+
     /// Keep the last observed snapshot (written atomically).
     pub fn write_observed(&self, o: &Observed) -> std::io::Result<()> {
         let tmp = self.path.join(".observed.json.tmp");

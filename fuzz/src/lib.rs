@@ -166,9 +166,8 @@ fn check_plan(desired: &Desired, observed: &Observed, p: &vessel::planner::Plan)
             assert!(s.owned, "a step on a foreign session: {a:?}");
         }
         match a {
-            Action::Route(RouteAction::UpsertRoute { host, .. })
-            | Action::Route(RouteAction::RemoveRoute { host }) => {
-                if let Some(r) = observed.routes.get(host) {
+            Action::Route(r) => {
+                if let Some(r) = observed.routes.get(&r.key()) {
                     assert!(r.owned, "a step on a foreign route: {a:?}");
                 }
             }
@@ -223,6 +222,7 @@ fn harness() -> &'static ProxyHarness {
                 session: "s".into(),
                 route: None,
                 ready,
+                strip_prefix: false,
             };
             proxy.apply(&[
                 vessel::proxy::RouteChange::Upsert {

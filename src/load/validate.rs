@@ -16,7 +16,9 @@ use crate::diag::{Diagnostic, Pos, did_you_mean, name_list};
 /// How many names a diagnostic lists (known plans, ports, other claimants) before "and N more".
 const LISTED: usize = 10;
 use crate::load::{Document, LoadedFile};
-use crate::model::{ComputeKind, ExpiryAction, Kind, dns_label_problem, hostname_problem};
+use crate::model::{
+    ComputeKind, ExpiryAction, Kind, dns_label_problem, hostname_problem, path_problem,
+};
 
 /// Validate `files` in place (errors go onto their file) and return warnings.
 pub fn check(files: &mut [LoadedFile], config: &Config, now: DateTime<Utc>) -> Vec<Diagnostic> {
@@ -126,14 +128,18 @@ fn check_object(
                     ));
                 }
             }
-            let needs_command = p.spec.compute == ComputeKind::Process;
+            let kinds = p.spec.compute.kinds();
+            let needs_command = kinds.contains(&ComputeKind::Process);
+            let needs_image = kinds.iter().find(|k| **k != ComputeKind::Process);
             if needs_command && p.spec.command.is_empty() {
                 out.push(
                     f.error("missing-field", p.at("compute"), format!("plan `{}` runs local processes but has no `command`", p.spec.name))
                         .with_help("add `command: [program, arg, ...]`; `{port.NAME}` stands for a session's port"),
                 );
             }
-            if !needs_command && p.spec.image.is_none() {
+            if let Some(kind) = needs_image
+                && p.spec.image.is_none()
+            {
                 out.push(
                     f.error(
                         "missing-field",
@@ -141,14 +147,19 @@ fn check_object(
                         format!(
                             "plan `{}` uses {} compute but has no `image`",
                             p.spec.name,
-                            p.spec.compute.as_str()
+                            kind.as_str()
                         ),
                     )
                     .with_help("add `image: ...`"),
                 );
             }
             if let Some(depth) = p.spec.sleep
-                && !p.spec.compute.sleep_depths().contains(&depth)
+                && let Some(kind) = p
+                    .spec
+                    .compute
+                    .kinds()
+                    .iter()
+                    .find(|k| !k.sleep_depths().contains(&depth))
             {
                 out.push(
                     f.error(
@@ -158,7 +169,7 @@ fn check_object(
                             "plan `{}` sleeps at depth `{}`, which {} sessions cannot",
                             p.spec.name,
                             depth.as_str(),
-                            p.spec.compute.as_str()
+                            kind.as_str()
                         ),
                     )
                     .with_help("use `sleep: stop`"),
@@ -201,6 +212,19 @@ fn check_object(
             if let Some(p) = hostname_problem(&r.spec.host) {
                 out.push(f.error("invalid-host", r.at("host"), p));
             }
+            if let Some(p) = r.spec.path.as_deref().and_then(path_problem) {
+                out.push(f.error("invalid-path", r.at("path"), p));
+            }
+            if r.spec.strip_prefix && r.spec.prefix().is_none() {
+                out.push(
+                    f.error(
+                        "invalid-value",
+                        r.at("strip_prefix"),
+                        format!("route `{}` strips a prefix but has no `path`", r.spec.name),
+                    )
+                    .with_help("add `path: /PREFIX`, or remove `strip_prefix`"),
+                );
+            }
         }
     }
 }
@@ -214,29 +238,34 @@ fn check_provider(
     out: &mut Vec<Diagnostic>,
     warn: &mut Vec<Diagnostic>,
 ) {
-    let kind = p.spec.compute;
     let c = &config.providers.compute;
     let registered = crate::config::ComputeProviders::REGISTERED;
-    if !registered.contains(&kind) {
-        let known: Vec<String> = registered
-            .iter()
-            .map(|k| format!("`compute: {}`", k.as_str()))
-            .collect();
-        out.push(
-            f.error(
-                "no-provider",
-                p.at("compute"),
-                format!(
-                    "plan `{}` runs on `{}`, which this version of vessel has no provider for",
-                    p.spec.name,
-                    kind.as_str()
-                ),
-            )
-            .with_help(format!("use {}", known.join(" or "))),
-        );
-        return;
+    let kinds = p.spec.compute.kinds();
+    for &kind in kinds {
+        if !registered.contains(&kind) {
+            let known: Vec<String> = registered
+                .iter()
+                .map(|k| format!("`compute: {}`", k.as_str()))
+                .collect();
+            out.push(
+                f.error(
+                    "no-provider",
+                    p.at("compute"),
+                    format!(
+                        "plan `{}` runs on `{}`, which this version of vessel has no provider for",
+                        p.spec.name,
+                        kind.as_str()
+                    ),
+                )
+                .with_help(format!("use {}", known.join(" or "))),
+            );
+            return;
+        }
     }
-    if !c.has(kind) {
+    // A preference list needs one configured provider; the others fall through as gaps.
+    if !kinds.iter().any(|k| c.has(*k)) {
+        let kind = p.spec.compute.first();
+        let names: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
         out.push(
             f.error(
                 "no-provider",
@@ -244,8 +273,8 @@ fn check_provider(
                 format!(
                     "plan `{}` runs on `{}`, but the config has no {} provider",
                     p.spec.name,
-                    kind.as_str(),
-                    kind.as_str()
+                    names.join("` or `"),
+                    names.join(" or ")
                 ),
             )
             .with_help(format!(
@@ -269,8 +298,11 @@ fn check_provider(
         ("disk", s.disk.is_some()),
     ];
     for (field, present) in set {
-        if present && crate::model::field_change(kind, field) == crate::model::FieldChange::Ignored
-        {
+        let ignored = |k: &ComputeKind| {
+            crate::model::field_change(*k, field) == crate::model::FieldChange::Ignored
+        };
+        if present && kinds.iter().all(ignored) {
+            let names: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
             warn.push(
                 Diagnostic::warning(
                     "ignored-field",
@@ -279,7 +311,7 @@ fn check_provider(
                     format!(
                         "`{field}` of plan `{}` is ignored: the {} provider does not use it",
                         s.name,
-                        kind.as_str()
+                        names.join(" and ")
                     ),
                 )
                 .with_lines(&f.lines),
@@ -512,10 +544,15 @@ fn check_across(files: &[LoadedFile], config: &Config) -> Vec<(usize, Diagnostic
     for &i in &valid {
         for o in &files[i].objects {
             if let Document::Route(r) = o {
-                hosts
-                    .entry(r.spec.host.to_ascii_lowercase())
-                    .or_default()
-                    .push((i, r.at("host"), format!("route `{}`", r.spec.name), true));
+                let path = r.spec.prefix();
+                let key = crate::model::route_key(&r.spec.host.to_ascii_lowercase(), path);
+                let at = r.at(if path.is_some() { "path" } else { "host" });
+                hosts.entry(key).or_default().push((
+                    i,
+                    at,
+                    format!("route `{}`", r.spec.name),
+                    true,
+                ));
             }
         }
     }
@@ -544,12 +581,26 @@ fn check_across(files: &[LoadedFile], config: &Config) -> Vec<(usize, Diagnostic
             if claims.len() - 1 > LISTED {
                 others.push_str(&format!(", and {} more", claims.len() - 1 - LISTED));
             }
-            new.push((
-                *i,
-                files[*i]
+            let d = match crate::model::split_route_key(host) {
+                (host, None) => files[*i]
                     .error("host-conflict", *pos, format!("host `{host}` is claimed by {who} and by {others}"))
                     .with_help("each host routes to one place; rename a session or route, or change the template"),
-            ));
+                (host, Some(path)) => {
+                    // Only routes have paths: name where each other claim is.
+                    let at: Vec<String> = claims
+                        .iter()
+                        .enumerate()
+                        .filter(|(m, _)| *m != n)
+                        .map(|(_, (j, p, _, _))| format!("{}:{}:{}", files[*j].display.display(), p.line, p.column))
+                        .take(LISTED)
+                        .collect();
+                    let at = at.join(", ");
+                    files[*i]
+                        .error("host-conflict", *pos, format!("host `{host}` path `{path}` is claimed by {who} and by {others}"))
+                        .with_help(format!("also claimed at {at}; each host and path routes to one place: change one route's `path` or `host`"))
+                }
+            };
+            new.push((*i, d));
         }
     }
     new

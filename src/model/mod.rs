@@ -110,6 +110,19 @@ impl ComputeKind {
         }
     }
 
+    pub const ALL: [ComputeKind; 5] = [
+        ComputeKind::Process,
+        ComputeKind::Docker,
+        ComputeKind::Qemu,
+        ComputeKind::Proxmox,
+        ComputeKind::Kubernetes,
+    ];
+
+    /// The kind written `s` in YAML (`docker`), if any.
+    pub fn parse(s: &str) -> Option<ComputeKind> {
+        ComputeKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ComputeKind::Process => "process",
@@ -118,6 +131,111 @@ impl ComputeKind {
             ComputeKind::Proxmox => "proxmox",
             ComputeKind::Kubernetes => "kubernetes",
         }
+    }
+}
+
+/// Where sessions on a plan run: one compute kind, or a preference list (`[docker, process]`).
+/// A new session goes to the first kind whose provider could be observed; a session that
+/// exists stays where it is as long as its kind is in the list. Never empty, no kind twice.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Compute(Vec<ComputeKind>);
+
+impl Compute {
+    pub fn one(kind: ComputeKind) -> Compute {
+        Compute(vec![kind])
+    }
+
+    /// A preference list; `None` when it is empty or names a kind twice.
+    pub fn list(kinds: Vec<ComputeKind>) -> Option<Compute> {
+        let unique = kinds
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+            == kinds.len();
+        (!kinds.is_empty() && unique).then_some(Compute(kinds))
+    }
+
+    /// The first choice.
+    pub fn first(&self) -> ComputeKind {
+        self.0.first().copied().unwrap_or_default()
+    }
+
+    /// Every kind, in order of preference.
+    pub fn kinds(&self) -> &[ComputeKind] {
+        &self.0
+    }
+
+    pub fn contains(&self, kind: ComputeKind) -> bool {
+        self.0.contains(&kind)
+    }
+}
+
+impl Default for Compute {
+    fn default() -> Self {
+        Compute::one(ComputeKind::default())
+    }
+}
+
+impl Serialize for Compute {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => one.serialize(s),
+            many => many.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Compute {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        fn kind<E: serde::de::Error>(s: &str) -> Result<ComputeKind, E> {
+            ComputeKind::parse(s).ok_or_else(|| {
+                let known: Vec<&str> = ComputeKind::ALL.iter().map(|k| k.as_str()).collect();
+                E::custom(format!(
+                    "unknown compute `{s}`; expected one of {}",
+                    known.join(", ")
+                ))
+            })
+        }
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Compute;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a compute kind, or a list of them in order of preference")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Compute, E> {
+                kind(s).map(Compute::one)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Compute, A::Error> {
+                let mut kinds = Vec::new();
+                while let Some(s) = a.next_element::<String>()? {
+                    kinds.push(kind(&s)?);
+                }
+                Compute::list(kinds).ok_or_else(|| {
+                    serde::de::Error::custom(
+                        "a compute list names at least one kind, and each kind once",
+                    )
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl JsonSchema for Compute {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Compute".into()
+    }
+    fn json_schema(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let kind = g.subschema_for::<ComputeKind>();
+        schemars::json_schema!({
+            "anyOf": [
+                kind,
+                {"type": "array", "items": kind, "minItems": 1, "uniqueItems": true}
+            ]
+        })
     }
 }
 
@@ -270,10 +388,13 @@ pub struct PlanSpec {
     pub kind: tag::Plan,
     /// The plan's name, a DNS label that sessions refer to.
     pub name: String,
-    /// Where sessions on this plan run.
+    /// Where sessions on this plan run: one kind, or a preference list such as
+    /// `[docker, process]`. A new session goes to the first kind whose provider could be
+    /// observed (the plan says so: `create NAME on process (docker unreachable)`); a session
+    /// that exists is never moved while its kind stays in the list.
     /// Changing it (process: replaces the session; docker: replaces the session).
     #[serde(default)]
-    pub compute: ComputeKind,
+    pub compute: Compute,
     /// The image to run (docker, kubernetes) or template to clone (proxmox, qemu).
     /// Changing it (process: ignored; docker: replaces the session).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -541,9 +662,85 @@ pub struct RouteSpec {
     pub session: String,
     /// The name of the plan port it routes to.
     pub port: String,
+    /// A path prefix, such as `/preview/user-1`: only requests under it (on whole segments:
+    /// `/preview/user-1` and `/preview/user-1/x`, not `/preview/user-10`) take this route. The
+    /// longest matching prefix on a host wins; a route without one is the host's `/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Take `path` off the request's path before it goes to the session (`/preview/user-1/x`
+    /// arrives as `/x`, the query kept).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub strip_prefix: bool,
     /// Publish a DNS record for the host.
     #[serde(default)]
     pub dns: bool,
+}
+
+impl RouteSpec {
+    /// Its path prefix; `/` is the same as none.
+    pub fn prefix(&self) -> Option<&str> {
+        self.path.as_deref().filter(|p| *p != "/")
+    }
+}
+
+/// A route's identity: its host, then its path prefix if it has one
+/// (`preview.localhost/preview/user-1`). A route without a path is known by its host alone.
+pub fn route_key(host: &str, path: Option<&str>) -> String {
+    match path {
+        Some(p) => format!("{host}{p}"),
+        None => host.to_string(),
+    }
+}
+
+/// The host and path prefix of a `route_key` (hosts hold no `/`, so it splits at the first).
+pub fn split_route_key(key: &str) -> (&str, Option<&str>) {
+    match key.find('/') {
+        Some(i) => (&key[..i], Some(&key[i..])),
+        None => (key, None),
+    }
+}
+
+/// Does the request path `path` fall under `prefix`, on whole segments?
+/// (`/a/b` is under `/a/b` and `/a`, not under `/a/bc`.)
+pub fn path_under(path: &str, prefix: &str) -> bool {
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'))
+}
+
+/// What is wrong with a route's path prefix, if anything: it starts with `/`, has no empty,
+/// `.` or `..` segment, no trailing `/`, and only characters every proxy matches literally
+/// (letters, digits and `-._~!$&'()+,;=:@`).
+pub fn path_problem(p: &str) -> Option<String> {
+    if !p.starts_with('/') {
+        return Some(format!("path `{p}` must start with `/`"));
+    }
+    if p == "/" {
+        return None;
+    }
+    if p.len() > 1024 {
+        return Some(format!("path `{p}` is longer than 1024 characters"));
+    }
+    if p.ends_with('/') {
+        return Some(format!(
+            "path `{p}` ends with `/`; a prefix matches whole segments, so write `{}`",
+            p.trim_end_matches('/')
+        ));
+    }
+    if let Some(c) = p
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "/-._~!$&'()+,;=:@".contains(*c)))
+    {
+        return Some(format!(
+            "path `{p}` contains `{c}`; a path prefix is letters, digits and -._~!$&'()+,;=:@ between `/`s"
+        ));
+    }
+    if p[1..]
+        .split('/')
+        .any(|s| s.is_empty() || s == "." || s == "..")
+    {
+        return Some(format!("path `{p}` has an empty, `.` or `..` segment"));
+    }
+    None
 }
 
 /// An RFC 3339 timestamp, with an error that shows the expected form.
@@ -636,6 +833,43 @@ mod tests {
         );
         let msg = bad.map(|_| ()).unwrap_err().to_string();
         assert!(msg.contains("not an RFC 3339 timestamp"), "{msg}");
+    }
+
+    #[test]
+    fn paths_match_on_whole_segments() {
+        assert!(path_under("/preview/user-1", "/preview/user-1"));
+        assert!(path_under("/preview/user-1/x", "/preview/user-1"));
+        assert!(path_under("/preview/user-1?q=1", "/preview/user-1"));
+        assert!(!path_under("/preview/user-10", "/preview/user-1"));
+        assert!(!path_under("/preview", "/preview/user-1"));
+        assert_eq!(path_problem("/preview/user-1"), None);
+        assert_eq!(path_problem("/"), None);
+        for bad in ["preview", "/a/", "/a//b", "/a/../b", "/a b", "/a*", "/a%2F"] {
+            assert!(path_problem(bad).is_some(), "{bad}");
+        }
+        let key = route_key("p.localhost", Some("/a/b"));
+        assert_eq!(key, "p.localhost/a/b");
+        assert_eq!(split_route_key(&key), ("p.localhost", Some("/a/b")));
+        assert_eq!(split_route_key("p.localhost"), ("p.localhost", None));
+    }
+
+    #[test]
+    fn compute_is_one_kind_or_a_preference_list() {
+        let plan = |c: &str| {
+            serde_saphyr::from_str::<PlanSpec>(&format!("kind: Plan\nname: p\ncompute: {c}\n"))
+                .map(|p| p.compute)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(plan("docker"), Ok(Compute::one(ComputeKind::Docker)));
+        assert_eq!(
+            plan("[docker, process]").map(|c| c.kinds().to_vec()),
+            Ok(vec![ComputeKind::Docker, ComputeKind::Process])
+        );
+        assert!(plan("[]").is_err());
+        assert!(plan("[docker, docker]").is_err());
+        assert!(plan("dockr").is_err_and(|e| e.contains("unknown compute `dockr`")));
+        let one = serde_json::to_value(Compute::one(ComputeKind::Docker)).ok();
+        assert_eq!(one, Some(serde_json::json!("docker")));
     }
 
     #[test]

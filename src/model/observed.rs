@@ -278,6 +278,12 @@ impl ObservedSession {
 pub struct ObservedRoute {
     /// Lower-cased host.
     pub host: String,
+    /// Its path prefix, for a route that serves only part of its host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The prefix is taken off the request's path before it goes on.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub strip_prefix: bool,
     /// Where it forwards, such as `127.0.0.1:20001`.
     pub upstream: String,
     pub owned: bool,
@@ -287,6 +293,13 @@ pub struct ObservedRoute {
     /// The explicit `kind: Route` it came from, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route: Option<String>,
+}
+
+impl ObservedRoute {
+    /// Its identity in `Observed::routes` and in plans: `host`, or `host/path` (`route_key`).
+    pub fn key(&self) -> String {
+        super::route_key(&self.host, self.path.as_deref())
+    }
 }
 
 #[derive(
@@ -343,7 +356,7 @@ pub struct Observed {
     /// By session name.
     #[serde(default)]
     pub sessions: BTreeMap<String, ObservedSession>,
-    /// By host.
+    /// By host, or `host/path` for a route with a path prefix (`ObservedRoute::key`).
     #[serde(default)]
     pub routes: BTreeMap<String, ObservedRoute>,
     /// By `name/TYPE`.
@@ -360,6 +373,11 @@ pub struct Observed {
     /// one are removed by hand.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub duplicates: BTreeMap<String, Vec<ComputeKind>>,
+    /// Sessions a compute provider that is a gap now reported when it was last observed,
+    /// with that provider (carried from one observation to the next while the gap lasts):
+    /// as far as vessel knows they are still there, so no fallback places them elsewhere.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unreachable: BTreeMap<String, ComputeKind>,
 }
 
 impl Observed {
@@ -369,5 +387,20 @@ impl Observed {
 
     pub fn is_observed(&self, p: &ProviderId) -> bool {
         !self.gaps.contains_key(p)
+    }
+
+    /// Carry over from `previous` (the last observation) the sessions of compute providers
+    /// that are gaps now: where a session was last seen, it is taken to be still.
+    pub fn carry_unreachable(&mut self, previous: &Observed) {
+        let last_seen = previous
+            .sessions
+            .values()
+            .map(|s| (&s.name, s.provider))
+            .chain(previous.unreachable.iter().map(|(n, k)| (n, *k)));
+        for (name, kind) in last_seen {
+            if !self.is_observed(&ProviderId::Compute(kind)) && !self.sessions.contains_key(name) {
+                self.unreachable.insert(name.clone(), kind);
+            }
+        }
     }
 }

@@ -47,6 +47,10 @@ pub enum SessionAction {
         /// Restore the workspace its provider kept from an earlier session of this name.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         restore: bool,
+        /// Compute kinds before this one in its plan's `compute` list that could not be
+        /// observed: the session goes to a later choice.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        unreachable: Vec<ComputeKind>,
     },
     /// Change a session's spec in place (fields its provider changes without a replace);
     /// a running session restarts with it, its workspace kept.
@@ -124,6 +128,12 @@ pub enum SessionAction {
 pub enum RouteAction {
     UpsertRoute {
         host: String,
+        /// The route's path prefix, if it serves only part of the host.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<String>,
+        /// Take the prefix off the request's path before it goes to the session.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        strip_prefix: bool,
         upstream: String,
         session: String,
         port: String,
@@ -132,6 +142,8 @@ pub enum RouteAction {
     },
     RemoveRoute {
         host: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<String>,
     },
 }
 
@@ -157,7 +169,7 @@ impl Action {
     pub fn object(&self) -> Object {
         match self {
             Action::Session(a) => Object::Session(a.session().to_string()),
-            Action::Route(a) => Object::Route(a.host().to_string()),
+            Action::Route(a) => Object::Route(a.key()),
             Action::Record(a) => {
                 let (name, rtype) = a.name();
                 Object::Record(format!("{name} {}", rtype.as_str()))
@@ -165,14 +177,14 @@ impl Action {
         }
     }
 
-    /// The object's identity without allocating: (kind, name, record type).
-    pub fn key(&self) -> (u8, &str, Option<RecordType>) {
+    /// The object's identity without allocating: (kind, name, route path, record type).
+    pub fn key(&self) -> (u8, &str, Option<&str>, Option<RecordType>) {
         match self {
-            Action::Session(a) => (0, a.session(), None),
-            Action::Route(a) => (1, a.host(), None),
+            Action::Session(a) => (0, a.session(), None, None),
+            Action::Route(a) => (1, a.host(), a.path(), None),
             Action::Record(a) => {
                 let (name, rtype) = a.name();
-                (2, name, Some(rtype))
+                (2, name, None, Some(rtype))
             }
         }
     }
@@ -251,8 +263,22 @@ impl SessionAction {
 impl RouteAction {
     pub fn host(&self) -> &str {
         match self {
-            RouteAction::UpsertRoute { host, .. } | RouteAction::RemoveRoute { host } => host,
+            RouteAction::UpsertRoute { host, .. } | RouteAction::RemoveRoute { host, .. } => host,
         }
+    }
+
+    /// The route's path prefix, if it has one.
+    pub fn path(&self) -> Option<&str> {
+        match self {
+            RouteAction::UpsertRoute { path, .. } | RouteAction::RemoveRoute { path, .. } => {
+                path.as_deref()
+            }
+        }
+    }
+
+    /// The route's identity: `host`, or `host/path` (`model::route_key`).
+    pub fn key(&self) -> String {
+        super::route_key(self.host(), self.path())
     }
 
     pub fn verb(&self) -> &'static str {
@@ -273,12 +299,16 @@ impl RouteAction {
         match self {
             RouteAction::UpsertRoute {
                 host,
+                path,
+                strip_prefix,
                 upstream,
                 session,
                 route,
                 ..
             } => Some(super::observed::ObservedRoute {
                 host: host.clone(),
+                path: path.clone(),
+                strip_prefix: *strip_prefix,
                 upstream: upstream.clone(),
                 owned: true,
                 session: Some(session.clone()),

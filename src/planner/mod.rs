@@ -27,7 +27,7 @@ mod steps;
 pub use crate::model::PlacementHost;
 pub use order::{ObjectChange, object_changes};
 pub use policy::{Policy, Settle, record_for};
-pub use sessions::runtime_spec;
+pub use sessions::{runtime_spec, runtime_spec_on};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -42,7 +42,7 @@ pub use crate::model::plan::{
 
 use crate::desired::{Desired, EffectiveRoute};
 use crate::model::observed::{Observed, ProviderId, RuntimeSpec};
-use crate::model::{RunState, SessionSpec};
+use crate::model::{ComputeKind, RunState, SessionSpec};
 
 /// Compute the plan. Pure and deterministic.
 pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
@@ -76,9 +76,10 @@ struct Planner<'a> {
     held: Held<'a>,
     /// Sessions whose address appears or changes in this plan: their routes wait.
     address_pending: BTreeSet<&'a str>,
-    /// Hosts whose route waits (for an address) or has none: their records wait too.
-    route_pending: BTreeSet<String>,
-    /// The routes wanted, by host (explicit routes win, then templates in order).
+    /// Hosts with a route that waits (for an address) or has none, and that route's key:
+    /// their records wait too.
+    route_pending: BTreeMap<String, String>,
+    /// The routes wanted, by key (explicit routes win, then templates in order).
     routes: Vec<EffectiveRoute<'a>>,
 }
 
@@ -120,6 +121,9 @@ struct Want<'a> {
     /// The state it should be in now (expiry applied).
     state: RunState,
     expired: Option<DateTime<Utc>>,
+    /// Kinds before `spec.compute` in its plan's list that could not be observed (a new
+    /// session placed on a later choice).
+    unreachable: Vec<ComputeKind>,
 }
 
 /// What the plan does with one session.
@@ -186,7 +190,7 @@ impl<'a> Planner<'a> {
             updates: BTreeMap::new(),
             held: Held::default(),
             address_pending: BTreeSet::new(),
-            route_pending: BTreeSet::new(),
+            route_pending: BTreeMap::new(),
             routes: Vec::new(),
         }
     }
@@ -202,10 +206,12 @@ impl<'a> Planner<'a> {
         self.hold(Object::Session(name.to_string()), why);
     }
 
-    /// Leave a host's route (and its record) as it is, saying why.
-    fn hold_host(&mut self, host: &str, why: HoldReason) {
+    /// Leave a route (by key: host, or `host/path`) and its host's record as they are,
+    /// saying why.
+    fn hold_host(&mut self, key: &str, why: HoldReason) {
+        let (host, _) = crate::model::split_route_key(key);
         self.held.hosts.insert(host.to_string());
-        self.hold(Object::Route(host.to_string()), why);
+        self.hold(Object::Route(key.to_string()), why);
     }
 
     /// Why nothing of `provider` may be touched, if it could not be observed.

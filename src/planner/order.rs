@@ -64,19 +64,20 @@ fn approval_of(plan: &Plan) -> Option<String> {
 fn dependencies(drafts: &[Draft], observed: &Observed) -> Vec<Vec<usize>> {
     // Index: (phase, session) and (phase, host) -> step ids.
     let mut by_session: BTreeMap<(Phase, &str), Vec<usize>> = BTreeMap::new();
-    let mut by_host: BTreeMap<(Phase, &str), usize> = BTreeMap::new();
+    // Several route steps can share a host (routes with path prefixes).
+    let mut by_host: BTreeMap<(Phase, &str), Vec<usize>> = BTreeMap::new();
     for (id, d) in drafts.iter().enumerate() {
         if let Some(s) = d.action.session() {
             by_session.entry((d.phase, s)).or_default().push(id);
         }
         match &d.action {
             Action::Route(RouteAction::UpsertRoute { host, .. })
-            | Action::Route(RouteAction::RemoveRoute { host }) => {
-                by_host.insert((d.phase, host), id);
+            | Action::Route(RouteAction::RemoveRoute { host, .. }) => {
+                by_host.entry((d.phase, host)).or_default().push(id);
             }
             Action::Record(RecordAction::UpsertRecord { name, .. })
             | Action::Record(RecordAction::RemoveRecord { name, .. }) => {
-                by_host.insert((d.phase, name), id);
+                by_host.entry((d.phase, name)).or_default().push(id);
             }
             _ => {}
         }
@@ -106,9 +107,9 @@ fn dependencies(drafts: &[Draft], observed: &Observed) -> Vec<Vec<usize>> {
     let mut records_of: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     if !pulling.is_empty() || !tearing.is_empty() {
         let wanted = |s: &str| pulling.contains(s) || tearing.contains(s);
-        for (h, r) in &observed.routes {
+        for r in observed.routes.values() {
             if let Some(s) = r.session.as_deref().filter(|s| wanted(s)) {
-                routes_of.entry(s).or_default().push(h.as_str());
+                routes_of.entry(s).or_default().push(r.host.as_str());
             }
         }
         for r in observed.records.values() {
@@ -124,7 +125,7 @@ fn dependencies(drafts: &[Draft], observed: &Observed) -> Vec<Vec<usize>> {
             .unwrap_or_default()
             .to_vec()
     };
-    let host = |p: Phase, h: &str| by_host.get(&(p, h)).copied();
+    let host = |p: Phase, h: &str| by_host.get(&(p, h)).cloned().unwrap_or_default();
     // The pulling session each observed route's host and record's name belongs to.
     let mut session_of_host: BTreeMap<&str, &str> = BTreeMap::new();
     for (s, hosts) in routes_of.iter().chain(records_of.iter()) {
@@ -145,7 +146,7 @@ fn dependencies(drafts: &[Draft], observed: &Observed) -> Vec<Vec<usize>> {
         let mut deps: Vec<usize> = Vec::new();
         match &d.action {
             Action::Session(SessionAction::PullImage { .. }) => {}
-            Action::Route(RouteAction::RemoveRoute { host: h }) => {
+            Action::Route(RouteAction::RemoveRoute { host: h, .. }) => {
                 deps.extend(host(Phase::RemoveRecord, h));
                 deps.extend(pulled(h));
             }
@@ -288,7 +289,8 @@ fn summarize(p: &Plan) -> Summary {
         held: p.held.len(),
         ..Summary::default()
     };
-    let mut m: BTreeMap<(u8, &str, Option<RecordType>), ObjectChange> = BTreeMap::new();
+    type Key<'a> = (u8, &'a str, Option<&'a str>, Option<RecordType>);
+    let mut m: BTreeMap<Key, ObjectChange> = BTreeMap::new();
     for step in &p.steps {
         let c = change_of(step);
         let e = m.entry(step.action.key()).or_insert(c);

@@ -157,11 +157,18 @@ fn before_after(
                     upstream,
                     session,
                     port,
+                    strip_prefix,
                     ..
-                }) => Some(vec![
-                    format!("upstream: {upstream}"),
-                    format!("session: {session}:{port}"),
-                ]),
+                }) => {
+                    let mut lines = vec![
+                        format!("upstream: {upstream}"),
+                        format!("session: {session}:{port}"),
+                    ];
+                    if *strip_prefix {
+                        lines.push("strip_prefix: true".into());
+                    }
+                    Some(lines)
+                }
                 _ => None,
             });
             let after = after.unwrap_or_default();
@@ -179,6 +186,9 @@ fn before_after(
                             .and_then(|l| l.rsplit(':').next())
                             .unwrap_or("?")
                     ));
+                }
+                if observed.routes.get(host).is_some_and(|r| r.strip_prefix) {
+                    b.push("strip_prefix: true".into());
                 }
                 b
             };
@@ -405,8 +415,18 @@ pub fn text(plan: &Plan, observed: &Observed, color: bool) -> String {
 
 fn step_target(a: &Action) -> String {
     match a {
-        Action::Route(RouteAction::UpsertRoute { host, upstream, .. }) => {
-            format!("{host} -> {upstream}")
+        Action::Route(
+            r @ RouteAction::UpsertRoute {
+                upstream,
+                strip_prefix,
+                ..
+            },
+        ) => {
+            let strip = match (strip_prefix, r.path()) {
+                (true, Some(p)) => format!(" (without {p})"),
+                _ => String::new(),
+            };
+            format!("{} -> {upstream}{strip}", r.key())
         }
         Action::Record(RecordAction::UpsertRecord {
             name,
@@ -444,12 +464,20 @@ fn step_target(a: &Action) -> String {
             session,
             host,
             restore,
+            spec,
+            unreachable,
             ..
         }) => {
-            let on = host
-                .as_ref()
-                .map(|h| format!(" on {h}"))
-                .unwrap_or_default();
+            let on = match (unreachable.is_empty(), host) {
+                (true, Some(h)) => format!(" on {h}"),
+                (true, None) => String::new(),
+                (false, h) => format!(
+                    " on {}{} ({})",
+                    spec.compute.as_str(),
+                    h.as_ref().map(|h| format!(" {h}")).unwrap_or_default(),
+                    fallback_text(unreachable)
+                ),
+            };
             let kept = if *restore {
                 ", restoring its kept workspace"
             } else {
@@ -466,6 +494,25 @@ fn step_target(a: &Action) -> String {
             Object::Session(n) | Object::Route(n) | Object::Record(n) => n,
         },
     }
+}
+
+/// Why a session went to a later choice of its plan's `compute` list: `docker unreachable`.
+fn fallback_text(unreachable: &[crate::model::ComputeKind]) -> String {
+    let names: Vec<&str> = unreachable.iter().map(|k| k.as_str()).collect();
+    format!("{} unreachable", names.join(" and "))
+}
+
+/// A create that went to a later choice of its plan's `compute` list, in words:
+/// `create alice on process (docker unreachable)`.
+fn fallback_line(steps: &[&Step]) -> Option<String> {
+    steps.iter().find_map(|s| match &s.action {
+        a @ Action::Session(SessionAction::CreateSession { unreachable, .. })
+            if !unreachable.is_empty() =>
+        {
+            Some(format!("{} {}", a.verb(), step_target(a)))
+        }
+        _ => None,
+    })
 }
 
 /// Why an object is held, in words.
@@ -544,12 +591,16 @@ pub fn markdown(plan: &Plan, observed: &Observed) -> String {
                 .get(&object)
                 .copied()
                 .unwrap_or(ObjectChange::Update);
+            let mut why = headline(&steps);
+            if let Some(line) = fallback_line(&steps) {
+                why = format!("{why}; {line}");
+            }
             let _ = writeln!(
                 out,
                 "| `{}` | {} | {} |",
                 change.symbol(),
                 md_object(&object),
-                md_escape(&headline(&steps))
+                md_escape(&why)
             );
         }
         out.push('\n');

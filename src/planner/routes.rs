@@ -4,8 +4,8 @@
 use std::collections::BTreeSet;
 
 use crate::desired::{EffectiveRoute, RouteOrigin, effective_routes};
-use crate::model::RunState;
 use crate::model::observed::{Observed, ProviderId};
+use crate::model::{RunState, split_route_key};
 
 use super::order::merge_join;
 use super::{
@@ -21,22 +21,24 @@ impl Planner<'_> {
                 .is_some_and(|w| w.state != RunState::Stopped)
                 && !self.held.sessions.contains(s)
         };
-        // Sorted by host; where two claim one host (validation prevents it) the explicit route
-        // wins, then the first template in `RouteOrigin` order: a total order, so deterministic.
+        // Sorted by key (host, then path prefix); where two claim one (validation prevents it)
+        // the explicit route wins, then the first template in `RouteOrigin` order: a total
+        // order, so deterministic.
         let mut routes: Vec<EffectiveRoute> =
             effective_routes(desired, &policy.templates, &policy.domain, routed);
-        routes.sort_unstable_by(|a, b| (&a.host, a.origin).cmp(&(&b.host, b.origin)));
-        routes.dedup_by(|later, first| later.host == first.host);
+        routes.sort_unstable_by(|a, b| (&a.key, a.origin).cmp(&(&b.key, b.origin)));
+        routes.dedup_by(|later, first| later.key == first.key);
         let proxy_gap = self.unobserved(&ProviderId::Proxy);
         let joined = merge_join(
-            routes.iter().map(|r| (r.host.as_str(), r)),
+            routes.iter().map(|r| (r.key.as_str(), r)),
             observed.routes.iter().map(|(k, v)| (k.as_str(), v)),
         );
-        for (host, want, have) in joined {
-            let obj = || Object::Route(host.to_string());
+        for (key, want, have) in joined {
+            let obj = || Object::Route(key.to_string());
+            let (host, path) = split_route_key(key);
             if have.is_some_and(|o| !o.owned) {
                 if want.is_some() {
-                    self.hold_host(host, HoldReason::Foreign);
+                    self.hold_host(key, HoldReason::Foreign);
                 }
                 continue;
             }
@@ -52,7 +54,7 @@ impl Planner<'_> {
                 continue;
             }
             if let Some(why) = &proxy_gap {
-                self.hold_host(host, why.clone());
+                self.hold_host(key, why.clone());
                 continue;
             }
             match (want, have) {
@@ -71,12 +73,12 @@ impl Planner<'_> {
                                 object: obj(),
                                 after: Object::Session(r.session.to_string()),
                             });
-                            self.route_pending.insert(host.to_string());
+                            self.pending_route(host, key);
                         } else if have.is_none() {
                             // Asleep or stopped with no address: nothing to route to until it
                             // runs.
                             self.hold(obj(), HoldReason::NoAddress);
-                            self.route_pending.insert(host.to_string());
+                            self.pending_route(host, key);
                         }
                         continue;
                     };
@@ -88,6 +90,12 @@ impl Planner<'_> {
                         None => Reason::Missing,
                         Some(o) if o.upstream != *upstream => Reason::Drifted {
                             changes: vec![format!("upstream {} -> {upstream}", o.upstream)],
+                        },
+                        Some(o) if o.strip_prefix != r.strip_prefix => Reason::Drifted {
+                            changes: vec![format!(
+                                "strip_prefix {} -> {}",
+                                o.strip_prefix, r.strip_prefix
+                            )],
                         },
                         Some(o)
                             if o.session.as_deref() != Some(r.session)
@@ -103,6 +111,8 @@ impl Planner<'_> {
                         Phase::UpsertRoute,
                         Action::Route(RouteAction::UpsertRoute {
                             host: host.into(),
+                            path: path.map(str::to_string),
+                            strip_prefix: r.strip_prefix,
                             upstream: upstream.clone(),
                             session: r.session.to_string(),
                             port: r.port_name.to_string(),
@@ -115,12 +125,15 @@ impl Planner<'_> {
                 (None, Some(o)) => {
                     if let Some((file, until)) = self.settling(&obj(), o.session.as_deref()) {
                         self.wake_at(until);
-                        self.hold_host(host, HoldReason::Settling { file, until });
+                        self.hold_host(key, HoldReason::Settling { file, until });
                         continue;
                     }
                     self.drafts.push(
                         Phase::RemoveRoute,
-                        Action::Route(RouteAction::RemoveRoute { host: host.into() }),
+                        Action::Route(RouteAction::RemoveRoute {
+                            host: host.into(),
+                            path: path.map(str::to_string),
+                        }),
                         Reason::NotDesired,
                     )
                 }
@@ -128,6 +141,13 @@ impl Planner<'_> {
             }
         }
         self.routes = routes;
+    }
+
+    /// The route `key` on `host` waits (or has no address): the host's record waits for it.
+    fn pending_route(&mut self, host: &str, key: &str) {
+        self.route_pending
+            .entry(host.to_string())
+            .or_insert_with(|| key.to_string());
     }
 
     pub(super) fn records(&mut self) {
@@ -143,7 +163,9 @@ impl Planner<'_> {
             .filter(|r| r.dns)
             .map(|r| (Observed::record_key(&r.host, rtype), r))
             .collect();
-        want.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        // One record per host, however many routes (paths) it has.
+        want.sort_by(|a, b| a.0.cmp(&b.0));
+        want.dedup_by(|later, first| later.0 == first.0);
         let joined = merge_join(
             want.iter().map(|(k, v)| (k.as_str(), *v)),
             observed.records.iter().map(|(k, v)| (k.as_str(), v)),
@@ -180,8 +202,13 @@ impl Planner<'_> {
                 continue;
             }
             match (w, have) {
-                (Some(_), _) if self.route_pending.contains(name.as_str()) => {
-                    let after = Object::Route(name.clone());
+                (Some(_), _) if self.route_pending.contains_key(name.as_str()) => {
+                    let after = Object::Route(
+                        self.route_pending
+                            .get(name.as_str())
+                            .cloned()
+                            .unwrap_or_else(|| name.clone()),
+                    );
                     self.out.deferred.push(Deferred {
                         object: obj(),
                         after,

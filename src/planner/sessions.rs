@@ -5,16 +5,26 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use crate::model::observed::{ObservedSession, ProviderId, RuntimeSpec, SessionState};
-use crate::model::{ExpiryAction, FieldChange, Kind, PlanSpec, RunState, SessionSpec};
+use crate::model::{ComputeKind, ExpiryAction, FieldChange, Kind, PlanSpec, RunState, SessionSpec};
 
 use super::{Fate, HoldReason, Object, Planner, Reason, Want};
 
-/// The merged, resolved spec a session on `plan` runs with.
+/// The merged, resolved spec a session on `plan` runs with, on its plan's first choice of
+/// compute (`runtime_spec_on` for another).
 pub fn runtime_spec(session: &SessionSpec, plan: &PlanSpec) -> RuntimeSpec {
+    runtime_spec_on(session, plan, plan.compute.first())
+}
+
+/// The merged, resolved spec a session on `plan` runs with on `compute`.
+pub fn runtime_spec_on(
+    session: &SessionSpec,
+    plan: &PlanSpec,
+    compute: ComputeKind,
+) -> RuntimeSpec {
     let mut env = plan.env.clone();
     env.extend(session.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     RuntimeSpec {
-        compute: plan.compute,
+        compute,
         image: plan.image.clone(),
         pull: plan.pull,
         command: plan.command.clone(),
@@ -33,8 +43,10 @@ impl<'a> Planner<'a> {
     /// what files with errors hold.
     pub(super) fn wants(&mut self) {
         let (desired, policy) = (self.desired, self.policy);
-        // Sessions without env of their own share their plan's spec and fingerprint.
-        let mut per_plan: std::collections::BTreeMap<&str, (Arc<RuntimeSpec>, Arc<str>)> =
+        // Sessions without env of their own share their plan's spec and fingerprint (per
+        // compute kind: a plan with a preference list can run sessions on several).
+        type Shared = (Arc<RuntimeSpec>, Arc<str>);
+        let mut per_plan: std::collections::BTreeMap<(&str, ComputeKind), Shared> =
             Default::default();
         for (name, doc) in &desired.sessions {
             let Some(plan) = desired.plans.get(&doc.spec.plan) else {
@@ -57,17 +69,18 @@ impl<'a> Planner<'a> {
                     self.wake_at(at);
                 }
             }
+            let (compute, unreachable) = self.placement(name, &plan.spec);
             let (spec, fingerprint) = if s.env.is_empty() {
                 per_plan
-                    .entry(plan.spec.name.as_str())
+                    .entry((plan.spec.name.as_str(), compute))
                     .or_insert_with(|| {
-                        let spec = runtime_spec(s, &plan.spec);
+                        let spec = runtime_spec_on(s, &plan.spec, compute);
                         let fp = spec.fingerprint();
                         (Arc::new(spec), fp.into())
                     })
                     .clone()
             } else {
-                let spec = runtime_spec(s, &plan.spec);
+                let spec = runtime_spec_on(s, &plan.spec, compute);
                 let fp = spec.fingerprint();
                 (Arc::new(spec), fp.into())
             };
@@ -80,6 +93,7 @@ impl<'a> Planner<'a> {
                     file: &doc.file,
                     state,
                     expired,
+                    unreachable,
                 },
             );
         }
@@ -93,6 +107,29 @@ impl<'a> Planner<'a> {
             .filter(|(_, q)| !q.complete)
             .map(|(f, _)| f.clone())
             .collect();
+    }
+
+    /// Which compute kind of its plan's `compute` list a session runs on, and the kinds
+    /// before it that could not be observed. A session that is there (or was last seen on a
+    /// provider that is a gap now) stays on its kind while the list has it: it is never moved
+    /// because another provider came back or went away. Otherwise the first kind whose
+    /// provider was observed; with none, the first (and it is held, its provider unobserved).
+    fn placement(&self, name: &str, plan: &PlanSpec) -> (ComputeKind, Vec<ComputeKind>) {
+        let observed = self.observed;
+        let kinds = plan.compute.kinds();
+        let there = observed
+            .sessions
+            .get(name)
+            .map(|o| o.provider)
+            .or_else(|| observed.unreachable.get(name).copied());
+        if let Some(k) = there.filter(|k| kinds.contains(k)) {
+            return (k, Vec::new());
+        }
+        let seen = |k: &ComputeKind| observed.is_observed(&ProviderId::Compute(*k));
+        match kinds.iter().position(seen) {
+            Some(i) => (kinds[i], kinds[..i].to_vec()),
+            None => (plan.compute.first(), Vec::new()),
+        }
     }
 
     /// The file with errors that holds this session, if one does (`Some(None)`: a file with
@@ -145,6 +182,13 @@ impl<'a> Planner<'a> {
                 .map(|w| ProviderId::Compute(w.spec.compute))
                 .into_iter()
                 .chain(have.map(|o| ProviderId::Compute(o.provider)))
+                // Last seen on a provider that is a gap now: still there, as far as vessel knows.
+                .chain(
+                    observed
+                        .unreachable
+                        .get(name)
+                        .map(|k| ProviderId::Compute(*k)),
+                )
                 .collect();
             if let Some(why) = providers.iter().find_map(|p| self.unobserved(p)) {
                 self.hold_session(name, why);

@@ -113,8 +113,8 @@ pub fn simulate_step(action: &Action, o: &mut Observed) {
             | Action::Session(SessionAction::SaveWork { .. }) => {}
             Action::Route(a) => {
                 match a.after() {
-                    Some(r) => o.routes.insert(a.host().to_string(), r),
-                    None => o.routes.remove(a.host()),
+                    Some(r) => o.routes.insert(a.key(), r),
+                    None => o.routes.remove(&a.key()),
                 };
             }
             Action::Record(RecordAction::UpsertRecord {

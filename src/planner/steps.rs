@@ -354,6 +354,7 @@ fn create_steps(
             start,
             host,
             restore,
+            unreachable: w.unreachable.clone(),
         }),
         reason,
     );

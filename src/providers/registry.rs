@@ -232,7 +232,7 @@ impl Providers {
             }
         }
         match flatten(proxy, t) {
-            Ok(routes) => o.routes = routes.into_iter().map(|r| (r.host.clone(), r)).collect(),
+            Ok(routes) => o.routes = routes.into_iter().map(|r| (r.key(), r)).collect(),
             Err(e) => {
                 o.gaps.insert(ProviderId::Proxy, e.text());
             }

@@ -1,8 +1,12 @@
-//! vessel's embedded reverse proxy: routes requests by Host to a session's address.
+//! vessel's embedded reverse proxy: routes requests by Host (and path prefix) to a session's
+//! address.
 //!
 //! The route table is an immutable map swapped atomically (`ArcSwap`): a change is one pointer
 //! swap, requests in flight keep the table they started with, and no connection is dropped.
-//! Lookup is one hash probe, so the cost per request does not grow with the number of routes.
+//! Lookup is one hash probe for the host, then a walk of that host's few path prefixes,
+//! longest first (a host without path routes has one entry), so the cost per request does not
+//! grow with the number of routes. A prefix matches on whole segments (`/a` serves `/a` and
+//! `/a/b`, not `/ab`); a route may take its prefix off the path it sends on.
 //!
 //! HTTP/1.1 with keep-alive to upstreams, WebSocket upgrades passed through byte for byte,
 //! `X-Forwarded-*` headers, and pages that say what is wrong (400 a request vessel will not
@@ -60,6 +64,9 @@ pub struct Route {
     pub route: Option<String>,
     /// Requests are forwarded only when ready; otherwise they are held (see `Proxy::set_waker`).
     pub ready: bool,
+    /// Take the route's path prefix off the request's path before it goes on (a route
+    /// without a prefix has nothing to take).
+    pub strip_prefix: bool,
 }
 
 /// Activity counters of one route. They survive table swaps for the same host.
@@ -97,9 +104,34 @@ fn now_ms() -> u64 {
 struct Entry {
     route: Route,
     stats: Arc<RouteStats>,
+    /// Its path prefix; `None` for the host's `/`.
+    prefix: Option<String>,
 }
 
-type Table = HashMap<String, Arc<Entry>>;
+/// One host's routes, longest prefix first, the host's `/` (no prefix) last.
+type HostRoutes = Vec<Arc<Entry>>;
+
+/// Routes by lower-cased host.
+type Table = HashMap<String, HostRoutes>;
+
+/// The route among `routes` (longest prefix first) that serves `path`.
+fn pick(routes: &HostRoutes, path: &str) -> Option<Arc<Entry>> {
+    routes
+        .iter()
+        .find(|e| {
+            e.prefix
+                .as_deref()
+                .is_none_or(|p| crate::model::path_under(path, p))
+        })
+        .cloned()
+}
+
+impl Entry {
+    /// Its identity: the host, or `host/path` (`model::route_key`).
+    fn key(&self, host: &str) -> String {
+        crate::model::route_key(host, self.prefix.as_deref())
+    }
+}
 
 /// A snapshot of one route's activity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,7 +239,8 @@ struct Cx {
     upstream_header_timeout: Duration,
 }
 
-/// A change to the route table.
+/// A change to the route table. `host` is the route's key: a host, or a host followed by a
+/// path prefix (`preview.localhost/preview/user-1`), as `model::route_key` writes it.
 #[derive(Debug, Clone)]
 pub enum RouteChange {
     Upsert { host: String, route: Route },
@@ -275,7 +308,7 @@ impl Proxy {
         }
         self.inner.table.rcu(|old| {
             let mut t: Table = (**old).clone();
-            for e in t.values_mut() {
+            for e in t.values_mut().flat_map(|routes| routes.iter_mut()) {
                 if e.route.session == session {
                     let mut route = e.route.clone();
                     route.ready = !asleep;
@@ -285,6 +318,7 @@ impl Proxy {
                     *e = Arc::new(Entry {
                         route,
                         stats: e.stats.clone(),
+                        prefix: e.prefix.clone(),
                     });
                 }
             }
@@ -321,7 +355,7 @@ impl Proxy {
     /// for none), the latest over its routes.
     pub fn session_activity(&self) -> HashMap<String, u64> {
         let mut out: HashMap<String, u64> = HashMap::new();
-        for e in self.inner.table.load().values() {
+        for e in self.inner.table.load().values().flatten() {
             let t = e.stats.last_activity_ms.load(Ordering::Relaxed);
             let v = out.entry(e.route.session.clone()).or_default();
             *v = (*v).max(t);
@@ -370,26 +404,27 @@ impl Proxy {
         Ok(handles)
     }
 
-    /// The routes being served, by host.
+    /// The routes being served, by key (host, or `host/path`).
     pub fn routes(&self) -> BTreeMap<String, Route> {
         self.inner
             .table
             .load()
             .iter()
-            .map(|(h, e)| (h.clone(), e.route.clone()))
+            .flat_map(|(h, routes)| routes.iter().map(move |e| (e.key(h), e.route.clone())))
             .collect()
     }
 
-    /// Activity per host.
+    /// Activity per route key (host, or `host/path`).
     pub fn activity(&self) -> BTreeMap<String, Activity> {
         self.inner
             .table
             .load()
             .iter()
+            .flat_map(|(h, routes)| routes.iter().map(move |e| (h, e)))
             .map(|(h, e)| {
                 let s = &e.stats;
                 (
-                    h.clone(),
+                    e.key(h),
                     Activity {
                         last_activity_ms: s.last_activity_ms.load(Ordering::Relaxed),
                         requests: s.requests.load(Ordering::Relaxed),
@@ -400,7 +435,8 @@ impl Proxy {
             .collect()
     }
 
-    /// Apply a batch of changes as one atomic swap. Hosts are lower-cased.
+    /// Apply a batch of changes as one atomic swap. Hosts are lower-cased; paths are kept as
+    /// they are (they match case-sensitively).
     pub fn apply(&self, changes: &[RouteChange]) {
         if changes.is_empty() {
             return;
@@ -409,16 +445,38 @@ impl Proxy {
         self.inner.table.rcu(|old| {
             let mut t: Table = (**old).clone();
             for c in changes {
+                let (RouteChange::Upsert { host: key, .. } | RouteChange::Remove { host: key }) = c;
+                let (host, prefix) = crate::model::split_route_key(key);
+                let host = host.to_ascii_lowercase();
+                let routes = t.entry(host.clone()).or_default();
+                let at = routes.iter().position(|e| e.prefix.as_deref() == prefix);
                 match c {
-                    RouteChange::Upsert { host, route } => {
-                        let host = host.to_ascii_lowercase();
-                        let stats = t.get(&host).map(|e| e.stats.clone()).unwrap_or_default();
+                    RouteChange::Upsert { route, .. } => {
                         let mut route = route.clone();
                         route.ready &= !asleep.contains(&route.session);
-                        t.insert(host, Arc::new(Entry { route, stats }));
+                        let entry = Arc::new(Entry {
+                            route,
+                            stats: at.map(|i| routes[i].stats.clone()).unwrap_or_default(),
+                            prefix: prefix.map(str::to_string),
+                        });
+                        match at {
+                            Some(i) => routes[i] = entry,
+                            None => {
+                                routes.push(entry);
+                                // Longest prefix first; the host's `/` (none) last.
+                                routes.sort_by_key(|e| {
+                                    std::cmp::Reverse(e.prefix.as_ref().map_or(0, |p| p.len() + 1))
+                                });
+                            }
+                        }
                     }
-                    RouteChange::Remove { host } => {
-                        t.remove(&host.to_ascii_lowercase());
+                    RouteChange::Remove { .. } => {
+                        if let Some(i) = at {
+                            routes.remove(i);
+                        }
+                        if routes.is_empty() {
+                            t.remove(&host);
+                        }
                     }
                 }
             }
@@ -434,14 +492,18 @@ impl Proxy {
         *self.inner.waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(waker);
     }
 
-    fn lookup(&self, host: &str) -> Option<Arc<Entry>> {
+    /// The route that serves `path` on `host`: the host's longest matching prefix, else the
+    /// same on the `*.` wildcard of its parent.
+    fn lookup(&self, host: &str, path: &str) -> Option<Arc<Entry>> {
         let table = self.inner.table.load();
-        if let Some(e) = table.get(host) {
-            return Some(e.clone());
+        if let Some(e) = table.get(host).and_then(|r| pick(r, path)) {
+            return Some(e);
         }
         // `*.example.com` routes serve any single label under them.
         let (_, parent) = host.split_once('.')?;
-        table.get(&format!("*.{parent}")).cloned()
+        table
+            .get(&format!("*.{parent}"))
+            .and_then(|r| pick(r, path))
     }
 
     /// Serve on `listener` until `shutdown` is cancelled. Connections already open finish the
@@ -490,7 +552,7 @@ impl Proxy {
             Err(why) => return page::bad_request(why),
         };
         let host = target.host;
-        let Some(mut entry) = self.lookup(&host) else {
+        let Some(mut entry) = self.lookup(&host, req.uri().path()) else {
             return page::not_found(&host);
         };
         if !entry.route.ready {
@@ -503,7 +565,10 @@ impl Proxy {
                     .get(header::ACCEPT)
                     .and_then(|v| v.to_str().ok())
                     .is_some_and(|v| v.contains("text/html"));
-            match self.hold(&host, &entry.route.session, navigation).await {
+            match self
+                .hold(&host, req.uri().path(), &entry.route.session, navigation)
+                .await
+            {
                 Held::Ready(e) => entry = e,
                 Held::TimedOut => return page::not_ready(&host, &entry.route.session),
                 Held::Full => return page::too_many_waiting(&host, &entry.route.session),
@@ -516,17 +581,29 @@ impl Proxy {
         let upgrade = is_websocket_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        // Origin form on the wire, and the Host the request was routed by.
-        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
-            let path = parts
-                .uri
-                .path_and_query()
-                .map(|p| p.as_str())
-                .unwrap_or("/");
-            parts.uri = match Uri::try_from(path) {
+        // Origin form on the wire (without the route's prefix if it strips it, the query
+        // kept), and the Host the request was routed by.
+        let strip = entry.prefix.as_deref().filter(|_| entry.route.strip_prefix);
+        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() || strip.is_some() {
+            let full = parts.uri.path();
+            let path = match strip.and_then(|p| full.strip_prefix(p)) {
+                Some("") => "/",
+                Some(rest) => rest,
+                None => full,
+            };
+            let target = match parts.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_string(),
+            };
+            parts.uri = match Uri::try_from(target) {
                 Ok(u) => u,
                 Err(_) => return page::bad_request("the request target is not a valid URI"),
             };
+        }
+        if let Some(p) = strip
+            && let Ok(v) = HeaderValue::try_from(p)
+        {
+            parts.headers.insert("x-forwarded-prefix", v);
         }
         parts.headers.insert(header::HOST, target.authority);
         parts.version = Version::HTTP_11;
@@ -562,9 +639,9 @@ impl Proxy {
             .await
     }
 
-    /// Wait until the route for `host` is ready (poking the waker once), or time out; within
+    /// Wait until the route for `path` on `host` is ready (poking the waker once), or time out; within
     /// the bound on held requests. A browser's navigation may get the waking page instead.
-    async fn hold(&self, host: &str, session: &str, navigation: bool) -> Held {
+    async fn hold(&self, host: &str, path: &str, session: &str, navigation: bool) -> Held {
         let i = &self.inner;
         let waker = i.waker.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some(w) = waker {
@@ -589,7 +666,7 @@ impl Proxy {
         let timeout = Duration::from_millis(i.hold_timeout.load(Ordering::Relaxed));
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            match self.lookup(host) {
+            match self.lookup(host, path) {
                 Some(e) if e.route.ready => return Held::Ready(e),
                 Some(_) if self.is_full(session) => {
                     i.rejected_full.fetch_add(1, Ordering::Relaxed);
@@ -928,20 +1005,24 @@ mod tests {
         assert!(target("http://u:p@b.localhost/x", v11, &["a.localhost"]).is_err());
     }
 
-    #[test]
-    fn table_swaps_keep_stats_and_wildcards_match() {
-        let p = Proxy::default();
-        let route = |u: &str| Route {
-            upstream: u.into(),
+    fn route(upstream: &str) -> Route {
+        Route {
+            upstream: upstream.into(),
             session: "s".into(),
             route: None,
             ready: true,
-        };
+            strip_prefix: false,
+        }
+    }
+
+    #[test]
+    fn table_swaps_keep_stats_and_wildcards_match() {
+        let p = Proxy::default();
         p.apply(&[RouteChange::Upsert {
             host: "A.localhost".into(),
             route: route("127.0.0.1:1"),
         }]);
-        p.lookup("a.localhost")
+        p.lookup("a.localhost", "/")
             .map(|e| e.stats.requests.fetch_add(3, Ordering::Relaxed));
         p.apply(&[RouteChange::Upsert {
             host: "a.localhost".into(),
@@ -954,15 +1035,53 @@ mod tests {
             route: route("127.0.0.1:3"),
         }]);
         assert_eq!(
-            p.lookup("x.preview.localhost")
+            p.lookup("x.preview.localhost", "/")
                 .map(|e| e.route.upstream.clone()),
             Some("127.0.0.1:3".into())
         );
-        assert!(p.lookup("preview.localhost").is_none());
+        assert!(p.lookup("preview.localhost", "/").is_none());
         p.apply(&[RouteChange::Remove {
             host: "a.localhost".into(),
         }]);
-        assert!(p.lookup("a.localhost").is_none());
+        assert!(p.lookup("a.localhost", "/").is_none());
+    }
+
+    #[test]
+    fn the_longest_prefix_on_whole_segments_wins() {
+        let p = Proxy::default();
+        let up = |path: &str| {
+            p.lookup("p.localhost", path)
+                .map(|e| e.route.upstream.clone())
+        };
+        p.apply(&[
+            RouteChange::Upsert {
+                host: "P.localhost/a".into(),
+                route: route("127.0.0.1:1"),
+            },
+            RouteChange::Upsert {
+                host: "p.localhost/a/b".into(),
+                route: route("127.0.0.1:2"),
+            },
+        ]);
+        assert_eq!(up("/a"), Some("127.0.0.1:1".into()));
+        assert_eq!(up("/a/bc"), Some("127.0.0.1:1".into()));
+        assert_eq!(up("/a/b"), Some("127.0.0.1:2".into()));
+        assert_eq!(up("/a/b/c"), Some("127.0.0.1:2".into()));
+        assert_eq!(up("/ab"), None, "no route for the host's `/`");
+        p.apply(&[RouteChange::Upsert {
+            host: "p.localhost".into(),
+            route: route("127.0.0.1:3"),
+        }]);
+        assert_eq!(up("/ab"), Some("127.0.0.1:3".into()));
+        assert_eq!(up("/a/b/c"), Some("127.0.0.1:2".into()));
+        assert_eq!(
+            p.routes().keys().collect::<Vec<_>>(),
+            ["p.localhost", "p.localhost/a", "p.localhost/a/b"]
+        );
+        p.apply(&[RouteChange::Remove {
+            host: "p.localhost/a/b".into(),
+        }]);
+        assert_eq!(up("/a/b/c"), Some("127.0.0.1:1".into()));
     }
 
     #[test]

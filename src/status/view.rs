@@ -182,10 +182,13 @@ fn state_name(s: SessionState) -> &'static str {
     }
 }
 
-fn url(host: &str, port: Option<u16>) -> String {
+/// The URL of a route, by key (host, or `host/path`).
+fn url(key: &str, port: Option<u16>) -> String {
+    let (host, path) = crate::model::split_route_key(key);
+    let path = path.unwrap_or("");
     match port {
-        Some(80) | None => format!("http://{host}/"),
-        Some(p) => format!("http://{host}:{p}/"),
+        Some(80) | None => format!("http://{host}{path}/"),
+        Some(p) => format!("http://{host}:{p}{path}/"),
     }
 }
 
@@ -454,10 +457,10 @@ pub fn routes(s: &Snapshot, ctx: &Context) -> Vec<RouteView> {
     if let Some(d) = &s.desired {
         for r in effective_routes(d, &ctx.templates, &ctx.domain, |_| true) {
             out.insert(
-                r.host.clone(),
+                r.key.clone(),
                 RouteView {
-                    url: url(&r.host, ctx.proxy_port),
-                    host: r.host,
+                    url: url(&r.key, ctx.proxy_port),
+                    host: r.key,
                     session: Some(r.session.to_string()),
                     port: Some(r.port_name.to_string()),
                     upstream: None,
@@ -567,6 +570,7 @@ mod tests {
                 start: true,
                 host: None,
                 restore: false,
+                unreachable: Vec::new(),
             }),
             reason: crate::model::plan::Reason::Missing,
             depends_on: vec![],

@@ -140,6 +140,7 @@ fn serve(routes: &[(&str, u16)], serving: Serving) -> Served {
                 session: host.split('.').next().unwrap_or("s").to_string(),
                 route: None,
                 ready: true,
+                strip_prefix: false,
             },
         })
         .collect();

@@ -21,6 +21,7 @@ mod loop_fake;
 mod operator;
 mod outage;
 mod papercuts;
+mod path_routes;
 mod plan_cli;
 mod planner_cases;
 mod planner_props;

@@ -93,6 +93,12 @@ enum Drift {
         provider: String,
         error: String,
     },
+    /// A compute provider that is a gap now: its sessions are known only as last seen
+    /// (`Observed::unreachable`), as the loop carries them over.
+    Unreachable {
+        provider: String,
+        error: String,
+    },
     ForeignSession {
         name: String,
     },
@@ -203,6 +209,14 @@ fn apply_drift(o: &mut Observed, drift: &[Drift]) {
                     error.clone(),
                 );
             }
+            Drift::Unreachable { provider, error } => {
+                let id = provider.parse::<ProviderId>().expect("provider id");
+                let previous = o.clone();
+                o.gaps.insert(id.clone(), error.clone());
+                o.sessions
+                    .retain(|_, s| ProviderId::Compute(s.provider) != id);
+                o.carry_unreachable(&previous);
+            }
             Drift::ForeignSession { name } => {
                 o.sessions.insert(
                     name.clone(),
@@ -228,6 +242,8 @@ fn apply_drift(o: &mut Observed, drift: &[Drift]) {
                     host.clone(),
                     ObservedRoute {
                         host: host.clone(),
+                        path: None,
+                        strip_prefix: false,
                         upstream: upstream.clone(),
                         owned: false,
                         session: None,
@@ -398,4 +414,29 @@ fn planner_cases_match_their_snapshots() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+/// A create that falls back to a later choice of its plan's `compute` list names the kinds it
+/// skipped in the JSON plan, and its spec the kind it goes to.
+#[test]
+fn a_fallback_create_says_why_in_json() {
+    let Prepared {
+        observed,
+        desired,
+        policy,
+        ..
+    } = prepare(&root().join("tests/planner/30-fallback-placement.yaml"));
+    let p = plan(&desired, &observed, &policy);
+    let json: serde_json::Value =
+        serde_json::from_str(&render::json(&p)).expect("the plan is JSON");
+    let creates: Vec<&serde_json::Value> = json["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["action"] == "create_session")
+        .collect();
+    assert_eq!(creates.len(), 1, "{json}");
+    assert_eq!(creates[0]["session"], "new");
+    assert_eq!(creates[0]["spec"]["compute"], "process");
+    assert_eq!(creates[0]["unreachable"], serde_json::json!(["docker"]));
 }

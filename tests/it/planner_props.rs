@@ -119,7 +119,21 @@ fn build(variant: u8, sessions: &[GenSession]) -> Desired {
                 host: format!("docs-{name}.example.com"),
                 session: name.clone(),
                 port: "ide".into(),
+                path: None,
+                strip_prefix: false,
                 dns: true,
+            };
+            d.routes.insert(r.name.clone(), doc(r, &file));
+            // And a path route on a host every session shares.
+            let r = RouteSpec {
+                kind: tag::Route::Route,
+                name: format!("{name}-preview"),
+                host: "preview.example.com".into(),
+                session: name.clone(),
+                port: "ide".into(),
+                path: Some(format!("/{name}")),
+                strip_prefix: true,
+                dns: false,
             };
             d.routes.insert(r.name.clone(), doc(r, &file));
         }
@@ -230,6 +244,8 @@ fn foreign(o: &mut Observed, n: u8) {
         host.clone(),
         ObservedRoute {
             host: host.clone(),
+            path: None,
+            strip_prefix: false,
             upstream: "10.0.0.1:80".into(),
             owned: false,
             session: None,
@@ -252,8 +268,7 @@ fn foreign(o: &mut Observed, n: u8) {
 /// (session, route host, record name) a step acts on.
 fn step_touches(a: &Action) -> (Option<String>, Option<String>, Option<String>) {
     match a {
-        Action::Route(RouteAction::UpsertRoute { host, .. })
-        | Action::Route(RouteAction::RemoveRoute { host }) => (None, Some(host.clone()), None),
+        Action::Route(r) => (None, Some(r.key()), None),
         Action::Record(RecordAction::UpsertRecord { name, .. })
         | Action::Record(RecordAction::RemoveRecord { name, .. }) => {
             (None, None, Some(name.clone()))

@@ -15,6 +15,7 @@ fn route(port: u16) -> Route {
         session: "s".into(),
         route: None,
         ready: true,
+        strip_prefix: false,
     }
 }
 

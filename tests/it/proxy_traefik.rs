@@ -11,7 +11,8 @@
 //! covers what vessel writes, transcribed with the same constraints: no unknown top-level
 //! keys; routers need `rule` and `service` and take only the documented keys; a service is
 //! exactly one kind, and a load balancer has at least one server, each with a `url`; of the
-//! middlewares, only `chain` (the do-nothing placeholder of a file without routes). One rule
+//! middlewares, only `chain` (the do-nothing placeholder of a file without routes) and
+//! `stripPrefix` (a route that strips its path prefix). One rule
 //! is not in the published schema but is what the real Traefik does: an empty `http`,
 //! `routers`, `services` or `middlewares` makes it refuse the whole file ("routers cannot be a
 //! standalone element") and keep serving the configuration before (`minProperties` below).
@@ -81,7 +82,15 @@ const CONTRACT: &str = r##"{
           "type": "object",
           "properties": {"middlewares": {"type": "array", "items": {"type": "string"}}},
           "additionalProperties": false
-        }}, "required": ["chain"], "additionalProperties": false}
+        }}, "required": ["chain"], "additionalProperties": false},
+        {"properties": {"stripPrefix": {
+          "type": "object",
+          "properties": {
+            "prefixes": {"type": "array", "items": {"type": "string"}},
+            "forceSlash": {"type": "boolean"}
+          },
+          "additionalProperties": false
+        }}, "required": ["stripPrefix"], "additionalProperties": false}
       ]
     },
     "httpService": {
@@ -414,6 +423,8 @@ fn a_foreign_entry_in_vessels_file_stops_vessel_and_the_file_stays_byte_for_byte
 fn flip(port: u16) -> RouteAction {
     RouteAction::UpsertRoute {
         host: "flip.localhost".into(),
+        path: None,
+        strip_prefix: false,
         upstream: format!("127.0.0.1:{port}"),
         session: "flip".into(),
         port: "ide".into(),
@@ -498,6 +509,7 @@ fn a_write_is_done_once_traefik_serves_it_and_what_traefik_refuses_fails_its_ste
     // A removal is done once Traefik stops serving the host.
     let results = rt.block_on(confirmed.apply(&[&RouteAction::RemoveRoute {
         host: "flip.localhost".into(),
+        path: None,
     }]));
     assert!(results[0].is_ok(), "{results:?}");
     assert_eq!(status_of(web, "flip.localhost"), 404);
@@ -577,6 +589,8 @@ fn odd_hosts() -> Vec<String> {
 fn upsert_for(host: &str, session: &str, route: Option<&str>, upstream: &str) -> RouteAction {
     RouteAction::UpsertRoute {
         host: host.into(),
+        path: None,
+        strip_prefix: false,
         upstream: upstream.into(),
         session: session.into(),
         port: "ide".into(),
@@ -628,7 +642,10 @@ fn every_file_vessel_writes_is_one_traefik_accepts() {
         let observed = rt.block_on(p.observe()).expect("observe");
         let removals: Vec<RouteAction> = observed
             .into_iter()
-            .map(|r| RouteAction::RemoveRoute { host: r.host })
+            .map(|r| RouteAction::RemoveRoute {
+                host: r.host,
+                path: r.path,
+            })
             .collect();
         apply(what, &removals);
         assert!(traefik.file_routers("vessel_").is_empty(), "{what}");
@@ -645,13 +662,14 @@ fn every_file_vessel_writes_is_one_traefik_accepts() {
             .routes
             .values()
             .filter(|r| r.owned)
-            .map(|r| {
-                upsert_for(
-                    &r.host,
-                    r.session.as_deref().unwrap_or("s"),
-                    r.route.as_deref(),
-                    &r.upstream,
-                )
+            .map(|r| RouteAction::UpsertRoute {
+                host: r.host.clone(),
+                path: r.path.clone(),
+                strip_prefix: r.strip_prefix,
+                upstream: r.upstream.clone(),
+                session: r.session.clone().unwrap_or_else(|| "s".into()),
+                port: "ide".into(),
+                route: r.route.clone(),
             })
             .collect();
         apply(&format!("{name} (world)"), &world);
@@ -711,6 +729,8 @@ fn every_file_vessel_writes_is_one_traefik_accepts() {
 fn upsert(host: &str, port: u16) -> RouteAction {
     RouteAction::UpsertRoute {
         host: host.into(),
+        path: None,
+        strip_prefix: false,
         upstream: format!("127.0.0.1:{port}"),
         session: "s".into(),
         port: "ide".into(),

@@ -213,6 +213,7 @@ pub(crate) async fn run_session_step<P: SessionSteps>(
             start,
             host,
             restore,
+            unreachable: _,
         } => {
             let args = CreateArgs {
                 restore: *restore,

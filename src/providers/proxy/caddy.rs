@@ -12,8 +12,12 @@
 //! milliseconds. Caddy answers a config change only once the new config runs, so a route
 //! counts as applied (and serving) when the write returns 200.
 //!
-//! vessel's routes go first in the server's route list, most specific first (wildcards last),
-//! each terminal: Caddy tries routes in order, and vessel's are host-specific. A server that
+//! vessel's routes go first in the server's route list, most specific first (wildcards last,
+//! and on one host the longest path prefix first), each terminal: Caddy tries routes in order,
+//! and vessel's are host-specific. A route with a path prefix matches the prefix itself and
+//! everything under it (`path: [/p, /p/*]`: whole segments), and one that strips its prefix
+//! runs Caddy's `rewrite` (`strip_path_prefix`) before it proxies. Caddy's path matcher
+//! ignores case, where the embedded proxy and Traefik do not. A server that
 //! is missing (Caddy restarted with an empty config) is created with the configured `listen`
 //! addresses, as a plain-HTTP server (automatic HTTPS off); for TLS, define the server in
 //! Caddy's own config and vessel only adds its routes to it.
@@ -134,14 +138,31 @@ impl Caddy {
             .map_err(CaddyError::Api)
     }
 
-    /// The route vessel writes for `host`.
-    fn route(&self, host: &str, upstream: &str, session: &str, route: Option<&str>) -> Value {
-        json!({
-            "@id": route_tag(&self.prefix, session, route, host),
-            "match": [{"host": [host]}],
-            "handle": [{"handler": "reverse_proxy", "upstreams": [{"dial": upstream}]}],
-            "terminal": true,
-        })
+    /// The route vessel writes for `r`.
+    fn route(&self, r: &Want) -> Value {
+        let tag = route_tag(&self.prefix, r.session, r.route, r.host, r.path);
+        let proxy = json!({"handler": "reverse_proxy", "upstreams": [{"dial": r.upstream}]});
+        match r.path {
+            None => json!({
+                "@id": tag,
+                "match": [{"host": [r.host]}],
+                "handle": [proxy],
+                "terminal": true,
+            }),
+            Some(p) => {
+                let mut handle = Vec::new();
+                if r.strip_prefix {
+                    handle.push(json!({"handler": "rewrite", "strip_path_prefix": p}));
+                }
+                handle.push(proxy);
+                json!({
+                    "@id": tag,
+                    "match": [{"host": [r.host], "path": [p, format!("{p}/*")]}],
+                    "handle": handle,
+                    "terminal": true,
+                })
+            }
+        }
     }
 
     /// What the server's routes say: vessel's (by `@id`) and the hosts of foreign ones.
@@ -151,26 +172,39 @@ impl Caddy {
         for r in server_routes(config, &self.server) {
             let tag = r.get("@id").and_then(Value::as_str);
             match tag.and_then(|t| parse_route_tag(&self.prefix, t)) {
-                Some((session, route, host)) => {
+                Some(t) => {
                     let dial = dial(r).unwrap_or_default();
+                    let strip_prefix = t.path.is_some() && strips(r);
+                    let want = Want {
+                        host: t.host,
+                        path: t.path.as_deref(),
+                        strip_prefix,
+                        upstream: &dial,
+                        session: t.session,
+                        route: t.route,
+                    };
                     // A route edited by hand reads as drifted, so the next pass rewrites it.
-                    let upstream = if *r == self.route(host, &dial, session, route) {
+                    let upstream = if *r == self.route(&want) {
                         dial
                     } else {
                         format!("{dial} (edited outside vessel)")
                     };
                     owned.push(ObservedRoute {
-                        host: host.to_ascii_lowercase(),
+                        host: t.host.to_ascii_lowercase(),
+                        path: t.path.clone(),
+                        strip_prefix,
                         upstream,
                         owned: true,
-                        session: Some(session.to_string()),
-                        route: route.map(str::to_string),
+                        session: Some(t.session.to_string()),
+                        route: t.route.map(str::to_string),
                     });
                 }
                 None => {
                     for host in hosts(r) {
                         foreign.push(ObservedRoute {
                             host,
+                            path: None,
+                            strip_prefix: false,
                             upstream: dial(r).unwrap_or_default(),
                             owned: false,
                             session: None,
@@ -219,18 +253,19 @@ impl Caddy {
             Some(Value::Array(a)) => a,
             Some(_) => return Err(CaddyError::RoutesNotList(self.server.clone())),
         };
-        // Vessel's routes by (wildcard last, host); foreign ones in their order.
-        let mut ours: BTreeMap<(bool, String), Value> = BTreeMap::new();
+        // Vessel's routes by (wildcard last, host, longest path first); foreign ones in their
+        // order.
+        let mut ours: BTreeMap<Order, Value> = BTreeMap::new();
         let mut others = Vec::new();
         for r in routes {
-            let host = r
+            let at = r
                 .get("@id")
                 .and_then(Value::as_str)
                 .and_then(|t| parse_route_tag(&self.prefix, t))
-                .map(|(_, _, h)| h.to_string());
-            match host {
-                Some(h) => {
-                    ours.insert(key(&h), r);
+                .map(|t| key(t.host, t.path.as_deref()));
+            match at {
+                Some(k) => {
+                    ours.insert(k, r);
                 }
                 None => others.push(r),
             }
@@ -239,22 +274,29 @@ impl Caddy {
         // (which, being first, would hide the foreign one).
         let foreign: BTreeSet<String> = others.iter().flat_map(hosts).collect();
         let mut refused = BTreeSet::new();
-        for (host, after) in actions.iter().map(|a| a.route_after()) {
-            match after {
+        for a in actions {
+            let (host, path) = (a.host(), a.path());
+            match a.after() {
                 Some(_) if foreign.contains(&host.to_ascii_lowercase()) => {
                     refused.insert(host.to_string());
                 }
                 Some(r) => {
-                    let session = r.session.as_deref().unwrap_or_default();
-                    let route = self.route(host, &r.upstream, session, r.route.as_deref());
-                    ours.insert(key(host), route);
+                    let route = self.route(&Want {
+                        host,
+                        path,
+                        strip_prefix: r.strip_prefix,
+                        upstream: &r.upstream,
+                        session: r.session.as_deref().unwrap_or_default(),
+                        route: r.route.as_deref(),
+                    });
+                    ours.insert(key(host, path), route);
                 }
                 None => {
-                    ours.remove(&key(host));
+                    ours.remove(&key(host, path));
                 }
             }
         }
-        ours.retain(|(_, h), _| !foreign.contains(h));
+        ours.retain(|(_, h, _, _), _| !foreign.contains(h));
         // Leading foreign routes that only add behaviour to every request (authentication,
         // headers, ...) and match everything stay in front of vessel's; everything else goes
         // after them.
@@ -321,8 +363,38 @@ fn is_middleware(route: &Value) -> bool {
             })
 }
 
-fn key(host: &str) -> (bool, String) {
-    (host.starts_with("*."), host.to_ascii_lowercase())
+/// Where one of vessel's routes goes among them: (wildcard, host, longest path first, path).
+type Order = (bool, String, std::cmp::Reverse<usize>, String);
+
+fn key(host: &str, path: Option<&str>) -> Order {
+    let path = path.unwrap_or("");
+    (
+        host.starts_with("*."),
+        host.to_ascii_lowercase(),
+        std::cmp::Reverse(path.len()),
+        path.to_string(),
+    )
+}
+
+/// One of vessel's routes, as it is written.
+struct Want<'a> {
+    host: &'a str,
+    path: Option<&'a str>,
+    strip_prefix: bool,
+    upstream: &'a str,
+    session: &'a str,
+    route: Option<&'a str>,
+}
+
+/// Does a route take its path prefix off (a `rewrite` handler that strips one)?
+fn strips(route: &Value) -> bool {
+    route
+        .get("handle")
+        .and_then(Value::as_array)
+        .is_some_and(|h| {
+            h.iter()
+                .any(|x| x.get("handler").and_then(Value::as_str) == Some("rewrite"))
+        })
 }
 
 /// The object at `path` inside `v`, created (empty) where missing.
@@ -422,9 +494,8 @@ impl ProxyProvider for Caddy {
             };
             let mut results = route_batch_results(actions, outcome);
             for (a, r) in actions.iter().zip(results.iter_mut()) {
-                if let (host, Some(_)) = a.route_after()
-                    && refused.contains(host)
-                {
+                let host = a.host();
+                if a.after().is_some() && refused.contains(host) {
                     *r = Err(ProviderError::caused(
                         "route",
                         host,
@@ -455,6 +526,8 @@ mod tests {
     fn upsert(host: &str, upstream: &str) -> RouteAction {
         RouteAction::UpsertRoute {
             host: host.into(),
+            path: None,
+            strip_prefix: false,
             upstream: upstream.into(),
             session: "alice".into(),
             port: "ide".into(),
@@ -497,6 +570,7 @@ mod tests {
                 new,
                 &[&RouteAction::RemoveRoute {
                     host: "a.localhost".into(),
+                    path: None,
                 }],
             )
             .expect("merge")

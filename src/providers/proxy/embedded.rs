@@ -46,12 +46,17 @@ impl ProxyProvider for EmbeddedProxy {
             .proxy
             .routes()
             .into_iter()
-            .map(|(host, r)| ObservedRoute {
-                host,
-                upstream: r.upstream,
-                owned: true,
-                session: Some(r.session),
-                route: r.route,
+            .map(|(key, r)| {
+                let (host, path) = crate::model::split_route_key(&key);
+                ObservedRoute {
+                    host: host.to_string(),
+                    path: path.map(str::to_string),
+                    strip_prefix: r.strip_prefix,
+                    upstream: r.upstream,
+                    owned: true,
+                    session: Some(r.session),
+                    route: r.route,
+                }
             })
             .collect();
         Box::pin(async move { Ok(routes) })
@@ -63,19 +68,18 @@ impl ProxyProvider for EmbeddedProxy {
     ) -> BoxFut<'a, Vec<Result<(), ProviderError>>> {
         let changes: Vec<RouteChange> = actions
             .iter()
-            .map(|a| match a.route_after() {
-                (host, Some(r)) => RouteChange::Upsert {
-                    host: host.to_string(),
+            .map(|a| match a.after() {
+                Some(r) => RouteChange::Upsert {
+                    host: a.key(),
                     route: Route {
                         upstream: r.upstream,
                         session: r.session.unwrap_or_default(),
                         route: r.route,
                         ready: true,
+                        strip_prefix: r.strip_prefix,
                     },
                 },
-                (host, None) => RouteChange::Remove {
-                    host: host.to_string(),
-                },
+                None => RouteChange::Remove { host: a.key() },
             })
             .collect();
         let results = actions.iter().map(|_| Ok(())).collect();

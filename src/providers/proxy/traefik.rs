@@ -1,8 +1,10 @@
 //! The `traefik` proxy provider, through Traefik's file provider.
 //!
 //! vessel owns one dynamic-configuration file (YAML) in a directory Traefik watches: for each
-//! route a router (`Host(...)` rule) and a load-balancer service of the same name,
-//! `<prefix>_<session>_<route>_<host>`. The file is replaced atomically (a temporary file in
+//! route a router (`Host(...)` rule, with `Path`/`PathPrefix` on whole segments for a route
+//! with a path prefix) and a load-balancer service of the same name,
+//! `<prefix>_<session>_<route>_<host>` (`route_tag`), and for a route that strips its prefix a
+//! `stripPrefix` middleware of that name too. The file is replaced atomically (a temporary file in
 //! `.vessel-tmp/` beside it, then a rename), so Traefik never reads half of it and sees one
 //! change per write. Observe reads it back.
 //!
@@ -146,11 +148,47 @@ pub struct Http {
     pub middlewares: BTreeMap<String, Middleware>,
 }
 
-/// A middleware that does nothing: a chain of none.
-#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+/// A middleware vessel writes: the placeholder (a chain of none, `Middleware::default`) or a
+/// route's `stripPrefix`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Middleware {
-    pub chain: Chain,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain: Option<Chain>,
+    #[serde(
+        rename = "stripPrefix",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub strip_prefix: Option<StripPrefix>,
+}
+
+impl Default for Middleware {
+    /// The placeholder: a chain of none, which does nothing.
+    fn default() -> Self {
+        Middleware {
+            chain: Some(Chain::default()),
+            strip_prefix: None,
+        }
+    }
+}
+
+impl Middleware {
+    /// Take `prefix` off the request's path (Traefik keeps a leading `/` and the query).
+    fn strip(prefix: &str) -> Middleware {
+        Middleware {
+            chain: None,
+            strip_prefix: Some(StripPrefix {
+                prefixes: vec![prefix.to_string()],
+            }),
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StripPrefix {
+    pub prefixes: Vec<String>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -170,6 +208,9 @@ pub struct Router {
     pub priority: Option<u64>,
     #[serde(rename = "entryPoints", default, skip_serializing_if = "Vec::is_empty")]
     pub entry_points: Vec<String>,
+    /// The route's `stripPrefix` middleware, for one that strips its prefix.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub middlewares: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -191,19 +232,33 @@ pub struct Server {
     pub url: String,
 }
 
-/// The Traefik v3 rule that matches `host` (a `*.` wildcard matches one label).
-pub fn rule(host: &str) -> String {
-    match host.strip_prefix("*.") {
+/// The Traefik v3 rule that matches `host` (a `*.` wildcard matches one label), and with a
+/// path prefix, the prefix and everything under it (whole segments).
+pub fn rule(host: &str, path: Option<&str>) -> String {
+    let host = match host.strip_prefix("*.") {
         Some(rest) => format!("HostRegexp(`^[^.]+\\.{}$`)", rest.replace('.', "\\.")),
         None => format!("Host(`{host}`)"),
+    };
+    match path {
+        None => host,
+        Some(p) => format!("{host} && (Path(`{p}`) || PathPrefix(`{p}/`))"),
     }
 }
 
 /// Added to an exact host's router priority: above any wildcard rule's length.
 const EXACT_PRIORITY: u64 = 10_000;
 
-/// A route vessel keeps in the file: host -> (session, route, upstream).
-type Routes = BTreeMap<String, (String, Option<String>, String)>;
+/// The routes vessel keeps in the file, by key (host, or `host/path`).
+type Routes = BTreeMap<String, Kept>;
+
+/// One route vessel keeps in the file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Kept {
+    pub session: String,
+    pub route: Option<String>,
+    pub upstream: String,
+    pub strip_prefix: bool,
+}
 
 /// What one step's route should look like in Traefik once it has loaded the file. Router
 /// names are without Traefik's `@file`.
@@ -268,24 +323,42 @@ impl Traefik {
             what,
         };
         let mut out = Routes::new();
+        // The `stripPrefix` middlewares vessel's routers use, by name.
+        let mut strips = std::collections::BTreeSet::new();
         for (name, router) in &c.http.routers {
             let alien = || foreign(format!("router `{name}`"));
-            let (session, route, host) = parse_route_tag(&self.prefix, name).ok_or_else(alien)?;
+            let t = parse_route_tag(&self.prefix, name).ok_or_else(alien)?;
+            let path = t.path.as_deref();
             let service = c.http.services.get(name).ok_or_else(alien)?;
             let upstream = match service.load_balancer.servers.as_slice() {
                 [s] => s.url.strip_prefix("http://").unwrap_or(&s.url).to_string(),
                 _ => String::new(),
             };
+            let strip_prefix = path.is_some() && !router.middlewares.is_empty();
+            let strip_ok = match path.filter(|_| strip_prefix) {
+                Some(p) => {
+                    strips.insert(name.as_str());
+                    c.http.middlewares.get(name) == Some(&Middleware::strip(p))
+                }
+                None => true,
+            };
             // Anything edited by hand reads as drifted, so the next pass rewrites it.
-            let upstream =
-                if *router == self.router(name, host) && *service == service_for(&upstream) {
-                    upstream
-                } else {
-                    format!("{upstream} (edited outside vessel)")
-                };
+            let upstream = if *router == self.router(name, t.host, path, strip_prefix)
+                && *service == service_for(&upstream)
+                && strip_ok
+            {
+                upstream
+            } else {
+                format!("{upstream} (edited outside vessel)")
+            };
             out.insert(
-                host.to_string(),
-                (session.to_string(), route.map(str::to_string), upstream),
+                crate::model::route_key(t.host, path),
+                Kept {
+                    session: t.session.to_string(),
+                    route: t.route.map(str::to_string),
+                    upstream,
+                    strip_prefix,
+                },
             );
         }
         if let Some(name) = c
@@ -296,19 +369,20 @@ impl Traefik {
         {
             return Err(foreign(format!("service `{name}`")));
         }
-        if let Some((name, _)) = c
-            .http
-            .middlewares
-            .iter()
-            .find(|(n, m)| **n != self.placeholder() || **m != Middleware::default())
-        {
+        if let Some((name, _)) = c.http.middlewares.iter().find(|(n, m)| {
+            let placeholder = **n == self.placeholder() && **m == Middleware::default();
+            let strip = strips.contains(n.as_str()) && m.strip_prefix.is_some();
+            !(placeholder || strip)
+        }) {
             return Err(foreign(format!("middleware `{name}`")));
         }
         Ok(out)
     }
 
-    fn router(&self, name: &str, host: &str) -> Router {
-        let rule = rule(host);
+    /// The router of route `name`. On one host a longer path prefix makes a longer rule, and
+    /// so a higher priority: the longest matching prefix wins.
+    fn router(&self, name: &str, host: &str, path: Option<&str>, strip_prefix: bool) -> Router {
+        let rule = rule(host, path);
         Router {
             priority: Some(if host.starts_with("*.") {
                 rule.len() as u64
@@ -318,6 +392,11 @@ impl Traefik {
             rule,
             service: name.to_string(),
             entry_points: self.entrypoints.clone(),
+            middlewares: if strip_prefix && path.is_some() {
+                vec![name.to_string()]
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -338,12 +417,17 @@ impl Traefik {
                 .middlewares
                 .insert(self.placeholder(), Middleware::default());
         }
-        for (host, (session, route, upstream)) in routes {
-            let name = route_tag(&self.prefix, session, route.as_deref(), host);
-            c.http
-                .routers
-                .insert(name.clone(), self.router(&name, host));
-            c.http.services.insert(name, service_for(upstream));
+        for (key, r) in routes {
+            let (host, path) = crate::model::split_route_key(key);
+            let name = route_tag(&self.prefix, &r.session, r.route.as_deref(), host, path);
+            let router = self.router(&name, host, path, r.strip_prefix);
+            if let (Some(p), true) = (path, r.strip_prefix) {
+                c.http
+                    .middlewares
+                    .insert(name.clone(), Middleware::strip(p));
+            }
+            c.http.routers.insert(name.clone(), router);
+            c.http.services.insert(name, service_for(&r.upstream));
         }
         c
     }
@@ -356,26 +440,33 @@ impl Traefik {
     ) -> Result<BTreeMap<String, Expected>, TraefikError> {
         let mut routes = self.routes(&self.read()?)?;
         let mut expected = BTreeMap::new();
-        for (host, after) in actions.iter().map(|a| a.route_after()) {
-            let before = routes.remove(host);
-            let e = match (after, before) {
+        for a in actions {
+            let (host, path, key) = (a.host(), a.path(), a.key());
+            let before = routes.remove(&key);
+            let e = match (a.after(), before) {
                 (Some(r), _) => {
                     let session = r.session.unwrap_or_default();
                     let e = Expected::Loaded {
-                        router: route_tag(&self.prefix, &session, r.route.as_deref(), host),
-                        rule: rule(host),
+                        router: route_tag(&self.prefix, &session, r.route.as_deref(), host, path),
+                        rule: rule(host, path),
                         url: service_url(&r.upstream),
                     };
-                    routes.insert(host.to_string(), (session, r.route, r.upstream));
+                    let kept = Kept {
+                        session,
+                        route: r.route,
+                        upstream: r.upstream,
+                        strip_prefix: r.strip_prefix,
+                    };
+                    routes.insert(key.clone(), kept);
                     e
                 }
-                (None, Some((s, r, _))) => Expected::Gone {
-                    router: route_tag(&self.prefix, &s, r.as_deref(), host),
+                (None, Some(k)) => Expected::Gone {
+                    router: route_tag(&self.prefix, &k.session, k.route.as_deref(), host, path),
                 },
                 // Removing what the file does not have: nothing for Traefik to do.
                 (None, None) => continue,
             };
-            expected.insert(host.to_string(), e);
+            expected.insert(key, e);
         }
         let text = serde_saphyr::to_string(&self.render(&routes)).map_err(TraefikError::Render)?;
         let text = format!(
@@ -493,22 +584,26 @@ impl Traefik {
         };
         Ok(routes
             .into_iter()
-            .map(|(host, (session, route, upstream))| {
-                let name = route_tag(&self.prefix, &session, route.as_deref(), &host);
+            .map(|(key, k)| {
+                let (host, path) = crate::model::split_route_key(&key);
+                let name = route_tag(&self.prefix, &k.session, k.route.as_deref(), host, path);
+                let upstream = k.upstream;
                 let seen = raw
                     .as_ref()
-                    .map(|raw| raw.seen(&name, &rule(&host), &service_url(&upstream)));
+                    .map(|raw| raw.seen(&name, &rule(host, path), &service_url(&upstream)));
                 let upstream = match seen {
                     None | Some(Seen::Serving) => upstream,
                     Some(Seen::Refused(e)) => format!("{upstream} (refused by Traefik: {e})"),
                     Some(Seen::NotYet) => format!("{upstream} (not loaded by Traefik)"),
                 };
                 ObservedRoute {
-                    host,
+                    host: host.to_string(),
+                    path: path.map(str::to_string),
+                    strip_prefix: k.strip_prefix,
                     upstream,
                     owned: true,
-                    session: Some(session),
-                    route,
+                    session: Some(k.session),
+                    route: k.route,
                 }
             })
             .collect())
@@ -649,14 +744,12 @@ impl ProxyProvider for Traefik {
             actions
                 .iter()
                 .map(|a| {
-                    let host = a.host();
-                    {
-                        let outcome = match &outcomes {
-                            Err(e) => Err(e.clone()),
-                            Ok(by_host) => by_host.get(host).cloned().unwrap_or(Ok(())),
-                        };
-                        outcome.map_err(|e| ProviderError::caused("route", host, e))
-                    }
+                    let key = a.key();
+                    let outcome = match &outcomes {
+                        Err(e) => Err(e.clone()),
+                        Ok(by_key) => by_key.get(&key).cloned().unwrap_or(Ok(())),
+                    };
+                    outcome.map_err(|e| ProviderError::caused("route", &key, e))
                 })
                 .collect()
         })
@@ -680,10 +773,14 @@ mod tests {
 
     #[test]
     fn rules() {
-        assert_eq!(rule("a.localhost"), "Host(`a.localhost`)");
+        assert_eq!(rule("a.localhost", None), "Host(`a.localhost`)");
         assert_eq!(
-            rule("*.dev.example"),
+            rule("*.dev.example", None),
             "HostRegexp(`^[^.]+\\.dev\\.example$`)"
+        );
+        assert_eq!(
+            rule("a.localhost", Some("/p/q")),
+            "Host(`a.localhost`) && (Path(`/p/q`) || PathPrefix(`/p/q/`))"
         );
     }
 
@@ -699,9 +796,27 @@ mod tests {
         let mut routes = Routes::new();
         routes.insert(
             "a.localhost".into(),
-            ("a".into(), None, "127.0.0.1:1".into()),
+            Kept {
+                session: "a".into(),
+                route: None,
+                upstream: "127.0.0.1:1".into(),
+                strip_prefix: false,
+            },
         );
         assert!(t.render(&routes).http.middlewares.is_empty());
+        // A route that strips its prefix has a middleware of its own, which reads back.
+        routes.insert(
+            "a.localhost/p".into(),
+            Kept {
+                session: "a".into(),
+                route: Some("p".into()),
+                upstream: "127.0.0.1:2".into(),
+                strip_prefix: true,
+            },
+        );
+        let both = t.render(&routes);
+        assert_eq!(both.http.middlewares.len(), 1);
+        assert_eq!(t.routes(&both).ok(), Some(routes.clone()));
         let mut other = empty.clone();
         other
             .http
@@ -763,8 +878,12 @@ mod tests {
     #[test]
     fn exact_hosts_outrank_wildcards() {
         let t = Traefik::new(&config("f.yml")).expect("provider");
-        let wild = t.router("w", "*.dev.example");
-        let exact = t.router("e", "a-very-long-session-name.dev.example");
+        let wild = t.router("w", "*.dev.example", None, false);
+        let exact = t.router("e", "a-very-long-session-name.dev.example", None, false);
         assert!(exact.priority > wild.priority, "{exact:?} {wild:?}");
+        let root = t.router("r", "p.localhost", None, false);
+        let short = t.router("s", "p.localhost", Some("/a"), false);
+        let long = t.router("l", "p.localhost", Some("/a/b"), true);
+        assert!(long.priority > short.priority && short.priority > root.priority);
     }
 }
