@@ -73,12 +73,16 @@ impl Planner<'_> {
                                 object: obj(),
                                 after: Object::Session(r.session.to_string()),
                             });
-                            self.pending_route(host, key);
+                            if r.dns {
+                                self.pending_route(host, key);
+                            }
                         } else if have.is_none() {
                             // Asleep or stopped with no address: nothing to route to until it
                             // runs.
                             self.hold(obj(), HoldReason::NoAddress);
-                            self.pending_route(host, key);
+                            if r.dns {
+                                self.pending_route(host, key);
+                            }
                         }
                         continue;
                     };
@@ -144,10 +148,11 @@ impl Planner<'_> {
     }
 
     /// The route `key` on `host` waits (or has no address): the host's record waits for it.
+    /// Only routes with `dns: true` are noted: only their hosts have records.
     fn pending_route(&mut self, host: &str, key: &str) {
         self.route_pending
             .entry(host.to_string())
-            .or_insert_with(|| key.to_string());
+            .or_insert_with(|| (key != host).then(|| key.to_string()));
     }
 
     pub(super) fn records(&mut self) {
@@ -207,6 +212,7 @@ impl Planner<'_> {
                         self.route_pending
                             .get(name.as_str())
                             .cloned()
+                            .flatten()
                             .unwrap_or_else(|| name.clone()),
                     );
                     self.out.deferred.push(Deferred {
