@@ -119,6 +119,7 @@ fn settings(watched: &Path, api: Option<u16>) -> TraefikConfig {
         api: api.map(|p| format!("http://127.0.0.1:{p}")),
         confirm_within: vessel::model::Duration::from_secs(10),
         tls: None,
+        wake_listen: None,
     }
 }
 
@@ -148,15 +149,7 @@ fn traefik(
 
 fn caddy(dir: &Path) -> (Caddy, CaddyProvider, SocketAddr) {
     let (admin, listen) = (free_port(), free_port());
-    let base = serde_json::json!({
-        "admin": {"listen": format!("127.0.0.1:{admin}")},
-        "logging": {"logs": {"default": {"level": "WARN"}}},
-        "apps": {"http": {"servers": {"vessel": {
-            "listen": [format!("127.0.0.1:{listen}")],
-            "automatic_https": {"disable": true},
-            "routes": []
-        }}}}
-    });
+    let base = servers::caddy_with_empty_server(admin, listen);
     let server = Caddy::start(dir, admin, &base.to_string());
     let p = CaddyProvider::new(
         &format!("http://127.0.0.1:{admin}"),

@@ -717,7 +717,9 @@ fn apply_cmd(
         let state = crate::state::StateDir::open(&config.state_dir)?;
         let _lock = state.lock()?;
         let providers = crate::providers::Providers::new(&config.providers, &config.provider_env())?;
-        if providers.embedded.is_some() {
+        if config.providers.proxy.wake_listen().is_some() {
+            eprintln!("note: the routes go through vessel's wake listener, which serves only while vessel runs; `vessel run` keeps it up");
+        } else if providers.embedded.is_some() {
             eprintln!("note: the embedded proxy serves routes only while vessel runs; `vessel run` keeps them up");
         }
         // Show the plan first.

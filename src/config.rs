@@ -575,6 +575,7 @@ mod tests {
             listen: Vec::new(),
             id_prefix: "vessel".into(),
             tls: tls("caddy-ca.pem"),
+            wake_listen: None,
         };
         c.providers.dns = DnsConfig::Powerdns {
             api: "https://pdns:8081".into(),
@@ -603,6 +604,7 @@ mod tests {
             api: Some("https://traefik:8081".into()),
             confirm_within: Duration::from_secs(10),
             tls: tls("traefik-ca.pem"),
+            wake_listen: None,
         };
         c.providers.proxy = ProxyConfig::Traefik(t.clone());
         c.rebase(Path::new("/etc/vessel"));

@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ProxyConfig};
+use crate::config::Config;
 use crate::listeners::Limits;
 use crate::listeners::fds::{self, FileBudget};
 use crate::providers::{Providers, SetupError};
@@ -63,6 +63,8 @@ pub enum DaemonError {
 pub struct Handle {
     pub published: crate::reconcile::Published,
     pub proxy_addr: Option<SocketAddr>,
+    /// The wake-and-activity listener Caddy or Traefik forwards to (`wake_listen`).
+    pub wake_addr: Option<SocketAddr>,
     pub status_addr: Option<SocketAddr>,
 }
 
@@ -122,23 +124,29 @@ pub async fn run(
         });
     }
 
-    let mut proxy_addr = None;
-    if let (Some(proxy), ProxyConfig::Embedded { listen }) =
-        (&providers.embedded, &config.providers.proxy)
+    // vessel's own proxy: the embedded one, or the wake listener Caddy or Traefik forwards to.
+    let mut served_addr = None;
+    if let (Some(proxy), Some(listen)) =
+        (&providers.embedded, config.providers.proxy.served_listen())
     {
         let listen_err = |source| DaemonError::Listen {
-            addr: *listen,
+            addr: listen,
             source,
         };
         let listener = std::net::TcpListener::bind(listen).map_err(listen_err)?;
-        proxy_addr = listener.local_addr().ok();
+        served_addr = listener.local_addr().ok();
         // A thread per core, each with its own runtime and upstream pool (as nginx has a worker
         // per core): a request and its upstream connection never cross threads.
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2);
+        let mut limits = Limits::new(&config.listeners, budget.proxy);
+        if config.providers.proxy.wake_listen().is_some() {
+            // Every connection comes from the proxy in front: one client, the whole bound.
+            limits.per_client = limits.max_connections;
+        }
         let serving = crate::proxy::Serving {
-            limits: Limits::new(&config.listeners, budget.proxy),
+            limits,
             upstream_header_timeout: crate::listeners::timeout(
                 config.listeners.upstream_header_timeout,
             ),
@@ -147,8 +155,12 @@ pub async fn run(
         proxy
             .serve_threads(listener, threads, serving, cancel.clone())
             .map_err(listen_err)?;
-        tracing::info!(listen = %proxy_addr.map(|a| a.to_string()).unwrap_or_default(), threads, "proxy listening");
+        tracing::info!(listen = %served_addr.map(|a| a.to_string()).unwrap_or_default(), threads, "proxy listening");
     }
+    let (proxy_addr, wake_addr) = match config.providers.proxy.wake_listen() {
+        Some(_) => (None, served_addr),
+        None => (served_addr, None),
+    };
 
     let token = match &config.status.token {
         Some(t) => Some(t.resolve().map_err(DaemonError::Token)?),
@@ -314,6 +326,7 @@ pub async fn run(
         let _ = ready.send(Handle {
             published: reconciler.published(),
             proxy_addr,
+            wake_addr,
             status_addr,
         });
     }
@@ -402,7 +415,7 @@ fn file_budget(config: &Config) -> FileBudget {
             limit
         }
     };
-    let proxy = matches!(config.providers.proxy, ProxyConfig::Embedded { .. });
+    let proxy = config.providers.proxy.served_listen().is_some();
     let webhook =
         matches!(&config.source, crate::config::SourceConfig::Git(g) if g.webhook.is_some());
     let b = FileBudget::split(limit, &config.listeners.max_connections, proxy, webhook);

@@ -17,7 +17,7 @@ use crate::model::observed::{Observed, ProviderId};
 
 use super::compute::{ComputeProvider, ComputeProviders};
 use super::dns::{DnsConfig, DnsProvider, hosts, powerdns};
-use super::proxy::{ProxyConfig, ProxyProvider, caddy, embedded, traefik};
+use super::proxy::{ProxyConfig, ProxyProvider, caddy, embedded, fronted, traefik};
 use super::{ProviderError, chain};
 
 /// The `providers:` section of the config.
@@ -47,7 +47,9 @@ pub struct Providers {
     pub compute: BTreeMap<ComputeKind, Arc<dyn ComputeProvider>>,
     pub proxy: Arc<dyn ProxyProvider>,
     pub dns: Option<Arc<dyn DnsProvider>>,
-    /// The embedded proxy, when it is the proxy provider (the daemon serves it).
+    /// vessel's own proxy, which the daemon serves: the embedded proxy when it is the proxy
+    /// provider, or the wake listener's when Caddy or Traefik is in front of one
+    /// (`wake_listen`). It holds requests for sleeping sessions and counts activity.
     pub embedded: Option<crate::proxy::Proxy>,
     pub observe_timeout: Duration,
     /// One lock per session, taken by session steps and by the lifecycle's sleeps and wakes.
@@ -91,17 +93,18 @@ impl ProvidersConfig {
 
 impl Providers {
     /// The providers `config` names, for a process that is not the daemon (`vessel plan`):
-    /// the embedded proxy's table lives in the daemon, so it is reported as unobservable.
+    /// the embedded proxy's table lives in the daemon, so it is reported as unobservable; in
+    /// front of the wake listener, the inner routes are read from the daemon's last snapshot.
     pub fn for_planning(config: &ProvidersConfig, env: &Env) -> Result<Providers, SetupError> {
-        let mut p = Providers::new(config, env)?;
-        if let Some(proxy) = p.embedded.take() {
-            p.proxy = Arc::new(embedded::EmbeddedProxy::outside_daemon(proxy));
-        }
-        Ok(p)
+        Providers::build(config, env, false)
     }
 
     /// The providers `config` names.
     pub fn new(config: &ProvidersConfig, env: &Env) -> Result<Providers, SetupError> {
+        Providers::build(config, env, true)
+    }
+
+    fn build(config: &ProvidersConfig, env: &Env, daemon: bool) -> Result<Providers, SetupError> {
         let mut compute: BTreeMap<ComputeKind, Arc<dyn ComputeProvider>> = BTreeMap::new();
         for (kind, c) in config.compute.each() {
             compute.insert(kind, c.build(env)?);
@@ -109,7 +112,12 @@ impl Providers {
         let (proxy, embedded): (Arc<dyn ProxyProvider>, _) = match &config.proxy {
             ProxyConfig::Embedded { .. } => {
                 let p = crate::proxy::Proxy::default();
-                (Arc::new(embedded::EmbeddedProxy::new(p.clone())), Some(p))
+                let provider = if daemon {
+                    embedded::EmbeddedProxy::new(p.clone())
+                } else {
+                    embedded::EmbeddedProxy::outside_daemon(p.clone())
+                };
+                (Arc::new(provider), daemon.then_some(p))
             }
             ProxyConfig::Caddy {
                 admin,
@@ -117,6 +125,7 @@ impl Providers {
                 listen,
                 id_prefix,
                 tls,
+                ..
             } => (
                 Arc::new(caddy::Caddy::new(
                     admin,
@@ -128,6 +137,20 @@ impl Providers {
                 None,
             ),
             ProxyConfig::Traefik(t) => (Arc::new(traefik::Traefik::new(t)?), None),
+        };
+        // Caddy or Traefik in front of the wake listener: vessel's own proxy serves there.
+        let (proxy, embedded): (Arc<dyn ProxyProvider>, _) = match config.proxy.wake_listen() {
+            Some(wake) if daemon => {
+                let p = crate::proxy::Proxy::default();
+                let inner = fronted::Inner::Live(p.clone());
+                (Arc::new(fronted::Fronted::new(proxy, inner, wake)), Some(p))
+            }
+            Some(wake) => {
+                // `StateDir::observed_path` (the state module imports the providers, not back).
+                let inner = fronted::Inner::Snapshot(env.state_dir.join("observed.json"));
+                (Arc::new(fronted::Fronted::new(proxy, inner, wake)), None)
+            }
+            None => (proxy, embedded),
         };
         let dns: Option<Arc<dyn DnsProvider>> = match &config.dns {
             DnsConfig::None => None,

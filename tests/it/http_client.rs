@@ -352,6 +352,7 @@ fn the_api_providers_take_their_tls_setting() {
             api: Some(format!("https://127.0.0.1:{traefik_port}")),
             confirm_within: vessel::model::Duration::from_secs(1),
             tls: pin(p.to_string()),
+            wake_listen: None,
         })
         .expect("traefik provider")
     };

@@ -28,6 +28,7 @@ mod planner_props;
 mod podman_support;
 mod proxy;
 mod proxy_caddy;
+mod proxy_fronted;
 mod proxy_traefik;
 mod reconciler;
 mod registry;

@@ -242,6 +242,7 @@ fn path_routes_through_traefik() {
             api: Some(format!("http://127.0.0.1:{}", traefik.api)),
             confirm_within: vessel::model::Duration::from_secs(10),
             tls: None,
+            wake_listen: None,
         })
         .expect("provider");
     let rt = runtime();

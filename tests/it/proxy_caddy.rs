@@ -15,7 +15,7 @@ use crate::servers::{Caddy, PDNS_KEY, Pdns};
 const LIMIT: Duration = Duration::from_secs(20);
 
 /// Caddy with a foreign route in vessel's server, a foreign server, and other settings.
-fn base_config(admin: u16, listen: u16, other: u16) -> Value {
+pub(crate) fn base_config(admin: u16, listen: u16, other: u16) -> Value {
     json!({
         "admin": {"listen": format!("127.0.0.1:{admin}")},
         "logging": {"logs": {"default": {"level": "WARN"}}},

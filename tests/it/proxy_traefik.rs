@@ -164,6 +164,7 @@ fn settings(file: &Path, api: Option<u16>) -> TraefikConfig {
         api: api.map(|p| format!("http://127.0.0.1:{p}")),
         confirm_within: vessel::model::Duration::from_secs(10),
         tls: None,
+        wake_listen: None,
     }
 }
 

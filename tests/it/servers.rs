@@ -62,6 +62,20 @@ impl Drop for Caddy {
     }
 }
 
+/// A Caddy config with its admin API on 127.0.0.1:`admin` and one server, `vessel`, on
+/// 127.0.0.1:`listen`, plain HTTP, with no routes.
+pub fn caddy_with_empty_server(admin: u16, listen: u16) -> serde_json::Value {
+    serde_json::json!({
+        "admin": {"listen": format!("127.0.0.1:{admin}")},
+        "logging": {"logs": {"default": {"level": "WARN"}}},
+        "apps": {"http": {"servers": {"vessel": {
+            "listen": [format!("127.0.0.1:{listen}")],
+            "automatic_https": {"disable": true},
+            "routes": []
+        }}}}
+    })
+}
+
 impl Caddy {
     /// Caddy running `config` (JSON; its `admin.listen` must be 127.0.0.1:`admin`).
     pub fn start(dir: &Path, admin: u16, config: &str) -> Caddy {

@@ -36,6 +36,11 @@ pub enum ProxyConfig {
         /// How to trust an `https://` admin API.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tls: Option<TlsConfig>,
+        /// vessel's wake-and-activity listener, such as `127.0.0.1:8090`. When set, every
+        /// route in Caddy points at this address (Host kept), and vessel forwards from there to
+        /// the session: so sessions behind Caddy sleep when idle and a request wakes them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wake_listen: Option<SocketAddr>,
     },
     /// Traefik, through its file provider: vessel owns one dynamic-configuration file.
     Traefik(TraefikConfig),
@@ -67,6 +72,11 @@ pub struct TraefikConfig {
     /// How to trust an `https://` `api`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
+    /// vessel's wake-and-activity listener, such as `127.0.0.1:8090`. When set, every router's
+    /// service points at this address (Host kept), and vessel forwards from there to the
+    /// session: so sessions behind Traefik sleep when idle and a request wakes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wake_listen: Option<SocketAddr>,
 }
 
 fn default_traefik_confirm() -> Duration {
@@ -90,6 +100,25 @@ fn default_proxy_listen() -> SocketAddr {
 }
 
 impl ProxyConfig {
+    /// Where the daemon serves vessel's own proxy: the embedded proxy's `listen`, or the wake
+    /// listener in front of which Caddy or Traefik sits (None: vessel serves no proxy).
+    pub fn served_listen(&self) -> Option<SocketAddr> {
+        match self {
+            ProxyConfig::Embedded { listen } => Some(*listen),
+            ProxyConfig::Caddy { wake_listen, .. } => *wake_listen,
+            ProxyConfig::Traefik(t) => t.wake_listen,
+        }
+    }
+
+    /// The wake listener's address, when Caddy or Traefik forwards to one.
+    pub fn wake_listen(&self) -> Option<SocketAddr> {
+        match self {
+            ProxyConfig::Embedded { .. } => None,
+            ProxyConfig::Caddy { wake_listen, .. } => *wake_listen,
+            ProxyConfig::Traefik(t) => t.wake_listen,
+        }
+    }
+
     /// Make relative paths relative to `base` (the config file's directory).
     pub fn rebase(&mut self, base: &std::path::Path) {
         let tls = match self {

@@ -66,24 +66,26 @@ impl ProxyProvider for EmbeddedProxy {
         &'a self,
         actions: &'a [&'a RouteAction],
     ) -> BoxFut<'a, Vec<Result<(), ProviderError>>> {
-        let changes: Vec<RouteChange> = actions
-            .iter()
-            .map(|a| match a.after() {
-                Some(r) => RouteChange::Upsert {
-                    host: a.key(),
-                    route: Route {
-                        upstream: r.upstream,
-                        session: r.session.unwrap_or_default(),
-                        route: r.route,
-                        ready: true,
-                        strip_prefix: r.strip_prefix,
-                    },
-                },
-                None => RouteChange::Remove { host: a.key() },
-            })
-            .collect();
+        let changes: Vec<RouteChange> = actions.iter().map(|a| route_change(a)).collect();
         let results = actions.iter().map(|_| Ok(())).collect();
         self.proxy.apply(&changes);
         Box::pin(async move { results })
+    }
+}
+
+/// What a route step does to vessel's own proxy's table.
+pub(crate) fn route_change(a: &RouteAction) -> RouteChange {
+    match a.after() {
+        Some(r) => RouteChange::Upsert {
+            host: a.key(),
+            route: Route {
+                upstream: r.upstream,
+                session: r.session.unwrap_or_default(),
+                route: r.route,
+                ready: true,
+                strip_prefix: r.strip_prefix,
+            },
+        },
+        None => RouteChange::Remove { host: a.key() },
     }
 }

@@ -1,10 +1,12 @@
 //! Proxy providers: routes host -> session port. `embedded` (vessel's own proxy), `caddy` (its
-//! admin API), `traefik` (its file provider). Route steps come in batches: one table swap or
+//! admin API), `traefik` (its file provider); `fronted` puts Caddy or Traefik in front of
+//! vessel's wake-and-activity listener. Route steps come in batches: one table swap or
 //! config write per batch. Proxies without labels mark vessel's routes by name (`route_tag`).
 
 pub mod caddy;
 mod config;
 pub mod embedded;
+pub mod fronted;
 pub mod traefik;
 
 pub use config::{ProxyConfig, TraefikConfig};

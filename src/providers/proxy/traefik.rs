@@ -768,6 +768,7 @@ mod tests {
             api: None,
             confirm_within: crate::model::Duration::from_secs(1),
             tls: None,
+            wake_listen: None,
         }
     }
 
