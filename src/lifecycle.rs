@@ -782,6 +782,17 @@ impl Lifecycle {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(tick) => {}
             }
+            // Nothing that can fall asleep by idleness runs: no activity to read (the default
+            // has no idle timeouts, and costs nothing here).
+            let any = {
+                let st = self.state();
+                st.running
+                    .iter()
+                    .any(|n| st.specs.get(n).is_some_and(|s| s.idle_timeout.is_some()))
+            };
+            if !any {
+                continue;
+            }
             for name in self.idle_now(&self.activity(), now_ms()) {
                 let lc = self.clone();
                 tokio::spawn(async move {
