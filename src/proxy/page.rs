@@ -41,6 +41,16 @@ fn page(status: StatusCode, title: &str, detail: &str) -> Response<Body> {
     r
 }
 
+/// A 503 page with `Retry-After` (seconds).
+fn unavailable(title: &str, detail: &str, retry_after: &'static str) -> Response<Body> {
+    let mut r = page(StatusCode::SERVICE_UNAVAILABLE, title, detail);
+    r.headers_mut().insert(
+        header::RETRY_AFTER,
+        header::HeaderValue::from_static(retry_after),
+    );
+    r
+}
+
 pub fn not_found(host: &str) -> Response<Body> {
     page(
         StatusCode::NOT_FOUND,
@@ -67,18 +77,15 @@ pub fn bad_gateway(host: &str, route: &Route, error: &str) -> Response<Body> {
 }
 
 pub fn not_ready(host: &str, session: &str) -> Response<Body> {
-    let mut r = page(
-        StatusCode::SERVICE_UNAVAILABLE,
+    unavailable(
         "Session starting",
         &format!(
             "Session <code>{}</code> for <code>{}</code> is not ready yet. Try again in a moment.",
             escape(session),
             escape(host)
         ),
-    );
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("2"));
-    r
+        "2",
+    )
 }
 
 /// A request vessel will not pass on, and why. The connection closes after it: whatever
@@ -117,48 +124,39 @@ pub fn connect_refused() -> Response<Body> {
 
 /// Too many requests are already waiting for sessions to wake: this one is not held.
 pub fn too_many_waiting(host: &str, session: &str) -> Response<Body> {
-    let mut r = page(
-        StatusCode::SERVICE_UNAVAILABLE,
+    unavailable(
         "Session waking up",
         &format!(
             "Session <code>{}</code> for <code>{}</code> is waking up, and too many requests are already waiting. Try again in a moment.",
             escape(session),
             escape(host)
         ),
-    );
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("2"));
-    r
+        "2",
+    )
 }
 
 /// For a browser's navigation while its session wakes: a page that reloads itself.
 pub fn waking(host: &str, session: &str) -> Response<Body> {
-    let mut r = page(
-        StatusCode::SERVICE_UNAVAILABLE,
+    unavailable(
         "Waking up",
         &format!(
             "Session <code>{}</code> for <code>{}</code> was asleep and is waking up. This page reloads by itself.<script>setTimeout(()=>location.reload(),1000)</script>",
             escape(session),
             escape(host)
         ),
-    );
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-    r
+        "1",
+    )
 }
 
 /// Its session cannot wake: the caps on running sessions are reached and none can sleep.
 pub fn platform_full(host: &str, session: &str) -> Response<Body> {
-    let mut r = page(
-        StatusCode::SERVICE_UNAVAILABLE,
+    unavailable(
         "The platform is full",
         &format!(
             "Session <code>{}</code> for <code>{}</code> is asleep, and cannot wake now: as many sessions run as the platform allows, and every one of them is in use. Try again later.",
             escape(session),
             escape(host)
         ),
-    );
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("30"));
-    r
+        "30",
+    )
 }
