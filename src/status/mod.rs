@@ -483,7 +483,12 @@ async fn index(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response 
         return r;
     }
     let (snap, waiting) = st.published.latest();
-    let html = page::render(&snap, waiting, &st.ctx, &now, &tag);
+    let life = st
+        .lifecycle
+        .as_ref()
+        .map(crate::lifecycle::Lifecycle::view)
+        .unwrap_or_default();
+    let html = page::render(&snap, waiting, &st.ctx, &now, &tag, &life);
     let mut r = respond(StatusCode::OK, "text/html; charset=utf-8", st.redact(html));
     r.headers_mut().insert(header::ETAG, etag);
     r

@@ -53,6 +53,7 @@ pub fn render(
     ctx: &Context,
     now: &Activity,
     etag: &str,
+    life: &std::collections::BTreeMap<String, crate::lifecycle::SessionLife>,
 ) -> String {
     let st = view::status(s, source_changed);
     let mut h = String::new();
@@ -133,7 +134,22 @@ pub fn render(
                 ),
                 (None, d) => esc(d.as_deref().unwrap_or("(removed)")),
             },
-            esc(sv.observed_state.as_deref().unwrap_or("(absent)")),
+            esc(sv.observed_state.as_deref().unwrap_or("(absent)"))
+                + &life
+                    .get(&sv.name)
+                    .filter(|l| l.state != "awake")
+                    .map(|l| {
+                        let since = l
+                            .asleep_since
+                            .map(|t| format!(" since {}", t.format("%H:%M:%S UTC")))
+                            .unwrap_or_default();
+                        let why = l
+                            .sleep_reason
+                            .map(|r| format!(" ({})", r.as_str()))
+                            .unwrap_or_default();
+                        format!("<br><span class=busy>{}{why}{since}</span>", esc(&l.state))
+                    })
+                    .unwrap_or_default(),
             conds.join("<br>")
                 + &sv
                     .activity

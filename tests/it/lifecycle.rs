@@ -110,6 +110,9 @@ fn an_idle_session_sleeps_on_time_and_the_next_request_wakes_it_with_the_right_a
         .expect("status");
     assert_eq!(st["converged"], true, "{st}");
     assert_eq!(st["lifecycle"]["asleep"], 1, "{st}");
+    // The status page says so too.
+    let page = get(d.status, "status", "/").expect("the page").1;
+    assert!(page.contains("asleep (idle) since"), "{page}");
     // The next request gets the right answer, not an error page, and the work is there.
     let t = Instant::now();
     assert_eq!(
