@@ -123,12 +123,16 @@ impl Daemon {
         }
         let child = cmd.spawn().expect("vessel runs");
         self.child = Some(child);
+        // Both listeners (the status endpoint binds a moment after the proxy).
         if wait_for(Duration::from_secs(15), || {
-            TcpStream::connect(self.proxy).is_ok()
+            TcpStream::connect(self.proxy).is_ok() && TcpStream::connect(self.status).is_ok()
         })
         .is_none()
         {
-            panic!("the proxy does not listen; vessel's log:\n{}", self.log());
+            panic!(
+                "the proxy or the status endpoint does not listen; vessel's log:\n{}",
+                self.log()
+            );
         }
     }
 
