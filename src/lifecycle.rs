@@ -445,7 +445,7 @@ impl Lifecycle {
                         e.1 = Some(took.as_millis() as u64);
                         e.2 = None;
                     }
-                    Err(err) => e.2 = Some(err.clone()),
+                    Err(err) => e.2 = Some(crate::error_chain(err)),
                 }
             }
             match result {
@@ -463,14 +463,14 @@ impl Lifecycle {
                         .counters
                         .wake_failures
                         .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%session, "cannot wake: {e}");
+                    tracing::warn!(%session, "cannot wake: {}", crate::error_chain(&e));
                 }
             }
             lc.poke();
         });
     }
 
-    async fn wake_now(&self, session: &str) -> Result<(), String> {
+    async fn wake_now(&self, session: &str) -> Result<(), LifecycleError> {
         let _lock = self.inner.locks.lock(session).await;
         let (spec, before) = {
             let st = self.state();
@@ -485,7 +485,7 @@ impl Lifecycle {
         };
         let provider_kind = spec.provider;
         let Some(p) = self.inner.compute.get(&provider_kind).cloned() else {
-            return Err(format!("no {} provider", provider_kind.as_str()));
+            return Err(LifecycleError::NoProvider(provider_kind.as_str()));
         };
         if let Err(full) = self.make_room(session).await {
             if let Some(px) = &self.inner.proxy {
@@ -500,9 +500,7 @@ impl Lifecycle {
             session: session.to_string(),
             provider: provider_kind,
         };
-        bounded(Duration::from_secs(120), p.apply(&start))
-            .await
-            .map_err(|e| format!("start: {e}"))?;
+        bounded("start", Duration::from_secs(120), p.apply(&start)).await?;
         if let Some(port) = &spec.health_port {
             let wait = SessionAction::WaitHealthy {
                 session: session.to_string(),
@@ -516,9 +514,7 @@ impl Lifecycle {
                 .and_then(|h| h.timeout)
                 .map(|t| t.std())
                 .unwrap_or(Duration::from_secs(60));
-            bounded(limit + Duration::from_secs(1), p.apply(&wait))
-                .await
-                .map_err(|e| format!("health: {e}"))?;
+            bounded("health", limit + Duration::from_secs(1), p.apply(&wait)).await?;
         }
         // Ports may have moved (a container started again publishes anew).
         let mut moved = HashMap::new();
@@ -555,7 +551,7 @@ impl Lifecycle {
     /// Room for `session` under the caps: at a cap, the least recently active session that
     /// can sleep (of the same owner, for the per-owner cap) is put to sleep first. Err when
     /// none can.
-    async fn make_room(&self, session: &str) -> Result<(), String> {
+    async fn make_room(&self, session: &str) -> Result<(), LifecycleError> {
         for _ in 0..4 {
             let victim = {
                 let st = self.state();
@@ -612,19 +608,21 @@ impl Lifecycle {
                     .cloned()
             };
             let Some(victim) = victim else {
-                return Err(
-                    "the platform is full: every running session is in use and none can sleep"
-                        .into(),
-                );
+                return Err(LifecycleError::Full);
             };
-            self.sleep(&victim, SleepReason::Cap).await?;
+            self.sleep(&victim, SleepReason::Cap).await.map_err(|e| {
+                LifecycleError::MakingRoom {
+                    session: victim.clone(),
+                    source: Box::new(e),
+                }
+            })?;
         }
-        Err("the platform is full: no room after putting sessions to sleep".into())
+        Err(LifecycleError::Full)
     }
 
     /// A marked session the lifecycle no longer looks after (declared `running` without an
     /// idle timeout now): started, unmarked, served.
-    async fn wake_unmanaged(&self, session: &str) -> Result<(), String> {
+    async fn wake_unmanaged(&self, session: &str) -> Result<(), LifecycleError> {
         if !self.state().marks.asleep.contains_key(session) {
             return Ok(());
         }
@@ -633,7 +631,7 @@ impl Lifecycle {
                 session: session.to_string(),
                 provider: p.kind(),
             };
-            if bounded(Duration::from_secs(120), p.apply(&start))
+            if bounded("start", Duration::from_secs(120), p.apply(&start))
                 .await
                 .is_ok()
             {
@@ -653,7 +651,7 @@ impl Lifecycle {
     }
 
     /// Put a session to sleep now, for `reason`.
-    pub async fn sleep(&self, session: &str, reason: SleepReason) -> Result<(), String> {
+    pub async fn sleep(&self, session: &str, reason: SleepReason) -> Result<(), LifecycleError> {
         {
             let mut st = self.state();
             if st.waking.contains(session)
@@ -675,13 +673,13 @@ impl Lifecycle {
                 };
                 tracing::info!(%session, reason = reason.as_str(), "asleep");
             }
-            Err(e) => tracing::warn!(%session, "cannot put to sleep: {e}"),
+            Err(e) => tracing::warn!(%session, "cannot put to sleep: {}", crate::error_chain(e)),
         }
         self.poke();
         r
     }
 
-    async fn sleep_now(&self, session: &str, reason: SleepReason) -> Result<(), String> {
+    async fn sleep_now(&self, session: &str, reason: SleepReason) -> Result<(), LifecycleError> {
         let _lock = self.inner.locks.lock(session).await;
         let Some(spec) = self.state().specs.get(session).cloned() else {
             return Ok(());
@@ -690,7 +688,7 @@ impl Lifecycle {
             return Ok(());
         }
         let Some(p) = self.inner.compute.get(&spec.provider).cloned() else {
-            return Err(format!("no {} provider", spec.provider.as_str()));
+            return Err(LifecycleError::NoProvider(spec.provider.as_str()));
         };
         // Marked first (see the module's doc), then held, then put to sleep.
         {
@@ -709,7 +707,7 @@ impl Lifecycle {
         }
         self.proxy_asleep(session, true, &HashMap::new());
         let r = match spec.depth {
-            SleepDepth::Pause => bounded(Duration::from_secs(30), p.pause(session)).await,
+            SleepDepth::Pause => bounded("pause", Duration::from_secs(30), p.pause(session)).await,
             SleepDepth::Stop => {
                 let stop = SessionAction::StopSession {
                     session: session.to_string(),
@@ -721,7 +719,7 @@ impl Lifecycle {
                     .map(|t| t.std())
                     .unwrap_or(Duration::from_secs(10))
                     + Duration::from_secs(30);
-                bounded(limit, p.apply(&stop)).await
+                bounded("stop", limit, p.apply(&stop)).await
             }
         };
         if let Err(e) = r {
@@ -837,13 +835,38 @@ impl Lifecycle {
     }
 }
 
+/// Why a sleep or a wake did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error("no {0} provider is configured")]
+    NoProvider(&'static str),
+    #[error("{step}")]
+    Step {
+        step: &'static str,
+        #[source]
+        source: crate::providers::ProviderError,
+    },
+    #[error("{step}: no answer within {} s", .limit.as_secs())]
+    TimedOut { step: &'static str, limit: Duration },
+    #[error("the platform is full: every running session is in use and none can sleep")]
+    Full,
+    #[error("putting {session} to sleep to make room")]
+    MakingRoom {
+        session: String,
+        #[source]
+        source: Box<LifecycleError>,
+    },
+}
+
+/// Run one provider call of `step` within `limit`.
 async fn bounded(
+    step: &'static str,
     limit: Duration,
     f: impl std::future::Future<Output = Result<(), crate::providers::ProviderError>>,
-) -> Result<(), String> {
+) -> Result<(), LifecycleError> {
     match tokio::time::timeout(limit, f).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(crate::error_chain(&e)),
-        Err(_) => Err(format!("no answer within {} s", limit.as_secs())),
+        Ok(Err(source)) => Err(LifecycleError::Step { step, source }),
+        Err(_) => Err(LifecycleError::TimedOut { step, limit }),
     }
 }
