@@ -75,11 +75,13 @@ fn main() {
             host: "{session}.{domain}".into(),
             port: "ide".into(),
             dns: true,
+            waking_page: None,
         },
         RouteTemplate {
             host: "{port}-{session}.{domain}".into(),
             port: "*".into(),
             dns: false,
+            waking_page: None,
         },
     ];
     policy.dns = Some((RecordType::A, "192.0.2.1".into()));

@@ -116,6 +116,17 @@ fn wakes(d: &Daemon, name: &str) -> Vec<Duration> {
     out
 }
 
+/// With `WAKE_BENCH_LOGS=DIR`, the daemon's log is kept as `DIR/<label>.log` (run with
+/// `VESSEL_LOG=vessel=debug` for each wake's steps).
+fn keep_log(d: &Daemon, label: &str) {
+    if let Some(dir) = std::env::var_os("WAKE_BENCH_LOGS") {
+        let _ = std::fs::copy(
+            d.dir.path().join("vessel.log"),
+            Path::new(&dir).join(format!("{label}.log")),
+        );
+    }
+}
+
 /// The floor for a process: the same command started by hand, until it answers.
 fn process_floor(root: &Path) -> Vec<Duration> {
     (0..WAKES)
@@ -217,6 +228,7 @@ fn main() {
     for depth in ["stop", "pause"] {
         let d = daemon(&compute, &process_plan(depth), &["alice"]);
         let mut v = wakes(&d, "alice");
+        keep_log(&d, &format!("process-{depth}"));
         let label = format!("process, {depth}");
         if depth == "stop" {
             line(&label, &mut v, Some(&mut floor));
@@ -273,6 +285,7 @@ fn main() {
         let _ = pod.try_cli(&["rm", "-f", "-t", "0", &container]);
         let d = daemon(&compute, &plan, &[name.as_str()]);
         let mut v = wakes(&d, &name);
+        keep_log(&d, &format!("docker-{depth}"));
         drop(d);
         let label = format!("docker, {depth}");
         if depth == "stop" {

@@ -253,11 +253,13 @@ fn default_templates() -> Vec<RouteTemplate> {
             host: "{session}.{domain}".into(),
             port: "ide".into(),
             dns: false,
+            waking_page: None,
         },
         RouteTemplate {
             host: "{port}-{session}.{domain}".into(),
             port: "*".into(),
             dns: false,
+            waking_page: None,
         },
     ]
 }

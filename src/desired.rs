@@ -124,6 +124,8 @@ pub struct EffectiveRoute<'a> {
     pub port_name: &'a str,
     pub port: Port,
     pub dns: bool,
+    /// The route's own choice of the waking page, if it makes one.
+    pub waking_page: Option<bool>,
     pub origin: RouteOrigin<'a>,
 }
 
@@ -182,6 +184,7 @@ pub fn template_routes<'a>(
                     port_name: name,
                     port: *port,
                     dns: t.dns,
+                    waking_page: t.waking_page,
                     origin: RouteOrigin::Template(&t.host),
                 }
             })
@@ -228,6 +231,7 @@ pub fn effective_routes<'a>(
                 port_name,
                 port: *port,
                 dns: r.spec.dns,
+                waking_page: r.spec.waking_page,
                 origin: RouteOrigin::Route(name),
             });
         }

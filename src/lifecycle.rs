@@ -46,7 +46,7 @@ pub struct LifeSpec {
 /// A session's lifecycle, for status.
 #[derive(Debug, Clone, Serialize, PartialEq, schemars::JsonSchema)]
 pub struct SessionLife {
-    /// `awake`, `asleep` or `waking`.
+    /// `awake`, `falling-asleep` (being paused or stopped now), `asleep` or `waking`.
     pub state: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_activity: Option<DateTime<Utc>>,
@@ -54,6 +54,8 @@ pub struct SessionLife {
     pub asleep_since: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sleep_reason: Option<SleepReason>,
+    /// Requests held now, waiting for it to wake.
+    pub held_requests: usize,
     pub wakes: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_wake_ms: Option<u64>,
@@ -250,6 +252,8 @@ impl Lifecycle {
         observed: &Observed,
         default_idle: Duration,
         limits: crate::model::SessionLimits,
+        templates: &[crate::model::RouteTemplate],
+        domain: &str,
     ) {
         let owners: HashMap<String, String> =
             if limits.max_running.is_some() || limits.max_running_per_owner.is_some() {
@@ -388,6 +392,9 @@ impl Lifecycle {
             st.limits = limits;
             st.owners = owners;
         }
+        if let Some(px) = &self.inner.proxy {
+            px.set_pages(pages(desired, templates, domain, &self.state().specs));
+        }
         for name in &mark {
             self.proxy_asleep(name, true, &HashMap::new());
         }
@@ -500,7 +507,9 @@ impl Lifecycle {
             session: session.to_string(),
             provider: provider_kind,
         };
+        let t0 = Instant::now();
         bounded("start", Duration::from_secs(120), p.apply(&start)).await?;
+        let started = t0.elapsed();
         if let Some(port) = &spec.health_port {
             let wait = SessionAction::WaitHealthy {
                 session: session.to_string(),
@@ -516,6 +525,7 @@ impl Lifecycle {
                 .unwrap_or(Duration::from_secs(60));
             bounded("health", limit + Duration::from_secs(1), p.apply(&wait)).await?;
         }
+        let healthy = t0.elapsed();
         // Ports may have moved (a container started again publishes anew).
         let mut moved = HashMap::new();
         if let Ok(Ok(now)) =
@@ -545,6 +555,13 @@ impl Lifecycle {
         if let Some(px) = &self.inner.proxy {
             px.set_asleep(session, false, &moved);
         }
+        tracing::debug!(
+            %session,
+            start_ms = started.as_millis() as u64,
+            healthy_ms = healthy.as_millis() as u64,
+            served_ms = t0.elapsed().as_millis() as u64,
+            "wake steps"
+        );
         Ok(())
     }
 
@@ -803,6 +820,12 @@ impl Lifecycle {
     /// Each looked-after or marked session's lifecycle, for status.
     pub fn view(&self) -> BTreeMap<String, SessionLife> {
         let activity = self.activity();
+        let held = self
+            .inner
+            .proxy
+            .as_ref()
+            .map(Proxy::held_by_session)
+            .unwrap_or_default();
         let st = self.state();
         let names: std::collections::BTreeSet<&String> =
             st.specs.keys().chain(st.marks.asleep.keys()).collect();
@@ -812,6 +835,9 @@ impl Lifecycle {
                 let mark = st.marks.asleep.get(n);
                 let lifecycle = if st.waking.contains(n) {
                     "waking"
+                } else if st.falling.contains(n) {
+                    // Marked, held, and being paused or stopped now.
+                    "falling-asleep"
                 } else if mark.is_some() {
                     "asleep"
                 } else {
@@ -825,6 +851,7 @@ impl Lifecycle {
                         last_activity: activity.get(n).and_then(|t| at(*t)),
                         asleep_since: mark.map(|m| m.since),
                         sleep_reason: mark.map(|m| m.reason),
+                        held_requests: held.get(n.as_str()).copied().unwrap_or(0),
                         wakes,
                         last_wake_ms: last,
                         last_wake_error: err,
@@ -833,6 +860,35 @@ impl Lifecycle {
             })
             .collect()
     }
+}
+
+/// What the proxy says for routes it does not serve: the routes of sessions declared
+/// `stopped` get the "stopped" page; and the routes of sessions that sleep, their own choice
+/// of the waking page. Only those sessions' routes are expanded.
+fn pages(
+    desired: &Desired,
+    templates: &[crate::model::RouteTemplate],
+    domain: &str,
+    specs: &HashMap<String, LifeSpec>,
+) -> crate::proxy::Pages {
+    let stopped = |name: &str| {
+        desired
+            .sessions
+            .get(name)
+            .is_some_and(|d| d.spec.state == RunState::Stopped)
+    };
+    let mut out = crate::proxy::Pages::default();
+    let routes = crate::desired::effective_routes(desired, templates, domain, |name| {
+        specs.contains_key(name) || stopped(name)
+    });
+    for r in routes {
+        if stopped(r.session) {
+            out.stopped.insert(r.key, r.session.to_string());
+        } else if let Some(page) = r.waking_page {
+            out.waking_page.insert(r.key, page);
+        }
+    }
+    out
 }
 
 /// Why a sleep or a wake did not happen.

@@ -704,6 +704,8 @@ impl Reconciler {
                 &observed,
                 self.config.lifecycle.idle_timeout.std(),
                 self.config.limits,
+                &self.config.routes.templates,
+                &self.config.domain,
             );
         }
         self.update_conditions(&desired, &observed, &p, &results, now);

@@ -305,6 +305,10 @@ pub struct RouteTemplate {
     /// Publish DNS records for these hosts.
     #[serde(default)]
     pub dns: bool,
+    /// While its session wakes, a browser's navigation gets a small page that reloads itself
+    /// (true) or waits for the answer (false). Unset: `lifecycle.waking_page`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waking_page: Option<bool>,
 }
 
 /// A host of a compute provider a new session can be placed on (the planner places; the
@@ -674,6 +678,10 @@ pub struct RouteSpec {
     /// Publish a DNS record for the host.
     #[serde(default)]
     pub dns: bool,
+    /// While its session wakes, a browser's navigation gets a small page that reloads itself
+    /// (true) or waits for the answer (false). Unset: `lifecycle.waking_page`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waking_page: Option<bool>,
 }
 
 impl RouteSpec {

@@ -169,6 +169,55 @@ struct Inner {
     /// A browser's navigation to a waking session gets a page that reloads itself, rather
     /// than waiting.
     waking_page: std::sync::atomic::AtomicBool,
+    /// Requests held now, per session.
+    held_by: std::sync::Mutex<HashMap<String, usize>>,
+    /// What routes that are not served say, and per-route page choices (`set_pages`).
+    pages: ArcSwap<Pages>,
+    /// Record each request's activity (on unless a bench turns it off to measure its cost).
+    track_activity: std::sync::atomic::AtomicBool,
+}
+
+/// What the proxy says for routes it does not serve, and per-route choices for the ones it
+/// holds. Keys are route keys (`model::route_key`: a host, or a host and a path prefix).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pages {
+    /// Routes of sessions declared `stopped`, and their session: a request gets the
+    /// "stopped" page rather than "no session here" (it never wakes anything).
+    pub stopped: HashMap<String, String>,
+    /// Routes whose browser navigations get (true) or do not get (false) the waking page,
+    /// whatever `Holding::waking_page` says.
+    pub waking_page: HashMap<String, bool>,
+}
+
+impl Pages {
+    /// The stopped session a request for `path` on `host` would have gone to: the longest
+    /// stopped route prefix it is under.
+    fn stopped(&self, host: &str, path: &str) -> Option<&str> {
+        if self.stopped.is_empty() {
+            return None;
+        }
+        let mut best: Option<(usize, &str)> = None;
+        for (key, session) in &self.stopped {
+            let (h, prefix) = crate::model::split_route_key(key);
+            let wild = h
+                .strip_prefix("*.")
+                .is_some_and(|parent| host.split_once('.').is_some_and(|(_, p)| p == parent));
+            if h != host && !wild {
+                continue;
+            }
+            let len = match prefix {
+                None => 0,
+                Some(p) if crate::model::path_under(path, p) => p.len() + 1,
+                Some(_) => continue,
+            };
+            // An exact host before a wildcard, then the longest prefix.
+            let score = len * 2 + usize::from(!wild);
+            if best.is_none_or(|(b, _)| score > b) {
+                best = Some((score, session));
+            }
+        }
+        best.map(|(_, s)| s)
+    }
 }
 
 /// What the proxy has held and refused, for metrics.
@@ -270,6 +319,9 @@ impl Proxy {
                 rejected_held_full: AtomicU64::new(0),
                 rejected_full: AtomicU64::new(0),
                 waking_page: Default::default(),
+                held_by: Default::default(),
+                pages: ArcSwap::from_pointee(Pages::default()),
+                track_activity: std::sync::atomic::AtomicBool::new(true),
             }),
         }
     }
@@ -281,6 +333,29 @@ impl Proxy {
             .store(h.wake_timeout.as_millis() as u64, Ordering::Relaxed);
         i.max_held.store(h.max_held, Ordering::Relaxed);
         i.waking_page.store(h.waking_page, Ordering::Relaxed);
+    }
+
+    /// Set what routes that are not served say, and per-route page choices. Swapped only when
+    /// it changed.
+    pub fn set_pages(&self, pages: Pages) {
+        if **self.inner.pages.load() != pages {
+            self.inner.pages.store(Arc::new(pages));
+        }
+    }
+
+    /// Record activity per request (the default), or not: for measuring what recording costs.
+    /// Without it sessions never fall asleep for idleness.
+    pub fn set_activity_tracking(&self, on: bool) {
+        self.inner.track_activity.store(on, Ordering::Relaxed);
+    }
+
+    /// Requests held now, per session (sessions with none left out).
+    pub fn held_by_session(&self) -> HashMap<String, usize> {
+        self.inner
+            .held_by
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// What has been held and refused.
@@ -553,7 +628,11 @@ impl Proxy {
         };
         let host = target.host;
         let Some(mut entry) = self.lookup(&host, req.uri().path()) else {
-            return page::not_found(&host);
+            let pages = self.inner.pages.load();
+            return match pages.stopped(&host, req.uri().path()) {
+                Some(session) => page::stopped(&host, session),
+                None => page::not_found(&host),
+            };
         };
         if !entry.route.ready {
             // Activity: the request that wakes a session counts, so it does not fall asleep
@@ -565,8 +644,21 @@ impl Proxy {
                     .get(header::ACCEPT)
                     .and_then(|v| v.to_str().ok())
                     .is_some_and(|v| v.contains("text/html"));
+            let page = self
+                .inner
+                .pages
+                .load()
+                .waking_page
+                .get(&entry.key(&host))
+                .copied();
             match self
-                .hold(&host, req.uri().path(), &entry.route.session, navigation)
+                .hold(
+                    &host,
+                    req.uri().path(),
+                    &entry.route.session,
+                    navigation,
+                    page,
+                )
                 .await
             {
                 Held::Ready(e) => entry = e,
@@ -576,8 +668,11 @@ impl Proxy {
                 Held::PlatformFull => return page::platform_full(&host, &entry.route.session),
             }
         }
-        entry.stats.requests.fetch_add(1, Ordering::Relaxed);
-        entry.stats.touch();
+        let track = self.inner.track_activity.load(Ordering::Relaxed);
+        if track {
+            entry.stats.requests.fetch_add(1, Ordering::Relaxed);
+            entry.stats.touch();
+        }
         let upgrade = is_websocket_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
@@ -640,14 +735,22 @@ impl Proxy {
     }
 
     /// Wait until the route for `path` on `host` is ready (poking the waker once), or time out; within
-    /// the bound on held requests. A browser's navigation may get the waking page instead.
-    async fn hold(&self, host: &str, path: &str, session: &str, navigation: bool) -> Held {
+    /// the bound on held requests. A browser's navigation may get the waking page instead
+    /// (`page`: the route's own choice, else the proxy's).
+    async fn hold(
+        &self,
+        host: &str,
+        path: &str,
+        session: &str,
+        navigation: bool,
+        page: Option<bool>,
+    ) -> Held {
         let i = &self.inner;
         let waker = i.waker.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some(w) = waker {
             w(session);
         }
-        if navigation && i.waking_page.load(Ordering::Relaxed) {
+        if navigation && page.unwrap_or_else(|| i.waking_page.load(Ordering::Relaxed)) {
             return Held::Page;
         }
         if i.held.fetch_add(1, Ordering::Relaxed) >= i.max_held.load(Ordering::Relaxed) {
@@ -655,13 +758,25 @@ impl Proxy {
             i.rejected_held_full.fetch_add(1, Ordering::Relaxed);
             return Held::Full;
         }
-        struct Release<'a>(&'a std::sync::atomic::AtomicUsize);
+        *i.held_by
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(session.to_string())
+            .or_default() += 1;
+        struct Release<'a>(&'a Inner, &'a str);
         impl Drop for Release<'_> {
             fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::Relaxed);
+                self.0.held.fetch_sub(1, Ordering::Relaxed);
+                let mut by = self.0.held_by.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(n) = by.get_mut(self.1) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        by.remove(self.1);
+                    }
+                }
             }
         }
-        let _release = Release(&i.held);
+        let _release = Release(i, session);
         let mut rx = i.version.subscribe();
         let timeout = Duration::from_millis(i.hold_timeout.load(Ordering::Relaxed));
         let deadline = tokio::time::Instant::now() + timeout;

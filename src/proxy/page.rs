@@ -160,3 +160,16 @@ pub fn platform_full(host: &str, session: &str) -> Response<Body> {
         "30",
     )
 }
+
+/// Its session is declared `stopped`: kept, not running, and not woken by requests.
+pub fn stopped(host: &str, session: &str) -> Response<Body> {
+    page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Session stopped",
+        &format!(
+            "Session <code>{}</code> for <code>{}</code> is stopped: it is declared <code>state: stopped</code>. Its work is kept; it runs again when it is declared <code>running</code>. Requests do not wake it.",
+            escape(session),
+            escape(host)
+        ),
+    )
+}

@@ -112,7 +112,7 @@ impl AppState {
             let mut c = view::LifecycleCounts::default();
             for l in lc.view().values() {
                 match l.state.as_str() {
-                    "asleep" => c.asleep += 1,
+                    "asleep" | "falling-asleep" => c.asleep += 1,
                     "waking" => c.waking += 1,
                     _ => c.awake += 1,
                 }

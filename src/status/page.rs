@@ -147,7 +147,15 @@ pub fn render(
                             .sleep_reason
                             .map(|r| format!(" ({})", r.as_str()))
                             .unwrap_or_default();
-                        format!("<br><span class=busy>{}{why}{since}</span>", esc(&l.state))
+                        let held = match l.held_requests {
+                            0 => String::new(),
+                            1 => ", 1 request waiting".to_string(),
+                            n => format!(", {n} requests waiting"),
+                        };
+                        format!(
+                            "<br><span class=busy>{}{why}{since}{held}</span>",
+                            esc(&l.state)
+                        )
                     })
                     .unwrap_or_default(),
             conds.join("<br>")

@@ -252,11 +252,15 @@ fn stopped_is_never_woken_and_sleeping_is_made_asleep_until_the_first_request() 
     assert!(pid_of(&d, "gus").is_some());
     // ...and asleep again when idle.
     wait_for(LIMIT, || asleep(&d, "gus")).expect("gus sleeps again");
-    // fay's routes never wake her.
-    for _ in 0..3 {
-        let code = d.get("fay.localhost", "/healthz").map(|(c, _)| c);
-        assert_ne!(code, Some(200));
+    // fay's routes never wake her: they answer a page that says she is stopped.
+    for host in ["fay.localhost", "8080-fay.localhost"] {
+        let (code, body) = d.get(host, "/healthz").expect("an answer");
+        assert_eq!(code, 503, "{body}");
+        assert!(body.contains("Session stopped"), "{body}");
+        assert!(body.contains("fay"), "{body}");
     }
+    // A host nobody declared is still "no session here".
+    assert_eq!(d.get("nobody.localhost", "/").map(|(c, _)| c), Some(404));
     std::thread::sleep(Duration::from_millis(500));
     assert!(
         pid_of(&d, "fay").is_none(),
@@ -301,4 +305,78 @@ fn a_wake_at_the_cap_puts_the_least_recently_active_to_sleep_or_says_the_platfor
     assert!(body.contains("The platform is full"), "{body}");
     assert!(ok(&d, "carol"));
     assert!(pid_of(&d, "gus").is_none());
+}
+
+/// A GET as a browser's navigation (`Accept: text/html`): the status and body.
+fn navigate(d: &Daemon, host: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&d.proxy, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET / HTTP/1.0\r\nHost: {host}\r\nAccept: text/html,application/xhtml+xml\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    Some((buf.get(9..12)?.parse().ok()?, buf))
+}
+
+#[test]
+fn a_slow_wake_shows_its_held_requests_and_a_route_may_choose_the_waking_page() {
+    // A session that takes 2 s to start answering, declared sleeping; one explicit route of
+    // it asks for the waking page (the config does not).
+    let mut d = Daemon::new();
+    d.write(
+        "slow.yaml",
+        "kind: Plan\nname: slow\ncommand: ['/bin/sh', '-c', 'sleep 2; exec {vessel} devserver --listen 127.0.0.1:{port.ide} --root {workspace}']\nports: {ide: 8080}\nhealth: {port: ide, path: /healthz}\nidle_timeout: 1h\nsleep: stop\nstop_timeout: 2s\n",
+    );
+    d.write("hal.yaml", &session("hal", "slow", "state: sleeping\n"));
+    d.write(
+        "hal-page.yaml",
+        "kind: Route\nname: hal-page\nhost: page-hal.localhost\nsession: hal\nport: ide\nwaking_page: true\n",
+    );
+    d.configure("lifecycle: {check_interval: 100ms}\n");
+    d.start();
+    wait_for(LIMIT, || asleep(&d, "hal")).unwrap_or_else(|| {
+        panic!(
+            "hal is not made asleep: {}; log:\n{}",
+            life(&d, "hal"),
+            d.log()
+        )
+    });
+    let proxy = d.proxy;
+    std::thread::scope(|s| {
+        let held: Vec<_> = (0..5)
+            .map(|_| s.spawn(move || get(proxy, "hal.localhost", "/healthz")))
+            .collect();
+        // While it wakes, status says how many requests wait for it.
+        let seen = wait_for(Duration::from_secs(5), || {
+            life(&d, "hal")["held_requests"] == 5
+        });
+        assert!(
+            seen.is_some(),
+            "held requests not shown: {}",
+            life(&d, "hal")
+        );
+        assert_eq!(life(&d, "hal")["state"], "waking");
+        // The route that asks for the waking page gives a navigation that page at once.
+        let t = Instant::now();
+        let (code, body) = navigate(&d, "page-hal.localhost").expect("an answer");
+        assert_eq!(code, 503, "{body}");
+        assert!(
+            body.contains("Waking up") && body.contains("location.reload"),
+            "{body}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        for h in held {
+            let r = h.join().expect("thread");
+            assert_eq!(r.as_ref().map(|(c, _)| *c), Some(200), "{r:?}");
+        }
+    });
+    assert_eq!(life(&d, "hal")["held_requests"], 0);
+    // A navigation on a route without its own choice waits for the answer (the config's
+    // default), now that hal is awake: the session's own page.
+    let (code, _) = navigate(&d, "hal.localhost").expect("an answer");
+    assert_eq!(code, 200);
 }

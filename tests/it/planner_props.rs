@@ -122,6 +122,7 @@ fn build(variant: u8, sessions: &[GenSession]) -> Desired {
                 path: None,
                 strip_prefix: false,
                 dns: true,
+                waking_page: None,
             };
             d.routes.insert(r.name.clone(), doc(r, &file));
             // And a path route on a host every session shares.
@@ -134,6 +135,7 @@ fn build(variant: u8, sessions: &[GenSession]) -> Desired {
                 path: Some(format!("/{name}")),
                 strip_prefix: true,
                 dns: false,
+                waking_page: None,
             };
             d.routes.insert(r.name.clone(), doc(r, &file));
         }
