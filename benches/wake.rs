@@ -10,7 +10,7 @@
 //!   engine's API until it answers (the floor);
 //! - 100 concurrent requests to one asleep session: how many wakes (target 1) and answers.
 //!
-//! Run: `cargo bench --bench wake [-- --docker]`. Prints its figures.
+//! Run: `cargo bench --bench wake [-- --docker | --docker-only]`. Prints its figures.
 
 #[path = "../tests/it/podman_support.rs"]
 #[allow(dead_code)]
@@ -216,11 +216,53 @@ fn docker_floor(socket: &Path, name: &str) -> Vec<Duration> {
         .collect()
 }
 
+/// The floor for docker's `pause`: a paused container resumed straight on the engine's API,
+/// until it answers.
+fn docker_pause_floor(socket: &Path, name: &str) -> Vec<Duration> {
+    let (_, body) =
+        engine(socket, "GET", &format!("/v1.41/containers/{name}/json")).expect("inspect");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let port: u16 = v
+        .pointer("/NetworkSettings/Ports/8080~1tcp/0/HostPort")
+        .and_then(|p| p.as_str())
+        .and_then(|p| p.parse().ok())
+        .expect("a published port");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    (0..WAKES)
+        .map(|_| {
+            engine(socket, "POST", &format!("/v1.41/containers/{name}/pause"));
+            std::thread::sleep(Duration::from_millis(100));
+            let t = Instant::now();
+            let (code, _) = engine(socket, "POST", &format!("/v1.41/containers/{name}/unpause"))
+                .expect("unpause");
+            assert!(code < 300, "unpause answered {code}");
+            wait_for(Duration::from_secs(10), || {
+                get(addr, "x", "/").is_some_and(|(c, _)| c < 500)
+            })
+            .expect("the container answers");
+            t.elapsed()
+        })
+        .collect()
+}
+
 fn main() {
-    let docker = std::env::args().any(|a| a == "--docker");
+    let docker_only = std::env::args().any(|a| a == "--docker-only");
+    let docker = docker_only || std::env::args().any(|a| a == "--docker");
     println!(
         "wake on request: {WAKES} wakes each, a request to an asleep session until its answer"
     );
+    if !docker_only {
+        processes();
+    }
+    if docker {
+        dockers();
+    } else {
+        println!("  (docker: run with `-- --docker`)");
+    }
+}
+
+/// Process sessions, both depths, and 100 requests at once.
+fn processes() {
     let root = tempfile::tempdir().expect("tempdir");
     let mut floor = process_floor(root.path());
     let port_base = 21_000 + (std::process::id() % 50) as u16 * 40;
@@ -265,10 +307,10 @@ fn main() {
             life(&d, "bob")["wakes"]
         );
     }
-    if !docker {
-        println!("  (docker: run with `-- --docker`)");
-        return;
-    }
+}
+
+/// Docker sessions on Podman, both depths.
+fn dockers() {
     let pod = podman_support::podman();
     let image = podman_support::IMAGE;
     for depth in ["stop", "pause"] {
@@ -288,12 +330,23 @@ fn main() {
         keep_log(&d, &format!("docker-{depth}"));
         drop(d);
         let label = format!("docker, {depth}");
-        if depth == "stop" {
-            let mut f = docker_floor(&pod.socket, &container);
-            line(&label, &mut v, Some(&mut f));
+        let mut f = if depth == "stop" {
+            docker_floor(&pod.socket, &container)
         } else {
-            line(&label, &mut v, None);
-        }
+            // Left paused or stopped by the daemon's exit: running first.
+            engine(
+                &pod.socket,
+                "POST",
+                &format!("/v1.41/containers/{container}/unpause"),
+            );
+            engine(
+                &pod.socket,
+                "POST",
+                &format!("/v1.41/containers/{container}/start"),
+            );
+            docker_pause_floor(&pod.socket, &container)
+        };
+        line(&label, &mut v, Some(&mut f));
         let _ = pod.try_cli(&["rm", "-f", "-t", "0", &container]);
     }
 }

@@ -478,14 +478,19 @@ impl Lifecycle {
     }
 
     async fn wake_now(&self, session: &str) -> Result<(), LifecycleError> {
+        let asked = Instant::now();
         let _lock = self.inner.locks.lock(session).await;
-        let (spec, before) = {
+        let locked = asked.elapsed();
+        let (spec, before, depth) = {
             let st = self.state();
             (
                 st.specs.get(session).cloned(),
                 st.endpoints.get(session).cloned().unwrap_or_default(),
+                st.marks.asleep.get(session).map(|m| m.depth),
             )
         };
+        // Resumed from a pause, a session is the same process at the same addresses.
+        let paused = depth == Some(SleepDepth::Pause);
         let Some(spec) = spec else {
             // Marked but no longer looked after: started, unmarked, served.
             return self.wake_unmanaged(session).await;
@@ -510,7 +515,19 @@ impl Lifecycle {
         let t0 = Instant::now();
         bounded("start", Duration::from_secs(120), p.apply(&start)).await?;
         let started = t0.elapsed();
-        if let Some(port) = &spec.health_port {
+        // Paused, it answered where it was before: probed there at once, with no look at the
+        // provider (an engine API call); the provider's own wait if that does not pass soon.
+        let resumed = match (&spec.health_port, paused) {
+            (Some(port), true) => match before.get(port) {
+                Some(addr) => {
+                    let path = spec.health.as_ref().map(|h| h.path.as_str());
+                    answers_soon(addr, path).await
+                }
+                None => false,
+            },
+            _ => false,
+        };
+        if let Some(port) = spec.health_port.as_ref().filter(|_| !resumed) {
             let wait = SessionAction::WaitHealthy {
                 session: session.to_string(),
                 provider: provider_kind,
@@ -526,10 +543,11 @@ impl Lifecycle {
             bounded("health", limit + Duration::from_secs(1), p.apply(&wait)).await?;
         }
         let healthy = t0.elapsed();
-        // Ports may have moved (a container started again publishes anew).
+        // Ports may have moved (a container started again publishes anew); not when resumed.
         let mut moved = HashMap::new();
-        if let Ok(Ok(now)) =
-            tokio::time::timeout(Duration::from_secs(10), p.endpoints(session)).await
+        if !paused
+            && let Ok(Ok(now)) =
+                tokio::time::timeout(Duration::from_secs(10), p.endpoints(session)).await
         {
             for (port, old) in &before {
                 if let Some(new) = now.get(port)
@@ -557,6 +575,8 @@ impl Lifecycle {
         }
         tracing::debug!(
             %session,
+            lock_ms = locked.as_millis() as u64,
+            room_ms = (asked.elapsed() - locked - t0.elapsed()).as_millis() as u64,
             start_ms = started.as_millis() as u64,
             healthy_ms = healthy.as_millis() as u64,
             served_ms = t0.elapsed().as_millis() as u64,
@@ -915,6 +935,20 @@ pub enum LifecycleError {
 }
 
 /// Run one provider call of `step` within `limit`.
+/// Does `addr` pass the health probe within a second (a resumed session answers at once)?
+async fn answers_soon(addr: &str, path: Option<&str>) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        if crate::providers::compute::health::probe(addr, path).await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 async fn bounded(
     step: &'static str,
     limit: Duration,

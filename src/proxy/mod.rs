@@ -782,7 +782,10 @@ impl Proxy {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             match self.lookup(host, path) {
-                Some(e) if e.route.ready => return Held::Ready(e),
+                Some(e) if e.route.ready => {
+                    tracing::debug!(%session, waited_ms = (timeout - deadline.saturating_duration_since(tokio::time::Instant::now())).as_millis() as u64, "held request goes on");
+                    return Held::Ready(e);
+                }
                 Some(_) if self.is_full(session) => {
                     i.rejected_full.fetch_add(1, Ordering::Relaxed);
                     return Held::PlatformFull;

@@ -111,7 +111,7 @@ fn workspace_base(workspace: &str) -> String {
 }
 
 /// `<state>/docker/<session>.json`: what changes after creation.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Record {
     /// The container it describes; a record for another id is stale.
     container: String,
@@ -498,15 +498,17 @@ impl Inner {
         id: &str,
         f: impl FnOnce(&mut Record),
     ) -> Result<(), ProviderError> {
-        let mut r = self
-            .read_record(session)
-            .filter(|r| r.container == id)
-            .unwrap_or(Record {
-                container: id.to_string(),
-                intent: Intent::Stopped,
-                synced: Synced::default(),
-            });
+        let before = self.read_record(session).filter(|r| r.container == id);
+        let mut r = before.clone().unwrap_or(Record {
+            container: id.to_string(),
+            intent: Intent::Stopped,
+            synced: Synced::default(),
+        });
         f(&mut r);
+        // Unchanged (a wake from a pause: still meant to run): not written again.
+        if before.as_ref() == Some(&r) {
+            return Ok(());
+        }
         self.write_record(session, &r)
     }
 
