@@ -179,15 +179,7 @@ fn throughput() {
         .collect();
     proxy.apply(&changes);
     // Served as the daemon serves it: a thread per core.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
-    proxy
-        .serve_threads(listener, threads, Default::default(), cancel.clone())
-        .expect("serve");
+    let (addr, cancel) = support::serve_proxy(&proxy);
     let line = |label: &str, r: Option<(f64, String)>| match r {
         Some((rps, extra)) => println!("  {label:<48} {rps:>9.0} req/s, {extra}"),
         None => println!("  {label:<48} (wrk failed)"),

@@ -253,12 +253,81 @@ fn main() {
     );
     if !docker_only {
         processes();
+        activity_cost();
     }
     if docker {
         dockers();
     } else {
         println!("  (docker: run with `-- --docker`)");
     }
+}
+
+/// What recording activity costs the proxy: `wrk -t2 -c64` through one embedded proxy with
+/// activity tracking on and off (the same build, the same table and threads), interleaved.
+fn activity_cost() {
+    use vessel::proxy::{Proxy, Route, RouteChange};
+    if Command::new("wrk").arg("--version").output().is_err() {
+        println!("  activity tracking: skipped, `wrk` is not installed (apt-get install wrk)");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = free_port();
+    let _upstream = support::devserver(up, dir.path());
+    let proxy = Proxy::default();
+    proxy.apply(&[RouteChange::Upsert {
+        host: "alice.localhost".into(),
+        route: Route {
+            upstream: format!("127.0.0.1:{up}"),
+            session: "alice".into(),
+            route: None,
+            ready: true,
+            strip_prefix: false,
+        },
+    }]);
+    // Served as the daemon serves it: a thread per core.
+    let (addr, cancel) = support::serve_proxy(&proxy);
+    let url = format!("http://{addr}/healthz");
+    const ROUNDS: usize = 5;
+    let (mut on, mut off, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        // Alternating which goes first, so neither always runs on a warmer machine; each
+        // round's pair is compared (the machine's load drifts between rounds).
+        let order = if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        let mut pair = [0.0f64; 2];
+        for tracking in order {
+            proxy.set_activity_tracking(tracking);
+            if let Some((rps, _)) = support::wrk(&url, Some("alice.localhost")) {
+                pair[usize::from(!tracking)] = rps;
+                if tracking {
+                    on.push(rps)
+                } else {
+                    off.push(rps)
+                }
+            }
+        }
+        if pair[0] > 0.0 && pair[1] > 0.0 {
+            ratios.push(pair[0] / pair[1]);
+        }
+    }
+    cancel.cancel();
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let rounds = ratios
+        .iter()
+        .map(|x| format!("{:+.1}%", (x - 1.0) * 100.0))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let (a, b, r) = (median(&mut on), median(&mut off), median(&mut ratios));
+    println!(
+        "  proxy throughput, wrk -t2 -c64 -d8s, {ROUNDS} interleaved rounds: activity tracking on {a:.0} req/s, off {b:.0} req/s (medians); on against off per round: median {:+.1}% ({rounds}) (target within 3%)",
+        (r - 1.0) * 100.0
+    );
 }
 
 /// Process sessions, both depths, and 100 requests at once.

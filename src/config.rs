@@ -466,6 +466,7 @@ impl Config {
             c.each().into_iter().map(|(kind, _)| kind).collect()
         };
         let placement = c.placement();
+        let capacity = c.capacity();
         crate::planner::Policy {
             now,
             domain: self.domain.clone(),
@@ -478,6 +479,7 @@ impl Config {
             settle: std::sync::Arc::default(),
             keeps_workspaces,
             limits: self.limits,
+            capacity,
         }
     }
 

@@ -143,3 +143,20 @@ pub fn nginx(upstream: u16, dir: &Path) -> Option<(Kill, u16)> {
     })?;
     Some((Kill(child), port))
 }
+
+/// Serve `proxy` on a new listener on 127.0.0.1 as the daemon serves it (a thread per core),
+/// until the token is cancelled: its address.
+pub fn serve_proxy(
+    proxy: &vessel::proxy::Proxy,
+) -> (SocketAddr, tokio_util::sync::CancellationToken) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    proxy
+        .serve_threads(listener, threads, Default::default(), cancel.clone())
+        .expect("serve");
+    (addr, cancel)
+}

@@ -319,6 +319,20 @@ pub struct PlacementHost {
     pub location: Option<String>,
 }
 
+/// What one compute host holds: the `cpus` and `memory` of the plans of the sessions placed
+/// on it are summed against these, and a session that would take the sum past either is held.
+/// Unset: no limit on that.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostCapacity {
+    /// CPUs the sessions on the host may have, together (the plans' `cpus`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// Memory the sessions on the host may have, together (the plans' `memory`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Size>,
+}
+
 /// Caps on how many sessions run at once. Sessions asleep do not count.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

@@ -479,6 +479,21 @@ pub enum HoldReason {
     /// More than one compute provider reports a session of this name: vessel cannot tell which
     /// is the session, so it touches none of them.
     Duplicate { providers: Vec<ComputeKind> },
+    /// Starting it would take what the plans on its host ask for past the host's capacity
+    /// (`capacity` of a compute host in the config).
+    Capacity {
+        provider: ComputeKind,
+        /// The host's name; none for a provider that is one place.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        host: Option<String>,
+        /// `cpus` or `memory`.
+        resource: String,
+        /// What it asks for, what the host has, and what the sessions that run there have
+        /// already (CPUs, or a size such as `512Mi`).
+        needs: String,
+        capacity: String,
+        used: String,
+    },
     /// Starting it would take the sessions running past a cap (`limits` in the config).
     Cap {
         /// `max_running` or `max_running_per_owner`.

@@ -1,20 +1,34 @@
-//! Phase 1b: caps on running sessions (`limits`). Sessions that run now and stay running
-//! count first; then the sessions this plan would start (made or started, in name order, so
-//! the plan is deterministic) count one by one, and each that would pass a cap is held, and
-//! says which. A crashed session repaired, or one replaced, ran before: it is not new. Asleep
-//! sessions do not run, and do not count.
+//! Phase 1b: caps on running sessions (`limits`) and the capacity of compute hosts. Sessions
+//! that run now and stay running count first; then the sessions this plan would start (made
+//! or started, in name order, so the plan is deterministic) count one by one, and each that
+//! would pass a cap, or take the plans on its host past the host's `cpus` or `memory`, is
+//! held, and says which. A crashed session repaired, or one replaced, ran before: it is not
+//! new. Asleep sessions do not run, and do not count (a paused one keeps its memory: that
+//! counts on its host).
 
 use std::collections::BTreeMap;
 
-use crate::model::RunState;
 use crate::model::observed::SessionState;
+use crate::model::{ComputeKind, HostCapacity, RunState, SleepDepth};
 
 use super::{Fate, HoldReason, Planner, Reason};
+
+/// A host's place in the capacity count: its provider and name (`None`: one place).
+type HostKey = (ComputeKind, Option<String>);
+
+/// What the sessions on one host have, in CPUs and bytes.
+#[derive(Debug, Default, Clone, Copy)]
+struct Used {
+    cpus: f64,
+    memory: u64,
+}
 
 impl<'a> Planner<'a> {
     pub(super) fn caps(&mut self) {
         let limits = self.policy.limits;
-        if limits.max_running.is_none() && limits.max_running_per_owner.is_none() {
+        let counting = limits.max_running.is_some() || limits.max_running_per_owner.is_some();
+        let capacity = &self.policy.capacity;
+        if !counting && capacity.is_empty() {
             return;
         }
         let observed = self.observed;
@@ -32,6 +46,7 @@ impl<'a> Planner<'a> {
         };
         let mut total: u32 = 0;
         let mut per_owner: BTreeMap<String, u32> = BTreeMap::new();
+        let mut used: BTreeMap<HostKey, Used> = BTreeMap::new();
         let mut new: Vec<&'a str> = Vec::new();
         // Sessions that run now and stay so, held ones included (they are left as they are).
         let names: Vec<&'a str> = self
@@ -45,7 +60,8 @@ impl<'a> Planner<'a> {
                 .wants
                 .get(name)
                 .is_some_and(|w| w.state == RunState::Running);
-            let stays = match self.fates.get(name) {
+            let fate = self.fates.get(name);
+            let stays = match fate {
                 None => runs_now(name),
                 Some(Fate::Keep) => runs_now(name),
                 Some(Fate::Replace(_)) => runs_now(name) && wants_running,
@@ -61,6 +77,21 @@ impl<'a> Planner<'a> {
             if stays {
                 total += 1;
                 *per_owner.entry(owner_of(name)).or_default() += 1;
+                if let Some((host, u)) = self.usage(name) {
+                    let e = used.entry(host).or_default();
+                    e.cpus += u.cpus;
+                    e.memory += u.memory;
+                }
+            } else if !matches!(fate, Some(Fate::Destroy(_)) | Some(Fate::Stop(_)))
+                && let Some(o) = observed.sessions.get(name)
+                && o.owned
+                && o.asleep
+                    .as_ref()
+                    .is_some_and(|a| a.depth == SleepDepth::Pause)
+                && let Some((host, u)) = self.usage(name)
+            {
+                // Paused: its memory is still taken.
+                used.entry(host).or_default().memory += u.memory;
             }
         }
         new.sort_unstable();
@@ -85,6 +116,12 @@ impl<'a> Planner<'a> {
                 }),
                 _ => None,
             };
+            let usage = self.usage(name);
+            let why = why.or_else(|| {
+                let (host, u) = usage.as_ref()?;
+                let cap = capacity.get(host)?;
+                over(host, cap, used.get(host).copied().unwrap_or_default(), *u)
+            });
             match why {
                 Some(why) => {
                     self.fates.remove(name);
@@ -93,8 +130,92 @@ impl<'a> Planner<'a> {
                 None => {
                     total += 1;
                     *per_owner.entry(owner).or_default() += 1;
+                    if let Some((host, u)) = usage {
+                        let e = used.entry(host).or_default();
+                        e.cpus += u.cpus;
+                        e.memory += u.memory;
+                    }
                 }
             }
         }
     }
+
+    /// Where a session runs or would be placed, and what its plan asks for there; `None`
+    /// when no capacity is declared for that host (or it has no host to go to).
+    fn usage(&self, name: &str) -> Option<(HostKey, Used)> {
+        if self.policy.capacity.is_empty() {
+            return None;
+        }
+        let observed = self.observed.sessions.get(name).filter(|o| o.owned);
+        let want = self.wants.get(name);
+        let (kind, host) = match (observed, want) {
+            (Some(o), _) => (o.provider, o.host.clone()),
+            (None, Some(w)) => (
+                w.spec.compute,
+                super::steps::place(name, w, self.policy, None).ok()?,
+            ),
+            (None, None) => return None,
+        };
+        let key = (kind, host);
+        if !self.policy.capacity.contains_key(&key) {
+            return None;
+        }
+        // What it is declared to ask for; else what it was made with.
+        let (cpus, memory) = match (want, observed.and_then(|o| o.spec.as_ref())) {
+            (Some(w), _) => (w.spec.cpus, w.spec.memory),
+            (None, Some(s)) => (s.cpus, s.memory),
+            (None, None) => (None, None),
+        };
+        Some((
+            key,
+            Used {
+                cpus: cpus.unwrap_or(0.0),
+                memory: memory.map_or(0, |m| m.bytes()),
+            },
+        ))
+    }
+}
+
+/// Why a session asking for `u` does not fit on `host` with `used` taken, if it does not.
+fn over(host: &HostKey, cap: &HostCapacity, used: Used, u: Used) -> Option<HoldReason> {
+    let hold = |resource: &str, needs: String, capacity: String, used: String| {
+        Some(HoldReason::Capacity {
+            provider: host.0,
+            host: host.1.clone(),
+            resource: resource.into(),
+            needs,
+            capacity,
+            used,
+        })
+    };
+    if let Some(max) = cap.cpus
+        && u.cpus > 0.0
+        && used.cpus + u.cpus > f64::from(max) + 1e-9
+    {
+        return hold(
+            "cpus",
+            cpus_text(u.cpus),
+            max.to_string(),
+            cpus_text(used.cpus),
+        );
+    }
+    if let Some(max) = cap.memory
+        && u.memory > 0
+        && used.memory + u.memory > max.bytes()
+    {
+        use crate::model::Size;
+        return hold(
+            "memory",
+            Size(u.memory).to_string(),
+            max.to_string(),
+            Size(used.memory).to_string(),
+        );
+    }
+    None
+}
+
+/// CPUs as people write them: `2`, `0.5`, `1.25`.
+fn cpus_text(c: f64) -> String {
+    let s = format!("{c:.3}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
 }

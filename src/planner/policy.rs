@@ -10,7 +10,9 @@ use chrono::{DateTime, Utc};
 
 use crate::model::observed::RecordType;
 use crate::model::plan::Object;
-use crate::model::{ComputeKind, DestroyBudget, PlacementHost, RouteTemplate, SessionLimits};
+use crate::model::{
+    ComputeKind, DestroyBudget, HostCapacity, PlacementHost, RouteTemplate, SessionLimits,
+};
 
 /// Everything besides desired and observed state that decides a plan.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,6 +37,9 @@ pub struct Policy {
     pub keeps_workspaces: BTreeSet<ComputeKind>,
     /// Caps on running sessions: the excess is held.
     pub limits: SessionLimits,
+    /// What each compute host holds, by provider and host (`None`: a provider that is one
+    /// place): sessions that would take the sum of their plans past it are held.
+    pub capacity: BTreeMap<(ComputeKind, Option<String>), HostCapacity>,
 }
 
 /// Which desired-state files are still settling, and where objects were last declared: a

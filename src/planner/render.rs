@@ -532,6 +532,22 @@ pub fn hold_text(h: &super::HoldReason) -> String {
         } => format!(
             "{max} sessions already run ({limit} is {max}); it starts when one sleeps, stops or goes"
         ),
+        super::HoldReason::Capacity {
+            provider,
+            host,
+            resource,
+            needs,
+            capacity,
+            used,
+        } => {
+            let host = match host {
+                Some(h) => format!("{} host {h}", provider.as_str()),
+                None => format!("the {} host", provider.as_str()),
+            };
+            format!(
+                "{host} has {capacity} {resource} for sessions and those that run there have {used}; it needs {needs} (capacity); it starts when room is made"
+            )
+        }
         super::HoldReason::Unobserved { provider, error } => {
             format!("{provider} could not be observed: {error}")
         }

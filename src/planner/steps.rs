@@ -291,7 +291,7 @@ fn sync_action(name: &str, w: &Want) -> Action {
 /// (sessions are never moved), else the highest of `hash(session, host)` among the hosts in
 /// its location (rendezvous hashing: deterministic, and adding a host moves no placement but
 /// the ones it wins). `Err(location)` when no host is in the location it asks for.
-fn place(
+pub(super) fn place(
     name: &str,
     w: &Want,
     policy: &Policy,
@@ -326,7 +326,7 @@ fn place(
 }
 
 /// No host of a session's compute provider is in the location it asks for (named).
-struct NoHostIn(String);
+pub(super) struct NoHostIn(String);
 
 fn create_steps(
     drafts: &mut Drafts,

@@ -7,7 +7,8 @@
 //! now: 2026-06-01T00:00:00Z     # the clock
 //! world_now: ...                # the clock the world was converged at (default: now)
 //! policy: {dns: 192.0.2.1, allow_destroy: false, max_count: 10, max_percent: 50,
-//!          docker_hosts: [{name: a, location: eu}],
+//!          docker_hosts: [{name: a, location: eu, capacity: {cpus: 4, memory: 8Gi}}],
+//!          process_capacity: {cpus: 2, memory: 1Gi},
 //!          keep_workspaces: true,    # process and docker keep destroyed workspaces (default)
 //!          settling: [alice.yaml]}   # files that changed a second ago (settle until now+1s)
 //! world: {FILE: YAML, ...}      # the tree the observed world was converged from
@@ -50,6 +51,8 @@ struct CasePolicy {
     settling: Vec<PathBuf>,
     max_running: Option<u32>,
     max_running_per_owner: Option<u32>,
+    /// What the process provider's machine holds.
+    process_capacity: Option<vessel::model::HostCapacity>,
 }
 
 #[derive(Deserialize)]
@@ -57,6 +60,7 @@ struct CasePolicy {
 struct CaseHost {
     name: String,
     location: Option<String>,
+    capacity: Option<vessel::model::HostCapacity>,
 }
 
 #[derive(Deserialize)]
@@ -178,6 +182,15 @@ fn policy_of(c: &CasePolicy, now: DateTime<Utc>) -> Policy {
                 })
                 .collect(),
         );
+        for h in &c.docker_hosts {
+            if let Some(cap) = h.capacity {
+                p.capacity
+                    .insert((ComputeKind::Docker, Some(h.name.clone())), cap);
+            }
+        }
+    }
+    if let Some(cap) = c.process_capacity {
+        p.capacity.insert((ComputeKind::Process, None), cap);
     }
     p
 }

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::observed::ObservedSession;
 use crate::model::plan::SessionAction;
-use crate::model::{ComputeKind, PlacementHost};
+use crate::model::{ComputeKind, HostCapacity, PlacementHost};
 
 use super::{BoxFut, ProviderError};
 
@@ -35,6 +35,10 @@ pub trait ComputeConfig {
     /// The hosts a new session may be placed on, sorted by name; none for a provider that is
     /// one place.
     fn placement_hosts(&self) -> Vec<PlacementHost> {
+        Vec::new()
+    }
+    /// What its hosts hold (`None` for a provider that is one place); none declared, none.
+    fn capacity(&self) -> Vec<(Option<String>, HostCapacity)> {
         Vec::new()
     }
     /// The provider, keeping its state under `env.state_dir`.
@@ -116,6 +120,20 @@ impl ComputeProviders {
             .into_iter()
             .map(|(kind, c)| (kind, c.placement_hosts()))
             .filter(|(_, hosts)| !hosts.is_empty())
+            .collect()
+    }
+
+    /// What each compute host holds, where declared.
+    pub fn capacity(
+        &self,
+    ) -> std::collections::BTreeMap<(ComputeKind, Option<String>), HostCapacity> {
+        self.each()
+            .into_iter()
+            .flat_map(|(kind, c)| {
+                c.capacity()
+                    .into_iter()
+                    .map(move |(host, cap)| ((kind, host), cap))
+            })
             .collect()
     }
 }

@@ -112,6 +112,13 @@ impl crate::providers::compute::ComputeConfig for DockerConfig {
         Ok(std::sync::Arc::new(provider))
     }
 
+    fn capacity(&self) -> Vec<(Option<String>, crate::model::HostCapacity)> {
+        self.hosts
+            .iter()
+            .filter_map(|h| Some((Some(h.name.clone()), h.capacity?)))
+            .collect()
+    }
+
     /// Its engine hosts, sorted by name.
     fn placement_hosts(&self) -> Vec<crate::model::PlacementHost> {
         let mut hosts: Vec<crate::model::PlacementHost> = self
@@ -164,4 +171,8 @@ pub struct DockerHost {
     /// A directory with `ca.pem`, `cert.pem` and `key.pem` (as DOCKER_CERT_PATH) for TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_cert_path: Option<PathBuf>,
+    /// What the host holds: the `cpus` and `memory` of the plans of its sessions are summed
+    /// against it, and a session that would pass it is held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<crate::model::HostCapacity>,
 }

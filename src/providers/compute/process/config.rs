@@ -14,6 +14,10 @@ pub struct ProcessConfig {
     /// Leave sessions running when vessel exits (a restarted vessel adopts them).
     #[serde(default = "yes")]
     pub keep_on_exit: bool,
+    /// What this machine holds for sessions: the `cpus` and `memory` of their plans are
+    /// summed against it, and a session that would pass it is held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<crate::model::HostCapacity>,
 }
 
 impl Default for ProcessConfig {
@@ -21,6 +25,7 @@ impl Default for ProcessConfig {
         ProcessConfig {
             port_base: default_port_base(),
             keep_on_exit: true,
+            capacity: None,
         }
     }
 }
@@ -30,6 +35,10 @@ fn default_port_base() -> u16 {
 }
 
 impl crate::providers::compute::ComputeConfig for ProcessConfig {
+    fn capacity(&self) -> Vec<(Option<String>, crate::model::HostCapacity)> {
+        self.capacity.into_iter().map(|c| (None, c)).collect()
+    }
+
     fn build(
         &self,
         env: &crate::providers::Env,
