@@ -106,6 +106,31 @@ struct State {
     /// Caps on running sessions, and each declared session's owner (only with a cap).
     limits: crate::model::SessionLimits,
     owners: HashMap<String, String>,
+    /// What compute hosts hold, and where each session on one of them is and what its plan
+    /// asks for (only with a capacity declared).
+    capacity: BTreeMap<HostKey, crate::model::HostCapacity>,
+    usage: HashMap<String, Usage>,
+}
+
+/// A compute host: its provider, and its name (`None` for a provider that is one place).
+pub type HostKey = (ComputeKind, Option<String>);
+
+/// Where a session runs and what its plan asks for there.
+#[derive(Debug, Clone, PartialEq)]
+struct Usage {
+    host: HostKey,
+    cpus: f64,
+    memory: u64,
+}
+
+/// What the lifecycle takes from the config at each pass.
+pub struct Settings<'a> {
+    /// The idle timeout of `sleeping` sessions whose plan and session set none.
+    pub default_idle: Duration,
+    pub limits: crate::model::SessionLimits,
+    pub templates: &'a [crate::model::RouteTemplate],
+    pub domain: &'a str,
+    pub capacity: &'a BTreeMap<HostKey, crate::model::HostCapacity>,
 }
 
 pub struct Lifecycle {
@@ -246,15 +271,15 @@ impl Lifecycle {
     /// After a pass: what each declared session should be, and what the providers reported.
     /// Marks of sessions no longer declared, declared `stopped`, or gone are dropped; a
     /// `sleeping` session made stopped is marked asleep.
-    pub fn update(
-        &self,
-        desired: &Desired,
-        observed: &Observed,
-        default_idle: Duration,
-        limits: crate::model::SessionLimits,
-        templates: &[crate::model::RouteTemplate],
-        domain: &str,
-    ) {
+    pub fn update(&self, desired: &Desired, observed: &Observed, settings: &Settings<'_>) {
+        let Settings {
+            default_idle,
+            limits,
+            templates,
+            domain,
+            capacity,
+        } = *settings;
+        let usage = usage(desired, observed, capacity);
         let owners: HashMap<String, String> =
             if limits.max_running.is_some() || limits.max_running_per_owner.is_some() {
                 desired
@@ -391,6 +416,8 @@ impl Lifecycle {
             st.specs = specs;
             st.limits = limits;
             st.owners = owners;
+            st.capacity = capacity.clone();
+            st.usage = usage;
         }
         if let Some(px) = &self.inner.proxy {
             px.set_pages(pages(desired, templates, domain, &self.state().specs));
@@ -592,60 +619,12 @@ impl Lifecycle {
         for _ in 0..4 {
             let victim = {
                 let st = self.state();
-                let limits = st.limits;
-                if limits.max_running.is_none() && limits.max_running_per_owner.is_none() {
-                    return Ok(());
-                }
-                let owner = st.owners.get(session).cloned().unwrap_or_default();
-                let awake: Vec<&String> = st
-                    .running
-                    .iter()
-                    .chain(st.waking.iter())
-                    .filter(|n| n.as_str() != session)
-                    .collect::<HashSet<_>>()
-                    .into_iter()
-                    .collect();
-                let over_total = limits
-                    .max_running
-                    .is_some_and(|m| awake.len() as u64 >= u64::from(m));
-                let mine = awake
-                    .iter()
-                    .filter(|n| st.owners.get(n.as_str()).cloned().unwrap_or_default() == owner)
-                    .count();
-                let over_owner = limits
-                    .max_running_per_owner
-                    .is_some_and(|m| mine as u64 >= u64::from(m));
-                if !over_total && !over_owner {
-                    return Ok(());
-                }
                 let activity = self.activity();
-                st.running
-                    .iter()
-                    .filter(|n| n.as_str() != session && !st.falling.contains(*n))
-                    .filter(|n| {
-                        st.specs
-                            .get(*n)
-                            .is_some_and(|s| s.state != RunState::Stopped)
-                    })
-                    .filter(|n| {
-                        !over_owner
-                            || over_total
-                            || st.owners.get(n.as_str()).cloned().unwrap_or_default() == owner
-                    })
-                    .min_by_key(|n| {
-                        (
-                            activity
-                                .get(*n)
-                                .copied()
-                                .unwrap_or(0)
-                                .max(st.awake_since.get(*n).copied().unwrap_or(0)),
-                            (*n).clone(),
-                        )
-                    })
-                    .cloned()
-            };
-            let Some(victim) = victim else {
-                return Err(LifecycleError::Full);
+                match room_for(&st, session, &activity) {
+                    Room::Enough => return Ok(()),
+                    Room::Full => return Err(LifecycleError::Full),
+                    Room::After(victim) => victim,
+                }
             };
             self.sleep(&victim, SleepReason::Cap).await.map_err(|e| {
                 LifecycleError::MakingRoom {
@@ -880,6 +859,136 @@ impl Lifecycle {
             })
             .collect()
     }
+}
+
+/// Where each owned session on a host with a declared capacity runs, and what its plan asks
+/// for (the declared plan; else what it was made with). Empty without capacities.
+fn usage(
+    desired: &Desired,
+    observed: &Observed,
+    capacity: &BTreeMap<HostKey, crate::model::HostCapacity>,
+) -> HashMap<String, Usage> {
+    if capacity.is_empty() {
+        return HashMap::new();
+    }
+    observed
+        .sessions
+        .values()
+        .filter(|o| o.owned)
+        .filter_map(|o| {
+            let host = (o.provider, o.host.clone());
+            if !capacity.contains_key(&host) {
+                return None;
+            }
+            let plan = desired
+                .sessions
+                .get(&o.name)
+                .and_then(|d| desired.plans.get(&d.spec.plan))
+                .map(|p| (p.spec.cpus, p.spec.memory));
+            let (cpus, memory) = plan.or_else(|| o.spec.as_ref().map(|s| (s.cpus, s.memory)))?;
+            Some((
+                o.name.clone(),
+                Usage {
+                    host,
+                    cpus: cpus.unwrap_or(0.0),
+                    memory: memory.map_or(0, |m| m.bytes()),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Whether a session can wake under the caps and its host's capacity.
+enum Room {
+    Enough,
+    /// Once this session (the least recently active that can make the room) sleeps.
+    After(String),
+    Full,
+}
+
+/// Room for `session` to wake: under `limits` (sessions running, all and per owner), and on
+/// its host (what the plans there ask for against its capacity; a paused session keeps its
+/// memory, so only sleeping at depth `stop` frees memory).
+fn room_for(st: &State, session: &str, activity: &HashMap<String, u64>) -> Room {
+    let awake: HashSet<&String> = st
+        .running
+        .iter()
+        .chain(st.waking.iter())
+        .filter(|n| n.as_str() != session)
+        .collect();
+    let limits = st.limits;
+    let owner = st.owners.get(session).cloned().unwrap_or_default();
+    let owner_of = |n: &str| st.owners.get(n).cloned().unwrap_or_default();
+    let over_total = limits
+        .max_running
+        .is_some_and(|m| awake.len() as u64 >= u64::from(m));
+    let over_owner = limits.max_running_per_owner.is_some_and(|m| {
+        awake.iter().filter(|n| owner_of(n) == owner).count() as u64 >= u64::from(m)
+    });
+    // On its host: what runs there, and the memory of what is paused there.
+    let (over_cpus, over_memory, host) = match st.usage.get(session) {
+        Some(mine) => {
+            let cap = st.capacity.get(&mine.host).copied().unwrap_or_default();
+            let (mut cpus, mut memory) = (0.0f64, 0u64);
+            for (n, u) in &st.usage {
+                if n == session || u.host != mine.host {
+                    continue;
+                }
+                if awake.contains(n) {
+                    cpus += u.cpus;
+                    memory += u.memory;
+                } else if st
+                    .marks
+                    .asleep
+                    .get(n)
+                    .is_some_and(|m| m.depth == SleepDepth::Pause)
+                {
+                    memory += u.memory;
+                }
+            }
+            let paused = st
+                .marks
+                .asleep
+                .get(session)
+                .is_some_and(|m| m.depth == SleepDepth::Pause);
+            // Paused, its memory is held already.
+            let needs_memory = if paused { 0 } else { mine.memory };
+            (
+                cap.cpus
+                    .is_some_and(|c| mine.cpus > 0.0 && cpus + mine.cpus > f64::from(c) + 1e-9),
+                cap.memory
+                    .is_some_and(|m| needs_memory > 0 && memory + needs_memory > m.bytes()),
+                Some(&mine.host),
+            )
+        }
+        None => (false, false, None),
+    };
+    if !over_total && !over_owner && !over_cpus && !over_memory {
+        return Room::Enough;
+    }
+    st.running
+        .iter()
+        .filter(|n| n.as_str() != session && !st.falling.contains(*n))
+        .filter(|n| {
+            st.specs.get(*n).is_some_and(|s| {
+                s.state != RunState::Stopped
+                    // Pausing frees no memory.
+                    && (!over_memory || s.depth == SleepDepth::Stop)
+            })
+        })
+        .filter(|n| !over_owner || over_total || owner_of(n) == owner)
+        .filter(|n| !(over_cpus || over_memory) || st.usage.get(*n).map(|u| &u.host) == host)
+        .min_by_key(|n| {
+            (
+                activity
+                    .get(*n)
+                    .copied()
+                    .unwrap_or(0)
+                    .max(st.awake_since.get(*n).copied().unwrap_or(0)),
+                (*n).clone(),
+            )
+        })
+        .map_or(Room::Full, |v| Room::After(v.clone()))
 }
 
 /// What the proxy says for routes it does not serve: the routes of sessions declared

@@ -702,10 +702,13 @@ impl Reconciler {
             lc.update(
                 &desired,
                 &observed,
-                self.config.lifecycle.idle_timeout.std(),
-                self.config.limits,
-                &self.config.routes.templates,
-                &self.config.domain,
+                &crate::lifecycle::Settings {
+                    default_idle: self.config.lifecycle.idle_timeout.std(),
+                    limits: self.config.limits,
+                    templates: &self.config.routes.templates,
+                    domain: &self.config.domain,
+                    capacity: &policy.capacity,
+                },
             );
         }
         self.update_conditions(&desired, &observed, &p, &results, now);

@@ -158,6 +158,19 @@ impl Daemon {
         std::fs::write(&path, cfg).expect("config");
     }
 
+    /// Add `fields` (flow-style, such as `capacity: {memory: 1Gi}`) to the process provider's
+    /// config, before starting.
+    pub fn set_process_config(&self, fields: &str) {
+        let path = self.dir.path().join("vessel.yaml");
+        let cfg = std::fs::read_to_string(&path).expect("config");
+        let cfg = cfg.replacen(
+            "keep_on_exit: true}",
+            &format!("keep_on_exit: true, {fields}}}"),
+            1,
+        );
+        std::fs::write(&path, cfg).expect("config");
+    }
+
     /// The daemon's pid, while it runs.
     pub fn pid(&self) -> Option<i32> {
         self.child.as_ref().map(|c| c.id() as i32)

@@ -268,23 +268,33 @@ fn stopped_is_never_woken_and_sleeping_is_made_asleep_until_the_first_request() 
     );
 }
 
-#[test]
-fn a_wake_at_the_cap_puts_the_least_recently_active_to_sleep_or_says_the_platform_is_full() {
-    // One session may run. alice runs (and can sleep); bob is declared sleeping.
+/// alice runs and bob is declared sleeping, on `plan`, under `config` and `process` (the
+/// process provider's extra fields); then a request for bob: alice goes to sleep for him
+/// (reason `cap`), he wakes and answers.
+fn bob_wakes_for_alice(plan: &str, config: &str, process: &str) -> Daemon {
     let mut d = Daemon::new();
-    d.write("nap.yaml", &nap_plan("1h", "stop"));
+    d.write("nap.yaml", plan);
     d.write("alice.yaml", &session("alice", "nap", ""));
     d.write("bob.yaml", &session("bob", "nap", "state: sleeping\n"));
-    d.configure("lifecycle: {check_interval: 100ms}\nlimits: {max_running: 1}\n");
+    d.configure(&format!("lifecycle: {{check_interval: 100ms}}\n{config}"));
+    if !process.is_empty() {
+        d.set_process_config(process);
+    }
     d.start();
     wait_for(LIMIT, || ok(&d, "alice") && asleep(&d, "bob"))
         .unwrap_or_else(|| panic!("not settled; log:\n{}", d.log()));
-    // A request for bob: alice goes to sleep for him (the cap), he wakes and answers.
     assert!(ok(&d, "bob"), "{}", d.log());
     let l = life(&d, "alice");
     assert_eq!(l["state"], "asleep", "{l}");
     assert_eq!(l["sleep_reason"], "cap", "{l}");
     assert!(pid_of(&d, "alice").is_none());
+    d
+}
+
+#[test]
+fn a_wake_at_the_cap_puts_the_least_recently_active_to_sleep_or_says_the_platform_is_full() {
+    // One session may run. alice runs (and can sleep); bob is declared sleeping.
+    let d = bob_wakes_for_alice(&nap_plan("1h", "stop"), "limits: {max_running: 1}\n", "");
     let metrics = get(d.status, "status", "/metrics").expect("metrics").1;
     assert!(
         metrics.contains("vessel_sleeps_total{reason=\"cap\"} 1"),
@@ -379,4 +389,19 @@ fn a_slow_wake_shows_its_held_requests_and_a_route_may_choose_the_waking_page() 
     // default), now that hal is awake: the session's own page.
     let (code, _) = navigate(&d, "hal.localhost").expect("an answer");
     assert_eq!(code, 200);
+}
+
+#[test]
+fn a_wake_past_its_hosts_memory_puts_the_least_recently_active_to_sleep_at_depth_stop() {
+    // The machine holds 1Gi for sessions; each asks for 768Mi. alice runs; bob is declared
+    // sleeping (made, asleep). A request for bob: alice is put to sleep (stopped: a pause would
+    // keep her memory) and bob wakes.
+    let d = bob_wakes_for_alice(
+        &(nap_plan("1h", "stop") + "memory: 768Mi\n"),
+        "",
+        "capacity: {memory: 1Gi}",
+    );
+    // And alice, asked for now, takes the room back from bob.
+    assert!(ok(&d, "alice"), "{}", d.log());
+    assert_eq!(life(&d, "bob")["state"], "asleep");
 }
