@@ -60,6 +60,9 @@ pub const STATE_MARKER: &str = ".vessel-state";
 
 pub struct StateDir {
     path: PathBuf,
+    /// The digest of the observed snapshot last written: the same snapshot is not written
+    /// again.
+    observed_digest: std::sync::Mutex<Option<[u8; 32]>>,
 }
 
 /// Held while a reconciler drives the state directory; released on drop.
@@ -81,6 +84,7 @@ impl StateDir {
         }
         Ok(StateDir {
             path: path.to_path_buf(),
+            observed_digest: std::sync::Mutex::new(None),
         })
     }
 
@@ -183,12 +187,21 @@ impl StateDir {
         }
     }
 
-    /// Keep the last observed snapshot (written atomically).
+    /// Keep the last observed snapshot (written atomically); not written again when it is
+    /// the one written last (a converged loop writes nothing).
     pub fn write_observed(&self, o: &Observed) -> std::io::Result<()> {
-        let tmp = self.path.join(".observed.json.tmp");
+        use sha2::{Digest, Sha256};
         let bytes = serde_json::to_vec_pretty(o).map_err(std::io::Error::other)?;
+        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        let mut last = crate::lock_or_reset(&self.observed_digest);
+        if *last == Some(digest) && self.observed_path().exists() {
+            return Ok(());
+        }
+        let tmp = self.path.join(".observed.json.tmp");
         std::fs::write(&tmp, bytes)?;
-        std::fs::rename(tmp, self.observed_path())
+        std::fs::rename(tmp, self.observed_path())?;
+        *last = Some(digest);
+        Ok(())
     }
 
     /// Append events to `events.jsonl`. Past `EVENTS_MAX_BYTES` the file is replaced, never
@@ -267,6 +280,34 @@ mod tests {
             duration_ms: 1,
             revision: None,
         }
+    }
+
+    /// The observed snapshot is written when it changed, and only then (a converged loop
+    /// rewrites nothing); removed by hand, it is written again.
+    #[test]
+    fn the_observed_snapshot_is_written_only_when_it_changed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = StateDir::open(dir.path()).expect("open");
+        let ino = || {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(s.observed_path()).map(|m| m.ino()).ok()
+        };
+        let mut o = Observed::default();
+        s.write_observed(&o).expect("write");
+        let first = ino().expect("written");
+        s.write_observed(&o).expect("write");
+        assert_eq!(ino(), Some(first), "the same snapshot was written again");
+        o.gaps.insert(
+            crate::model::observed::ProviderId::Proxy,
+            "unreachable".into(),
+        );
+        s.write_observed(&o).expect("write");
+        let second = ino().expect("written");
+        assert_ne!(second, first, "a changed snapshot was not written");
+        assert_eq!(s.read_observed(), Some(o.clone()));
+        std::fs::remove_file(s.observed_path()).expect("rm");
+        s.write_observed(&o).expect("write");
+        assert!(ino().is_some(), "a removed snapshot is written again");
     }
 
     /// A reader polling `events.jsonl` while passes append and trim it never sees a torn file:
