@@ -10,7 +10,8 @@
 //!   engine's API until it answers (the floor);
 //! - 100 concurrent requests to one asleep session: how many wakes (target 1) and answers.
 //!
-//! Run: `cargo bench --bench wake [-- --docker | --docker-only]`. Prints its figures.
+//! Run: `cargo bench --bench wake [-- --docker | --docker-only | --activity-only]`. Prints its
+//! figures.
 
 #[path = "../tests/it/podman_support.rs"]
 #[allow(dead_code)]
@@ -251,6 +252,10 @@ fn main() {
     println!(
         "wake on request: {WAKES} wakes each, a request to an asleep session until its answer"
     );
+    if std::env::args().any(|a| a == "--activity-only") {
+        activity_cost();
+        return;
+    }
     if !docker_only {
         processes();
         activity_cost();
