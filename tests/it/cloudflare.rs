@@ -530,5 +530,118 @@ fn contract_double_check_rejects_what_cloudflare_s_types_do_not_allow() {
     });
     let e = d.contract("rejects").expect_err("tsc refuses it");
     assert!(e.contains("'\"owner\"' does not exist"), "{e}");
-    assert!(e.contains("is not assignable to type 'RecordResponse'"), "{e}");
+    assert!(
+        e.contains("is not assignable to type 'RecordResponse'"),
+        "{e}"
+    );
+}
+
+/// The position of the first exchange of `op` that `f` accepts.
+fn position(d: &Double, op: &str, f: impl Fn(&Value) -> bool) -> Option<usize> {
+    d.with(|w| {
+        w.exchanges
+            .iter()
+            .position(|x| x.op == op && x.status == 200 && x.request.as_ref().is_some_and(&f))
+    })
+}
+
+#[test]
+fn contract_double_daemon_tunnel_cnames_follow_their_rule_and_go_before_it_token_never_shown() {
+    use crate::daemon_support::{Daemon, session, wait_for};
+    let rt = rt();
+    let d = rt.block_on(Double::start(free_port()));
+    d.with(|w| w.add_record("mail.example.com", "A", "192.0.2.99", None));
+    let mut v = Daemon::new();
+    // cloudflared, not vessel, serves a tunnel's routes: this listener only stands where the
+    // test helper waits for a proxy.
+    let stand_in = std::net::TcpListener::bind(("127.0.0.1", free_port())).expect("bind");
+    let serving = stand_in.local_addr().expect("addr");
+    v.use_proxy(
+        &format!(
+            "cloudflare_tunnel: {{account_id: '{ACCOUNT}', tunnel_id: '{TUNNEL}', api_token: {{env: VESSEL_TEST_CF_TOKEN}}, api: '{}'}}\n  dns:\n    cloudflare: {{api_token: {{env: VESSEL_TEST_CF_TOKEN}}, zones: [{ZONE}], instance: dev, api: '{}'}}",
+            d.url, d.url
+        ),
+        serving,
+    );
+    v.write("keep.yaml", &session("keep"));
+    v.write(
+        "alice.yaml",
+        &format!(
+            "{}---\nkind: Route\nname: docs\nhost: docs-alice.example.com\nsession: alice\nport: app\ndns: true\n",
+            session("alice")
+        ),
+    );
+    v.start_with_env(Some(("VESSEL_TEST_CF_TOKEN", TOKEN)));
+    let host = "docs-alice.example.com";
+    let cname = format!("{TUNNEL}.cfargotunnel.com");
+    let published = || {
+        d.with(|w| {
+            w.zone_records().iter().any(|r| {
+                r["name"] == host
+                    && r["type"] == "CNAME"
+                    && r["content"] == cname.as_str()
+                    && r["proxied"] == true
+            })
+        })
+    };
+    wait_for(Duration::from_secs(30), published)
+        .unwrap_or_else(|| panic!("the CNAME to the tunnel is published: {}", v.log()));
+    let has_rule = |req: &Value| {
+        req["config"]["ingress"]
+            .as_array()
+            .is_some_and(|i| i.iter().any(|r| r["hostname"] == host))
+    };
+    let rule_at = position(&d, "tunnel.put", has_rule).expect("the rule was written");
+    let record_at = position(&d, "dns.batch", |r| {
+        r["posts"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|x| x["name"] == host))
+    })
+    .expect("the record was written");
+    assert!(rule_at < record_at, "the ingress rule before its CNAME");
+    let rule = d
+        .with(|w| w.ingress().into_iter().find(|r| r["hostname"] == host))
+        .expect("rule");
+    assert!(
+        rule["service"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("http://127.0.0.1:")),
+        "{rule}"
+    );
+    let (code, status) =
+        crate::daemon_support::get(v.status, "status", "/status").expect("status answers");
+    assert_eq!(code, 200);
+    assert!(status.contains("\"state\": \"ok\""), "{status}");
+
+    std::fs::remove_file(v.source().join("alice.yaml")).expect("rm");
+    wait_for(Duration::from_secs(30), || {
+        d.with(|w| w.ingress().iter().all(|r| r["hostname"] != host))
+    })
+    .unwrap_or_else(|| panic!("the rule goes: {}", v.log()));
+    let (deleted_at, removed_at) = d.with(|w| {
+        let deleted = w.exchanges.iter().rposition(|x| {
+            x.op == "dns.batch" && x.request.as_ref().is_some_and(|r| r["deletes"].is_array())
+        });
+        let removed = w.exchanges.iter().rposition(|x| x.op == "tunnel.put");
+        (deleted, removed)
+    });
+    assert!(
+        deleted_at.expect("the record was deleted") < removed_at.expect("the rule was removed"),
+        "the CNAME goes before its rule"
+    );
+    assert!(!published());
+    assert!(
+        d.with(|w| w
+            .zone_records()
+            .iter()
+            .any(|r| r["name"] == "mail.example.com")),
+        "the foreign record stays"
+    );
+    let (_, status) =
+        crate::daemon_support::get(v.status, "status", "/status").expect("status answers");
+    let (_, dns) = crate::daemon_support::get(v.status, "status", "/dns").expect("dns answers");
+    for text in [v.log(), status, dns, v.events()] {
+        assert!(!text.contains(TOKEN), "the token never shows");
+    }
+    d.check_contract("daemon");
 }
