@@ -117,7 +117,14 @@ impl Owned {
     /// Whether the rule `r` is this one, field for field (an `originRequest` or anything else
     /// added makes it someone else's).
     fn is(&self, r: &Value) -> bool {
-        *r == self.rule()
+        let Some(m) = r.as_object() else {
+            return false;
+        };
+        let text = |k: &str| m.get(k).and_then(Value::as_str);
+        m.len() == 2 + usize::from(self.path.is_some())
+            && text("hostname") == Some(self.hostname.as_str())
+            && text("service") == Some(self.service.as_str())
+            && text("path") == self.path.as_deref()
     }
 }
 
@@ -221,13 +228,24 @@ impl CloudflareTunnel {
 
     /// The rules of `config`, each with the ledger entry that owns it.
     fn rules<'l>(config: &Value, ledger: &'l Ledger) -> Vec<(Value, Option<&'l Owned>)> {
+        // The ledger by hostname: a lookup per rule, not a walk of the whole ledger.
+        let mut by_host: BTreeMap<&str, Vec<&Owned>> = BTreeMap::new();
+        for o in &ledger.rules {
+            by_host.entry(o.hostname.as_str()).or_default().push(o);
+        }
         config
             .get("ingress")
             .and_then(Value::as_array)
             .map(|rules| {
                 rules
                     .iter()
-                    .map(|r| (r.clone(), ledger.rules.iter().find(|o| o.is(r))))
+                    .map(|r| {
+                        let host = r.get("hostname").and_then(Value::as_str).unwrap_or("");
+                        let owner = by_host
+                            .get(host)
+                            .and_then(|c| c.iter().copied().find(|o| o.is(r)));
+                        (r.clone(), owner)
+                    })
                     .collect()
             })
             .unwrap_or_default()
