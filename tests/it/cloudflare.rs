@@ -613,6 +613,21 @@ fn contract_double_daemon_tunnel_cnames_follow_their_rule_and_go_before_it_token
     assert_eq!(code, 200);
     assert!(status.contains("\"state\": \"ok\""), "{status}");
 
+    // Cloudflare rate-limits the token: both providers (one token, one budget) are degraded,
+    // not failed, until the Retry-After is over, then fine again by themselves.
+    let state = |s: &str| {
+        crate::daemon_support::get(v.status, "status", "/status")
+            .is_some_and(|(_, st)| st.contains(&format!("\"state\": \"{s}\"")))
+    };
+    d.with(|w| w.faults.push_back(Fault::RateLimited { retry_after: 3 }));
+    wait_for(Duration::from_secs(15), || state("degraded"))
+        .unwrap_or_else(|| panic!("status shows the provider degraded: {}", v.log()));
+    assert!(!state("failed"), "rate-limited is degraded, not failed");
+    wait_for(Duration::from_secs(15), || {
+        !state("degraded") && state("ok")
+    })
+    .unwrap_or_else(|| panic!("it recovers after the wait: {}", v.log()));
+
     std::fs::remove_file(v.source().join("alice.yaml")).expect("rm");
     wait_for(Duration::from_secs(30), || {
         d.with(|w| w.ingress().iter().all(|r| r["hostname"] != host))

@@ -179,7 +179,8 @@ impl Double {
 
     /// What `check_contract` checks: tsc's complaints, if any.
     pub fn contract(&self, name: &str) -> Result<(), String> {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/contracts/cloudflare");
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/contracts/cloudflare");
         assert!(
             dir.join("node_modules/cloudflare/package.json").exists()
                 && dir.join("node_modules/.bin/tsc").exists(),
