@@ -404,10 +404,9 @@ impl CloudflareDns {
 impl DnsProvider for CloudflareDns {
     fn observe(&self) -> BoxFut<'_, Result<Vec<ObservedRecord>, ProviderError>> {
         Box::pin(async move {
-            let zones = self
-                .zones()
-                .await
-                .map_err(|e| ProviderError::caused("look up zones", "", Arc::new(e)))?;
+            let zones = self.zones().await.map_err(|e| {
+                ProviderError::caused("look up zones", "in Cloudflare", Arc::new(e))
+            })?;
             let mut out = Vec::new();
             for (id, name) in &zones {
                 let records = self
