@@ -1081,11 +1081,13 @@ fn status_summary(url: &str, v: &serde_json::Value) -> String {
     }
     for p in v["providers"].as_array().into_iter().flatten() {
         if p["observed"] != true {
-            out.push_str(&format!(
-                "could not observe {}: {}\n",
-                p["provider"].as_str().unwrap_or("?"),
-                p["error"].as_str().unwrap_or("")
-            ));
+            let name = p["provider"].as_str().unwrap_or("?");
+            let what = if p["state"] == "degraded" {
+                format!("{name} is degraded (rate-limited, waiting)")
+            } else {
+                format!("could not observe {name}")
+            };
+            out.push_str(&format!("{what}: {}\n", p["error"].as_str().unwrap_or("")));
         }
     }
     out

@@ -453,11 +453,16 @@ impl Config {
     /// domain and templates, the guards' limits, DNS records' content, where sessions may be
     /// placed, and which compute providers keep destroyed workspaces.
     pub fn policy(&self, now: chrono::DateTime<chrono::Utc>) -> crate::planner::Policy {
-        let dns = match &self.providers.dns {
-            DnsConfig::None => None,
-            DnsConfig::Hosts { address, .. } | DnsConfig::Powerdns { address, .. } => {
+        // A tunnel's routes are reached through the tunnel: their records are CNAMEs to it.
+        let dns = match (&self.providers.dns, &self.providers.proxy) {
+            (DnsConfig::None, _) => None,
+            (_, ProxyConfig::CloudflareTunnel(t)) => {
+                Some(crate::planner::record_for(&t.cname_target()))
+            }
+            (DnsConfig::Hosts { address, .. } | DnsConfig::Powerdns { address, .. }, _) => {
                 Some(crate::planner::record_for(address))
             }
+            (DnsConfig::Cloudflare(c), _) => c.address.as_deref().map(crate::planner::record_for),
         };
         let c = &self.providers.compute;
         let keeps_workspaces = if self.policy.workspace_retention.std().is_zero() {

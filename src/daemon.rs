@@ -283,6 +283,21 @@ pub async fn run(
     {
         secrets.push(v.expose().to_string());
     }
+    let cloudflare = [
+        match &reconciler.config.providers.dns {
+            crate::config::DnsConfig::Cloudflare(c) => Some(&c.api_token),
+            _ => None,
+        },
+        match &reconciler.config.providers.proxy {
+            crate::config::ProxyConfig::CloudflareTunnel(c) => Some(&c.api_token),
+            _ => None,
+        },
+    ];
+    for token in cloudflare.into_iter().flatten() {
+        if let Ok(v) = token.resolve() {
+            secrets.push(v.expose().to_string());
+        }
+    }
     if let crate::config::SourceConfig::Git(g) = &reconciler.config.source {
         match &g.auth {
             Some(crate::config::GitAuth::Token { token: s, .. })

@@ -94,6 +94,8 @@ pub struct Reply {
     pub body: Bytes,
     /// The `ETag`, from the headers or the trailers (Caddy sends it as a trailer).
     pub etag: Option<String>,
+    /// A `Retry-After` in seconds (on a 429 or 503), if the answer has one.
+    pub retry_after: Option<Duration>,
 }
 
 impl Reply {
@@ -310,6 +312,12 @@ impl Api {
         }
         let status = resp.status().as_u16();
         let mut etag = header_text(resp.headers());
+        let retry_after = resp
+            .headers()
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
         let mut body = http::Response::<reqwest::Body>::from(resp).into_body();
         let mut buf = BytesMut::new();
         while let Some(frame) = body.frame().await {
@@ -344,6 +352,7 @@ impl Api {
             status,
             body: buf.freeze(),
             etag,
+            retry_after,
         })
     }
 

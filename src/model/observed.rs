@@ -365,6 +365,11 @@ pub struct Observed {
     /// Providers that could not be observed, with why.
     #[serde(default)]
     pub gaps: BTreeMap<ProviderId, String>,
+    /// Of the gaps, those only rate-limited (the API asked vessel to wait, or vessel held its
+    /// calls back to stay within its budget): degraded, not failed. Still gaps: nothing there
+    /// is created or removed until they can be read again.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub degraded: BTreeMap<ProviderId, String>,
     /// Workspaces of destroyed sessions, kept for a while, by session name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub retained: BTreeMap<String, RetainedWorkspace>,

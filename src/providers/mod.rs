@@ -12,6 +12,7 @@
 //! never fails as a whole, a provider that cannot be observed becomes a gap, and the planner
 //! leaves everything there alone. Foreign (SDK) types stay inside each provider's module.
 
+pub mod cloudflare;
 pub mod compute;
 pub mod dns;
 pub mod proxy;
@@ -90,6 +91,20 @@ impl ProviderError {
 }
 
 pub use crate::error_chain as chain;
+
+/// An API that rate-limited vessel, or a call vessel held back to stay within its budget for
+/// that API. A provider that is only rate-limited is degraded, not failed: it is still a gap
+/// (no creates, no deletes while it cannot be read), and status says it is waiting.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("rate-limited: no calls for {}s", .retry_after.as_secs().max(1))]
+pub struct RateLimited {
+    pub retry_after: std::time::Duration,
+}
+
+/// Whether `e` or one of its causes is `RateLimited`.
+pub fn is_rate_limited(e: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(e), |c| c.source()).any(|c| c.is::<RateLimited>())
+}
 
 /// Replace `file` atomically: a temporary file beside it, synced, keeping the old file's
 /// permissions, then renamed over it. A reader sees the old file or the new, never half.

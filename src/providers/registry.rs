@@ -15,9 +15,12 @@ use serde::{Deserialize, Serialize};
 use crate::model::ComputeKind;
 use crate::model::observed::{Observed, ProviderId};
 
+use super::cloudflare::{Budgets, Client as CloudflareClient, CloudflareError};
 use super::compute::{ComputeProvider, ComputeProviders};
-use super::dns::{DnsConfig, DnsProvider, hosts, powerdns};
-use super::proxy::{ProxyConfig, ProxyProvider, caddy, embedded, fronted, traefik};
+use super::dns::{DnsConfig, DnsProvider, cloudflare as cloudflare_dns, hosts, powerdns};
+use super::proxy::{
+    ProxyConfig, ProxyProvider, caddy, cloudflare_tunnel, embedded, fronted, traefik,
+};
 use super::{ProviderError, chain};
 
 /// The `providers:` section of the config.
@@ -70,6 +73,10 @@ pub enum SetupError {
     PowerDns(#[from] powerdns::PowerDnsError),
     #[error("cannot read the PowerDNS API key")]
     PowerDnsKey(#[source] crate::secret::SecretError),
+    #[error("cannot read the Cloudflare API token")]
+    CloudflareToken(#[source] crate::secret::SecretError),
+    #[error(transparent)]
+    Cloudflare(#[from] CloudflareError),
     #[error(transparent)]
     Docker(#[from] super::compute::docker::DockerSetupError),
     #[error("cannot prepare the process provider's directory {path}")]
@@ -106,6 +113,8 @@ impl Providers {
 
     fn build(config: &ProvidersConfig, env: &Env, daemon: bool) -> Result<Providers, SetupError> {
         let mut compute: BTreeMap<ComputeKind, Arc<dyn ComputeProvider>> = BTreeMap::new();
+        // One rate budget per Cloudflare token, shared by the providers that use it.
+        let mut budgets = Budgets::default();
         for (kind, c) in config.compute.each() {
             compute.insert(kind, c.build(env)?);
         }
@@ -137,6 +146,20 @@ impl Providers {
                 None,
             ),
             ProxyConfig::Traefik(t) => (Arc::new(traefik::Traefik::new(t)?), None),
+            ProxyConfig::CloudflareTunnel(c) => {
+                let token = c.api_token.resolve().map_err(SetupError::CloudflareToken)?;
+                let budget = budgets.for_token(&token, c.rate_budget);
+                let client = CloudflareClient::new(&c.api, token, budget, c.tls.as_ref())?;
+                (
+                    Arc::new(cloudflare_tunnel::CloudflareTunnel::new(
+                        client,
+                        &c.account_id,
+                        &c.tunnel_id,
+                        &env.state_dir,
+                    )),
+                    None,
+                )
+            }
         };
         // Caddy or Traefik in front of the wake listener: vessel's own proxy serves there.
         let (proxy, embedded): (Arc<dyn ProxyProvider>, _) = match config.proxy.wake_listen() {
@@ -178,6 +201,35 @@ impl Providers {
                     zones,
                     tls.as_ref(),
                 )?))
+            }
+            DnsConfig::Cloudflare(c) => {
+                let tunnel = matches!(config.proxy, ProxyConfig::CloudflareTunnel(_));
+                if c.address.is_none() && !tunnel {
+                    return Err(SetupError::Invalid(
+                        "the cloudflare DNS provider needs an `address` (unless the proxy is cloudflare_tunnel, whose records point at the tunnel)".into(),
+                    ));
+                }
+                if c.instance.is_empty()
+                    || !c
+                        .instance
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                {
+                    return Err(SetupError::Invalid(format!(
+                        "the cloudflare DNS provider's `instance` `{}` must be letters, digits and `-`",
+                        c.instance
+                    )));
+                }
+                let token = c.api_token.resolve().map_err(SetupError::CloudflareToken)?;
+                let budget = budgets.for_token(&token, c.rate_budget);
+                let client = CloudflareClient::new(&c.api, token, budget, c.tls.as_ref())?;
+                Some(Arc::new(cloudflare_dns::CloudflareDns::new(
+                    client,
+                    &c.zones,
+                    &c.instance,
+                    c.proxied,
+                    c.batch_limit,
+                )))
             }
         };
         Ok(Providers {
@@ -241,9 +293,7 @@ impl Providers {
                         }
                     }
                 }
-                Err(e) => {
-                    o.gaps.insert(ProviderId::Compute(kind), e.text());
-                }
+                Err(e) => gap(&mut o, ProviderId::Compute(kind), &e),
             }
         }
         for k in needed {
@@ -256,9 +306,7 @@ impl Providers {
         }
         match flatten(proxy, t) {
             Ok(routes) => o.routes = routes.into_iter().map(|r| (r.key(), r)).collect(),
-            Err(e) => {
-                o.gaps.insert(ProviderId::Proxy, e.text());
-            }
+            Err(e) => gap(&mut o, ProviderId::Proxy, &e),
         }
         match dns.map(|r| flatten(r, t)) {
             Some(Ok(records)) => {
@@ -267,13 +315,20 @@ impl Providers {
                     .map(|r| (Observed::record_key(&r.name, r.rtype), r))
                     .collect()
             }
-            Some(Err(e)) => {
-                o.gaps.insert(ProviderId::Dns, e.text());
-            }
+            Some(Err(e)) => gap(&mut o, ProviderId::Dns, &e),
             None => {}
         }
         o
     }
+}
+
+/// `p` is a gap in `o` because of `e`; degraded as well when `e` is only a rate limit.
+fn gap(o: &mut Observed, p: ProviderId, e: &ObserveError) {
+    let text = e.text();
+    if super::is_rate_limited(e) {
+        o.degraded.insert(p.clone(), text.clone());
+    }
+    o.gaps.insert(p, text);
 }
 
 /// Why a provider could not be observed: what `Observed::gaps` says, in words.

@@ -188,9 +188,14 @@ pub fn render(
                 let _ = write!(h, "<li><span class=ok>{}</span></li>", esc(&p.provider));
             }
             Some(e) => {
+                let state = if p.state == "degraded" {
+                    " degraded (rate-limited, waiting)"
+                } else {
+                    ""
+                };
                 let _ = write!(
                     h,
-                    "<li><span class=bad>{}</span>: {}</li>",
+                    "<li><span class=bad>{}</span>{state}: {}</li>",
                     esc(&p.provider),
                     esc(e)
                 );

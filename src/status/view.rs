@@ -96,6 +96,9 @@ pub struct QuarantinedFile {
 pub struct ProviderStatus {
     pub provider: String,
     pub observed: bool,
+    /// `ok`, `degraded` (not observed only because its API rate-limited vessel: it recovers
+    /// by itself once the wait is over) or `failed`.
+    pub state: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -236,12 +239,22 @@ pub fn status(s: &Snapshot, source_changed: bool) -> StatusView {
                 .collect::<BTreeMap<_, _>>()
         })
         .unwrap_or_default();
+    let degraded: std::collections::BTreeSet<String> = s
+        .observed
+        .as_ref()
+        .map(|o| o.degraded.keys().map(ToString::to_string).collect())
+        .unwrap_or_default();
     let providers = s
         .providers
         .iter()
         .map(|p| ProviderStatus {
             provider: p.clone(),
             observed: s.observed.is_some() && !gaps.contains_key(p),
+            state: match (gaps.contains_key(p), degraded.contains(p)) {
+                (false, _) => "ok",
+                (true, true) => "degraded",
+                (true, false) => "failed",
+            },
             error: gaps.get(p).cloned(),
         })
         .collect();
@@ -343,7 +356,14 @@ pub fn not_converged(
     }
     if let Some(o) = observed {
         for (p, e) in &o.gaps {
-            why.push((format!("{p} could not be observed: {e}"), false));
+            if o.degraded.contains_key(p) {
+                why.push((
+                    format!("{p} is degraded (rate-limited, waiting): {e}"),
+                    false,
+                ));
+            } else {
+                why.push((format!("{p} could not be observed: {e}"), false));
+            }
         }
     }
     if let Some(d) = desired {

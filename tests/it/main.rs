@@ -4,6 +4,8 @@
 mod action;
 mod approve;
 mod backoff;
+mod cloudflare;
+mod cloudflare_double;
 mod crash;
 mod daemon_support;
 mod dns_hosts;

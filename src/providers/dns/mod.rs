@@ -1,11 +1,13 @@
 //! DNS providers: records for routes with `dns: true`. `hosts` (a managed block in a hosts
-//! file), `powerdns` (its HTTP API). Record steps come in batches.
+//! file), `powerdns` (its HTTP API), `cloudflare` (the v4 API). Record steps come in batches.
 
+pub mod cloudflare;
 mod config;
 pub mod hosts;
 pub mod powerdns;
 
-pub use config::DnsConfig;
+pub use config::{CloudflareDnsConfig, DnsConfig};
+pub(crate) use config::{default_budget, default_cf_api};
 
 use crate::model::observed::ObservedRecord;
 use crate::model::plan::RecordAction;

@@ -44,6 +44,40 @@ pub enum ProxyConfig {
     },
     /// Traefik, through its file provider: vessel owns one dynamic-configuration file.
     Traefik(TraefikConfig),
+    /// A Cloudflare Tunnel's remotely managed configuration: each route an ingress rule.
+    #[serde(rename = "cloudflare_tunnel")]
+    CloudflareTunnel(CloudflareTunnelConfig),
+}
+
+/// The `cloudflare_tunnel` proxy provider's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloudflareTunnelConfig {
+    /// The Cloudflare account the tunnel belongs to (its ID, 32 hex digits).
+    pub account_id: String,
+    /// The tunnel's ID (a UUID). Its routes' DNS records become CNAMEs to
+    /// `<tunnel_id>.cfargotunnel.com`.
+    pub tunnel_id: String,
+    /// An API token with `Account:Cloudflare Tunnel:Edit`. Only ever sent in the
+    /// `Authorization` header.
+    pub api_token: crate::secret::SecretRef,
+    /// The requests per five minutes vessel allows itself with this token (Cloudflare allows
+    /// 1,200). The `cloudflare` DNS provider with the same token shares this budget.
+    #[serde(default = "crate::providers::dns::default_budget")]
+    pub rate_budget: u32,
+    /// The API, `https://api.cloudflare.com` unless set (for a test double).
+    #[serde(default = "crate::providers::dns::default_cf_api")]
+    pub api: String,
+    /// How to trust an `https://` `api`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+}
+
+impl CloudflareTunnelConfig {
+    /// What the tunnel's routes' DNS records point at.
+    pub fn cname_target(&self) -> String {
+        format!("{}.cfargotunnel.com", self.tunnel_id.to_ascii_lowercase())
+    }
 }
 
 /// The `traefik` proxy provider's settings.
@@ -107,6 +141,7 @@ impl ProxyConfig {
             ProxyConfig::Embedded { listen } => Some(*listen),
             ProxyConfig::Caddy { wake_listen, .. } => *wake_listen,
             ProxyConfig::Traefik(t) => t.wake_listen,
+            ProxyConfig::CloudflareTunnel(_) => None,
         }
     }
 
@@ -116,6 +151,7 @@ impl ProxyConfig {
             ProxyConfig::Embedded { .. } => None,
             ProxyConfig::Caddy { wake_listen, .. } => *wake_listen,
             ProxyConfig::Traefik(t) => t.wake_listen,
+            ProxyConfig::CloudflareTunnel(_) => None,
         }
     }
 
@@ -129,6 +165,7 @@ impl ProxyConfig {
                 t.tls.as_mut()
             }
             ProxyConfig::Caddy { tls, .. } => tls.as_mut(),
+            ProxyConfig::CloudflareTunnel(c) => c.tls.as_mut(),
             ProxyConfig::Embedded { .. } => None,
         };
         if let Some(t) = tls {

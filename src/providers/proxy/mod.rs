@@ -1,15 +1,17 @@
 //! Proxy providers: routes host -> session port. `embedded` (vessel's own proxy), `caddy` (its
-//! admin API), `traefik` (its file provider); `fronted` puts Caddy or Traefik in front of
+//! admin API), `traefik` (its file provider), `cloudflare_tunnel` (a tunnel's ingress rules);
+//! `fronted` puts Caddy or Traefik in front of
 //! vessel's wake-and-activity listener. Route steps come in batches: one table swap or
 //! config write per batch. Proxies without labels mark vessel's routes by name (`route_tag`).
 
 pub mod caddy;
+pub mod cloudflare_tunnel;
 mod config;
 pub mod embedded;
 pub mod fronted;
 pub mod traefik;
 
-pub use config::{ProxyConfig, TraefikConfig};
+pub use config::{CloudflareTunnelConfig, ProxyConfig, TraefikConfig};
 use std::sync::Arc;
 
 use crate::model::observed::ObservedRoute;
