@@ -547,6 +547,10 @@ mod tests {
         RuntimeSpec {
             compute: ComputeKind::Process,
             image: None,
+            guest: None,
+            template: None,
+            clone: None,
+            storage: None,
             pull: None,
             command: vec![],
             env: BTreeMap::new(),

@@ -264,9 +264,13 @@ impl FieldChange {
 }
 
 /// The fields of a plan that make a session's spec (the `RuntimeSpec`), in schema order.
-pub const SPEC_FIELDS: [&str; 11] = [
+pub const SPEC_FIELDS: [&str; 15] = [
     "compute",
     "image",
+    "guest",
+    "template",
+    "clone",
+    "storage",
     "pull",
     "command",
     "env",
@@ -289,6 +293,11 @@ pub fn field_change(kind: ComputeKind, field: &str) -> FieldChange {
         (ComputeKind::Process, _) => Ignored,
         (ComputeKind::Docker, "disk") => Ignored,
         (ComputeKind::Docker, "pull") => Free,
+        (ComputeKind::Docker, "guest" | "template" | "clone" | "storage") => Ignored,
+        // A guest runs what its template holds; its cores, memory and disk change in place
+        // (a disk only grows: the provider refuses a shrink), its ports are where routes go.
+        (ComputeKind::Proxmox, "image" | "pull" | "command" | "env") => Ignored,
+        (ComputeKind::Proxmox, "cpus" | "memory" | "disk" | "ports") => Restart,
         _ => Replace,
     }
 }
@@ -399,6 +408,27 @@ pub struct PlanSpec {
     /// Changing it (process: ignored; docker: replaces the session).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// What a proxmox session is: `vm` (a QEMU virtual machine, the default) or `lxc` (a
+    /// container).
+    /// Changing it (process: ignored; docker: ignored). On proxmox it replaces the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<Guest>,
+    /// The proxmox template a session's guest is cloned from: its VMID (`9000`) or its name
+    /// (`debian-12-devbox`), a template of the same guest type on the session's cluster.
+    /// Changing it (process: ignored; docker: ignored). On proxmox it replaces the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// How a proxmox guest is cloned from its template: `full` (the default: a copy of its
+    /// disks, independent of the template) or `linked` (copy-on-write on the template's
+    /// storage: fast, but the template must stay).
+    /// Changing it (process: ignored; docker: ignored). On proxmox it replaces the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone: Option<CloneMode>,
+    /// The proxmox storage a full clone's disks go to (such as `local-lvm`); by default the
+    /// template's.
+    /// Changing it (process: ignored; docker: ignored). On proxmox it replaces the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<String>,
     /// When the image is pulled from its registry: `missing` (the default) when the engine
     /// does not have it, `always` before every create or replace, `never` (it must be there).
     /// A pull runs before a replace takes the old session away; one that fails holds the
@@ -416,16 +446,20 @@ pub struct PlanSpec {
     /// Changing it (process: changes in place with a restart; docker: replaces the session).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
-    /// CPU limit in cores, such as `1` or `0.5`.
-    /// Changing it (process: ignored; docker: replaces the session).
+    /// CPU limit in cores, such as `1` or `0.5` (proxmox: whole cores, rounded up).
+    /// Changing it (process: ignored; docker: replaces the session). On proxmox it changes
+    /// in place with a restart (a VM reboots to take it; a container takes it at once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<f64>,
     /// Memory limit, such as `1GiB`.
-    /// Changing it (process: ignored; docker: replaces the session).
+    /// Changing it (process: ignored; docker: replaces the session). On proxmox it changes
+    /// in place with a restart (a VM reboots to take it; a container takes it at once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<Size>,
-    /// Disk size, such as `10GiB`.
-    /// Changing it (process: ignored; docker: ignored).
+    /// Disk size, such as `10GiB` (proxmox: the guest's boot disk, grown to it after the
+    /// clone).
+    /// Changing it (process: ignored; docker: ignored). On proxmox a larger size grows the
+    /// disk in place; a smaller one is refused (disks never shrink).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<Size>,
     /// Named ports the session serves, such as `{ide: 8080, app: 5173}`.
@@ -452,6 +486,32 @@ pub struct PlanSpec {
     /// Changing it (process: changes in place; docker: changes in place).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_timeout: Option<Duration>,
+}
+
+/// What a proxmox session's guest is.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Guest {
+    /// A QEMU virtual machine (its address from the QEMU guest agent).
+    #[default]
+    Vm,
+    /// An LXC container.
+    Lxc,
+}
+
+/// How a proxmox guest is cloned from its template.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum CloneMode {
+    /// A full copy of the template's disks.
+    #[default]
+    Full,
+    /// A linked (copy-on-write) clone on the template's storage.
+    Linked,
 }
 
 /// When a container image is pulled from its registry.

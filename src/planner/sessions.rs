@@ -26,6 +26,10 @@ pub fn runtime_spec_on(
     RuntimeSpec {
         compute,
         image: plan.image.clone(),
+        guest: plan.guest,
+        template: plan.template.clone(),
+        clone: plan.clone,
+        storage: plan.storage.clone(),
         pull: plan.pull,
         command: plan.command.clone(),
         env,

@@ -72,6 +72,8 @@ pub enum SetupError {
     PowerDnsKey(#[source] crate::secret::SecretError),
     #[error(transparent)]
     Docker(#[from] super::compute::docker::DockerSetupError),
+    #[error(transparent)]
+    Proxmox(super::compute::proxmox::ProxmoxSetupError),
     #[error("cannot prepare the process provider's directory {path}")]
     StateDir {
         path: std::path::PathBuf,

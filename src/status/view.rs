@@ -546,6 +546,10 @@ mod tests {
         let spec = RuntimeSpec {
             compute: crate::model::ComputeKind::Process,
             image: None,
+            guest: None,
+            template: None,
+            clone: None,
+            storage: None,
             pull: None,
             command: vec![],
             env: [("API_KEY".to_string(), "hunter2".to_string())]

@@ -8,6 +8,7 @@ pub mod docker;
 pub mod health;
 pub mod kept;
 pub mod process;
+pub mod proxmox;
 pub(crate) mod record;
 pub mod workspace;
 
@@ -97,6 +98,8 @@ compute_providers! {
     process: process::ProcessConfig => Process,
     /// Docker Engine API hosts (Docker or Podman).
     docker: docker::DockerConfig => Docker,
+    /// Proxmox VE clusters: sessions are VMs or LXC containers cloned from templates.
+    proxmox: proxmox::ProxmoxConfig => Proxmox,
 }
 
 impl Default for ComputeProviders {

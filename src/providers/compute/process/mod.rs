@@ -843,6 +843,10 @@ mod tests {
             spec: RuntimeSpec {
                 compute: ComputeKind::Process,
                 image: None,
+                guest: None,
+                template: None,
+                clone: None,
+                storage: None,
                 pull: None,
                 command: vec![],
                 env: BTreeMap::new(),
