@@ -302,6 +302,26 @@ pub fn field_change(kind: ComputeKind, field: &str) -> FieldChange {
     }
 }
 
+/// A change from `old` to `new` that a session on `kind` cannot take, with why: the plan
+/// holds the session as it is and says so. Proxmox disks only grow.
+pub fn refused_change(
+    kind: ComputeKind,
+    old: &observed::RuntimeSpec,
+    new: &observed::RuntimeSpec,
+) -> Option<(String, String)> {
+    match (kind, old.disk, new.disk) {
+        (ComputeKind::Proxmox, Some(was), Some(now))
+            if now.bytes() < was.bytes() && old.compute == new.compute =>
+        {
+            Some((
+                "disk".into(),
+                format!("the disk is {was} and the plan asks for {now}; a disk never shrinks"),
+            ))
+        }
+        _ => None,
+    }
+}
+
 /// A route template of the config: a host pattern for one port (or every port) of every
 /// session's plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

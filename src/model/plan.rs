@@ -476,6 +476,9 @@ pub enum HoldReason {
     Settling { file: PathBuf, until: DateTime<Utc> },
     /// Its `source.path` does not exist: it is not made without its project.
     SourceMissing { path: PathBuf },
+    /// Its spec asks for a change its compute provider cannot make (a disk that would shrink):
+    /// it is left as it is.
+    Refused { field: String, reason: String },
     /// More than one compute provider reports a session of this name: vessel cannot tell which
     /// is the session, so it touches none of them.
     Duplicate { providers: Vec<ComputeKind> },

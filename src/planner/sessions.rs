@@ -198,6 +198,15 @@ impl<'a> Planner<'a> {
                 self.hold_session(name, why);
                 continue;
             }
+            if let (Some(w), Some(o)) = (want, have)
+                && o.owned
+                && let Some(old) = &o.spec
+                && let Some((field, reason)) =
+                    crate::model::refused_change(w.spec.compute, old, &w.spec)
+            {
+                self.hold_session(name, HoldReason::Refused { field, reason });
+                continue;
+            }
             let fate = match (want, have) {
                 (None, None) => continue,
                 (Some(_), Some(o)) if !o.owned => {
