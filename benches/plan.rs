@@ -65,6 +65,7 @@ fn main() {
             source: None,
             expires: None,
             on_expiry: Default::default(),
+            restart_requested: None,
             env: BTreeMap::new(),
             location: None,
             idle_timeout: None,

@@ -499,6 +499,8 @@ impl Lifecycle {
         let start = SessionAction::StartSession {
             session: session.to_string(),
             provider: provider_kind,
+            restart: false,
+            stop_timeout: None,
         };
         bounded("start", Duration::from_secs(120), p.apply(&start)).await?;
         if let Some(port) = &spec.health_port {
@@ -630,6 +632,8 @@ impl Lifecycle {
             let start = SessionAction::StartSession {
                 session: session.to_string(),
                 provider: p.kind(),
+                restart: false,
+                stop_timeout: None,
             };
             if bounded("start", Duration::from_secs(120), p.apply(&start))
                 .await

@@ -103,10 +103,10 @@ impl ComputeKind {
     /// another).
     pub fn sleep_depths(self) -> &'static [SleepDepth] {
         match self {
-            ComputeKind::Process | ComputeKind::Docker => &[SleepDepth::Stop, SleepDepth::Pause],
-            ComputeKind::Qemu | ComputeKind::Proxmox | ComputeKind::Kubernetes => {
-                &[SleepDepth::Stop]
+            ComputeKind::Process | ComputeKind::Docker | ComputeKind::Proxmox => {
+                &[SleepDepth::Stop, SleepDepth::Pause]
             }
+            ComputeKind::Qemu | ComputeKind::Kubernetes => &[SleepDepth::Stop],
         }
     }
 
@@ -497,8 +497,8 @@ pub struct PlanSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<Duration>,
     /// How deep a session sleeps: `stop` (the default: frees its memory; a wake starts it) or
-    /// `pause` (process: SIGSTOP of its group; docker: the engine's pause; memory kept, CPU
-    /// freed, a wake takes milliseconds).
+    /// `pause` (process: SIGSTOP of its group; docker: the engine's pause; proxmox: the guest
+    /// suspended; memory kept, CPU freed, a wake takes milliseconds).
     /// Changing it (process: changes in place; docker: changes in place).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sleep: Option<SleepDepth>,
@@ -726,6 +726,17 @@ pub struct SessionSpec {
     /// This session's own idle timeout, over its plan's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<Duration>,
+    /// A declarative restart (RFC 3339): a running session last started before this time is
+    /// restarted once (stopped within its plan's `stop_timeout` and started again; a proxmox
+    /// guest reboots). Set it to now to restart a session; a time in the future restarts it
+    /// then. Needs a provider that reports when a session started (process, proxmox); others
+    /// never restart for it.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "rfc3339_opt"
+    )]
+    pub restart_requested: Option<DateTime<Utc>>,
 }
 
 /// A hostname routed to one port of a session.

@@ -223,6 +223,9 @@ pub struct ObservedSession {
     /// directory, so a restarted vessel wakes nothing that sleeps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub asleep: Option<Asleep>,
+    /// When it last started, where its provider knows (for `restart_requested`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// A session vessel put to sleep: since when, how deep, and why.
@@ -278,6 +281,7 @@ impl ObservedSession {
             healthy: None,
             host: None,
             asleep: None,
+            started: None,
         }
     }
 }

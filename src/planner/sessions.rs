@@ -279,6 +279,17 @@ impl<'a> Planner<'a> {
         {
             return Fate::Keep;
         }
+        // A declarative restart: once, if it last started before the time asked for.
+        if let Some(at) = w.session.restart_requested {
+            if at > self.policy.now {
+                self.wake_at(at);
+            } else if w.state == RunState::Running
+                && o.state == SessionState::Running
+                && o.started.is_some_and(|s| s < at)
+            {
+                return Fate::Start(Reason::RestartRequested { at });
+            }
+        }
         let want_running = w.state != RunState::Stopped;
         match (want_running, o.state) {
             (true, SessionState::Running) | (false, SessionState::Stopped) => Fate::Keep,

@@ -601,6 +601,7 @@ mod tests {
                 healthy: None,
                 host: None,
                 asleep: None,
+                started: None,
             },
         );
         let text =

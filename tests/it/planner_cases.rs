@@ -240,6 +240,7 @@ fn apply_drift(o: &mut Observed, drift: &[Drift]) {
                         healthy: None,
                         host: None,
                         asleep: None,
+                        started: None,
                     },
                 );
             }

@@ -111,6 +111,7 @@ fn build(variant: u8, sessions: &[GenSession]) -> Desired {
             }),
             expires: None,
             on_expiry: Default::default(),
+            restart_requested: None,
             env: BTreeMap::new(),
             location: None,
             idle_timeout: None,
@@ -241,6 +242,7 @@ fn foreign(o: &mut Observed, n: u8) {
             healthy: None,
             host: None,
             asleep: None,
+            started: None,
         },
     );
     let host = format!("{name}.localhost");

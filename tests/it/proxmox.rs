@@ -551,3 +551,92 @@ fn contract_double_refuses_requests_the_schema_does_not_allow() {
         "locked while its clone runs: {out}"
     );
 }
+
+#[test]
+fn contract_double_restart_requested_reboots_a_running_guest_once() {
+    let d = double(Timing::quick());
+    let t = Tree::new(&d, "");
+    t.plan("vm", "vm", "");
+    t.session("max", "vm", "");
+    assert_eq!(t.apply().0, 0);
+    // Asked for after it started (uptime is in whole seconds).
+    std::thread::sleep(Duration::from_millis(1500));
+    let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    t.session("max", "vm", &format!("restart_requested: '{at}'\n"));
+    let (code, out) = t.vessel(&["plan", "vessel.yaml"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("restart requested at"), "{out}");
+    let (code, out) = t.apply();
+    assert_eq!(code, 0, "{out}");
+    let (vmid, ..) = guest(&d, "max").expect("kept");
+    assert_eq!(
+        d.params_of("POST", &format!("/{vmid}/status/reboot")).len(),
+        1,
+        "rebooted once"
+    );
+    let (code, out) = t.vessel(&["plan", "vessel.yaml"]);
+    assert_eq!(code, 0, "restarted once, not again: {out}");
+    // A time in the future restarts nothing yet.
+    let later = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    t.session("max", "vm", &format!("restart_requested: '{later}'\n"));
+    let (code, out) = t.vessel(&["plan", "vessel.yaml"]);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn contract_double_the_pause_sleep_depth_suspends_and_a_start_resumes() {
+    use vessel::model::ComputeKind;
+    use vessel::model::plan::SessionAction;
+    use vessel::providers::ComputeProvider;
+    let d = double(Timing::quick());
+    let t = Tree::new(&d, "");
+    t.plan("vm", "vm", "sleep: pause\n");
+    t.session("nia", "vm", "");
+    assert_eq!(t.apply().0, 0);
+    // The provider in process, on the tree's state directory, as the daemon's lifecycle
+    // drives it.
+    let token = t.path().join("token");
+    std::fs::write(&token, TOKEN_SECRET).expect("token");
+    let config: vessel::providers::compute::proxmox::ProxmoxConfig = serde_saphyr::from_str(
+        &format!(
+            "clusters: [{{name: lab, url: '{}', token_id: '{TOKEN_ID}', token_secret: {{file: '{}'}}, nodes: [{{name: pve1}}, {{name: pve2}}]}}]\npoll_interval: 50ms\n",
+            d.url,
+            token.display()
+        ),
+    )
+    .expect("config");
+    let p = vessel::providers::compute::proxmox::ProxmoxProvider::new(
+        config,
+        t.path().join("state/proxmox"),
+    )
+    .expect("provider");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        p.observe().await.expect("observed");
+        p.pause("nia").await.expect("paused");
+        assert_eq!(
+            d.with(|w| w
+                .guests
+                .values()
+                .find(|g| g.name == "vessel-nia")
+                .map(|g| g.qmp)),
+            Some("paused")
+        );
+        let start = SessionAction::StartSession {
+            session: "nia".into(),
+            provider: ComputeKind::Proxmox,
+            restart: false,
+            stop_timeout: None,
+        };
+        p.apply(&start).await.expect("resumed");
+    });
+    assert_eq!(
+        d.with(|w| w
+            .guests
+            .values()
+            .find(|g| g.name == "vessel-nia")
+            .map(|g| g.qmp)),
+        Some("running")
+    );
+    assert_eq!(d.params_of("POST", "/status/resume").len(), 1);
+}

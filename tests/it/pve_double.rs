@@ -774,6 +774,9 @@ fn behave(
                     if let Some(l) = &g.lock {
                         r["lock"] = json!(l);
                     }
+                    if let Some(s) = g.started.filter(|_| g.status == "running") {
+                        r["uptime"] = json!(s.elapsed().as_secs());
+                    }
                     r
                 })
                 .collect(),

@@ -662,6 +662,7 @@ impl DockerProvider {
                         healthy: None,
                         host: Some(host_name),
                         asleep: None,
+                        started: None,
                     },
                 );
             }

@@ -295,6 +295,8 @@ pub struct Resource {
     /// Its tags as a set (Proxmox may reorder them, and splits on `;`, `,` or spaces).
     pub tags: BTreeSet<String>,
     pub maxdisk: Option<u64>,
+    /// Seconds since it started, while it runs.
+    pub uptime: Option<u64>,
 }
 
 impl Resource {
@@ -326,6 +328,7 @@ impl Resource {
                 .map(str::to_string),
             tags: tag_set(v.get("tags").and_then(Value::as_str).unwrap_or_default()),
             maxdisk: v.get("maxdisk").and_then(number),
+            uptime: v.get("uptime").and_then(number),
         })
     }
 }

@@ -109,6 +109,9 @@ struct Record {
     source_file: Option<PathBuf>,
     #[serde(default)]
     save_to: Option<PathBuf>,
+    /// Suspended by vessel (the `pause` sleep depth): a start resumes it.
+    #[serde(default)]
+    paused: bool,
 }
 
 /// Where a session's guest was last seen.
@@ -495,7 +498,12 @@ impl Inner {
     }
 
     /// Start the guest (if it is not running) and wait for its address.
-    async fn start_guest(&self, p: &Placed, session: &str) -> Result<String, ProviderError> {
+    async fn start_guest(
+        &self,
+        p: &Placed,
+        session: &str,
+        paused: bool,
+    ) -> Result<String, ProviderError> {
         let cur = self.wait_unlocked(p, session).await?;
         let status = cur.get("status").and_then(Value::as_str).unwrap_or("");
         let qmp = cur.get("qmpstatus").and_then(Value::as_str).unwrap_or("");
@@ -510,7 +518,7 @@ impl Inner {
             )
             .await
             .map_err(err("start", session))?;
-        } else if qmp == "paused" || qmp == "suspended" {
+        } else if paused || qmp == "paused" || qmp == "suspended" {
             self.run_task(
                 p.cluster,
                 Method::POST,
@@ -522,6 +530,21 @@ impl Inner {
             .map_err(err("resume", session))?;
         }
         self.wait_address(p, session).await
+    }
+
+    /// Reboot a running guest and wait for its address again.
+    async fn reboot(&self, p: &Placed, session: &str, r: &mut Record) -> Result<(), ProviderError> {
+        self.run_task(
+            p.cluster,
+            Method::POST,
+            &self.path(&p.res, "/status/reboot"),
+            &[],
+            self.config.task_timeout.std(),
+        )
+        .await
+        .map_err(err("reboot", session))?;
+        r.address = Some(self.wait_address(p, session).await?);
+        self.write_record(session, r)
     }
 
     async fn slot(&self, node: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
@@ -551,8 +574,9 @@ impl Inner {
         if start {
             r.intent = Intent::Running;
             self.write_record(session, &r)?;
-            let address = self.start_guest(p, session).await?;
+            let address = self.start_guest(p, session, r.paused).await?;
             r.address = Some(address);
+            r.paused = false;
         }
         r.phase = Phase::Ready;
         self.write_record(session, &r)
@@ -599,6 +623,7 @@ impl Inner {
                 address: None,
                 source_file: Some(a.source_file.to_path_buf()),
                 save_to: a.save_to.map(Path::to_path_buf),
+                paused: false,
             };
             self.write_record(session, &record)?;
             let name_key = match guest {
@@ -651,6 +676,7 @@ impl Inner {
                     lock: None,
                     tags: Default::default(),
                     maxdisk: template.maxdisk,
+                    uptime: None,
                 },
             };
             self.remember(session, p.clone());
@@ -673,6 +699,7 @@ impl ProxmoxProvider {
     async fn observe_all(&self) -> Result<Vec<ObservedSession>, ProviderError> {
         let inner = &self.inner;
         let lists = inner.list_all().await?;
+        let now = chrono::Utc::now();
         let mut out: BTreeMap<String, ObservedSession> = BTreeMap::new();
         let mut placed = HashMap::new();
         for (cluster, list) in lists {
@@ -765,6 +792,11 @@ impl ProxmoxProvider {
                         healthy: None,
                         host: Some(res.node.clone()),
                         asleep: None,
+                        started: res
+                            .uptime
+                            .filter(|_| running)
+                            .and_then(|u| i64::try_from(u).ok())
+                            .map(|u| now - chrono::Duration::seconds(u)),
                     },
                 );
             }
@@ -913,18 +945,7 @@ impl SessionSteps for ProxmoxProvider {
         let running = cur.get("status").and_then(Value::as_str) == Some("running");
         // A container takes cores and memory at once; a VM's wait for a reboot.
         if restart && running && p.res.kind == Kind::Qemu {
-            inner
-                .run_task(
-                    p.cluster,
-                    Method::POST,
-                    &inner.path(&p.res, "/status/reboot"),
-                    &[],
-                    inner.config.task_timeout.std(),
-                )
-                .await
-                .map_err(err("reboot", session))?;
-            r.address = Some(inner.wait_address(&p, session).await?);
-            inner.write_record(session, &r)?;
+            inner.reboot(&p, session, &mut r).await?;
         }
         Ok(())
     }
@@ -943,6 +964,24 @@ impl SessionSteps for ProxmoxProvider {
             ));
         }
         inner.finish(session, &p, r, true).await
+    }
+
+    /// A reboot (a guest that is not running is started instead).
+    async fn restart(
+        &self,
+        session: &str,
+        _stop_timeout: Option<crate::model::Duration>,
+    ) -> Result<(), ProviderError> {
+        let inner = &self.inner;
+        let p = self.placed("restart", session).await?;
+        let mut r = inner
+            .record_for(session, p.cluster, &p.res)
+            .ok_or_else(|| ProviderError::failed("restart", session, "it has no record"))?;
+        let cur = inner.wait_unlocked(&p, session).await?;
+        if cur.get("status").and_then(Value::as_str) != Some("running") {
+            return inner.finish(session, &p, r, true).await;
+        }
+        inner.reboot(&p, session, &mut r).await
     }
 
     async fn stop(
@@ -1067,6 +1106,33 @@ impl ComputeProvider for ProxmoxProvider {
 
     fn apply<'a>(&'a self, action: &'a SessionAction) -> BoxFut<'a, Result<(), ProviderError>> {
         Box::pin(super::run_session_step(self, action))
+    }
+
+    /// Suspend the guest (the `pause` sleep depth): a VM's memory is kept and its vCPUs stop;
+    /// a container is frozen. A start resumes it.
+    fn pause<'a>(&'a self, session: &'a str) -> BoxFut<'a, Result<(), ProviderError>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let p = self.placed("pause", session).await?;
+            let mut r = inner
+                .record_for(session, p.cluster, &p.res)
+                .ok_or_else(|| ProviderError::failed("pause", session, "it has no record"))?;
+            inner.wait_unlocked(&p, session).await?;
+            // Marked first: a crash in between leaves a guest marked paused that runs, which
+            // a start resumes harmlessly.
+            r.paused = true;
+            inner.write_record(session, &r)?;
+            inner
+                .run_task(
+                    p.cluster,
+                    Method::POST,
+                    &inner.path(&p.res, "/status/suspend"),
+                    &[],
+                    inner.config.task_timeout.std(),
+                )
+                .await
+                .map_err(err("pause", session))
+        })
     }
 
     fn endpoints<'a>(
