@@ -49,6 +49,7 @@ fn main() {
         .into_iter()
         .collect(),
         health: None,
+        firewall: None,
         idle_timeout: None,
         sleep: None,
         stop_timeout: None,

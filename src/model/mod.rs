@@ -264,7 +264,7 @@ impl FieldChange {
 }
 
 /// The fields of a plan that make a session's spec (the `RuntimeSpec`), in schema order.
-pub const SPEC_FIELDS: [&str; 15] = [
+pub const SPEC_FIELDS: [&str; 16] = [
     "compute",
     "image",
     "guest",
@@ -279,6 +279,7 @@ pub const SPEC_FIELDS: [&str; 15] = [
     "disk",
     "ports",
     "health",
+    "firewall",
     "stop_timeout",
 ];
 
@@ -293,11 +294,11 @@ pub fn field_change(kind: ComputeKind, field: &str) -> FieldChange {
         (ComputeKind::Process, _) => Ignored,
         (ComputeKind::Docker, "disk") => Ignored,
         (ComputeKind::Docker, "pull") => Free,
-        (ComputeKind::Docker, "guest" | "template" | "clone" | "storage") => Ignored,
+        (ComputeKind::Docker, "guest" | "template" | "clone" | "storage" | "firewall") => Ignored,
         // A guest runs what its template holds; its cores, memory and disk change in place
         // (a disk only grows: the provider refuses a shrink), its ports are where routes go.
         (ComputeKind::Proxmox, "image" | "pull" | "command" | "env") => Ignored,
-        (ComputeKind::Proxmox, "cpus" | "memory" | "disk" | "ports") => Restart,
+        (ComputeKind::Proxmox, "cpus" | "memory" | "disk" | "ports" | "firewall") => Restart,
         _ => Replace,
     }
 }
@@ -486,6 +487,15 @@ pub struct PlanSpec {
     /// Changing it (process: changes in place with a restart; docker: replaces the session).
     #[serde(default)]
     pub ports: BTreeMap<String, Port>,
+    /// Firewall rules for a proxmox guest: `{allow: [{port: ide, from: 10.0.0.0/8}]}`. Each
+    /// becomes an inbound TCP accept rule on the guest's firewall, marked by its comment
+    /// (`vessel.<instance>`); rules vessel did not write stay as they are. The guest's
+    /// firewall is enabled when there are rules (its network device needs `firewall=1`, in
+    /// the template).
+    /// Changing it (process: ignored; docker: ignored). On proxmox it changes in place (the
+    /// rules are rewritten; nothing restarts for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firewall: Option<Firewall>,
     /// How vessel decides a session is healthy; by default, its first port answers.
     /// Changing it (process: changes in place; docker: changes in place).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -506,6 +516,34 @@ pub struct PlanSpec {
     /// Changing it (process: changes in place; docker: changes in place).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_timeout: Option<Duration>,
+}
+
+/// A proxmox guest's firewall rules.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Firewall {
+    /// Inbound TCP connections accepted.
+    #[serde(default)]
+    pub allow: Vec<FirewallAllow>,
+}
+
+/// One inbound accept rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FirewallAllow {
+    /// A port name of the plan (`ide`) or a port number (`22`).
+    pub port: FirewallPort,
+    /// Where from: an address or CIDR (`10.0.0.0/8`); anywhere when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+}
+
+/// A port, by the plan's name for it or by number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum FirewallPort {
+    Number(Port),
+    Name(String),
 }
 
 /// What a proxmox session's guest is.

@@ -116,6 +116,8 @@ pub struct RuntimeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<Health>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firewall: Option<crate::model::Firewall>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_timeout: Option<Duration>,
 }
 

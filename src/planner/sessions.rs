@@ -38,6 +38,7 @@ pub fn runtime_spec_on(
         disk: plan.disk,
         ports: plan.ports.clone(),
         health: plan.health.clone(),
+        firewall: plan.firewall.clone(),
         stop_timeout: plan.stop_timeout,
     }
 }

@@ -560,6 +560,7 @@ mod tests {
             disk: None,
             ports: BTreeMap::new(),
             health: None,
+            firewall: None,
             stop_timeout: None,
         };
         let mut plan = crate::model::plan::Plan::default();

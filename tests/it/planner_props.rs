@@ -49,6 +49,7 @@ fn plans(variant: u8) -> Vec<PlanSpec> {
             .map(|(n, p)| (n.to_string(), Port(*p)))
             .collect(),
         health: None,
+        firewall: None,
         idle_timeout: None,
         sleep: None,
         stop_timeout: None,

@@ -132,6 +132,17 @@ impl Tree {
     }
 }
 
+/// A double, a tree with plan `plan` (for `guest` guests) and session `session`, applied.
+fn made(plan: &str, guest: &str, plan_extra: &str, session: &str) -> (Double, Tree) {
+    let d = double(Timing::quick());
+    let t = Tree::new(&d, "");
+    t.plan(plan, guest, plan_extra);
+    t.session(session, plan, "");
+    let (code, out) = t.apply();
+    assert_eq!(code, 0, "{out}");
+    (d, t)
+}
+
 /// The double's guest named `vessel-<session>`: (vmid, node, tags, status, cores, memory MiB,
 /// disk bytes).
 fn guest(d: &Double, session: &str) -> Option<(u64, String, String, String, u64, u64, u64)> {
@@ -419,11 +430,7 @@ fn contract_double_the_token_never_appears_in_output_state_or_errors() {
 
 #[test]
 fn contract_double_power_states_stop_with_shutdown_then_start_again() {
-    let d = double(Timing::quick());
-    let t = Tree::new(&d, "");
-    t.plan("vm", "vm", "");
-    t.session("kim", "vm", "");
-    assert_eq!(t.apply().0, 0);
+    let (d, t) = made("vm", "vm", "", "kim");
     t.session("kim", "vm", "state: stopped\n");
     let (code, out) = t.apply();
     assert_eq!(code, 0, "{out}");
@@ -445,11 +452,7 @@ fn contract_double_power_states_stop_with_shutdown_then_start_again() {
 
 #[test]
 fn contract_double_cores_memory_and_disk_change_in_place_and_a_shrink_is_refused() {
-    let d = double(Timing::quick());
-    let t = Tree::new(&d, "");
-    t.plan("ct", "lxc", "");
-    t.session("lee", "ct", "");
-    assert_eq!(t.apply().0, 0);
+    let (d, t) = made("ct", "lxc", "", "lee");
     let (vmid, ..) = guest(&d, "lee").expect("made");
     t.write(
         "plan-ct.yaml",
@@ -554,11 +557,7 @@ fn contract_double_refuses_requests_the_schema_does_not_allow() {
 
 #[test]
 fn contract_double_restart_requested_reboots_a_running_guest_once() {
-    let d = double(Timing::quick());
-    let t = Tree::new(&d, "");
-    t.plan("vm", "vm", "");
-    t.session("max", "vm", "");
-    assert_eq!(t.apply().0, 0);
+    let (d, t) = made("vm", "vm", "", "max");
     // Asked for after it started (uptime is in whole seconds).
     std::thread::sleep(Duration::from_millis(1500));
     let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
@@ -588,11 +587,7 @@ fn contract_double_the_pause_sleep_depth_suspends_and_a_start_resumes() {
     use vessel::model::ComputeKind;
     use vessel::model::plan::SessionAction;
     use vessel::providers::ComputeProvider;
-    let d = double(Timing::quick());
-    let t = Tree::new(&d, "");
-    t.plan("vm", "vm", "sleep: pause\n");
-    t.session("nia", "vm", "");
-    assert_eq!(t.apply().0, 0);
+    let (d, t) = made("vm", "vm", "sleep: pause\n", "nia");
     // The provider in process, on the tree's state directory, as the daemon's lifecycle
     // drives it.
     let token = t.path().join("token");
@@ -639,4 +634,65 @@ fn contract_double_the_pause_sleep_depth_suspends_and_a_start_resumes() {
         Some("running")
     );
     assert_eq!(d.params_of("POST", "/status/resume").len(), 1);
+}
+
+#[test]
+fn contract_double_firewall_rules_are_vessels_by_their_comment_and_foreign_ones_stay() {
+    let (d, t) = made(
+        "vm",
+        "vm",
+        "firewall: {allow: [{port: ide, from: 10.0.0.0/8}, {port: 22}]}\n",
+        "ola",
+    );
+    let (vmid, ..) = guest(&d, "ola").expect("made");
+    let rules = |d: &Double| {
+        d.with(|w| {
+            w.guests[&vmid]
+                .rules
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{} {} {}",
+                        r.get("comment").and_then(|v| v.as_str()).unwrap_or(""),
+                        r.get("dport").and_then(|v| v.as_str()).unwrap_or(""),
+                        r.get("source").and_then(|v| v.as_str()).unwrap_or("any")
+                    )
+                })
+                .collect::<std::collections::BTreeSet<String>>()
+        })
+    };
+    let ide = format!("vessel.vessel {} 10.0.0.0/8", t.port);
+    assert_eq!(
+        rules(&d),
+        [ide.clone(), "vessel.vessel 22 any".to_string()].into()
+    );
+    assert!(
+        d.with(|w| w.guests[&vmid].firewall),
+        "the guest's firewall is on"
+    );
+    // Someone adds a rule of their own; the plan drops the ide rule.
+    d.with(|w| {
+        let mut r = serde_json::Map::new();
+        r.insert("type".into(), "in".into());
+        r.insert("action".into(), "ACCEPT".into());
+        r.insert("dport".into(), "9100".into());
+        r.insert("comment".into(), "monitoring".into());
+        w.guests.get_mut(&vmid).expect("guest").rules.insert(0, r);
+    });
+    t.plan("vm", "vm", "firewall: {allow: [{port: 22}]}\n");
+    let (code, out) = t.apply();
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        rules(&d),
+        [
+            "monitoring 9100 any".to_string(),
+            "vessel.vessel 22 any".to_string()
+        ]
+        .into()
+    );
+    assert!(
+        d.params_of("POST", &format!("/{vmid}/status/reboot"))
+            .is_empty(),
+        "a firewall change reboots nothing"
+    );
 }

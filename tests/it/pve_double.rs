@@ -33,7 +33,8 @@ struct Schema {
 fn schema() -> &'static Schema {
     static S: OnceLock<Schema> = OnceLock::new();
     S.get_or_init(|| {
-        let file = crate::support::root().join("../shared/contracts/proxmox/pve-api.json");
+        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/contracts/proxmox/pve-api.json");
         let text = std::fs::read_to_string(&file).unwrap_or_else(|e| {
             panic!(
                 "the Proxmox API schema {} (see ../shared/contracts/README.md): {e}",
@@ -179,6 +180,11 @@ fn check_format(f: &str, v: &str) -> Result<(), String> {
         "pve-configid" => r"^[a-z][a-z0-9_]+$",
         "pve-tag-list" => r"^[a-z0-9_][a-z0-9_\-+.]*(?:[;, ][a-z0-9_][a-z0-9_\-+.]*)*$",
         "pve-vmid" => r"^[1-9][0-9]{2,8}$",
+        "pve-fw-dport-spec" | "pve-fw-sport-spec" => {
+            r"^[0-9a-z\-]+(:[0-9]+)?(,[0-9a-z\-]+(:[0-9]+)?)*$"
+        }
+        "pve-fw-addr-spec" => r"^[0-9a-fA-F:.]+(/[0-9]{1,3})?(,[0-9a-fA-F:.]+(/[0-9]{1,3})?)*$",
+        "pve-fw-protocol-spec" => r"^[a-z0-9\-]+$",
         _ => return Ok(()),
     };
     if regex::Regex::new(re).expect("format").is_match(v) {
@@ -348,6 +354,9 @@ pub struct GuestState {
     pub memory_mib: u64,
     pub maxdisk: u64,
     pub started: Option<Instant>,
+    /// Its firewall rules, in order (`pos` is the index), and whether it is enabled.
+    pub rules: Vec<serde_json::Map<String, Value>>,
+    pub firewall: bool,
 }
 
 struct Task {
@@ -521,6 +530,8 @@ impl Double {
                     memory_mib: 512,
                     maxdisk: 4 << 30,
                     started: None,
+                    rules: Vec::new(),
+                    firewall: false,
                 },
             )
         });
@@ -801,6 +812,8 @@ fn behave(
                         memory_mib: 512,
                         maxdisk: 1 << 30,
                         started: None,
+                        rules: Vec::new(),
+                        firewall: false,
                     },
                 );
             }
@@ -920,6 +933,8 @@ fn guest_call(
                     template: false,
                     lock: Some("clone".into()),
                     started: None,
+                    rules: Vec::new(),
+                    firewall: false,
                     ..g.clone()
                 },
             );
@@ -1072,6 +1087,50 @@ fn guest_call(
             } else {
                 Ok(json!([lo, eth]))
             }
+        }
+        ("GET", ["firewall", "rules"]) => Ok(Value::Array(
+            g.rules
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    let mut r = r.clone();
+                    r.insert("pos".into(), json!(i));
+                    r.insert("ipversion".into(), json!(4));
+                    Value::Object(r)
+                })
+                .collect(),
+        )),
+        ("POST", ["firewall", "rules"]) => {
+            let mut rule = serde_json::Map::new();
+            for k in ["type", "action", "proto", "dport", "source", "comment"] {
+                if let Some(v) = text(p, k) {
+                    rule.insert(k.into(), json!(v));
+                }
+            }
+            rule.insert("enable".into(), json!(int(p, "enable").unwrap_or(0)));
+            let pos = int(p, "pos").map_or(0, |n| n as usize);
+            if let Some(n) = w.guests.get_mut(&vmid) {
+                let at = pos.min(n.rules.len());
+                n.rules.insert(at, rule);
+            }
+            Ok(Value::Null)
+        }
+        ("DELETE", ["firewall", "rules", pos]) => {
+            let pos: usize = pos.parse().unwrap_or(usize::MAX);
+            let Some(n) = w.guests.get_mut(&vmid) else {
+                return Err((500, "gone".into()));
+            };
+            if pos >= n.rules.len() {
+                return Err((500, format!("no rule at position {pos}")));
+            }
+            n.rules.remove(pos);
+            Ok(Value::Null)
+        }
+        ("PUT", ["firewall", "options"]) => {
+            if let Some(n) = w.guests.get_mut(&vmid) {
+                n.firewall = boolean(p, "enable");
+            }
+            Ok(Value::Null)
         }
         ("DELETE", []) => {
             locked("destroy")?;

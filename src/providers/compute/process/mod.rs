@@ -875,6 +875,7 @@ mod tests {
                 disk: None,
                 ports: BTreeMap::new(),
                 health: None,
+                firewall: None,
                 stop_timeout: None,
             },
             fingerprint: String::new(),

@@ -532,6 +532,102 @@ impl Inner {
         self.wait_address(p, session).await
     }
 
+    /// Make the guest's firewall rules vessel marks (by their comment) the spec's: removed
+    /// where the spec has them no more, added where it has new ones. Rules without the mark
+    /// are never touched. Nothing is asked when neither the spec nor `had` has rules.
+    async fn sync_firewall(
+        &self,
+        p: &Placed,
+        session: &str,
+        spec: &RuntimeSpec,
+        had: bool,
+    ) -> Result<(), ProviderError> {
+        use crate::model::FirewallPort;
+        let want: Vec<(String, Option<String>)> = match &spec.firewall {
+            Some(fw) => fw
+                .allow
+                .iter()
+                .map(|a| {
+                    let port = match &a.port {
+                        FirewallPort::Number(n) => Some(n.0),
+                        FirewallPort::Name(name) => spec.ports.get(name).map(|p| p.0),
+                    };
+                    port.map(|n| (n.to_string(), a.from.clone()))
+                        .ok_or_else(|| {
+                            ProviderError::failed(
+                                "set the firewall of",
+                                session,
+                                format!("the plan has no port `{:?}`", a.port),
+                            )
+                        })
+                })
+                .collect::<Result<_, _>>()?,
+            None if !had => return Ok(()),
+            None => Vec::new(),
+        };
+        let c = &self.clusters[p.cluster];
+        let rules_path = self.path(&p.res, "/firewall/rules");
+        let rules = c
+            .get(&rules_path, &[])
+            .await
+            .map_err(err("read the firewall of", session))?;
+        let mark = self.marker.as_str();
+        let mut have: Vec<(u64, String, Option<String>)> = rules
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r.get("comment").and_then(Value::as_str) == Some(mark))
+            .filter_map(|r| {
+                Some((
+                    api::number(r.get("pos")?)?,
+                    r.get("dport")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string(),
+                    r.get("source").and_then(Value::as_str).map(str::to_string),
+                ))
+            })
+            .collect();
+        // Highest position first: removing one moves those after it.
+        have.sort_by(|a, b| b.0.cmp(&a.0));
+        for (pos, dport, source) in &have {
+            if !want.iter().any(|(d, s)| d == dport && s == source) {
+                c.call(Method::DELETE, &format!("{rules_path}/{pos}"), &[])
+                    .await
+                    .map_err(err("remove a firewall rule of", session))?;
+            }
+        }
+        for (dport, source) in &want {
+            if have.iter().any(|(_, d, s)| d == dport && s == source) {
+                continue;
+            }
+            let mut params = vec![
+                ("type", Value::from("in")),
+                ("action", Value::from("ACCEPT")),
+                ("proto", Value::from("tcp")),
+                ("dport", Value::from(dport.clone())),
+                ("enable", Value::from(1)),
+                ("comment", Value::from(mark)),
+            ];
+            if let Some(s) = source {
+                params.push(("source", Value::from(s.clone())));
+            }
+            c.call(Method::POST, &rules_path, &params)
+                .await
+                .map_err(err("add a firewall rule to", session))?;
+        }
+        if !want.is_empty() {
+            c.call(
+                Method::PUT,
+                &self.path(&p.res, "/firewall/options"),
+                &[("enable", Value::from(true))],
+            )
+            .await
+            .map_err(err("enable the firewall of", session))?;
+        }
+        Ok(())
+    }
+
     /// Reboot a running guest and wait for its address again.
     async fn reboot(&self, p: &Placed, session: &str, r: &mut Record) -> Result<(), ProviderError> {
         self.run_task(
@@ -570,6 +666,7 @@ impl Inner {
         }
         if r.phase == Phase::Configured {
             self.grow_disk(p, session, &r.spec).await?;
+            self.sync_firewall(p, session, &r.spec, false).await?;
         }
         if start {
             r.intent = Intent::Running;
@@ -938,13 +1035,18 @@ impl SessionSteps for ProxmoxProvider {
         // The disk first: a shrink is refused before anything changes.
         inner.grow_disk(&p, session, spec).await?;
         inner.configure(&p, session, spec, fingerprint).await?;
+        inner
+            .sync_firewall(&p, session, spec, r.spec.firewall.is_some())
+            .await?;
+        // Only cores and memory need a VM to reboot.
+        let reboot = r.spec.cpus != spec.cpus || r.spec.memory != spec.memory;
         r.spec = spec.clone();
         r.fingerprint = fingerprint.to_string();
         inner.write_record(session, &r)?;
         let cur = inner.current(&p, session).await?;
         let running = cur.get("status").and_then(Value::as_str) == Some("running");
         // A container takes cores and memory at once; a VM's wait for a reboot.
-        if restart && running && p.res.kind == Kind::Qemu {
+        if restart && reboot && running && p.res.kind == Kind::Qemu {
             inner.reboot(&p, session, &mut r).await?;
         }
         Ok(())
