@@ -252,13 +252,36 @@ impl Inner {
 
     /// Is `res` (named for `session`) vessel's?
     fn owned(&self, session: &str, cluster: usize, res: &Resource) -> bool {
+        let record = || self.record_for(session, cluster, res);
+        self.owned_with(session, res, record)
+    }
+
+    /// The same, with the session's record (if it describes `res`) read by `record` only
+    /// when the tags do not settle it.
+    fn owned_with(
+        &self,
+        session: &str,
+        res: &Resource,
+        record: impl FnOnce() -> Option<Record>,
+    ) -> bool {
         if res.template || res.name != guest_name(session) {
             return false;
         }
-        res.tags.contains(&self.marker)
-            || self
-                .record_for(session, cluster, res)
-                .is_some_and(|r| r.phase == Phase::Cloning)
+        res.tags.contains(&self.marker) || record().is_some_and(|r| r.phase == Phase::Cloning)
+    }
+
+    /// Every session's record, read once (a pass's observation reads each at most once).
+    fn all_records(&self) -> HashMap<String, Record> {
+        let Ok(dir) = std::fs::read_dir(&self.records) else {
+            return HashMap::new();
+        };
+        dir.flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.strip_suffix(".json")?.to_string();
+                let r = self.read_record(&name)?;
+                Some((name, r))
+            })
+            .collect()
     }
 
     fn path(&self, res: &Resource, rest: &str) -> String {
@@ -796,6 +819,7 @@ impl ProxmoxProvider {
     async fn observe_all(&self) -> Result<Vec<ObservedSession>, ProviderError> {
         let inner = &self.inner;
         let lists = inner.list_all().await?;
+        let records = inner.all_records();
         let now = chrono::Utc::now();
         let mut out: BTreeMap<String, ObservedSession> = BTreeMap::new();
         let mut placed = HashMap::new();
@@ -811,7 +835,10 @@ impl ProxmoxProvider {
                     continue;
                 }
                 let session = session.to_string();
-                let owned = inner.owned(&session, cluster, &res);
+                let record = records
+                    .get(&session)
+                    .filter(|r| r.cluster == inner.clusters[cluster].name && r.vmid == res.vmid);
+                let owned = inner.owned_with(&session, &res, || record.cloned());
                 let running = res.status == "running";
                 if out.get(&session).is_some_and(|o| o.owned || !owned) {
                     tracing::warn!(%session, vmid = res.vmid, "another guest for this session exists; left alone");
@@ -832,7 +859,7 @@ impl ProxmoxProvider {
                     );
                     continue;
                 }
-                let record = inner.record_for(&session, cluster, &res);
+                let record = record.cloned();
                 let fp_tag = res
                     .tags
                     .iter()
