@@ -127,10 +127,10 @@ fn check_param(s: &Value, v: &Value) -> Result<(), String> {
                 return Err(format!("value must have a minimum value of {min}"));
             }
         }
-        "boolean" => {
-            if !["0", "1", "true", "false", "yes", "no", "on", "off"].contains(&text.as_str()) {
-                return Err(format!("type check ('boolean') failed - got '{text}'"));
-            }
+        "boolean"
+            if !["0", "1", "true", "false", "yes", "no", "on", "off"].contains(&text.as_str()) =>
+        {
+            return Err(format!("type check ('boolean') failed - got '{text}'"));
         }
         "string" => {
             if !v.is_string() {
@@ -154,7 +154,7 @@ fn check_param(s: &Value, v: &Value) -> Result<(), String> {
     if let Some(p) = s["pattern"].as_str() {
         let re = regex::Regex::new(&format!("^(?:{p})$")).expect("schema pattern");
         if !re.is_match(&text) {
-            return Err(format!("value does not match the regex pattern"));
+            return Err("value does not match the regex pattern".to_string());
         }
     }
     match &s["format"] {
@@ -204,9 +204,9 @@ fn check_property_string(keys: &serde_json::Map<String, Value>, v: &str) -> Resu
                     .iter()
                     .find(|(_, s)| s["default_key"].as_u64() == Some(1))
                 else {
-                    return Err(format!(
-                        "value without key, but schema does not define a default key"
-                    ));
+                    return Err(
+                        "value without key, but schema does not define a default key".to_string(),
+                    );
                 };
                 (k.clone(), part)
             }
@@ -359,6 +359,9 @@ pub struct GuestState {
     pub firewall: bool,
 }
 
+/// What a task does to the cluster when it ends.
+type Effect = Box<dyn FnOnce(&mut World) + Send>;
+
 struct Task {
     node: String,
     id: String,
@@ -367,7 +370,7 @@ struct Task {
     end: Instant,
     result: Result<(), String>,
     /// Applied once, when the task is first seen ended.
-    effect: Option<Box<dyn FnOnce(&mut World) + Send>>,
+    effect: Option<Effect>,
 }
 
 pub struct World {
@@ -559,12 +562,13 @@ fn decode(s: &str) -> String {
     let mut out = Vec::new();
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(v);
+            i += 3;
+            continue;
         }
         out.push(if b[i] == b'+' { b' ' } else { b[i] });
         i += 1;

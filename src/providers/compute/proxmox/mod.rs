@@ -612,7 +612,7 @@ impl Inner {
             })
             .collect();
         // Highest position first: removing one moves those after it.
-        have.sort_by(|a, b| b.0.cmp(&a.0));
+        have.sort_by_key(|r| std::cmp::Reverse(r.0));
         for (pos, dport, source) in &have {
             if !want.iter().any(|(d, s)| d == dport && s == source) {
                 c.call(Method::DELETE, &format!("{rules_path}/{pos}"), &[])
