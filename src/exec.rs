@@ -547,6 +547,10 @@ mod tests {
         RuntimeSpec {
             compute: ComputeKind::Process,
             image: None,
+            guest: None,
+            template: None,
+            clone: None,
+            storage: None,
             pull: None,
             command: vec![],
             env: BTreeMap::new(),
@@ -555,6 +559,7 @@ mod tests {
             disk: None,
             ports: BTreeMap::new(),
             health: None,
+            firewall: None,
             stop_timeout: None,
         }
     }

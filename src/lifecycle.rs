@@ -538,6 +538,8 @@ impl Lifecycle {
         let start = SessionAction::StartSession {
             session: session.to_string(),
             provider: provider_kind,
+            restart: false,
+            stop_timeout: None,
         };
         let t0 = Instant::now();
         bounded("start", Duration::from_secs(120), p.apply(&start)).await?;
@@ -646,6 +648,8 @@ impl Lifecycle {
             let start = SessionAction::StartSession {
                 session: session.to_string(),
                 provider: p.kind(),
+                restart: false,
+                stop_timeout: None,
             };
             if bounded("start", Duration::from_secs(120), p.apply(&start))
                 .await

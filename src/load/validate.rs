@@ -130,7 +130,25 @@ fn check_object(
             }
             let kinds = p.spec.compute.kinds();
             let needs_command = kinds.contains(&ComputeKind::Process);
-            let needs_image = kinds.iter().find(|k| **k != ComputeKind::Process);
+            // A proxmox guest is cloned from a template, not run from an image.
+            let needs_image = kinds
+                .iter()
+                .find(|k| !matches!(k, ComputeKind::Process | ComputeKind::Proxmox));
+            if kinds.contains(&ComputeKind::Proxmox) && p.spec.template.is_none() {
+                out.push(
+                    f.error(
+                        "missing-field",
+                        p.at("compute"),
+                        format!(
+                            "plan `{}` uses proxmox compute but has no `template`",
+                            p.spec.name
+                        ),
+                    )
+                    .with_help(
+                        "add `template: <VMID or name>` (a template of the plan's `guest` type)",
+                    ),
+                );
+            }
             if needs_command && p.spec.command.is_empty() {
                 out.push(
                     f.error("missing-field", p.at("compute"), format!("plan `{}` runs local processes but has no `command`", p.spec.name))

@@ -103,10 +103,10 @@ impl ComputeKind {
     /// another).
     pub fn sleep_depths(self) -> &'static [SleepDepth] {
         match self {
-            ComputeKind::Process | ComputeKind::Docker => &[SleepDepth::Stop, SleepDepth::Pause],
-            ComputeKind::Qemu | ComputeKind::Proxmox | ComputeKind::Kubernetes => {
-                &[SleepDepth::Stop]
+            ComputeKind::Process | ComputeKind::Docker | ComputeKind::Proxmox => {
+                &[SleepDepth::Stop, SleepDepth::Pause]
             }
+            ComputeKind::Qemu | ComputeKind::Kubernetes => &[SleepDepth::Stop],
         }
     }
 
@@ -264,9 +264,13 @@ impl FieldChange {
 }
 
 /// The fields of a plan that make a session's spec (the `RuntimeSpec`), in schema order.
-pub const SPEC_FIELDS: [&str; 11] = [
+pub const SPEC_FIELDS: [&str; 16] = [
     "compute",
     "image",
+    "guest",
+    "template",
+    "clone",
+    "storage",
     "pull",
     "command",
     "env",
@@ -275,6 +279,7 @@ pub const SPEC_FIELDS: [&str; 11] = [
     "disk",
     "ports",
     "health",
+    "firewall",
     "stop_timeout",
 ];
 
@@ -289,7 +294,32 @@ pub fn field_change(kind: ComputeKind, field: &str) -> FieldChange {
         (ComputeKind::Process, _) => Ignored,
         (ComputeKind::Docker, "disk") => Ignored,
         (ComputeKind::Docker, "pull") => Free,
+        (ComputeKind::Docker, "guest" | "template" | "clone" | "storage" | "firewall") => Ignored,
+        // A guest runs what its template holds; its cores, memory and disk change in place
+        // (a disk only grows: the provider refuses a shrink), its ports are where routes go.
+        (ComputeKind::Proxmox, "image" | "pull" | "command" | "env") => Ignored,
+        (ComputeKind::Proxmox, "cpus" | "memory" | "disk" | "ports" | "firewall") => Restart,
         _ => Replace,
+    }
+}
+
+/// A change from `old` to `new` that a session on `kind` cannot take, with why: the plan
+/// holds the session as it is and says so. Proxmox disks only grow.
+pub fn refused_change(
+    kind: ComputeKind,
+    old: &observed::RuntimeSpec,
+    new: &observed::RuntimeSpec,
+) -> Option<(String, String)> {
+    match (kind, old.disk, new.disk) {
+        (ComputeKind::Proxmox, Some(was), Some(now))
+            if now.bytes() < was.bytes() && old.compute == new.compute =>
+        {
+            Some((
+                "disk".into(),
+                format!("the disk is {was} and the plan asks for {now}; a disk never shrinks"),
+            ))
+        }
+        _ => None,
     }
 }
 
@@ -417,6 +447,27 @@ pub struct PlanSpec {
     /// Changing it (process: ignored; docker: replaces the session).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// What a proxmox session is: `vm` (a QEMU virtual machine, the default) or `lxc` (a
+    /// container).
+    /// Changing it (process: ignored; docker: ignored). On proxmox it replaces the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<Guest>,
+    /// The proxmox template a session's guest is cloned from: its VMID (`9000`) or its name
+    /// (`debian-12-devbox`), a template of the same guest type on the session's cluster.
+    /// Changing it (process: ignored; docker: ignored). On proxmox it replaces the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// How a proxmox guest is cloned from its template: `full` (the default: a copy of its
+    /// disks, independent of the template) or `linked` (copy-on-write on the template's
+    /// storage: fast, but the template must stay).
+    /// Changing it (process: ignored; docker: ignored). On proxmox it replaces the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone: Option<CloneMode>,
+    /// The proxmox storage a full clone's disks go to (such as `local-lvm`); by default the
+    /// template's.
+    /// Changing it (process: ignored; docker: ignored). On proxmox it replaces the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<String>,
     /// When the image is pulled from its registry: `missing` (the default) when the engine
     /// does not have it, `always` before every create or replace, `never` (it must be there).
     /// A pull runs before a replace takes the old session away; one that fails holds the
@@ -434,22 +485,35 @@ pub struct PlanSpec {
     /// Changing it (process: changes in place with a restart; docker: replaces the session).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
-    /// CPU limit in cores, such as `1` or `0.5`.
-    /// Changing it (process: ignored; docker: replaces the session).
+    /// CPU limit in cores, such as `1` or `0.5` (proxmox: whole cores, rounded up).
+    /// Changing it (process: ignored; docker: replaces the session). On proxmox it changes
+    /// in place with a restart (a VM reboots to take it; a container takes it at once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<f64>,
     /// Memory limit, such as `1GiB`.
-    /// Changing it (process: ignored; docker: replaces the session).
+    /// Changing it (process: ignored; docker: replaces the session). On proxmox it changes
+    /// in place with a restart (a VM reboots to take it; a container takes it at once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<Size>,
-    /// Disk size, such as `10GiB`.
-    /// Changing it (process: ignored; docker: ignored).
+    /// Disk size, such as `10GiB` (proxmox: the guest's boot disk, grown to it after the
+    /// clone).
+    /// Changing it (process: ignored; docker: ignored). On proxmox a larger size grows the
+    /// disk in place; a smaller one is refused (disks never shrink).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<Size>,
     /// Named ports the session serves, such as `{ide: 8080, app: 5173}`.
     /// Changing it (process: changes in place with a restart; docker: replaces the session).
     #[serde(default)]
     pub ports: BTreeMap<String, Port>,
+    /// Firewall rules for a proxmox guest: `{allow: [{port: ide, from: 10.0.0.0/8}]}`. Each
+    /// becomes an inbound TCP accept rule on the guest's firewall, marked by its comment
+    /// (`vessel.<instance>`); rules vessel did not write stay as they are. The guest's
+    /// firewall is enabled when there are rules (its network device needs `firewall=1`, in
+    /// the template).
+    /// Changing it (process: ignored; docker: ignored). On proxmox it changes in place (the
+    /// rules are rewritten; nothing restarts for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firewall: Option<Firewall>,
     /// How vessel decides a session is healthy; by default, its first port answers.
     /// Changing it (process: changes in place; docker: changes in place).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -461,8 +525,8 @@ pub struct PlanSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<Duration>,
     /// How deep a session sleeps: `stop` (the default: frees its memory; a wake starts it) or
-    /// `pause` (process: SIGSTOP of its group; docker: the engine's pause; memory kept, CPU
-    /// freed, a wake takes milliseconds).
+    /// `pause` (process: SIGSTOP of its group; docker: the engine's pause; proxmox: the guest
+    /// suspended; memory kept, CPU freed, a wake takes milliseconds).
     /// Changing it (process: changes in place; docker: changes in place).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sleep: Option<SleepDepth>,
@@ -470,6 +534,60 @@ pub struct PlanSpec {
     /// Changing it (process: changes in place; docker: changes in place).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_timeout: Option<Duration>,
+}
+
+/// A proxmox guest's firewall rules.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Firewall {
+    /// Inbound TCP connections accepted.
+    #[serde(default)]
+    pub allow: Vec<FirewallAllow>,
+}
+
+/// One inbound accept rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FirewallAllow {
+    /// A port name of the plan (`ide`) or a port number (`22`).
+    pub port: FirewallPort,
+    /// Where from: an address or CIDR (`10.0.0.0/8`); anywhere when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+}
+
+/// A port, by the plan's name for it or by number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum FirewallPort {
+    Number(Port),
+    Name(String),
+}
+
+/// What a proxmox session's guest is.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Guest {
+    /// A QEMU virtual machine (its address from the QEMU guest agent).
+    #[default]
+    Vm,
+    /// An LXC container.
+    Lxc,
+}
+
+/// How a proxmox guest is cloned from its template.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum CloneMode {
+    /// A full copy of the template's disks.
+    #[default]
+    Full,
+    /// A linked (copy-on-write) clone on the template's storage.
+    Linked,
 }
 
 /// When a container image is pulled from its registry.
@@ -664,6 +782,17 @@ pub struct SessionSpec {
     /// This session's own idle timeout, over its plan's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<Duration>,
+    /// A declarative restart (RFC 3339): a running session last started before this time is
+    /// restarted once (stopped within its plan's `stop_timeout` and started again; a proxmox
+    /// guest reboots). Set it to now to restart a session; a time in the future restarts it
+    /// then. Needs a provider that reports when a session started (process, proxmox); others
+    /// never restart for it.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "rfc3339_opt"
+    )]
+    pub restart_requested: Option<DateTime<Utc>>,
 }
 
 /// A hostname routed to one port of a session.

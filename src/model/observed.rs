@@ -92,6 +92,14 @@ pub struct RuntimeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<crate::model::Guest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone: Option<crate::model::CloneMode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pull: Option<crate::model::PullPolicy>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
@@ -107,6 +115,8 @@ pub struct RuntimeSpec {
     pub ports: BTreeMap<String, Port>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<Health>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firewall: Option<crate::model::Firewall>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_timeout: Option<Duration>,
 }
@@ -215,6 +225,9 @@ pub struct ObservedSession {
     /// directory, so a restarted vessel wakes nothing that sleeps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub asleep: Option<Asleep>,
+    /// When it last started, where its provider knows (for `restart_requested`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// A session vessel put to sleep: since when, how deep, and why.
@@ -270,6 +283,7 @@ impl ObservedSession {
             healthy: None,
             host: None,
             asleep: None,
+            started: None,
         }
     }
 }

@@ -65,6 +65,12 @@ pub enum SessionAction {
     StartSession {
         session: String,
         provider: ComputeKind,
+        /// It runs and is restarted (stopped within `stop_timeout`, started again): a
+        /// session's `restart_requested`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        restart: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stop_timeout: Option<Duration>,
     },
     StopSession {
         session: String,
@@ -249,6 +255,7 @@ impl SessionAction {
         match self {
             SessionAction::CreateSession { .. } => "create",
             SessionAction::UpdateSession { .. } => "update",
+            SessionAction::StartSession { restart: true, .. } => "restart",
             SessionAction::StartSession { .. } => "start",
             SessionAction::StopSession { .. } => "stop",
             SessionAction::DestroySession { .. } => "destroy",
@@ -394,6 +401,8 @@ pub enum Reason {
     },
     /// Part of another step's chain (health after start, source after create).
     Follows { object: Object },
+    /// Its `restart_requested` is later than its last start.
+    RestartRequested { at: DateTime<Utc> },
 }
 
 impl Reason {
@@ -423,6 +432,9 @@ impl Reason {
                 format!("replace: {} changed; {d}", changes.join(", "))
             }
             Reason::Follows { object } => format!("follows {object}"),
+            Reason::RestartRequested { at } => {
+                format!("restart requested at {}", at.to_rfc3339())
+            }
         }
     }
 }
@@ -476,6 +488,9 @@ pub enum HoldReason {
     Settling { file: PathBuf, until: DateTime<Utc> },
     /// Its `source.path` does not exist: it is not made without its project.
     SourceMissing { path: PathBuf },
+    /// Its spec asks for a change its compute provider cannot make (a disk that would shrink):
+    /// it is left as it is.
+    Refused { field: String, reason: String },
     /// More than one compute provider reports a session of this name: vessel cannot tell which
     /// is the session, so it touches none of them.
     Duplicate { providers: Vec<ComputeKind> },

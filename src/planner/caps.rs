@@ -66,6 +66,8 @@ impl<'a> Planner<'a> {
                 Some(Fate::Keep) => runs_now(name),
                 Some(Fate::Replace(_)) => runs_now(name) && wants_running,
                 Some(Fate::Start(Reason::Failed)) => true,
+                // A restart of a session that runs: it runs before and after.
+                Some(Fate::Start(Reason::RestartRequested { .. })) => true,
                 Some(Fate::Start(_)) | Some(Fate::Create) => {
                     if wants_running {
                         new.push(name);

@@ -561,6 +561,9 @@ pub fn hold_text(h: &super::HoldReason) -> String {
         super::HoldReason::NoHost { location } => {
             format!("no host of its compute provider is in location `{location}`")
         }
+        super::HoldReason::Refused { field, reason } => {
+            format!("its `{field}` cannot change that way: {reason}")
+        }
         super::HoldReason::SourceMissing { path } => format!(
             "its source path {} does not exist on this machine; it is made once it does",
             path.display()

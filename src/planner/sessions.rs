@@ -26,6 +26,10 @@ pub fn runtime_spec_on(
     RuntimeSpec {
         compute,
         image: plan.image.clone(),
+        guest: plan.guest,
+        template: plan.template.clone(),
+        clone: plan.clone,
+        storage: plan.storage.clone(),
         pull: plan.pull,
         command: plan.command.clone(),
         env,
@@ -34,6 +38,7 @@ pub fn runtime_spec_on(
         disk: plan.disk,
         ports: plan.ports.clone(),
         health: plan.health.clone(),
+        firewall: plan.firewall.clone(),
         stop_timeout: plan.stop_timeout,
     }
 }
@@ -194,6 +199,15 @@ impl<'a> Planner<'a> {
                 self.hold_session(name, why);
                 continue;
             }
+            if let (Some(w), Some(o)) = (want, have)
+                && o.owned
+                && let Some(old) = &o.spec
+                && let Some((field, reason)) =
+                    crate::model::refused_change(w.spec.compute, old, &w.spec)
+            {
+                self.hold_session(name, HoldReason::Refused { field, reason });
+                continue;
+            }
             let fate = match (want, have) {
                 (None, None) => continue,
                 (Some(_), Some(o)) if !o.owned => {
@@ -265,6 +279,17 @@ impl<'a> Planner<'a> {
             && matches!(o.state, SessionState::Running | SessionState::Stopped)
         {
             return Fate::Keep;
+        }
+        // A declarative restart: once, if it last started before the time asked for.
+        if let Some(at) = w.session.restart_requested {
+            if at > self.policy.now {
+                self.wake_at(at);
+            } else if w.state == RunState::Running
+                && o.state == SessionState::Running
+                && o.started.is_some_and(|s| s < at)
+            {
+                return Fate::Start(Reason::RestartRequested { at });
+            }
         }
         let want_running = w.state != RunState::Stopped;
         match (want_running, o.state) {

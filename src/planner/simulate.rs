@@ -61,6 +61,7 @@ pub fn simulate_step(action: &Action, o: &mut Observed) {
                         healthy: Some(*start),
                         host: host.clone(),
                         asleep: None,
+                        started: None,
                     },
                 );
             }

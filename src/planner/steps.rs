@@ -103,6 +103,8 @@ impl<'a> Planner<'a> {
                         Action::Session(SessionAction::StartSession {
                             session: name.into(),
                             provider: o.provider,
+                            restart: matches!(reason, Reason::RestartRequested { .. }),
+                            stop_timeout,
                         }),
                         reason.clone(),
                     );

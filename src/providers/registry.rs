@@ -79,6 +79,8 @@ pub enum SetupError {
     Cloudflare(#[from] CloudflareError),
     #[error(transparent)]
     Docker(#[from] super::compute::docker::DockerSetupError),
+    #[error(transparent)]
+    Proxmox(super::compute::proxmox::ProxmoxSetupError),
     #[error("cannot prepare the process provider's directory {path}")]
     StateDir {
         path: std::path::PathBuf,

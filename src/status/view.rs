@@ -566,6 +566,10 @@ mod tests {
         let spec = RuntimeSpec {
             compute: crate::model::ComputeKind::Process,
             image: None,
+            guest: None,
+            template: None,
+            clone: None,
+            storage: None,
             pull: None,
             command: vec![],
             env: [("API_KEY".to_string(), "hunter2".to_string())]
@@ -576,6 +580,7 @@ mod tests {
             disk: None,
             ports: BTreeMap::new(),
             health: None,
+            firewall: None,
             stop_timeout: None,
         };
         let mut plan = crate::model::plan::Plan::default();
@@ -617,6 +622,7 @@ mod tests {
                 healthy: None,
                 host: None,
                 asleep: None,
+                started: None,
             },
         );
         let text =

@@ -135,11 +135,17 @@ pub fn load(files: &BTreeMap<String, String>, now: DateTime<Utc>) -> Desired {
         }
         std::fs::write(p, text).expect("write");
     }
-    // The embedded default, with a docker provider too (cases use both kinds of plan).
+    // The embedded default, with docker and proxmox providers too (cases use every kind).
     let mut cfg = Config::embedded_default(dir.path());
     cfg.providers.compute.docker = Some(
         serde_saphyr::from_str("hosts: [{name: a, endpoint: 'unix:///run/docker.sock'}]")
             .expect("docker config"),
+    );
+    cfg.providers.compute.proxmox = Some(
+        serde_saphyr::from_str(
+            "clusters: [{name: lab, url: 'https://pve.example.com:8006', token_id: 'v@pve!v', token_secret: {env: PVE_TOKEN}, nodes: [{name: pve1}]}]",
+        )
+        .expect("proxmox config"),
     );
     vessel::load::load_tree(dir.path(), &cfg, now).expect("load")
 }
@@ -247,6 +253,7 @@ fn apply_drift(o: &mut Observed, drift: &[Drift]) {
                         healthy: None,
                         host: None,
                         asleep: None,
+                        started: None,
                     },
                 );
             }

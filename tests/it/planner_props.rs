@@ -34,6 +34,10 @@ fn plans(variant: u8) -> Vec<PlanSpec> {
         name: name.into(),
         compute: Default::default(),
         image: None,
+        guest: None,
+        template: None,
+        clone: None,
+        storage: None,
         pull: None,
         command: vec![cmd.into(), "{port.ide}".into()],
         env: BTreeMap::new(),
@@ -45,6 +49,7 @@ fn plans(variant: u8) -> Vec<PlanSpec> {
             .map(|(n, p)| (n.to_string(), Port(*p)))
             .collect(),
         health: None,
+        firewall: None,
         idle_timeout: None,
         sleep: None,
         stop_timeout: None,
@@ -107,6 +112,7 @@ fn build(variant: u8, sessions: &[GenSession]) -> Desired {
             }),
             expires: None,
             on_expiry: Default::default(),
+            restart_requested: None,
             env: BTreeMap::new(),
             location: None,
             idle_timeout: None,
@@ -239,6 +245,7 @@ fn foreign(o: &mut Observed, n: u8) {
             healthy: None,
             host: None,
             asleep: None,
+            started: None,
         },
     );
     let host = format!("{name}.localhost");

@@ -287,3 +287,30 @@ fn wait_converged_fails_while_an_engine_cannot_be_observed() {
         "{out}"
     );
 }
+
+/// `restart_requested` on a process session: restarted once (a new process), then converged.
+#[test]
+fn restart_requested_restarts_a_process_session_once() {
+    let d = Daemon::new();
+    let dir = d.dir.path();
+    d.write("a.yaml", &session("a"));
+    let (code, out) = run(dir, &["apply", "vessel.yaml"]);
+    assert_eq!(code, 0, "{out}");
+    let before = d.processes();
+    std::thread::sleep(Duration::from_millis(50));
+    let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    d.write(
+        "a.yaml",
+        &format!("{}restart_requested: '{at}'\n", session("a")),
+    );
+    let (code, out) = run(dir, &["plan", "vessel.yaml"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("restart a"), "{out}");
+    let (code, out) = run(dir, &["apply", "vessel.yaml"]);
+    assert_eq!(code, 0, "{out}");
+    let after = d.processes();
+    assert_ne!(before, after, "a new process");
+    let (code, out) = run(dir, &["plan", "vessel.yaml"]);
+    assert!(!out.contains("restart a"), "once: {out}");
+    assert_ne!(code, 1, "{out}");
+}

@@ -8,6 +8,7 @@ pub mod docker;
 pub mod health;
 pub mod kept;
 pub mod process;
+pub mod proxmox;
 pub(crate) mod record;
 pub mod workspace;
 
@@ -101,6 +102,8 @@ compute_providers! {
     process: process::ProcessConfig => Process,
     /// Docker Engine API hosts (Docker or Podman).
     docker: docker::DockerConfig => Docker,
+    /// Proxmox VE clusters: sessions are VMs or LXC containers cloned from templates.
+    proxmox: proxmox::ProxmoxConfig => Proxmox,
 }
 
 impl Default for ComputeProviders {
@@ -182,6 +185,18 @@ pub(crate) trait SessionSteps: Sync {
         restart: bool,
     ) -> impl Future<Output = Result<(), ProviderError>> + Send;
     fn start(&self, session: &str) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    /// Restart a running session (a session's `restart_requested`): by default a stop within
+    /// `stop_timeout`, then a start.
+    fn restart(
+        &self,
+        session: &str,
+        stop_timeout: Option<crate::model::Duration>,
+    ) -> impl Future<Output = Result<(), ProviderError>> + Send {
+        async move {
+            self.stop(session, stop_timeout).await?;
+            self.start(session).await
+        }
+    }
     fn stop(
         &self,
         session: &str,
@@ -252,6 +267,12 @@ pub(crate) async fn run_session_step<P: SessionSteps>(
             restart,
             ..
         } => p.update(session, spec, fingerprint, *restart).await,
+        SessionAction::StartSession {
+            session,
+            restart: true,
+            stop_timeout,
+            ..
+        } => p.restart(session, *stop_timeout).await,
         SessionAction::StartSession { session, .. } => p.start(session).await,
         SessionAction::StopSession {
             session,

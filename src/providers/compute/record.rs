@@ -63,3 +63,23 @@ pub(crate) fn write<T: Serialize>(path: &Path, r: &T) -> Result<(), ProviderErro
     super::workspace::write_atomically(&tmp, path, &bytes)
         .map_err(ProviderError::io("write", path.display().to_string()))
 }
+
+/// `<dir>/<session>.json`: where a provider that keeps one record per session keeps it.
+pub(crate) fn session_path(dir: &Path, session: &str) -> PathBuf {
+    dir.join(format!("{session}.json"))
+}
+
+/// The record of `session` under `dir`; `None` when there is none or it cannot be read (a
+/// session without a record reads as one vessel knows nothing more about).
+pub(crate) fn read_session<T: DeserializeOwned>(dir: &Path, session: &str) -> Option<T> {
+    read(&session_path(dir, session)).ok().flatten()
+}
+
+/// Remove the record of `session` under `dir` (none there is fine).
+pub(crate) fn remove_session(dir: &Path, session: &str) -> Result<(), ProviderError> {
+    match std::fs::remove_file(session_path(dir, session)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(ProviderError::io("remove the record of", session)(e)),
+    }
+}

@@ -478,13 +478,11 @@ impl Inner {
     }
 
     fn record_path(&self, session: &str) -> PathBuf {
-        self.records.join(format!("{session}.json"))
+        super::record::session_path(&self.records, session)
     }
 
     fn read_record(&self, session: &str) -> Option<Record> {
-        super::record::read(&self.record_path(session))
-            .ok()
-            .flatten()
+        super::record::read_session(&self.records, session)
     }
 
     fn write_record(&self, session: &str, r: &Record) -> Result<(), ProviderError> {
@@ -666,6 +664,7 @@ impl DockerProvider {
                         healthy: None,
                         host: Some(host_name),
                         asleep: None,
+                        started: None,
                     },
                 );
             }

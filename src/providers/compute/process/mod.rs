@@ -149,6 +149,22 @@ fn proc_stat(pid: i32) -> Option<(char, u64)> {
     Some((state, start))
 }
 
+/// When a process that started `ticks` clock ticks after boot started (`btime` of
+/// `/proc/stat` plus its start time).
+fn started_at(ticks: u64) -> Option<chrono::DateTime<chrono::Utc>> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let btime: i64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    // `/proc` counts in USER_HZ, which Linux fixes at 100 whatever the kernel's own HZ.
+    let hz: u64 = 100;
+    let ms = (ticks % hz) * 1000 / hz;
+    chrono::DateTime::from_timestamp(btime + (ticks / hz) as i64, (ms * 1_000_000) as u32)
+}
+
 /// Is the recorded pid alive and still the process that was started?
 fn alive(pid: Option<i32>, ticks: Option<u64>) -> bool {
     match (pid, proc_stat_of(pid)) {
@@ -288,6 +304,10 @@ impl ProcessProvider {
                     save_to: r.synced.save_to.clone(),
                     healthy: None,
                     host: None,
+                    started: running
+                        .then_some(r.start_ticks)
+                        .flatten()
+                        .and_then(started_at),
                     spec: Some(r.spec),
                     asleep: None,
                 });
@@ -843,6 +863,10 @@ mod tests {
             spec: RuntimeSpec {
                 compute: ComputeKind::Process,
                 image: None,
+                guest: None,
+                template: None,
+                clone: None,
+                storage: None,
                 pull: None,
                 command: vec![],
                 env: BTreeMap::new(),
@@ -851,6 +875,7 @@ mod tests {
                 disk: None,
                 ports: BTreeMap::new(),
                 health: None,
+                firewall: None,
                 stop_timeout: None,
             },
             fingerprint: String::new(),
