@@ -294,6 +294,7 @@ fn activity_cost() {
     let url = format!("http://{addr}/healthz");
     const ROUNDS: usize = 5;
     let (mut on, mut off, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let mut cpu: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for round in 0..ROUNDS {
         // Alternating which goes first, so neither always runs on a warmer machine; each
         // round's pair is compared (the machine's load drifts between rounds).
@@ -305,7 +306,12 @@ fn activity_cost() {
         let mut pair = [0.0f64; 2];
         for tracking in order {
             proxy.set_activity_tracking(tracking);
+            let cpu0 = cpu_seconds();
             if let Some((rps, _)) = support::wrk(&url, Some("alice.localhost")) {
+                // The proxy's CPU per request (this process is the proxy): steadier than
+                // throughput on a machine whose two cores wrk and the upstream share.
+                let us = (cpu_seconds() - cpu0) / (rps * 8.0) * 1e6;
+                cpu[usize::from(!tracking)].push(us);
                 pair[usize::from(!tracking)] = rps;
                 if tracking {
                     on.push(rps)
@@ -333,6 +339,22 @@ fn activity_cost() {
         "  proxy throughput, wrk -t2 -c64 -d8s, {ROUNDS} interleaved rounds: activity tracking on {a:.0} req/s, off {b:.0} req/s (medians); on against off per round: median {:+.1}% ({rounds}) (target within 3%)",
         (r - 1.0) * 100.0
     );
+    let (c_on, c_off) = (median(&mut cpu[0]), median(&mut cpu[1]));
+    println!(
+        "  proxy CPU per request (medians): activity tracking on {c_on:.1} us, off {c_off:.1} us: {:+.1}%",
+        (c_on / c_off - 1.0) * 100.0
+    );
+}
+
+/// CPU time (user and system) this process has used, in seconds.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // After the command's `)`: state is field 3, utime 14 and stime 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields from 3 on, so field n is at n - 3; clock ticks are 100 a second on Linux.
+    (ticks(14 - 3) + ticks(15 - 3)) / 100.0
 }
 
 /// Process sessions, both depths, and 100 requests at once.

@@ -233,7 +233,8 @@ impl Default for SourceConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RoutesConfig {
-    /// Host templates. `{session}`, `{domain}`, `{port}` (the port number) and `{port_name}`
+    /// Host templates. `{session}`, `{owner}` (the session's `owner`: sessions without one are
+    /// an error with such a template), `{domain}`, `{port}` (the port number) and `{port_name}`
     /// are replaced; each template applies to one named port, or to every port with `"*"`.
     #[serde(default = "default_templates")]
     pub templates: Vec<RouteTemplate>,

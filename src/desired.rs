@@ -133,6 +133,7 @@ pub struct EffectiveRoute<'a> {
 pub fn expand_template(
     pattern: &str,
     session: &str,
+    owner: &str,
     domain: &str,
     port_name: &str,
     port: Port,
@@ -144,6 +145,8 @@ pub fn expand_template(
         let tail = &rest[i..];
         let (value, len): (&dyn std::fmt::Display, usize) = if tail.starts_with("{session}") {
             (&session, 9)
+        } else if tail.starts_with("{owner}") {
+            (&owner, 7)
         } else if tail.starts_with("{domain}") {
             (&domain, 8)
         } else if tail.starts_with("{port_name}") {
@@ -165,6 +168,7 @@ pub fn expand_template(
 /// Routes templates give one session on `plan`, in template then port order.
 pub fn template_routes<'a>(
     session: &'a str,
+    owner: Option<&'a str>,
     plan: &'a PlanSpec,
     templates: &'a [RouteTemplate],
     domain: &str,
@@ -174,7 +178,8 @@ pub fn template_routes<'a>(
             .iter()
             .filter(move |(name, _)| t.port == "*" || t.port == **name)
             .map(move |(name, port)| {
-                let host = expand_template(&t.host, session, domain, name, *port);
+                let host =
+                    expand_template(&t.host, session, owner.unwrap_or(""), domain, name, *port);
                 EffectiveRoute {
                     key: host.clone(),
                     host,
@@ -207,7 +212,13 @@ pub fn effective_routes<'a>(
             continue;
         }
         if let Some(plan) = desired.plans.get(&s.spec.plan) {
-            out.extend(template_routes(name, &plan.spec, templates, domain));
+            out.extend(template_routes(
+                name,
+                s.spec.owner.as_deref(),
+                &plan.spec,
+                templates,
+                domain,
+            ));
         }
     }
     for (name, r) in &desired.routes {

@@ -799,7 +799,7 @@ pub fn load_config(path: &Path) -> Result<Config, Vec<Diagnostic>> {
             ]);
         }
     };
-    // A route template may only use the placeholders it knows (`{owner}` would stay braces).
+    // A route template may only use the placeholders it knows (`{user}` would stay braces).
     let doc = docs.first();
     for (i, t) in config.routes.templates.iter().enumerate() {
         if let Some(bad) = unknown_placeholder(&t.host) {
@@ -821,7 +821,9 @@ pub fn load_config(path: &Path) -> Result<Config, Vec<Diagnostic>> {
                     ),
                 )
                 .with_source(&text)
-                .with_help("the placeholders are {session}, {domain}, {port} and {port_name}"),
+                .with_help(
+                    "the placeholders are {session}, {owner}, {domain}, {port} and {port_name}",
+                ),
             ]);
         }
     }
@@ -862,7 +864,7 @@ fn unknown_placeholder(host: &str) -> Option<String> {
             return Some(tail.to_string());
         };
         let name = &tail[..end];
-        if !matches!(name, "session" | "domain" | "port" | "port_name") {
+        if !matches!(name, "session" | "owner" | "domain" | "port" | "port_name") {
             return Some(name.to_string());
         }
         rest = &tail[end + 1..];

@@ -548,7 +548,36 @@ fn check_across(files: &[LoadedFile], config: &Config) -> Vec<(usize, Diagnostic
     let mut hosts: BTreeMap<String, Vec<(usize, Pos, String, bool)>> = BTreeMap::new();
     for (name, (i, s)) in &sessions {
         if let Some(plan) = plans.get(s.spec.plan.as_str()) {
-            for r in template_routes(name, &plan.spec, &config.routes.templates, &config.domain) {
+            let owner = s.spec.owner.as_deref();
+            if owner.is_none()
+                && let Some(t) = config
+                    .routes
+                    .templates
+                    .iter()
+                    .find(|t| t.host.contains("{owner}"))
+            {
+                new.push((
+                    *i,
+                    files[*i]
+                        .error(
+                            "missing-owner",
+                            s.at("name"),
+                            format!(
+                                "session `{name}` has no `owner`, and the route template `{}` names one",
+                                t.host
+                            ),
+                        )
+                        .with_help("add `owner: NAME` to the session"),
+                ));
+                continue;
+            }
+            for r in template_routes(
+                name,
+                owner,
+                &plan.spec,
+                &config.routes.templates,
+                &config.domain,
+            ) {
                 let port_name = r.port_name;
                 hosts.entry(r.host).or_default().push((
                     *i,

@@ -230,15 +230,45 @@ fn plan_and_validate_refuse_what_cannot_work() {
     // An unknown placeholder in a route template is an error in the config.
     std::fs::write(
         p.join("vessel.yml"),
-        "source: {dir: .}\nroutes:\n  templates:\n    - host: '{owner}.{domain}'\n      port: ide\n",
+        "source: {dir: .}\nroutes:\n  templates:\n    - host: '{user}.{domain}'\n      port: ide\n",
     )
     .expect("write");
     let (code, out) = run(p, &["validate", "vessel.yml"]);
     assert_eq!(code, 1, "{out}");
     assert!(
-        out.contains("unknown-placeholder") && out.contains("{owner}"),
+        out.contains("unknown-placeholder") && out.contains("{user}"),
         "{out}"
     );
+
+    // `{owner}` is a placeholder: a session without an owner is an error under it, at its
+    // name; with one, its hosts carry it.
+    std::fs::remove_file(p.join("vessel.yml")).expect("rm");
+    let cfg_dir = tempfile::tempdir().expect("tempdir");
+    let cfg = cfg_dir.path().join("vessel.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "source: {{dir: '{}'}}\nroutes:\n  templates:\n    - host: '{{owner}}-{{session}}-{{port}}.{{domain}}'\n      port: '*'\n",
+            p.display()
+        ),
+    )
+    .expect("write");
+    let cfg = cfg.to_str().expect("utf-8");
+    let (code, out) = run(p, &["validate", cfg]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("missing-owner") && out.contains("a.yaml:2:7"),
+        "{out}"
+    );
+    std::fs::write(
+        p.join("a.yaml"),
+        "kind: Session\nname: a\nplan: box\nowner: ann\n",
+    )
+    .expect("write");
+    let (code, out) = run(p, &["validate", cfg]);
+    assert_eq!(code, 0, "{out}");
+    let (_, out) = run(p, &["plan", cfg]);
+    assert!(out.contains("ann-a-8080.localhost"), "{out}");
 }
 
 #[test]
