@@ -185,6 +185,27 @@ fn engine(socket: &Path, method: &str, path: &str) -> Option<(u16, String)> {
     Some((code, b.split_once("\r\n\r\n")?.1.to_string()))
 }
 
+/// Where the container `name` publishes its port 8080, read on the engine's API.
+fn published(socket: &Path, name: &str) -> SocketAddr {
+    let (_, body) =
+        engine(socket, "GET", &format!("/v1.41/containers/{name}/json")).expect("inspect");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let port: u16 = v
+        .pointer("/NetworkSettings/Ports/8080~1tcp/0/HostPort")
+        .and_then(|p| p.as_str())
+        .and_then(|p| p.parse().ok())
+        .expect("a published port");
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Wait until a container answers at `addr` (below 500).
+fn container_answers(addr: SocketAddr) {
+    wait_for(Duration::from_secs(10), || {
+        get(addr, "x", "/").is_some_and(|(c, _)| c < 500)
+    })
+    .expect("the container answers");
+}
+
 /// The floor for docker: a stopped container started straight on the engine's API, its
 /// published port read, until it answers.
 fn docker_floor(socket: &Path, name: &str) -> Vec<Duration> {
@@ -199,19 +220,7 @@ fn docker_floor(socket: &Path, name: &str) -> Vec<Duration> {
             let (code, _) =
                 engine(socket, "POST", &format!("/v1.41/containers/{name}/start")).expect("start");
             assert!(code < 300, "start answered {code}");
-            let (_, body) =
-                engine(socket, "GET", &format!("/v1.41/containers/{name}/json")).expect("inspect");
-            let v: serde_json::Value = serde_json::from_str(&body).expect("json");
-            let port: u16 = v
-                .pointer("/NetworkSettings/Ports/8080~1tcp/0/HostPort")
-                .and_then(|p| p.as_str())
-                .and_then(|p| p.parse().ok())
-                .expect("a published port");
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            wait_for(Duration::from_secs(10), || {
-                get(addr, "x", "/").is_some_and(|(c, _)| c < 500)
-            })
-            .expect("the container answers");
+            container_answers(published(socket, name));
             t.elapsed()
         })
         .collect()
@@ -220,15 +229,7 @@ fn docker_floor(socket: &Path, name: &str) -> Vec<Duration> {
 /// The floor for docker's `pause`: a paused container resumed straight on the engine's API,
 /// until it answers.
 fn docker_pause_floor(socket: &Path, name: &str) -> Vec<Duration> {
-    let (_, body) =
-        engine(socket, "GET", &format!("/v1.41/containers/{name}/json")).expect("inspect");
-    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
-    let port: u16 = v
-        .pointer("/NetworkSettings/Ports/8080~1tcp/0/HostPort")
-        .and_then(|p| p.as_str())
-        .and_then(|p| p.parse().ok())
-        .expect("a published port");
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let addr = published(socket, name);
     (0..WAKES)
         .map(|_| {
             engine(socket, "POST", &format!("/v1.41/containers/{name}/pause"));
@@ -237,10 +238,7 @@ fn docker_pause_floor(socket: &Path, name: &str) -> Vec<Duration> {
             let (code, _) = engine(socket, "POST", &format!("/v1.41/containers/{name}/unpause"))
                 .expect("unpause");
             assert!(code < 300, "unpause answered {code}");
-            wait_for(Duration::from_secs(10), || {
-                get(addr, "x", "/").is_some_and(|(c, _)| c < 500)
-            })
-            .expect("the container answers");
+            container_answers(addr);
             t.elapsed()
         })
         .collect()

@@ -1016,7 +1016,7 @@ fn pages(
     });
     for r in routes {
         if stopped(r.session) {
-            out.stopped.insert(r.key, r.session.to_string());
+            out.stopped_route(&r.key, r.session);
         } else if let Some(page) = r.waking_page {
             out.waking_page.insert(r.key, page);
         }
@@ -1049,17 +1049,19 @@ pub enum LifecycleError {
 
 /// Run one provider call of `step` within `limit`.
 /// Does `addr` pass the health probe within a second (a resumed session answers at once)?
+/// The shared health wait, with the address known and nothing to look at.
 async fn answers_soon(addr: &str, path: Option<&str>) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(1);
-    loop {
-        if crate::providers::compute::health::probe(addr, path).await {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let known = || async { Ok(Some(addr.to_string())) };
+    let wait = crate::providers::compute::health::wait_until_healthy(
+        path,
+        Duration::from_secs(1),
+        Duration::from_secs(1),
+        known,
+    );
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), wait).await,
+        Ok(Ok(()))
+    )
 }
 
 async fn bounded(

@@ -178,45 +178,52 @@ struct Inner {
 }
 
 /// What the proxy says for routes it does not serve, and per-route choices for the ones it
-/// holds. Keys are route keys (`model::route_key`: a host, or a host and a path prefix).
+/// holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Pages {
-    /// Routes of sessions declared `stopped`, and their session: a request gets the
-    /// "stopped" page rather than "no session here" (it never wakes anything).
-    pub stopped: HashMap<String, String>,
+    /// Routes of sessions declared `stopped`, by host (lower-case, or a `*.` wildcard): each
+    /// one's path prefix and session. A request gets the "stopped" page rather than "no
+    /// session here" (it never wakes anything).
+    stopped: HashMap<String, Vec<(Option<String>, String)>>,
     /// Routes whose browser navigations get (true) or do not get (false) the waking page,
-    /// whatever `Holding::waking_page` says.
+    /// whatever `Holding::waking_page` says, by route key (`model::route_key`).
     pub waking_page: HashMap<String, bool>,
 }
 
 impl Pages {
-    /// The stopped session a request for `path` on `host` would have gone to: the longest
-    /// stopped route prefix it is under.
+    /// Say that the route `key` (`model::route_key`) belongs to `session`, declared stopped.
+    pub fn stopped_route(&mut self, key: &str, session: &str) {
+        let (host, prefix) = crate::model::split_route_key(key);
+        self.stopped
+            .entry(host.to_ascii_lowercase())
+            .or_default()
+            .push((prefix.map(str::to_string), session.to_string()));
+    }
+
+    /// The stopped session a request for `path` on `host` would have gone to, found as
+    /// routes are: the host's longest prefix the path is under, else the same on the `*.`
+    /// wildcard of its parent.
     fn stopped(&self, host: &str, path: &str) -> Option<&str> {
         if self.stopped.is_empty() {
             return None;
         }
-        let mut best: Option<(usize, &str)> = None;
-        for (key, session) in &self.stopped {
-            let (h, prefix) = crate::model::split_route_key(key);
-            let wild = h
-                .strip_prefix("*.")
-                .is_some_and(|parent| host.split_once('.').is_some_and(|(_, p)| p == parent));
-            if h != host && !wild {
-                continue;
-            }
-            let len = match prefix {
-                None => 0,
-                Some(p) if crate::model::path_under(path, p) => p.len() + 1,
-                Some(_) => continue,
-            };
-            // An exact host before a wildcard, then the longest prefix.
-            let score = len * 2 + usize::from(!wild);
-            if best.is_none_or(|(b, _)| score > b) {
-                best = Some((score, session));
-            }
-        }
-        best.map(|(_, s)| s)
+        let on = |h: &str| {
+            self.stopped.get(h).and_then(|routes| {
+                routes
+                    .iter()
+                    .filter(|(prefix, _)| {
+                        prefix
+                            .as_deref()
+                            .is_none_or(|p| crate::model::path_under(path, p))
+                    })
+                    .max_by_key(|(prefix, _)| prefix.as_ref().map_or(0, |p| p.len() + 1))
+                    .map(|(_, session)| session.as_str())
+            })
+        };
+        on(host).or_else(|| {
+            let (_, parent) = host.split_once('.')?;
+            on(&format!("*.{parent}"))
+        })
     }
 }
 
@@ -779,11 +786,13 @@ impl Proxy {
         let _release = Release(i, session);
         let mut rx = i.version.subscribe();
         let timeout = Duration::from_millis(i.hold_timeout.load(Ordering::Relaxed));
-        let deadline = tokio::time::Instant::now() + timeout;
+        let held_at = tokio::time::Instant::now();
+        let deadline = held_at + timeout;
         loop {
             match self.lookup(host, path) {
                 Some(e) if e.route.ready => {
-                    tracing::debug!(%session, waited_ms = (timeout - deadline.saturating_duration_since(tokio::time::Instant::now())).as_millis() as u64, "held request goes on");
+                    let waited_ms = held_at.elapsed().as_millis() as u64;
+                    tracing::debug!(%session, waited_ms, "held request goes on");
                     return Held::Ready(e);
                 }
                 Some(_) if self.is_full(session) => {
