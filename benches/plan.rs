@@ -50,6 +50,8 @@ fn main() {
         .collect(),
         health: None,
         firewall: None,
+        hotplug: false,
+        snapshots: None,
         idle_timeout: None,
         sleep: None,
         stop_timeout: None,

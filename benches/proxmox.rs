@@ -88,6 +88,7 @@ fn spec(port: u16) -> RuntimeSpec {
         ports: [("ide".to_string(), Port(port))].into(),
         health: None,
         firewall: None,
+        hotplug: false,
         stop_timeout: None,
     }
 }

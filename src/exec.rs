@@ -560,6 +560,7 @@ mod tests {
             ports: BTreeMap::new(),
             health: None,
             firewall: None,
+            hotplug: false,
             stop_timeout: None,
         }
     }

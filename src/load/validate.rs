@@ -149,6 +149,31 @@ fn check_object(
                     ),
                 );
             }
+            if let Some(snap) = &p.spec.snapshots {
+                if let Err(e) = snap.check() {
+                    out.push(f.error(
+                        "invalid-value",
+                        p.at("snapshots"),
+                        format!(
+                            "plan `{}` has a snapshot schedule vessel cannot use: {e}",
+                            p.spec.name
+                        ),
+                    ));
+                }
+                if !kinds.contains(&ComputeKind::Proxmox) {
+                    out.push(
+                        f.error(
+                            "invalid-value",
+                            p.at("snapshots"),
+                            format!(
+                                "plan `{}` asks for snapshots, but only proxmox guests are snapshotted",
+                                p.spec.name
+                            ),
+                        )
+                        .with_help("remove `snapshots`, or run the plan on `compute: proxmox`"),
+                    );
+                }
+            }
             if needs_command && p.spec.command.is_empty() {
                 out.push(
                     f.error("missing-field", p.at("compute"), format!("plan `{}` runs local processes but has no `command`", p.spec.name))

@@ -294,12 +294,35 @@ pub fn field_change(kind: ComputeKind, field: &str) -> FieldChange {
         (ComputeKind::Process, _) => Ignored,
         (ComputeKind::Docker, "disk") => Ignored,
         (ComputeKind::Docker, "pull") => Free,
-        (ComputeKind::Docker, "guest" | "template" | "clone" | "storage" | "firewall") => Ignored,
+        (
+            ComputeKind::Docker,
+            "guest" | "template" | "clone" | "storage" | "firewall" | "hotplug",
+        ) => Ignored,
+        (ComputeKind::Proxmox, "hotplug") => Free,
         // A guest runs what its template holds; its cores, memory and disk change in place
         // (a disk only grows: the provider refuses a shrink), its ports are where routes go.
         (ComputeKind::Proxmox, "image" | "pull" | "command" | "env") => Ignored,
         (ComputeKind::Proxmox, "cpus" | "memory" | "disk" | "ports" | "firewall") => Restart,
         _ => Replace,
+    }
+}
+
+/// When a provider that changes a running session without restarting it takes `changes` to
+/// `spec` (None: its provider restarts the session for them). A proxmox container takes cores
+/// and memory at once; a VM only with hot-plug (`hotplug`), else at its next stop and start;
+/// a disk grows, firewall rules and ports change at once.
+pub fn applies_in_place(spec: &observed::RuntimeSpec, changes: &[String]) -> Option<plan::Applies> {
+    match spec.compute {
+        ComputeKind::Proxmox => {
+            let vm = spec.guest.unwrap_or_default() == Guest::Vm;
+            let sized = changes.iter().any(|c| c == "cpus" || c == "memory");
+            Some(if vm && sized && !spec.hotplug {
+                plan::Applies::NextStop
+            } else {
+                plan::Applies::Hot
+            })
+        }
+        _ => None,
     }
 }
 
@@ -487,12 +510,14 @@ pub struct PlanSpec {
     pub env: BTreeMap<String, String>,
     /// CPU limit in cores, such as `1` or `0.5` (proxmox: whole cores, rounded up).
     /// Changing it (process: ignored; docker: replaces the session). On proxmox it changes
-    /// in place with a restart (a VM reboots to take it; a container takes it at once).
+    /// in place without a restart: a container and a VM with `hotplug` take it at once, any
+    /// other VM at its next stop (the plan says which).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<f64>,
     /// Memory limit, such as `1GiB`.
     /// Changing it (process: ignored; docker: replaces the session). On proxmox it changes
-    /// in place with a restart (a VM reboots to take it; a container takes it at once).
+    /// in place without a restart: a container and a VM with `hotplug` take it at once, any
+    /// other VM at its next stop (the plan says which).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<Size>,
     /// Disk size, such as `10GiB` (proxmox: the guest's boot disk, grown to it after the
@@ -514,6 +539,23 @@ pub struct PlanSpec {
     /// rules are rewritten; nothing restarts for it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firewall: Option<Firewall>,
+    /// Snapshots of a proxmox guest on a schedule: `{every: 1d, at: "00:00", keep: 7}`.
+    /// Each is named by its time (`vessel_20261201_0000`), taken when a slot of the schedule
+    /// has passed since the last one, and those past `keep` (vessel's own, oldest first) are
+    /// deleted. A snapshot that fails is shown in status and retried with backoff; it never
+    /// holds the session's other steps.
+    /// Changing it (process: ignored; docker: ignored). On proxmox it changes nothing on the
+    /// guest: the next snapshot follows the new schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<SnapshotSchedule>,
+    /// The proxmox VM template has CPU and memory hot-plug enabled (`hotplug: cpu,memory`
+    /// and `numa: 1`): a change of `cpus` or `memory` applies to the running VM. Without it
+    /// (the default) such a change is written to the VM's config and applies at its next
+    /// stop. A container always takes them at once.
+    /// Changing it (process: ignored; docker: ignored). On proxmox it changes nothing by
+    /// itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hotplug: bool,
     /// How vessel decides a session is healthy; by default, its first port answers.
     /// Changing it (process: changes in place; docker: changes in place).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -534,6 +576,84 @@ pub struct PlanSpec {
     /// Changing it (process: changes in place; docker: changes in place).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_timeout: Option<Duration>,
+}
+
+/// A schedule of snapshots: a slot every `every`, aligned to `at` (a UTC time of day) or,
+/// without it, to multiples of `every` since the Unix epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotSchedule {
+    /// How often, such as `1d` or `6h`.
+    pub every: Duration,
+    /// The UTC time of day slots are aligned to, `HH:MM` (such as `"00:00"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([01][0-9]|2[0-3]):[0-5][0-9]$"))]
+    pub at: Option<String>,
+    /// How many of vessel's snapshots are kept (at least 1); older ones are deleted.
+    pub keep: u32,
+}
+
+/// Why a snapshot schedule cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScheduleError {
+    #[error("`at` must be a UTC time of day as HH:MM (such as \"00:00\"), not `{0}`")]
+    At(String),
+    #[error("`every` must be at least one second")]
+    Every,
+    #[error("`keep` must be at least 1")]
+    Keep,
+}
+
+impl SnapshotSchedule {
+    /// Seconds after midnight UTC that slots are aligned to.
+    fn offset(&self) -> Result<i64, ScheduleError> {
+        let Some(at) = &self.at else {
+            return Ok(0);
+        };
+        let bad = || ScheduleError::At(at.clone());
+        let (h, m) = at.split_once(':').ok_or_else(bad)?;
+        if h.len() != 2 || m.len() != 2 {
+            return Err(bad());
+        }
+        let (h, m): (i64, i64) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+        if !(0..24).contains(&h) || !(0..60).contains(&m) {
+            return Err(bad());
+        }
+        Ok(h * 3600 + m * 60)
+    }
+
+    /// Whether the schedule can be used: `at` well formed, `every` and `keep` not zero.
+    pub fn check(&self) -> Result<(), ScheduleError> {
+        if self.every.std().as_secs() == 0 {
+            return Err(ScheduleError::Every);
+        }
+        if self.keep == 0 {
+            return Err(ScheduleError::Keep);
+        }
+        self.offset().map(|_| ())
+    }
+
+    /// The latest slot at or before `now` (None for a schedule `check` refuses).
+    pub fn last_slot(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.check().ok()?;
+        let every = i64::try_from(self.every.std().as_secs()).ok()?;
+        let anchor = self.offset().ok()?;
+        let t = now.timestamp() - anchor;
+        let slot = t.div_euclid(every) * every + anchor;
+        DateTime::from_timestamp(slot, 0)
+    }
+
+    /// The first slot after `now`.
+    pub fn next_slot(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let last = self.last_slot(now)?;
+        let every = chrono::Duration::seconds(i64::try_from(self.every.std().as_secs()).ok()?);
+        last.checked_add_signed(every)
+    }
+
+    /// The name of the snapshot taken for the slot at `slot`.
+    pub fn name(slot: DateTime<Utc>) -> String {
+        slot.format("vessel_%Y%m%d_%H%M%S").to_string()
+    }
 }
 
 /// A proxmox guest's firewall rules.

@@ -117,6 +117,9 @@ pub struct RuntimeSpec {
     pub health: Option<Health>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firewall: Option<crate::model::Firewall>,
+    /// A proxmox VM takes `cpus` and `memory` changes while running (the plan's `hotplug`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hotplug: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_timeout: Option<Duration>,
 }
@@ -228,6 +231,53 @@ pub struct ObservedSession {
     /// When it last started, where its provider knows (for `restart_requested`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started: Option<chrono::DateTime<chrono::Utc>>,
+    /// Its snapshots, where its provider takes them (proxmox).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<Snapshots>,
+    /// Its making stopped part-way (a create that failed or was cut off): what the plan does
+    /// with it, finish or make again, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub half_made: Option<HalfMade>,
+}
+
+/// A session whose making stopped part-way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct HalfMade {
+    /// It can be finished (its remaining steps run); otherwise it is destroyed and made
+    /// again.
+    pub finish: bool,
+    /// How far its making got, in words (`its clone never finished`).
+    pub detail: String,
+}
+
+/// The snapshots vessel took of a session, as its provider recorded them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Snapshots {
+    /// Since when snapshots are kept for it (when it was made): the first is due at the first
+    /// slot after this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    /// vessel's snapshots of it, oldest first.
+    #[serde(default)]
+    pub taken: Vec<Snapshot>,
+    /// The last attempt that failed, if the last attempt failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<SnapshotFailure>,
+}
+
+/// One snapshot vessel took.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Snapshot {
+    pub name: String,
+    /// The schedule's slot it was taken for.
+    pub slot: chrono::DateTime<chrono::Utc>,
+}
+
+/// A snapshot that could not be taken (or pruned): when, and the provider's words.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SnapshotFailure {
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub error: String,
 }
 
 /// A session vessel put to sleep: since when, how deep, and why.
@@ -284,6 +334,8 @@ impl ObservedSession {
             host: None,
             asleep: None,
             started: None,
+            snapshots: None,
+            half_made: None,
         }
     }
 }

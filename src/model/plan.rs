@@ -126,6 +126,20 @@ pub enum SessionAction {
         provider: ComputeKind,
         path: PathBuf,
     },
+    /// Take a scheduled snapshot of a session (`take`, for the schedule's slot `slot`) and
+    /// delete vessel's snapshots past the schedule's `keep` (`prune`, oldest first). Its own
+    /// object (`snapshots of NAME`): a snapshot that fails backs off alone and never holds
+    /// the session's other steps.
+    Snapshot {
+        session: String,
+        provider: ComputeKind,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        take: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        slot: Option<DateTime<Utc>>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        prune: Vec<String>,
+    },
 }
 
 /// A step on one route, for the proxy.
@@ -174,6 +188,9 @@ impl Action {
     /// The object a step acts on, as `kind name`; steps on one object render together.
     pub fn object(&self) -> Object {
         match self {
+            Action::Session(SessionAction::Snapshot { session, .. }) => {
+                Object::Snapshot(session.clone())
+            }
             Action::Session(a) => Object::Session(a.session().to_string()),
             Action::Route(a) => Object::Route(a.key()),
             Action::Record(a) => {
@@ -186,6 +203,7 @@ impl Action {
     /// The object's identity without allocating: (kind, name, route path, record type).
     pub fn key(&self) -> (u8, &str, Option<&str>, Option<RecordType>) {
         match self {
+            Action::Session(SessionAction::Snapshot { session, .. }) => (3, session, None, None),
             Action::Session(a) => (0, a.session(), None, None),
             Action::Route(a) => (1, a.host(), a.path(), None),
             Action::Record(a) => {
@@ -232,7 +250,8 @@ impl SessionAction {
             | SessionAction::WaitHealthy { session, .. }
             | SessionAction::PullImage { session, .. }
             | SessionAction::SyncSource { session, .. }
-            | SessionAction::SaveWork { session, .. } => session,
+            | SessionAction::SaveWork { session, .. }
+            | SessionAction::Snapshot { session, .. } => session,
         }
     }
 
@@ -247,7 +266,8 @@ impl SessionAction {
             | SessionAction::WaitHealthy { provider, .. }
             | SessionAction::PullImage { provider, .. }
             | SessionAction::SyncSource { provider, .. }
-            | SessionAction::SaveWork { provider, .. } => *provider,
+            | SessionAction::SaveWork { provider, .. }
+            | SessionAction::Snapshot { provider, .. } => *provider,
         }
     }
 
@@ -263,6 +283,8 @@ impl SessionAction {
             SessionAction::PullImage { .. } => "pull-image",
             SessionAction::SyncSource { .. } => "sync-source",
             SessionAction::SaveWork { .. } => "save-work",
+            SessionAction::Snapshot { take: Some(_), .. } => "snapshot",
+            SessionAction::Snapshot { .. } => "prune-snapshots",
         }
     }
 }
@@ -352,6 +374,8 @@ pub enum Object {
     Session(String),
     Route(String),
     Record(String),
+    /// A session's scheduled snapshots.
+    Snapshot(String),
 }
 
 impl std::fmt::Display for Object {
@@ -360,6 +384,7 @@ impl std::fmt::Display for Object {
             Object::Session(n) => write!(f, "session {n}"),
             Object::Route(h) => write!(f, "route {h}"),
             Object::Record(r) => write!(f, "dns {r}"),
+            Object::Snapshot(n) => write!(f, "snapshots of {n}"),
         }
     }
 }
@@ -392,8 +417,14 @@ pub enum Reason {
     Failed,
     /// A mutable field differs; the changes are listed.
     Drifted { changes: Vec<String> },
-    /// Fields its provider changes in place differ; `restart` when it restarts for them.
-    Changed { changes: Vec<String>, restart: bool },
+    /// Fields its provider changes in place differ; `restart` when it restarts for them;
+    /// `applies` when the provider takes them without a restart, at once or later.
+    Changed {
+        changes: Vec<String>,
+        restart: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        applies: Option<Applies>,
+    },
     /// An immutable field differs, so it is destroyed and created again.
     Replaced {
         changes: Vec<String>,
@@ -403,6 +434,26 @@ pub enum Reason {
     Follows { object: Object },
     /// Its `restart_requested` is later than its last start.
     RestartRequested { at: DateTime<Utc> },
+    /// Its making stopped part-way: finished, or destroyed and made again.
+    HalfMade { finish: bool, detail: String },
+    /// A slot of its snapshot schedule has passed since its last snapshot (`slot`), and/or
+    /// it has more of vessel's snapshots than `keep`.
+    SnapshotDue {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        slot: Option<DateTime<Utc>>,
+        keep: u32,
+        pruned: usize,
+    },
+}
+
+/// When a change made in place without a restart takes effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Applies {
+    /// At once, on the running session (hot-plug, or a container's limits).
+    Hot,
+    /// Written now, taken at its next stop and start (a VM without hot-plug).
+    NextStop,
 }
 
 impl Reason {
@@ -414,15 +465,23 @@ impl Reason {
             Reason::StateChanged { from, to } => format!("state {from} -> {to}"),
             Reason::Failed => "not running (exited or failed)".into(),
             Reason::Drifted { changes } => format!("drifted: {}", changes.join(", ")),
-            Reason::Changed { changes, restart } => format!(
-                "{}: {} changed",
-                if *restart {
-                    "update in place with a restart"
-                } else {
-                    "update in place"
-                },
-                changes.join(", ")
-            ),
+            Reason::Changed {
+                changes,
+                restart,
+                applies,
+            } => {
+                let changes = changes.join(", ");
+                match (restart, applies) {
+                    (true, _) => format!("update in place with a restart: {changes} changed"),
+                    (false, Some(Applies::Hot)) => {
+                        format!("update in place, at once (hot, no restart): {changes} changed")
+                    }
+                    (false, Some(Applies::NextStop)) => format!(
+                        "update in place: {changes} changed; taken at its next stop (no hot-plug; nothing restarts now)"
+                    ),
+                    (false, None) => format!("update in place: {changes} changed"),
+                }
+            }
             Reason::Replaced { changes, data } => {
                 let d = match data {
                     DataFate::SavedTo(p) => format!("work saved to {} first", p.display()),
@@ -434,6 +493,24 @@ impl Reason {
             Reason::Follows { object } => format!("follows {object}"),
             Reason::RestartRequested { at } => {
                 format!("restart requested at {}", at.to_rfc3339())
+            }
+            Reason::HalfMade {
+                finish: true,
+                detail,
+            } => format!("half-made ({detail}): finished"),
+            Reason::HalfMade {
+                finish: false,
+                detail,
+            } => format!("half-made ({detail}): rolled back, destroyed and made again"),
+            Reason::SnapshotDue { slot, keep, pruned } => {
+                let mut out = match slot {
+                    Some(s) => format!("snapshot due (slot {})", s.to_rfc3339()),
+                    None => "snapshots past keep".to_string(),
+                };
+                if *pruned > 0 {
+                    out.push_str(&format!("; keep {keep}: {pruned} oldest deleted"));
+                }
+                out
             }
         }
     }

@@ -22,6 +22,7 @@ pub mod render;
 mod routes;
 mod sessions;
 pub mod simulate;
+mod snapshots;
 mod steps;
 
 pub use crate::model::PlacementHost;
@@ -52,6 +53,7 @@ pub fn plan(desired: &Desired, observed: &Observed, policy: &Policy) -> Plan {
     p.caps();
     p.guards();
     p.session_steps();
+    p.snapshots();
     p.routes();
     p.records();
     p.finish()
@@ -156,6 +158,7 @@ enum Phase {
     Source,
     UpsertRoute,
     UpsertRecord,
+    Snapshot,
 }
 
 struct Draft {

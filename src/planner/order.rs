@@ -145,6 +145,13 @@ fn dependencies(drafts: &[Draft], observed: &Observed) -> Vec<Vec<usize>> {
     for (id, d) in drafts.iter().enumerate() {
         let mut deps: Vec<usize> = Vec::new();
         match &d.action {
+            // Taken of a session that stays (the planner adds none for one made, replaced or
+            // destroyed in the same plan), after what the plan does to it now.
+            Action::Session(SessionAction::Snapshot { session, .. }) => {
+                deps.extend(sess(Phase::Update, session));
+                deps.extend(sess(Phase::Start, session));
+                deps.extend(sess(Phase::Stop, session));
+            }
             Action::Session(SessionAction::PullImage { .. }) => {}
             Action::Route(RouteAction::RemoveRoute { host: h, .. }) => {
                 deps.extend(host(Phase::RemoveRecord, h));

@@ -211,6 +211,29 @@ fn before_after(
             });
             (before.unwrap_or_default(), after.unwrap_or_default())
         }
+        Object::Snapshot(name) => {
+            let before: Vec<String> = observed
+                .sessions
+                .get(name)
+                .and_then(|s| s.snapshots.as_ref())
+                .map(|s| {
+                    s.taken
+                        .iter()
+                        .map(|t| format!("snapshot: {}", t.name))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mut after = before.clone();
+            for s in steps {
+                if let Action::Session(SessionAction::Snapshot { take, prune, .. }) = &s.action {
+                    after.retain(|l| !prune.iter().any(|p| l.ends_with(p.as_str())));
+                    if let Some(t) = take {
+                        after.push(format!("snapshot: {t}"));
+                    }
+                }
+            }
+            (before, after)
+        }
     }
 }
 
@@ -492,6 +515,7 @@ fn step_target(a: &Action) -> String {
         }) => format!("{session}, keeping its workspace"),
         other => match other.object() {
             Object::Session(n) | Object::Route(n) | Object::Record(n) => n,
+            Object::Snapshot(n) => n,
         },
     }
 }
@@ -707,6 +731,10 @@ pub fn markdown(plan: &Plan, observed: &Observed) -> String {
 fn exists(o: &Object, observed: &Observed) -> bool {
     match o {
         Object::Session(n) => observed.sessions.contains_key(n),
+        Object::Snapshot(n) => observed
+            .sessions
+            .get(n)
+            .is_some_and(|s| s.snapshots.as_ref().is_some_and(|s| !s.taken.is_empty())),
         Object::Route(h) => observed.routes.contains_key(h),
         Object::Record(r) => {
             let mut it = r.rsplitn(2, ' ');
@@ -724,6 +752,7 @@ fn md_object(o: &Object) -> String {
         Object::Session(n) => format!("session `{n}`"),
         Object::Route(h) => format!("route `{h}`"),
         Object::Record(r) => format!("dns `{r}`"),
+        Object::Snapshot(n) => format!("snapshots of `{n}`"),
     }
 }
 

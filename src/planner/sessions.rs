@@ -39,6 +39,7 @@ pub fn runtime_spec_on(
         ports: plan.ports.clone(),
         health: plan.health.clone(),
         firewall: plan.firewall.clone(),
+        hotplug: plan.hotplug,
         stop_timeout: plan.stop_timeout,
     }
 }
@@ -250,6 +251,17 @@ impl<'a> Planner<'a> {
     /// The fate of a session that is both desired and there: replaced for what it cannot
     /// change in place, else updated in place (noted) and brought to its desired state.
     fn fate_of(&mut self, name: &'a str, w: &Want, o: &ObservedSession) -> Fate {
+        // Its making stopped part-way: made again, or finished by its start.
+        match &o.half_made {
+            Some(h) if !h.finish => return Fate::Replace(Vec::new()),
+            Some(h) if w.state != RunState::Stopped => {
+                return Fate::Start(Reason::HalfMade {
+                    finish: true,
+                    detail: h.detail.clone(),
+                });
+            }
+            _ => {}
+        }
         let diff = spec_diff(o, &w.spec, &w.fingerprint);
         if !diff.replace.is_empty() {
             let mut changes = diff.replace;

@@ -62,6 +62,8 @@ pub fn simulate_step(action: &Action, o: &mut Observed) {
                         host: host.clone(),
                         asleep: None,
                         started: None,
+                        snapshots: None,
+                        half_made: None,
                     },
                 );
             }
@@ -107,6 +109,25 @@ pub fn simulate_step(action: &Action, o: &mut Observed) {
                 if let Some(s) = o.sessions.get_mut(session) {
                     s.synced_source = Some(path.clone());
                     s.save_to = save_to.clone();
+                }
+            }
+            Action::Session(SessionAction::Snapshot {
+                session,
+                take,
+                slot,
+                prune,
+                ..
+            }) => {
+                if let Some(s) = o.sessions.get_mut(session) {
+                    let snaps = s.snapshots.get_or_insert_with(Default::default);
+                    snaps.taken.retain(|t| !prune.contains(&t.name));
+                    if let (Some(name), Some(slot)) = (take, slot) {
+                        snaps.taken.push(crate::model::observed::Snapshot {
+                            name: name.clone(),
+                            slot: *slot,
+                        });
+                    }
+                    snaps.failed = None;
                 }
             }
             Action::Session(SessionAction::WaitHealthy { .. })

@@ -82,9 +82,15 @@ impl<'a> Planner<'a> {
                         continue;
                     };
                     let keep = policy.keeps_workspaces.contains(&o.provider);
-                    let reason = Reason::Replaced {
-                        changes: changes.clone(),
-                        data: data_fate(o, policy),
+                    let reason = match &o.half_made {
+                        Some(h) if !h.finish => Reason::HalfMade {
+                            finish: false,
+                            detail: h.detail.clone(),
+                        },
+                        _ => Reason::Replaced {
+                            changes: changes.clone(),
+                            data: data_fate(o, policy),
+                        },
                     };
                     let retain = Retain {
                         keep,
@@ -169,7 +175,12 @@ fn update_steps(
     w: &Want,
     o: &ObservedSession,
 ) -> bool {
-    let restart = matches!(fate, Fate::Keep) && o.state == SessionState::Running;
+    let running = matches!(fate, Fate::Keep) && o.state == SessionState::Running;
+    // Some providers take the change without a restart (at once, or at the next stop).
+    let applies = running
+        .then(|| crate::model::applies_in_place(&w.spec, changes))
+        .flatten();
+    let restart = running && applies.is_none();
     drafts.push(
         Phase::Update,
         Action::Session(SessionAction::UpdateSession {
@@ -182,10 +193,12 @@ fn update_steps(
         Reason::Changed {
             changes: changes.to_vec(),
             restart,
+            applies,
         },
     );
     if !restart {
-        return false;
+        // Its address changes without a restart where its ports did.
+        return applies.is_some() && changes.iter().any(|c| c == "ports");
     }
     drafts.push(
         Phase::Healthy,

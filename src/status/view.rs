@@ -127,6 +127,10 @@ pub struct SessionView {
     /// Asleep, awake or waking, for sessions that sleep when idle or are declared `sleeping`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lifecycle: Option<crate::lifecycle::SessionLife>,
+    /// vessel's scheduled snapshots of it (oldest first) and the last attempt's failure, for
+    /// providers that take them (proxmox).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<crate::model::observed::Snapshots>,
 }
 
 /// `GET /sessions/{name}`.
@@ -439,6 +443,7 @@ pub fn sessions(s: &Snapshot, ctx: &Context, now: &Activity) -> Vec<SessionView>
                 quarantined: quarantined.get(&name).cloned(),
                 activity: now.sessions.get(&name).cloned(),
                 lifecycle: None,
+                snapshots: have.and_then(|h| h.snapshots.clone()),
                 name,
             }
         })
@@ -581,6 +586,7 @@ mod tests {
             ports: BTreeMap::new(),
             health: None,
             firewall: None,
+            hotplug: false,
             stop_timeout: None,
         };
         let mut plan = crate::model::plan::Plan::default();
@@ -623,6 +629,8 @@ mod tests {
                 host: None,
                 asleep: None,
                 started: None,
+                snapshots: None,
+                half_made: None,
             },
         );
         let text =

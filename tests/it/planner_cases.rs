@@ -254,6 +254,8 @@ fn apply_drift(o: &mut Observed, drift: &[Drift]) {
                         host: None,
                         asleep: None,
                         started: None,
+                        snapshots: None,
+                        half_made: None,
                     },
                 );
             }

@@ -50,6 +50,8 @@ fn plans(variant: u8) -> Vec<PlanSpec> {
             .collect(),
         health: None,
         firewall: None,
+        hotplug: false,
+        snapshots: None,
         idle_timeout: None,
         sleep: None,
         stop_timeout: None,
@@ -246,6 +248,8 @@ fn foreign(o: &mut Observed, n: u8) {
             host: None,
             asleep: None,
             started: None,
+            snapshots: None,
+            half_made: None,
         },
     );
     let host = format!("{name}.localhost");

@@ -252,10 +252,17 @@ fn contract_double_a_guest_whose_clone_failed_is_destroyed_and_made_again() {
     assert!(out.contains("clone failed"), "{out}");
     let (half, ..) = guest(&d, "carol").expect("the half-made guest is left");
 
-    // The next pass recognises it as vessel's (its record names that VMID), half-made: replaced.
+    // The next pass recognises it as vessel's (its record names that VMID), half-made: the
+    // plan says it is rolled back and made again, and why.
     let (code, out) = t.vessel(&["plan", "vessel.yaml"]);
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("replace"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "half-made (the clone into VMID {half} on pve1 never finished): rolled back, destroyed and made again"
+        )),
+        "{out}"
+    );
     let (code, out) = t.apply();
     assert_eq!(code, 0, "{out}");
     let (vmid, _, tags, status, ..) = guest(&d, "carol").expect("made again");
@@ -283,6 +290,15 @@ fn contract_double_a_guest_that_failed_to_start_is_finished_not_remade() {
     t.session("dave", "ct", "");
     let (_, out) = t.apply();
     let (vmid, ..) = guest(&d, "dave").unwrap_or_else(|| panic!("made: {out}"));
+    let (code, out) = t.vessel(&["plan", "vessel.yaml"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains(&format!(
+            "half-made (VMID {vmid} on pve1 was cloned and configured, not yet started): finished"
+        )),
+        "the plan says it finishes the guest: {out}"
+    );
+    assert!(out.contains("0 to replace"), "{out}");
     let (code, out) = t.apply();
     assert_eq!(code, 0, "{out}");
     let (again, _, _, status, ..) = guest(&d, "dave").expect("still there");
@@ -694,5 +710,195 @@ fn contract_double_firewall_rules_are_vessels_by_their_comment_and_foreign_ones_
         d.params_of("POST", &format!("/{vmid}/status/reboot"))
             .is_empty(),
         "a firewall change reboots nothing"
+    );
+}
+
+#[test]
+fn contract_double_a_running_vm_takes_new_cores_at_its_next_stop_or_hot_with_hotplug() {
+    let (d, t) = made("vm", "vm", "", "hank");
+    let (vmid, ..) = guest(&d, "hank").expect("made");
+    let reboots = || d.params_of("POST", "/status/reboot").len();
+    let bigger = |t: &Tree, extra: &str| {
+        t.write(
+            "plan-vm.yaml",
+            &std::fs::read_to_string(t.path().join("desired/plan-vm.yaml"))
+                .expect("plan")
+                .replace("cpus: 2", "cpus: 3")
+                .replace("memory: 2GiB", &format!("memory: 3GiB\n{extra}")),
+        );
+    };
+    bigger(&t, "");
+    let (code, out) = t.vessel(&["plan", "vessel.yaml"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("taken at its next stop (no hot-plug"),
+        "the plan says when: {out}"
+    );
+    let (code, out) = t.apply();
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(reboots(), 0, "nothing rebooted for it");
+    let (again, _, _, status, cores, mem, _) = guest(&d, "hank").expect("kept");
+    assert_eq!((again, status.as_str()), (vmid, "running"));
+    assert_eq!(
+        (cores, mem),
+        (2, 2048),
+        "pending in Proxmox until the VM stops"
+    );
+    let (code, out) = t.vessel(&["plan", "vessel.yaml"]);
+    assert_eq!(code, 0, "converged: {out}");
+    // Stopped (declared), then running again: it runs with them.
+    t.session("hank", "vm", "state: stopped\n");
+    let (code, out) = t.apply();
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(guest(&d, "hank").expect("kept").4, 3, "taken at the stop");
+    t.session("hank", "vm", "");
+    let (code, out) = t.apply();
+    assert_eq!(code, 0, "{out}");
+    let (_, _, _, status, cores, mem, _) = guest(&d, "hank").expect("kept");
+    assert_eq!((status.as_str(), cores, mem), ("running", 3, 3072));
+
+    // With hot-plug (the template has it, the plan says so): at once, without a reboot.
+    d.with(|w| {
+        if let Some(g) = w.guests.get_mut(&vmid) {
+            g.hotplug = true;
+        }
+    });
+    t.write(
+        "plan-vm.yaml",
+        &std::fs::read_to_string(t.path().join("desired/plan-vm.yaml"))
+            .expect("plan")
+            .replace("cpus: 3", "cpus: 4")
+            .replace("memory: 3GiB", "memory: 3GiB\nhotplug: true"),
+    );
+    let (code, out) = t.vessel(&["plan", "vessel.yaml"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("update in place, at once (hot"), "{out}");
+    let (code, out) = t.apply();
+    assert_eq!(code, 0, "{out}");
+    let (_, _, _, status, cores, ..) = guest(&d, "hank").expect("kept");
+    assert_eq!((status.as_str(), cores), ("running", 4));
+    assert_eq!(reboots(), 0, "hot: nothing rebooted");
+}
+
+#[test]
+fn contract_double_snapshots_are_taken_on_schedule_pruned_past_keep_and_listed() {
+    let d = double(Timing::quick());
+    let (proxy, status) = (
+        crate::daemon_support::free_port(),
+        crate::daemon_support::free_port(),
+    );
+    let t = Tree::new(
+        &d,
+        &format!(
+            "  proxy:\n    embedded:\n      listen: 127.0.0.1:{proxy}\nstatus:\n  listen: 127.0.0.1:{status}\n"
+        ),
+    );
+    // A slot every 2 s (aligned to the epoch): each apply a slot later takes one snapshot.
+    t.plan("ct", "lxc", "snapshots: {every: 2s, keep: 2}\n");
+    t.session("iris", "ct", "");
+    let (code, out) = t.apply();
+    assert_eq!(code, 0, "{out}");
+    let (vmid, ..) = guest(&d, "iris").expect("made");
+    let snaps = || {
+        d.with(|w| {
+            w.guests
+                .get(&vmid)
+                .map(|g| g.snapshots.clone())
+                .unwrap_or_default()
+        })
+    };
+    let wait_slot = || std::thread::sleep(Duration::from_millis(2100));
+    wait_slot();
+    let (code, out) = t.vessel(&["plan", "vessel.yaml"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("snapshot due"), "the plan says why: {out}");
+    let (code, out) = t.apply();
+    assert_eq!(code, 0, "{out}");
+    // At least one (an apply that spans a slot's end takes that slot's too), named by time.
+    let first = snaps();
+    assert!(!first.is_empty() && first.len() <= 2, "{first:?}");
+    assert!(
+        first.iter().all(|n| n.starts_with("vessel_2")),
+        "named by time: {first:?}"
+    );
+    wait_slot();
+    let (code, out) = t.apply();
+    assert_eq!(code, 0, "{out}");
+    wait_slot();
+    let (code, out) = t.apply();
+    assert_eq!(code, 0, "{out}");
+    let kept = snaps();
+    assert_eq!(kept.len(), 2, "pruned past keep: {kept:?}");
+    assert!(!kept.contains(&first[0]), "the oldest went first: {kept:?}");
+    assert_eq!(
+        d.params_of("DELETE", &format!("/snapshot/{}", first[0]))
+            .len(),
+        1
+    );
+
+    // A snapshot of someone else's stays, whatever vessel prunes.
+    d.with(|w| {
+        if let Some(g) = w.guests.get_mut(&vmid) {
+            g.snapshots.insert(0, "before_upgrade".into());
+        }
+    });
+    // Snapshots failing under the daemon: shown in status, retried, and the session is
+    // neither held nor touched meanwhile.
+    d.with(|w| {
+        w.faults.fail_500.insert("/snapshot".into(), 1000);
+    });
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_vessel"))
+        .args(["run", "vessel.yaml"])
+        .current_dir(t.path())
+        .env("NO_COLOR", "1")
+        .env("PVE_TEST_TOKEN", TOKEN_SECRET)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("vessel run");
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], status).into();
+    let view = || {
+        crate::daemon_support::get(addr, "127.0.0.1", "/sessions/iris")
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    };
+    let failed =
+        crate::daemon_support::wait_for(Duration::from_secs(20), || view().contains("\"failed\""));
+    let shown = view();
+    assert!(failed.is_some(), "a failed snapshot is shown: {shown}");
+    assert!(
+        shown.contains("vessel_"),
+        "status lists the snapshots: {shown}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&shown).expect("json");
+    assert_eq!(v["observed_state"], "running", "{shown}");
+    assert!(
+        v["snapshots"]["failed"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("answered 500")),
+        "the failure in the provider's words: {shown}"
+    );
+    assert_eq!(guest(&d, "iris").expect("kept").3, "running");
+    let tries = d.params_of("POST", "/snapshot").len();
+    d.with(|w| {
+        w.faults.fail_500.clear();
+    });
+    let recovered = crate::daemon_support::wait_for(Duration::from_secs(20), || {
+        let v = view();
+        !v.contains("\"failed\"") && v.contains("vessel_")
+    });
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert!(recovered.is_some(), "retried and taken: {}", view());
+    assert!(d.params_of("POST", "/snapshot").len() > tries, "retried");
+    let now = snaps();
+    assert!(
+        now.contains(&"before_upgrade".to_string()),
+        "foreign kept: {now:?}"
+    );
+    assert_eq!(
+        now.iter().filter(|s| s.starts_with("vessel_")).count(),
+        2,
+        "{now:?}"
     );
 }

@@ -357,6 +357,13 @@ pub struct GuestState {
     /// Its firewall rules, in order (`pos` is the index), and whether it is enabled.
     pub rules: Vec<serde_json::Map<String, Value>>,
     pub firewall: bool,
+    /// Its snapshots by name, oldest first.
+    pub snapshots: Vec<String>,
+    /// CPU and memory hot-plug enabled (a VM's `hotplug: cpu,memory` with NUMA).
+    pub hotplug: bool,
+    /// Cores and memory written while it ran without hot-plug: taken at its next stop (as
+    /// Proxmox keeps them under `pending`).
+    pub pending: Option<(u64, u64)>,
 }
 
 /// What a task does to the cluster when it ends.
@@ -535,6 +542,9 @@ impl Double {
                     started: None,
                     rules: Vec::new(),
                     firewall: false,
+                    snapshots: Vec::new(),
+                    hotplug: false,
+                    pending: None,
                 },
             )
         });
@@ -818,6 +828,9 @@ fn behave(
                         started: None,
                         rules: Vec::new(),
                         firewall: false,
+                        snapshots: Vec::new(),
+                        hotplug: false,
+                        pending: None,
                     },
                 );
             }
@@ -939,6 +952,8 @@ fn guest_call(
                     started: None,
                     rules: Vec::new(),
                     firewall: false,
+                    snapshots: Vec::new(),
+                    pending: None,
                     ..g.clone()
                 },
             );
@@ -973,16 +988,27 @@ fn guest_call(
             if let Some(tags) = text(p, "tags") {
                 n.tags = tags;
             }
+            let mut cores = n.pending.map_or(n.cores, |p| p.0);
+            let mut memory = n.pending.map_or(n.memory_mib, |p| p.1);
             if let Some(c) = int(p, "cores") {
-                n.cores = c;
+                cores = c;
             }
             if let Some(m) = text(p, "memory") {
                 let m = m.trim_start_matches("current=");
-                n.memory_mib = m
+                memory = m
                     .split(',')
                     .next()
                     .and_then(|x| x.parse().ok())
-                    .unwrap_or(n.memory_mib);
+                    .unwrap_or(memory);
+            }
+            // A running VM without hot-plug keeps them pending until it stops; a container
+            // and a VM with hot-plug take them at once.
+            if n.kind == "qemu" && n.status == "running" && !n.hotplug {
+                if (cores, memory) != (n.cores, n.memory_mib) {
+                    n.pending = Some((cores, memory));
+                }
+            } else {
+                (n.cores, n.memory_mib) = (cores, memory);
             }
             Ok(Value::Null)
         }
@@ -1062,6 +1088,9 @@ fn guest_call(
                     }
                     if to == "stopped" {
                         n.started = None;
+                        if let Some((c, m)) = n.pending.take() {
+                            (n.cores, n.memory_mib) = (c, m);
+                        }
                     }
                 }
             });
@@ -1129,6 +1158,71 @@ fn guest_call(
             }
             n.rules.remove(pos);
             Ok(Value::Null)
+        }
+        ("POST", ["snapshot"]) => {
+            locked("snapshot")?;
+            let name = text(p, "snapname").unwrap_or_default();
+            if g.snapshots.contains(&name) {
+                return Err((500, format!("snapshot name '{name}' already used")));
+            }
+            if let Some(n) = w.guests.get_mut(&vmid) {
+                n.lock = Some("snapshot".into());
+            }
+            let upid = w.task(
+                node,
+                if kind == "qemu" {
+                    "qmsnapshot"
+                } else {
+                    "vzsnapshot"
+                },
+                vmid,
+                t.resize,
+                Ok(()),
+                move |w| {
+                    if let Some(n) = w.guests.get_mut(&vmid) {
+                        n.lock = None;
+                        n.snapshots.push(name);
+                    }
+                },
+            );
+            Ok(json!(upid))
+        }
+        ("DELETE", ["snapshot", name]) => {
+            locked("delete snapshot")?;
+            let name = name.to_string();
+            if !g.snapshots.contains(&name) {
+                return Err((500, format!("snapshot '{name}' does not exist")));
+            }
+            if let Some(n) = w.guests.get_mut(&vmid) {
+                n.lock = Some("snapshot-delete".into());
+            }
+            let upid = w.task(
+                node,
+                if kind == "qemu" {
+                    "qmdelsnapshot"
+                } else {
+                    "vzdelsnapshot"
+                },
+                vmid,
+                t.resize,
+                Ok(()),
+                move |w| {
+                    if let Some(n) = w.guests.get_mut(&vmid) {
+                        n.lock = None;
+                        n.snapshots.retain(|s| *s != name);
+                    }
+                },
+            );
+            Ok(json!(upid))
+        }
+        ("GET", ["snapshot"]) => {
+            let mut list: Vec<Value> = g
+                .snapshots
+                .iter()
+                .map(|s| json!({"name": s, "description": ""}))
+                .collect();
+            list.push(json!({"name": "current", "description": "You are here!", "running": i64::from(running)}));
+            Ok(Value::Array(list))
         }
         ("PUT", ["firewall", "options"]) => {
             if let Some(n) = w.guests.get_mut(&vmid) {

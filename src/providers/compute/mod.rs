@@ -229,6 +229,24 @@ pub(crate) trait SessionSteps: Sync {
         session: &str,
         path: &Path,
     ) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    /// Take the snapshot `take` (named for the schedule's `slot`) and delete vessel's
+    /// snapshots `prune`. Only providers that take snapshots get such steps (the planner
+    /// plans them for sessions whose provider reports `snapshots`).
+    fn snapshot(
+        &self,
+        session: &str,
+        take: Option<(&str, chrono::DateTime<chrono::Utc>)>,
+        prune: &[String],
+    ) -> impl Future<Output = Result<(), ProviderError>> + Send {
+        let _ = (take, prune);
+        async move {
+            Err(ProviderError::failed(
+                "snapshot",
+                session,
+                "its compute provider takes no snapshots",
+            ))
+        }
+    }
 }
 
 /// Carry out one session step of the plan with `p`'s steps.
@@ -310,6 +328,16 @@ pub(crate) async fn run_session_step<P: SessionSteps>(
             host,
             ..
         } => p.pull_image(session, image, *pull, host.as_deref()).await,
+        SessionAction::Snapshot {
+            session,
+            take,
+            slot,
+            prune,
+            ..
+        } => {
+            let take = take.as_deref().zip(*slot);
+            p.snapshot(session, take, prune).await
+        }
     }
 }
 

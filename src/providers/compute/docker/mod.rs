@@ -665,6 +665,8 @@ impl DockerProvider {
                         host: Some(host_name),
                         asleep: None,
                         started: None,
+                        snapshots: None,
+                        half_made: None,
                     },
                 );
             }

@@ -310,6 +310,8 @@ impl ProcessProvider {
                         .and_then(started_at),
                     spec: Some(r.spec),
                     asleep: None,
+                    snapshots: None,
+                    half_made: None,
                 });
             }
             Ok(out)
@@ -876,6 +878,7 @@ mod tests {
                 ports: BTreeMap::new(),
                 health: None,
                 firewall: None,
+                hotplug: false,
                 stop_timeout: None,
             },
             fingerprint: String::new(),

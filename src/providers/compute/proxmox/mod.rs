@@ -39,7 +39,9 @@ use http::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::model::observed::{ObservedSession, RuntimeSpec, SessionState};
+use crate::model::observed::{
+    HalfMade, ObservedSession, RuntimeSpec, SessionState, Snapshot, SnapshotFailure, Snapshots,
+};
 use crate::model::plan::SessionAction;
 use crate::model::{CloneMode, ComputeKind, Guest, Health};
 
@@ -112,6 +114,15 @@ struct Record {
     /// Suspended by vessel (the `pause` sleep depth): a start resumes it.
     #[serde(default)]
     paused: bool,
+    /// When its making began: its snapshot schedule counts from here.
+    #[serde(default)]
+    made: Option<chrono::DateTime<chrono::Utc>>,
+    /// vessel's snapshots of it, oldest first.
+    #[serde(default)]
+    snapshots: Vec<Snapshot>,
+    /// The last snapshot attempt, if it failed.
+    #[serde(default)]
+    snapshot_failed: Option<SnapshotFailure>,
 }
 
 /// Where a session's guest was last seen.
@@ -666,6 +677,75 @@ impl Inner {
         self.write_record(session, r)
     }
 
+    /// Take `take` and delete `prune` (vessel's own, by name), keeping the record's list in
+    /// step with what Proxmox has after each.
+    async fn snapshots(
+        &self,
+        p: &Placed,
+        session: &str,
+        r: &mut Record,
+        take: Option<(&str, chrono::DateTime<chrono::Utc>)>,
+        prune: &[String],
+    ) -> Result<(), ProviderError> {
+        self.wait_unlocked(p, session).await?;
+        if let Some((name, slot)) = take
+            && !r.snapshots.iter().any(|t| t.name == name)
+        {
+            let taken = self
+                .run_task(
+                    p.cluster,
+                    Method::POST,
+                    &self.path(&p.res, "/snapshot"),
+                    &[
+                        ("snapname", Value::from(name)),
+                        (
+                            "description",
+                            Value::from(format!(
+                                "vessel: scheduled snapshot of session {session} (instance {})",
+                                self.config.instance
+                            )),
+                        ),
+                    ],
+                    self.config.task_timeout.std(),
+                )
+                .await;
+            match taken {
+                Ok(()) => {}
+                // Taken before a crash cut the record's write short: it is there.
+                Err(e) if e.message().contains("already exists") => {}
+                Err(e) => return Err(err("snapshot", session)(e)),
+            }
+            r.snapshots.push(Snapshot {
+                name: name.to_string(),
+                slot,
+            });
+            self.write_record(session, r)?;
+        }
+        for name in prune {
+            if !name.starts_with("vessel_") {
+                continue;
+            }
+            let deleted = self
+                .run_task(
+                    p.cluster,
+                    Method::DELETE,
+                    &self.path(&p.res, &format!("/snapshot/{name}")),
+                    &[],
+                    self.config.task_timeout.std(),
+                )
+                .await;
+            match deleted {
+                Ok(()) => {}
+                // Deleted by hand already.
+                Err(e) if e.message().contains("does not exist") => {}
+                Err(e) => return Err(err("delete a snapshot of", session)(e)),
+            }
+            r.snapshots.retain(|t| &t.name != name);
+            self.write_record(session, r)?;
+        }
+        Ok(())
+    }
+
     async fn slot(&self, node: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
         match self.slots.get(node) {
             Some(s) => s.clone().acquire_owned().await.ok(),
@@ -744,6 +824,9 @@ impl Inner {
                 source_file: Some(a.source_file.to_path_buf()),
                 save_to: a.save_to.map(Path::to_path_buf),
                 paused: false,
+                made: Some(chrono::Utc::now()),
+                snapshots: Vec::new(),
+                snapshot_failed: None,
             };
             self.write_record(session, &record)?;
             let name_key = match guest {
@@ -873,13 +956,36 @@ impl ProxmoxProvider {
                     (None, _) => (fp_tag.unwrap_or_else(|| HALF_MADE.into()), None),
                 };
                 let intent = record.as_ref().map(|r| r.intent);
+                // A guest that runs is running, locked or not: a lock is a task of
+                // Proxmox's (a backup, a snapshot) that is waited for, never fought.
                 let state = match (running, phase, intent) {
                     (_, Phase::Cloning | Phase::Configured, _) => SessionState::Failed,
-                    (true, _, _) if res.lock.is_none() => SessionState::Running,
-                    (true, _, _) => SessionState::Failed,
+                    (true, _, _) => SessionState::Running,
                     (false, _, Some(Intent::Running)) => SessionState::Failed,
                     (false, _, _) => SessionState::Stopped,
                 };
+                let half_made = match phase {
+                    Phase::Cloning => Some(HalfMade {
+                        finish: false,
+                        detail: format!(
+                            "the clone into VMID {} on {} never finished",
+                            res.vmid, res.node
+                        ),
+                    }),
+                    Phase::Configured => Some(HalfMade {
+                        finish: true,
+                        detail: format!(
+                            "VMID {} on {} was cloned and configured, not yet started",
+                            res.vmid, res.node
+                        ),
+                    }),
+                    Phase::Ready => None,
+                };
+                let snapshots = record.as_ref().map(|r| Snapshots {
+                    since: r.made,
+                    taken: r.snapshots.clone(),
+                    failed: r.snapshot_failed.clone(),
+                });
                 let endpoints = match (&record, &spec) {
                     (Some(r), Some(s)) if running => r
                         .address
@@ -921,6 +1027,8 @@ impl ProxmoxProvider {
                             .filter(|_| running)
                             .and_then(|u| i64::try_from(u).ok())
                             .map(|u| now - chrono::Duration::seconds(u)),
+                        snapshots,
+                        half_made,
                     },
                 );
             }
@@ -1065,16 +1173,17 @@ impl SessionSteps for ProxmoxProvider {
         inner
             .sync_firewall(&p, session, spec, r.spec.firewall.is_some())
             .await?;
-        // Only cores and memory need a VM to reboot.
-        let reboot = r.spec.cpus != spec.cpus || r.spec.memory != spec.memory;
+        // Nothing reboots for it: a container and a VM with hot-plug take cores and memory
+        // at once, a VM without keeps them pending until its next stop (the plan says which).
+        // A restart asked for all the same (by another provider's rules) is a reboot.
         r.spec = spec.clone();
         r.fingerprint = fingerprint.to_string();
         inner.write_record(session, &r)?;
-        let cur = inner.current(&p, session).await?;
-        let running = cur.get("status").and_then(Value::as_str) == Some("running");
-        // A container takes cores and memory at once; a VM's wait for a reboot.
-        if restart && reboot && running && p.res.kind == Kind::Qemu {
-            inner.reboot(&p, session, &mut r).await?;
+        if restart {
+            let cur = inner.current(&p, session).await?;
+            if cur.get("status").and_then(Value::as_str) == Some("running") {
+                inner.reboot(&p, session, &mut r).await?;
+            }
         }
         Ok(())
     }
@@ -1125,6 +1234,10 @@ impl SessionSteps for ProxmoxProvider {
         if let Some(mut r) = inner.record_for(session, p.cluster, &p.res) {
             r.intent = Intent::Stopped;
             inner.write_record(session, &r)?;
+            // Made part-way and wanted stopped: finished without a start.
+            if r.phase == Phase::Configured {
+                return inner.finish(session, &p, r, false).await;
+            }
         }
         self.shutdown(&p, session, stop_timeout).await
     }
@@ -1213,6 +1326,29 @@ impl SessionSteps for ProxmoxProvider {
             session,
             "proxmox guests get their files from their template; a `source` is not copied in",
         ))
+    }
+
+    /// Take the snapshot for a slot of the plan's schedule, then delete vessel's snapshots
+    /// past `keep`. What was taken is in the record; a failure is recorded (status shows it)
+    /// and the step fails, so the loop retries it with backoff.
+    async fn snapshot(
+        &self,
+        session: &str,
+        take: Option<(&str, chrono::DateTime<chrono::Utc>)>,
+        prune: &[String],
+    ) -> Result<(), ProviderError> {
+        let inner = &self.inner;
+        let p = self.placed("snapshot", session).await?;
+        let mut r = inner
+            .record_for(session, p.cluster, &p.res)
+            .ok_or_else(|| ProviderError::failed("snapshot", session, "it has no record"))?;
+        let result = inner.snapshots(&p, session, &mut r, take, prune).await;
+        r.snapshot_failed = result.as_ref().err().map(|e| SnapshotFailure {
+            at: chrono::Utc::now(),
+            error: crate::error_chain(e),
+        });
+        inner.write_record(session, &r)?;
+        result
     }
 
     async fn save_work(&self, session: &str, _path: &Path) -> Result<(), ProviderError> {
