@@ -905,8 +905,8 @@ pub struct SessionSpec {
     /// A declarative restart (RFC 3339): a running session last started before this time is
     /// restarted once (stopped within its plan's `stop_timeout` and started again; a proxmox
     /// guest reboots). Set it to now to restart a session; a time in the future restarts it
-    /// then. Needs a provider that reports when a session started (process, proxmox); others
-    /// never restart for it.
+    /// then. Every compute provider reports when its sessions started (process, docker,
+    /// proxmox).
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",

@@ -585,3 +585,57 @@ fn docker_pause_sleeps_and_a_request_wakes() {
 fn docker_stop_sleeps_and_a_request_wakes() {
     docker_sleeps_and_wakes("stop");
 }
+
+#[test]
+fn docker_restart_requested_restarts_the_container_once() {
+    let pod = podman();
+    let instance = unique("rst");
+    let _cleanup = Cleanup {
+        instance: instance.clone(),
+        names: vec![],
+    };
+    // Resynced every second: later passes look again, and must leave it alone.
+    let mut d = docker_daemon(&instance, "1s");
+    let s = format!("{instance}a");
+    let src = project(d.dir.path(), &s);
+    let source = format!("source: {{path: {}}}\n", src.display());
+    d.write(&format!("{s}.yaml"), &session_yaml(&s, &source));
+    d.start();
+    let body = format!("hello from {s}\n");
+    wait(30, "the session serves", &d, || {
+        serves(&d, &s, "/index.html", &body)
+    });
+    let name = format!("vessel-{s}");
+    let started = || {
+        pod.inspect(&name).and_then(|c| {
+            Some((
+                c["Id"].as_str()?.to_string(),
+                c["State"]["StartedAt"].as_str()?.to_string(),
+            ))
+        })
+    };
+    let (id, first) = started().expect("inspect");
+    std::thread::sleep(Duration::from_millis(1100));
+    let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    d.write(
+        &format!("{s}.yaml"),
+        &session_yaml(&s, &format!("{source}restart_requested: '{at}'\n")),
+    );
+    wait(30, "the container is started again", &d, || {
+        started().is_some_and(|(i, t)| i == id && t != first)
+            && serves(&d, &s, "/index.html", &body)
+    });
+    let object = format!("session {s}");
+    let restarts = || {
+        d.events()
+            .lines()
+            .filter(|l| l.contains("\"restart\"") && l.contains(&object))
+            .count()
+    };
+    let (_, second) = started().expect("inspect");
+    // Later passes leave it alone: once.
+    let passes = d.passes();
+    wait(10, "two more passes", &d, || d.passes() >= passes + 2);
+    assert_eq!(started().map(|(_, t)| t), Some(second), "restarted once");
+    assert_eq!(restarts(), 1, "{}", d.events());
+}

@@ -118,6 +118,11 @@ struct Record {
     intent: Intent,
     #[serde(flatten)]
     synced: Synced,
+    /// When vessel last started it (for `restart_requested`; the engine's listing does not
+    /// say). A start by someone else is not seen: such a container may be restarted once
+    /// more for a request it already met, never left unrestarted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    started: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 struct Host {
@@ -501,6 +506,7 @@ impl Inner {
             container: id.to_string(),
             intent: Intent::Stopped,
             synced: Synced::default(),
+            started: None,
         });
         f(&mut r);
         // Unchanged (a wake from a pause: still meant to run): not written again.
@@ -664,7 +670,10 @@ impl DockerProvider {
                         healthy: None,
                         host: Some(host_name),
                         asleep: None,
-                        started: None,
+                        started: record
+                            .as_ref()
+                            .and_then(|r| r.started)
+                            .filter(|_| state == SessionState::Running),
                         snapshots: None,
                         half_made: None,
                     },
@@ -687,7 +696,10 @@ impl DockerProvider {
         let d = self.inner.client(host).await?;
         self.inner.count();
         match d.start_container(id, None::<StartContainerOptions>).await {
-            Ok(()) => Ok(()),
+            Ok(()) => self.inner.update_record(session, id, |r| {
+                r.started = Some(chrono::Utc::now());
+            }),
+            // Running already: its start time stays what it was.
             Err(e) if status_of(&e) == Some(304) => Ok(()),
             Err(e) => Err(docker_err("start", session)(e)),
         }
