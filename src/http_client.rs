@@ -96,6 +96,9 @@ pub struct Reply {
     pub etag: Option<String>,
     /// A `Retry-After` in seconds (on a 429 or 503), if the answer has one.
     pub retry_after: Option<Duration>,
+    /// The status line's reason phrase when it is not the standard one for the status
+    /// (Proxmox puts its error message there), printable and at most 300 characters.
+    pub reason: Option<String>,
 }
 
 impl Reply {
@@ -318,7 +321,21 @@ impl Api {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        let mut body = http::Response::<reqwest::Body>::from(resp).into_body();
+        let resp = http::Response::<reqwest::Body>::from(resp);
+        let reason = resp
+            .extensions()
+            .get::<hyper::ext::ReasonPhrase>()
+            .map(|r| {
+                String::from_utf8_lossy(r.as_bytes())
+                    .chars()
+                    .filter(|c| !c.is_control())
+                    .take(300)
+                    .collect::<String>()
+                    .trim()
+                    .to_string()
+            })
+            .filter(|r| !r.is_empty());
+        let mut body = resp.into_body();
         let mut buf = BytesMut::new();
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|source| {
@@ -353,6 +370,7 @@ impl Api {
             body: buf.freeze(),
             etag,
             retry_after,
+            reason,
         })
     }
 

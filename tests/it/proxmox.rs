@@ -875,8 +875,8 @@ fn contract_double_snapshots_are_taken_on_schedule_pruned_past_keep_and_listed()
     assert!(
         v["snapshots"]["failed"]["error"]
             .as_str()
-            .is_some_and(|e| e.contains("answered 500")),
-        "the failure in the provider's words: {shown}"
+            .is_some_and(|e| e.contains("answered 500: injected failure: internal error")),
+        "the failure in Proxmox's words (its status line): {shown}"
     );
     assert_eq!(guest(&d, "iris").expect("kept").3, "running");
     let tries = d.params_of("POST", "/snapshot").len();

@@ -12,7 +12,10 @@
 //! (UPIDs naming their node, polled on that node only) that take the time `Timing` says,
 //! guest locks while a task runs, a racy `/cluster/nextid`, and injectable `Faults`.
 //!
-//! It serves plain HTTP/1.1 (one request per connection) on its own thread and runtime.
+//! It serves plain HTTP/1.1 (one request per connection) on its own thread and runtime. Errors
+//! are answered as Proxmox answers them: the message in the status line's reason phrase
+//! (`HTTP/1.1 500 VM 100 already running`), the body `{"data": null}` (with `errors` for
+//! parameters).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -635,11 +638,19 @@ async fn serve(
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
-    let (status, answer) = handle(&first, &headers, &body, &world);
+    let (status, mut answer) = handle(&first, &headers, &body, &world);
+    // As Proxmox answers: an error's message is the status line's reason phrase (one line),
+    // and the body holds only `data` (and `errors` for parameters).
+    let reason = match answer.as_object_mut().and_then(|m| m.remove("message")) {
+        Some(Value::String(m)) if status != 200 => {
+            m.lines().next().unwrap_or("").trim().to_string()
+        }
+        _ if status == 200 => "OK".to_string(),
+        _ => "Error".to_string(),
+    };
     let text = answer.to_string();
     let reply = format!(
-        "HTTP/1.1 {status} {}\r\ncontent-type: application/json;charset=UTF-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
-        if status == 200 { "OK" } else { "Error" },
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json;charset=UTF-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
         text.len()
     );
     s.write_all(reply.as_bytes()).await?;

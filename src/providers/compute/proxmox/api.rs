@@ -157,11 +157,16 @@ impl Cluster {
             })?;
         let parsed: Option<Value> = serde_json::from_slice(&reply.body).ok();
         if !(200..300).contains(&reply.status) {
-            let message = parsed
-                .as_ref()
-                .map(error_message)
-                .filter(|m| !m.is_empty())
-                .unwrap_or_else(|| reply.brief());
+            // Proxmox says what went wrong in the status line (`500 VM 100 already
+            // running`), with parameter errors in the body's `errors`.
+            let body = parsed.as_ref().map(error_message).filter(|m| !m.is_empty());
+            let message = match (reply.reason.clone(), body) {
+                (Some(r), Some(b)) if b.contains(&r) => b,
+                (Some(r), Some(b)) => format!("{}: {b}", r.trim_end_matches('.')),
+                (Some(r), None) => r,
+                (None, Some(b)) => b,
+                (None, None) => reply.brief(),
+            };
             return Err(PveError::Status {
                 cluster: self.name.clone(),
                 method,
