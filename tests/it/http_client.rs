@@ -1,7 +1,8 @@
 //! The one HTTP client against a real HTTPS server (tokio-rustls on 127.0.0.1:0) with
 //! certificates made in the test (rcgen): a CA and a leaf it signed, as Proxmox ships them.
 //! Trust by CA file, by pin, and neither; answers too large; a server that never answers;
-//! `vessel status` and the Caddy, PowerDNS and Traefik providers with their `tls` setting.
+//! `vessel status` and the Caddy, PowerDNS, Traefik and Proxmox providers with their `tls`
+//! setting.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -356,9 +357,27 @@ fn the_api_providers_take_their_tls_setting() {
         })
         .expect("traefik provider")
     };
+    // Proxmox-shaped (an empty `/cluster/resources`): Proxmox ships self-signed certificates,
+    // so a pin (or its CA file) is how vessel trusts a cluster.
+    let pve_port = rt.block_on(serve(&c, Answer::Json(r#"{"data":[]}"#)));
+    let proxmox = |p: &str| {
+        let yaml = format!(
+            "clusters:\n  - name: lab\n    url: 'https://127.0.0.1:{pve_port}'\n    token_id: 'root@pam!vessel'\n    token_secret: {{env: VESSEL_TLS_TEST_PVE_TOKEN}}\n    tls: {{pin_sha256: '{p}'}}\n    nodes: [{{name: pve1}}]\n"
+        );
+        let config: vessel::providers::compute::proxmox::ProxmoxConfig =
+            serde_saphyr::from_str(&yaml).expect("proxmox config");
+        vessel::providers::compute::proxmox::ProxmoxProvider::new(
+            config,
+            dir.path().join("pve-records"),
+        )
+        .expect("proxmox provider")
+    };
+    // SAFETY: set once, before any thread of this test reads it; no other test uses it.
+    unsafe { std::env::set_var("VESSEL_TLS_TEST_PVE_TOKEN", "hunter2") };
     // Each provider: with the right pin it observes (nothing there); with a wrong one it
     // fails naming both fingerprints, and never the API key.
-    let observed = |p: &str| -> [(&str, Result<usize, String>); 3] {
+    let observed = |p: &str| -> [(&str, Result<usize, String>); 4] {
+        use vessel::providers::compute::ComputeProvider;
         let text = |e: vessel::providers::ProviderError| vessel::error_chain(&e);
         [
             (
@@ -376,6 +395,12 @@ fn the_api_providers_take_their_tls_setting() {
             (
                 "traefik",
                 rt.block_on(traefik(p).observe())
+                    .map(|v| v.len())
+                    .map_err(text),
+            ),
+            (
+                "proxmox",
+                rt.block_on(proxmox(p).observe())
                     .map(|v| v.len())
                     .map_err(text),
             ),
