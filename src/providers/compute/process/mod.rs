@@ -15,7 +15,7 @@ mod config;
 
 pub use config::ProcessConfig;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,6 +68,8 @@ struct Inner {
     key_prefix: String,
     /// Serialises port allocation and record writes.
     lock: Mutex<()>,
+    /// The records as last read or written, and the ports they hold.
+    records: std::sync::Mutex<Records>,
     /// Workspaces of destroyed sessions, kept for a while.
     kept: super::kept::Kept,
     changes: tokio::sync::watch::Sender<u64>,
@@ -89,6 +91,7 @@ impl ProcessProvider {
                 config,
                 key_prefix,
                 lock: Mutex::new(()),
+                records: std::sync::Mutex::new(Records::default()),
                 kept,
                 changes: tokio::sync::watch::channel(0).0,
             }),
@@ -117,26 +120,175 @@ impl ProcessProvider {
 }
 
 fn list_dirs(root: &Path) -> std::io::Result<Vec<String>> {
-    let mut out = Vec::new();
+    list_dirs_and_trash(root).map(|(dirs, _)| dirs)
+}
+
+/// The session directories under `root`, sorted, and what interrupted destroys left there
+/// (`.trash-*`), in one listing.
+fn list_dirs_and_trash(root: &Path) -> std::io::Result<(Vec<String>, Vec<PathBuf>)> {
+    let (mut out, mut trash) = (Vec::new(), Vec::new());
     for e in std::fs::read_dir(root)? {
         let e = e?;
         let Some(name) = e.file_name().to_str().map(str::to_string) else {
             continue;
         };
-        if e.file_type()?.is_dir() && !name.starts_with('.') {
+        if name.starts_with(".trash-") {
+            trash.push(e.path());
+        } else if e.file_type()?.is_dir() && !name.starts_with('.') {
             out.push(name);
         }
     }
     out.sort();
-    Ok(out)
+    Ok((out, trash))
 }
 
-fn read_record(dir: &Path) -> Result<Option<Record>, ProviderError> {
-    super::record::read(&dir.join(RECORD))
+/// Session records kept in memory, each with its file's identity when it was last read or
+/// written: a record whose file is unchanged is not read and parsed again (a pass over 10,000
+/// sessions stats their records instead of reading them), and host ports are handed out from
+/// the set the records hold instead of reading every record for each create.
+#[derive(Default)]
+struct Records {
+    by_dir: HashMap<PathBuf, Cached>,
+    /// Host ports the records hold, with how many hold each.
+    ports: HashMap<u16, u32>,
+    /// Every session directory has been read at least once (the port set is whole).
+    complete: bool,
+    /// Every port from the provider's base up to this one is held by a record (a port
+    /// released lowers it).
+    floor: u16,
 }
 
-fn write_record(dir: &Path, r: &Record) -> Result<(), ProviderError> {
-    super::record::write(&dir.join(RECORD), r)
+struct Cached {
+    stamp: Stamp,
+    /// Its times were older than `RACY` when it was read: an unchanged stamp means unchanged
+    /// bytes (a write within the same clock tick could keep every field the same).
+    trusted: bool,
+    record: Option<Record>,
+}
+
+/// A record file's identity: inode, size, modification and change times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+/// How recently a file may have changed for its stamp not to be trusted.
+const RACY: Duration = Duration::from_secs(2);
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> (Stamp, bool) {
+        use std::os::unix::fs::MetadataExt;
+        let stamp = Stamp {
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        };
+        let newest = stamp.mtime.max(stamp.ctime).0;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        (stamp, newest + (RACY.as_secs() as i64) < now)
+    }
+}
+
+impl Records {
+    fn set(&mut self, dir: &Path, entry: Option<Cached>) {
+        let old = match entry {
+            Some(e) => {
+                if let Some(r) = &e.record {
+                    for p in r.ports.values() {
+                        *self.ports.entry(*p).or_default() += 1;
+                    }
+                }
+                self.by_dir.insert(dir.to_path_buf(), e)
+            }
+            None => self.by_dir.remove(dir),
+        };
+        for p in old
+            .iter()
+            .flat_map(|o| o.record.iter())
+            .flat_map(|r| r.ports.values())
+        {
+            if let Some(n) = self.ports.get_mut(p) {
+                *n -= 1;
+                if *n == 0 {
+                    self.ports.remove(p);
+                    self.floor = self.floor.min(*p);
+                }
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// The record in `dir`, from memory when its file is unchanged.
+    fn read_record(&self, dir: &Path) -> Result<Option<Record>, ProviderError> {
+        let path = dir.join(RECORD);
+        let meta = match std::fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                crate::lock_or_reset(&self.records).set(dir, None);
+                return Ok(None);
+            }
+            Err(e) => return Err(ProviderError::io("read", path.display().to_string())(e)),
+        };
+        let (stamp, trusted) = Stamp::of(&meta);
+        {
+            let m = crate::lock_or_reset(&self.records);
+            if let Some(c) = m.by_dir.get(dir)
+                && c.trusted
+                && c.stamp == stamp
+            {
+                return Ok(c.record.clone());
+            }
+        }
+        let record: Option<Record> = super::record::read(&path)?;
+        crate::lock_or_reset(&self.records).set(
+            dir,
+            Some(Cached {
+                stamp,
+                trusted,
+                record: record.clone(),
+            }),
+        );
+        Ok(record)
+    }
+
+    /// Write the record in `dir` (atomically), and keep it.
+    fn write_record(&self, dir: &Path, r: &Record) -> Result<(), ProviderError> {
+        let path = dir.join(RECORD);
+        super::record::write(&path, r)?;
+        let entry = std::fs::symlink_metadata(&path).ok().map(|meta| {
+            let (stamp, trusted) = Stamp::of(&meta);
+            Cached {
+                stamp,
+                trusted,
+                record: Some(r.clone()),
+            }
+        });
+        crate::lock_or_reset(&self.records).set(dir, entry);
+        Ok(())
+    }
+
+    /// Forget the record of a session directory that is gone.
+    fn forget_record(&self, dir: &Path) {
+        crate::lock_or_reset(&self.records).set(dir, None);
+    }
+
+    /// Read every session directory's record once, so the port set is whole.
+    fn load_all_records(&self) {
+        if crate::lock_or_reset(&self.records).complete {
+            return;
+        }
+        for n in list_dirs(&self.root).unwrap_or_default() {
+            let _ = self.read_record(&self.root.join(n));
+        }
+        crate::lock_or_reset(&self.records).complete = true;
+    }
 }
 
 /// `/proc/<pid>/stat`: (state char, start time in ticks).
@@ -238,13 +390,16 @@ impl ProcessProvider {
         let root = self.inner.root.clone();
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
-            let names =
-                list_dirs(&root).map_err(ProviderError::io("list", root.display().to_string()))?;
-            clean_trash(&root);
+            let (names, trash) = list_dirs_and_trash(&root)
+                .map_err(ProviderError::io("list", root.display().to_string()))?;
+            // What an interrupted destroy left behind.
+            for t in trash {
+                let _ = std::fs::remove_dir_all(t);
+            }
             let mut out = Vec::new();
             for name in names {
                 let dir = root.join(&name);
-                let record = match read_record(&dir) {
+                let record = match me.inner.read_record(&dir) {
                     Ok(r) => r,
                     Err(e) => {
                         // Unreadable: vessel cannot tell what it is, so it is reported as not
@@ -279,7 +434,7 @@ impl ProcessProvider {
                     if let Some(pid) = find_leader(&me.key(&name)) {
                         r.pid = Some(pid);
                         r.start_ticks = proc_stat(pid).map(|(_, t)| t);
-                        write_record(&dir, &r)?;
+                        me.inner.write_record(&dir, &r)?;
                         running = true;
                     }
                 }
@@ -323,14 +478,14 @@ impl ProcessProvider {
     /// Host ports for `names`: the lowest free ones from `port_base` up, not held by another
     /// session and bindable now. Call with the lock held.
     fn allocate(&self, names: &[String]) -> Result<BTreeMap<String, u16>, ProviderError> {
-        let mut used: BTreeSet<u16> = BTreeSet::new();
-        for n in list_dirs(&self.inner.root).unwrap_or_default() {
-            if let Ok(Some(r)) = read_record(&self.inner.root.join(n)) {
-                used.extend(r.ports.values());
-            }
-        }
+        self.inner.load_all_records();
+        let mut records = crate::lock_or_reset(&self.inner.records);
+        let base = self.inner.config.port_base;
+        let mut p = records.floor.max(base);
+        // Ports below `floor` are all held by records: the walk starts past them, so making
+        // N sessions costs O(N), not O(N²).
+        let mut held_below = true;
         let mut out = BTreeMap::new();
-        let mut p = self.inner.config.port_base;
         for name in names {
             loop {
                 if p == u16::MAX {
@@ -342,12 +497,20 @@ impl ProcessProvider {
                 }
                 let candidate = p;
                 p += 1;
-                if !used.contains(&candidate)
-                    && std::net::TcpListener::bind(("127.0.0.1", candidate)).is_ok()
-                {
+                let held =
+                    records.ports.contains_key(&candidate) || out.values().any(|v| *v == candidate);
+                if !held && std::net::TcpListener::bind(("127.0.0.1", candidate)).is_ok() {
                     out.insert(name.clone(), candidate);
-                    used.insert(candidate);
+                    if held_below {
+                        records.floor = candidate + 1;
+                    }
                     break;
+                }
+                if held && held_below {
+                    records.floor = candidate + 1;
+                } else {
+                    // Bound by someone else: tried again next time.
+                    held_below = false;
                 }
             }
         }
@@ -356,20 +519,6 @@ impl ProcessProvider {
 
     async fn kill_orphans(&self, session: &str) {
         let _ = terminate_session(None, &self.key(session), Duration::from_secs(2)).await;
-    }
-}
-
-/// Remove what an interrupted destroy left behind.
-fn clean_trash(root: &Path) {
-    if let Ok(rd) = std::fs::read_dir(root) {
-        for e in rd.flatten() {
-            if e.file_name()
-                .to_str()
-                .is_some_and(|n| n.starts_with(".trash-"))
-            {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
     }
 }
 
@@ -449,7 +598,7 @@ impl SessionSteps for ProcessProvider {
         let dir = self.dir(session);
         {
             let _guard = self.inner.lock.lock().await;
-            if let Some(r) = read_record(&dir)? {
+            if let Some(r) = self.inner.read_record(&dir)? {
                 if r.fingerprint != fingerprint {
                     return Err(ProviderError::failed(
                         "create",
@@ -501,7 +650,7 @@ impl SessionSteps for ProcessProvider {
                     pid: None,
                     start_ticks: None,
                 };
-                write_record(&dir, &r)?;
+                self.inner.write_record(&dir, &r)?;
             }
         }
         if start {
@@ -526,7 +675,9 @@ impl SessionSteps for ProcessProvider {
         }
         {
             let _guard = self.inner.lock.lock().await;
-            let mut r = read_record(&dir)?
+            let mut r = self
+                .inner
+                .read_record(&dir)?
                 .ok_or_else(|| ProviderError::failed("update", session, "it does not exist"))?;
             let mut ports: BTreeMap<String, u16> = std::mem::take(&mut r.ports)
                 .into_iter()
@@ -543,7 +694,7 @@ impl SessionSteps for ProcessProvider {
             r.ports = ports;
             r.spec = spec.clone();
             r.fingerprint = fingerprint.to_string();
-            write_record(&dir, &r)?;
+            self.inner.write_record(&dir, &r)?;
         }
         if restart {
             self.start(session).await?;
@@ -553,7 +704,9 @@ impl SessionSteps for ProcessProvider {
     async fn start(&self, session: &str) -> Result<(), ProviderError> {
         let dir = self.dir(session);
         let _guard = self.inner.lock.lock().await;
-        let mut r = read_record(&dir)?
+        let mut r = self
+            .inner
+            .read_record(&dir)?
             .ok_or_else(|| ProviderError::failed("start", session, "it does not exist"))?;
         if alive(r.pid, r.start_ticks) {
             // Running, or paused (asleep at depth `pause`): resumed either way.
@@ -566,7 +719,7 @@ impl SessionSteps for ProcessProvider {
             r.pid = Some(pid);
             r.start_ticks = proc_stat(pid).map(|(_, t)| t);
             r.intent = Intent::Running;
-            return write_record(&dir, &r);
+            return self.inner.write_record(&dir, &r);
         }
         let workspace = dir.join("workspace");
         let vessel = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("vessel"));
@@ -636,7 +789,7 @@ impl SessionSteps for ProcessProvider {
         r.pid = pid;
         r.start_ticks = pid.and_then(proc_stat).map(|(_, t)| t);
         r.intent = Intent::Running;
-        write_record(&dir, &r)?;
+        self.inner.write_record(&dir, &r)?;
         // Reap it when it exits, and say that something changed.
         let changes = self.inner.changes.clone();
         tokio::spawn(async move {
@@ -652,7 +805,7 @@ impl SessionSteps for ProcessProvider {
         stop_timeout: Option<crate::model::Duration>,
     ) -> Result<(), ProviderError> {
         let dir = self.dir(session);
-        let Some(mut r) = read_record(&dir)? else {
+        let Some(mut r) = self.inner.read_record(&dir)? else {
             return Ok(());
         };
         let timeout = stop_timeout
@@ -678,7 +831,7 @@ impl SessionSteps for ProcessProvider {
         r.intent = Intent::Stopped;
         r.pid = None;
         r.start_ticks = None;
-        write_record(&dir, &r)
+        self.inner.write_record(&dir, &r)
     }
     async fn destroy(
         &self,
@@ -690,7 +843,7 @@ impl SessionSteps for ProcessProvider {
         if !dir.exists() {
             return Ok(());
         }
-        if read_record(&dir).ok().flatten().is_some() {
+        if self.inner.read_record(&dir).ok().flatten().is_some() {
             self.stop(session, stop_timeout).await?;
         }
         self.kill_orphans(session).await;
@@ -717,6 +870,7 @@ impl SessionSteps for ProcessProvider {
             .root
             .join(format!(".trash-{session}-{}", std::process::id()));
         std::fs::rename(&dir, &trash).map_err(ProviderError::io("destroy", session))?;
+        self.inner.forget_record(&dir);
         let t = trash.clone();
         tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&t))
             .await
@@ -730,7 +884,7 @@ impl SessionSteps for ProcessProvider {
         check: Option<&Health>,
     ) -> Result<(), ProviderError> {
         let dir = self.dir(session);
-        let r = read_record(&dir)?.ok_or_else(|| {
+        let r = self.inner.read_record(&dir)?.ok_or_else(|| {
             ProviderError::failed("check health of", session, "it does not exist")
         })?;
         let Some(port) = r.ports.get(port).copied() else {
@@ -745,7 +899,9 @@ impl SessionSteps for ProcessProvider {
         let key = self.key(session);
         // A look at the record is cheap: look after every probe.
         super::health::wait_until_healthy(path, Duration::ZERO, Duration::ZERO, || async {
-            let r = read_record(&dir)?
+            let r = self
+                .inner
+                .read_record(&dir)?
                 .ok_or_else(|| ProviderError::failed("check health of", session, "it went away"))?;
             if !alive(r.pid, r.start_ticks) && find_by_key(&key).is_empty() {
                 return Err(ProviderError::failed(
@@ -779,17 +935,19 @@ impl SessionSteps for ProcessProvider {
                 format!("{session} from {}", path.display()),
             ))?;
         let _guard = self.inner.lock.lock().await;
-        let mut r = read_record(&dir)?.ok_or_else(|| {
+        let mut r = self.inner.read_record(&dir)?.ok_or_else(|| {
             ProviderError::failed("sync source into", session, "it does not exist")
         })?;
         r.synced.synced_source = Some(path.to_path_buf());
         r.synced.exclude = exclude.to_vec();
         r.synced.save_to = save_to.clone();
-        write_record(&dir, &r)
+        self.inner.write_record(&dir, &r)
     }
     async fn save_work(&self, session: &str, path: &Path) -> Result<(), ProviderError> {
         let dir = self.dir(session);
-        let exclude = read_record(&dir)?
+        let exclude = self
+            .inner
+            .read_record(&dir)?
             .map(|r| r.synced.exclude)
             .unwrap_or_default();
         no_symlinks("save work of", session, path)?;
@@ -825,7 +983,9 @@ impl ComputeProvider for ProcessProvider {
         Box::pin(async move {
             let dir = self.dir(session);
             let _guard = self.inner.lock.lock().await;
-            let r = read_record(&dir)?
+            let r = self
+                .inner
+                .read_record(&dir)?
                 .ok_or_else(|| ProviderError::failed("pause", session, "it does not exist"))?;
             let leader = r.pid.filter(|_| alive(r.pid, r.start_ticks));
             if leader.is_none() {
@@ -857,6 +1017,72 @@ impl ComputeProvider for ProcessProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Records are kept in memory (a port released by a destroy is handed out again, the
+    /// walk for a free port starts past the ones held) and a record changed on disk is read
+    /// again, whoever changed it.
+    #[test]
+    fn records_in_memory_follow_the_disk_and_ports_are_reused() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A base no other test uses; ports taken by something else are skipped anyway.
+        let config = ProcessConfig {
+            port_base: 31500,
+            ..ProcessConfig::default()
+        };
+        let kept = super::super::kept::Kept::new(
+            dir.path().join("kept"),
+            ComputeKind::Process,
+            Duration::from_secs(60),
+        );
+        let p = ProcessProvider::new(dir.path().join("s"), config, kept).expect("provider");
+        let spec: RuntimeSpec = serde_json::from_value(serde_json::json!({
+            "compute": "process", "command": ["/bin/true"], "ports": {"ide": 1}
+        }))
+        .expect("spec");
+        let create = |name: &str| {
+            let a = CreateArgs {
+                session: name,
+                spec: &spec,
+                fingerprint: "f1",
+                source_file: Path::new("s.yaml"),
+                save_to: None,
+                start: false,
+                host: None,
+                restore: false,
+            };
+            rt.block_on(p.create(&a)).expect("create");
+        };
+        let port = |name: &str| {
+            p.inner
+                .read_record(&p.dir(name))
+                .expect("read")
+                .expect("record")
+                .ports["ide"]
+        };
+        create("a");
+        create("b");
+        let (a, b) = (port("a"), port("b"));
+        assert!(b > a, "{a} {b}");
+        rt.block_on(p.destroy("a", None, false)).expect("destroy");
+        create("c");
+        assert_eq!(port("c"), a, "the released port is handed out again");
+        assert_ne!(port("c"), b);
+
+        // Trusted once its times are older than RACY; then an edit by hand is still seen.
+        std::thread::sleep(RACY + Duration::from_millis(100));
+        let seen = rt.block_on(p.observe_all()).expect("observe");
+        assert!(seen.iter().all(|s| s.fingerprint == "f1"));
+        let file = p.dir("b").join(RECORD);
+        let text = std::fs::read_to_string(&file).expect("record");
+        std::fs::write(&file, text.replace("\"f1\"", "\"f2\"")).expect("edit");
+        let seen = rt.block_on(p.observe_all()).expect("observe");
+        let b_now = seen.iter().find(|s| s.name == "b").expect("b");
+        assert_eq!(b_now.fingerprint, "f2", "the edit on disk is seen");
+    }
 
     #[test]
     fn placeholders_expand() {
