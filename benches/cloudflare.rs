@@ -82,6 +82,7 @@ async fn pass(
                 session: host.split('-').nth(1).unwrap_or("s").to_string(),
                 port: "app".into(),
                 route: None,
+                upstream_from: None,
             });
         }
         if named.get(host) != Some(&cname) {

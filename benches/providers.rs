@@ -67,6 +67,7 @@ async fn route_pass(p: &dyn ProxyProvider, want: &BTreeMap<String, String>) -> u
                 session: host.split('.').next().unwrap_or("s").to_string(),
                 port: "ide".into(),
                 route: None,
+                upstream_from: None,
             });
         }
     }

@@ -48,6 +48,7 @@ fn upsert(host: &str, port: u16) -> RouteAction {
         session: host.split('.').next().unwrap_or("s").into(),
         port: "ide".into(),
         route: None,
+        upstream_from: None,
     }
 }
 

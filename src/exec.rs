@@ -16,9 +16,11 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::model::ComputeKind;
 use crate::model::observed::ProviderId;
 use crate::model::plan::{Action, Plan, Step};
-use crate::providers::{Providers, chain};
+use crate::providers::{ProviderError, Providers, chain};
+use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub struct ExecOptions {
@@ -265,9 +267,35 @@ pub async fn execute(
                 }
                 batch_running.insert(ProviderId::Proxy);
                 let proxy = providers.proxy.clone();
+                let compute = providers.compute.clone();
                 let task = spawn_batch(&mut running, ids.clone(), opts, async move {
-                    let refs: Vec<&RouteAction> = routes.actions.iter().collect();
-                    proxy.apply(&refs).await
+                    // Routes to sessions made earlier in this plan: their address, read now.
+                    let mut ready: Vec<RouteAction> = Vec::with_capacity(routes.actions.len());
+                    let mut failed: Vec<Option<ProviderError>> = Vec::new();
+                    for a in routes.actions {
+                        match resolve_upstream(a, &compute).await {
+                            Ok(a) => {
+                                ready.push(a);
+                                failed.push(None);
+                            }
+                            Err(e) => failed.push(Some(e)),
+                        }
+                    }
+                    let refs: Vec<&RouteAction> = ready.iter().collect();
+                    let mut applied = proxy.apply(&refs).await.into_iter();
+                    failed
+                        .into_iter()
+                        .map(|f| match f {
+                            None => applied.next().unwrap_or_else(|| {
+                                Err(ProviderError::failed(
+                                    "route",
+                                    "a batch",
+                                    "the proxy answered for fewer routes than it was given",
+                                ))
+                            }),
+                            Some(e) => Err(e),
+                        })
+                        .collect()
                 });
                 tasks.insert(task, ids);
             }
@@ -342,6 +370,52 @@ pub async fn execute(
     }
     publish(&status, &in_flight);
     results.into_iter().flatten().collect()
+}
+
+/// A route step whose upstream is the address a session made earlier in the plan has now:
+/// looked up on its compute provider (a port it does not have fails the step).
+async fn resolve_upstream(
+    a: RouteAction,
+    compute: &BTreeMap<ComputeKind, Arc<dyn crate::providers::compute::ComputeProvider>>,
+) -> Result<RouteAction, ProviderError> {
+    let RouteAction::UpsertRoute {
+        host,
+        path,
+        strip_prefix,
+        session,
+        port,
+        route,
+        upstream_from: Some(kind),
+        ..
+    } = a
+    else {
+        return Ok(a);
+    };
+    let provider = compute.get(&kind).ok_or_else(|| {
+        ProviderError::failed(
+            "route to",
+            session.clone(),
+            format!("no {} compute provider is configured", kind.as_str()),
+        )
+    })?;
+    let endpoints = provider.endpoints(&session).await?;
+    let upstream = endpoints.get(&port).cloned().ok_or_else(|| {
+        ProviderError::failed(
+            "route to",
+            session.clone(),
+            format!("it has no address for port `{port}` after it was made"),
+        )
+    })?;
+    Ok(RouteAction::UpsertRoute {
+        host,
+        path,
+        strip_prefix,
+        upstream,
+        session,
+        port,
+        route,
+        upstream_from: None,
+    })
 }
 
 fn in_flight_of(step: &Step, opts: &ExecOptions) -> InFlight {
@@ -614,6 +688,7 @@ mod tests {
                 session: session.into(),
                 port: "ide".into(),
                 route: None,
+                upstream_from: None,
             }),
             reason: Reason::Missing,
             depends_on: vec![base + 1],

@@ -154,11 +154,18 @@ pub enum RouteAction {
         /// Take the prefix off the request's path before it goes to the session.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         strip_prefix: bool,
+        /// Where requests go (`127.0.0.1:20001`). Empty when `upstream_from` is set.
         upstream: String,
         session: String,
         port: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         route: Option<String>,
+        /// The session is made or started by steps before this one in the same plan: the
+        /// upstream is the address its `port` has on this compute provider once they ran,
+        /// which the executor reads from the provider (so a new session is served in the
+        /// pass that makes it). The plan decides it; the executor only looks it up.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        upstream_from: Option<ComputeKind>,
     },
     RemoveRoute {
         host: String,

@@ -192,6 +192,10 @@ fn dependencies(drafts: &[Draft], observed: &Observed) -> Vec<Vec<usize>> {
                 }
             }
             Action::Route(RouteAction::UpsertRoute { session, .. }) => {
+                // After the session is made, started, healthy and holds its project: a route
+                // whose upstream is read then reads the address it has by then.
+                deps.extend(sess(Phase::Create, session));
+                deps.extend(sess(Phase::Start, session));
                 deps.extend(sess(Phase::Healthy, session));
                 deps.extend(sess(Phase::Source, session));
             }

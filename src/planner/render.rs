@@ -158,8 +158,13 @@ fn before_after(
                     session,
                     port,
                     strip_prefix,
+                    upstream_from,
                     ..
                 }) => {
+                    let upstream = match upstream_from {
+                        Some(_) => format!("({session}'s {port} address, once it is made)"),
+                        None => upstream.clone(),
+                    };
                     let mut lines = vec![
                         format!("upstream: {upstream}"),
                         format!("session: {session}:{port}"),
@@ -442,6 +447,9 @@ fn step_target(a: &Action) -> String {
             r @ RouteAction::UpsertRoute {
                 upstream,
                 strip_prefix,
+                session,
+                port,
+                upstream_from,
                 ..
             },
         ) => {
@@ -449,7 +457,10 @@ fn step_target(a: &Action) -> String {
                 (true, Some(p)) => format!(" (without {p})"),
                 _ => String::new(),
             };
-            format!("{} -> {upstream}{strip}", r.key())
+            match upstream_from {
+                Some(_) => format!("{} -> {session}:{port} once made{strip}", r.key()),
+                None => format!("{} -> {upstream}{strip}", r.key()),
+            }
         }
         Action::Record(RecordAction::UpsertRecord {
             name,

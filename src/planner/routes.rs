@@ -65,8 +65,36 @@ impl Planner<'_> {
                         .get(r.session)
                         .and_then(|s| s.endpoints.get(r.port_name))
                         .filter(|_| !pending);
+                    // Only a session that runs once this plan ran has an address to read then
+                    // (one made asleep is reached through the proxy's wake, not a route).
+                    let made_now = self
+                        .wants
+                        .get(r.session)
+                        .filter(|w| w.state == RunState::Running)
+                        .map(|w| w.spec.compute);
                     let Some(upstream) = upstream else {
-                        if pending {
+                        if let (true, None, Some(kind)) = (pending, have, made_now) {
+                            // A new route to a session made or started in this plan: its
+                            // address is read once those steps ran, in this same pass.
+                            let route_name: Option<&str> = match r.origin {
+                                RouteOrigin::Route(n) => Some(n),
+                                RouteOrigin::Template(_) => None,
+                            };
+                            self.drafts.push(
+                                Phase::UpsertRoute,
+                                Action::Route(RouteAction::UpsertRoute {
+                                    host: host.into(),
+                                    path: path.map(str::to_string),
+                                    strip_prefix: r.strip_prefix,
+                                    upstream: String::new(),
+                                    session: r.session.to_string(),
+                                    port: r.port_name.to_string(),
+                                    route: route_name.map(str::to_string),
+                                    upstream_from: Some(kind),
+                                }),
+                                Reason::Missing,
+                            );
+                        } else if pending {
                             // The session is being created or started in this plan: the next
                             // pass has its address.
                             self.out.deferred.push(Deferred {
@@ -121,6 +149,7 @@ impl Planner<'_> {
                             session: r.session.to_string(),
                             port: r.port_name.to_string(),
                             route: route_name.map(str::to_string),
+                            upstream_from: None,
                         }),
                         reason,
                     );

@@ -4,7 +4,7 @@
 
 use crate::desired::Desired;
 use crate::model::observed::{Observed, ObservedRecord, ObservedSession, SessionState};
-use crate::model::plan::{RecordAction, SessionAction};
+use crate::model::plan::{RecordAction, RouteAction, SessionAction};
 
 use super::{Action, Plan, Policy, plan};
 
@@ -135,7 +135,24 @@ pub fn simulate_step(action: &Action, o: &mut Observed) {
             | Action::Session(SessionAction::SaveWork { .. }) => {}
             Action::Route(a) => {
                 match a.after() {
-                    Some(r) => o.routes.insert(a.key(), r),
+                    Some(mut r) => {
+                        // An upstream read at run time: the session's address by then.
+                        if let RouteAction::UpsertRoute {
+                            session,
+                            port,
+                            upstream_from: Some(_),
+                            ..
+                        } = a
+                        {
+                            r.upstream = o
+                                .sessions
+                                .get(session)
+                                .and_then(|s| s.endpoints.get(port))
+                                .cloned()
+                                .unwrap_or_default();
+                        }
+                        o.routes.insert(a.key(), r)
+                    }
                     None => o.routes.remove(&a.key()),
                 };
             }

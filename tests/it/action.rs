@@ -402,7 +402,8 @@ fn the_action_keeps_one_sticky_plan_comment_and_sets_the_check_from_the_exit_cod
         "{body}"
     );
     assert!(body.contains("session `bob`"), "{body}");
-    assert!(body.contains("1 to create"), "{body}");
+    // bob and his two routes (served in the pass that makes him).
+    assert!(body.contains("3 to create"), "{body}");
     assert!(
         !body.contains("session `alice`"),
         "alice is unchanged: {body}"

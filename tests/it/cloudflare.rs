@@ -74,6 +74,7 @@ fn route(host: &str, upstream: &str, path: Option<&str>) -> RouteAction {
         session: "alice".into(),
         port: "app".into(),
         route: None,
+        upstream_from: None,
     }
 }
 

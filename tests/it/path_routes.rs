@@ -63,6 +63,7 @@ fn upsert(path: Option<&str>, strip: bool, session: &str, port: u16) -> RouteAct
         session: session.into(),
         port: "app".into(),
         route: path.map(|_| format!("{session}-route")),
+        upstream_from: None,
     }
 }
 

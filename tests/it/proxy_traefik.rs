@@ -430,6 +430,7 @@ fn flip(port: u16) -> RouteAction {
         session: "flip".into(),
         port: "ide".into(),
         route: None,
+        upstream_from: None,
     }
 }
 
@@ -596,6 +597,7 @@ fn upsert_for(host: &str, session: &str, route: Option<&str>, upstream: &str) ->
         session: session.into(),
         port: "ide".into(),
         route: route.map(str::to_string),
+        upstream_from: None,
     }
 }
 
@@ -671,6 +673,7 @@ fn every_file_vessel_writes_is_one_traefik_accepts() {
                 session: r.session.clone().unwrap_or_else(|| "s".into()),
                 port: "ide".into(),
                 route: r.route.clone(),
+                upstream_from: None,
             })
             .collect();
         apply(&format!("{name} (world)"), &world);
@@ -736,6 +739,7 @@ fn upsert(host: &str, port: u16) -> RouteAction {
         session: "s".into(),
         port: "ide".into(),
         route: None,
+        upstream_from: None,
     }
 }
 

@@ -532,6 +532,7 @@ mod tests {
             session: "alice".into(),
             port: "ide".into(),
             route: None,
+            upstream_from: None,
         }
     }
 

@@ -110,6 +110,7 @@ fn outer_action(a: &RouteAction, wake: &str) -> RouteAction {
             session: session.clone(),
             port: port.clone(),
             route: route.clone(),
+            upstream_from: None,
         },
         RouteAction::RemoveRoute { .. } => a.clone(),
     }
@@ -221,6 +222,7 @@ mod tests {
             session: "a".into(),
             port: "app".into(),
             route: None,
+            upstream_from: None,
         };
         let RouteAction::UpsertRoute {
             upstream,
