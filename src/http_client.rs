@@ -249,7 +249,8 @@ impl Api {
         &self.addr
     }
 
-    /// Send one request for `path` (starting with `/`); a JSON `body` if given. Header values
+    /// Send one request for `path` (starting with `/`); a `body` if given, JSON unless a
+    /// `content-type` header says otherwise. Header values
     /// are marked sensitive and never appear in an error. A refused connection is tried again
     /// for up to half a second: Caddy's admin listener is briefly down while it restarts after
     /// each config change, and a refused connection means nothing was sent, so trying again is
@@ -277,9 +278,14 @@ impl Api {
                     req = req.header(*name, v.clone());
                 }
                 if let Some(b) = &body {
-                    req = req
-                        .header(http::header::CONTENT_TYPE, "application/json")
-                        .body(b.clone());
+                    // JSON unless the caller says otherwise.
+                    if !headers
+                        .iter()
+                        .any(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+                    {
+                        req = req.header(http::header::CONTENT_TYPE, "application/json");
+                    }
+                    req = req.body(b.clone());
                 }
                 match req.send().await {
                     Ok(resp) => return self.read(resp).await,
