@@ -250,11 +250,10 @@ fn sessions_are_told_ready_expiring_and_expired_once() {
         ),
     );
     d.start();
-    let told = |kind: &str, subject: &str| {
-        let r = &r;
+    fn told<'a>(r: &'a Receiver, kind: &'a str, subject: &'a str) -> impl FnMut() -> bool + 'a {
         move || r.of_kind(kind).iter().any(|g| g.subject == subject)
-    };
-    wait_for(Duration::from_secs(30), told("ready", "alpha"))
+    }
+    wait_for(Duration::from_secs(30), told(&r, "ready", "alpha"))
         .unwrap_or_else(|| panic!("alpha is told ready: {:?}\n{}", r.got(), d.log()));
     let ready = r.of_kind("ready");
     let alpha = ready.iter().find(|g| g.subject == "alpha").expect("alpha");
@@ -267,7 +266,7 @@ fn sessions_are_told_ready_expiring_and_expired_once() {
             .any(|u| u.as_str().is_some_and(|u| u.contains("alpha.localhost"))),
         "{urls:?}"
     );
-    wait_for(Duration::from_secs(10), told("expiring", "beta"))
+    wait_for(Duration::from_secs(10), told(&r, "expiring", "beta"))
         .expect("beta is told it expires soon");
     let warn = &r.of_kind("expiring")[0];
     assert_eq!(
@@ -275,7 +274,8 @@ fn sessions_are_told_ready_expiring_and_expired_once() {
         "the tightest threshold due"
     );
     assert_eq!(warn.body["data"]["owner"], "bob@example.com");
-    wait_for(Duration::from_secs(20), told("expired", "beta")).expect("beta is told it expired");
+    wait_for(Duration::from_secs(20), told(&r, "expired", "beta"))
+        .expect("beta is told it expired");
     // Nothing more comes for what was told (a few resyncs later).
     std::thread::sleep(Duration::from_secs(3));
     d.signal(nix::sys::signal::Signal::SIGTERM);
@@ -388,11 +388,12 @@ fn a_target_down_gets_everything_after_it_recovers() {
         status(&d)["hook"]["queued"] == 20
     })
     .unwrap_or_else(|| panic!("20 queued: {}", status(&d)));
-    assert!(
+    wait_for(Duration::from_secs(5), || {
         status(&d)["hook"]["last_error"]
             .as_str()
             .is_some_and(|e| e.contains("127.0.0.1"))
-    );
+    })
+    .unwrap_or_else(|| panic!("the error is shown: {}", status(&d)));
     // The loop keeps its pace while the target is down: resyncs every second, each short.
     let passes = d.passes();
     let t0 = Instant::now();
