@@ -407,6 +407,29 @@ mod tests {
         );
     }
 
+    /// A dormant destroy is announced once per expiry, however many passes plan it (a
+    /// destroy held by the budget is planned again and again).
+    #[test]
+    fn dormant_destroys_are_announced_once() {
+        let mut m = Memory::default();
+        let d = vec![(
+            "old".to_string(),
+            t("2026-05-01T00:00:00Z"),
+            "30d".to_string(),
+        )];
+        let facts = BTreeMap::new();
+        let first = dormant(&mut m, &d, &facts);
+        assert_eq!(kinds(&first), ["dormant"]);
+        assert_eq!(first[0].2.expires, Some(t("2026-05-01T00:00:00Z")));
+        assert!(dormant(&mut m, &d, &facts).is_empty());
+        let later = vec![(
+            "old".to_string(),
+            t("2026-05-09T00:00:00Z"),
+            "30d".to_string(),
+        )];
+        assert_eq!(kinds(&dormant(&mut m, &later, &facts)), ["dormant"]);
+    }
+
     #[test]
     fn edges_of_ready_sleep_failure_hold_and_source() {
         let mut m = Memory::default();
