@@ -219,11 +219,7 @@ fn pass_time(rt: &tokio::runtime::Runtime) {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
     throughput(&rt);
     pass_time(&rt);
 }

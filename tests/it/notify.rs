@@ -32,6 +32,8 @@ pub struct Receiver {
     pub port: u16,
     pub got: Arc<Mutex<Vec<Got>>>,
     pub bad: Arc<Mutex<Vec<String>>>,
+    /// Templated bodies (to `/chat...`).
+    pub plain: Arc<Mutex<Vec<serde_json::Value>>>,
     pub delay_ms: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -66,6 +68,9 @@ fn read_request(s: &mut TcpStream) -> Option<(BTreeMap<String, String>, Vec<u8>)
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
     let mut headers = BTreeMap::new();
+    if let Some(path) = head.lines().next().and_then(|l| l.split(' ').nth(1)) {
+        headers.insert(":path".to_string(), path.to_string());
+    }
     for line in head.lines().skip(1) {
         if let Some((k, v)) = line.split_once(':') {
             headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
@@ -88,6 +93,7 @@ impl Receiver {
             port: free_port(),
             got: Arc::default(),
             bad: Arc::default(),
+            plain: Arc::default(),
             delay_ms: Arc::default(),
             stop: Arc::default(),
             thread: None,
@@ -100,6 +106,7 @@ impl Receiver {
         let listener = TcpListener::bind(("127.0.0.1", self.port)).expect("the receiver binds");
         listener.set_nonblocking(true).expect("nonblocking");
         self.stop.store(false, Ordering::SeqCst);
+        let plain = self.plain.clone();
         let (got, bad, delay, stop) = (
             self.got.clone(),
             self.bad.clone(),
@@ -137,6 +144,18 @@ impl Receiver {
                     problems.push(format!("content type {:?}", headers.get("content-type")));
                 }
                 let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                // A templated body (the `chat` target): signed, JSON, but no CloudEvent.
+                if headers.get(":path").is_some_and(|p| p.starts_with("/chat")) {
+                    if problems == ["content type Some(\"application/json\")"] {
+                        plain.lock().expect("lock").push(v);
+                        let _ = s.write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                        );
+                    } else {
+                        bad.lock().expect("lock").push(problems.join("; "));
+                    }
+                    continue;
+                }
                 if let Err(e) = validator.validate(&v) {
                     problems.push(format!("schema: {e}"));
                 }
@@ -213,6 +232,18 @@ fn daemon_for(r: &Receiver, extra: &str) -> Daemon {
     d
 }
 
+/// A daemon notifying `r`, started with `n` sessions that a cap of 0 holds: `n` `held`
+/// events, and no session process.
+fn held_sessions(r: &Receiver, n: usize) -> Daemon {
+    let mut d = daemon_for(r, "limits: {max_running: 0}\n");
+    let all: String = (0..n)
+        .map(|i| format!("{}---\n", session(&format!("s{i:03}"))))
+        .collect();
+    d.write("all.yaml", &all);
+    d.start();
+    d
+}
+
 /// Per subject, events arrive in the order they happened (their sequence numbers grow).
 fn assert_ordered(got: &[Got]) {
     let mut last: BTreeMap<&str, u64> = BTreeMap::new();
@@ -239,6 +270,15 @@ fn assert_ordered(got: &[Got]) {
 fn sessions_are_told_ready_expiring_and_expired_once() {
     let r = Receiver::start();
     let mut d = daemon_for(&r, "");
+    std::fs::write(
+        d.dir.path().join("chat-url"),
+        format!("http://127.0.0.1:{}/chat/T0/B0/token", r.port),
+    )
+    .expect("url");
+    d.configure(concat!(
+        "  - name: chat\n    url: {file: chat-url}\n    secret: {file: notify-secret}\n",
+        "    events: [expiring]\n    template: '{\"text\": \"{{text}}\", \"kind\": \"{{kind}}\"}'\n",
+    ));
     let expires = (chrono::Utc::now() + chrono::Duration::seconds(6))
         .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     d.write("a.yaml", &session("alpha"));
@@ -302,6 +342,16 @@ fn sessions_are_told_ready_expiring_and_expired_once() {
     );
     let ids: BTreeSet<&str> = got.iter().map(|g| g.id.as_str()).collect();
     assert_eq!(ids.len(), got.len(), "ids are unique");
+    // The chat target got only what it asked for, in its template.
+    let plain = r.plain.lock().expect("lock").clone();
+    assert_eq!(plain.len(), 1, "{plain:?}");
+    assert_eq!(plain[0]["kind"], "expiring");
+    assert!(
+        plain[0]["text"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("beta expires in")),
+        "{plain:?}"
+    );
     assert_ordered(&got);
     r.assert_clean();
 }
@@ -313,13 +363,7 @@ fn sessions_are_told_ready_expiring_and_expired_once() {
 fn sigkill_with_100_queued_loses_none() {
     let r = Receiver::start();
     r.delay_ms.store(20, Ordering::SeqCst);
-    let mut d = daemon_for(&r, "limits: {max_running: 0}\n");
-    let mut all = String::new();
-    for i in 0..100 {
-        all.push_str(&format!("{}---\n", session(&format!("s{i:03}"))));
-    }
-    d.write("all.yaml", &all);
-    d.start();
+    let mut d = held_sessions(&r, 100);
     let queued = |d: &Daemon| {
         std::fs::read_dir(d.state().join("outbox/hook"))
             .map(|rd| rd.flatten().filter(|e| e.path().is_file()).count())
@@ -371,13 +415,7 @@ fn sigkill_with_100_queued_loses_none() {
 fn a_target_down_gets_everything_after_it_recovers() {
     let mut r = Receiver::start();
     r.down();
-    let mut d = daemon_for(&r, "limits: {max_running: 0}\n");
-    let mut all = String::new();
-    for i in 0..20 {
-        all.push_str(&format!("{}---\n", session(&format!("d{i:02}"))));
-    }
-    d.write("all.yaml", &all);
-    d.start();
+    let mut d = held_sessions(&r, 20);
     let status = |d: &Daemon| -> serde_json::Value {
         let (code, body) =
             crate::daemon_support::get(d.status, "status", "/notifications").unwrap_or_default();
