@@ -458,3 +458,69 @@ fn a_target_down_gets_everything_after_it_recovers() {
     assert_ordered(&r.got());
     r.assert_clean();
 }
+
+/// Running hours with the daemon's own clock: a session whose hours begin at the next full
+/// minute (UTC) is stopped until then, `/status` lists when it starts, and the daemon's timer
+/// starts it at the boundary (no other trigger: resyncs are an hour apart).
+#[test]
+fn the_timer_starts_a_session_when_its_hours_begin() {
+    use chrono::Timelike;
+    let mut now = chrono::Utc::now();
+    // Not across midnight, and not so close to the minute that the boundary passes at start.
+    while now.second() > 50 || (now.hour() == 23 && now.minute() >= 57) {
+        std::thread::sleep(Duration::from_secs(1));
+        now = chrono::Utc::now();
+    }
+    let start = now.hour() * 60 + now.minute() + 1;
+    let end = start + 2;
+    let hhmm = |m: u32| format!("{:02}:{:02}", m / 60, m % 60);
+    let mut d = Daemon::new();
+    d.edit_config(|c| c.replace("resync_interval: 1s", "resync_interval: 1h"));
+    d.write(
+        "a.yaml",
+        &format!(
+            "{}schedule: {{hours: 'daily {}-{}', timezone: UTC, outside: stop}}\n",
+            session("early"),
+            hhmm(start),
+            hhmm(end)
+        ),
+    );
+    d.start();
+    let status = || -> serde_json::Value {
+        let (_, body) =
+            crate::daemon_support::get(d.status, "status", "/status").unwrap_or_default();
+        serde_json::from_str(&body).unwrap_or_default()
+    };
+    wait_for(Duration::from_secs(10), || {
+        status()["passes"].as_u64() >= Some(1)
+    })
+    .expect("a first pass");
+    let up = status()["upcoming"].clone();
+    assert_eq!(up[0]["session"], "early", "{up}");
+    assert_eq!(up[0]["change"], "starts", "{up}");
+    assert!(d.processes().is_empty(), "it is stopped outside its hours");
+    let boundary = now
+        .with_second(0)
+        .and_then(|t| t.with_nanosecond(0))
+        .expect("time")
+        + chrono::Duration::minutes(1);
+    assert_eq!(
+        up[0]["at"].as_str(),
+        Some(
+            boundary
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                .as_str()
+        )
+    );
+    wait_for(Duration::from_secs(90), || {
+        d.get("early.localhost", "/healthz")
+            .is_some_and(|(c, _)| c == 200)
+    })
+    .unwrap_or_else(|| panic!("it starts when its hours begin: {}", d.log()));
+    assert!(
+        chrono::Utc::now() >= boundary,
+        "it started before its hours"
+    );
+    let after = status()["upcoming"].clone();
+    assert_eq!(after[0]["change"], "stops", "{after}");
+}
