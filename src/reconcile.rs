@@ -347,12 +347,14 @@ impl Reconciler {
     ) -> crate::notify::Facts {
         use crate::model::plan::HoldReason as H;
         use crate::notify::SessionFacts;
+        // URLs only for the sessions that may be told ready now (not told so already).
+        let told = |n: &str| self.notifier.as_ref().is_some_and(|x| x.told_ready(n));
         let mut urls: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         for r in crate::desired::effective_routes(
             desired,
             &self.config.routes.templates,
             &self.config.domain,
-            |_| true,
+            |n| !told(n),
         ) {
             urls.entry(r.session)
                 .or_default()

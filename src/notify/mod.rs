@@ -286,6 +286,11 @@ impl Notifier {
         ))
     }
 
+    /// Was `session` told ready, and has it stayed so? (Its URLs are only needed when not.)
+    pub fn told_ready(&self, session: &str) -> bool {
+        self.memory.sessions.get(session).is_some_and(|t| t.ready)
+    }
+
     /// Every target's delivery counts.
     pub fn stats(&self) -> outbox::Stats {
         self.outbox.stats()
@@ -344,6 +349,9 @@ impl Notifier {
                     data,
                 },
             ));
+        }
+        if self.memory == before {
+            return;
         }
         if let Err(e) = self.outbox.push(&batch) {
             tracing::warn!("cannot queue notifications ({e}); they are tried again next pass");

@@ -1,6 +1,6 @@
 //! The outbox: every event is a file in `<state>/outbox/<target>/<id>.json` before anything
-//! else happens to it (written to a temporary name, synced, renamed, the directory synced), so
-//! a SIGKILL or a power cut loses nothing that was told. One delivery task per target sends
+//! else happens to it (written to a temporary name and renamed; then the filesystem synced,
+//! once per batch), so a SIGKILL or a power cut loses nothing that was told. One delivery task per target sends
 //! them oldest first, one at a time (so each session's events arrive in order), removes each
 //! file once the target answered 2xx, and retries the oldest with backoff until the target's
 //! `retry_for` has passed since the event; then the file moves to `failed/` and the next goes.
@@ -266,7 +266,6 @@ impl Outbox {
                 let tmp = q.dir.join(format!(".tmp-{}", file_name(*id)));
                 let mut f = std::fs::File::create(&tmp)?;
                 f.write_all(&body)?;
-                f.sync_data()?;
                 drop(f);
                 std::fs::rename(&tmp, q.dir.join(file_name(*id)))?;
                 written.push((q, *id));
@@ -275,9 +274,23 @@ impl Outbox {
                 }
             }
         }
-        // The renames themselves are durable once each directory is synced.
-        for d in dirs {
-            std::fs::File::open(d)?.sync_all()?;
+        // Past a SIGKILL the files are there already (the page cache is the kernel's); for a
+        // power cut, one sync of the state directory's filesystem per batch makes the files,
+        // their contents and the renames durable together (a sync per file costs ms each).
+        if let Some(first) = dirs.first() {
+            let d = std::fs::File::open(first)?;
+            if nix::unistd::syncfs(&d).is_err() {
+                for d in &dirs {
+                    for id in written
+                        .iter()
+                        .filter(|(q, _)| q.dir == **d)
+                        .map(|(_, id)| id)
+                    {
+                        std::fs::File::open(d.join(file_name(*id)))?.sync_data()?;
+                    }
+                    std::fs::File::open(d)?.sync_all()?;
+                }
+            }
         }
         for (q, id) in written {
             q.stats.queued.fetch_add(1, Ordering::Relaxed);
