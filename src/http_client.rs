@@ -8,7 +8,8 @@
 //!   `Limits::max_body`, whatever `Content-Length` says;
 //! - no redirects, no system proxy (`HTTP_PROXY` never sees an admin API's traffic), and no
 //!   kept-alive connection: Caddy restarts its admin listener after every config change, so a
-//!   pooled connection would be reset under us;
+//!   pooled connection would be reset under us (`Api::keep_alive` keeps one, for notification
+//!   targets, which are called many times in a row);
 //! - TLS trust per API (`TlsConfig`): the system's roots, a CA file instead of them, or
 //!   a pin on the SHA-256 fingerprint of the server's own certificate (for self-signed ones,
 //!   such as Proxmox's). A pin that does not match fails naming both fingerprints;
@@ -197,6 +198,27 @@ impl Api {
         tls: Option<&TlsConfig>,
         limits: Limits,
     ) -> Result<Api, HttpError> {
+        Api::build(url, what, tls, limits, false)
+    }
+
+    /// As `new`, but keeping one idle connection for the next call (for a receiver called
+    /// many times in a row, such as a notification target; not for Caddy's admin API).
+    pub fn keep_alive(
+        url: &str,
+        what: &'static str,
+        tls: Option<&TlsConfig>,
+        limits: Limits,
+    ) -> Result<Api, HttpError> {
+        Api::build(url, what, tls, limits, true)
+    }
+
+    fn build(
+        url: &str,
+        what: &'static str,
+        tls: Option<&TlsConfig>,
+        limits: Limits,
+        keep_alive: bool,
+    ) -> Result<Api, HttpError> {
         // Before anything that would repeat the URL: user information is credentials.
         if url.contains('@') {
             return Err(HttpError::Credentials { what });
@@ -230,7 +252,7 @@ impl Api {
             .http1_only()
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
-            .pool_max_idle_per_host(0)
+            .pool_max_idle_per_host(usize::from(keep_alive))
             .connect_timeout(limits.connect)
             .timeout(limits.answer)
             .build()

@@ -191,13 +191,12 @@ impl Outbox {
                 answer: Duration::from_secs(15),
                 max_body: 64 << 10,
             };
-            let api =
-                Api::new(base, "notify target URL", t.tls.as_ref(), limits).map_err(|source| {
-                    NotifyError::Url {
-                        name: t.name.clone(),
-                        source,
-                    }
-                })?;
+            let api = Api::keep_alive(base, "notify target URL", t.tls.as_ref(), limits).map_err(
+                |source| NotifyError::Url {
+                    name: t.name.clone(),
+                    source,
+                },
+            )?;
             let dir = state_dir.join("outbox").join(&t.name);
             let io = |source| NotifyError::Outbox {
                 path: dir.clone(),

@@ -415,7 +415,7 @@ fn sigkill_with_100_queued_loses_none() {
 fn a_target_down_gets_everything_after_it_recovers() {
     let mut r = Receiver::start();
     r.down();
-    let mut d = held_sessions(&r, 20);
+    let d = held_sessions(&r, 20);
     let status = |d: &Daemon| -> serde_json::Value {
         let (code, body) =
             crate::daemon_support::get(d.status, "status", "/notifications").unwrap_or_default();
