@@ -55,6 +55,8 @@ fn main() {
         idle_timeout: None,
         sleep: None,
         stop_timeout: None,
+        warn_before: None,
+        schedule: None,
     };
     d.plans.insert("web".into(), doc(p, "plans.yaml".into()));
     for i in 0..SESSIONS {
@@ -69,6 +71,9 @@ fn main() {
             expires: None,
             on_expiry: Default::default(),
             restart_requested: None,
+            destroy_after: None,
+            warn_before: None,
+            schedule: None,
             env: BTreeMap::new(),
             location: None,
             idle_timeout: None,

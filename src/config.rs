@@ -63,6 +63,11 @@ pub struct Config {
     /// wake at a cap first puts the least recently active sleep-capable session to sleep.
     #[serde(default)]
     pub limits: crate::model::SessionLimits,
+    /// Webhook targets told what happens to sessions (CloudEvents 1.0, signed with
+    /// HMAC-SHA256), each with the events it wants. Delivered at least once, in order, from an
+    /// outbox in the state directory.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<crate::notify::NotifyTarget>,
 }
 
 /// How sessions sleep and wake.
@@ -423,6 +428,14 @@ pub struct PolicyConfig {
     /// if the session is declared again. `0s` keeps nothing.
     #[serde(default = "default_retention")]
     pub workspace_retention: Duration,
+    /// "Expiring soon" notifications this long before a session's `expires`, one per
+    /// threshold; a plan or a session may set its own.
+    #[serde(default = "default_warn_before")]
+    pub warn_before: Vec<Duration>,
+}
+
+fn default_warn_before() -> Vec<Duration> {
+    vec![Duration::from_secs(3 * 86_400), Duration::from_secs(86_400)]
 }
 
 impl Default for PolicyConfig {
@@ -433,6 +446,7 @@ impl Default for PolicyConfig {
             resync_interval: default_resync(),
             settle: default_settle(),
             workspace_retention: default_retention(),
+            warn_before: default_warn_before(),
         }
     }
 }
@@ -527,6 +541,9 @@ impl Config {
         }
         fix(&mut self.state_dir);
         self.providers.rebase(base);
+        for t in &mut self.notify {
+            t.rebase(base);
+        }
     }
 
     /// What the providers are given besides their own config.

@@ -57,6 +57,8 @@ pub enum DaemonError {
     WebhookSecret(#[source] crate::config::SecretError),
     #[error("the webhook's secret is shorter than 8 characters; anyone could sign a poke")]
     WebhookWeak,
+    #[error(transparent)]
+    Notify(#[from] crate::notify::NotifyError),
 }
 
 /// A running daemon's handles, for callers that embed it (tests, the status server).
@@ -248,6 +250,23 @@ pub async fn run(
     );
     let mut reconciler = Reconciler::new(config, providers, state);
     reconciler.set_lifecycle(lifecycle.clone());
+    // Notifications: the outbox opened (what an earlier run left queued is sent first), one
+    // delivery task per target.
+    let mut notify_stats = None;
+    if !reconciler.config.notify.is_empty() {
+        let (n, deliveries) = crate::notify::Notifier::open(
+            &state_dir,
+            &reconciler.config.notify,
+            &reconciler.config.domain,
+            crate::notify::MAX_BACKOFF,
+        )?;
+        notify_stats = Some(n.stats());
+        for d in deliveries {
+            tracing::info!(target_name = d.name(), "notifications: delivering");
+            tokio::spawn(d.run(cancel.clone()));
+        }
+        reconciler.set_notifier(n, proxy_addr.map(|a| a.port()));
+    }
     reconciler.allow_destroy = allow_destroy;
     if let crate::config::SourceConfig::Git(g) = &reconciler.config.source
         && let Some(w) = &g.webhook
@@ -314,6 +333,13 @@ pub async fn run(
             secrets.push(v.expose().to_string());
         }
     }
+    for t in &reconciler.config.notify {
+        for r in [&t.url, &t.secret] {
+            if let Ok(v) = r.resolve() {
+                secrets.push(v.expose().to_string());
+            }
+        }
+    }
     if let Some(d) = &reconciler.config.providers.compute.docker {
         for r in d.registries.values() {
             if let Ok(v) = r.password.resolve() {
@@ -327,8 +353,13 @@ pub async fn run(
     let m = metrics.clone();
     reconciler.on_pass(Box::new(move |snap| m.record(snap)));
     metrics.lifecycle(lifecycle.counters(), reconciler.providers.embedded.clone());
-    let app = crate::status::AppState::new(reconciler.published(), metrics, ctx, token, secrets)
-        .with_lifecycle(lifecycle, reconciler.providers.embedded.clone());
+    let mut app =
+        crate::status::AppState::new(reconciler.published(), metrics.clone(), ctx, token, secrets)
+            .with_lifecycle(lifecycle, reconciler.providers.embedded.clone());
+    if let Some(stats) = notify_stats {
+        metrics.notifications(stats.clone());
+        app = app.with_notifications(stats);
+    }
     let limits = Limits::new(&reconciler.config.listeners, budget.status);
     crate::status::serve_thread(status_listener, Arc::new(app), limits, cancel.clone()).map_err(
         |source| DaemonError::StatusListen {

@@ -196,6 +196,16 @@ pub fn template_routes<'a>(
     })
 }
 
+/// The URL of a route, by key (host, or `host/path`), through a proxy on `port`.
+pub fn route_url(key: &str, port: Option<u16>) -> String {
+    let (host, path) = crate::model::split_route_key(key);
+    let path = path.unwrap_or("");
+    match port {
+        Some(80) | None => format!("http://{host}{path}/"),
+        Some(p) => format!("http://{host}:{p}{path}/"),
+    }
+}
+
 /// Every route of the valid objects: from templates for each session, then explicit routes.
 /// Routes whose session or port does not resolve are left out (validation reports them).
 /// Only sessions for which `include` is true get routes.

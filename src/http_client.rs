@@ -8,7 +8,8 @@
 //!   `Limits::max_body`, whatever `Content-Length` says;
 //! - no redirects, no system proxy (`HTTP_PROXY` never sees an admin API's traffic), and no
 //!   kept-alive connection: Caddy restarts its admin listener after every config change, so a
-//!   pooled connection would be reset under us;
+//!   pooled connection would be reset under us (`Api::keep_alive` keeps one, for notification
+//!   targets, which are called many times in a row);
 //! - TLS trust per API (`TlsConfig`): the system's roots, a CA file instead of them, or
 //!   a pin on the SHA-256 fingerprint of the server's own certificate (for self-signed ones,
 //!   such as Proxmox's). A pin that does not match fails naming both fingerprints;
@@ -200,6 +201,27 @@ impl Api {
         tls: Option<&TlsConfig>,
         limits: Limits,
     ) -> Result<Api, HttpError> {
+        Api::build(url, what, tls, limits, false)
+    }
+
+    /// As `new`, but keeping one idle connection for the next call (for a receiver called
+    /// many times in a row, such as a notification target; not for Caddy's admin API).
+    pub fn keep_alive(
+        url: &str,
+        what: &'static str,
+        tls: Option<&TlsConfig>,
+        limits: Limits,
+    ) -> Result<Api, HttpError> {
+        Api::build(url, what, tls, limits, true)
+    }
+
+    fn build(
+        url: &str,
+        what: &'static str,
+        tls: Option<&TlsConfig>,
+        limits: Limits,
+        keep_alive: bool,
+    ) -> Result<Api, HttpError> {
         // Before anything that would repeat the URL: user information is credentials.
         if url.contains('@') {
             return Err(HttpError::Credentials { what });
@@ -233,7 +255,7 @@ impl Api {
             .http1_only()
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
-            .pool_max_idle_per_host(0)
+            .pool_max_idle_per_host(usize::from(keep_alive))
             .connect_timeout(limits.connect)
             .timeout(limits.answer)
             .build()
@@ -252,7 +274,8 @@ impl Api {
         &self.addr
     }
 
-    /// Send one request for `path` (starting with `/`); a JSON `body` if given. Header values
+    /// Send one request for `path` (starting with `/`); a `body` if given, JSON unless a
+    /// `content-type` header says otherwise. Header values
     /// are marked sensitive and never appear in an error. A refused connection is tried again
     /// for up to half a second: Caddy's admin listener is briefly down while it restarts after
     /// each config change, and a refused connection means nothing was sent, so trying again is
@@ -280,9 +303,14 @@ impl Api {
                     req = req.header(*name, v.clone());
                 }
                 if let Some(b) = &body {
-                    req = req
-                        .header(http::header::CONTENT_TYPE, "application/json")
-                        .body(b.clone());
+                    // JSON unless the caller says otherwise.
+                    if !headers
+                        .iter()
+                        .any(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+                    {
+                        req = req.header(http::header::CONTENT_TYPE, "application/json");
+                    }
+                    req = req.body(b.clone());
                 }
                 match req.send().await {
                     Ok(resp) => return self.read(resp).await,

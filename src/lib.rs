@@ -17,6 +17,7 @@ pub mod listeners;
 pub mod load;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub use model::observed;
 pub mod planner;
 pub mod progress;

@@ -296,7 +296,12 @@ impl Lifecycle {
                 continue;
             };
             let p = &plan.spec;
-            let state = d.spec.state;
+            // Outside its running hours a session is `sleeping` (or `stopped`) by the clock.
+            let state = crate::planner::timed::scheduled_state(
+                d.spec.state,
+                crate::planner::timed::schedule_of(&d.spec, p),
+                Utc::now(),
+            );
             let idle = d
                 .spec
                 .idle_timeout

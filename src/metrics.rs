@@ -36,6 +36,11 @@ struct ProviderLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetLabel {
+    target: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: String,
 }
@@ -62,6 +67,10 @@ pub struct Metrics {
     held_requests: Gauge,
     rejected: Family<ReasonLabel, Counter>,
     life: std::sync::Mutex<Option<LifeSource>>,
+    notify_queued: Family<TargetLabel, Gauge>,
+    notify_delivered: Family<TargetLabel, Counter>,
+    notify_failed: Family<TargetLabel, Counter>,
+    notify: std::sync::Mutex<Option<crate::notify::outbox::Stats>>,
 }
 
 impl Default for Metrics {
@@ -82,8 +91,27 @@ impl Default for Metrics {
             held_requests: Gauge::default(),
             rejected: Family::default(),
             life: std::sync::Mutex::new(None),
+            notify_queued: Family::default(),
+            notify_delivered: Family::default(),
+            notify_failed: Family::default(),
+            notify: std::sync::Mutex::new(None),
             registry: Registry::default(),
         };
+        registry.register(
+            "vessel_notifications_queued",
+            "Notifications waiting in the outbox, by target",
+            m.notify_queued.clone(),
+        );
+        registry.register(
+            "vessel_notifications_delivered",
+            "Notifications delivered, by target",
+            m.notify_delivered.clone(),
+        );
+        registry.register(
+            "vessel_notifications_failed",
+            "Notifications given up on after their retry time, by target",
+            m.notify_failed.clone(),
+        );
         for reason in ["idle", "cap"] {
             let _ = m.sleeps.get_or_create(&ReasonLabel {
                 reason: reason.into(),
@@ -160,6 +188,14 @@ impl Default for Metrics {
             m.quarantined.clone(),
         );
         Metrics { registry, ..m }
+    }
+}
+
+/// Bring a counter up to `now` (counters only ever go up by the difference).
+fn raise(c: &Counter, now: u64) {
+    let had = c.get();
+    if now > had {
+        c.inc_by(now - had);
     }
 }
 
@@ -245,12 +281,7 @@ impl Metrics {
         use std::sync::atomic::Ordering::Relaxed;
         let life = crate::lock_or_reset(&self.life);
         let Some(l) = life.as_ref() else { return };
-        let up = |c: &Counter, now: u64| {
-            let had = c.get();
-            if now > had {
-                c.inc_by(now - had);
-            }
-        };
+        let up = raise;
         up(&self.wakes, l.counters.wakes.load(Relaxed));
         for s in l.counters.take_wake_seconds() {
             self.wake_seconds.observe(s);
@@ -282,9 +313,38 @@ impl Metrics {
         }
     }
 
+    /// Serve each notification target's deliveries from now on.
+    pub fn notifications(&self, stats: crate::notify::outbox::Stats) {
+        for name in stats.keys() {
+            let l = TargetLabel {
+                target: name.clone(),
+            };
+            let _ = self.notify_queued.get_or_create(&l);
+            let _ = self.notify_delivered.get_or_create(&l);
+            let _ = self.notify_failed.get_or_create(&l);
+        }
+        *crate::lock_or_reset(&self.notify) = Some(stats);
+    }
+
+    fn sync_notifications(&self) {
+        let notify = crate::lock_or_reset(&self.notify);
+        let Some(stats) = notify.as_ref() else { return };
+        let up = raise;
+        for (name, s) in stats.iter() {
+            let v = s.view();
+            let l = TargetLabel {
+                target: name.clone(),
+            };
+            self.notify_queued.get_or_create(&l).set(v.queued as i64);
+            up(&self.notify_delivered.get_or_create(&l), v.delivered);
+            up(&self.notify_failed.get_or_create(&l), v.failed);
+        }
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         self.sync_lifecycle();
+        self.sync_notifications();
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();

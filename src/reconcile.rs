@@ -274,6 +274,11 @@ pub struct Reconciler {
     /// Sleep and wake (the daemon's): what it put to sleep is read into each observation,
     /// and it hears what each pass wants.
     lifecycle: Option<crate::lifecycle::Lifecycle>,
+    /// Notifications (the daemon's, when `notify:` has targets): told after each pass, and
+    /// dormant destroys before their plan runs.
+    notifier: Option<crate::notify::Notifier>,
+    /// The proxy's port, for the URLs notifications carry.
+    url_port: Option<u16>,
 }
 
 /// How many recent events are kept in memory.
@@ -320,6 +325,145 @@ impl Reconciler {
             on_pass: Vec::new(),
             activity: Arc::new(watch::channel(Activity::default()).0),
             lifecycle: None,
+            notifier: None,
+            url_port: None,
+        }
+    }
+
+    /// Tell what happens with `n`; URLs in events go through a proxy on `url_port`.
+    pub fn set_notifier(&mut self, n: crate::notify::Notifier, url_port: Option<u16>) {
+        self.notifier = Some(n);
+        self.url_port = url_port;
+    }
+
+    /// What each session looks like to notifications after a pass.
+    fn notify_facts(
+        &self,
+        desired: &Desired,
+        observed: &Observed,
+        plan: &Plan,
+        now: DateTime<Utc>,
+        source_error: Option<String>,
+    ) -> crate::notify::Facts {
+        use crate::model::plan::HoldReason as H;
+        use crate::notify::SessionFacts;
+        // URLs only for the sessions that may be told ready now (not told so already).
+        let told = |n: &str| self.notifier.as_ref().is_some_and(|x| x.told_ready(n));
+        let mut urls: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for r in crate::desired::effective_routes(
+            desired,
+            &self.config.routes.templates,
+            &self.config.domain,
+            |n| !told(n),
+        ) {
+            urls.entry(r.session)
+                .or_default()
+                .push(crate::desired::route_url(&r.key, self.url_port));
+        }
+        let mut held: BTreeMap<&str, String> = BTreeMap::new();
+        for h in &plan.held {
+            // Holds worth telling: a guard, a cap or capacity, a file with errors, a refused
+            // change; not the passing ones (settling, an unobserved provider, no address yet).
+            let tell = !matches!(
+                h.why,
+                H::Settling { .. } | H::Unobserved { .. } | H::NoAddress
+            );
+            if let (Object::Session(n), true) = (&h.object, tell) {
+                held.entry(n.as_str())
+                    .or_insert_with(|| crate::planner::render::hold_text(&h.why));
+            }
+        }
+        let mut sessions = BTreeMap::new();
+        for (name, d) in &desired.sessions {
+            let s = &d.spec;
+            let plan_spec = desired.plans.get(&s.plan).map(|p| &p.spec);
+            let (live, outside) = match plan_spec {
+                Some(ps) => {
+                    let (t, _) = crate::planner::timed::timed(s, ps, now);
+                    let outside =
+                        crate::planner::timed::schedule_of(s, ps).is_some_and(|sc| !sc.inside(now));
+                    let live = matches!(
+                        t,
+                        crate::planner::timed::Timed::Live { state, expired: None }
+                            if state != crate::model::RunState::Stopped
+                    );
+                    (live, outside)
+                }
+                None => (false, false),
+            };
+            let ready = live
+                && self
+                    .current
+                    .conditions
+                    .get(name)
+                    .is_some_and(|c| c.iter().any(|c| c.kind == "Ready" && c.status));
+            let o = observed.sessions.get(name).filter(|o| o.owned);
+            let asleep = match o {
+                Some(o) if o.asleep.is_some() => Some(true),
+                Some(o) if o.state == crate::model::observed::SessionState::Running => Some(false),
+                _ => None,
+            };
+            let on_expiry = match (s.on_expiry, s.destroy_after) {
+                (crate::model::ExpiryAction::Destroy, _) => "destroyed",
+                (_, Some(_)) => "stopped (destroyed later, when dormant)",
+                _ => "stopped",
+            };
+            sessions.insert(
+                name.clone(),
+                SessionFacts {
+                    owner: s.owner.clone(),
+                    plan: Some(s.plan.clone()),
+                    urls: urls.remove(name.as_str()).unwrap_or_default(),
+                    ready,
+                    asleep,
+                    held: held.remove(name.as_str()),
+                    failures: self
+                        .backoff
+                        .get(&Object::Session(name.clone()))
+                        .map_or(0, |b| b.failures),
+                    last_error: self.current.last_errors.get(name).cloned(),
+                    expires: s.expires,
+                    on_expiry,
+                    warn_before: s
+                        .warn_before
+                        .clone()
+                        .or_else(|| plan_spec.and_then(|p| p.warn_before.clone()))
+                        .unwrap_or_else(|| self.config.policy.warn_before.clone()),
+                    outside_hours: outside,
+                },
+            );
+        }
+        // Sessions held that are not (validly) declared: a file with errors declares them.
+        for (name, why) in held {
+            sessions.insert(
+                name.to_string(),
+                SessionFacts {
+                    held: Some(why),
+                    asleep: None,
+                    on_expiry: "stopped",
+                    ..SessionFacts::default()
+                },
+            );
+        }
+        crate::notify::Facts {
+            now,
+            sessions,
+            source_error,
+            failed_after: 3,
+            source_only: false,
+        }
+    }
+
+    /// The source failed before the pass saw anything else: tell only that.
+    fn notify_source_failing(&mut self, error: &str, now: DateTime<Utc>) {
+        if let Some(n) = &mut self.notifier {
+            n.after_pass(&crate::notify::Facts {
+                now,
+                source_error: Some(error.to_string()),
+                failed_after: 3,
+                source_only: true,
+                ..Default::default()
+            });
         }
     }
 
@@ -489,12 +633,14 @@ impl Reconciler {
             Ok(Err(e)) => {
                 // Unknown desired state: plan nothing, destroy nothing.
                 report.error = Some(crate::providers::chain(&e));
+                self.notify_source_failing(report.error.as_deref().unwrap_or_default(), now);
                 report.duration_ms = t0.elapsed().as_millis() as u64;
                 self.publish(&report, None, None, None, Vec::new(), Vec::new());
                 return (report, Arc::new(Plan::default()), Vec::new());
             }
             Err(e) => {
                 report.error = Some(format!("loading the source failed: {e}"));
+                self.notify_source_failing(report.error.as_deref().unwrap_or_default(), now);
                 self.publish(&report, None, None, None, Vec::new(), Vec::new());
                 return (report, Arc::new(Plan::default()), Vec::new());
             }
@@ -600,6 +746,26 @@ impl Reconciler {
         // An object with no step left, whose backoff has run out, is forgotten.
         self.backoff
             .retain(|o, b| b.until > clock || stepping.contains(o));
+        // Dormant destroys are announced before they run.
+        if self.notifier.is_some() {
+            let dormant: Vec<(String, DateTime<Utc>, String)> = p
+                .steps
+                .iter()
+                .filter_map(|s| match (&s.action, &s.reason) {
+                    (
+                        Action::Session(SessionAction::DestroySession { session, .. }),
+                        Reason::Dormant { at, after },
+                    ) => Some((session.clone(), *at, after.clone())),
+                    _ => None,
+                })
+                .collect();
+            if !dormant.is_empty() {
+                let facts = self.notify_facts(&desired, &observed, &p, now, None);
+                if let Some(n) = &mut self.notifier {
+                    n.dormant(&dormant, &facts.sessions, now);
+                }
+            }
+        }
         let mut events = Vec::new();
         let forwarding = self.forward_activity();
         let results = execute(&p, &self.providers, &self.exec, &hold, cancel, |step, outcome, d| {
@@ -690,10 +856,30 @@ impl Reconciler {
         let retry = self.next_retry().map(|i| {
             now + chrono::Duration::from_std(i.saturating_duration_since(clock)).unwrap_or_default()
         });
-        report.next_due = match (p.next_wakeup, retry) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        // An "expiring soon" warning comes due: a pass then tells it.
+        let warning = self.notifier.as_ref().and_then(|_| {
+            desired
+                .sessions
+                .values()
+                .filter_map(|d| {
+                    let exp = d.spec.expires?;
+                    let plan = desired.plans.get(&d.spec.plan).map(|p| &p.spec);
+                    let ts = d
+                        .spec
+                        .warn_before
+                        .as_ref()
+                        .or_else(|| plan.and_then(|p| p.warn_before.as_ref()))
+                        .unwrap_or(&self.config.policy.warn_before);
+                    ts.iter()
+                        .filter_map(|t| {
+                            exp.checked_sub_signed(chrono::Duration::from_std(t.std()).ok()?)
+                        })
+                        .filter(|at| *at > now)
+                        .min()
+                })
+                .min()
+        });
+        report.next_due = [p.next_wakeup, retry, warning].into_iter().flatten().min();
         report.duration_ms = t0.elapsed().as_millis() as u64;
         if let Err(e) = self.state.append_events(&events) {
             tracing::warn!(error = %e, "cannot record events");
@@ -712,6 +898,13 @@ impl Reconciler {
             );
         }
         self.update_conditions(&desired, &observed, &p, &results, now);
+        if self.notifier.is_some() {
+            let source_error = desired.source_error.clone();
+            let facts = self.notify_facts(&desired, &observed, &p, now, source_error);
+            if let Some(n) = &mut self.notifier {
+                n.after_pass(&facts);
+            }
+        }
         self.publish(
             &report,
             Some(desired),

@@ -46,6 +46,10 @@ pub fn all() -> Vec<(&'static str, String)> {
             "status-events.schema.json",
             render::<Vec<crate::state::Event>>("status-events"),
         ),
+        (
+            "notification.schema.json",
+            render::<crate::notify::CloudEvent>("notification"),
+        ),
     ];
     let any = json!({
         "$schema": "https://json-schema.org/draft/2020-12/schema",

@@ -5,6 +5,7 @@
 
 pub mod observed;
 pub mod plan;
+pub mod schedule;
 pub mod units;
 
 use std::collections::BTreeMap;
@@ -576,6 +577,17 @@ pub struct PlanSpec {
     /// Changing it (process: changes in place; docker: changes in place).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_timeout: Option<Duration>,
+    /// "Expiring soon" notifications this long before a session's `expires`, one per
+    /// threshold (`[3d, 1d]`); over the config's `policy.warn_before`, under the
+    /// session's own.
+    /// Changing it (process: changes in place; docker: changes in place).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warn_before: Option<Vec<Duration>>,
+    /// Running hours: outside them, sessions on this plan sleep or stop. A session may set
+    /// its own.
+    /// Changing it (process: changes in place; docker: changes in place).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<schedule::Schedule>,
 }
 
 /// A schedule of snapshots: a slot every `every`, aligned to `at` (a UTC time of day) or,
@@ -891,6 +903,17 @@ pub struct SessionSpec {
     /// What happens once it has expired.
     #[serde(default)]
     pub on_expiry: ExpiryAction,
+    /// With `on_expiry: stop`: a session that stays expired this long is destroyed (its work
+    /// saved first if `source.save_on_stop` asks), within the destroy budget, announced by a
+    /// `dormant` notification first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destroy_after: Option<Duration>,
+    /// "Expiring soon" notifications this long before `expires`, over its plan's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warn_before: Option<Vec<Duration>>,
+    /// Running hours, over its plan's: outside them the session sleeps or stops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<schedule::Schedule>,
     /// Environment added to the plan's.
     /// Changing it (process: changes in place with a restart; docker: replaces the session).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

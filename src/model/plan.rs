@@ -418,6 +418,8 @@ pub enum Reason {
     NotDesired,
     /// Past its `expires`.
     Expired { at: DateTime<Utc> },
+    /// Stopped by its expiry at `at` and expired for its `destroy_after` since: destroyed.
+    Dormant { at: DateTime<Utc>, after: String },
     /// Its run state differs from the desired one.
     StateChanged { from: String, to: String },
     /// It exited or crashed and is desired running.
@@ -469,6 +471,9 @@ impl Reason {
             Reason::Missing => "missing".into(),
             Reason::NotDesired => "no longer desired".into(),
             Reason::Expired { at } => format!("expired at {}", at.to_rfc3339()),
+            Reason::Dormant { at, after } => {
+                format!("dormant: expired at {} and {after} since", at.to_rfc3339())
+            }
             Reason::StateChanged { from, to } => format!("state {from} -> {to}"),
             Reason::Failed => "not running (exited or failed)".into(),
             Reason::Drifted { changes } => format!("drifted: {}", changes.join(", ")),
@@ -684,6 +689,50 @@ pub struct Plan {
     /// Sessions asleep (by idleness, or declared `sleeping`): converged, and left so.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub asleep: Vec<AsleepSession>,
+    /// Time-based changes to come (expiries, running hours, dormant cleanup), soonest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upcoming: Vec<Upcoming>,
+}
+
+/// A change the clock will bring: "user-1 expires in 2d 4h".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Upcoming {
+    pub session: String,
+    pub change: TimedChange,
+    pub at: DateTime<Utc>,
+    /// How long until then, from the plan's clock (`2d 4h`).
+    #[serde(rename = "in")]
+    pub after: String,
+}
+
+/// What the clock changes.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum TimedChange {
+    /// Its `expires` comes.
+    Expires,
+    /// Its dormant time (`destroy_after`) ends: it is destroyed.
+    Destroyed,
+    /// Its running hours end: it sleeps.
+    Sleeps,
+    /// Its running hours end: it stops.
+    Stops,
+    /// Its running hours begin.
+    Starts,
+}
+
+impl TimedChange {
+    pub fn verb(self) -> &'static str {
+        match self {
+            TimedChange::Expires => "expires",
+            TimedChange::Destroyed => "is destroyed (dormant)",
+            TimedChange::Sleeps => "sleeps",
+            TimedChange::Stops => "stops",
+            TimedChange::Starts => "starts",
+        }
+    }
 }
 
 /// A session that is asleep, as the plan leaves it.

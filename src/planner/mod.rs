@@ -24,6 +24,7 @@ mod sessions;
 pub mod simulate;
 mod snapshots;
 mod steps;
+pub mod timed;
 
 pub use crate::model::PlacementHost;
 pub use order::{ObjectChange, object_changes};
@@ -69,8 +70,9 @@ struct Planner<'a> {
     drafts: Drafts,
     /// Desired sessions, expiry applied.
     wants: BTreeMap<&'a str, Want<'a>>,
-    /// Sessions declared to be destroyed at their expiry, past it: when it was.
-    expired: BTreeMap<&'a str, DateTime<Utc>>,
+    /// Sessions declared to be destroyed at their expiry, past it, or dormant past their
+    /// `destroy_after`: when it expired, and the dormant time.
+    expired: BTreeMap<&'a str, (DateTime<Utc>, Option<crate::model::Duration>)>,
     /// What happens to each session that is not held.
     fates: BTreeMap<&'a str, Fate>,
     /// Sessions whose spec changes in place, and the fields that change.
@@ -254,7 +256,10 @@ impl<'a> Planner<'a> {
     }
 
     /// Order the steps, wire their dependencies, and summarise.
-    fn finish(self) -> Plan {
+    fn finish(mut self) -> Plan {
+        self.out
+            .upcoming
+            .sort_by(|a, b| (a.at, &a.session, a.change).cmp(&(b.at, &b.session, b.change)));
         order::finish(self.out, self.drafts.0, self.observed)
     }
 }

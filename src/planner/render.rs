@@ -287,6 +287,17 @@ fn field_diff(
 }
 
 /// Terraform-like text. Colour only when `color` (the CLI passes "stdout is a TTY").
+/// `user-1 expires in 2d 4h (2026-12-31T00:00:00Z)`.
+pub fn upcoming_text(u: &crate::model::plan::Upcoming) -> String {
+    format!(
+        "{} {} in {} ({})",
+        u.session,
+        u.change.verb(),
+        u.after,
+        u.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    )
+}
+
 /// `running (asleep since T, paused)`.
 fn asleep_text(a: &crate::model::plan::AsleepSession) -> String {
     format!(
@@ -385,6 +396,12 @@ pub fn text(plan: &Plan, observed: &Observed, color: bool) -> String {
                 a.session,
                 asleep_text(a)
             );
+        }
+    }
+    if !plan.upcoming.is_empty() {
+        let _ = writeln!(out, "\nComing up (by the clock):");
+        for u in &plan.upcoming {
+            let _ = writeln!(out, "  {}~{} {}", c.dim, c.reset, upcoming_text(u));
         }
     }
     if !plan.held.is_empty() || !plan.guards.is_empty() {
@@ -695,6 +712,13 @@ pub fn markdown(plan: &Plan, observed: &Observed) -> String {
                 a.session,
                 md_escape(&asleep_text(a))
             );
+        }
+        out.push('\n');
+    }
+    if !plan.upcoming.is_empty() {
+        let _ = writeln!(out, "**Coming up** (by the clock)\n");
+        for u in &plan.upcoming {
+            let _ = writeln!(out, "- :clock3: {}", md_escape(&upcoming_text(u)));
         }
         out.push('\n');
     }

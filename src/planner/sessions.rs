@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use crate::model::observed::{ObservedSession, ProviderId, RuntimeSpec, SessionState};
-use crate::model::{ComputeKind, ExpiryAction, FieldChange, Kind, PlanSpec, RunState, SessionSpec};
+use crate::model::{ComputeKind, FieldChange, Kind, PlanSpec, RunState, SessionSpec};
 
 use super::{Fate, HoldReason, Object, Planner, Reason, Want};
 
@@ -61,20 +61,20 @@ impl<'a> Planner<'a> {
                 continue;
             };
             let s = &doc.spec;
-            let mut state = s.state;
-            let mut expired = None;
-            if let Some(at) = s.expires {
-                if at <= policy.now {
-                    if s.on_expiry == ExpiryAction::Destroy {
-                        self.expired.insert(name, at);
-                        continue;
-                    }
-                    expired = Some(at);
-                    state = RunState::Stopped;
-                } else {
-                    self.wake_at(at);
-                }
+            // The clock's part: expiry, dormant cleanup, running hours; each change to come
+            // wakes the loop.
+            let (timed, upcoming) = super::timed::timed(s, &plan.spec, policy.now);
+            for u in upcoming {
+                self.wake_at(u.at);
+                self.out.upcoming.push(u);
             }
+            let (state, expired) = match timed {
+                super::timed::Timed::Destroy { at, dormant } => {
+                    self.expired.insert(name, (at, dormant));
+                    continue;
+                }
+                super::timed::Timed::Live { state, expired } => (state, expired),
+            };
             let (compute, unreachable) = self.placement(name, &plan.spec);
             let (spec, fingerprint) = if s.env.is_empty() {
                 per_plan
@@ -218,7 +218,11 @@ impl<'a> Planner<'a> {
                 (None, Some(o)) if !o.owned => continue,
                 (Some(_), None) => Fate::Create,
                 (None, Some(_)) => Fate::Destroy(match self.expired.get(name) {
-                    Some(at) => Reason::Expired { at: *at },
+                    Some((at, None)) => Reason::Expired { at: *at },
+                    Some((at, Some(after))) => Reason::Dormant {
+                        at: *at,
+                        after: after.to_string(),
+                    },
                     None => Reason::NotDesired,
                 }),
                 (Some(w), Some(o)) => self.fate_of(name, w, o),

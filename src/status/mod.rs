@@ -44,6 +44,8 @@ pub struct AppState {
     lifecycle: Option<crate::lifecycle::Lifecycle>,
     /// The embedded proxy, for the requests it holds.
     proxy: Option<crate::proxy::Proxy>,
+    /// Each notification target's deliveries.
+    notifications: Option<crate::notify::outbox::Stats>,
 }
 
 impl AppState {
@@ -67,6 +69,7 @@ impl AppState {
             cache: Mutex::new(None),
             lifecycle: None,
             proxy: None,
+            notifications: None,
         }
     }
 
@@ -79,6 +82,22 @@ impl AppState {
         self.lifecycle = Some(lc);
         self.proxy = proxy;
         self
+    }
+
+    /// Show each notification target's deliveries (`/notifications`, and on the page).
+    pub fn with_notifications(mut self, stats: crate::notify::outbox::Stats) -> AppState {
+        self.notifications = Some(stats);
+        self
+    }
+
+    fn notification_views(
+        &self,
+    ) -> std::collections::BTreeMap<String, crate::notify::outbox::TargetView> {
+        self.notifications
+            .iter()
+            .flat_map(|s| s.iter())
+            .map(|(k, v)| (k.clone(), v.view()))
+            .collect()
     }
 
     fn add_lifecycle(&self, views: &mut [view::SessionView]) {
@@ -167,6 +186,7 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/revision", get(revision))
         .route("/events", get(events))
         .route("/metrics", get(metrics))
+        .route("/notifications", get(notifications))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(st.clone(), guard))
         .with_state(st)
@@ -458,6 +478,11 @@ async fn events(State(st): State<Arc<AppState>>, Query(q): Query<EventsQuery>) -
     }
 }
 
+/// `GET /notifications`: each target's queued, delivered and failed deliveries, now.
+async fn notifications(State(st): State<Arc<AppState>>) -> Response {
+    json(&st, &st.notification_views())
+}
+
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     // The body is the OpenMetrics text format (`# EOF` at the end), and says so.
     respond(
@@ -472,7 +497,12 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
 async fn index(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     let now = st.published.activity();
     let ((passes, changes), seq) = (st.published.version(), now.seq);
-    let tag = format!("\"{passes}-{changes}-{seq}\"");
+    let told = st.notification_views();
+    let deliveries: u64 = told
+        .values()
+        .map(|t| t.queued + t.delivered + t.failed + t.attempts)
+        .sum();
+    let tag = format!("\"{passes}-{changes}-{seq}-{deliveries}\"");
     let etag = HeaderValue::from_str(&tag).unwrap_or(HeaderValue::from_static("\"0\""));
     if headers
         .get(header::IF_NONE_MATCH)
@@ -488,7 +518,7 @@ async fn index(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response 
         .as_ref()
         .map(crate::lifecycle::Lifecycle::view)
         .unwrap_or_default();
-    let html = page::render(&snap, waiting, &st.ctx, &now, &tag, &life);
+    let html = page::render(&snap, waiting, &st.ctx, &now, &tag, &life, &told);
     let mut r = respond(StatusCode::OK, "text/html; charset=utf-8", st.redact(html));
     r.headers_mut().insert(header::ETAG, etag);
     r

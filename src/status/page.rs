@@ -54,6 +54,7 @@ pub fn render(
     now: &Activity,
     etag: &str,
     life: &std::collections::BTreeMap<String, crate::lifecycle::SessionLife>,
+    told: &std::collections::BTreeMap<String, crate::notify::outbox::TargetView>,
 ) -> String {
     let st = view::status(s, source_changed);
     let mut h = String::new();
@@ -202,7 +203,31 @@ pub fn render(
             }
         }
     }
-    h.push_str("</ul><h2>Pending plan</h2>");
+    h.push_str("</ul>");
+    if let Some(p) = s.plan.as_ref().filter(|p| !p.upcoming.is_empty()) {
+        h.push_str("<h2>Coming up</h2><ul>");
+        for u in &p.upcoming {
+            let _ = write!(h, "<li>{}</li>", esc(&render::upcoming_text(u)));
+        }
+        h.push_str("</ul>");
+    }
+    if !told.is_empty() {
+        h.push_str("<h2>Notifications</h2><table><tr><th>Target</th><th>Queued</th><th>Delivered</th><th>Failed</th><th>Last error</th></tr>");
+        for (name, t) in told {
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td{}>{}</td><td>{}</td></tr>",
+                esc(name),
+                t.queued,
+                t.delivered,
+                if t.failed > 0 { " class=bad" } else { "" },
+                t.failed,
+                esc(t.last_error.as_deref().unwrap_or(""))
+            );
+        }
+        h.push_str("</table>");
+    }
+    h.push_str("<h2>Pending plan</h2>");
     match (&s.plan, &s.observed) {
         (Some(p), Some(o)) => {
             let _ = write!(
@@ -217,7 +242,7 @@ pub fn render(
         }
         _ => h.push_str("<p>No pass has run yet.</p>"),
     }
-    h.push_str("<p><small>JSON: <a href=/status>/status</a> <a href=/sessions>/sessions</a> <a href=/routes>/routes</a> <a href=/dns>/dns</a> <a href=/plan>/plan</a> <a href=/events>/events</a> <a href=/metrics>/metrics</a></small></p></main>");
+    h.push_str("<p><small>JSON: <a href=/status>/status</a> <a href=/sessions>/sessions</a> <a href=/routes>/routes</a> <a href=/dns>/dns</a> <a href=/plan>/plan</a> <a href=/events>/events</a> <a href=/metrics>/metrics</a> <a href=/notifications>/notifications</a></small></p></main>");
     h.push_str(REFRESH_SCRIPT);
     h.push_str("</body></html>\n");
     h

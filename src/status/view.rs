@@ -55,6 +55,9 @@ pub struct StatusView {
     /// Workspaces of destroyed sessions, kept until `until` and restored if the session is
     /// declared again before then.
     pub kept_workspaces: Vec<KeptWorkspace>,
+    /// Time-based changes to come (expiries, running hours, dormant cleanup), soonest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub upcoming: Vec<crate::model::plan::Upcoming>,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -189,16 +192,6 @@ fn state_name(s: SessionState) -> &'static str {
     }
 }
 
-/// The URL of a route, by key (host, or `host/path`).
-fn url(key: &str, port: Option<u16>) -> String {
-    let (host, path) = crate::model::split_route_key(key);
-    let path = path.unwrap_or("");
-    match port {
-        Some(80) | None => format!("http://{host}{path}/"),
-        Some(p) => format!("http://{host}:{p}{path}/"),
-    }
-}
-
 pub fn status(s: &Snapshot, source_changed: bool) -> StatusView {
     let mut counts = Counts::default();
     if let Some(d) = &s.desired {
@@ -294,6 +287,11 @@ pub fn status(s: &Snapshot, source_changed: bool) -> StatusView {
                 kept: k.clone(),
             })
             .collect(),
+        upcoming: s
+            .plan
+            .as_ref()
+            .map(|p| p.upcoming.clone())
+            .unwrap_or_default(),
     }
 }
 
@@ -422,7 +420,7 @@ pub fn sessions(s: &Snapshot, ctx: &Context, now: &Activity) -> Vec<SessionView>
             hosts
                 .entry(r.session)
                 .or_default()
-                .push(url(&r.host, ctx.proxy_port));
+                .push(crate::desired::route_url(&r.host, ctx.proxy_port));
         }
     }
     names
@@ -484,7 +482,7 @@ pub fn routes(s: &Snapshot, ctx: &Context) -> Vec<RouteView> {
             out.insert(
                 r.key.clone(),
                 RouteView {
-                    url: url(&r.key, ctx.proxy_port),
+                    url: crate::desired::route_url(&r.key, ctx.proxy_port),
                     host: r.key,
                     session: Some(r.session.to_string()),
                     port: Some(r.port_name.to_string()),
@@ -506,7 +504,7 @@ pub fn routes(s: &Snapshot, ctx: &Context) -> Vec<RouteView> {
                 desired: false,
                 served: false,
                 owned: r.owned,
-                url: url(h, ctx.proxy_port),
+                url: crate::desired::route_url(h, ctx.proxy_port),
             });
             e.upstream = Some(r.upstream.clone());
             e.served = true;

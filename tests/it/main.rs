@@ -20,6 +20,7 @@ mod hygiene;
 mod incremental;
 mod lifecycle;
 mod loop_fake;
+mod notify;
 mod operator;
 mod outage;
 mod papercuts;

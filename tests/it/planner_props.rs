@@ -55,6 +55,8 @@ fn plans(variant: u8) -> Vec<PlanSpec> {
         idle_timeout: None,
         sleep: None,
         stop_timeout: None,
+        warn_before: None,
+        schedule: None,
     };
     let cmd = if variant.is_multiple_of(2) {
         "serve"
@@ -115,6 +117,9 @@ fn build(variant: u8, sessions: &[GenSession]) -> Desired {
             expires: None,
             on_expiry: Default::default(),
             restart_requested: None,
+            destroy_after: None,
+            warn_before: None,
+            schedule: None,
             env: BTreeMap::new(),
             location: None,
             idle_timeout: None,
