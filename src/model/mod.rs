@@ -103,10 +103,11 @@ impl ComputeKind {
     /// another).
     pub fn sleep_depths(self) -> &'static [SleepDepth] {
         match self {
-            ComputeKind::Process | ComputeKind::Docker | ComputeKind::Proxmox => {
-                &[SleepDepth::Stop, SleepDepth::Pause]
-            }
-            ComputeKind::Qemu | ComputeKind::Kubernetes => &[SleepDepth::Stop],
+            ComputeKind::Process
+            | ComputeKind::Docker
+            | ComputeKind::Proxmox
+            | ComputeKind::Qemu => &[SleepDepth::Stop, SleepDepth::Pause],
+            ComputeKind::Kubernetes => &[SleepDepth::Stop],
         }
     }
 
@@ -526,7 +527,7 @@ pub struct PlanSpec {
     pub idle_timeout: Option<Duration>,
     /// How deep a session sleeps: `stop` (the default: frees its memory; a wake starts it) or
     /// `pause` (process: SIGSTOP of its group; docker: the engine's pause; proxmox: the guest
-    /// suspended; memory kept, CPU freed, a wake takes milliseconds).
+    /// suspended; qemu: QMP `stop`; memory kept, CPU freed, a wake takes milliseconds).
     /// Changing it (process: changes in place; docker: changes in place).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sleep: Option<SleepDepth>,

@@ -33,6 +33,7 @@ mod proxy;
 mod proxy_caddy;
 mod proxy_fronted;
 mod proxy_traefik;
+mod qemu;
 mod pve_double;
 mod reconciler;
 mod registry;

@@ -9,6 +9,7 @@ pub mod health;
 pub mod kept;
 pub mod process;
 pub mod proxmox;
+pub mod qemu;
 pub(crate) mod record;
 pub mod workspace;
 
@@ -104,6 +105,9 @@ compute_providers! {
     docker: docker::DockerConfig => Docker,
     /// Proxmox VE clusters: sessions are VMs or LXC containers cloned from templates.
     proxmox: proxmox::ProxmoxConfig => Proxmox,
+    /// QEMU VMs on this machine: a kernel and initramfs per session, ports forwarded on
+    /// 127.0.0.1, the workspace shared over virtio-9p.
+    qemu: qemu::QemuConfig => Qemu,
 }
 
 impl Default for ComputeProviders {

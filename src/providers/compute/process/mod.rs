@@ -116,7 +116,7 @@ impl ProcessProvider {
     }
 }
 
-fn list_dirs(root: &Path) -> std::io::Result<Vec<String>> {
+pub(crate) fn list_dirs(root: &Path) -> std::io::Result<Vec<String>> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(root)? {
         let e = e?;
@@ -140,7 +140,7 @@ fn write_record(dir: &Path, r: &Record) -> Result<(), ProviderError> {
 }
 
 /// `/proc/<pid>/stat`: (state char, start time in ticks).
-fn proc_stat(pid: i32) -> Option<(char, u64)> {
+pub(crate) fn proc_stat(pid: i32) -> Option<(char, u64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = &s[s.rfind(')')? + 1..];
     let fields: Vec<&str> = after.split_whitespace().collect();
@@ -151,7 +151,7 @@ fn proc_stat(pid: i32) -> Option<(char, u64)> {
 
 /// When a process that started `ticks` clock ticks after boot started (`btime` of
 /// `/proc/stat` plus its start time).
-fn started_at(ticks: u64) -> Option<chrono::DateTime<chrono::Utc>> {
+pub(crate) fn started_at(ticks: u64) -> Option<chrono::DateTime<chrono::Utc>> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let btime: i64 = stat
         .lines()
@@ -166,7 +166,7 @@ fn started_at(ticks: u64) -> Option<chrono::DateTime<chrono::Utc>> {
 }
 
 /// Is the recorded pid alive and still the process that was started?
-fn alive(pid: Option<i32>, ticks: Option<u64>) -> bool {
+pub(crate) fn alive(pid: Option<i32>, ticks: Option<u64>) -> bool {
     match (pid, proc_stat_of(pid)) {
         (Some(_), Some((state, start))) => {
             state != 'Z' && state != 'X' && ticks.is_none_or(|t| t == start)
@@ -327,29 +327,7 @@ impl ProcessProvider {
                 used.extend(r.ports.values());
             }
         }
-        let mut out = BTreeMap::new();
-        let mut p = self.inner.config.port_base;
-        for name in names {
-            loop {
-                if p == u16::MAX {
-                    return Err(ProviderError::failed(
-                        "allocate ports for",
-                        name.clone(),
-                        "no free port left",
-                    ));
-                }
-                let candidate = p;
-                p += 1;
-                if !used.contains(&candidate)
-                    && std::net::TcpListener::bind(("127.0.0.1", candidate)).is_ok()
-                {
-                    out.insert(name.clone(), candidate);
-                    used.insert(candidate);
-                    break;
-                }
-            }
-        }
-        Ok(out)
+        allocate_ports(used, self.inner.config.port_base, names)
     }
 
     async fn kill_orphans(&self, session: &str) {
@@ -357,8 +335,40 @@ impl ProcessProvider {
     }
 }
 
+/// Host ports for `names`: the lowest from `base` up that are not in `used` and are bindable on
+/// 127.0.0.1 now.
+pub(crate) fn allocate_ports(
+    mut used: BTreeSet<u16>,
+    base: u16,
+    names: &[String],
+) -> Result<BTreeMap<String, u16>, ProviderError> {
+    let mut out = BTreeMap::new();
+    let mut p = base;
+    for name in names {
+        loop {
+            if p == u16::MAX {
+                return Err(ProviderError::failed(
+                    "allocate ports for",
+                    name.clone(),
+                    "no free port left",
+                ));
+            }
+            let candidate = p;
+            p += 1;
+            if !used.contains(&candidate)
+                && std::net::TcpListener::bind(("127.0.0.1", candidate)).is_ok()
+            {
+                out.insert(name.clone(), candidate);
+                used.insert(candidate);
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Remove what an interrupted destroy left behind.
-fn clean_trash(root: &Path) {
+pub(crate) fn clean_trash(root: &Path) {
     if let Ok(rd) = std::fs::read_dir(root) {
         for e in rd.flatten() {
             if e.file_name()
