@@ -286,16 +286,30 @@ fn a_vessel_killed_mid_apply_and_restarted_leaves_exactly_one_vm() {
     let mut foreign = Foreign::start();
     let mut d = qemu_daemon("");
     let _cleanup = KillVms(d.state());
-    d.write("vm2.yaml", "kind: Session\nname: vm2\nplan: vm\n");
+    let src = project(d.dir.path(), "vm2");
+    d.write(
+        "vm2.yaml",
+        &format!(
+            "kind: Session\nname: vm2\nplan: vm\nsource: {{path: {}}}\n",
+            src.display()
+        ),
+    );
     d.start();
     // Killed as soon as its VM exists, while it waits for the VM to answer.
     wait(60, "the VM is started", &d, || !vms(&d.state()).is_empty());
     d.signal(nix::sys::signal::Signal::SIGKILL);
+    // QEMU daemonizes: the VM is the process its pid file names (the parent exits).
+    let pidfile = d.state().join("qemu/vm2/qemu.pid");
+    wait(30, "QEMU has daemonized", &d, || {
+        let pid = std::fs::read_to_string(&pidfile).unwrap_or_default();
+        let v = vms(&d.state());
+        v.len() == 1 && v[0].1.to_string() == pid.trim()
+    });
     let first = vms(&d.state());
     d.start();
     wait(90, "the restarted vessel serves the session", &d, || {
-        d.get("vm2.localhost", "/")
-            .is_some_and(|(c, _)| c == 200 || c == 404)
+        d.get("vm2.localhost", "/index.html")
+            .is_some_and(|(c, b)| c == 200 && b == "hello from vm2\n")
     });
     // Several passes later, still the one VM it adopted.
     let passes = d.passes();
