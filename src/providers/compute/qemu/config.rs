@@ -13,7 +13,8 @@ pub struct QemuConfig {
     /// Where images are: a plan's `image: NAME` boots `<images>/NAME/vmlinuz` with
     /// `<images>/NAME/initrd.img`, and, where there is one, `<images>/NAME/disk.qcow2` as the
     /// read-only base of a per-session copy-on-write overlay sized to the plan's `disk`
-    /// (`examples/microvm/build-image.sh` builds `devbox`). Relative to the config file.
+    /// (`examples/microvm/build-image.sh` builds `devbox`). Relative to the config file; a
+    /// leading `~/` is the home directory (`$HOME`).
     pub images: PathBuf,
     /// The QEMU binary.
     #[serde(default = "default_binary")]
@@ -75,6 +76,11 @@ fn default_memory() -> crate::model::Size {
 
 impl crate::providers::compute::ComputeConfig for QemuConfig {
     fn rebase(&mut self, base: &Path) {
+        if let Ok(rest) = self.images.strip_prefix("~")
+            && let Some(home) = std::env::var_os("HOME")
+        {
+            self.images = PathBuf::from(home).join(rest);
+        }
         if self.images.is_relative() {
             self.images = base.join(&self.images);
         }
