@@ -152,8 +152,20 @@ impl Foreign {
     fn start() -> Foreign {
         let child = Command::new("qemu-system-x86_64")
             .args([
-                "-name", "vessel-foreign", "-M", "pc", "-accel", "tcg", "-m", "32", "-nodefaults",
-                "-display", "none", "-S", "-monitor", "none",
+                "-name",
+                "vessel-foreign",
+                "-M",
+                "pc",
+                "-accel",
+                "tcg",
+                "-m",
+                "32",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-S",
+                "-monitor",
+                "none",
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -179,7 +191,8 @@ impl Drop for Foreign {
 fn qmp(sock: &Path, command: &str) -> serde_json::Value {
     use std::io::{BufRead, BufReader, Write};
     let s = std::os::unix::net::UnixStream::connect(sock).expect("QMP socket");
-    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
     let mut w = s.try_clone().expect("clone");
     let mut r = BufReader::new(s);
     let mut line = String::new();
@@ -238,7 +251,9 @@ fn a_vm_session_serves_both_hosts_without_node_modules_is_repaired_sleeps_and_sa
         Some(404)
     );
     // Work done in the VM (a CGI script run by the guest writes a file).
-    let (c, b) = d.get("vm1.localhost", "/cgi-bin/work").expect("cgi answers");
+    let (c, b) = d
+        .get("vm1.localhost", "/cgi-bin/work")
+        .expect("cgi answers");
     assert_eq!((c, b.as_str()), (200, "done\n"));
 
     // A VM killed by hand is repaired: a new VM serves again.
@@ -256,7 +271,9 @@ fn a_vm_session_serves_both_hosts_without_node_modules_is_repaired_sleeps_and_sa
     // Idle, it is paused (QMP `stop`: the vCPUs stop, the process and its memory stay);
     // a request wakes it.
     let sock = d.state().join("qemu/vm1/qmp.sock");
-    wait(30, "the idle VM is paused", &d, || status(&sock) == "paused");
+    wait(30, "the idle VM is paused", &d, || {
+        status(&sock) == "paused"
+    });
     let before = vms(&d.state());
     let t = Instant::now();
     assert!(serves("vm1.localhost"), "a request wakes it");
@@ -274,7 +291,10 @@ fn a_vm_session_serves_both_hosts_without_node_modules_is_repaired_sleeps_and_sa
         std::fs::read_to_string(src.join("work.txt")).expect("the VM's work is saved"),
         "made in vm1\n"
     );
-    assert!(src.join("node_modules/pkg/index.js").exists(), "the project's own node_modules stay");
+    assert!(
+        src.join("node_modules/pkg/index.js").exists(),
+        "the project's own node_modules stay"
+    );
     let left: Vec<String> = crate::daemon_support::dir_names(&d.state().join("qemu"));
     assert!(left.is_empty(), "left behind: {left:?}");
 

@@ -44,9 +44,7 @@ use crate::model::observed::{ObservedSession, RuntimeSpec, SessionState};
 use crate::model::plan::SessionAction;
 use crate::model::{ComputeKind, Health};
 
-use super::process::{
-    alive, allocate_ports, clean_trash, list_dirs, proc_stat, started_at,
-};
+use super::process::{alive, allocate_ports, clean_trash, list_dirs, proc_stat, started_at};
 use super::workspace::{copy_tree, save_atomically};
 use super::{
     BoxFut, ComputeProvider, CreateArgs, Intent, ProviderError, SessionSteps, Synced, no_symlinks,
@@ -252,8 +250,23 @@ async fn probe_kvm(binary: &str) -> Result<(), String> {
     }
     let child = tokio::process::Command::new(binary)
         .args([
-            "-accel", "kvm", "-cpu", "max", "-M", "pc", "-nodefaults", "-no-user-config",
-            "-display", "none", "-m", "64", "-S", "-monitor", "none", "-serial", "none",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "max",
+            "-M",
+            "pc",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-m",
+            "64",
+            "-S",
+            "-monitor",
+            "none",
+            "-serial",
+            "none",
         ])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -310,7 +323,11 @@ fn guest_script(session: &str, spec: &RuntimeSpec) -> Result<String, ProviderErr
         .collect::<Result<_, _>>()
         .map_err(|e| ProviderError::caused("start", session, Arc::new(e)))?;
     if argv.is_empty() {
-        return Err(ProviderError::failed("start", session, "the plan has no command"));
+        return Err(ProviderError::failed(
+            "start",
+            session,
+            "the plan has no command",
+        ));
     }
     let mut s = String::new();
     for (k, v) in &spec.env {
@@ -411,9 +428,7 @@ impl QemuProvider {
                 }
             };
             let mut running = alive(r.pid, r.start_ticks);
-            if !running
-                && let Some(pid) = marked.get(&name).and_then(|p| p.first()).copied()
-            {
+            if !running && let Some(pid) = marked.get(&name).and_then(|p| p.first()).copied() {
                 // Started but never recorded (vessel killed in between): adopted.
                 let _guard = self.inner.lock.lock().await;
                 r.pid = Some(pid);
@@ -470,7 +485,11 @@ impl QemuProvider {
     }
 
     /// The image's files: (kernel, initrd, disk base if any).
-    fn image(&self, session: &str, spec: &RuntimeSpec) -> Result<(PathBuf, PathBuf, Option<PathBuf>), ProviderError> {
+    fn image(
+        &self,
+        session: &str,
+        spec: &RuntimeSpec,
+    ) -> Result<(PathBuf, PathBuf, Option<PathBuf>), ProviderError> {
         let name = spec
             .image
             .as_deref()
@@ -483,13 +502,20 @@ impl QemuProvider {
             ));
         }
         let dir = self.inner.config.images.join(name);
-        let (kernel, initrd, disk) = (dir.join("vmlinuz"), dir.join("initrd.img"), dir.join("disk.qcow2"));
+        let (kernel, initrd, disk) = (
+            dir.join("vmlinuz"),
+            dir.join("initrd.img"),
+            dir.join("disk.qcow2"),
+        );
         for f in [&kernel, &initrd] {
             if !f.is_file() {
                 return Err(ProviderError::failed(
                     "start",
                     session,
-                    format!("image `{name}` has no {} (build it with examples/microvm/build-image.sh)", f.display()),
+                    format!(
+                        "image `{name}` has no {} (build it with examples/microvm/build-image.sh)",
+                        f.display()
+                    ),
                 ));
             }
         }
@@ -506,7 +532,10 @@ impl QemuProvider {
                 return Err(ProviderError::failed(
                     "start",
                     session,
-                    format!("{} has a comma, which QEMU's options cannot carry", p.display()),
+                    format!(
+                        "{} has a comma, which QEMU's options cannot carry",
+                        p.display()
+                    ),
                 ));
             }
         }
@@ -599,7 +628,12 @@ impl QemuProvider {
     }
 
     /// A per-session copy-on-write overlay over the image's disk, sized to the plan's `disk`.
-    async fn make_overlay(&self, session: &str, base: &Path, size: Option<crate::model::Size>) -> Result<(), ProviderError> {
+    async fn make_overlay(
+        &self,
+        session: &str,
+        base: &Path,
+        size: Option<crate::model::Size>,
+    ) -> Result<(), ProviderError> {
         let overlay = self.dir(session).join("overlay.qcow2");
         if overlay.exists() {
             return Ok(());
@@ -614,13 +648,18 @@ impl QemuProvider {
         }
         let out = tokio::time::timeout(Duration::from_secs(30), cmd.kill_on_drop(true).output())
             .await
-            .map_err(|_| ProviderError::failed("create the disk of", session, "qemu-img took over 30 s"))?
+            .map_err(|_| {
+                ProviderError::failed("create the disk of", session, "qemu-img took over 30 s")
+            })?
             .map_err(ProviderError::io("create the disk of", session))?;
         if !out.status.success() {
             return Err(ProviderError::failed(
                 "create the disk of",
                 session,
-                String::from_utf8_lossy(&out.stderr).chars().take(500).collect::<String>(),
+                String::from_utf8_lossy(&out.stderr)
+                    .chars()
+                    .take(500)
+                    .collect::<String>(),
             ));
         }
         std::fs::rename(&tmp, &overlay).map_err(ProviderError::io("create the disk of", session))
@@ -638,8 +677,10 @@ impl QemuProvider {
         for f in ["qmp.sock", "qemu.pid"] {
             let _ = std::fs::remove_file(dir.join(f));
         }
-        std::fs::create_dir_all(dir.join("workspace"))
-            .map_err(ProviderError::io("create the workspace of", session.clone()))?;
+        std::fs::create_dir_all(dir.join("workspace")).map_err(ProviderError::io(
+            "create the workspace of",
+            session.clone(),
+        ))?;
         // QEMU daemonizes once the machine is set up: its exit status and stderr say whether
         // it started, and the pid file where it runs.
         let out = tokio::time::timeout(
@@ -648,7 +689,10 @@ impl QemuProvider {
                 .args(&argv)
                 .current_dir(&dir)
                 .env_clear()
-                .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()))
+                .env(
+                    "PATH",
+                    std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
+                )
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::piped())
@@ -656,8 +700,13 @@ impl QemuProvider {
                 .output(),
         )
         .await
-        .map_err(|_| ProviderError::failed("start", session.clone(), "QEMU did not start within 60 s"))?
-        .map_err(ProviderError::io("start", format!("{session} ({})", self.inner.config.binary)))?;
+        .map_err(|_| {
+            ProviderError::failed("start", session.clone(), "QEMU did not start within 60 s")
+        })?
+        .map_err(ProviderError::io(
+            "start",
+            format!("{session} ({})", self.inner.config.binary),
+        ))?;
         if !out.status.success() {
             return Err(ProviderError::failed(
                 "start",
@@ -665,16 +714,28 @@ impl QemuProvider {
                 format!(
                     "QEMU exited with {}: {}",
                     out.status,
-                    String::from_utf8_lossy(&out.stderr).trim().chars().take(500).collect::<String>()
+                    String::from_utf8_lossy(&out.stderr)
+                        .trim()
+                        .chars()
+                        .take(500)
+                        .collect::<String>()
                 ),
             ));
         }
         let pid: Option<i32> = std::fs::read_to_string(dir.join("qemu.pid"))
             .ok()
             .and_then(|s| s.trim().parse().ok())
-            .or_else(|| marked_vms(&self.inner.key_prefix).get(&session).and_then(|p| p.first().copied()));
+            .or_else(|| {
+                marked_vms(&self.inner.key_prefix)
+                    .get(&session)
+                    .and_then(|p| p.first().copied())
+            });
         let Some(pid) = pid else {
-            return Err(ProviderError::failed("start", session, "QEMU started but left no pid"));
+            return Err(ProviderError::failed(
+                "start",
+                session,
+                "QEMU started but left no pid",
+            ));
         };
         r.pid = Some(pid);
         r.start_ticks = proc_stat(pid).map(|(_, t)| t);
@@ -714,7 +775,10 @@ impl QemuProvider {
         if let Some(pid) = r.pid.filter(|_| alive(r.pid, r.start_ticks)) {
             return Some((pid, r.start_ticks));
         }
-        let pid = marked_vms(&self.inner.key_prefix).get(session)?.first().copied()?;
+        let pid = marked_vms(&self.inner.key_prefix)
+            .get(session)?
+            .first()
+            .copied()?;
         Some((pid, proc_stat(pid).map(|(_, t)| t)))
     }
 
@@ -728,7 +792,10 @@ impl QemuProvider {
     /// Kill every VM carrying the session's marker (what a half-made session left).
     async fn kill_marked(&self, session: &str) {
         let dir = self.dir(session);
-        for pid in marked_vms(&self.inner.key_prefix).remove(session).unwrap_or_default() {
+        for pid in marked_vms(&self.inner.key_prefix)
+            .remove(session)
+            .unwrap_or_default()
+        {
             let ticks = proc_stat(pid).map(|(_, t)| t);
             self.force_off(&dir, pid, ticks).await;
         }
@@ -751,7 +818,10 @@ impl SessionSteps for QemuProvider {
             Err(ProviderError::failed(
                 "pull image for",
                 session,
-                format!("no image `{image}` under {}", self.inner.config.images.display()),
+                format!(
+                    "no image `{image}` under {}",
+                    self.inner.config.images.display()
+                ),
             ))
         }
     }
@@ -802,7 +872,11 @@ impl SessionSteps for QemuProvider {
                         ..Synced::default()
                     },
                     ports,
-                    intent: if a.start { Intent::Running } else { Intent::Stopped },
+                    intent: if a.start {
+                        Intent::Running
+                    } else {
+                        Intent::Stopped
+                    },
                     pid: None,
                     start_ticks: None,
                     accel: None,
@@ -881,7 +955,11 @@ impl SessionSteps for QemuProvider {
             if !self.powerdown(&dir, pid, ticks, timeout).await
                 && !self.force_off(&dir, pid, ticks).await
             {
-                return Err(ProviderError::failed("stop", session, format!("QEMU (pid {pid}) survived SIGKILL")));
+                return Err(ProviderError::failed(
+                    "stop",
+                    session,
+                    format!("QEMU (pid {pid}) survived SIGKILL"),
+                ));
             }
         }
         let _guard = self.inner.lock.lock().await;
@@ -966,7 +1044,10 @@ impl SessionSteps for QemuProvider {
                 return Err(ProviderError::failed(
                     "check health of",
                     session,
-                    format!("the VM exited; its console ends with: {}", console_tail(&dir)),
+                    format!(
+                        "the VM exited; its console ends with: {}",
+                        console_tail(&dir)
+                    ),
                 ));
             }
             Ok(Some(addr.clone()))
@@ -1114,7 +1195,10 @@ mod tests {
         assert!(s.contains("export GREETING='it'\\''s here'\n"), "{s}");
         assert!(s.contains("export PORT_IDE=8080\n"), "{s}");
         assert!(s.contains("export PORT=8080\n"), "{s}");
-        assert!(s.ends_with("exec 'httpd' '-f' '-p' '8080' '-h' '/workspace'\n"), "{s}");
+        assert!(
+            s.ends_with("exec 'httpd' '-f' '-p' '8080' '-h' '/workspace'\n"),
+            "{s}"
+        );
         let bad: RuntimeSpec = serde_json::from_value(serde_json::json!({
             "compute": "qemu", "command": ["x"], "env": {"A B": "1"}
         }))
