@@ -39,7 +39,8 @@ fn images() -> PathBuf {
     let dir = std::env::var_os("VESSEL_MICROVM_IMAGES")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/vessel/microvm")
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/vessel/microvm")
         });
     assert!(
         dir.join("devbox/vmlinuz").is_file(),

@@ -300,6 +300,11 @@ pub fn field_change(kind: ComputeKind, field: &str) -> FieldChange {
         // (a disk only grows: the provider refuses a shrink), its ports are where routes go.
         (ComputeKind::Proxmox, "image" | "pull" | "command" | "env") => Ignored,
         (ComputeKind::Proxmox, "cpus" | "memory" | "disk" | "ports" | "firewall") => Restart,
+        // A VM boots its plan's image and command: everything it runs replaces it, and the
+        // proxmox-only fields mean nothing to it.
+        (ComputeKind::Qemu, "guest" | "template" | "clone" | "storage" | "firewall" | "pull") => {
+            Ignored
+        }
         _ => Replace,
     }
 }
