@@ -7,6 +7,7 @@
 pub mod docker;
 pub mod health;
 pub mod kept;
+pub(crate) mod local;
 pub mod process;
 pub mod proxmox;
 pub mod qemu;

@@ -45,7 +45,6 @@ use crate::model::plan::SessionAction;
 use crate::model::{ComputeKind, Health};
 
 use super::process::{alive, allocate_ports, clean_trash, list_dirs, proc_stat, started_at};
-use super::workspace::{copy_tree, save_atomically};
 use super::{
     BoxFut, ComputeProvider, CreateArgs, Intent, ProviderError, SessionSteps, Synced, no_symlinks,
 };
@@ -847,20 +846,7 @@ impl SessionSteps for QemuProvider {
                 }
                 std::fs::create_dir_all(&dir)
                     .map_err(ProviderError::io("create", dir.display().to_string()))?;
-                let kept = if a.restore {
-                    self.inner.kept.get(session, chrono::Utc::now())
-                } else {
-                    None
-                };
-                match kept {
-                    Some(k) => {
-                        std::fs::rename(k.join("workspace"), dir.join("workspace"))
-                            .map_err(ProviderError::io("restore the kept workspace of", session))?;
-                        let _ = self.inner.kept.remove(session);
-                    }
-                    None => std::fs::create_dir_all(dir.join("workspace"))
-                        .map_err(ProviderError::io("create", dir.display().to_string()))?,
-                }
+                super::local::make_workspace(&dir, &self.inner.kept, a.restore, session)?;
                 let ports = self.allocate(&a.spec.ports.keys().cloned().collect::<Vec<_>>())?;
                 let r = Record {
                     name: session.to_string(),
@@ -985,33 +971,10 @@ impl SessionSteps for QemuProvider {
             self.stop(session, stop_timeout).await?;
         }
         self.kill_marked(session).await;
-        let workspace = dir.join("workspace");
-        if retain && workspace.is_dir() {
-            let kept = &self.inner.kept;
-            let tmp = kept
-                .begin(session)
-                .map_err(ProviderError::io("keep the workspace of", session))?;
-            let moved = std::fs::rename(&workspace, tmp.join("workspace"))
-                .and_then(|()| kept.commit(session, &tmp, chrono::Utc::now()));
-            if let Err(e) = moved {
-                let _ = std::fs::rename(tmp.join("workspace"), &workspace);
-                let _ = std::fs::remove_dir_all(&tmp);
-                return Err(ProviderError::io("keep the workspace of", session)(e));
-            }
-        }
-        // The overlay, the socket, the pid file and the console go with the directory, moved
-        // out of the way first so a crash mid-delete never leaves a session that looks real.
-        let trash = self
-            .inner
-            .root
-            .join(format!(".trash-{session}-{}", std::process::id()));
-        std::fs::rename(&dir, &trash).map_err(ProviderError::io("destroy", session))?;
         self.set_activity(session, None);
-        let t = trash.clone();
-        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&t))
+        // The overlay, the socket, the pid file and the console go with the directory.
+        super::local::keep_and_remove(&self.inner.root, &dir, &self.inner.kept, session, retain)
             .await
-            .map_err(|e| ProviderError::failed("destroy", session, e.to_string()))?
-            .map_err(ProviderError::io("remove", trash.display().to_string()))
     }
 
     async fn wait_healthy(
@@ -1065,15 +1028,7 @@ impl SessionSteps for QemuProvider {
         save_to: &Option<PathBuf>,
     ) -> Result<(), ProviderError> {
         let dir = self.dir(session);
-        no_symlinks("sync source into", session, path)?;
-        let (from, to, ex) = (path.to_path_buf(), dir.join("workspace"), exclude.to_vec());
-        tokio::task::spawn_blocking(move || copy_tree(&from, &to, &ex))
-            .await
-            .map_err(|e| ProviderError::failed("sync source into", session, e.to_string()))?
-            .map_err(ProviderError::io(
-                "sync source into",
-                format!("{session} from {}", path.display()),
-            ))?;
+        super::local::sync_in(session, path, &dir.join("workspace"), exclude).await?;
         let _guard = self.inner.lock.lock().await;
         let mut r = read_record(&dir)?.ok_or_else(|| {
             ProviderError::failed("sync source into", session, "it does not exist")
@@ -1110,15 +1065,7 @@ impl SessionSteps for QemuProvider {
             r.start_ticks = None;
             write_record(&dir, &r)?;
         }
-        let exclude = r.synced.exclude.clone();
-        let (from, to) = (dir.join("workspace"), path.to_path_buf());
-        tokio::task::spawn_blocking(move || save_atomically(&from, &to, &exclude))
-            .await
-            .map_err(|e| ProviderError::failed("save work of", session, e.to_string()))?
-            .map_err(ProviderError::io(
-                "save work of",
-                format!("{session} to {}", path.display()),
-            ))
+        super::local::save_out(session, &dir.join("workspace"), path, &r.synced.exclude).await
     }
 }
 
