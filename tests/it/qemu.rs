@@ -285,7 +285,8 @@ fn a_vm_session_serves_both_hosts_without_node_modules_is_repaired_sleeps_and_sa
     // VM leaves nothing behind.
     std::fs::remove_file(d.source().join("vm1.yaml")).expect("remove");
     wait(60, "the session is destroyed", &d, || {
-        vms(&d.state()).is_empty() && !d.state().join("qemu/vm1").exists()
+        vms(&d.state()).is_empty()
+            && crate::daemon_support::dir_names(&d.state().join("qemu")).is_empty()
     });
     assert_eq!(
         std::fs::read_to_string(src.join("work.txt")).expect("the VM's work is saved"),
@@ -295,8 +296,6 @@ fn a_vm_session_serves_both_hosts_without_node_modules_is_repaired_sleeps_and_sa
         src.join("node_modules/pkg/index.js").exists(),
         "the project's own node_modules stay"
     );
-    let left: Vec<String> = crate::daemon_support::dir_names(&d.state().join("qemu"));
-    assert!(left.is_empty(), "left behind: {left:?}");
 
     assert!(foreign.alive(), "the foreign QEMU is untouched");
 }
@@ -320,10 +319,19 @@ fn a_vessel_killed_mid_apply_and_restarted_leaves_exactly_one_vm() {
     d.signal(nix::sys::signal::Signal::SIGKILL);
     // QEMU daemonizes: the VM is the process its pid file names (the parent exits).
     let pidfile = d.state().join("qemu/vm2/qemu.pid");
-    wait(30, "QEMU has daemonized", &d, || {
+    wait_for(Duration::from_secs(30), || {
         let pid = std::fs::read_to_string(&pidfile).unwrap_or_default();
         let v = vms(&d.state());
         v.len() == 1 && v[0].1.to_string() == pid.trim()
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "QEMU has not daemonized: VMs {:?}, pid file {:?}, qemu.log {:?}; vessel's log:\n{}",
+            vms(&d.state()),
+            std::fs::read_to_string(&pidfile),
+            std::fs::read_to_string(d.state().join("qemu/vm2/qemu.log")),
+            d.log()
+        )
     });
     let first = vms(&d.state());
     d.start();

@@ -5,7 +5,8 @@
 //!
 //! Layout: `<state>/qemu/<name>/` holds `session.json` (the spec, the host ports, the pid and
 //! its start time, the accelerator; written atomically), `workspace/` (the 9p share, mounted
-//! at `/workspace` in the guest), `qmp.sock`, `qemu.pid`, `console.log` (the serial console)
+//! at `/workspace` in the guest), `qmp.sock`, `qemu.pid`, `qemu.log` (QEMU's own messages),
+//! `console.log` (the serial console)
 //! and `overlay.qcow2` where the image has a disk. The directory is vessel's.
 //!
 //! The guest learns its session, env and command from the kernel command line
@@ -681,8 +682,12 @@ impl QemuProvider {
             session.clone(),
         ))?;
         // QEMU daemonizes once the machine is set up: its exit status and stderr say whether
-        // it started, and the pid file where it runs.
-        let out = tokio::time::timeout(
+        // it started, and the pid file where it runs. Its stderr is a file, not a pipe to
+        // vessel: a vessel killed mid-start must not take QEMU with it (SIGPIPE).
+        let log_path = dir.join("qemu.log");
+        let log = std::fs::File::create(&log_path)
+            .map_err(ProviderError::io("start", log_path.display().to_string()))?;
+        let status = tokio::time::timeout(
             Duration::from_secs(60),
             tokio::process::Command::new(&self.inner.config.binary)
                 .args(&argv)
@@ -694,9 +699,9 @@ impl QemuProvider {
                 )
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
+                .stderr(log)
                 .kill_on_drop(true)
-                .output(),
+                .status(),
         )
         .await
         .map_err(|_| {
@@ -706,18 +711,15 @@ impl QemuProvider {
             "start",
             format!("{session} ({})", self.inner.config.binary),
         ))?;
-        if !out.status.success() {
+        if !status.success() {
+            let said = std::fs::read(&log_path).unwrap_or_default();
+            let said = String::from_utf8_lossy(&said[..said.len().min(4096)]);
             return Err(ProviderError::failed(
                 "start",
                 session,
                 format!(
-                    "QEMU exited with {}: {}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr)
-                        .trim()
-                        .chars()
-                        .take(500)
-                        .collect::<String>()
+                    "QEMU exited with {status}: {}",
+                    said.trim().chars().take(500).collect::<String>()
                 ),
             ));
         }
