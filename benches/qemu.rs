@@ -25,6 +25,8 @@ use support::{Kill, free_port, get, ms, percentile, wait_for};
 
 const N: usize = 10;
 
+static NEXT_BASE: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+
 const PLAN: &str = "kind: Plan
 name: vm
 compute: qemu
@@ -71,7 +73,8 @@ impl Daemon {
             format!(
                 "source: {{dir: desired}}\nstate_dir: state\nproviders:\n  compute:\n    qemu: {{images: '{}', port_base: {}}}\n  proxy:\n    embedded: {{listen: '{proxy}'}}\nstatus: {{listen: '{status}'}}\nlifecycle: {{check_interval: 20ms}}\npolicy: {{allow_empty_source: true, resync_interval: 1s}}\n",
                 images().display(),
-                free_port()
+                // VM ports in a range of their own, above the ports `free_port` hands out.
+                22000 + 100 * NEXT_BASE.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
             ),
         )
         .expect("config");

@@ -55,7 +55,10 @@ stop_timeout: 5s
 fn qemu_daemon(plan_extra: &str) -> Daemon {
     let images = images();
     let d = Daemon::new();
-    let port_base = crate::daemon_support::free_port();
+    // VM ports from 20100 up, 20 to a daemon: a range nothing else in the tests hands out
+    // (free_port counts from 10000, process sessions from 14000 to 20000).
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let port_base = 20100 + 20 * NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let config = format!(
         "source: {{dir: desired}}\nstate_dir: state\nproviders:\n  compute:\n    qemu: {{images: '{}', port_base: {port_base}}}\n  proxy:\n    embedded: {{listen: '{}'}}\nstatus: {{listen: '{}'}}\npolicy:\n  resync_interval: 1s\n  allow_empty_source: true\n",
         images.display(),
