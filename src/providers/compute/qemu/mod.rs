@@ -429,14 +429,21 @@ impl QemuProvider {
             };
             let mut running = alive(r.pid, r.start_ticks);
             if !running && let Some(pid) = marked.get(&name).and_then(|p| p.first()).copied() {
-                // Started but never recorded (vessel killed in between): adopted.
+                // Started but never recorded (vessel killed in between): adopted. Looked at
+                // again under the lock: a start in progress records its VM itself.
                 let _guard = self.inner.lock.lock().await;
-                r.pid = Some(pid);
-                r.start_ticks = proc_stat(pid).map(|(_, t)| t);
-                r.intent = Intent::Running;
-                write_record(&dir, &r)?;
-                running = true;
-                tracing::info!(session = %name, pid, "adopted a running VM");
+                if let Some(now) = read_record(&dir)? {
+                    r = now;
+                }
+                running = alive(r.pid, r.start_ticks);
+                if !running && alive(Some(pid), None) {
+                    r.pid = Some(pid);
+                    r.start_ticks = proc_stat(pid).map(|(_, t)| t);
+                    r.intent = Intent::Running;
+                    write_record(&dir, &r)?;
+                    running = true;
+                    tracing::info!(session = %name, pid, "adopted a running VM");
+                }
             }
             if running && let Some(pid) = r.pid {
                 self.watch(pid, r.start_ticks);
