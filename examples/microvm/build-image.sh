@@ -18,11 +18,16 @@ out="${1:-${XDG_CACHE_HOME:-$HOME/.cache}/vessel/microvm}"
 image="$out/devbox"
 
 busybox=/bin/busybox
-[ -x "$busybox" ] && "$busybox" --list | grep -qx cpio \
+[ -x "$busybox" ] && "$busybox" --list | grep -x cpio >/dev/null \
   || { echo "build-image: needs busybox-static (/bin/busybox with cpio)" >&2; exit 1; }
 
 # The kernel package the generic meta-package points at now.
-kpkg="$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')"
+resolve() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ && !n++ {print $2}'; }
+kpkg="$(resolve)"
+if [ -z "$kpkg" ] && [ "$(id -u)" = 0 ]; then
+  apt-get update -qq >/dev/null 2>&1 || true
+  kpkg="$(resolve)"
+fi
 [ -n "$kpkg" ] || { echo "build-image: cannot resolve linux-image-amd64 (apt-get update?)" >&2; exit 1; }
 kver="${kpkg#linux-image-}"
 stamp="$kver $(sha256sum "$here/init" | cut -c1-16)"
