@@ -63,7 +63,7 @@ add() {
     *.ko.zst) zstd -qdc "$f" > "$work/$m.ko" ;;
     *) cp "$f" "$work/$m.ko" ;;
   esac
-  deps="$(grep -ao 'depends=[^[:cntrl:]]*' "$work/$m.ko" | head -1 | cut -d= -f2 | tr ',' ' ')"
+  deps="$(grep -ao 'depends=[^[:cntrl:]]*' "$work/$m.ko" | sed -n 1p | cut -d= -f2 | tr ',' ' ')"
   for d in $deps; do add "$d"; done
   order+=("$m")
 }
