@@ -35,23 +35,23 @@ use super::{
 
 const RECORD: &str = "session.json";
 
-/// `session.json`.
+/// `session.json` (the qemu provider's record is this one with its own fields beside).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Record {
-    name: String,
-    spec: RuntimeSpec,
-    fingerprint: String,
-    source_file: PathBuf,
+pub(crate) struct Record {
+    pub(crate) name: String,
+    pub(crate) spec: RuntimeSpec,
+    pub(crate) fingerprint: String,
+    pub(crate) source_file: PathBuf,
     #[serde(flatten)]
-    synced: Synced,
+    pub(crate) synced: Synced,
     /// Host port per named port.
-    ports: BTreeMap<String, u16>,
-    intent: Intent,
+    pub(crate) ports: BTreeMap<String, u16>,
+    pub(crate) intent: Intent,
     #[serde(default)]
-    pid: Option<i32>,
+    pub(crate) pid: Option<i32>,
     /// The pid's start time in clock ticks since boot (`/proc/<pid>/stat` field 22).
     #[serde(default)]
-    start_ticks: Option<u64>,
+    pub(crate) start_ticks: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -281,34 +281,7 @@ impl ProcessProvider {
                         running = true;
                     }
                 }
-                let state = match (running, r.intent) {
-                    (true, _) => SessionState::Running,
-                    (false, Intent::Stopped) => SessionState::Stopped,
-                    (false, Intent::Running) => SessionState::Failed,
-                };
-                out.push(ObservedSession {
-                    name: r.name.clone(),
-                    provider: ComputeKind::Process,
-                    state,
-                    owned: true,
-                    fingerprint: r.fingerprint.clone(),
-                    endpoints: r
-                        .ports
-                        .iter()
-                        .map(|(n, p)| (n.clone(), format!("127.0.0.1:{p}")))
-                        .collect(),
-                    source_file: Some(r.source_file.clone()),
-                    synced_source: r.synced.synced_source.clone(),
-                    save_to: r.synced.save_to.clone(),
-                    healthy: None,
-                    host: None,
-                    started: running
-                        .then_some(r.start_ticks)
-                        .flatten()
-                        .and_then(started_at),
-                    spec: Some(r.spec),
-                    asleep: None,
-                });
+                out.push(r.observed(ComputeKind::Process, running));
             }
             Ok(out)
         })
@@ -319,13 +292,7 @@ impl ProcessProvider {
     /// Host ports for `names`: the lowest free ones from `port_base` up, not held by another
     /// session and bindable now. Call with the lock held.
     fn allocate(&self, names: &[String]) -> Result<BTreeMap<String, u16>, ProviderError> {
-        let mut used: BTreeSet<u16> = BTreeSet::new();
-        for n in list_dirs(&self.inner.root).unwrap_or_default() {
-            if let Ok(Some(r)) = read_record(&self.inner.root.join(n)) {
-                used.extend(r.ports.values());
-            }
-        }
-        allocate_ports(used, self.inner.config.port_base, names)
+        allocate_in(&self.inner.root, self.inner.config.port_base, names)
     }
 
     async fn kill_orphans(&self, session: &str) {
@@ -333,9 +300,70 @@ impl ProcessProvider {
     }
 }
 
+impl Record {
+    /// What observe reports of the session this record is of, `running` or not.
+    pub(crate) fn observed(&self, kind: ComputeKind, running: bool) -> ObservedSession {
+        ObservedSession {
+            name: self.name.clone(),
+            provider: kind,
+            state: match (running, self.intent) {
+                (true, _) => SessionState::Running,
+                (false, Intent::Stopped) => SessionState::Stopped,
+                (false, Intent::Running) => SessionState::Failed,
+            },
+            owned: true,
+            fingerprint: self.fingerprint.clone(),
+            endpoints: self
+                .ports
+                .iter()
+                .map(|(n, p)| (n.clone(), format!("127.0.0.1:{p}")))
+                .collect(),
+            source_file: Some(self.source_file.clone()),
+            synced_source: self.synced.synced_source.clone(),
+            save_to: self.synced.save_to.clone(),
+            healthy: None,
+            host: None,
+            started: running
+                .then_some(self.start_ticks)
+                .flatten()
+                .and_then(started_at),
+            spec: Some(self.spec.clone()),
+            asleep: None,
+        }
+    }
+
+    /// Record what a source sync put in.
+    pub(crate) fn set_synced(
+        &mut self,
+        path: &Path,
+        exclude: &[String],
+        save_to: &Option<PathBuf>,
+    ) {
+        self.synced.synced_source = Some(path.to_path_buf());
+        self.synced.exclude = exclude.to_vec();
+        self.synced.save_to = save_to.clone();
+    }
+}
+
+/// Host ports for `names` for a session under `root` (each session a directory with a
+/// `session.json`): none another session there holds, from `base` up.
+pub(crate) fn allocate_in(
+    root: &Path,
+    base: u16,
+    names: &[String],
+) -> Result<BTreeMap<String, u16>, ProviderError> {
+    let mut used: BTreeSet<u16> = BTreeSet::new();
+    for n in list_dirs(root).unwrap_or_default() {
+        if let Ok(Some(r)) = read_record(&root.join(n)) {
+            used.extend(r.ports.values());
+        }
+    }
+    allocate_ports(used, base, names)
+}
+
 /// Host ports for `names`: the lowest from `base` up that are not in `used` and are bindable on
 /// 127.0.0.1 now.
-pub(crate) fn allocate_ports(
+fn allocate_ports(
     mut used: BTreeSet<u16>,
     base: u16,
     names: &[String],
@@ -739,9 +767,7 @@ impl SessionSteps for ProcessProvider {
         let mut r = read_record(&dir)?.ok_or_else(|| {
             ProviderError::failed("sync source into", session, "it does not exist")
         })?;
-        r.synced.synced_source = Some(path.to_path_buf());
-        r.synced.exclude = exclude.to_vec();
-        r.synced.save_to = save_to.clone();
+        r.set_synced(path, exclude, save_to);
         write_record(&dir, &r)
     }
     async fn save_work(&self, session: &str, path: &Path) -> Result<(), ProviderError> {

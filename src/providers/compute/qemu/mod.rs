@@ -45,7 +45,7 @@ use crate::model::observed::{ObservedSession, RuntimeSpec, SessionState};
 use crate::model::plan::SessionAction;
 use crate::model::{ComputeKind, Health};
 
-use super::process::{alive, allocate_ports, clean_trash, list_dirs, proc_stat, started_at};
+use super::process::{alive, allocate_in, clean_trash, list_dirs, proc_stat};
 use super::{
     BoxFut, ComputeProvider, CreateArgs, Intent, ProviderError, SessionSteps, Synced, no_symlinks,
 };
@@ -56,25 +56,28 @@ const MAX_CMDLINE: usize = 2048;
 /// How long one QMP call may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// `session.json`.
+/// `session.json`: the process provider's record (the spec, host ports, pid and start time,
+/// intent, what was synced), and the accelerator.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Record {
-    name: String,
-    spec: RuntimeSpec,
-    fingerprint: String,
-    source_file: PathBuf,
     #[serde(flatten)]
-    synced: Synced,
-    /// Host port per named port.
-    ports: BTreeMap<String, u16>,
-    intent: Intent,
-    #[serde(default)]
-    pid: Option<i32>,
-    #[serde(default)]
-    start_ticks: Option<u64>,
+    base: super::process::Record,
     /// The accelerator it was last started on (`kvm` or `tcg`).
     #[serde(default)]
     accel: Option<String>,
+}
+
+impl std::ops::Deref for Record {
+    type Target = super::process::Record;
+    fn deref(&self) -> &Self::Target {
+        &self.base
+    }
+}
+
+impl std::ops::DerefMut for Record {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.base
+    }
 }
 
 #[derive(Clone)]
@@ -448,47 +451,14 @@ impl QemuProvider {
             if running && let Some(pid) = r.pid {
                 self.watch(pid, r.start_ticks);
             }
-            let state = match (running, r.intent) {
-                (true, _) => SessionState::Running,
-                (false, Intent::Stopped) => SessionState::Stopped,
-                (false, Intent::Running) => SessionState::Failed,
-            };
-            out.push(ObservedSession {
-                name: r.name.clone(),
-                provider: ComputeKind::Qemu,
-                state,
-                owned: true,
-                fingerprint: r.fingerprint.clone(),
-                endpoints: r
-                    .ports
-                    .iter()
-                    .map(|(n, p)| (n.clone(), format!("127.0.0.1:{p}")))
-                    .collect(),
-                source_file: Some(r.source_file.clone()),
-                synced_source: r.synced.synced_source.clone(),
-                save_to: r.synced.save_to.clone(),
-                healthy: None,
-                host: None,
-                started: running
-                    .then_some(r.start_ticks)
-                    .flatten()
-                    .and_then(started_at),
-                spec: Some(r.spec),
-                asleep: None,
-            });
+            out.push(r.observed(ComputeKind::Qemu, running));
         }
         Ok(out)
     }
 
     /// Host ports for `names`, none held by another session. Call with the lock held.
     fn allocate(&self, names: &[String]) -> Result<BTreeMap<String, u16>, ProviderError> {
-        let mut used: BTreeSet<u16> = BTreeSet::new();
-        for n in list_dirs(&self.inner.root).unwrap_or_default() {
-            if let Ok(Some(r)) = read_record(&self.inner.root.join(n)) {
-                used.extend(r.ports.values());
-            }
-        }
-        allocate_ports(used, self.inner.config.port_base, names)
+        allocate_in(&self.inner.root, self.inner.config.port_base, names)
     }
 
     /// The image's files: (kernel, initrd, disk base if any).
@@ -858,22 +828,24 @@ impl SessionSteps for QemuProvider {
                 super::local::make_workspace(&dir, &self.inner.kept, a.restore, session)?;
                 let ports = self.allocate(&a.spec.ports.keys().cloned().collect::<Vec<_>>())?;
                 let r = Record {
-                    name: session.to_string(),
-                    spec: a.spec.clone(),
-                    fingerprint: a.fingerprint.to_string(),
-                    source_file: a.source_file.to_path_buf(),
-                    synced: Synced {
-                        save_to: a.save_to.map(Path::to_path_buf),
-                        ..Synced::default()
+                    base: super::process::Record {
+                        name: session.to_string(),
+                        spec: a.spec.clone(),
+                        fingerprint: a.fingerprint.to_string(),
+                        source_file: a.source_file.to_path_buf(),
+                        synced: Synced {
+                            save_to: a.save_to.map(Path::to_path_buf),
+                            ..Synced::default()
+                        },
+                        ports,
+                        intent: if a.start {
+                            Intent::Running
+                        } else {
+                            Intent::Stopped
+                        },
+                        pid: None,
+                        start_ticks: None,
                     },
-                    ports,
-                    intent: if a.start {
-                        Intent::Running
-                    } else {
-                        Intent::Stopped
-                    },
-                    pid: None,
-                    start_ticks: None,
                     accel: None,
                 };
                 write_record(&dir, &r)?;
@@ -1042,9 +1014,7 @@ impl SessionSteps for QemuProvider {
         let mut r = read_record(&dir)?.ok_or_else(|| {
             ProviderError::failed("sync source into", session, "it does not exist")
         })?;
-        r.synced.synced_source = Some(path.to_path_buf());
-        r.synced.exclude = exclude.to_vec();
-        r.synced.save_to = save_to.clone();
+        r.set_synced(path, exclude, save_to);
         write_record(&dir, &r)
     }
 
