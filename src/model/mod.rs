@@ -104,10 +104,11 @@ impl ComputeKind {
     /// another).
     pub fn sleep_depths(self) -> &'static [SleepDepth] {
         match self {
-            ComputeKind::Process | ComputeKind::Docker | ComputeKind::Proxmox => {
-                &[SleepDepth::Stop, SleepDepth::Pause]
-            }
-            ComputeKind::Qemu | ComputeKind::Kubernetes => &[SleepDepth::Stop],
+            ComputeKind::Process
+            | ComputeKind::Docker
+            | ComputeKind::Proxmox
+            | ComputeKind::Qemu => &[SleepDepth::Stop, SleepDepth::Pause],
+            ComputeKind::Kubernetes => &[SleepDepth::Stop],
         }
     }
 
@@ -304,6 +305,11 @@ pub fn field_change(kind: ComputeKind, field: &str) -> FieldChange {
         // (a disk only grows: the provider refuses a shrink), its ports are where routes go.
         (ComputeKind::Proxmox, "image" | "pull" | "command" | "env") => Ignored,
         (ComputeKind::Proxmox, "cpus" | "memory" | "disk" | "ports" | "firewall") => Restart,
+        // A VM boots its plan's image and command: everything it runs replaces it, and the
+        // proxmox-only fields mean nothing to it.
+        (ComputeKind::Qemu, "guest" | "template" | "clone" | "storage" | "firewall" | "pull") => {
+            Ignored
+        }
         _ => Replace,
     }
 }
@@ -569,7 +575,7 @@ pub struct PlanSpec {
     pub idle_timeout: Option<Duration>,
     /// How deep a session sleeps: `stop` (the default: frees its memory; a wake starts it) or
     /// `pause` (process: SIGSTOP of its group; docker: the engine's pause; proxmox: the guest
-    /// suspended; memory kept, CPU freed, a wake takes milliseconds).
+    /// suspended; qemu: QMP `stop`; memory kept, CPU freed, a wake takes milliseconds).
     /// Changing it (process: changes in place; docker: changes in place).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sleep: Option<SleepDepth>,

@@ -35,6 +35,7 @@ mod proxy_caddy;
 mod proxy_fronted;
 mod proxy_traefik;
 mod pve_double;
+mod qemu;
 mod reconciler;
 mod registry;
 mod release;

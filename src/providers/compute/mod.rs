@@ -7,8 +7,10 @@
 pub mod docker;
 pub mod health;
 pub mod kept;
+pub(crate) mod local;
 pub mod process;
 pub mod proxmox;
+pub mod qemu;
 pub(crate) mod record;
 pub mod workspace;
 
@@ -104,6 +106,9 @@ compute_providers! {
     docker: docker::DockerConfig => Docker,
     /// Proxmox VE clusters: sessions are VMs or LXC containers cloned from templates.
     proxmox: proxmox::ProxmoxConfig => Proxmox,
+    /// QEMU VMs on this machine: a kernel and initramfs per session, ports forwarded on
+    /// 127.0.0.1, the workspace shared over virtio-9p.
+    qemu: qemu::QemuConfig => Qemu,
 }
 
 impl Default for ComputeProviders {

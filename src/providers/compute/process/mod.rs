@@ -15,7 +15,7 @@ mod config;
 
 pub use config::ProcessConfig;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,27 +33,25 @@ use super::{
     BoxFut, ComputeProvider, CreateArgs, Intent, ProviderError, SessionSteps, Synced, no_symlinks,
 };
 
-use super::workspace::{copy_tree, save_atomically};
-
 const RECORD: &str = "session.json";
 
-/// `session.json`.
+/// `session.json` (the qemu provider's record is this one with its own fields beside).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Record {
-    name: String,
-    spec: RuntimeSpec,
-    fingerprint: String,
-    source_file: PathBuf,
+pub(crate) struct Record {
+    pub(crate) name: String,
+    pub(crate) spec: RuntimeSpec,
+    pub(crate) fingerprint: String,
+    pub(crate) source_file: PathBuf,
     #[serde(flatten)]
-    synced: Synced,
+    pub(crate) synced: Synced,
     /// Host port per named port.
-    ports: BTreeMap<String, u16>,
-    intent: Intent,
+    pub(crate) ports: BTreeMap<String, u16>,
+    pub(crate) intent: Intent,
     #[serde(default)]
-    pid: Option<i32>,
+    pub(crate) pid: Option<i32>,
     /// The pid's start time in clock ticks since boot (`/proc/<pid>/stat` field 22).
     #[serde(default)]
-    start_ticks: Option<u64>,
+    pub(crate) start_ticks: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -119,7 +117,7 @@ impl ProcessProvider {
     }
 }
 
-fn list_dirs(root: &Path) -> std::io::Result<Vec<String>> {
+pub(crate) fn list_dirs(root: &Path) -> std::io::Result<Vec<String>> {
     list_dirs_and_trash(root).map(|(dirs, _)| dirs)
 }
 
@@ -292,7 +290,7 @@ impl Inner {
 }
 
 /// `/proc/<pid>/stat`: (state char, start time in ticks).
-fn proc_stat(pid: i32) -> Option<(char, u64)> {
+pub(crate) fn proc_stat(pid: i32) -> Option<(char, u64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = &s[s.rfind(')')? + 1..];
     let fields: Vec<&str> = after.split_whitespace().collect();
@@ -303,7 +301,7 @@ fn proc_stat(pid: i32) -> Option<(char, u64)> {
 
 /// When a process that started `ticks` clock ticks after boot started (`btime` of
 /// `/proc/stat` plus its start time).
-fn started_at(ticks: u64) -> Option<chrono::DateTime<chrono::Utc>> {
+pub(crate) fn started_at(ticks: u64) -> Option<chrono::DateTime<chrono::Utc>> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let btime: i64 = stat
         .lines()
@@ -318,7 +316,7 @@ fn started_at(ticks: u64) -> Option<chrono::DateTime<chrono::Utc>> {
 }
 
 /// Is the recorded pid alive and still the process that was started?
-fn alive(pid: Option<i32>, ticks: Option<u64>) -> bool {
+pub(crate) fn alive(pid: Option<i32>, ticks: Option<u64>) -> bool {
     match (pid, proc_stat_of(pid)) {
         (Some(_), Some((state, start))) => {
             state != 'Z' && state != 'X' && ticks.is_none_or(|t| t == start)
@@ -438,36 +436,7 @@ impl ProcessProvider {
                         running = true;
                     }
                 }
-                let state = match (running, r.intent) {
-                    (true, _) => SessionState::Running,
-                    (false, Intent::Stopped) => SessionState::Stopped,
-                    (false, Intent::Running) => SessionState::Failed,
-                };
-                out.push(ObservedSession {
-                    name: r.name.clone(),
-                    provider: ComputeKind::Process,
-                    state,
-                    owned: true,
-                    fingerprint: r.fingerprint.clone(),
-                    endpoints: r
-                        .ports
-                        .iter()
-                        .map(|(n, p)| (n.clone(), format!("127.0.0.1:{p}")))
-                        .collect(),
-                    source_file: Some(r.source_file.clone()),
-                    synced_source: r.synced.synced_source.clone(),
-                    save_to: r.synced.save_to.clone(),
-                    healthy: None,
-                    host: None,
-                    started: running
-                        .then_some(r.start_ticks)
-                        .flatten()
-                        .and_then(started_at),
-                    spec: Some(r.spec),
-                    asleep: None,
-                    snapshots: None,
-                    half_made: None,
-                });
+                out.push(r.observed(ComputeKind::Process, running));
             }
             Ok(out)
         })
@@ -519,6 +488,119 @@ impl ProcessProvider {
 
     async fn kill_orphans(&self, session: &str) {
         let _ = terminate_session(None, &self.key(session), Duration::from_secs(2)).await;
+    }
+}
+
+impl Record {
+    /// What observe reports of the session this record is of, `running` or not.
+    pub(crate) fn observed(&self, kind: ComputeKind, running: bool) -> ObservedSession {
+        ObservedSession {
+            name: self.name.clone(),
+            provider: kind,
+            state: match (running, self.intent) {
+                (true, _) => SessionState::Running,
+                (false, Intent::Stopped) => SessionState::Stopped,
+                (false, Intent::Running) => SessionState::Failed,
+            },
+            owned: true,
+            fingerprint: self.fingerprint.clone(),
+            endpoints: self.endpoints(),
+            source_file: Some(self.source_file.clone()),
+            synced_source: self.synced.synced_source.clone(),
+            save_to: self.synced.save_to.clone(),
+            healthy: None,
+            host: None,
+            started: running
+                .then_some(self.start_ticks)
+                .flatten()
+                .and_then(started_at),
+            spec: Some(self.spec.clone()),
+            asleep: None,
+            snapshots: None,
+            half_made: None,
+        }
+    }
+
+    /// Where each port answers: 127.0.0.1 and the host port it was given.
+    pub(crate) fn endpoints(&self) -> BTreeMap<String, String> {
+        self.ports
+            .iter()
+            .map(|(n, p)| (n.clone(), format!("127.0.0.1:{p}")))
+            .collect()
+    }
+
+    /// Record what a source sync put in.
+    pub(crate) fn set_synced(
+        &mut self,
+        path: &Path,
+        exclude: &[String],
+        save_to: &Option<PathBuf>,
+    ) {
+        self.synced.synced_source = Some(path.to_path_buf());
+        self.synced.exclude = exclude.to_vec();
+        self.synced.save_to = save_to.clone();
+    }
+}
+
+/// Host ports for `names` for a session under `root` (each session a directory with a
+/// `session.json`): none another session there holds, from `base` up.
+pub(crate) fn allocate_in(
+    root: &Path,
+    base: u16,
+    names: &[String],
+) -> Result<BTreeMap<String, u16>, ProviderError> {
+    let mut used: BTreeSet<u16> = BTreeSet::new();
+    for n in list_dirs(root).unwrap_or_default() {
+        if let Ok(Some(r)) = super::record::read::<Record>(&root.join(n).join(RECORD)) {
+            used.extend(r.ports.values());
+        }
+    }
+    allocate_ports(used, base, names)
+}
+
+/// Host ports for `names`: the lowest from `base` up that are not in `used` and are bindable on
+/// 127.0.0.1 now.
+fn allocate_ports(
+    mut used: BTreeSet<u16>,
+    base: u16,
+    names: &[String],
+) -> Result<BTreeMap<String, u16>, ProviderError> {
+    let mut out = BTreeMap::new();
+    let mut p = base;
+    for name in names {
+        loop {
+            if p == u16::MAX {
+                return Err(ProviderError::failed(
+                    "allocate ports for",
+                    name.clone(),
+                    "no free port left",
+                ));
+            }
+            let candidate = p;
+            p += 1;
+            if !used.contains(&candidate)
+                && std::net::TcpListener::bind(("127.0.0.1", candidate)).is_ok()
+            {
+                out.insert(name.clone(), candidate);
+                used.insert(candidate);
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Remove what an interrupted destroy left behind.
+pub(crate) fn clean_trash(root: &Path) {
+    if let Ok(rd) = std::fs::read_dir(root) {
+        for e in rd.flatten() {
+            if e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(".trash-"))
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
     }
 }
 
@@ -615,22 +697,7 @@ impl SessionSteps for ProcessProvider {
                 }
                 std::fs::create_dir_all(&dir)
                     .map_err(ProviderError::io("create", dir.display().to_string()))?;
-                let kept = if a.restore {
-                    self.inner.kept.get(session, chrono::Utc::now())
-                } else {
-                    None
-                };
-                match kept {
-                    // The workspace an earlier session of this name left: it comes back.
-                    Some(k) => {
-                        std::fs::rename(k.join("workspace"), dir.join("workspace"))
-                            .map_err(ProviderError::io("restore the kept workspace of", session))?;
-                        let _ = self.inner.kept.remove(session);
-                        tracing::info!(%session, "restored its kept workspace");
-                    }
-                    None => std::fs::create_dir_all(dir.join("workspace"))
-                        .map_err(ProviderError::io("create", dir.display().to_string()))?,
-                }
+                super::local::make_workspace(&dir, &self.inner.kept, a.restore, session)?;
                 let ports = self.allocate(&spec.ports.keys().cloned().collect::<Vec<_>>())?;
                 let r = Record {
                     name: session.to_string(),
@@ -847,35 +914,17 @@ impl SessionSteps for ProcessProvider {
             self.stop(session, stop_timeout).await?;
         }
         self.kill_orphans(session).await;
-        let workspace = dir.join("workspace");
-        if retain && workspace.is_dir() {
-            // Kept first: if it cannot be kept, nothing is destroyed.
-            let kept = &self.inner.kept;
-            let tmp = kept
-                .begin(session)
-                .map_err(ProviderError::io("keep the workspace of", session))?;
-            let moved = std::fs::rename(&workspace, tmp.join("workspace"))
-                .and_then(|()| kept.commit(session, &tmp, chrono::Utc::now()));
-            if let Err(e) = moved {
-                // Put it back where it was, so a later attempt finds it.
-                let _ = std::fs::rename(tmp.join("workspace"), &workspace);
-                let _ = std::fs::remove_dir_all(&tmp);
-                return Err(ProviderError::io("keep the workspace of", session)(e));
-            }
-        }
-        // Move it out of the way first, so a crash mid-delete never leaves a half-deleted
-        // session that looks real.
-        let trash = self
-            .inner
-            .root
-            .join(format!(".trash-{session}-{}", std::process::id()));
-        std::fs::rename(&dir, &trash).map_err(ProviderError::io("destroy", session))?;
+        let removed = super::local::keep_and_remove(
+            &self.inner.root,
+            &dir,
+            &self.inner.kept,
+            session,
+            retain,
+        )
+        .await;
+        // Whatever is left on disk is read again when it is next looked at.
         self.inner.forget_record(&dir);
-        let t = trash.clone();
-        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&t))
-            .await
-            .map_err(|e| ProviderError::failed("destroy", session, e.to_string()))?
-            .map_err(ProviderError::io("remove", trash.display().to_string()))
+        removed
     }
     async fn wait_healthy(
         &self,
@@ -925,22 +974,12 @@ impl SessionSteps for ProcessProvider {
         save_to: &Option<PathBuf>,
     ) -> Result<(), ProviderError> {
         let dir = self.dir(session);
-        no_symlinks("sync source into", session, path)?;
-        let (from, to, ex) = (path.to_path_buf(), dir.join("workspace"), exclude.to_vec());
-        tokio::task::spawn_blocking(move || copy_tree(&from, &to, &ex))
-            .await
-            .map_err(|e| ProviderError::failed("sync source into", session, e.to_string()))?
-            .map_err(ProviderError::io(
-                "sync source into",
-                format!("{session} from {}", path.display()),
-            ))?;
+        super::local::sync_in(session, path, &dir.join("workspace"), exclude).await?;
         let _guard = self.inner.lock.lock().await;
         let mut r = self.inner.read_record(&dir)?.ok_or_else(|| {
             ProviderError::failed("sync source into", session, "it does not exist")
         })?;
-        r.synced.synced_source = Some(path.to_path_buf());
-        r.synced.exclude = exclude.to_vec();
-        r.synced.save_to = save_to.clone();
+        r.set_synced(path, exclude, save_to);
         self.inner.write_record(&dir, &r)
     }
     async fn save_work(&self, session: &str, path: &Path) -> Result<(), ProviderError> {
@@ -951,14 +990,7 @@ impl SessionSteps for ProcessProvider {
             .map(|r| r.synced.exclude)
             .unwrap_or_default();
         no_symlinks("save work of", session, path)?;
-        let (from, to) = (dir.join("workspace"), path.to_path_buf());
-        tokio::task::spawn_blocking(move || save_atomically(&from, &to, &exclude))
-            .await
-            .map_err(|e| ProviderError::failed("save work of", session, e.to_string()))?
-            .map_err(ProviderError::io(
-                "save work of",
-                format!("{session} to {}", path.display()),
-            ))
+        super::local::save_out(session, &dir.join("workspace"), path, &exclude).await
     }
 }
 
@@ -977,6 +1009,20 @@ impl ComputeProvider for ProcessProvider {
 
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         Some(self.inner.changes.subscribe())
+    }
+
+    /// From the session's record alone (a route to a session made this pass reads it).
+    fn endpoints<'a>(
+        &'a self,
+        session: &'a str,
+    ) -> BoxFut<'a, Result<BTreeMap<String, String>, ProviderError>> {
+        Box::pin(async move {
+            Ok(self
+                .inner
+                .read_record(&self.dir(session))?
+                .map(|r| r.endpoints())
+                .unwrap_or_default())
+        })
     }
 
     fn pause<'a>(&'a self, session: &'a str) -> BoxFut<'a, Result<(), ProviderError>> {
