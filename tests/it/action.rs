@@ -432,7 +432,8 @@ fn the_action_keeps_one_sticky_plan_comment_and_sets_the_check_from_the_exit_cod
     assert_eq!(ours.len(), 1, "still one comment");
     assert_eq!(ours[0].0, *id, "the same comment");
     assert!(ours[0].1.contains("session `carol`"), "{}", ours[0].1);
-    assert!(ours[0].1.contains("2 to create"), "{}", ours[0].1);
+    // bob and carol, with two routes each, against the same base.
+    assert!(ours[0].1.contains("6 to create"), "{}", ours[0].1);
 
     // A file with errors fails the check, and the comment says why.
     write(

@@ -104,6 +104,18 @@ fn the_log_speaks_in_words_once_per_change_and_in_json_when_asked() {
 fn metrics_are_openmetrics_and_every_listed_metric_is_there() {
     let mut d = Daemon::new();
     d.write("alice.yaml", &session("alice"));
+    // A notification target (nobody listens there), so the per-target metrics have a series.
+    let (key, url) = (
+        d.dir.path().join("notify.key"),
+        d.dir.path().join("notify.url"),
+    );
+    std::fs::write(&key, "a-test-signing-key").expect("key");
+    std::fs::write(&url, "http://127.0.0.1:9/hook").expect("url");
+    d.configure(&format!(
+        "notify:\n  - name: ops\n    url: {{file: {}}}\n    secret: {{file: {}}}\n",
+        url.display(),
+        key.display()
+    ));
     d.start();
     wait_for(LIMIT, || {
         d.get("alice.localhost", "/healthz")
