@@ -7,6 +7,10 @@
 //!    read), against a cold one (a new provider reading and parsing every record, as every
 //!    pass did before) and against the floor of listing the directory and stat-ing N files.
 //!
+//! 3. stopping at exit (`keep_on_exit: false`) with none of them running: one look at `/proc`
+//!    for every session's processes, against what it was (a stop step for each session, each
+//!    looking through `/proc` for its own).
+//!
 //! Run: `cargo bench --bench scale` (or `--profile dev` for a quick look). Prints the figures;
 //! asserts only that each observation saw every session.
 
@@ -23,6 +27,7 @@ use vessel::providers::compute::process::{ProcessConfig, ProcessProvider};
 fn provider(root: &std::path::Path) -> ProcessProvider {
     let config = ProcessConfig {
         port_base: 14000,
+        keep_on_exit: false,
         ..ProcessConfig::default()
     };
     let kept = Kept::new(
@@ -57,9 +62,9 @@ fn main() {
         .expect("spec"),
     );
     println!(
-        "| declared | make N stopped (per session) | no-op observe, records in memory | cold observe (reads every record) | floor: list + stat N files |"
+        "| declared | make N stopped (per session) | no-op observe, records in memory | cold observe (reads every record) | floor: list + stat N files | stop at exit | stop at exit, one stop step each (before) |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for n in [10usize, 1_000, 10_000] {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = provider(dir.path());
@@ -106,13 +111,28 @@ fn main() {
                 })
                 .collect(),
         );
+        let t = Instant::now();
+        rt.block_on(p.shutdown());
+        let exit = t.elapsed();
+        let t = Instant::now();
+        for i in 0..n {
+            let a = SessionAction::StopSession {
+                session: format!("user-{i}"),
+                provider: ComputeKind::Process,
+                stop_timeout: None,
+            };
+            rt.block_on(p.apply(&a)).expect("stop");
+        }
+        let each = t.elapsed();
         println!(
-            "| {n} | {} ({:.3} ms) | {} | {} | {} |",
+            "| {n} | {} ({:.3} ms) | {} | {} | {} | {} | {} |",
             ms(made),
             made.as_secs_f64() * 1e3 / n as f64,
             ms(warm),
             ms(cold),
-            ms(floor)
+            ms(floor),
+            ms(exit),
+            ms(each)
         );
     }
 }

@@ -108,12 +108,33 @@ impl ProcessProvider {
         format!("{}{session}", self.inner.key_prefix)
     }
 
-    /// Stop every running session (used at exit when `keep_on_exit` is false).
+    /// Stop every running session (used at exit when `keep_on_exit` is false): those whose
+    /// recorded process lives or that have a process carrying their key (one look at `/proc`
+    /// for all of them), [`STOP_ALL_AT_ONCE`] at a time. Sessions that do not run are left
+    /// as they are, so stopping costs what runs, not what is declared.
     pub async fn stop_all(&self) {
+        use futures_util::StreamExt;
         let names: Vec<String> = list_dirs(&self.inner.root).unwrap_or_default();
-        for n in names {
-            let _ = self.stop(&n, None).await;
-        }
+        let marked = sessions_with_processes(&self.inner.key_prefix);
+        let running: Vec<String> = names
+            .into_iter()
+            .filter(|n| {
+                marked.contains(n.as_str())
+                    || self
+                        .inner
+                        .read_record(&self.dir(n))
+                        .ok()
+                        .flatten()
+                        .is_some_and(|r| alive(r.pid, r.start_ticks))
+            })
+            .collect();
+        futures_util::stream::iter(running)
+            .for_each_concurrent(STOP_ALL_AT_ONCE, |n| async move {
+                if let Err(e) = self.stop(&n, None).await {
+                    tracing::warn!(session = %n, "at exit: {e}");
+                }
+            })
+            .await;
     }
 }
 
@@ -344,12 +365,40 @@ fn find_leader(key: &str) -> Option<i32> {
         .find(|p| proc_pgrp(*p) == Some(*p))
 }
 
+/// How many sessions [`ProcessProvider::stop_all`] stops at once (each waits for its
+/// processes to exit, up to its stop timeout).
+const STOP_ALL_AT_ONCE: usize = 64;
+
+/// The sessions that have a live process carrying a key `<prefix><session>`, in one pass
+/// over `/proc`.
+fn sessions_with_processes(prefix: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    keyed_processes(prefix, |_, session| {
+        if let Ok(s) = std::str::from_utf8(session) {
+            out.insert(s.to_string());
+        }
+    });
+    out
+}
+
 /// Live processes whose environment carries `VESSEL_SESSION_KEY=<key>`.
 fn find_by_key(key: &str) -> Vec<i32> {
-    let needle = format!("VESSEL_SESSION_KEY={key}");
     let mut out = Vec::new();
+    keyed_processes(key, |pid, rest| {
+        if rest.is_empty() {
+            out.push(pid);
+        }
+    });
+    out.sort_unstable();
+    out
+}
+
+/// Each live process whose environment has `VESSEL_SESSION_KEY=<prefix>...`: its pid and
+/// what follows the prefix.
+fn keyed_processes(prefix: &str, mut each: impl FnMut(i32, &[u8])) {
+    let needle = format!("VESSEL_SESSION_KEY={prefix}");
     let Ok(rd) = std::fs::read_dir("/proc") else {
-        return out;
+        return;
     };
     for e in rd.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
@@ -358,14 +407,16 @@ fn find_by_key(key: &str) -> Vec<i32> {
         let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
             continue;
         };
-        if env.split(|b| *b == 0).any(|v| v == needle.as_bytes())
-            && proc_stat(pid).is_some_and(|(s, _)| s != 'Z' && s != 'X')
-        {
-            out.push(pid);
+        let Some(rest) = env
+            .split(|b| *b == 0)
+            .find_map(|v| v.strip_prefix(needle.as_bytes()))
+        else {
+            continue;
+        };
+        if proc_stat(pid).is_some_and(|(s, _)| s != 'Z' && s != 'X') {
+            each(pid, rest);
         }
     }
-    out.sort_unstable();
-    out
 }
 
 /// Expand `{port.NAME}`, `{workspace}`, `{session}` and `{vessel}` in one argument.
@@ -1064,6 +1115,29 @@ impl ComputeProvider for ProcessProvider {
 mod tests {
     use super::*;
 
+    /// A provider with its sessions and kept workspaces under `dir`.
+    fn provider_in(dir: &Path, config: ProcessConfig) -> ProcessProvider {
+        let kept = super::super::kept::Kept::new(
+            dir.join("kept"),
+            ComputeKind::Process,
+            Duration::from_secs(60),
+        );
+        ProcessProvider::new(dir.join("s"), config, kept).expect("provider")
+    }
+
+    fn create_args<'a>(name: &'a str, spec: &'a RuntimeSpec, start: bool) -> CreateArgs<'a> {
+        CreateArgs {
+            session: name,
+            spec,
+            fingerprint: "f1",
+            source_file: Path::new("s.yaml"),
+            save_to: None,
+            start,
+            host: None,
+            restore: false,
+        }
+    }
+
     /// Records are kept in memory (a port released by a destroy is handed out again, the
     /// walk for a free port starts past the ones held) and a record changed on disk is read
     /// again, whoever changed it.
@@ -1079,28 +1153,14 @@ mod tests {
             port_base: 31500,
             ..ProcessConfig::default()
         };
-        let kept = super::super::kept::Kept::new(
-            dir.path().join("kept"),
-            ComputeKind::Process,
-            Duration::from_secs(60),
-        );
-        let p = ProcessProvider::new(dir.path().join("s"), config, kept).expect("provider");
+        let p = provider_in(dir.path(), config);
         let spec: RuntimeSpec = serde_json::from_value(serde_json::json!({
             "compute": "process", "command": ["/bin/true"], "ports": {"ide": 1}
         }))
         .expect("spec");
         let create = |name: &str| {
-            let a = CreateArgs {
-                session: name,
-                spec: &spec,
-                fingerprint: "f1",
-                source_file: Path::new("s.yaml"),
-                save_to: None,
-                start: false,
-                host: None,
-                restore: false,
-            };
-            rt.block_on(p.create(&a)).expect("create");
+            rt.block_on(p.create(&create_args(name, &spec, false)))
+                .expect("create");
         };
         let port = |name: &str| {
             p.inner
@@ -1128,6 +1188,64 @@ mod tests {
         let seen = rt.block_on(p.observe_all()).expect("observe");
         let b_now = seen.iter().find(|s| s.name == "b").expect("b");
         assert_eq!(b_now.fingerprint, "f2", "the edit on disk is seen");
+    }
+
+    /// At exit with `keep_on_exit: false`, the sessions that run are stopped, all of them
+    /// (a process that takes its time on SIGTERM does not hold up the others), and one that
+    /// was never started is left as it was.
+    #[test]
+    fn stop_at_exit_stops_what_runs_and_leaves_the_rest() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = ProcessConfig {
+            port_base: 31600,
+            keep_on_exit: false,
+            ..ProcessConfig::default()
+        };
+        let p = provider_in(dir.path(), config);
+        // Each leaves a second after its SIGTERM.
+        let spec: RuntimeSpec = serde_json::from_value(serde_json::json!({
+            "compute": "process",
+            "command": ["/bin/sh", "-c", "trap 'sleep 1; exit 0' TERM; while :; do sleep 0.1; done"],
+            "ports": {"ide": 1}
+        }))
+        .expect("spec");
+        let create = |name: &str, start: bool| {
+            rt.block_on(p.create(&create_args(name, &spec, start)))
+                .expect("create");
+        };
+        for n in ["a", "b", "c"] {
+            create(n, true);
+        }
+        create("idle", false);
+        let idle = std::fs::read(p.dir("idle").join(RECORD)).expect("record");
+        for n in ["a", "b", "c"] {
+            assert!(!find_by_key(&p.key(n)).is_empty(), "{n} runs");
+        }
+        assert_eq!(
+            sessions_with_processes(&p.inner.key_prefix),
+            ["a", "b", "c"].map(String::from).into_iter().collect(),
+            "one look at /proc finds the sessions that run"
+        );
+        rt.block_on(p.shutdown());
+        for n in ["a", "b", "c"] {
+            assert!(find_by_key(&p.key(n)).is_empty(), "{n} is stopped");
+            let r = p
+                .inner
+                .read_record(&p.dir(n))
+                .expect("read")
+                .expect("record");
+            assert_eq!(r.intent, Intent::Stopped);
+        }
+        assert_eq!(
+            std::fs::read(p.dir("idle").join(RECORD)).expect("record"),
+            idle,
+            "a session that did not run is not written"
+        );
     }
 
     #[test]

@@ -170,11 +170,17 @@ impl QemuProvider {
             .clone()
     }
 
-    /// Stop every running VM (used at exit when `keep_on_exit` is false).
+    /// Stop every running VM (used at exit when `keep_on_exit` is false), several at once:
+    /// each powers down in its own time.
     pub async fn stop_all(&self) {
-        for n in list_dirs(&self.inner.root).unwrap_or_default() {
-            let _ = self.stop(&n, None).await;
-        }
+        use futures_util::StreamExt;
+        futures_util::stream::iter(list_dirs(&self.inner.root).unwrap_or_default())
+            .for_each_concurrent(16, |n| async move {
+                if let Err(e) = self.stop(&n, None).await {
+                    tracing::warn!(session = %n, "at exit: {e}");
+                }
+            })
+            .await;
     }
 
     /// Watch `pid` and tick `changes` when it exits.
