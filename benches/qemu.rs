@@ -8,7 +8,8 @@
 //! - wake from pause: 10 requests to a paused VM until their answer (target under 50 ms at
 //!   p50);
 //! - 10 VMs from empty (10 session files at once, until all answer) against 10 sequential
-//!   bare boots (target at most 0.5x);
+//!   bare boots (target at most 0.5x), and against 10 bare boots at once (what the machine's
+//!   cores allow);
 //! - resident memory per VM (VmRSS of the 10 QEMU processes).
 //!
 //! Needs QEMU and the example image (`examples/microvm/build-image.sh`, or `.ci/run`).
@@ -71,7 +72,7 @@ impl Daemon {
         std::fs::write(
             d.join("vessel.yaml"),
             format!(
-                "source: {{dir: desired}}\nstate_dir: state\nproviders:\n  compute:\n    qemu: {{images: '{}', port_base: {}}}\n  proxy:\n    embedded: {{listen: '{proxy}'}}\nstatus: {{listen: '{status}'}}\nlifecycle: {{check_interval: 20ms}}\npolicy: {{allow_empty_source: true, resync_interval: 1s}}\n",
+                "source: {{dir: desired}}\nstate_dir: state\nproviders:\n  compute:\n    qemu: {{images: '{}', port_base: {}}}\n  proxy:\n    embedded: {{listen: '{proxy}'}}\nstatus: {{listen: '{status}'}}\nlifecycle: {{check_interval: 20ms}}\npolicy: {{allow_empty_source: true, resync_interval: 1s, destroy_budget: {{max_count: 100, max_percent: 100}}}}\n",
                 images().display(),
                 // VM ports in a range of their own, above the ports `free_port` hands out.
                 22000 + 100 * NEXT_BASE.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
@@ -233,6 +234,15 @@ fn main() {
     // The floor: 10 sequential bare boots.
     let mut floor: Vec<Duration> = (0..N).map(|_| bare_boot(&images, work.path())).collect();
     let floor_total: Duration = floor.iter().sum();
+    // What this machine does with 10 bare boots at once: on few cores TCG boots share them,
+    // so this is the floor for 10 VMs from empty.
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..N {
+            s.spawn(|| bare_boot(&images, work.path()));
+        }
+    });
+    let bare_parallel = t.elapsed();
 
     // Boot to serving through vessel, one after another.
     let d = Daemon::new("");
@@ -265,10 +275,14 @@ fn main() {
     let all = t.elapsed();
     let rss: Vec<u64> = d.vm_pids().into_iter().filter_map(rss_kib).collect();
     println!(
-        "qemu: {N} VMs from empty {} against {N} sequential bare boots {} ({:.2}x)",
+        "qemu: {N} VMs from empty {} against {N} sequential bare boots {} ({:.2}x); {N} bare boots at once {} ({:.2}x of sequential; vessel {:.2}x of it) on {} cores",
         ms(all),
         ms(floor_total),
-        all.as_secs_f64() / floor_total.as_secs_f64()
+        all.as_secs_f64() / floor_total.as_secs_f64(),
+        ms(bare_parallel),
+        bare_parallel.as_secs_f64() / floor_total.as_secs_f64(),
+        all.as_secs_f64() / bare_parallel.as_secs_f64(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
     if !rss.is_empty() {
         println!(
