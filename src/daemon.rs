@@ -408,9 +408,24 @@ pub async fn run(
             },
             _ = tokio::time::sleep(due) => if timer_is_resync { Trigger::Resync } else { Trigger::Timer },
         };
+        let mut reload_now = trigger == Trigger::Config;
+        // A file change seen but still settling (the watcher waits for a quiet moment): a pass
+        // the timer or anything else asked for waits for it, at most the debounce's limit,
+        // rather than loading part of a burst of files and leaving the rest until its steps
+        // are done.
+        if trigger != Trigger::Source {
+            let settling =
+                || reconciler.source_changes().count() > reconciler.latest().loaded_changes;
+            let until = tokio::time::Instant::now() + DEBOUNCE_MAX + DEBOUNCE;
+            while settling() {
+                match tokio::time::timeout_at(until, rx.recv()).await {
+                    Ok(Some(Trigger::Source)) | Err(_) | Ok(None) => break,
+                    Ok(Some(t)) => reload_now |= t == Trigger::Config,
+                }
+            }
+        }
         // Coalesce everything else that arrived meanwhile into this one pass (a config reload
         // among them is done first).
-        let mut reload_now = trigger == Trigger::Config;
         while let Ok(t) = rx.try_recv() {
             reload_now |= t == Trigger::Config;
         }

@@ -118,3 +118,45 @@ fn the_daemons_own_reads_do_not_wake_it_and_every_change_does() {
         d.log()
     );
 }
+
+/// Files arriving one after another while the periodic pass comes due are loaded together: the
+/// timer's pass waits for the change still settling instead of loading part of the burst and
+/// leaving the rest until its steps are done.
+#[test]
+fn a_burst_of_files_is_loaded_whole_when_the_timer_fires_amid_it() {
+    let mut d = Daemon::new();
+    d.edit_config(|c| c.replace("resync_interval: 1s", "resync_interval: 300ms"));
+    d.start();
+    wait_for(Duration::from_secs(30), || d.passes() >= 2).expect("passes");
+    // Just after a pass: the next timer pass comes due about 300 ms from now, in the middle of
+    // the 360 ms over which the files arrive.
+    let p = d.passes();
+    wait_for(Duration::from_secs(10), || d.passes() > p).expect("a pass");
+    for i in 0..10 {
+        let tmp = d.source().join(format!(".b{i}.tmp"));
+        std::fs::write(
+            &tmp,
+            format!("kind: Session\nname: b{i}\nplan: web\nstate: stopped\n"),
+        )
+        .expect("write");
+        std::fs::rename(&tmp, d.source().join(format!("b{i}.yaml"))).expect("rename");
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    wait_for(Duration::from_secs(30), || {
+        (0..10).all(|i| d.event_line("create", &format!("session b{i}")).is_some())
+    })
+    .unwrap_or_else(|| panic!("not all made; log:\n{}", d.log()));
+    let passes: std::collections::BTreeSet<u64> = d
+        .events()
+        .lines()
+        .filter(|l| l.contains("\"action\":\"create\"") && l.contains("\"object\":\"session b"))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["pass"].as_u64())
+        .collect();
+    assert_eq!(
+        passes.len(),
+        1,
+        "made in passes {passes:?}; log:\n{}",
+        d.log()
+    );
+}
