@@ -247,11 +247,15 @@ pub async fn execute(
                     Action::Session(a) => {
                         let session = a.session().to_string();
                         let count = per_provider.get(&provider).copied().unwrap_or(0);
-                        if busy_sessions.contains(&session) || count >= opts.per_provider {
+                        let slot = holds_a_provider_slot(a);
+                        if busy_sessions.contains(&session) || (slot && count >= opts.per_provider)
+                        {
                             continue;
                         }
                         busy_sessions.insert(session);
-                        *per_provider.entry(provider.clone()).or_default() += 1;
+                        if slot {
+                            *per_provider.entry(provider.clone()).or_default() += 1;
+                        }
                         status[id] = Status::Running;
                         in_flight.insert(id, in_flight_of(step, opts));
                         let task = spawn_compute(&mut running, providers, id, a.clone(), opts);
@@ -356,7 +360,8 @@ pub async fn execute(
                     if let Some(s) = action.session() {
                         busy_sessions.remove(s);
                     }
-                    if let Some(c) = per_provider.get_mut(&provider) {
+                    let slot = matches!(action, Action::Session(a) if holds_a_provider_slot(a));
+                    if slot && let Some(c) = per_provider.get_mut(&provider) {
                         *c = c.saturating_sub(1);
                     }
                 }
@@ -416,6 +421,14 @@ async fn resolve_upstream(
         route,
         upstream_from: None,
     })
+}
+
+/// Does the step take one of its provider's `per_provider` slots while it runs? A wait for a
+/// session to become healthy does not: it only probes the session (bounded by its timeout and
+/// by the plan's overall `concurrency`), so sessions booting slowly (VMs) do not keep the
+/// next ones from being made.
+fn holds_a_provider_slot(a: &SessionAction) -> bool {
+    !matches!(a, SessionAction::WaitHealthy { .. })
 }
 
 fn in_flight_of(step: &Step, opts: &ExecOptions) -> InFlight {
@@ -744,6 +757,77 @@ mod tests {
         // Routes ready together went as batches, never more calls than routes.
         let batches = routes.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
         assert_eq!(batches.iter().sum::<usize>(), 2);
+    }
+
+    /// Waits for `a` to be healthy until `b` has been created (as a slow VM boots while the
+    /// next one is made): gives up after 5 s.
+    #[derive(Default)]
+    struct Gate {
+        b_made: tokio::sync::Notify,
+    }
+
+    impl ComputeProvider for Gate {
+        fn kind(&self) -> ComputeKind {
+            ComputeKind::Process
+        }
+        fn observe(&self) -> BoxFut<'_, Result<Vec<ObservedSession>, ProviderError>> {
+            Box::pin(async { Ok(vec![]) })
+        }
+        fn apply<'a>(&'a self, action: &'a SessionAction) -> BoxFut<'a, Result<(), ProviderError>> {
+            Box::pin(async move {
+                match action {
+                    SessionAction::CreateSession { session, .. } if session == "b" => {
+                        self.b_made.notify_one();
+                        Ok(())
+                    }
+                    SessionAction::WaitHealthy { session, .. } if session == "a" => {
+                        tokio::time::timeout(Duration::from_secs(5), self.b_made.notified())
+                            .await
+                            .map_err(|_| ProviderError::failed("wait for", "a", "b was never made"))
+                    }
+                    _ => Ok(()),
+                }
+            })
+        }
+    }
+
+    /// A session waiting to become healthy does not hold its provider's slot: with one slot,
+    /// the next session is made while the first one boots.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_health_wait_does_not_hold_a_provider_slot() {
+        let mut plan = Plan::default();
+        chain(&mut plan, "a");
+        chain(&mut plan, "b");
+        let providers = Providers {
+            compute: [(
+                ComputeKind::Process,
+                Arc::new(Gate::default()) as Arc<dyn ComputeProvider>,
+            )]
+            .into_iter()
+            .collect(),
+            proxy: Arc::new(Routes(Mutex::new(vec![]))),
+            dns: None,
+            embedded: None,
+            observe_timeout: Duration::from_secs(1),
+            locks: Default::default(),
+        };
+        let opts = ExecOptions {
+            per_provider: 1,
+            ..ExecOptions::default()
+        };
+        let results = execute(
+            &plan,
+            &providers,
+            &opts,
+            &BTreeSet::new(),
+            &CancellationToken::new(),
+            |_, _, _| {},
+        )
+        .await;
+        for r in &results {
+            assert_eq!(r.outcome, Outcome::Succeeded, "step {}", r.step);
+        }
+        assert_eq!(results.len(), plan.steps.len());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
