@@ -630,6 +630,18 @@ mod tests {
         }
     }
 
+    /// Providers for a test: `compute` as the process provider, `proxy` as the proxy.
+    fn providers_of(compute: Arc<dyn ComputeProvider>, proxy: Arc<dyn ProxyProvider>) -> Providers {
+        Providers {
+            compute: [(ComputeKind::Process, compute)].into_iter().collect(),
+            proxy,
+            dns: None,
+            embedded: None,
+            observe_timeout: Duration::from_secs(1),
+            locks: Default::default(),
+        }
+    }
+
     fn spec() -> RuntimeSpec {
         RuntimeSpec {
             compute: ComputeKind::Process,
@@ -716,19 +728,7 @@ mod tests {
         }
         let rec = Arc::new(Recorder::default());
         let routes = Arc::new(Routes(Mutex::new(vec![])));
-        let providers = Providers {
-            compute: [(
-                ComputeKind::Process,
-                rec.clone() as Arc<dyn ComputeProvider>,
-            )]
-            .into_iter()
-            .collect(),
-            proxy: routes.clone(),
-            dns: None,
-            embedded: None,
-            observe_timeout: Duration::from_secs(1),
-            locks: Default::default(),
-        };
+        let providers = providers_of(rec.clone(), routes.clone());
         let results = execute(
             &plan,
             &providers,
@@ -798,19 +798,10 @@ mod tests {
         let mut plan = Plan::default();
         chain(&mut plan, "a");
         chain(&mut plan, "b");
-        let providers = Providers {
-            compute: [(
-                ComputeKind::Process,
-                Arc::new(Gate::default()) as Arc<dyn ComputeProvider>,
-            )]
-            .into_iter()
-            .collect(),
-            proxy: Arc::new(Routes(Mutex::new(vec![]))),
-            dns: None,
-            embedded: None,
-            observe_timeout: Duration::from_secs(1),
-            locks: Default::default(),
-        };
+        let providers = providers_of(
+            Arc::new(Gate::default()),
+            Arc::new(Routes(Mutex::new(vec![]))),
+        );
         let opts = ExecOptions {
             per_provider: 1,
             ..ExecOptions::default()
@@ -836,19 +827,7 @@ mod tests {
         chain(&mut plan, "a");
         chain(&mut plan, "b");
         let rec = Arc::new(Recorder::default());
-        let providers = Providers {
-            compute: [(
-                ComputeKind::Process,
-                rec.clone() as Arc<dyn ComputeProvider>,
-            )]
-            .into_iter()
-            .collect(),
-            proxy: Arc::new(Routes(Mutex::new(vec![]))),
-            dns: None,
-            embedded: None,
-            observe_timeout: Duration::from_secs(1),
-            locks: Default::default(),
-        };
+        let providers = providers_of(rec.clone(), Arc::new(Routes(Mutex::new(vec![]))));
         let hold: BTreeSet<usize> = [4].into_iter().collect();
         let results = execute(
             &plan,
@@ -902,19 +881,7 @@ mod tests {
             chain(&mut plan, s);
         }
         let rec = Arc::new(Recorder::default());
-        let providers = Providers {
-            compute: [(
-                ComputeKind::Process,
-                rec.clone() as Arc<dyn ComputeProvider>,
-            )]
-            .into_iter()
-            .collect(),
-            proxy: Arc::new(Routes(Mutex::new(vec![]))),
-            dns: None,
-            embedded: None,
-            observe_timeout: Duration::from_secs(1),
-            locks: Default::default(),
-        };
+        let providers = providers_of(rec.clone(), Arc::new(Routes(Mutex::new(vec![]))));
         let results = execute(
             &plan,
             &providers,
