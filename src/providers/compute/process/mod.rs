@@ -500,40 +500,11 @@ impl ProcessProvider {
     fn allocate(&self, names: &[String]) -> Result<BTreeMap<String, u16>, ProviderError> {
         self.inner.load_all_records();
         let mut records = crate::lock_or_reset(&self.inner.records);
-        let base = self.inner.config.port_base;
-        let mut p = records.floor.max(base);
         // Ports below `floor` are all held by records: the walk starts past them, so making
         // N sessions costs O(N), not O(N²).
-        let mut held_below = true;
-        let mut out = BTreeMap::new();
-        for name in names {
-            loop {
-                if p == u16::MAX {
-                    return Err(ProviderError::failed(
-                        "allocate ports for",
-                        name.clone(),
-                        "no free port left",
-                    ));
-                }
-                let candidate = p;
-                p += 1;
-                let held =
-                    records.ports.contains_key(&candidate) || out.values().any(|v| *v == candidate);
-                if !held && std::net::TcpListener::bind(("127.0.0.1", candidate)).is_ok() {
-                    out.insert(name.clone(), candidate);
-                    if held_below {
-                        records.floor = candidate + 1;
-                    }
-                    break;
-                }
-                if held && held_below {
-                    records.floor = candidate + 1;
-                } else {
-                    // Bound by someone else: tried again next time.
-                    held_below = false;
-                }
-            }
-        }
+        let start = records.floor.max(self.inner.config.port_base);
+        let (out, floor) = allocate_ports(start, names, |p| records.ports.contains_key(&p))?;
+        records.floor = floor;
         Ok(out)
     }
 
@@ -606,18 +577,20 @@ pub(crate) fn allocate_in(
             used.extend(r.ports.values());
         }
     }
-    allocate_ports(used, base, names)
+    allocate_ports(base, names, |p| used.contains(&p)).map(|(out, _)| out)
 }
 
-/// Host ports for `names`: the lowest from `base` up that are not in `used` and are bindable on
-/// 127.0.0.1 now.
+/// Host ports for `names`: the lowest from `start` up that are not `held` and are bindable on
+/// 127.0.0.1 now. Also the new floor: one past the last port of the unbroken run from `start`
+/// that is held or handed out here (a port bound by someone else ends the run: it is tried
+/// again next time).
 fn allocate_ports(
-    mut used: BTreeSet<u16>,
-    base: u16,
+    start: u16,
     names: &[String],
-) -> Result<BTreeMap<String, u16>, ProviderError> {
+    held: impl Fn(u16) -> bool,
+) -> Result<(BTreeMap<String, u16>, u16), ProviderError> {
     let mut out = BTreeMap::new();
-    let mut p = base;
+    let (mut p, mut floor, mut unbroken) = (start, start, true);
     for name in names {
         loop {
             if p == u16::MAX {
@@ -629,16 +602,22 @@ fn allocate_ports(
             }
             let candidate = p;
             p += 1;
-            if !used.contains(&candidate)
-                && std::net::TcpListener::bind(("127.0.0.1", candidate)).is_ok()
-            {
+            let taken = held(candidate) || out.values().any(|v| *v == candidate);
+            if !taken && std::net::TcpListener::bind(("127.0.0.1", candidate)).is_ok() {
                 out.insert(name.clone(), candidate);
-                used.insert(candidate);
+            } else if !taken {
+                unbroken = false;
+                continue;
+            }
+            if unbroken {
+                floor = candidate + 1;
+            }
+            if !taken {
                 break;
             }
         }
     }
-    Ok(out)
+    Ok((out, floor))
 }
 
 /// Remove what an interrupted destroy left behind.

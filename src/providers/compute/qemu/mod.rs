@@ -159,7 +159,8 @@ impl QemuProvider {
                     Accel::Tcg => ("tcg", "configured".to_string()),
                     Accel::Auto => match probe_kvm(&self.inner.config.binary).await {
                         Ok(()) => ("kvm", "probed".to_string()),
-                        Err(why) => {
+                        Err(e) => {
+                            let why = crate::error_chain(&e);
                             tracing::info!("qemu: KVM does not work here ({why}); VMs run on TCG");
                             ("tcg", format!("KVM unusable: {why}"))
                         }
@@ -253,9 +254,9 @@ fn marked_vms(prefix: &str) -> BTreeMap<String, Vec<i32>> {
 
 /// Does KVM really start a VM here? A probe VM (stopped, no guest) either keeps running for a
 /// moment (yes) or exits at once with QEMU's reason (no).
-async fn probe_kvm(binary: &str) -> Result<(), String> {
+async fn probe_kvm(binary: &str) -> Result<(), ProviderError> {
     if !Path::new("/dev/kvm").exists() {
-        return Err("no /dev/kvm".into());
+        return Err(ProviderError::failed("probe", "KVM", "no /dev/kvm"));
     }
     let child = tokio::process::Command::new(binary)
         .args([
@@ -282,21 +283,22 @@ async fn probe_kvm(binary: &str) -> Result<(), String> {
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| format!("{binary}: {e}"))?;
+        .map_err(ProviderError::io("start a KVM probe with", binary))?;
     match tokio::time::timeout(Duration::from_millis(1500), child.wait_with_output()).await {
         // Still running: KVM set the VM up. Dropping the wait kills it.
         Err(_) => Ok(()),
         Ok(Ok(out)) => {
             let text = String::from_utf8_lossy(&out.stderr);
-            Err(text
+            let first: String = text
                 .lines()
                 .next()
                 .unwrap_or("it exited")
                 .chars()
                 .take(200)
-                .collect())
+                .collect();
+            Err(ProviderError::failed("probe", "KVM", first))
         }
-        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Err(e)) => Err(ProviderError::io("wait for the KVM probe of", binary)(e)),
     }
 }
 
