@@ -415,9 +415,16 @@ pub struct PolicyConfig {
     /// Allow a source with no sessions at all to destroy every session.
     #[serde(default)]
     pub allow_empty_source: bool,
-    /// A full pass at least this often, to repair drift.
+    /// A pass at least this often, to repair drift. One that finds nothing changed since a
+    /// pass that changed nothing (no file event, no provider saw a change, nothing came due)
+    /// does nothing; see `full_resync_interval`.
     #[serde(default = "default_resync")]
     pub resync_interval: Duration,
+    /// How often the resync looks at the world again instead of trusting what the providers
+    /// keep in memory (the process provider's records, the embedded proxy's table) and what
+    /// the file watcher reported: every directory listed, every record read.
+    #[serde(default = "default_full_resync")]
+    pub full_resync_interval: Duration,
     /// What a change to the desired-state files takes away (a destroy, a replace, a route or
     /// DNS removal) waits until the files involved have been unchanged this long; a file that
     /// turns empty holds what it declared this long. Creates and updates do not wait. `0s`
@@ -444,6 +451,7 @@ impl Default for PolicyConfig {
             destroy_budget: DestroyBudget::default(),
             allow_empty_source: false,
             resync_interval: default_resync(),
+            full_resync_interval: default_full_resync(),
             settle: default_settle(),
             workspace_retention: default_retention(),
             warn_before: default_warn_before(),
@@ -461,6 +469,10 @@ fn default_retention() -> Duration {
 
 fn default_resync() -> Duration {
     Duration::from_secs(30)
+}
+
+fn default_full_resync() -> Duration {
+    Duration::from_secs(600)
 }
 
 impl Config {

@@ -449,6 +449,9 @@ pub async fn run(
                     }
                     None => None,
                 };
+                if source_watcher.is_none() {
+                    reconciler.source_changes().set_watched(false);
+                }
             }
         }
     }
@@ -769,7 +772,21 @@ fn watch_source(
     };
     // Paths as the state directory's are compared: canonical.
     let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    let watcher = crate::watch::watch(&dir, true, skip, move |p, _| {
+    let seen = changes.clone();
+    // Watched from now on, unless the watch cannot start or says it may miss changes.
+    changes.set_watched(true);
+    let unwatched = changes.clone();
+    let watcher = crate::watch::watch(&dir, true, skip, move |p, change| {
+        use crate::watch::Change;
+        if matches!(change, Change::Overflow | Change::Lost) {
+            // Anything may have changed: the next pass reads the tree.
+            if change == Change::Lost {
+                seen.set_watched(false);
+            }
+            seen.seen();
+            let _ = raw_tx.send(());
+            return;
+        }
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
         let yamlish = name.ends_with(".yaml") || name.ends_with(".yml") || !name.contains('.');
         if !in_state(p) && yamlish && !name.starts_with('.') {
@@ -777,7 +794,11 @@ fn watch_source(
             changes.seen();
             let _ = raw_tx.send(());
         }
-    })?;
+    });
+    if watcher.is_err() {
+        unwatched.set_watched(false);
+    }
+    let watcher = watcher?;
     tokio::spawn(async move {
         while raw_rx.recv().await.is_some() {
             let start = tokio::time::Instant::now();

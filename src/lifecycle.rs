@@ -146,6 +146,8 @@ struct Inner {
     counters: Arc<LifeCounters>,
     /// Pokes the reconciler after a wake or sleep, so observation catches up.
     poke: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+    /// Moves on with every change of the asleep marks (what `annotate` adds).
+    saves: std::sync::atomic::AtomicU64,
 }
 
 impl Clone for Lifecycle {
@@ -200,6 +202,7 @@ impl Lifecycle {
                 }),
                 counters: Arc::default(),
                 poke: Mutex::new(None),
+                saves: Default::default(),
             }),
         };
         // Whatever is marked asleep holds its requests from the first route on.
@@ -229,7 +232,16 @@ impl Lifecycle {
         }
     }
 
+    /// Moves on with every change of the asleep marks: while it stays, `annotate` adds the
+    /// same marks.
+    pub fn generation(&self) -> u64 {
+        self.inner.saves.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     fn save(&self, st: &State) {
+        self.inner
+            .saves
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let bytes = match serde_json::to_vec_pretty(&st.marks) {
             Ok(b) => b,
             Err(e) => {

@@ -54,6 +54,7 @@ struct LifeSource {
 pub struct Metrics {
     registry: Registry,
     passes: Family<TriggerLabel, Counter>,
+    quiet_passes: Counter,
     pass_seconds: Histogram,
     steps: Family<StepLabels, Counter>,
     sessions: Family<StateLabel, Gauge>,
@@ -78,6 +79,7 @@ impl Default for Metrics {
         let mut registry = Registry::default();
         let m = Metrics {
             passes: Family::default(),
+            quiet_passes: Counter::default(),
             pass_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             steps: Family::default(),
             sessions: Family::default(),
@@ -153,6 +155,11 @@ impl Default for Metrics {
             m.passes.clone(),
         );
         registry.register(
+            "vessel_quiet_passes",
+            "Passes on the resync timer that found nothing changed since a pass that changed nothing, and so did nothing",
+            m.quiet_passes.clone(),
+        );
+        registry.register(
             "vessel_pass_duration_seconds",
             "How long a pass took",
             m.pass_seconds.clone(),
@@ -222,6 +229,9 @@ impl Metrics {
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default();
         self.passes.get_or_create(&TriggerLabel { trigger }).inc();
+        if report.quiet {
+            self.quiet_passes.inc();
+        }
         self.pass_seconds
             .observe(report.duration_ms as f64 / 1000.0);
         for r in results {

@@ -115,6 +115,42 @@ pub struct PassReport {
     /// When the next timer-driven pass is due (an expiry or a backoff).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_due: Option<DateTime<Utc>>,
+    /// A pass on the timer that found nothing changed since a pass that changed nothing, and
+    /// so read, observed and planned nothing (its figures are that pass's).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub quiet: bool,
+}
+
+/// How long each phase of a pass took, for the debug log.
+struct Phases {
+    last: Instant,
+    took: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    fn start(t0: Instant) -> Phases {
+        Phases {
+            last: t0,
+            took: Vec::new(),
+        }
+    }
+
+    /// The phase `name` ends now.
+    fn mark(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.took.push((name, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (name, d)) in self.took.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{name} {:.1} ms", d.as_secs_f64() * 1000.0)?;
+        }
+        Ok(())
+    }
 }
 
 /// An object's failures in a row, and until when its steps wait. A backoff is for one wish:
@@ -197,16 +233,42 @@ pub struct Snapshot {
 /// previous pass's result converged) while the count is past the latest snapshot's
 /// `loaded_changes`.
 #[derive(Debug, Default)]
-pub struct SourceChanges(AtomicU64);
+pub struct SourceChanges {
+    count: AtomicU64,
+    /// A watcher reports every change of the source tree (while one runs and keeps up).
+    watched: std::sync::atomic::AtomicBool,
+}
 
 impl SourceChanges {
     pub fn seen(&self) {
-        self.0.fetch_add(1, Ordering::SeqCst);
+        self.count.fetch_add(1, Ordering::SeqCst);
     }
 
     pub fn count(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
+        self.count.load(Ordering::SeqCst)
     }
+
+    /// Say whether a watcher reports every change of the source tree: while one does, a pass
+    /// on the timer with no change seen need not read the tree again.
+    pub fn set_watched(&self, on: bool) {
+        self.watched.store(on, Ordering::SeqCst);
+    }
+
+    pub fn watched(&self) -> bool {
+        self.watched.load(Ordering::SeqCst)
+    }
+}
+
+/// What a pass that changed nothing left for the next one on the timer to compare with: while
+/// no source change was seen, the lifecycle's marks stayed, no provider saw a change and
+/// nothing came due, the next such pass would plan the same nothing, so it does nothing.
+#[derive(Debug, Clone)]
+struct Quiet {
+    changes: u64,
+    lifecycle: Option<u64>,
+    /// The first time the clock decides something (an expiry, a retry, a warning, a file
+    /// that settles).
+    due: Option<DateTime<Utc>>,
 }
 
 /// What is happening to sessions while a pass runs its steps, in words (an image pull's
@@ -260,6 +322,10 @@ pub struct Reconciler {
     history: SourceHistory,
     /// The files the last pass loaded, parsed: a pass reads and parses only what changed.
     load_cache: LoadCache,
+    /// Left by the last pass if it changed nothing (see `Quiet`).
+    quiet: Option<Quiet>,
+    /// When the providers last looked at the world again (`full_resync_interval`).
+    last_full: Option<Instant>,
     pass: u64,
     /// `SourceChanges::count` when this pass began.
     changes_at_start: u64,
@@ -316,6 +382,8 @@ impl Reconciler {
             backoff: BTreeMap::new(),
             history,
             load_cache: LoadCache::default(),
+            quiet: None,
+            last_full: None,
             pass: 0,
             changes_at_start: 0,
             seed,
@@ -509,6 +577,21 @@ impl Reconciler {
     pub fn set_config(&mut self, config: Config) {
         self.history.set_settle(config.policy.settle.std());
         self.config = config;
+        self.quiet = None;
+    }
+
+    /// The last pass changed nothing and nothing has changed since (see `Quiet`).
+    fn still_quiet(&self, now: DateTime<Utc>) -> bool {
+        let Some(q) = &self.quiet else {
+            return false;
+        };
+        matches!(self.config.source, crate::config::SourceConfig::Dir(_))
+            && self.changes.watched()
+            && self.changes.count() == q.changes
+            && self.lifecycle.as_ref().map(|l| l.generation()) == q.lifecycle
+            && q.due.is_none_or(|d| now < d)
+            && self.backoff.is_empty()
+            && self.providers.unchanged()
     }
 
     /// A number in [0.5, 1.5) for jitter (xorshift; no need for more).
@@ -613,8 +696,35 @@ impl Reconciler {
             gaps: BTreeMap::new(),
             error: None,
             next_due: None,
+            quiet: false,
         };
         self.changes_at_start = self.changes.count();
+        if trigger == Trigger::Resync {
+            let every = self.config.policy.full_resync_interval.std();
+            if self.last_full.is_none_or(|t| t.elapsed() >= every) {
+                // The periodic look at the world: nothing is taken from memory.
+                self.quiet = None;
+                self.providers.resync();
+                self.last_full = Some(Instant::now());
+            } else if self.still_quiet(now) {
+                // Nothing changed: the plan would be the last one's nothing.
+                let last = self.current.last.clone();
+                if let Some(last) = last {
+                    report.revision = last.revision;
+                    report.commit = last.commit;
+                    report.summary = last.summary;
+                    report.converged = last.converged;
+                    report.quarantined = last.quarantined;
+                    report.next_due = last.next_due;
+                }
+                report.quiet = true;
+                report.duration_ms = t0.elapsed().as_millis() as u64;
+                self.publish(&report, None, None, None, Vec::new(), Vec::new());
+                let plan = self.current.plan.clone().unwrap_or_default();
+                return (report, plan, Vec::new());
+            }
+        }
+        self.last_full.get_or_insert_with(Instant::now);
         let config = self.config.clone();
         // The cache travels with the load and comes back with it (a load that panicked leaves
         // an empty one: the next pass loads everything).
@@ -651,11 +761,15 @@ impl Reconciler {
         if let Some(e) = &desired.source_error {
             tracing::warn!("source: {e}");
         }
+        let mut phases = Phases::start(t0);
+        phases.mark("load");
         let needed: BTreeSet<ComputeKind> = desired
             .plans
             .values()
             .flat_map(|p| p.spec.compute.kinds().iter().copied())
             .collect();
+        // The marks as they are before `annotate` reads them: one made since shows as a change.
+        let marks = self.lifecycle.as_ref().map(|l| l.generation());
         let mut observed = self.providers.observe(&needed).await;
         if let Some(lc) = &self.lifecycle {
             lc.annotate(&mut observed);
@@ -671,6 +785,7 @@ impl Reconciler {
             observed.carry_unreachable(&previous);
         }
         let observed = Arc::new(observed);
+        phases.mark("observe");
         let settle = self.history.record(
             &mut desired,
             &observed,
@@ -690,12 +805,18 @@ impl Reconciler {
             .iter()
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect();
-        if let Err(e) = self.state.write_observed(&observed) {
-            tracing::warn!(error = %e, "cannot keep the observed snapshot");
-        }
+        phases.mark("settle");
+        // Kept after the steps run (they wait for nothing), and only when it changed.
+        let observed_changed = self
+            .current
+            .observed
+            .as_ref()
+            .is_none_or(|prev| **prev != *observed);
+        let settles = settle.until.values().min().copied();
         let mut policy = self.config.policy(now);
         policy.allow_destroy = self.allow_destroy;
         policy.settle = Arc::new(settle);
+        phases.mark("compare observed");
         let mut p = plan(&desired, &observed, &policy);
         // An approval of exactly what a guard holds lets it through, once.
         if let Some(hash) = p.approval.clone()
@@ -766,6 +887,7 @@ impl Reconciler {
                 }
             }
         }
+        phases.mark("plan");
         let mut events = Vec::new();
         let forwarding = self.forward_activity();
         let results = execute(&p, &self.providers, &self.exec, &hold, cancel, |step, outcome, d| {
@@ -881,6 +1003,10 @@ impl Reconciler {
         });
         report.next_due = [p.next_wakeup, retry, warning].into_iter().flatten().min();
         report.duration_ms = t0.elapsed().as_millis() as u64;
+        phases.mark("execute");
+        if observed_changed && let Err(e) = self.state.write_observed(&observed) {
+            tracing::warn!(error = %e, "cannot keep the observed snapshot");
+        }
         if let Err(e) = self.state.append_events(&events) {
             tracing::warn!(error = %e, "cannot record events");
         }
@@ -897,7 +1023,29 @@ impl Reconciler {
                 },
             );
         }
+        phases.mark("keep observed, events, lifecycle");
         self.update_conditions(&desired, &observed, &p, &results, now);
+        // A pass that found nothing to do, saw everything and ran nothing: the next pass on the
+        // timer may skip it all while nothing changes.
+        self.quiet = (results.is_empty()
+            && report.error.is_none()
+            && desired.source_error.is_none()
+            && desired.missing_sources.is_empty()
+            && observed.gaps.is_empty()
+            && p.approval.is_none())
+        .then(|| Quiet {
+            changes: self.changes_at_start,
+            lifecycle: marks,
+            // A kept workspace is deleted when its time is up, by an observation.
+            due: [
+                report.next_due,
+                settles,
+                observed.retained.values().map(|r| r.until).min(),
+            ]
+            .into_iter()
+            .flatten()
+            .min(),
+        });
         if self.notifier.is_some() {
             let source_error = desired.source_error.clone();
             let facts = self.notify_facts(&desired, &observed, &p, now, source_error);
@@ -905,6 +1053,7 @@ impl Reconciler {
                 n.after_pass(&facts);
             }
         }
+        phases.mark("conditions, notify");
         self.publish(
             &report,
             Some(desired),
@@ -913,6 +1062,8 @@ impl Reconciler {
             events,
             results.clone(),
         );
+        phases.mark("publish");
+        tracing::debug!(phases = %phases, "pass phases");
         (report, p, results)
     }
 

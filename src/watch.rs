@@ -41,6 +41,10 @@ pub enum Change {
     Attributes,
     /// The kernel's queue overflowed: anything may have changed (the path is the root).
     Overflow,
+    /// From now on changes may go unreported (a directory could not be watched, or the
+    /// events cannot be read): anything may have changed, and only reading tells (the path is
+    /// the root). Said once.
+    Lost,
 }
 
 impl Change {
@@ -90,6 +94,7 @@ pub fn watch(
         paths: HashMap::new(),
         recursive,
         skip: Box::new(skip),
+        incomplete: false,
     };
     let root_wd = dirs
         .watches
@@ -111,7 +116,12 @@ pub fn watch(
     let task = tokio::spawn(async move {
         let mut fd = fd;
         let mut buf = vec![0u8; 64 * 1024];
+        let mut lost = false;
         loop {
+            if dirs.incomplete && !lost {
+                lost = true;
+                on_change(&root, Change::Lost);
+            }
             let Ok(mut ready) = fd.readable_mut().await else {
                 return;
             };
@@ -123,6 +133,9 @@ pub fn watch(
                     .collect(),
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, root = %root.display(), "cannot read file events; the periodic pass still reads the source");
+                    if !lost {
+                        on_change(&root, Change::Lost);
+                    }
                     return;
                 }
                 Err(_would_block) => continue,
@@ -180,6 +193,8 @@ struct Dirs {
     paths: HashMap<WatchDescriptor, PathBuf>,
     recursive: bool,
     skip: Box<dyn Fn(&Path) -> bool + Send>,
+    /// A directory that exists could not be watched (the watch limit, say).
+    incomplete: bool,
 }
 
 impl Dirs {
@@ -196,7 +211,10 @@ impl Dirs {
                 self.paths.insert(wd, dir.to_path_buf());
             }
             Err(e) => {
-                tracing::debug!(dir = %dir.display(), error = %e, "cannot watch a directory");
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot watch a directory; changes under it are seen by the periodic full resync");
+                    self.incomplete = true;
+                }
                 return;
             }
         }

@@ -246,6 +246,22 @@ impl Providers {
 
     /// Observe everything at once. A provider that fails or times out becomes a gap; a compute
     /// kind that `needed` names but no provider serves is a gap too.
+    /// Nothing any provider would report has changed since its last `observe`, as far as
+    /// every one of them knows for certain.
+    pub fn unchanged(&self) -> bool {
+        self.compute.values().all(|p| p.unchanged())
+            && self.proxy.unchanged()
+            && self.dns.as_ref().is_none_or(|d| d.unchanged())
+    }
+
+    /// The periodic resync: the next observation looks at the world again, not at what the
+    /// providers keep in memory.
+    pub fn resync(&self) {
+        for p in self.compute.values() {
+            p.resync();
+        }
+    }
+
     pub async fn observe(&self, needed: &BTreeSet<ComputeKind>) -> Observed {
         let t = self.observe_timeout;
         let mut o = Observed::default();

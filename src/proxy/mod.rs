@@ -486,6 +486,11 @@ impl Proxy {
         Ok(handles)
     }
 
+    /// Moves on with every change of the table (and of what requests for a session get).
+    pub fn version(&self) -> u64 {
+        *self.inner.version.borrow()
+    }
+
     /// The routes being served, by key (host, or `host/path`).
     pub fn routes(&self) -> BTreeMap<String, Route> {
         self.inner

@@ -140,11 +140,18 @@ fn docker_sessions_get_limits_labels_source_without_excludes_and_serve_through_t
         c.pointer("/Config/Image").and_then(|v| v.as_str()),
         Some(IMAGE)
     );
-    // The status endpoint reports the session running on its host.
-    let observed: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(d.state().join("observed.json")).expect("observed snapshot"),
-    )
-    .expect("json");
+    // The observed snapshot reports the session running on its host, once a pass has
+    // observed it (the pass that made it observed it before its steps ran).
+    let snapshot = || -> serde_json::Value {
+        std::fs::read(d.state().join("observed.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    };
+    wait(30, "the snapshot shows the session", &d, || {
+        snapshot()["sessions"][&s]["state"] == "running"
+    });
+    let observed = snapshot();
     assert_eq!(observed["sessions"][&s]["host"], "local");
     assert_eq!(observed["sessions"][&s]["state"], "running");
 }

@@ -359,3 +359,75 @@ fn an_unchanged_file_is_neither_read_nor_parsed_and_a_changed_one_is() {
     assert_eq!((stats.files, cache.len()), (20, 20));
     assert!(!d.sessions.contains_key("s5"));
 }
+
+/// `/metrics` of a daemon, as text.
+fn metrics(d: &crate::daemon_support::Daemon) -> String {
+    crate::daemon_support::get(d.status, "status", "/metrics")
+        .map(|(_, b)| b)
+        .unwrap_or_default()
+}
+
+/// A counter's value in OpenMetrics text (0 when it has no sample yet).
+fn counter(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// The loop's cost follows what changed: once converged, passes on the timer that find
+/// nothing changed do nothing (`vessel_quiet_passes_total` counts them), and yet a session
+/// whose process exits by itself is started again on the next one, and a changed file is
+/// loaded; a change of anything makes the next pass a whole one.
+#[test]
+fn passes_on_the_timer_do_nothing_while_nothing_changes_and_still_repair() {
+    use crate::daemon_support::{Daemon, session, wait_for};
+    use std::time::Duration;
+    let mut d = Daemon::new();
+    d.write("alice.yaml", &session("alice"));
+    d.start();
+    let limit = Duration::from_secs(30);
+    wait_for(limit, || {
+        d.get("alice.localhost", "/healthz")
+            .is_some_and(|(c, _)| c == 200)
+    })
+    .expect("alice serves");
+    // Quiet passes come, one a second.
+    let quiet = || counter(&metrics(&d), "vessel_quiet_passes_total");
+    wait_for(limit, || quiet() >= 2).expect("quiet passes");
+    let events = d.events().lines().count();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        d.events().lines().count(),
+        events,
+        "a quiet pass takes no step"
+    );
+
+    // Her process exits by itself: the next timer pass sees it and starts her again.
+    let (_, pid) = d
+        .processes()
+        .into_iter()
+        .find(|(n, _)| n == "alice")
+        .expect("alice's process");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    wait_for(limit, || {
+        d.processes()
+            .into_iter()
+            .any(|(n, p)| n == "alice" && p != pid)
+            && d.get("alice.localhost", "/healthz")
+                .is_some_and(|(c, _)| c == 200)
+    })
+    .unwrap_or_else(|| panic!("alice started again; log:\n{}", d.log()));
+
+    // A new file is loaded and made, and then the passes are quiet again.
+    d.write("bob.yaml", &session("bob"));
+    wait_for(limit, || {
+        d.get("bob.localhost", "/healthz")
+            .is_some_and(|(c, _)| c == 200)
+    })
+    .expect("bob serves");
+    let before = quiet();
+    wait_for(limit, || quiet() >= before + 2).expect("quiet again");
+}

@@ -352,6 +352,16 @@ pub trait ComputeProvider: Send + Sync {
     fn observe(&self) -> BoxFut<'_, Result<Vec<ObservedSession>, ProviderError>>;
     /// Carry out one session step. Idempotent: applying it twice is applying it once.
     fn apply<'a>(&'a self, action: &'a SessionAction) -> BoxFut<'a, Result<(), ProviderError>>;
+    /// Nothing `observe` would report has changed since it last ran, as far as the provider
+    /// knows for certain (false when it cannot tell). Cheap: what it costs follows what runs
+    /// or changed, never what is declared. A pass on the timer that finds every provider
+    /// unchanged, and nothing else changed, does nothing.
+    fn unchanged(&self) -> bool {
+        false
+    }
+    /// The periodic resync: the next `observe` looks at the world again instead of
+    /// answering from what the provider keeps in memory.
+    fn resync(&self) {}
     /// Ticks when something changed by itself (a session exited), so the loop can repair it
     /// without waiting for the periodic pass.
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {

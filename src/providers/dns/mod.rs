@@ -16,6 +16,11 @@ use super::{BoxFut, ProviderError};
 
 pub trait DnsProvider: Send + Sync {
     fn observe(&self) -> BoxFut<'_, Result<Vec<ObservedRecord>, ProviderError>>;
+    /// Nothing `observe` would report has changed since it last ran, as far as the provider
+    /// knows for certain (false when it cannot tell; see `ComputeProvider::unchanged`).
+    fn unchanged(&self) -> bool {
+        false
+    }
     fn apply<'a>(
         &'a self,
         actions: &'a [&'a RecordAction],

@@ -13,6 +13,8 @@ pub struct EmbeddedProxy {
     /// This process is not the daemon: the table that serves lives in `vessel run`, so it
     /// cannot be observed from here (a gap, not an empty table).
     outside_daemon: bool,
+    /// The table's version when it was last observed, plus one (0: never).
+    observed: std::sync::atomic::AtomicU64,
 }
 
 impl EmbeddedProxy {
@@ -20,6 +22,7 @@ impl EmbeddedProxy {
         EmbeddedProxy {
             proxy,
             outside_daemon: false,
+            observed: Default::default(),
         }
     }
 
@@ -27,6 +30,7 @@ impl EmbeddedProxy {
         EmbeddedProxy {
             proxy,
             outside_daemon: true,
+            observed: Default::default(),
         }
     }
 }
@@ -42,6 +46,8 @@ impl ProxyProvider for EmbeddedProxy {
                 ))
             });
         }
+        // The version first: a change while the table is read shows as a change next time.
+        let version = self.proxy.version();
         let routes = self
             .proxy
             .routes()
@@ -59,7 +65,14 @@ impl ProxyProvider for EmbeddedProxy {
                 }
             })
             .collect();
+        self.observed
+            .store(version + 1, std::sync::atomic::Ordering::SeqCst);
         Box::pin(async move { Ok(routes) })
+    }
+
+    fn unchanged(&self) -> bool {
+        !self.outside_daemon
+            && self.observed.load(std::sync::atomic::Ordering::SeqCst) == self.proxy.version() + 1
     }
 
     fn apply<'a>(

@@ -21,6 +21,11 @@ use super::{BoxFut, ProviderError};
 
 pub trait ProxyProvider: Send + Sync {
     fn observe(&self) -> BoxFut<'_, Result<Vec<ObservedRoute>, ProviderError>>;
+    /// Nothing `observe` would report has changed since it last ran, as far as the provider
+    /// knows for certain (false when it cannot tell; see `ComputeProvider::unchanged`).
+    fn unchanged(&self) -> bool {
+        false
+    }
     /// Carry out route steps as one batch; one result per action, in order.
     fn apply<'a>(
         &'a self,

@@ -175,6 +175,34 @@ struct Records {
     /// Every port from the provider's base up to this one is held by a record (a port
     /// released lowers it).
     floor: u16,
+    /// Moves on with every change of a record kept here.
+    generation: u64,
+    /// A look at the disk is asked for (the periodic resync): the next observe lists every
+    /// session directory and stats every record instead of answering from memory.
+    stale: bool,
+    /// The disk has been looked at since this provider began.
+    looked: bool,
+    /// Session directories the last look at the disk found without a readable record:
+    /// reported as that look reported them until a record is written there.
+    odd: BTreeMap<String, Odd>,
+    /// What the last observe saw, for `unchanged`.
+    seen: Option<Seen>,
+}
+
+/// A session directory without a readable record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Odd {
+    /// Its record cannot be read: vessel cannot tell what it is.
+    Unreadable,
+    /// It has no record (vessel stopped between making the directory and recording it).
+    HalfMade,
+}
+
+/// What one observe saw: the records' generation, and each process it looked at (pid, start
+/// time) with whether it ran.
+struct Seen {
+    generation: u64,
+    looked: Vec<(Option<i32>, Option<u64>, bool)>,
 }
 
 struct Cached {
@@ -182,6 +210,9 @@ struct Cached {
     /// Its times were older than `RACY` when it was read: an unchanged stamp means unchanged
     /// bytes (a write within the same clock tick could keep every field the same).
     trusted: bool,
+    /// Made in memory, its file being written (by a create, outside the provider's lock):
+    /// its ports are held, and it is what the file will say.
+    pending: bool,
     record: Option<Record>,
 }
 
@@ -216,6 +247,10 @@ impl Stamp {
 
 impl Records {
     fn set(&mut self, dir: &Path, entry: Option<Cached>) {
+        self.generation += 1;
+        if let Some(name) = dir.file_name().and_then(|n| n.to_str()) {
+            self.odd.remove(name);
+        }
         let old = match entry {
             Some(e) => {
                 if let Some(r) = &e.record {
@@ -246,6 +281,11 @@ impl Records {
 impl Inner {
     /// The record in `dir`, from memory when its file is unchanged.
     fn read_record(&self, dir: &Path) -> Result<Option<Record>, ProviderError> {
+        if let Some(c) = crate::lock_or_reset(&self.records).by_dir.get(dir)
+            && c.pending
+        {
+            return Ok(c.record.clone());
+        }
         let path = dir.join(RECORD);
         let meta = match std::fs::symlink_metadata(&path) {
             Ok(m) => m,
@@ -271,6 +311,7 @@ impl Inner {
             Some(Cached {
                 stamp,
                 trusted,
+                pending: false,
                 record: record.clone(),
             }),
         );
@@ -286,11 +327,29 @@ impl Inner {
             Cached {
                 stamp,
                 trusted,
+                pending: false,
                 record: Some(r.clone()),
             }
         });
         crate::lock_or_reset(&self.records).set(dir, entry);
         Ok(())
+    }
+
+    /// Keep `r` as the record of `dir` before its file is written: its ports are held from
+    /// now on. `write_record` (or `forget_record`, if the write failed) follows.
+    fn hold_record(&self, dir: &Path, r: &Record) {
+        let entry = Cached {
+            stamp: Stamp {
+                ino: 0,
+                size: 0,
+                mtime: (0, 0),
+                ctime: (0, 0),
+            },
+            trusted: false,
+            pending: true,
+            record: Some(r.clone()),
+        };
+        crate::lock_or_reset(&self.records).set(dir, Some(entry));
     }
 
     /// Forget the record of a session directory that is gone.
@@ -435,64 +494,141 @@ fn expand(
 }
 
 impl ProcessProvider {
+    /// Every session: from the records kept in memory, looking only at the processes they
+    /// name; from the disk (every directory listed, every record stat-ed) at the first
+    /// observe and after `resync`.
     async fn observe_all(&self) -> Result<Vec<ObservedSession>, ProviderError> {
-        let root = self.inner.root.clone();
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
-            let (names, trash) = list_dirs_and_trash(&root)
-                .map_err(ProviderError::io("list", root.display().to_string()))?;
-            // What an interrupted destroy left behind.
-            for t in trash {
-                let _ = std::fs::remove_dir_all(t);
+            let from_disk = {
+                let r = crate::lock_or_reset(&me.inner.records);
+                r.stale || !r.looked
+            };
+            if from_disk {
+                me.look_at_disk()?;
             }
-            let mut out = Vec::new();
-            for name in names {
-                let dir = root.join(&name);
-                let record = match me.inner.read_record(&dir) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        // Unreadable: vessel cannot tell what it is, so it is reported as not
-                        // vessel's. The plan holds it as it is; the other sessions go on.
-                        tracing::warn!(session = %name, "{}", crate::error_chain(&e));
-                        out.push(ObservedSession::bare(
-                            name.clone(),
-                            ComputeKind::Process,
-                            SessionState::Failed,
-                            false,
-                        ));
-                        continue;
-                    }
-                };
-                let Some(mut r) = record else {
-                    // Half made (vessel stopped between creating the directory and recording
-                    // it): ours, broken, so the plan replaces or removes it.
-                    out.push(ObservedSession {
-                        healthy: Some(false),
-                        ..ObservedSession::bare(
-                            name.clone(),
-                            ComputeKind::Process,
-                            SessionState::Failed,
-                            true,
-                        )
-                    });
-                    continue;
-                };
-                let mut running = alive(r.pid, r.start_ticks);
-                if !running && r.intent == Intent::Running {
-                    // Adopt a process that was started but never recorded.
-                    if let Some(pid) = find_leader(&me.key(&name)) {
-                        r.pid = Some(pid);
-                        r.start_ticks = proc_stat(pid).map(|(_, t)| t);
-                        me.inner.write_record(&dir, &r)?;
-                        running = true;
-                    }
-                }
-                out.push(r.observed(ComputeKind::Process, running));
-            }
-            Ok(out)
+            me.observe_records()
         })
         .await
         .map_err(|e| ProviderError::failed("observe", "process sessions", e.to_string()))?
+    }
+
+    /// Read every session directory: records whose files changed are read again, those of
+    /// directories that went are forgotten, and what has no readable record is noted.
+    fn look_at_disk(&self) -> Result<(), ProviderError> {
+        let root = &self.inner.root;
+        let (names, trash) = list_dirs_and_trash(root)
+            .map_err(ProviderError::io("list", root.display().to_string()))?;
+        // What an interrupted destroy left behind.
+        for t in trash {
+            let _ = std::fs::remove_dir_all(t);
+        }
+        let mut odd = BTreeMap::new();
+        for name in &names {
+            match self.inner.read_record(&root.join(name)) {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    odd.insert(name.clone(), Odd::HalfMade);
+                }
+                Err(e) => {
+                    tracing::warn!(session = %name, "{}", crate::error_chain(&e));
+                    odd.insert(name.clone(), Odd::Unreadable);
+                }
+            }
+        }
+        let listed: BTreeSet<&String> = names.iter().collect();
+        let mut r = crate::lock_or_reset(&self.inner.records);
+        let gone: Vec<PathBuf> = r
+            .by_dir
+            .iter()
+            .filter(|(d, c)| {
+                !c.pending
+                    && d.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_none_or(|n| !listed.contains(&n.to_string()))
+            })
+            .map(|(d, _)| d.clone())
+            .collect();
+        for d in gone {
+            r.set(&d, None);
+        }
+        r.odd = odd;
+        r.complete = true;
+        r.looked = true;
+        r.stale = false;
+        Ok(())
+    }
+
+    /// What the records kept in memory say, each process they name looked at.
+    fn observe_records(&self) -> Result<Vec<ObservedSession>, ProviderError> {
+        let kind = ComputeKind::Process;
+        let mut out = Vec::new();
+        let mut looked = Vec::new();
+        let mut adopt = Vec::new();
+        let generation = {
+            let r = crate::lock_or_reset(&self.inner.records);
+            for (name, o) in &r.odd {
+                if r.by_dir.contains_key(&self.dir(name)) {
+                    // Being made now: its record says what it is.
+                    continue;
+                }
+                // Unreadable: vessel cannot tell what it is, so it is reported as not
+                // vessel's; the plan holds it as it is. Half made: ours, broken, so the plan
+                // replaces or removes it.
+                out.push(match o {
+                    Odd::Unreadable => {
+                        ObservedSession::bare(name.clone(), kind, SessionState::Failed, false)
+                    }
+                    Odd::HalfMade => ObservedSession {
+                        healthy: Some(false),
+                        ..ObservedSession::bare(name.clone(), kind, SessionState::Failed, true)
+                    },
+                });
+            }
+            for (dir, c) in &r.by_dir {
+                let Some(rec) = &c.record else { continue };
+                let running = alive(rec.pid, rec.start_ticks);
+                if rec.pid.is_some() || rec.intent == Intent::Running {
+                    looked.push((rec.pid, rec.start_ticks, running));
+                }
+                if !running && rec.intent == Intent::Running {
+                    adopt.push((dir.clone(), rec.clone()));
+                } else {
+                    out.push(rec.observed(kind, running));
+                }
+            }
+            r.generation
+        };
+        let mut generation = Some(generation);
+        for (dir, mut rec) in adopt {
+            // Adopt a process that was started but never recorded.
+            let mut running = false;
+            if let Some(pid) = find_leader(&self.key(&rec.name)) {
+                rec.pid = Some(pid);
+                rec.start_ticks = proc_stat(pid).map(|(_, t)| t);
+                self.inner.write_record(&dir, &rec)?;
+                running = true;
+                generation = None;
+            }
+            out.push(rec.observed(kind, running));
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        crate::lock_or_reset(&self.inner.records).seen =
+            generation.map(|generation| Seen { generation, looked });
+        Ok(out)
+    }
+
+    /// Nothing `observe` would report has changed since it last ran: no record changed and
+    /// every process it looked at is as it was. Costs what runs, not what is declared.
+    fn unchanged_since_observe(&self) -> bool {
+        let r = crate::lock_or_reset(&self.inner.records);
+        match &r.seen {
+            Some(seen) if !r.stale && seen.generation == r.generation => seen
+                .looked
+                .iter()
+                .all(|(pid, ticks, was)| alive(*pid, *ticks) == *was),
+            _ => false,
+        }
     }
 
     /// Host ports for `names`: the lowest free ones from `port_base` up, not held by another
@@ -708,7 +844,7 @@ impl SessionSteps for ProcessProvider {
             (a.session, a.spec, a.fingerprint, a.source_file, a.start);
         let save_to: Option<PathBuf> = a.save_to.map(Path::to_path_buf);
         let dir = self.dir(session);
-        {
+        let made = {
             let _guard = self.inner.lock.lock().await;
             if let Some(r) = self.inner.read_record(&dir)? {
                 if r.fingerprint != fingerprint {
@@ -718,6 +854,7 @@ impl SessionSteps for ProcessProvider {
                         "a session with another spec exists; it must be destroyed first",
                     ));
                 }
+                None
             } else {
                 // Remove a half-made directory, then make it again from scratch.
                 if dir.exists() {
@@ -725,9 +862,6 @@ impl SessionSteps for ProcessProvider {
                     std::fs::remove_dir_all(&dir)
                         .map_err(ProviderError::io("clean", dir.display().to_string()))?;
                 }
-                std::fs::create_dir_all(&dir)
-                    .map_err(ProviderError::io("create", dir.display().to_string()))?;
-                super::local::make_workspace(&dir, &self.inner.kept, a.restore, session)?;
                 let ports = self.allocate(&spec.ports.keys().cloned().collect::<Vec<_>>())?;
                 let r = Record {
                     name: session.to_string(),
@@ -747,7 +881,29 @@ impl SessionSteps for ProcessProvider {
                     pid: None,
                     start_ticks: None,
                 };
-                self.inner.write_record(&dir, &r)?;
+                // Its ports are held from here; the files are written outside the lock, so
+                // sessions made at once write (and flush) theirs at once.
+                self.inner.hold_record(&dir, &r);
+                Some(r)
+            }
+        };
+        if let Some(r) = made {
+            let (me, d, restore, name) =
+                (self.clone(), dir.clone(), a.restore, session.to_string());
+            let written = tokio::task::spawn_blocking(move || {
+                std::fs::create_dir_all(&d)
+                    .map_err(ProviderError::io("create", d.display().to_string()))?;
+                super::local::make_workspace(&d, &me.inner.kept, restore, &name)?;
+                me.inner.write_record(&d, &r)
+            })
+            .await
+            .map_err(|e| ProviderError::failed("create", session, e.to_string()))
+            .and_then(|r| r);
+            if let Err(e) = written {
+                // Not made: its ports go back; what was made of it is half made, which the
+                // next create cleans away.
+                self.inner.forget_record(&dir);
+                return Err(e);
             }
         }
         if start {
@@ -1033,6 +1189,14 @@ impl ComputeProvider for ProcessProvider {
         Box::pin(self.observe_all())
     }
 
+    fn unchanged(&self) -> bool {
+        self.unchanged_since_observe()
+    }
+
+    fn resync(&self) {
+        crate::lock_or_reset(&self.inner.records).stale = true;
+    }
+
     fn apply<'a>(&'a self, action: &'a SessionAction) -> BoxFut<'a, Result<(), ProviderError>> {
         Box::pin(super::run_session_step(self, action))
     }
@@ -1117,26 +1281,41 @@ mod tests {
         }
     }
 
-    /// Records are kept in memory (a port released by a destroy is handed out again, the
-    /// walk for a free port starts past the ones held) and a record changed on disk is read
-    /// again, whoever changed it.
-    #[test]
-    fn records_in_memory_follow_the_disk_and_ports_are_reused() {
+    /// A runtime, a provider in a new directory with ports from `port_base`, and a spec of
+    /// one port running `command`.
+    fn one_port_sessions(
+        port_base: u16,
+        command: &[&str],
+    ) -> (
+        tokio::runtime::Runtime,
+        tempfile::TempDir,
+        ProcessProvider,
+        RuntimeSpec,
+    ) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
         let dir = tempfile::tempdir().expect("tempdir");
-        // A base no other test uses; ports taken by something else are skipped anyway.
         let config = ProcessConfig {
-            port_base: 31500,
+            port_base,
             ..ProcessConfig::default()
         };
         let p = provider_in(dir.path(), config);
         let spec: RuntimeSpec = serde_json::from_value(serde_json::json!({
-            "compute": "process", "command": ["/bin/true"], "ports": {"ide": 1}
+            "compute": "process", "command": command, "ports": {"ide": 1}
         }))
         .expect("spec");
+        (rt, dir, p, spec)
+    }
+
+    /// Records are kept in memory (a port released by a destroy is handed out again, the
+    /// walk for a free port starts past the ones held) and a record changed on disk is read
+    /// again, whoever changed it.
+    #[test]
+    fn records_in_memory_follow_the_disk_and_ports_are_reused() {
+        // A base no other test uses; ports taken by something else are skipped anyway.
+        let (rt, _dir, p, spec) = one_port_sessions(31500, &["/bin/true"]);
         let create = |name: &str| {
             rt.block_on(p.create(&create_args(name, &spec, false)))
                 .expect("create");
@@ -1164,9 +1343,70 @@ mod tests {
         let file = p.dir("b").join(RECORD);
         let text = std::fs::read_to_string(&file).expect("record");
         std::fs::write(&file, text.replace("\"f1\"", "\"f2\"")).expect("edit");
+        // Between resyncs observe answers from memory; the resync reads the disk again.
         let seen = rt.block_on(p.observe_all()).expect("observe");
         let b_now = seen.iter().find(|s| s.name == "b").expect("b");
-        assert_eq!(b_now.fingerprint, "f2", "the edit on disk is seen");
+        assert_eq!(b_now.fingerprint, "f1", "between resyncs, memory answers");
+        ComputeProvider::resync(&p);
+        let seen = rt.block_on(p.observe_all()).expect("observe");
+        let b_now = seen.iter().find(|s| s.name == "b").expect("b");
+        assert_eq!(
+            b_now.fingerprint, "f2",
+            "the edit on disk is seen at the resync"
+        );
+        // A directory removed by hand is gone at the resync, and its port is free again.
+        std::fs::remove_dir_all(p.dir("c")).expect("rm");
+        ComputeProvider::resync(&p);
+        let seen = rt.block_on(p.observe_all()).expect("observe");
+        assert!(seen.iter().all(|s| s.name != "c"), "{seen:?}");
+        create("d");
+        assert_eq!(
+            port("d"),
+            a,
+            "the port of the removed directory is free again"
+        );
+    }
+
+    /// `unchanged` says whether observe would report the same: false before the first
+    /// observe, after a record changes, and when a process it saw running exits.
+    #[test]
+    fn unchanged_follows_records_and_processes() {
+        let (rt, _dir, p, spec) = one_port_sessions(31550, &["/bin/sh", "-c", "sleep 30"]);
+        assert!(!ComputeProvider::unchanged(&p), "never observed");
+        rt.block_on(p.create(&create_args("a", &spec, true)))
+            .expect("create");
+        rt.block_on(p.observe_all()).expect("observe");
+        assert!(ComputeProvider::unchanged(&p));
+        rt.block_on(p.create(&create_args("b", &spec, false)))
+            .expect("create");
+        assert!(!ComputeProvider::unchanged(&p), "a record was written");
+        let seen = rt.block_on(p.observe_all()).expect("observe");
+        assert!(ComputeProvider::unchanged(&p));
+        let a = seen.iter().find(|s| s.name == "a").expect("a");
+        assert_eq!(a.state, SessionState::Running);
+        // The process exits by itself: no record changes, and yet it shows.
+        let pid = p
+            .inner
+            .read_record(&p.dir("a"))
+            .expect("read")
+            .expect("record")
+            .pid
+            .expect("pid");
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let gone = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            !ComputeProvider::unchanged(&p)
+        });
+        assert!(gone, "an exit is a change");
+        let seen = rt.block_on(p.observe_all()).expect("observe");
+        let a = seen.iter().find(|s| s.name == "a").expect("a");
+        assert_eq!(a.state, SessionState::Failed, "down against its intent");
+        assert!(ComputeProvider::unchanged(&p), "seen as it is now");
+        ComputeProvider::resync(&p);
+        assert!(!ComputeProvider::unchanged(&p), "a resync looks again");
     }
 
     /// At exit with `keep_on_exit: false`, the sessions that run are stopped, all of them
